@@ -1,0 +1,668 @@
+"""Cluster certificates (cryptography) and the SSLContexts a node uses.
+
+One private CA per cluster signs every certificate. A directory made by `make_ca` holds:
+
+    ca.crt  ca.key          the cluster CA (EC P-256, valid 10 years)
+    NAME.crt NAME.key       a leaf per node or client (EC P-256, valid 5 years, capped at the CA)
+
+The role of a leaf is encoded *in the certificate*, in two places:
+- a URI subjectAltName ``urn:raftsql:role:node`` or ``urn:raftsql:role:client``. This is what
+  `peer_role` reads, from ``getpeercert()``, after the handshake has verified the chain; it is the
+  single source of truth for privileges. A certificate with no role URI, or with more than one
+  distinct role, has no role (None) and gets no privileges.
+- ExtendedKeyUsage: nodes serverAuth + clientAuth, clients clientAuth only. OpenSSL enforces this
+  during verification, so a client certificate cannot serve as a node's server certificate.
+
+Key files are 0600 from the moment they exist (mkstemp) and appear under their final name
+atomically (link or rename), so a crash never leaves a truncated key or a world-readable one. A
+certificate is written after its key: a ``.crt`` present means the pair is complete.
+
+Node-to-node connections dial IP addresses, so a node certificate carries an IPAddress SAN for
+each IP it listens on (plus a DNSName for its node name and any host names), and
+`node_client_context` verifies the server's certificate hostname against the dialled address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import ipaddress
+import os
+import re
+import secrets
+import ssl
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from raftsql.driver._tls import InsecureKeyFileError, check_key_file, harden
+
+__all__ = [
+    "CA_VALIDITY",
+    "LEAF_VALIDITY",
+    "ROLE_CLIENT",
+    "ROLE_NODE",
+    "ROLE_URI_PREFIX",
+    "CertificateExistsError",
+    "InsecureKeyFileError",
+    "Issued",
+    "PeerRejectedError",
+    "TLSConfigError",
+    "ca_paths",
+    "describe_cert",
+    "leaf_paths",
+    "make_ca",
+    "make_client_cert",
+    "make_node_cert",
+    "node_client_context",
+    "peer_name",
+    "peer_role",
+    "require_peer",
+    "role_from_cert",
+    "server_context",
+]
+
+ROLE_NODE = "node"
+ROLE_CLIENT = "client"
+ROLES = frozenset({ROLE_NODE, ROLE_CLIENT})
+ROLE_URI_PREFIX = "urn:raftsql:role:"
+
+CA_VALIDITY = _dt.timedelta(days=3650)  # 10 years
+LEAF_VALIDITY = _dt.timedelta(days=1826)  # 5 years, never beyond the CA's own expiry
+# Backdate notBefore so a peer whose clock is a little behind still accepts a fresh certificate.
+CLOCK_SKEW = _dt.timedelta(minutes=5)
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+ORGANIZATION = "raftsql"
+
+# A leaf name is a file stem and a DNS label: letters, digits, inner hyphens, at most 63.
+_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_RESERVED_NAMES = frozenset({"ca"})
+_DNS_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+class TLSConfigError(Exception):
+    """Raised when certificate material is missing, invalid, or inconsistent; the message says what to do."""
+
+
+class CertificateExistsError(TLSConfigError, FileExistsError):
+    """Raised when a certificate or key would be overwritten without force=True."""
+
+
+class PeerRejectedError(Exception):
+    """Raised by `require_peer` when a verified peer has the wrong role or name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Issued:
+    """Paths of a certificate and its key; created is False if an existing valid pair was kept."""
+
+    cert_path: Path
+    key_path: Path
+    created: bool = True
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def ca_paths(certs_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    d = Path(certs_dir)
+    return d / CA_CERT, d / CA_KEY
+
+
+def leaf_paths(certs_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    d = Path(certs_dir)
+    return d / f"{name}.crt", d / f"{name}.key"
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise TLSConfigError(
+            f"invalid name {name!r}: use letters, digits and inner hyphens (at most 63 characters)"
+        )
+    if name.lower() in _RESERVED_NAMES:
+        raise TLSConfigError(f"the name {name!r} is reserved for the cluster CA")
+
+
+def _parse_hosts(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        host = host.strip()
+        if host.startswith("[") and host.endswith("]"):  # [::1]
+            host = host[1:-1]
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        # An all-numeric last label is a mistyped IP address (300.1.1.1), never a host name.
+        if not _DNS_RE.match(host) or host.rsplit(".", 1)[-1].isdigit():
+            raise TLSConfigError(f"invalid host {host!r}: expected an IP address or a DNS name")
+        names.append(x509.DNSName(host.lower()))
+    return names
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported (e.g. Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
+    """Write `data` to `path` atomically with `mode`; never exposes wider permissions.
+
+    mkstemp creates the temporary file 0600 with O_EXCL, so key bytes are never readable by
+    others, even while being written. Without `overwrite`, link() refuses an existing target.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise CertificateExistsError(f"{path} already exists") from None
+            except OSError:  # filesystem without hard links: check, then rename
+                if path.exists():
+                    raise CertificateExistsError(f"{path} already exists") from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_pair(
+    cert_path: Path,
+    key_path: Path,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    overwrite: bool,
+) -> None:
+    # Key first: the certificate's presence marks a complete pair.
+    _write_file(key_path, _key_pem(key), 0o600, overwrite=overwrite)
+    _write_file(
+        cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, overwrite=overwrite
+    )
+
+
+def _read_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TLSConfigError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise TLSConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as e:
+        raise TLSConfigError(f"{what} {path} is not a PEM certificate: {e}") from None
+
+
+def _read_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        check_key_file(path)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TLSConfigError(f"{what} not found: {path}") from None
+    except InsecureKeyFileError:
+        raise
+    except OSError as e:
+        raise TLSConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSConfigError(f"{what} {path} is not an unencrypted PEM private key: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TLSConfigError(f"{what} {path} is not an EC private key")
+    return key
+
+
+def _load_ca(certs_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if not certs_dir.is_dir():
+        raise TLSConfigError(
+            f"certificate directory {certs_dir} does not exist; "
+            f"create it with: raftsql certs init {certs_dir}"
+        )
+    cert_path, key_path = ca_paths(certs_dir)
+    if not cert_path.exists():
+        raise TLSConfigError(
+            f"no CA in {certs_dir} ({CA_CERT} not found); "
+            f"create one with: raftsql certs init {certs_dir}"
+        )
+    cert = _read_cert(cert_path, "CA certificate")
+    key = _read_key(key_path, "CA private key")
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise TLSConfigError(f"{key_path} does not belong to {cert_path}")
+    return cert, key
+
+
+# --------------------------------------------------------------------------- issuing
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _build_ca(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    now = _now()
+    # A random suffix keeps the CAs of different clusters apart in error messages and chains.
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"raftsql cluster CA {secrets.token_hex(4)}"),
+        ]
+    )
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _build_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    name: str,
+    role: str | None,
+    sans: Sequence[x509.GeneralName],
+) -> x509.Certificate:
+    """Issue a leaf for `name`. role=None builds a role-less certificate (tests only)."""
+    now = _now()
+    not_after = min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
+    eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if role == ROLE_NODE:
+        eku.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    general_names: list[x509.GeneralName] = list(sans)
+    if role is not None:
+        general_names.append(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if general_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _cert_role(cert: x509.Certificate) -> str | None:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    roles = {
+        uri[len(ROLE_URI_PREFIX) :]
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if uri.startswith(ROLE_URI_PREFIX)
+    }
+    return roles.pop() if len(roles) == 1 and roles <= ROLES else None
+
+
+def _existing_leaf_problem(
+    certs_dir: Path,
+    name: str,
+    role: str,
+    sans: Sequence[x509.GeneralName],
+    ca_cert: x509.Certificate,
+) -> str | None:
+    """Why the existing NAME.crt/NAME.key pair does not fit the request, or None if it does."""
+    cert_path, key_path = leaf_paths(certs_dir, name)
+    if not cert_path.exists():
+        return f"{key_path} exists without {cert_path.name} (interrupted run?)"
+    cert = _read_cert(cert_path, "certificate")
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return f"{cert_path} was not issued by the CA in {certs_dir}"
+    actual_role = _cert_role(cert)
+    if actual_role != role:
+        return (
+            f"{cert_path} is a {actual_role or 'role-less'} certificate, not a {role} certificate"
+        )
+    if cert.not_valid_after_utc <= _now():
+        return f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    try:
+        have = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        have = set()
+    missing = [san.value for san in sans if san not in have]
+    if missing:
+        return f"{cert_path} lacks subjectAltName entries for {', '.join(map(str, missing))}"
+    key = _read_key(key_path, "private key")
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        return f"{key_path} does not belong to {cert_path}"
+    return None
+
+
+def make_ca(
+    certs_dir: str | os.PathLike[str], *, force: bool = False, exist_ok: bool = False
+) -> Issued:
+    """Create `certs_dir` (0700) and a new cluster CA in it: ca.crt, ca.key (0600).
+
+    An existing CA is kept: with exist_ok it is returned with created=False (after checking that
+    key and certificate match), otherwise CertificateExistsError. force replaces it, which
+    invalidates every certificate it signed.
+    """
+    d = Path(certs_dir)
+    cert_path, key_path = ca_paths(d)
+    if not force:
+        if cert_path.exists() and exist_ok:
+            _load_ca(d)  # raises if the pair is unusable
+            return Issued(cert_path, key_path, created=False)
+        for p in (cert_path, key_path):
+            if p.exists():
+                raise CertificateExistsError(
+                    f"{p} already exists; use --force to replace the CA "
+                    "(this invalidates every certificate it signed)"
+                )
+    if d.exists() and not d.is_dir():
+        raise TLSConfigError(f"{d} exists and is not a directory")
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)  # the directory holds keys; mkdir's mode is subject to the umask
+    key = _new_key()
+    _write_pair(cert_path, key_path, _build_ca(key), key, overwrite=force)
+    return Issued(cert_path, key_path)
+
+
+def _make_leaf(
+    certs_dir: str | os.PathLike[str],
+    name: str,
+    role: str,
+    sans: list[x509.GeneralName],
+    *,
+    force: bool,
+    exist_ok: bool,
+) -> Issued:
+    _check_name(name)
+    d = Path(certs_dir)
+    ca_cert, ca_key = _load_ca(d)
+    cert_path, key_path = leaf_paths(d, name)
+    if not force and (cert_path.exists() or key_path.exists()):
+        problem = _existing_leaf_problem(d, name, role, sans, ca_cert)
+        if exist_ok and problem is None:
+            return Issued(cert_path, key_path, created=False)
+        raise CertificateExistsError(
+            f"{problem or f'{cert_path} already exists'}; use --force to reissue it"
+        )
+    key = _new_key()
+    cert = _build_leaf(ca_cert, ca_key, key, name, role, sans)
+    _write_pair(cert_path, key_path, cert, key, overwrite=force)
+    return Issued(cert_path, key_path)
+
+
+def make_node_cert(
+    certs_dir: str | os.PathLike[str],
+    name: str,
+    hosts: Iterable[str],
+    *,
+    force: bool = False,
+    exist_ok: bool = False,
+) -> Issued:
+    """Issue NAME.crt/NAME.key for node `name`, signed by the CA in `certs_dir`.
+
+    SANs: an IPAddress for each IP in `hosts`, a DNSName for each other host and for `name`,
+    and the role URI ``urn:raftsql:role:node``. EKU serverAuth + clientAuth.
+    With exist_ok, an existing pair from this CA that already covers every host is kept
+    (created=False); an existing pair that does not fit raises CertificateExistsError.
+    """
+    _check_name(name)
+    hosts = list(hosts)
+    if not hosts:
+        raise TLSConfigError(f"node {name!r} needs at least one host (the address peers dial)")
+    sans = _parse_hosts(hosts)
+    name_san = x509.DNSName(name.lower())
+    if name_san not in sans:
+        sans.append(name_san)
+    sans = list(dict.fromkeys(sans))  # dedupe, keep order
+    return _make_leaf(certs_dir, name, ROLE_NODE, sans, force=force, exist_ok=exist_ok)
+
+
+def make_client_cert(
+    certs_dir: str | os.PathLike[str],
+    name: str = "client",
+    *,
+    force: bool = False,
+    exist_ok: bool = False,
+) -> Issued:
+    """Issue NAME.crt/NAME.key for a driver client: role URI ``urn:raftsql:role:client``, EKU
+    clientAuth only (it cannot act as a server). exist_ok as for `make_node_cert`."""
+    return _make_leaf(certs_dir, name, ROLE_CLIENT, [], force=force, exist_ok=exist_ok)
+
+
+_SAN_LABELS = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
+
+
+def describe_cert(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Human-readable summary of a PEM certificate (for `raftsql certs show`)."""
+    cert = _read_cert(Path(path), "certificate")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = ", ".join(f"{_SAN_LABELS.get(type(n), type(n).__name__)}:{n.value}" for n in san)
+    except x509.ExtensionNotFound:
+        sans = ""
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "role": "ca" if ca else (_cert_role(cert) or "none"),
+        "san": sans,
+        "serial": f"{cert.serial_number:x}",
+        "not before": f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
+        "not after": f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+    }
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def _leaf_files(certs_dir: str | os.PathLike[str], node_name: str) -> tuple[str, str, str]:
+    _check_name(node_name)
+    d = Path(certs_dir)
+    ca_cert = d / CA_CERT
+    cert_path, key_path = leaf_paths(d, node_name)
+    if not d.is_dir():
+        raise TLSConfigError(f"certificate directory {d} does not exist")
+    if not ca_cert.is_file():
+        raise TLSConfigError(f"CA certificate not found: {ca_cert}")
+    if not cert_path.is_file():
+        raise TLSConfigError(
+            f"node certificate not found: {cert_path}; create it with: "
+            f"raftsql certs node {d} --name {node_name} --host ADDRESS"
+        )
+    try:
+        check_key_file(key_path)
+    except FileNotFoundError:
+        raise TLSConfigError(f"node private key not found: {key_path}") from None
+    return str(ca_cert), str(cert_path), str(key_path)
+
+
+def _load(ctx: ssl.SSLContext, ca: str, cert: str, key: str) -> ssl.SSLContext:
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise TLSConfigError(f"cannot load CA certificate {ca}: {e}") from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise TLSConfigError(f"cannot load {cert} with key {key}: {e}") from None
+    return ctx
+
+
+def server_context(certs_dir: str | os.PathLike[str], node_name: str) -> ssl.SSLContext:
+    """The listener's context: presents NAME.crt, requires a client certificate from the CA.
+
+    TLS 1.2 minimum (1.3 when the peer has it). Nodes and drivers share this listener; after the
+    handshake, `peer_role` tells them apart.
+    Raises TLSConfigError (missing/unloadable files) or InsecureKeyFileError.
+    """
+    ca, cert, key = _leaf_files(certs_dir, node_name)
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    # Nobody resumes sessions (each connection is long-lived), so skip sending tickets.
+    ctx.num_tickets = 0
+    return _load(ctx, ca, cert, key)
+
+
+def node_client_context(certs_dir: str | os.PathLike[str], node_name: str) -> ssl.SSLContext:
+    """Context for dialling a peer node: presents NAME.crt, trusts only the cluster CA and checks
+    the hostname, so wrap with ``server_hostname=<the IP or name dialled>``.
+
+    The caller should still `require_peer(sock, "node")`: the chain proves membership of the
+    cluster, the role proves the peer is a node.
+    """
+    ca, cert, key = _leaf_files(certs_dir, node_name)
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.check_hostname = True
+    return _load(ctx, ca, cert, key)
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def role_from_cert(cert: dict | None) -> str | None:
+    """The role in a ``getpeercert()`` dict: "node", "client", or None (no privileges)."""
+    if not cert:
+        return None
+    roles = {
+        value[len(ROLE_URI_PREFIX) :]
+        for kind, value in cert.get("subjectAltName", ())
+        if kind == "URI" and value.startswith(ROLE_URI_PREFIX)
+    }
+    return roles.pop() if len(roles) == 1 and roles <= ROLES else None
+
+
+def _peercert(sock: ssl.SSLSocket) -> dict | None:
+    try:
+        # Empty unless the chain was verified (CERT_REQUIRED), so a role here is CA-attested.
+        return sock.getpeercert()
+    except (ValueError, OSError):  # handshake not done / socket closed
+        return None
+
+
+def peer_role(sock: ssl.SSLSocket) -> str | None:
+    """The verified peer's role: "node", "client", or None (treat as no privileges)."""
+    return role_from_cert(_peercert(sock))
+
+
+def peer_name(sock: ssl.SSLSocket) -> str | None:
+    """The verified peer certificate's subject commonName (the node or client name), or None."""
+    cert = _peercert(sock)
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+def require_peer(sock: ssl.SSLSocket, role: str, name: str | None = None) -> str:
+    """Return the peer's name if it has `role` (and is called `name`); else PeerRejectedError."""
+    actual_role, actual_name = peer_role(sock), peer_name(sock)
+    if actual_role != role:
+        raise PeerRejectedError(
+            f"peer {actual_name or '?'} has role {actual_role or 'none'}, expected {role}"
+        )
+    if actual_name is None or (name is not None and actual_name != name):
+        raise PeerRejectedError(f"peer is {actual_name or 'unnamed'}, expected {name}")
+    return actual_name
