@@ -1,0 +1,534 @@
+"""Sans-I/O framing and msgpack codec shared by the server (node-to-node and client service) and
+the driver. Bytes in, frames out: no sockets, no threads, no clocks.
+
+A frame on the wire::
+
+    +----------------------+---------------------------------------------+
+    | N: uint32 big-endian | N bytes of msgpack: [kind: int, payload]     |
+    +----------------------+---------------------------------------------+
+
+`kind` is a FrameKind. A connection starts with a HELLO frame each way; node-to-node
+connections then carry RAFT frames (a batch of Messages), client connections REQUEST/RESPONSE
+frames (string-keyed maps, see check_map). ERROR is sent once, just before closing.
+
+Everything from the other side is hostile until validated: msgpack is unpacked with bounded
+sizes, no ext types and UTF-8 strings only, and every decoded field is type- and range-checked.
+Any malformed input raises FrameError (or its subclass DecodeError), never another exception;
+the connection must then be closed.
+
+Only stdlib, msgpack and raftsql.raft.types may be imported here: the driver ships this module.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from raftsql.raft.types import Entry, EntryType, HardState, Message, MsgType
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "MAX_NODE_ID_LEN",
+    "MAX_UINT",
+    "PROTOCOL_VERSION",
+    "DecodeError",
+    "FrameDecoder",
+    "FrameError",
+    "FrameKind",
+    "Hello",
+    "check_map",
+    "decode_entry",
+    "decode_hard_state",
+    "decode_message",
+    "decode_raft_batch",
+    "encode_entry",
+    "encode_frame",
+    "encode_hard_state",
+    "encode_message",
+    "encode_raft_batch",
+    "make_error",
+    "make_hello",
+    "parse_error",
+    "parse_hello",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+HEADER_SIZE = 4
+MAX_NODE_ID_LEN = 64
+MAX_UINT = 2**63  # decoded ints must be in [0, MAX_UINT): they fit a signed 64-bit column
+_MAX_ENCODABLE = 2**32 - 1  # the length prefix is a uint32
+
+_HEADER = struct.Struct(">I")
+
+
+class FrameError(ValueError):
+    """Raised when bytes from the peer violate the framing or handshake protocol (oversized or
+    undecodable frame, unknown kind, protocol version mismatch). The connection is unusable."""
+
+
+class DecodeError(FrameError):
+    """Raised when a well-framed payload is malformed: a field is missing, of the wrong type or
+    out of range."""
+
+
+class FrameKind(IntEnum):
+    """The first element of every frame body. The numbers are on the wire: never renumber."""
+
+    HELLO = 1  # payload: {"version": int, "node_id": str | None, "role": "node" | "client"}
+    RAFT = 2  # payload: [encoded Message, ...] (a batch)
+    REQUEST = 3  # client -> node, payload: a string-keyed map
+    RESPONSE = 4  # node -> client, payload: a string-keyed map
+    ERROR = 5  # payload: {"message": str}; a fatal protocol error, sent just before closing
+
+
+_FRAME_KINDS = {int(k): k for k in FrameKind}
+_MSG_TYPES = {int(t): t for t in MsgType}
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+
+
+# --- framing -------------------------------------------------------------------------------
+
+
+def encode_frame(
+    kind: FrameKind, payload: Any, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> bytes:
+    """One whole frame: length prefix + msgpack([kind, payload]).
+
+    Raises FrameError if the body would exceed max_frame_size (the peer would reject it: split
+    the batch instead). A payload msgpack cannot encode (an int >= 2**64, an unknown type) is a
+    bug in the caller and raises msgpack's TypeError/OverflowError unchanged.
+    """
+    body = msgpack.packb((int(kind), payload), use_bin_type=True)
+    n = len(body)
+    if n > max_frame_size or n > _MAX_ENCODABLE:
+        raise FrameError(
+            f"{FrameKind(kind).name} frame of {n} bytes exceeds the {max_frame_size}-byte limit"
+        )
+    return _HEADER.pack(n) + body
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise FrameError(f"msgpack ext type {code} is not allowed")
+
+
+def _unpack_body(body: Any, n: int) -> Any:
+    """Unpacks one frame body of n bytes with every size bounded by n (a container cannot hold
+    more elements than it has bytes), so a hostile length field cannot make us preallocate."""
+    return msgpack.unpackb(
+        body,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        max_bin_len=n,
+        max_str_len=n,
+        max_array_len=n,
+        max_map_len=n // 2,
+        max_ext_len=0,
+        ext_hook=_reject_ext,
+    )
+
+
+class FrameDecoder:
+    """Turns a byte stream into (FrameKind, payload) pairs.
+
+    feed() may be given any chunking of the stream; partial frames are buffered (appended to a
+    bytearray and consumed by offset, so a big frame arriving in small pieces costs O(size),
+    not O(size**2)). The payload is returned as unpacked msgpack, not yet validated: pass it
+    to decode_raft_batch / parse_hello / check_map / parse_error according to its kind.
+
+    Raises FrameError on the first protocol violation; the decoder is then closed for good
+    (every later feed() raises) and so must the connection be. Frames decoded earlier in the
+    same feed() call are discarded with it.
+
+    Note: msgpack can expand a frame ~64x in memory (one byte per empty list), so max_frame_size
+    also bounds memory: use a smaller limit on connections not yet authenticated.
+    """
+
+    __slots__ = ("max_frame_size", "_buf", "_off", "_error")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        if type(max_frame_size) is not int or not 0 < max_frame_size <= _MAX_ENCODABLE:
+            raise ValueError(f"max_frame_size must be an int in [1, {_MAX_ENCODABLE}]")
+        self.max_frame_size = max_frame_size
+        # Invariant: _buf[_off:] is the unconsumed tail of the stream (a partial frame).
+        self._buf = bytearray()
+        self._off = 0
+        self._error: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame waiting for more data."""
+        return len(self._buf) - self._off
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[FrameKind, Any]]:
+        if self._error is not None:
+            raise FrameError(f"frame decoder closed after an earlier error: {self._error}")
+        try:
+            return self._feed(data)
+        except FrameError as e:
+            self._error = str(e)
+            self._buf = bytearray()
+            self._off = 0
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[tuple[FrameKind, Any]]:
+        buf = self._buf
+        if self._off == len(buf):
+            # Nothing buffered: decode straight from `data` (the common case, no copy).
+            if buf:
+                buf.clear()
+            src: Any = data
+            off = 0
+        else:
+            buf += data
+            src = buf
+            off = self._off
+        end = len(src)
+        frames: list[tuple[FrameKind, Any]] = []
+        limit = self.max_frame_size
+        while end - off >= HEADER_SIZE:
+            (n,) = _HEADER.unpack_from(src, off)
+            if n > limit:
+                raise FrameError(f"frame of {n} bytes exceeds the {limit}-byte limit")
+            start = off + HEADER_SIZE
+            stop = start + n
+            if stop > end:
+                break
+            frames.append(self._decode_body(src, start, stop))
+            off = stop
+        if src is buf:
+            if off == end:
+                buf.clear()
+                off = 0
+            elif off > 65536 and 2 * off > end:
+                del buf[:off]  # compact: the consumed prefix outweighs the kept tail
+                off = 0
+            self._off = off
+        else:
+            if off < end:
+                buf += memoryview(data)[off:]
+            self._off = 0
+        return frames
+
+    @staticmethod
+    def _decode_body(src: Any, start: int, stop: int) -> tuple[FrameKind, Any]:
+        n = stop - start
+        try:
+            # The views must be released before `src` (maybe our bytearray) is resized.
+            with memoryview(src) as view, view[start:stop] as body:
+                obj = _unpack_body(body, n)
+        except FrameError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unpack failure of peer bytes is one error
+            raise FrameError(f"frame of {n} bytes is not valid msgpack: {e}") from None
+        if type(obj) is not list or len(obj) != 2:
+            raise FrameError(
+                f"frame body must be a 2-element array [kind, payload], got {_describe(obj)}"
+            )
+        kind = obj[0]
+        fk = _FRAME_KINDS.get(kind) if type(kind) is int else None
+        if fk is None:
+            raise FrameError(f"unknown frame kind {kind!r}")
+        return fk, obj[1]
+
+
+# --- validation helpers ---------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    r = repr(value)
+    if len(r) > 60:
+        r = r[:57] + "..."
+    return f"{type(value).__name__} {r}"
+
+
+def _uint(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < MAX_UINT:
+        raise DecodeError(f"{what}: expected an int in [0, 2**63), got {_describe(value)}")
+    return value
+
+
+def _node_id(value: Any, what: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= MAX_NODE_ID_LEN:
+        raise DecodeError(
+            f"{what}: expected a node id (non-empty str of at most {MAX_NODE_ID_LEN} chars), "
+            f"got {_describe(value)}"
+        )
+    return value
+
+
+def _bytes(value: Any, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise DecodeError(f"{what}: expected bytes, got {_describe(value)}")
+    return value
+
+
+def _list(value: Any, what: str, length: int | None = None) -> list:
+    if type(value) is not list:
+        raise DecodeError(f"{what}: expected an array, got {_describe(value)}")
+    if length is not None and len(value) != length:
+        raise DecodeError(f"{what}: expected {length} elements, got {len(value)}")
+    return value
+
+
+def check_map(
+    payload: Any,
+    required: dict[str, type | tuple[type, ...]],
+    optional: dict[str, type | tuple[type, ...]] | None = None,
+) -> dict[str, Any]:
+    """Validates a REQUEST/RESPONSE-style payload: a map with str keys where every key of
+    `required` is present and every key of `required`/`optional` that is present has one of the
+    given types (bool is not accepted as int unless bool is listed; use type(None) to allow nil).
+    Unknown keys are allowed (forward compatibility). Returns the payload; raises DecodeError."""
+    if type(payload) is not dict:
+        raise DecodeError(f"expected a map, got {_describe(payload)}")
+    for key in payload:
+        if type(key) is not str:
+            raise DecodeError(f"map keys must be str, got {_describe(key)}")
+    for key, types in required.items():
+        if key not in payload:
+            raise DecodeError(f"missing field {key!r}")
+        _check_type(payload[key], key, types)
+    if optional:
+        for key, types in optional.items():
+            if key in payload:
+                _check_type(payload[key], key, types)
+    return payload
+
+
+def _check_type(value: Any, key: str, types: type | tuple[type, ...]) -> None:
+    allowed = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, allowed) and (type(value) is not bool or bool in allowed):
+        return
+    names = " or ".join("nil" if t is type(None) else t.__name__ for t in allowed)
+    raise DecodeError(f"field {key!r}: expected {names}, got {_describe(value)}")
+
+
+# --- hello / error --------------------------------------------------------------------------
+
+_ROLES = ("node", "client")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The first frame each side sends. node_id is set for role 'node' (and optional for a
+    client)."""
+
+    protocol_version: int
+    node_id: str | None
+    role: str
+
+
+def make_hello(node_id: str | None, role: str) -> bytes:
+    """A whole HELLO frame for this side of a connection."""
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
+    if node_id is not None or role == "node":
+        _node_id(node_id, "hello node_id")
+    return encode_frame(
+        FrameKind.HELLO, {"version": PROTOCOL_VERSION, "node_id": node_id, "role": role}
+    )
+
+
+def parse_hello(payload: Any) -> Hello:
+    """Validates a HELLO payload. A different protocol version raises FrameError naming both
+    versions (checked first, so a future hello of another shape still gets that message)."""
+    if type(payload) is not dict:
+        raise DecodeError(f"hello: expected a map, got {_describe(payload)}")
+    version = payload.get("version")
+    if type(version) is not int:
+        raise DecodeError(f"hello: field 'version': expected int, got {_describe(version)}")
+    if version != PROTOCOL_VERSION:
+        raise FrameError(
+            f"peer speaks protocol version {version}, this side speaks version {PROTOCOL_VERSION}"
+        )
+    if "node_id" not in payload or "role" not in payload:
+        raise DecodeError("hello: missing field 'node_id' or 'role'")
+    role = payload["role"]
+    if type(role) is not str or role not in _ROLES:
+        raise DecodeError(
+            f"hello: field 'role': expected 'node' or 'client', got {_describe(role)}"
+        )
+    node_id = payload["node_id"]
+    if node_id is not None or role == "node":
+        _node_id(node_id, "hello: field 'node_id'")
+    return Hello(version, node_id, role)
+
+
+def make_error(message: str) -> bytes:
+    """A whole ERROR frame: the reason this side is about to close the connection."""
+    return encode_frame(FrameKind.ERROR, {"message": str(message)})
+
+
+def parse_error(payload: Any) -> str:
+    """The reason carried by an ERROR frame."""
+    return check_map(payload, {"message": str})["message"]
+
+
+# --- Raft codec -----------------------------------------------------------------------------
+#
+# Message on the wire (an 11-element array, fields in dataclass order):
+#   [type, to, sender, term, log_term, index, entries, commit, reject, reject_hint, context]
+# Entry: [term, index, type, data]; HardState: [term, vote (str or nil), commit].
+# Decoding checks everything with one fast combined test; only a failure pays for the slow
+# per-field diagnosis that names the bad field.
+
+
+def encode_entry(e: Entry) -> list:
+    return [e.term, e.index, int(e.type), e.data]
+
+
+def decode_entry(obj: Any) -> Entry:
+    if type(obj) is list and len(obj) == 4:
+        term, index, etype, data = obj
+        et = _ENTRY_TYPES.get(etype) if type(etype) is int else None
+        if (
+            et is not None
+            and type(term) is int
+            and 0 <= term < MAX_UINT
+            and type(index) is int
+            and 0 <= index < MAX_UINT
+            and type(data) is bytes
+        ):
+            return Entry(term, index, et, data)
+    _diagnose_entry(obj, "entry")
+    raise DecodeError(f"malformed entry: {_describe(obj)}")  # pragma: no cover
+
+
+def _diagnose_entry(obj: Any, what: str) -> None:
+    _list(obj, what, 4)
+    term, index, etype, data = obj
+    _uint(term, f"{what} term")
+    _uint(index, f"{what} index")
+    if type(etype) is not int or etype not in _ENTRY_TYPES:
+        raise DecodeError(f"{what} type: unknown EntryType {_describe(etype)}")
+    _bytes(data, f"{what} data")
+
+
+def encode_message(m: Message) -> list:
+    # Plain ints (not IntEnum) so that decode_message(encode_message(m)) == m without msgpack.
+    return [
+        int(m.type),
+        m.to,
+        m.sender,
+        m.term,
+        m.log_term,
+        m.index,
+        [[e.term, e.index, int(e.type), e.data] for e in m.entries],
+        m.commit,
+        m.reject,
+        m.reject_hint,
+        m.context,
+    ]
+
+
+def decode_message(obj: Any) -> Message:
+    """Validates every field of an encoded Message; raises DecodeError naming the bad one."""
+    if type(obj) is list and len(obj) == 11:
+        mtype, to, sender, term, log_term, index, entries, commit, reject, hint, context = obj
+        mt = _MSG_TYPES.get(mtype) if type(mtype) is int else None
+        if (
+            mt is not None
+            and type(to) is str
+            and 0 < len(to) <= MAX_NODE_ID_LEN
+            and type(sender) is str
+            and 0 < len(sender) <= MAX_NODE_ID_LEN
+            and type(term) is int
+            and 0 <= term < MAX_UINT
+            and type(log_term) is int
+            and 0 <= log_term < MAX_UINT
+            and type(index) is int
+            and 0 <= index < MAX_UINT
+            and type(entries) is list
+            and type(commit) is int
+            and 0 <= commit < MAX_UINT
+            and type(reject) is bool
+            and type(hint) is int
+            and 0 <= hint < MAX_UINT
+            and type(context) is bytes
+        ):
+            if entries:
+                try:
+                    ents = tuple([decode_entry(e) for e in entries])
+                except DecodeError:
+                    for i, e in enumerate(entries):  # name the culprit (rare path)
+                        _diagnose_entry(e, f"message entries[{i}]")
+                    raise
+            else:
+                ents = ()
+            return Message(
+                mt,
+                to,
+                sender,
+                term,
+                log_term,
+                index,
+                ents,
+                commit,
+                reject,
+                hint,
+                context,
+            )
+    _diagnose_message(obj)
+    raise DecodeError(f"malformed message: {_describe(obj)}")  # pragma: no cover
+
+
+def _diagnose_message(obj: Any) -> None:
+    _list(obj, "message", 11)
+    mtype, to, sender, term, log_term, index, entries, commit, reject, hint, context = obj
+    if type(mtype) is not int or mtype not in _MSG_TYPES:
+        raise DecodeError(f"message type: unknown MsgType {_describe(mtype)}")
+    _node_id(to, "message to")
+    _node_id(sender, "message sender")
+    _uint(term, "message term")
+    _uint(log_term, "message log_term")
+    _uint(index, "message index")
+    _list(entries, "message entries")
+    _uint(commit, "message commit")
+    if type(reject) is not bool:
+        raise DecodeError(f"message reject: expected bool, got {_describe(reject)}")
+    _uint(hint, "message reject_hint")
+    _bytes(context, "message context")
+
+
+def encode_raft_batch(
+    msgs: list[Message] | tuple[Message, ...], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> bytes:
+    """A whole RAFT frame carrying msgs (in order)."""
+    return encode_frame(FrameKind.RAFT, [encode_message(m) for m in msgs], max_frame_size)
+
+
+def decode_raft_batch(payload: Any) -> list[Message]:
+    """The Messages of a RAFT frame's payload; raises DecodeError (naming the message's
+    position) on any malformed one."""
+    if type(payload) is not list:
+        raise DecodeError(f"raft batch: expected an array, got {_describe(payload)}")
+    try:
+        return [decode_message(m) for m in payload]
+    except DecodeError as e:
+        for i, m in enumerate(payload):  # locate the culprit for the message (rare path)
+            try:
+                decode_message(m)
+            except DecodeError:
+                raise DecodeError(f"raft batch message #{i}: {e}") from None
+        raise  # pragma: no cover
+
+
+def encode_hard_state(hs: HardState) -> list:
+    return [hs.term, hs.vote, hs.commit]
+
+
+def decode_hard_state(obj: Any) -> HardState:
+    _list(obj, "hard state", 3)
+    term, vote, commit = obj
+    _uint(term, "hard state term")
+    if vote is not None:
+        _node_id(vote, "hard state vote")
+    _uint(commit, "hard state commit")
+    return HardState(term, vote, commit)
