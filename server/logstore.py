@@ -1,0 +1,548 @@
+"""The durable Raft log and hard state: append-only segment files of CRC-framed msgpack records.
+
+Implements raftsql.raft.storage.LogStorage. See server/DESIGN.md ("Log store") for why the
+format and the recovery rules are what they are. Not thread-safe: one thread (the node's Ready
+loop) owns a LogStore.
+
+On-disk layout of a directory:
+    LOCK                     flock()ed while open, so two stores never share a directory
+    0000000000000001.seg     segments, replayed in sequence order; sequence numbers have no holes
+    ...
+Segment = header, then a checkpoint (HARD_STATE, SNAPSHOT_META records of the state when the
+segment was started), then records:
+    header  <7s B Q I I>  magic b"RSQLLOG", version, sequence number, CRC salt, crc32(first 20 bytes)
+    record  <I I B> + payload   crc32(length|type|payload, seeded with the salt), length, type
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+
+import msgpack
+
+from raftsql.raft.types import Entry, EntryType, HardState, SnapshotMeta
+
+logger = logging.getLogger("raftsql.logstore")
+
+DEFAULT_SEGMENT_SIZE = 64 << 20
+
+_MAGIC = b"RSQLLOG"
+_VERSION = 1
+_SEG_HEADER = struct.Struct("<7sBQII")
+_REC_HEADER = struct.Struct("<IIB")
+_LEN_TYPE = struct.Struct("<IB")
+_HDR = _REC_HEADER.size
+_U32 = struct.Struct("<I")
+
+# Record types. The numbers are on disk: never renumber.
+# ENTRIES: [first_index, [[term, type, data], ...]]; drops every entry >= first_index, then appends.
+ENTRIES = 1
+HARD_STATE = 2  # [term, vote, commit]
+SNAPSHOT_META = 3  # [index, term, voters, learners]: entries <= index are gone
+_RECORD_TYPES = bytes((ENTRIES, HARD_STATE, SNAPSHOT_META))
+
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+_SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.seg$")
+_crc32 = zlib.crc32
+
+
+class LogCorruptError(Exception):
+    """Raised on open when the log is damaged anywhere but its torn tail: refusing to start is
+    better than silently forgetting entries or votes this node has acknowledged."""
+
+    def __init__(self, path: str, offset: int, reason: str):
+        super().__init__(f"{path}: corrupt log at byte offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+
+
+class LogLockedError(Exception):
+    """Raised when another LogStore, in this or another process, has the directory open."""
+
+
+class LogStoreFailedError(Exception):
+    """Raised by every call after a write or fsync failed: the page cache state is unknown then,
+    so the only safe way on is to restart and recover from what is on disk."""
+
+
+class _Segment:
+    __slots__ = ("seq", "path", "salt", "fd", "size", "base_size", "buf")
+
+    def __init__(self, seq: int, path: str, salt: int, fd: int | None, size: int):
+        self.seq = seq
+        self.path = path
+        self.salt = salt
+        self.fd = fd  # open only for the current segment and for ones with unsynced data
+        self.size = size  # bytes on disk + bytes in buf
+        self.base_size = size  # size after header + checkpoint: never roll over an empty segment
+        self.buf = bytearray()  # written to the file by sync(), not before
+
+
+def _segment_path(directory: str, seq: int) -> str:
+    return os.path.join(directory, f"{seq:016x}.seg")
+
+
+def _pack_hs(hs: HardState) -> list:
+    return [hs.term, hs.vote, hs.commit]
+
+
+def _pack_meta(meta: SnapshotMeta) -> list:
+    return [meta.index, meta.term, list(meta.voters), list(meta.learners)]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _record_at(data: memoryview, pos: int, salt: int) -> tuple[int, int] | None:
+    """(type, end) of the intact record at pos, or None."""
+    n = len(data)
+    if n - pos < _HDR:
+        return None
+    crc, length, rtype = _REC_HEADER.unpack_from(data, pos)
+    end = pos + _HDR + length
+    if end > n or rtype not in _RECORD_TYPES:
+        return None
+    if _crc32(data[pos + _HDR : end], _crc32(data[pos + 4 : pos + _HDR], salt)) != crc:
+        return None
+    return rtype, end
+
+
+def _find_record_after(data: memoryview, start: int, salt: int) -> int | None:
+    """The offset of any intact record at or after start (any byte offset), or None.
+    Only run after a bad record, so its cost does not matter on the hot path."""
+    types = _RECORD_TYPES
+    for q in range(start, len(data) - _HDR + 1):
+        if data[q + 8] in types and _record_at(data, q, salt) is not None:
+            return q
+    return None
+
+
+class LogStore:
+    """A LogStorage on a directory. append/set_hard_state buffer in memory; sync() writes and
+    fsyncs (group commit); compact() is durable when it returns."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, segment_size: int = DEFAULT_SEGMENT_SIZE
+    ):
+        if segment_size <= 0:
+            raise ValueError("segment_size must be positive")
+        self._dir = os.path.abspath(os.fspath(directory))
+        self._segment_size = segment_size
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._segments: list[_Segment] = []  # ascending seq; the last one is current
+        self._rolled: list[_Segment] = []  # rolled-over segments with data not yet synced
+        self._dir_dirty = False  # a segment was created/removed since the last directory fsync
+        self._hs = HardState()
+        self._meta = SnapshotMeta()
+        self._last = 0  # last entry index (meta.index when there are no entries)
+        # Which segment holds which live entries: [[first_index, seq], ...], ascending. Run i
+        # covers first_index..(next run's first_index - 1). Compaction keeps the segment of the
+        # run holding meta.index + 1 and every later one.
+        self._runs: list[list[int]] = []
+
+        if not os.path.isdir(self._dir):
+            os.makedirs(self._dir, exist_ok=True)
+            _fsync_dir(os.path.dirname(self._dir))
+        self._lock_fd = os.open(
+            os.path.join(self._dir, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise LogLockedError(f"{self._dir} is open in another LogStore") from None
+        try:
+            self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._loaded: tuple[HardState, SnapshotMeta, list[Entry]] | None = self._recover()
+        except BaseException:
+            self._abandon()
+            raise
+
+    # LogStorage ---------------------------------------------------------------------------
+
+    def load(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
+        """The state recovered on open. Call once: the store does not keep the entries."""
+        if self._loaded is None:
+            raise RuntimeError("LogStore.load() may be called once, right after opening")
+        loaded, self._loaded = self._loaded, None
+        return loaded
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        if not entries:
+            return
+        if self._failed is not None or self._closed:
+            self._check()
+        first = entries[0].index
+        if first <= self._meta.index:  # already in the snapshot
+            entries = [e for e in entries if e.index > self._meta.index]
+            if not entries:
+                return
+            first = entries[0].index
+        if first > self._last + 1:
+            raise ValueError(f"append at index {first} leaves a gap after last index {self._last}")
+        index = first
+        rows = []
+        for e in entries:
+            if e.index != index:
+                raise ValueError(f"entries not contiguous: expected index {index}, got {e.index}")
+            rows.append((e.term, e.type, e.data))
+            index += 1
+        self._write(ENTRIES, self._packer.pack([first, rows]))
+        runs = self._runs
+        if first <= self._last:
+            while runs and runs[-1][0] >= first:
+                runs.pop()
+        seq = self._segments[-1].seq
+        if not runs or runs[-1][1] != seq:
+            runs.append([first, seq])
+        self._last = index - 1
+
+    def set_hard_state(self, hs: HardState) -> None:
+        self._check()
+        if hs.vote is not None and not isinstance(hs.vote, str):
+            raise TypeError(f"vote must be a node id string or None, not {hs.vote!r}")
+        if hs != self._hs:
+            self._write(HARD_STATE, self._packer.pack(_pack_hs(hs)))
+            self._hs = hs
+
+    def sync(self) -> None:
+        self._check()
+        cur = self._segments[-1]
+        segs = self._rolled + [cur] if self._rolled else [cur]
+        self._rolled = []
+        try:
+            for seg in segs:
+                if not seg.buf:
+                    continue
+                if seg.fd is None:
+                    # Directory entries in sequence order: a later segment's name must never be
+                    # durable while an earlier one's is not (a hole reads as a lost segment).
+                    if self._dir_dirty:
+                        os.fsync(self._dir_fd)
+                        self._dir_dirty = False
+                    seg.fd = os.open(
+                        seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                    )
+                    self._dir_dirty = True
+                written = os.write(seg.fd, seg.buf)
+                if written != len(seg.buf):
+                    _write_rest(seg.fd, seg.buf, written)
+                seg.buf.clear()
+                # Earlier segments are fsynced before later ones get data: on disk, only the
+                # last segment can ever end in a torn record.
+                os.fsync(seg.fd)
+                if seg is not cur:
+                    os.close(seg.fd)
+                    seg.fd = None
+            if self._dir_dirty:
+                os.fsync(self._dir_fd)
+                self._dir_dirty = False
+        except OSError as e:
+            self._failed = e
+            raise
+
+    def compact(self, meta: SnapshotMeta) -> None:
+        """Durable on return (it syncs): the SNAPSHOT_META record must be on disk before any
+        segment holding entries it covers is removed."""
+        self._check()
+        if meta.index <= self._meta.index:
+            return
+        self._write(SNAPSHOT_META, self._packer.pack(_pack_meta(meta)))
+        self._meta = meta
+        first = meta.index + 1
+        runs = self._runs
+        if first > self._last:
+            self._last = meta.index
+            runs.clear()
+        else:
+            while len(runs) > 1 and runs[1][0] <= first:
+                runs.pop(0)
+            runs[0][0] = first
+        self.sync()
+        keep = runs[0][1] if runs else self._segments[-1].seq
+        try:
+            while self._segments[0].seq < keep:
+                seg = self._segments[0]
+                try:
+                    os.unlink(seg.path)
+                except FileNotFoundError:
+                    pass
+                # One directory fsync per removal keeps removals in order, so a crash can
+                # only leave a suffix of the segments (no holes).
+                os.fsync(self._dir_fd)
+                self._segments.pop(0)
+        except OSError as e:
+            self._failed = e
+            raise
+
+    def close(self) -> None:
+        """Sync and release the directory. A failed store is closed without syncing."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self.sync()
+        finally:
+            self._abandon()
+
+    # internals ----------------------------------------------------------------------------
+
+    def _abandon(self) -> None:
+        """Close every descriptor without writing buffered data. Tests use it to model a process
+        crash: everything since the last sync() is lost."""
+        self._closed = True
+        for seg in self._segments:
+            if seg.fd is not None:
+                os.close(seg.fd)
+                seg.fd = None
+        for name in ("_dir_fd", "_lock_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)  # closing the lock fd releases the flock
+                setattr(self, name, None)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RuntimeError("LogStore is closed")
+        if self._failed is not None:
+            raise LogStoreFailedError(f"{self._dir}: an earlier write failed: {self._failed}")
+
+    def _write(self, rtype: int, payload: bytes) -> None:
+        seg = self._segments[-1]
+        if seg.size >= self._segment_size and seg.size > seg.base_size:
+            seg = self._start_segment(seg.seq + 1)
+        _append_record(seg, rtype, payload)
+
+    def _start_segment(self, seq: int) -> _Segment:
+        """A new current segment, buffered: its file is created by the next sync()."""
+        if self._segments:
+            old = self._segments[-1]
+            if old.buf:
+                self._rolled.append(old)
+            elif old.fd is not None:
+                os.close(old.fd)
+                old.fd = None
+        salt = int.from_bytes(os.urandom(4), "little")
+        seg = _Segment(seq, _segment_path(self._dir, seq), salt, None, 0)
+        head = _SEG_HEADER.pack(_MAGIC, _VERSION, seq, salt, 0)[:-4]
+        seg.buf += head
+        seg.buf += _U32.pack(_crc32(head))
+        seg.size = len(seg.buf)
+        # The checkpoint makes every segment self-sufficient for hard state and snapshot meta,
+        # so compaction may delete any prefix of segments.
+        _append_record(seg, HARD_STATE, self._packer.pack(_pack_hs(self._hs)))
+        _append_record(seg, SNAPSHOT_META, self._packer.pack(_pack_meta(self._meta)))
+        seg.base_size = seg.size
+        self._segments.append(seg)
+        return seg
+
+    def _recover(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
+        found = []
+        for name in os.listdir(self._dir):
+            m = _SEGMENT_NAME.match(name)
+            if m:
+                found.append((int(m.group(1), 16), os.path.join(self._dir, name)))
+        found.sort()
+        for (prev, _), (seq, path) in zip(found, found[1:], strict=False):
+            if seq != prev + 1:
+                raise LogCorruptError(path, 0, f"segment {prev + 1:016x} is missing")
+
+        hs = HardState()
+        meta = SnapshotMeta()
+        entries: list[Entry] = []
+        base = 0  # entries[i].index == base + 1 + i
+        runs: list[list[int]] = []
+        origin = ("", 0)  # the record that started the current run of entries, for errors
+        reopen: tuple[int, str, int, int] | None = None  # (seq, path, salt, size) to append to
+        next_seq = 1
+
+        for i, (seq, path) in enumerate(found):
+            is_last = i == len(found) - 1
+            with open(path, "rb") as f:
+                raw = f.read()
+            data = memoryview(raw)
+            salt = self._check_header(path, seq, raw, is_last)
+            if salt is None:  # torn header of the last segment: it holds nothing
+                self._remove_torn_segment(path, f"torn segment header ({len(raw)} bytes)")
+                next_seq = seq
+                break
+            pos = _SEG_HEADER.size
+            nrec = 0
+            while pos < len(data):
+                rec = _record_at(data, pos, salt)
+                if rec is None:
+                    if not is_last:
+                        raise LogCorruptError(path, pos, "bad record in a sealed segment")
+                    later = _find_record_after(data, pos + 1, salt)
+                    if later is not None:
+                        raise LogCorruptError(
+                            path, pos, f"bad record followed by an intact record at offset {later}"
+                        )
+                    self._truncate_torn_tail(path, pos, len(data))
+                    break
+                rtype, end = rec
+                if nrec < 2 and rtype != (HARD_STATE, SNAPSHOT_META)[nrec]:
+                    raise LogCorruptError(path, pos, "segment does not start with its checkpoint")
+                try:
+                    value = msgpack.unpackb(data[pos + _HDR : end], raw=False, use_list=True)
+                    if rtype == ENTRIES:
+                        first, rows = value
+                        if not rows or not isinstance(first, int) or first < 1:
+                            raise ValueError("empty or misplaced batch")
+                        new = [_decode_entry(first + j, row) for j, row in enumerate(rows)]
+                    elif rtype == HARD_STATE:
+                        hs = _decode_hs(value)
+                    else:
+                        m = _decode_meta(value)
+                        if m.index < meta.index:
+                            raise ValueError(
+                                f"snapshot index went back from {meta.index} to {m.index}"
+                            )
+                        meta = m
+                except Exception as e:  # noqa: BLE001 - an intact CRC over a bad payload
+                    raise LogCorruptError(path, pos, f"undecodable {rtype=} record: {e}") from None
+
+                if rtype == ENTRIES:
+                    if first <= base + 1 or first > base + len(entries) + 1:
+                        # Replaces every entry (a truncation from below the first one), or
+                        # starts after a gap: legal only where compaction removed the segments
+                        # in between, which the final check below verifies.
+                        entries = new
+                        base = first - 1
+                        runs = [[first, seq]]
+                        origin = (path, pos)
+                    else:
+                        del entries[first - base - 1 :]
+                        entries.extend(new)
+                        while runs and runs[-1][0] >= first:
+                            runs.pop()
+                        if not runs or runs[-1][1] != seq:
+                            runs.append([first, seq])
+                if base < meta.index:  # drop what the snapshot covers
+                    drop = meta.index - base
+                    if drop >= len(entries):
+                        entries = []
+                        runs = []
+                    else:
+                        del entries[:drop]
+                        while len(runs) > 1 and runs[1][0] <= meta.index + 1:
+                            runs.pop(0)
+                        runs[0][0] = meta.index + 1
+                    base = meta.index
+                nrec += 1
+                pos = end
+            if nrec < 2:
+                if not is_last:
+                    raise LogCorruptError(path, pos, "sealed segment without a complete checkpoint")
+                # A torn new segment: everything it held is also in the one before it.
+                self._remove_torn_segment(path, "segment torn inside its checkpoint")
+                next_seq = seq
+                break
+            if is_last:
+                reopen = (seq, path, salt, pos)
+            else:
+                self._segments.append(_Segment(seq, path, salt, None, len(data)))
+            next_seq = seq + 1
+
+        if base != meta.index:
+            raise LogCorruptError(
+                origin[0],
+                origin[1],
+                f"entries start at {base + 1} but the snapshot ends at {meta.index}",
+            )
+        self._hs, self._meta, self._runs = hs, meta, runs
+        self._last = base + len(entries)
+        if reopen is not None:
+            seq, path, salt, size = reopen
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            os.lseek(fd, 0, os.SEEK_END)
+            self._segments.append(_Segment(seq, path, salt, fd, size))
+        else:  # empty directory, or the last segment was torn away
+            self._start_segment(next_seq)
+        return hs, meta, entries
+
+    def _check_header(self, path: str, seq: int, raw: bytes, is_last: bool) -> int | None:
+        """The segment's CRC salt; None for a torn header of the last segment."""
+        size = _SEG_HEADER.size
+        if len(raw) >= size:
+            magic, version, hseq, salt, crc = _SEG_HEADER.unpack_from(raw)
+            if magic == _MAGIC and crc == _crc32(raw[: size - 4]):
+                if version != _VERSION:
+                    raise LogCorruptError(path, 0, f"unsupported log format version {version}")
+                if hseq != seq:
+                    raise LogCorruptError(path, 0, f"header says segment {hseq:016x}")
+                return salt
+        # A new file whose header never fully reached the disk reads short or as zeros.
+        if is_last and (len(raw) < size or not any(raw)):
+            return None
+        raise LogCorruptError(path, 0, "bad segment header")
+
+    def _truncate_torn_tail(self, path: str, pos: int, size: int) -> None:
+        logger.warning(
+            "%s: truncating torn tail at byte offset %d (%d bytes dropped)", path, pos, size - pos
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, pos)
+            os.fsync(fd)  # before anything new is appended after it
+        finally:
+            os.close(fd)
+
+    def _remove_torn_segment(self, path: str, why: str) -> None:
+        logger.warning("%s: removing torn last segment: %s", path, why)
+        os.unlink(path)
+        os.fsync(self._dir_fd)
+
+
+def _append_record(seg: _Segment, rtype: int, payload: bytes) -> None:
+    lt = _LEN_TYPE.pack(len(payload), rtype)
+    buf = seg.buf
+    buf += _U32.pack(_crc32(payload, _crc32(lt, seg.salt)))
+    buf += lt
+    buf += payload
+    seg.size += _HDR + len(payload)
+
+
+def _write_rest(fd: int, buf: bytearray, done: int) -> None:
+    while done < len(buf):
+        done += os.write(fd, bytes(buf[done:]))
+
+
+def _decode_entry(index: int, row: list) -> Entry:
+    term, etype, data = row
+    if not isinstance(term, int) or not isinstance(data, bytes):
+        raise ValueError(f"bad entry at index {index}")
+    return Entry(term, index, _ENTRY_TYPES[etype], data)
+
+
+def _decode_hs(value: list) -> HardState:
+    term, vote, commit = value
+    if (
+        not isinstance(term, int)
+        or not isinstance(commit, int)
+        or not (vote is None or isinstance(vote, str))
+    ):
+        raise ValueError("bad hard state")
+    return HardState(term, vote, commit)
+
+
+def _decode_meta(value: list) -> SnapshotMeta:
+    index, term, voters, learners = value
+    if not isinstance(index, int) or not isinstance(term, int):
+        raise ValueError("bad snapshot meta")
+    if not all(isinstance(v, str) for v in voters) or not all(isinstance(v, str) for v in learners):
+        raise ValueError("bad snapshot membership")
+    return SnapshotMeta(index, term, tuple(voters), tuple(learners))
