@@ -22,7 +22,12 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 # "module:Class" names of exceptions whose message is written for humans. Looked up in
 # sys.modules only: if the module was never imported, nothing can have raised its exceptions.
-USER_ERRORS = ["raftsql.server.tls:TLSConfigError"]
+USER_ERRORS = [
+    "raftsql.server.tls:TLSConfigError",
+    "raftsql.server.config:ConfigError",
+    "raftsql.server.logstore:LogCorruptError",
+    "raftsql.server.logstore:LogLockedError",
+]
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -181,5 +186,151 @@ def certs_show(cert_file: Path) -> None:
         click.echo(f"{key + ':':<12} {value}")
 
 
-if __name__ == "__main__":  # pragma: no cover
+
+# --------------------------------------------------------------------------- node
+
+
+@main.command()
+@click.option("--id", "node_id", help="This node's id (e.g. n1). [$RAFTSQL_ID]")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the log and database live.")
+@click.option("--listen", help="HOST:PORT for peers and clients.")
+@click.option("--advertise", help="HOST:PORT clients are redirected to (default: --listen).")
+@click.option("--peer", "peers", multiple=True, help="ID=HOST:PORT of another voter (repeat).")
+@click.option("--certs", type=click.Path(file_okay=False), help="Directory made by `raftsql certs`.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with the same settings.")
+@click.option("--tick-ms", type=int, help="Length of one Raft tick (default 25).")
+@click.option("--heartbeat-ticks", type=int, help="Ticks between heartbeats (default 2).")
+@click.option("--election-ticks", type=int, help="Minimum election timeout in ticks (default 12).")
+@click.option("--log-level", default="INFO", show_default=True)
+@human_errors
+def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
+         election_ticks, log_level) -> None:
+    """Run one node in the foreground (SIGTERM: hand over leadership, then exit).
+
+    Settings come from flags, then $RAFTSQL_* variables, then the --config TOML file.
+    """
+    import logging
+    import signal
+    import threading
+
+    from raftsql.server import config as nodeconfig
+    from raftsql.server.node import Node
+
+    flags = {
+        "id": node_id, "data_dir": data_dir, "listen": listen, "advertise": advertise,
+        "peers": nodeconfig.parse_peers(list(peers), "--peer") if peers else None,
+        "certs": certs, "tick_ms": tick_ms, "heartbeat_ticks": heartbeat_ticks,
+        "election_ticks": election_ticks,
+    }
+    cfg = nodeconfig.load(flags, config_file)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    n = Node(cfg)
+    n.start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    while not done.wait(0.5):
+        pass
+    n.stop(graceful=True)
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@main.group()
+def cluster() -> None:
+    """Run a local cluster."""
+
+
+@cluster.command("up")
+@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cluster-data"), show_default=True)
+@click.option("--base-port", type=click.IntRange(1, 65000), help="First port (default: 4001, or the next free).")
+@click.option("--shell", "open_shell", is_flag=True, help="Open a SQL shell on the cluster.")
+@human_errors
+def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bool) -> None:
+    """Start NODES node processes on loopback, making certificates if missing.
+
+    Writes DATA_DIR/cluster.json with the DSN. Ctrl-C or SIGTERM stops every node; starting
+    again with the same --data-dir reuses the data.
+    """
+    import signal
+    import threading
+
+    from raftsql.server import launcher
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    certs_dir = data_dir / "certs"
+    try:
+        plan = launcher.plan(data_dir, nodes, base_port)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    launcher.make_certs(certs_dir, plan)
+    dsn = launcher.dsn_for(plan, certs_dir)
+    procs = launcher.start(data_dir, plan, certs_dir)
+    launcher.write_cluster_json(data_dir, plan, procs, dsn)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    try:
+        click.echo(f"started {nodes} nodes: " + ", ".join(f"{n['id']}={n['address']}" for n in plan))
+        click.echo(f"logs: {data_dir}/<id>/node.log   cluster file: {data_dir / 'cluster.json'}")
+        click.echo(f"DSN: {dsn}")
+        click.echo(f"status: raftsql status '{dsn}'")
+        if open_shell:
+            from raftsql.shell import run_shell
+
+            run_shell(dsn, stop_event=done)
+        else:
+            click.echo("press Ctrl-C to stop the cluster")
+            while not done.wait(0.5):
+                dead = [n["id"] for n, p in zip(plan, procs, strict=True) if p.poll() is not None]
+                if dead:
+                    click.echo(f"node(s) {', '.join(dead)} exited; see their node.log. Stopping.", err=True)
+                    break
+    finally:
+        launcher.stop(procs)
+        click.echo("cluster stopped")
+
+
+# --------------------------------------------------------------------------- status
+
+
+@main.command()
+@click.argument("dsn")
+@click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
+@human_errors
+def status(dsn: str, as_json: bool) -> None:
+    """Show every node's role, term, leader, commit/applied index and peers."""
+    import json
+
+    from raftsql.driver._admin import cluster_status
+
+    rows = cluster_status(dsn)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(f"{'node':6} {'address':22} {'role':10} {'term':>5} {'leader':7} {'commit':>8} {'applied':>8}")
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{'?':6} {r['address']:22} unreachable: {r['error']}")
+            continue
+        click.echo(f"{r['id']:6} {r['address']:22} {r['role']:10} {r['term']:>5} {str(r['leader']):7} "
+                   f"{r['commit_index']:>8} {r['applied_index']:>8}")
+
+
+# --------------------------------------------------------------------------- shell
+
+
+@main.command()
+@click.argument("dsn")
+@human_errors
+def shell(dsn: str) -> None:
+    """An interactive SQL shell (dot commands: .help)."""
+    from raftsql.shell import run_shell
+
+    run_shell(dsn)
+
+
+if __name__ == "__main__":
     main()

@@ -1,0 +1,463 @@
+"""A raftsql node: drives the pure Raft core with real time, real disks and real sockets.
+
+Threads:
+- ticker: calls core.tick() every tick_ms;
+- ready loop: takes a Ready, sends the leader's early messages, appends + fsyncs (one fsync for
+  every proposal that arrived meanwhile: group commit), sends the rest, applies committed
+  entries to SQLite (the apply path; inline, see DESIGN.md), wakes waiting clients, advances;
+- transport: per-peer senders and per-connection readers (server/transport.py);
+- one thread per client connection (server/clients.py) calling execute()/status().
+
+Every touch of the core happens under self._lock; the slow work (fsync, SQLite) never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from raftsql.command import Command
+from raftsql.raft.core import Config, Raft
+from raftsql.raft.types import (
+    ConfChange,
+    ConfChangeType,
+    EntryType,
+    Message,
+    NotLeader,
+    ProposalDropped,
+    Ready,
+    Role,
+)
+
+log = logging.getLogger("raftsql.node")
+
+# Defaults, chosen for sub-second failover on a loaded 2-core machine (see server/DESIGN.md):
+# a heartbeat every 50 ms, and an election after 300-600 ms without one. A follower must miss
+# six heartbeats in a row (300 ms of silence) before it even asks for pre-votes, which rides out
+# a GC pause or a slow fsync on a busy machine without a spurious election.
+DEFAULT_TICK_MS = 25
+DEFAULT_HEARTBEAT_TICKS = 2
+DEFAULT_ELECTION_TICKS = 12
+
+
+class RequestError(Exception):
+    """Raised to the client service when a request cannot be served.
+
+    kind is one of:
+      NOT_LEADER      not applied; resend anywhere (leader / leader_addr hint where known)
+      UNAVAILABLE     not applied; resend later (transfer in progress, shutting down, no quorum)
+      OUTCOME_UNKNOWN proposed, but no result: resend only with the same (client_id, serial)
+      TIMEOUT         a read did not complete in time (reads are always safe to resend)
+      BAD_REQUEST     the request itself is malformed; resending will not help
+    """
+
+    def __init__(self, kind: str, message: str, leader: str | None = None, leader_addr: str | None = None):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.leader = leader
+        self.leader_addr = leader_addr
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "leader": self.leader, "leader_addr": self.leader_addr}
+
+
+@dataclass
+class NodeConfig:
+    id: str
+    data_dir: str
+    listen: tuple[str, int]
+    peers: dict[str, tuple[str, int]]  # the other initial voters
+    certs_dir: str
+    tick_ms: int = DEFAULT_TICK_MS
+    heartbeat_ticks: int = DEFAULT_HEARTBEAT_TICKS
+    election_ticks: int = DEFAULT_ELECTION_TICKS
+    max_frame_size: int = 64 * 1024 * 1024
+    session_timeout_ms: int = 6 * 3600 * 1000
+    query_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0  # the longest a client request may wait
+    advertise: str | None = None  # host:port clients should use; default: listen address
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def voters(self) -> tuple[str, ...]:
+        return tuple(sorted({self.id, *self.peers}))
+
+
+class _Waiter:
+    __slots__ = ("term", "event", "result", "error")
+
+    def __init__(self, term: int):
+        self.term = term
+        self.event = threading.Event()
+        self.result = None
+        self.error: RequestError | None = None
+
+    def finish(self, result=None, error: RequestError | None = None) -> None:
+        self.result, self.error = result, error
+        self.event.set()
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        from raftsql.server.logstore import LogStore
+        from raftsql.server.statemachine import StateMachine
+
+        self.cfg = cfg
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.addresses: dict[str, str] = {pid: f"{h}:{p}" for pid, (h, p) in cfg.peers.items()}
+        self.addresses[cfg.id] = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
+        self.store = LogStore(os.path.join(cfg.data_dir, "raft-log"))
+        self.sm = StateMachine(
+            os.path.join(cfg.data_dir, "db.sqlite"),
+            session_timeout_ms=cfg.session_timeout_ms,
+            query_timeout_s=cfg.query_timeout_s,
+        )
+        hs, snap, entries = self.store.load()
+        rcfg = Config(
+            id=cfg.id,
+            voters=cfg.voters(),
+            election_ticks=cfg.election_ticks,
+            heartbeat_ticks=cfg.heartbeat_ticks,
+            logger=self._core_log,
+        )
+        # The core's randomness (election timeouts) comes from the OS, seeded once.
+        self.core = Raft(rcfg, random.Random(os.urandom(16)), hs, snap, entries, applied=self.sm.applied_index)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._proposals: dict[int, _Waiter] = {}
+        self._reads: dict[bytes, _Waiter] = {}
+        self._rng = random.SystemRandom()
+        self._threads: list[threading.Thread] = []
+        self._fatal: BaseException | None = None
+        self.role = Role.FOLLOWER
+        self.leader: str | None = None
+        self.last_contact: dict[str, float] = {}
+        self.transport = None  # set in start()
+
+    def _core_log(self, line: str) -> None:
+        log.info(line)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        from raftsql.server.clients import ClientService
+        from raftsql.server.transport import Transport
+
+        self.clients = ClientService(self)
+        peers = {pid: addr for pid, addr in self.cfg.peers.items()}
+        self.transport = Transport(
+            self.cfg.id,
+            self.cfg.listen,
+            peers,
+            self.cfg.certs_dir,
+            on_raft=self._on_raft,
+            on_client=self.clients.serve,
+            max_frame_size=self.cfg.max_frame_size,
+        )
+        self.transport.start()
+        for name, target in (("ticker", self._ticker), ("ready", self._ready_loop)):
+            t = threading.Thread(target=target, name=f"{self.cfg.id}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("%s listening on %s:%s (peers: %s)", self.cfg.id, *self.cfg.listen, self.addresses)
+
+    def stop(self, graceful: bool = True, timeout: float = 3.0) -> None:
+        """Stop the node. A graceful stop of a leader first hands leadership to the most
+        up-to-date voter, so clients see a pause of one round trip instead of an election."""
+        if graceful:
+            self._transfer_before_exit(timeout)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            self._fail_all("UNAVAILABLE", "node is shutting down; the request was not applied", proposals_unknown=True)
+        for t in self._threads:
+            t.join(timeout)
+        if self.transport is not None:
+            self.transport.stop()
+        self.store.close()
+        self.sm.close()
+        self._stopped.set()
+
+    def _transfer_before_exit(self, timeout: float) -> None:
+        with self._lock:
+            if self.core.role != Role.LEADER or len(self.core.voters) < 2:
+                return
+            cands = [(p.match, nid) for nid, p in self.core.progress.items() if nid != self.cfg.id and nid in self.core.voters]
+            if not cands:
+                return
+            _, target = max(cands)
+            try:
+                self.core.transfer_leadership(target)
+            except (NotLeader, ValueError):
+                return
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.core.role != Role.LEADER:
+                    log.info("%s handed leadership to %s before exiting", self.cfg.id, target)
+                    return
+            time.sleep(0.005)
+        log.warning("%s could not hand over leadership within %.1fs", self.cfg.id, timeout)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    # ---------------------------------------------------------------- inputs
+
+    def _on_raft(self, msgs: list[Message]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for m in msgs:
+                self.last_contact[m.sender] = now
+                self.core.step(m)
+            self._wake.notify()
+
+    def _ticker(self) -> None:
+        period = self.cfg.tick_ms / 1000.0
+        nxt = time.monotonic()
+        while not self._stopping:
+            nxt += period
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.monotonic()  # we fell behind (machine overloaded): do not burst
+            with self._lock:
+                if self._stopping:
+                    return
+                self.core.tick()
+                self._wake.notify()
+
+    # ---------------------------------------------------------------- the Ready loop
+
+    def _ready_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self.core.has_ready():
+                        self._wake.wait(0.5)
+                    if self._stopping:
+                        return
+                    rd = self.core.ready()
+                self._handle_ready(rd)
+                with self._lock:
+                    self.core.advance(rd)
+        except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
+            self._fatal = e
+            log.critical("%s: fatal error in the Ready loop, stopping: %s", self.cfg.id, e, exc_info=True)
+            with self._lock:
+                self._stopping = True
+                self._fail_all("UNAVAILABLE", f"node failed: {e}", proposals_unknown=True)
+            os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
+
+    def _handle_ready(self, rd: Ready) -> None:
+        # 1. The leader's appends/heartbeats leave now, in parallel with its own disk write.
+        if rd.messages:
+            self.transport.send(rd.messages)
+        # 2. Persist, one fsync for the whole batch.
+        if rd.entries:
+            self.store.append(rd.entries)
+        if rd.hard_state is not None:
+            self.store.set_hard_state(rd.hard_state)
+        if rd.must_sync:
+            self.store.sync()
+        # 3. Messages that promise something about our disk (votes, acks).
+        if rd.persisted_messages:
+            self.transport.send(rd.persisted_messages)
+        # 4. Apply.
+        if rd.committed_entries:
+            self._apply(rd)
+        if rd.soft_state is not None:
+            self._on_soft_state(rd)
+        for rs in rd.read_states:
+            with self._lock:
+                w = self._reads.pop(rs.context, None)
+            if w is not None:
+                w.finish(result=rs.index)
+
+    def _apply(self, rd: Ready) -> None:
+        batch = []
+        for e in rd.committed_entries:
+            if e.type == EntryType.CONF_CHANGE:
+                self._apply_conf_change(ConfChange.decode(e.data))
+                batch.append((e.index, b""))  # the state machine only advances its index
+            else:
+                batch.append((e.index, e.data))
+        results = self.sm.apply_many(batch)
+        with self._lock:
+            for e, res in zip(rd.committed_entries, results, strict=True):
+                w = self._proposals.pop(e.index, None)
+                if w is None:
+                    continue
+                if e.term == w.term:
+                    w.finish(result=res)
+                else:
+                    # Another leader's entry took this index: ours can never commit.
+                    w.finish(error=RequestError("NOT_LEADER", "leadership changed before the write committed; it was not applied"))
+
+    def _apply_conf_change(self, cc: ConfChange) -> None:
+        if cc.node_id == self.cfg.id:
+            return
+        if cc.type in (ConfChangeType.ADD_LEARNER, ConfChangeType.PROMOTE) and cc.context:
+            host, _, port = cc.context.decode().rpartition(":")
+            self.addresses[cc.node_id] = f"{host}:{port}"
+            self.transport.add_peer(cc.node_id, (host, int(port)))
+        elif cc.type == ConfChangeType.REMOVE:
+            self.transport.remove_peer(cc.node_id)
+
+    def _on_soft_state(self, rd: Ready) -> None:
+        ss = rd.soft_state
+        with self._lock:
+            was_leader = self.role == Role.LEADER
+            self.role, self.leader = ss.role, ss.leader
+            if was_leader and ss.role != Role.LEADER:
+                # Entries we proposed may or may not commit under the next leader.
+                self._fail_all("OUTCOME_UNKNOWN", "leadership was lost before the write was applied", proposals_unknown=True)
+
+    def _fail_all(self, kind: str, message: str, proposals_unknown: bool) -> None:
+        leader, addr = self._leader_hint()
+        for w in self._proposals.values():
+            w.finish(error=RequestError("OUTCOME_UNKNOWN" if proposals_unknown else kind, message, leader, addr))
+        self._proposals.clear()
+        for w in self._reads.values():
+            w.finish(error=RequestError("NOT_LEADER" if kind == "OUTCOME_UNKNOWN" else kind, message, leader, addr))
+        self._reads.clear()
+
+    def _leader_hint(self) -> tuple[str | None, str | None]:
+        ld = self.core.leader
+        if ld is None or ld == self.cfg.id and self.core.role != Role.LEADER:
+            return None, None
+        return ld, self.addresses.get(ld)
+
+    def _not_leader(self, leader: str | None = None) -> RequestError:
+        ld = leader if leader is not None else self.core.leader
+        return RequestError("NOT_LEADER", f"{self.cfg.id} is not the leader", ld, self.addresses.get(ld) if ld else None)
+
+    # ---------------------------------------------------------------- client API
+
+    def execute(
+        self,
+        statements: list[tuple[str, Any]],
+        *,
+        client_id: str = "",
+        serial: int = 0,
+        consistency: str = "linearizable",
+        min_index: int = 0,
+        timeout_s: float | None = None,
+    ):
+        """Run statements (one, or an atomic batch). SQLite decides if they only read: a single
+        read-only statement is served as a read at the requested consistency; anything else
+        is replicated as one log entry. Returns a statemachine.Result (SQL errors inside it);
+        raises RequestError when the request was not (or may not have been) served."""
+        from raftsql.server.statemachine import Result, SQLError
+
+        if self._stopping:
+            raise RequestError("UNAVAILABLE", "node is shutting down")
+        timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+        deadline = time.monotonic() + timeout
+        if not statements:
+            raise RequestError("BAD_REQUEST", "no statements")
+        try:
+            readonly = self.sm.validate(statements)
+        except SQLError as e:
+            return Result(error=e.error, index=self.sm.applied_index)
+        if len(statements) == 1 and readonly[0]:
+            return self._read(statements[0], consistency, min_index, deadline)
+        return self._write(statements, client_id, serial, deadline)
+
+    def _write(self, statements, client_id: str, serial: int, deadline: float):
+        from raftsql.command import CommandError
+
+        try:
+            cmd = Command(
+                client_id=client_id,
+                serial=serial,
+                statements=tuple(statements),
+                leader_time_ms=int(time.time() * 1000),
+                seed=self._rng.getrandbits(63),
+            )
+            data = cmd.encode()
+        except CommandError as e:
+            raise RequestError("BAD_REQUEST", str(e)) from None
+        with self._lock:
+            if self.core.role != Role.LEADER:
+                raise self._not_leader()
+            try:
+                index = self.core.propose(data)
+            except NotLeader as e:
+                raise self._not_leader(e.leader) from None
+            except ProposalDropped as e:
+                raise RequestError("UNAVAILABLE", f"write not accepted now: {e}") from None
+            w = _Waiter(self.core.term)
+            self._proposals[index] = w
+            self._wake.notify()
+        if not w.event.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._proposals.pop(index, None)
+            if not w.event.is_set():
+                raise RequestError("OUTCOME_UNKNOWN", f"no result for log index {index} within the deadline")
+        if w.error is not None:
+            raise w.error
+        return w.result
+
+    def _read(self, stmt, consistency: str, min_index: int, deadline: float):
+        sql, params = stmt
+        if consistency == "stale":
+            at = min_index if min_index > self.sm.applied_index else None
+            if at is not None and not self.sm.wait_applied(at, max(0.0, deadline - time.monotonic())):
+                raise RequestError("TIMEOUT", f"index {min_index} not applied on {self.cfg.id} in time")
+            return self.sm.query(sql, params)
+        if consistency == "leader":
+            with self._lock:
+                if self.core.role != Role.LEADER:
+                    raise self._not_leader()
+            return self.sm.query(sql, params)
+        if consistency != "linearizable":
+            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
+        ctx = uuid.uuid4().bytes
+        with self._lock:
+            try:
+                self.core.read_index(ctx)
+            except NotLeader:
+                raise self._not_leader() from None
+            w = _Waiter(self.core.term)
+            self._reads[ctx] = w
+            self._wake.notify()
+        if not w.event.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._reads.pop(ctx, None)
+            raise RequestError("TIMEOUT", "leadership could not be confirmed in time (no quorum?)")
+        if w.error is not None:
+            raise w.error
+        index = w.result
+        if not self.sm.wait_applied(index, max(0.0, deadline - time.monotonic())):
+            raise RequestError("TIMEOUT", f"read index {index} not applied in time")
+        return self.sm.query(sql, params)
+
+    def content_hash(self) -> tuple[int, str]:
+        with self.sm._lock:  # the apply lock: index and hash describe the same state
+            return self.sm.applied_index, self.sm.content_hash()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            st = self.core.status()
+        now = time.monotonic()
+        st["applied_index"] = self.sm.applied_index
+        st["address"] = self.addresses[self.cfg.id]
+        st["leader_address"] = self.addresses.get(st["leader"]) if st["leader"] else None
+        st["members"] = {nid: self.addresses.get(nid) for nid in st["voters"] + st["learners"]}
+        st["last_contact_s"] = {
+            nid: round(now - t, 3) for nid, t in self.last_contact.items()
+        }
+        if self.transport is not None:
+            st["peers"] = self.transport.peer_status()
+        return st

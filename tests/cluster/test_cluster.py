@@ -1,0 +1,255 @@
+"""Real node processes over TLS: election, replication, kill -9 failover, catch-up,
+determinism, exactly-once, and the security boundary."""
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+from raftsql import wire
+from raftsql.driver._tls import client_context
+from raftsql.raft.types import Message, MsgType
+from raftsql.server.testing import LocalCluster, free_port
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(tmp_path / "c", 3)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _count(client, table="t"):
+    return client.execute([(f"SELECT count(*) FROM {table}", [])])["rows"][0][0]
+
+
+def test_elects_a_leader_and_replicates_1000_writes(cluster):
+    leader = cluster.wait_leader()
+    assert leader in cluster.ids
+    c = cluster.client()
+    assert c.execute([("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", [])])["error"] is None
+    for i in range(1000):
+        r = c.execute([("INSERT INTO t (v) VALUES (?)", [f"row {i}"])])
+        assert r["error"] is None and r["rowcount"] == 1
+    assert _count(c) == 1000
+    hashes = cluster.hashes()
+    assert len(hashes) == 3 and len(set(hashes.values())) == 1, hashes
+    c.close()
+
+
+def test_kill_9_leader_new_leader_writes_continue_old_node_catches_up(cluster):
+    old = cluster.wait_leader()
+    c = cluster.client(timeout=20)
+    c.execute([("CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER)", [])])
+    for i in range(100):
+        c.execute([("INSERT INTO t (v) VALUES (?)", [i])])
+    cluster.kill(old)  # SIGKILL
+    new = cluster.wait_leader(exclude=(old,))
+    assert new != old
+    for i in range(100, 200):
+        assert c.execute([("INSERT INTO t (v) VALUES (?)", [i])])["error"] is None
+    cluster.start(old)
+    hashes = cluster.hashes(timeout=30)
+    assert set(hashes) == set(cluster.ids)
+    assert len(set(hashes.values())) == 1, hashes
+    assert _count(c) == 200
+    rows = c.execute([("SELECT v FROM t ORDER BY id", [])])["rows"]
+    assert [r[0] for r in rows] == list(range(200))
+    c.close()
+
+
+def test_nondeterministic_sql_is_identical_on_every_node(cluster):
+    cluster.wait_leader()
+    c = cluster.client()
+    c.execute([("CREATE TABLE d (id INTEGER PRIMARY KEY, r INTEGER, b BLOB, now TEXT, "
+                "ts TEXT DEFAULT CURRENT_TIMESTAMP, jd REAL, cd TEXT DEFAULT CURRENT_DATE)", [])])
+    for _ in range(20):
+        c.execute([("INSERT INTO d (r, b, now, jd) VALUES (random(), randomblob(16), datetime('now'), julianday('now'))", [])])
+    r = c.execute([("SELECT count(*) FROM d", [])])
+    index = r["index"]
+    per_node = {}
+    for nid in cluster.ids:
+        resp = cluster.node_request(nid, {"op": "execute", "statements": [["SELECT * FROM d ORDER BY id", []]],
+                                          "consistency": "stale", "min_index": index})
+        assert resp["ok"], resp
+        per_node[nid] = resp["result"]["rows"]
+    first = per_node[cluster.ids[0]]
+    assert len(first) == 20
+    assert all(rows == first for rows in per_node.values()), per_node
+    assert len({row[1] for row in first}) == 20  # random() really varies between rows
+    assert all(isinstance(row[2], bytes) and len(row[2]) == 16 for row in first)
+    c.close()
+
+
+def test_duplicate_client_serial_is_applied_once_and_returns_stored_result(cluster):
+    cluster.wait_leader()
+    c = cluster.client()
+    c.execute([("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", [])])
+    first = c.execute([("INSERT INTO t (v) VALUES ('once')", [])], serial=1000)
+    again = c.execute([("INSERT INTO t (v) VALUES ('once')", [])], serial=1000)
+    assert first["error"] is None and not first["duplicate"]
+    assert again["duplicate"] is True
+    assert again["lastrowid"] == first["lastrowid"] and again["index"] == first["index"]
+    assert _count(c) == 1
+    older = c.execute([("INSERT INTO t (v) VALUES ('stale')", [])], serial=999)
+    assert older["error"] is not None and "stale" in older["error"]["message"].lower()
+    assert _count(c) == 1
+    c.close()
+
+
+def test_sandbox_refuses_attach_and_load_extension_through_the_node(cluster):
+    cluster.wait_leader()
+    c = cluster.client()
+    for sql in ("ATTACH DATABASE '/tmp/x.db' AS x", "SELECT load_extension('/tmp/evil.so')",
+                "PRAGMA journal_mode=DELETE"):
+        r = c.execute([(sql, [])])
+        assert r["error"] is not None, sql
+    r = c.execute([("SELEC nonsense", [])])
+    assert r["error"] is not None and "syntax" in r["error"]["message"].lower()
+    st = cluster.status(cluster.wait_leader())
+    before = st["last_index"]
+    c.execute([("INSERT INTO no_such_table VALUES (1)", [])])
+    assert cluster.status(cluster.wait_leader())["last_index"] == before  # refused before the log
+    c.close()
+
+
+def _raw_tls(cluster, certfile, keyfile, cafile=None):
+    ctx = client_context(cafile or str(cluster.certs / "ca.crt"), certfile, keyfile)
+    raw = socket.create_connection((cluster.host, cluster.ports["n1"]), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname=cluster.host)
+
+
+def test_client_certificate_cannot_send_raft_messages(cluster):
+    cluster.wait_leader()
+    before = cluster.status("n1")["term"]
+    s = _raw_tls(cluster, str(cluster.certs / "client.crt"), str(cluster.certs / "client.key"))
+    # Claim to be node n2 and try to depose everyone with a huge-term vote request.
+    s.sendall(wire.make_hello("n2", "node"))
+    m = Message(MsgType.APPEND, "n1", "n2", 10**9, commit=0)
+    try:
+        s.sendall(wire.encode_raft_batch([m]))
+        data = s.recv(65536)
+    except (OSError, ssl.SSLError):
+        data = b""
+    s.close()
+    if data:
+        frames = wire.FrameDecoder().feed(data)
+        assert frames and frames[0][0] == wire.FrameKind.ERROR
+    st = cluster.status("n1")
+    assert st["term"] == before and st["term"] < 10**9
+    assert cluster.wait_leader()
+
+
+def test_foreign_ca_certificate_is_refused(cluster, tmp_path):
+    from raftsql.server import tls
+
+    foreign = tmp_path / "foreign"
+    tls.make_ca(foreign)
+    tls.make_client_cert(foreign, "client")
+    with pytest.raises((ssl.SSLError, OSError)):
+        s = _raw_tls(cluster, str(foreign / "client.crt"), str(foreign / "client.key"))
+        s.sendall(wire.make_hello(None, "client"))
+        s.sendall(wire.encode_frame(wire.FrameKind.REQUEST, {"id": 1, "op": "status"}))
+        if not s.recv(65536):
+            raise OSError("closed")
+    assert cluster.wait_leader()
+
+
+def test_garbage_frames_never_crash_a_node(cluster):
+    import random
+
+    cluster.wait_leader()
+    rng = random.Random(7)
+    cert, key = str(cluster.certs / "client.crt"), str(cluster.certs / "client.key")
+    for i in range(40):
+        s = _raw_tls(cluster, cert, key)
+        try:
+            if i % 2:
+                s.sendall(wire.make_hello(None, "client"))
+            for _ in range(50):
+                kind = rng.choice([b"", wire.encode_frame(wire.FrameKind.REQUEST, {"id": rng.randrange(9), "op": rng.choice(["execute", "status", "x", 3])})])
+                s.sendall(kind + rng.randbytes(rng.randrange(64)))
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            s.close()
+    for nid in cluster.ids:
+        assert cluster.alive(nid)
+    assert cluster.wait_leader()
+    c = cluster.client()
+    c.execute([("CREATE TABLE ok (x)", [])])
+    assert c.execute([("SELECT count(*) FROM ok", [])])["rows"] == [[0]]
+    c.close()
+
+
+def test_sigterm_on_leader_hands_over_leadership(cluster):
+    old = cluster.wait_leader()
+    cluster.kill(old, signal.SIGTERM)
+    assert cluster.procs[old].returncode == 0
+    new = cluster.wait_leader(timeout=5, exclude=(old,))
+    assert new != old
+    log = (cluster.data_dir(old) / "node.log").read_text()
+    assert "handed leadership" in log
+
+
+def test_cluster_up_cli_starts_writes_cluster_json_and_stops_on_sigterm(tmp_path):
+    d = tmp_path / "cl"
+    port = free_port("127.0.0.1")
+    # Three consecutive free ports are likely but not certain; the CLI refuses a busy one.
+    proc = subprocess.Popen([sys.executable, "-m", "raftsql.cli", "cluster", "up", "--nodes", "3",
+                             "--data-dir", str(d), "--base-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (d / "cluster.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        doc = json.loads((d / "cluster.json").read_text())
+        assert doc["dsn"].startswith("raftsql://127.0.0.1:")
+        assert [n["id"] for n in doc["nodes"]] == ["n1", "n2", "n3"]
+        assert all({"id", "address", "pid", "data_dir"} <= set(n) for n in doc["nodes"])
+        from raftsql.driver._client import Client
+
+        c = Client.from_dsn(doc["dsn"], timeout=20)
+        c.execute([("CREATE TABLE x (v)", [])])
+        c.execute([("INSERT INTO x VALUES (42)", [])])
+        c.close()
+        status = subprocess.run([sys.executable, "-m", "raftsql.cli", "status", doc["dsn"]],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "leader" in status.stdout, status.stdout + status.stderr
+        pids = [n["pid"] for n in doc["nodes"]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert "DSN: raftsql://" in out
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    # Started again with the same directory: same ports, same data.
+    proc = subprocess.Popen([sys.executable, "-m", "raftsql.cli", "cluster", "up", "--nodes", "3", "--data-dir", str(d)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        from raftsql.driver._client import Client
+
+        deadline = time.monotonic() + 30
+        doc2 = None
+        while time.monotonic() < deadline:
+            doc2 = json.loads((d / "cluster.json").read_text())
+            if [n["pid"] for n in doc2["nodes"]] != pids:
+                break
+            time.sleep(0.1)
+        assert doc2["dsn"] == doc["dsn"]
+        c = Client.from_dsn(doc2["dsn"], timeout=20)
+        assert c.execute([("SELECT v FROM x", [])])["rows"] == [[42]]
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
