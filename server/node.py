@@ -148,7 +148,13 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        import sys
+
         from raftsql.server.clients import ClientService
+
+        sw = os.environ.get("RAFTSQL_SWITCH")
+        if sw:
+            sys.setswitchinterval(float(sw))
         from raftsql.server.transport import Transport
 
         self.clients = ClientService(self)
@@ -382,7 +388,7 @@ class Node:
                 client_id=client_id,
                 serial=serial,
                 statements=tuple(statements),
-                leader_time_ms=int(time.time() * 1000),
+                leader_time_ms=max(int(time.time() * 1000), self.sm.last_time_ms),
                 seed=self._rng.getrandbits(63),
             )
             data = cmd.encode()

@@ -1,0 +1,232 @@
+"""The versioned log-entry envelope: what one Raft entry asks every state machine to do.
+
+A Command is built by the leader from a client request, stamped with the leader's wall time and
+a random seed (so that 'now', random() and randomblob() give the same answer on every node), then
+encoded into the entry's data. Every node decodes it when the entry commits.
+
+Pure: stdlib + msgpack only. Encoding is a msgpack array, positional, so the field order below is
+the wire format; never reorder, only append under a new version.
+
+    [version, kind, client_id, serial, [[sql, params], ...], leader_time_ms, seed]
+
+params is an array (positional ? / ?NNN placeholders) or a map str -> value (named :x @x $x).
+Values are None, int (signed 64-bit), float, str or bytes: exactly what SQLite can bind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Union
+
+import msgpack
+
+VERSION = 1
+MAX_CLIENT_ID_CHARS = 128
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+SEED_MAX = INT64_MAX
+
+Value = Union[None, int, float, str, bytes]  # noqa: UP007 - a runtime alias, readable either way
+Params = Union[tuple[Value, ...], dict[str, Value]]  # noqa: UP007
+Statement = tuple[str, Params]
+
+
+class CommandError(ValueError):
+    """Raised when a Command is malformed: on construction, on encode, or when decoding bytes."""
+
+
+class CommandKind(IntEnum):
+    """What the entry asks for. The numbers are on the wire: never renumber."""
+
+    WRITE = 1  # the statements run atomically, in one SQLite transaction
+    # TXN = 2 is reserved for interactive transactions.
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    # bool is an int subclass; True on the wire would not round-trip as 1.
+    if type(value) is not int:
+        raise CommandError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise CommandError(f"{name} {value} is out of range [{lo}, {hi}]")
+    return value
+
+
+_SCALARS = frozenset({type(None), float, str, bytes})
+
+
+def _check_value(where: str, value: Any) -> Value:
+    t = type(value)
+    if t in _SCALARS:
+        return value
+    if t is int:
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise CommandError(f"{where}: integer {value} does not fit SQLite's signed 64 bits")
+        return value
+    if t is bytearray or t is memoryview:
+        return bytes(value)
+    raise CommandError(
+        f"{where}: unsupported parameter type {t.__name__} (use None, int, float, str or bytes)"
+    )
+
+
+def _values_ok(values: Iterable[Any]) -> bool:
+    """Fast path: every value is already a valid, normalised SQLite value."""
+    for v in values:
+        t = type(v)
+        if t in _SCALARS or (t is int and INT64_MIN <= v <= INT64_MAX):
+            continue
+        return False
+    return True
+
+
+def _check_params(i: int, params: Any) -> Params:
+    t = type(params)
+    if t is tuple or t is list:
+        if _values_ok(params):
+            return params if t is tuple else tuple(params)
+        return tuple(
+            _check_value(f"statement {i} parameter {n + 1}", v) for n, v in enumerate(params)
+        )
+    if t is dict:
+        if _values_ok(params.values()) and all(type(k) is str for k in params):
+            return params
+        out: dict[str, Value] = {}
+        for k, v in params.items():
+            if type(k) is not str:
+                raise CommandError(
+                    f"statement {i}: parameter names must be str, not {type(k).__name__}"
+                )
+            out[k] = _check_value(f"statement {i} parameter {k!r}", v)
+        return out
+    if params is None:
+        return ()
+    raise CommandError(f"statement {i}: params must be a tuple, list or dict, not {t.__name__}")
+
+
+def _check_statements(statements: Any) -> tuple[Statement, ...]:
+    if type(statements) is not tuple and type(statements) is not list:
+        raise CommandError(f"statements must be a tuple or list, not {type(statements).__name__}")
+    out = []
+    for i, item in enumerate(statements):
+        t = type(item)
+        if (t is not tuple and t is not list) or len(item) != 2:
+            raise CommandError(f"statement {i} must be a (sql, params) pair")
+        sql, params = item
+        if type(sql) is not str:
+            raise CommandError(f"statement {i}: sql must be str, not {type(sql).__name__}")
+        out.append((sql, _check_params(i, params)))
+    return tuple(out)
+
+
+_KINDS = {int(k): k for k in CommandKind}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """One log entry's instructions. Construction validates and normalises (lists become tuples,
+    None params become ()), so a decoded Command compares equal to the one that was encoded.
+
+    Invariant: serial > 0 implies client_id != "" (dedup needs both; (client_id "", serial 0) or
+    serial 0 alone means "do not deduplicate")."""
+
+    version: int = VERSION
+    kind: CommandKind = CommandKind.WRITE
+    client_id: str = ""
+    serial: int = 0
+    statements: tuple[Statement, ...] = ()
+    leader_time_ms: int = 0  # unix ms, stamped by the leader
+    seed: int = 0  # 0..2**63-1, stamped by the leader
+
+    def __post_init__(self) -> None:
+        if type(self.version) is not int or self.version != VERSION:
+            raise CommandError(f"unsupported command version {self.version!r} (expected {VERSION})")
+        kind = self.kind
+        if type(kind) is not CommandKind:
+            if type(kind) is not int:
+                raise CommandError(f"kind must be a CommandKind, not {type(kind).__name__}")
+            if kind not in _KINDS:
+                raise CommandError(f"unknown command kind {kind}")
+            object.__setattr__(self, "kind", _KINDS[kind])
+        if type(self.client_id) is not str:
+            raise CommandError(f"client_id must be str, not {type(self.client_id).__name__}")
+        if len(self.client_id) > MAX_CLIENT_ID_CHARS:
+            raise CommandError(
+                f"client_id is {len(self.client_id)} characters; the limit is {MAX_CLIENT_ID_CHARS}"
+            )
+        _check_int("serial", self.serial, 0, INT64_MAX)
+        if self.serial and not self.client_id:
+            raise CommandError("a serial needs a client_id (use serial 0 for anonymous writes)")
+        object.__setattr__(self, "statements", _check_statements(self.statements))
+        _check_int("leader_time_ms", self.leader_time_ms, 0, INT64_MAX)
+        _check_int("seed", self.seed, 0, SEED_MAX)
+
+    @property
+    def dedup(self) -> bool:
+        """True if the state machine deduplicates this command by (client_id, serial)."""
+        return self.serial > 0
+
+    def stamped(self, leader_time_ms: int, seed: int) -> Command:
+        """A copy carrying the leader's time and seed (what the leader proposes)."""
+        return dataclasses.replace(self, leader_time_ms=leader_time_ms, seed=seed)
+
+    def encode(self) -> bytes:
+        try:
+            return msgpack.packb(
+                [
+                    self.version,
+                    int(self.kind),
+                    self.client_id,
+                    self.serial,
+                    self.statements,  # tuples pack as arrays, dicts as maps
+                    self.leader_time_ms,
+                    self.seed,
+                ],
+                use_bin_type=True,
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate in a str
+            raise CommandError(f"cannot encode command: {e}") from None
+
+    @classmethod
+    def decode(cls, data: bytes) -> Command:
+        """Parse an entry's data. Raises CommandError (and nothing else) on any malformed input."""
+        if type(data) not in (bytes, bytearray, memoryview):
+            raise CommandError(f"command data must be bytes, not {type(data).__name__}")
+        try:
+            fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        except Exception as e:  # noqa: BLE001 - any unpack failure is one clear error
+            raise CommandError(f"command is not valid msgpack: {type(e).__name__}: {e}") from None
+        if type(fields) is not list:
+            raise CommandError(f"command must be a msgpack array, not {type(fields).__name__}")
+        if len(fields) != 7:
+            raise CommandError(f"command array has {len(fields)} fields, expected 7")
+        version, kind, client_id, serial, statements, leader_time_ms, seed = fields
+        if type(version) is not int or version != VERSION:
+            raise CommandError(f"unsupported command version {version!r} (expected {VERSION})")
+        if type(kind) is not int:
+            raise CommandError(f"kind must be an int, not {type(kind).__name__}")
+        if type(statements) is not list:
+            raise CommandError("statements must be an array")
+        for i, item in enumerate(statements):
+            # Positional params arrive as lists; a map stays a dict. Reject other shapes here so
+            # the error names the wire problem rather than a constructor argument.
+            if type(item) is not list or len(item) != 2:
+                raise CommandError(f"statement {i} must be a [sql, params] array")
+            if type(item[1]) not in (list, dict):
+                raise CommandError(f"statement {i}: params must be an array or a map")
+        try:
+            return cls(
+                version=version,
+                kind=kind,
+                client_id=client_id,
+                serial=serial,
+                statements=statements,
+                leader_time_ms=leader_time_ms,
+                seed=seed,
+            )
+        except CommandError:
+            raise
+        except Exception as e:  # noqa: BLE001 - defensive: decode raises only CommandError
+            raise CommandError(f"malformed command: {type(e).__name__}: {e}") from None

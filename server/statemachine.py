@@ -1,0 +1,1200 @@
+"""The replicated state machine: committed log entries applied to SQLite (apsw), deterministically.
+
+Every node applies the same entries in the same order, and each entry must leave every node's
+database byte-for-byte equivalent and return the same Result. The pieces that make it so:
+
+- time: an apsw.VFS subclass serves SQLite's clock ('now', CURRENT_*, column DEFAULTs) from the
+  entry being applied (the leader's stamp, never decreasing; see _EntryClock);
+- randomness: random() and randomblob() are replaced on the write connection by a PRNG seeded
+  from (entry seed, statement number);
+- limits: a runaway statement is stopped by a VM step budget (counted, not timed);
+- sandbox: an authorizer refuses what would touch other files or per-connection state
+  (ATTACH, load_extension, VACUUM, TEMP objects, most PRAGMAs, BEGIN/COMMIT...);
+- exactly-once: the session table, the applied index and the statements commit in one SQLite
+  transaction, so a crash never separates "executed" from "recorded".
+
+See server/DESIGN-statemachine.md for the reasons behind each choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import apsw
+import msgpack
+
+from raftsql.command import INT64_MAX, Command, CommandError
+
+log = logging.getLogger(__name__)
+
+# Julian day number of the unix epoch, in ms: what SQLite's xCurrentTimeInt64 returns at unix 0.
+UNIX_EPOCH_JULIAN_MS = 210866760000000
+# The progress handler runs every this many VM steps; the step budget is counted in these units.
+PROGRESS_STEPS = 1000
+DEFAULT_SESSION_TIMEOUT_MS = 6 * 3600 * 1000
+DEFAULT_APPLY_VM_STEP_LIMIT = 100_000_000  # ~2 s of VM on a 2026 laptop core (~45M steps/s)
+DEFAULT_QUERY_TIMEOUT_S = 10.0
+SESSION_GC_INTERVAL_MS = 60_000
+MAX_VALUE_BYTES = 100_000_000  # SQLITE_LIMIT_LENGTH on every connection
+BUSY_TIMEOUT_MS = 5000
+
+# Error names that are not SQLite result codes. The driver maps them to DB-API exceptions
+# (see DESIGN-statemachine.md for the suggested mapping).
+STALE_SERIAL = "RAFTSQL_STALE_SERIAL"
+MAX_ROWID = "RAFTSQL_MAX_ROWID"
+STEP_LIMIT = "RAFTSQL_STEP_LIMIT"
+TIMEOUT = "RAFTSQL_TIMEOUT"
+MULTIPLE_STATEMENTS = "RAFTSQL_MULTIPLE_STATEMENTS"
+NOT_READONLY = "RAFTSQL_NOT_READONLY"
+BINDINGS = "RAFTSQL_BINDINGS"
+PROGRAMMING = "RAFTSQL_PROGRAMMING"
+
+SQLITE_ERROR = 1
+SQLITE_READONLY = 8
+SQLITE_INTERRUPT = 9
+SQLITE_TOOBIG = 18
+SQLITE_CONSTRAINT = 19
+SQLITE_MISUSE = 21
+SQLITE_AUTH = 23
+SQLITE_RANGE = 25
+
+# Primary result codes that describe this node's environment (disk, memory, locks, a corrupt
+# file), not the statement: replicating them as results would let nodes diverge, so apply stops.
+_FATAL_CODES = frozenset(
+    {
+        apsw.SQLITE_INTERNAL,
+        apsw.SQLITE_PERM,
+        apsw.SQLITE_BUSY,
+        apsw.SQLITE_LOCKED,
+        apsw.SQLITE_NOMEM,
+        apsw.SQLITE_READONLY,
+        apsw.SQLITE_IOERR,
+        apsw.SQLITE_CORRUPT,
+        apsw.SQLITE_FULL,
+        apsw.SQLITE_CANTOPEN,
+        apsw.SQLITE_PROTOCOL,
+        apsw.SQLITE_NOTADB,
+        apsw.SQLITE_MISUSE,
+    }
+)
+
+_vfs_ids = itertools.count(1)
+_DML_KEYWORDS = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+
+
+class StateMachineError(Exception):
+    """Raised when the state machine cannot go on (I/O error, disk full, corrupt database,
+    out-of-order apply): the node must stop rather than risk diverging."""
+
+
+class CorruptEntryError(StateMachineError):
+    """Raised when committed entry data does not decode as a Command: the log is corrupt."""
+
+
+class SQLError(Exception):
+    """Raised by validate() when a statement would be refused; carries the same error map as
+    Result.error ({code, name, message} plus "statement", its position in the batch)."""
+
+    def __init__(self, code: int, name: str, message: str, statement: int | None = None):
+        super().__init__(f"{name}: {message}")
+        self.code = code
+        self.name = name
+        self.message = message
+        self.statement = statement
+
+    @property
+    def error(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "name": self.name, "message": self.message}
+        if self.statement is not None:
+            err["statement"] = self.statement
+        return err
+
+
+def _error(code: int, name: str, message: str) -> dict[str, Any]:
+    return {"code": code, "name": name, "message": message}
+
+
+@dataclass
+class Result:
+    """The outcome of one write (a log entry) or one read, sent to the client as a plain map.
+
+    For a write of one statement the fields describe that statement and results is None. For a
+    write of several statements (an atomic batch) the top-level fields describe the last
+    statement (like a DB-API cursor after the last execute) and results holds one Result per
+    statement, in order (their index/error/duplicate/results are left at defaults). If any
+    statement fails, nothing of the batch is kept: error is set (its "statement" key says which
+    one failed), columns/rows are empty, rowcount is -1 and results is None.
+    """
+
+    columns: list[str] = field(default_factory=list)
+    decltypes: list[str | None] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    rowcount: int = -1  # changes() for INSERT/UPDATE/DELETE/REPLACE, -1 otherwise (as sqlite3)
+    lastrowid: int | None = None  # last_insert_rowid(), reset to 0 at the start of every entry
+    index: int = 0  # the entry's log index (writes) or the applied index the read saw (reads)
+    error: dict[str, Any] | None = None  # {code: extended result code, name, message[, statement]}
+    duplicate: bool = False  # a retried (client_id, serial): the stored result, not re-executed
+    results: list[Result] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "columns": self.columns,
+            "decltypes": self.decltypes,
+            "rows": self.rows,
+            "rowcount": self.rowcount,
+            "lastrowid": self.lastrowid,
+            "index": self.index,
+            "error": self.error,
+            "duplicate": self.duplicate,
+            "results": None if self.results is None else [r.to_wire() for r in self.results],
+        }
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Result:
+        """Inverse of to_wire(); missing keys take their defaults. Raises ValueError on a shape
+        that is not a Result."""
+        if not isinstance(m, dict):
+            raise ValueError(f"a Result must be a map, not {type(m).__name__}")
+        try:
+            results = m.get("results")
+            return cls(
+                columns=list(m.get("columns") or []),
+                decltypes=list(m.get("decltypes") or []),
+                rows=[list(r) for r in m.get("rows") or []],
+                rowcount=int(m.get("rowcount", -1)),
+                lastrowid=m.get("lastrowid"),
+                index=int(m.get("index", 0)),
+                error=dict(m["error"]) if m.get("error") is not None else None,
+                duplicate=bool(m.get("duplicate", False)),
+                results=None if results is None else [cls.from_wire(r) for r in results],
+            )
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"malformed Result map: {e}") from None
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_wire(), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Result:
+        return cls.from_wire(msgpack.unpackb(data, raw=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL text helpers
+
+
+def _skip_blank(sql: str, i: int = 0) -> int:
+    """Index of the first character at or after i that is not whitespace, ';' or a comment."""
+    n = len(sql)
+    while i < n:
+        c = sql[i]
+        if c.isspace() or c == ";":
+            i += 1
+        elif c == "-" and sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif c == "/" and sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        else:
+            break
+    return i
+
+
+def _first_keyword(sql: str) -> str:
+    i = _skip_blank(sql)
+    j = i
+    n = len(sql)
+    while j < n and (sql[j].isalnum() or sql[j] == "_"):
+        j += 1
+    return sql[i:j].upper()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+
+_INTERNAL_PREFIX = "_raftsql_"
+
+# Introspection pragmas: they read the schema and change nothing; their argument (a table name)
+# arrives in the value slot, so any argument is fine.
+_INTROSPECTION_PRAGMAS = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "table_list",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "foreign_key_check",
+        "collation_list",
+        "function_list",
+        "module_list",
+        "pragma_list",
+        "integrity_check",
+        "quick_check",
+        "compile_options",
+    }
+)
+# Settings that may be read but not changed (changing them is per connection, not replicated).
+_READ_ONLY_SETTINGS = frozenset(
+    {"foreign_keys", "recursive_triggers", "encoding", "schema_version", "auto_vacuum", "page_size"}
+)
+# Settings stored in the database header: transactional, replicated like any row.
+_WRITABLE_SETTINGS = frozenset({"user_version", "application_id"})
+_VTAB_MODULES = frozenset(
+    {"fts3", "fts4", "fts5", "fts4aux", "fts5vocab", "rtree", "rtree_i32", "geopoly"}
+)
+# Virtual tables that expose the physical file (pages, offsets): not replicated state.
+_PHYSICAL_TABLES = frozenset({"dbstat", "sqlite_dbpage"})
+
+_A = apsw
+_TEMP_ACTIONS = frozenset(
+    {
+        _A.SQLITE_CREATE_TEMP_INDEX,
+        _A.SQLITE_CREATE_TEMP_TABLE,
+        _A.SQLITE_CREATE_TEMP_TRIGGER,
+        _A.SQLITE_CREATE_TEMP_VIEW,
+        _A.SQLITE_DROP_TEMP_INDEX,
+        _A.SQLITE_DROP_TEMP_TABLE,
+        _A.SQLITE_DROP_TEMP_TRIGGER,
+        _A.SQLITE_DROP_TEMP_VIEW,
+    }
+)
+# Schema changes whose object name (arg3) or table (arg4) must not be an internal one.
+_SCHEMA_ACTIONS = frozenset(
+    {
+        _A.SQLITE_CREATE_INDEX,
+        _A.SQLITE_CREATE_TABLE,
+        _A.SQLITE_CREATE_TRIGGER,
+        _A.SQLITE_CREATE_VIEW,
+        _A.SQLITE_DROP_INDEX,
+        _A.SQLITE_DROP_TABLE,
+        _A.SQLITE_DROP_TRIGGER,
+        _A.SQLITE_DROP_VIEW,
+        _A.SQLITE_ALTER_TABLE,
+        _A.SQLITE_CREATE_VTABLE,
+        _A.SQLITE_DROP_VTABLE,
+    }
+)
+_ROW_WRITES = frozenset({_A.SQLITE_INSERT, _A.SQLITE_UPDATE, _A.SQLITE_DELETE})
+
+
+def _is_internal(name: str | None) -> bool:
+    return name is not None and name.lower().startswith(_INTERNAL_PREFIX)
+
+
+def _refusal(
+    write: bool, action: int, arg3: str | None, arg4: str | None, nested: bool = False
+) -> str | None:
+    """Why a user statement may not do `action`, or None if it may. `write` selects the rules of
+    the apply path (and validate), which also refuse what is fine to read but not replicated.
+    `nested`: the statement is being prepared while another one runs (FTS5's own statements)."""
+    if action == _A.SQLITE_READ or action == _A.SQLITE_SELECT or action == _A.SQLITE_RECURSIVE:
+        if write and arg3 in _PHYSICAL_TABLES:
+            return f"{arg3} describes this node's file layout, which is not replicated"
+        return None
+    if action in _ROW_WRITES:
+        if _is_internal(arg3):
+            return f"table {arg3} is internal to raftsql and cannot be modified"
+        if arg3 == "sqlite_sequence":
+            # Setting a sequence to the maximum would make the next AUTOINCREMENT insert fail
+            # with SQLITE_FULL, which apply must treat as this node's disk being full.
+            return "sqlite_sequence is maintained by SQLite and cannot be modified"
+        if arg3 in _PHYSICAL_TABLES:
+            return f"{arg3} writes raw database pages"
+        return None
+    if action == _A.SQLITE_FUNCTION:
+        name = (arg4 or "").lower()
+        if name == "load_extension":
+            return "load_extension() is not allowed"
+        if write and name == "total_changes":
+            return "total_changes() counts per connection and is not replicated; use changes()"
+        return None
+    if action == _A.SQLITE_PRAGMA:
+        name = (arg3 or "").lower()
+        if name in _INTROSPECTION_PRAGMAS or name in _WRITABLE_SETTINGS:
+            return None
+        if name in _READ_ONLY_SETTINGS:
+            return None if arg4 is None else f"PRAGMA {name} cannot be changed"
+        if name == "data_version" and arg4 is None and (nested or not write):
+            # FTS5 reads it internally; its value is per connection, so a user's write may not.
+            return None
+        return f"PRAGMA {name} is not allowed"
+    if action == _A.SQLITE_ATTACH:
+        # VACUUM runs an internal ATTACH; validate/apply refuse VACUUM by keyword first.
+        return "ATTACH is not allowed: a replicated database is a single file"
+    if action == _A.SQLITE_DETACH:
+        return "DETACH is not allowed"
+    if action == _A.SQLITE_TRANSACTION or action == _A.SQLITE_SAVEPOINT:
+        return (
+            "transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE) is managed by "
+            "raftsql: every write is already one atomic transaction"
+        )
+    if action in _TEMP_ACTIONS:
+        return "TEMP objects are not allowed: they belong to one connection and are not replicated"
+    if action in _SCHEMA_ACTIONS:
+        if _is_internal(arg3) or _is_internal(arg4):
+            return f"names starting with {_INTERNAL_PREFIX} are reserved for raftsql"
+        if action == _A.SQLITE_CREATE_VTABLE and (arg4 or "").lower() not in _VTAB_MODULES:
+            return f"virtual table module {arg4} is not allowed"
+        return None
+    return None  # ANALYZE, REINDEX
+
+
+class _Guard:
+    """Per-connection sandbox state read by the authorizer. `internal` is set while the state
+    machine runs its own statements (which carry a secret tag, so a user statement can never
+    reuse one of them from apsw's statement cache without being authorized)."""
+
+    __slots__ = ("write", "internal", "denied", "schema_change", "user_prepare")
+
+    def __init__(self, write: bool):
+        self.write = write
+        self.internal = False
+        self.denied: str | None = None
+        self.schema_change = False
+        # True from the start of a user statement's execute() until its exec trace (prepare
+        # done); prepares outside that window are nested in a running statement (vtab internals).
+        self.user_prepare = True
+
+    def __call__(
+        self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
+    ) -> int:
+        if self.internal:
+            return apsw.SQLITE_OK
+        if action in _SCHEMA_ACTIONS:
+            self.schema_change = True
+        reason = _refusal(self.write, action, arg3, arg4, not self.user_prepare)
+        if reason is None:
+            return apsw.SQLITE_OK
+        if self.denied is None:
+            self.denied = reason
+        return apsw.SQLITE_DENY
+
+
+def _configure(conn: apsw.Connection, guard: _Guard) -> None:
+    """Settings every connection shares, pinned rather than left to build defaults so that
+    every node's SQLite behaves alike."""
+    conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    conn.enable_load_extension(False)
+    for op, value in (
+        (apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_FTS3_TOKENIZER, 0),
+        (apsw.SQLITE_DBCONFIG_DEFENSIVE, 1),
+        (apsw.SQLITE_DBCONFIG_WRITABLE_SCHEMA, 0),
+        (apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 1),
+        (apsw.SQLITE_DBCONFIG_ENABLE_FKEY, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1),
+        (apsw.SQLITE_DBCONFIG_ENABLE_VIEW, 1),
+        (apsw.SQLITE_DBCONFIG_DQS_DML, 1),
+        (apsw.SQLITE_DBCONFIG_DQS_DDL, 1),
+        (apsw.SQLITE_DBCONFIG_LEGACY_ALTER_TABLE, 0),
+        (apsw.SQLITE_DBCONFIG_REVERSE_SCANORDER, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_QPSG, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_ATTACH_CREATE, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_ATTACH_WRITE, 0),
+    ):
+        conn.config(op, value)
+    conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+    conn.limit(apsw.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    conn.pragma("recursive_triggers", 0)
+    conn.pragma("automatic_index", 1)
+    conn.authorizer = guard
+
+
+def _ensure_utc() -> None:
+    """SQLite's 'localtime' and 'utc' modifiers read the process time zone: pin it to UTC so
+    that they give the same answer on every node."""
+    if time.timezone != 0 or time.altzone != 0 or time.daylight:
+        log.warning("setting TZ=UTC so that SQLite's 'localtime' is identical on every node")
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+
+
+class _EntryClock(apsw.VFS):
+    """The default VFS with SQLite's clock replaced: 'now', CURRENT_TIME/DATE/TIMESTAMP and
+    column DEFAULTs read now_ms, which apply sets to the entry's time. SQLite caches the time
+    per statement, so this runs at most once per statement that asks."""
+
+    def __init__(self, name: str, now_ms: int):
+        self.now_ms = now_ms
+        super().__init__(name, "")
+
+    def xCurrentTimeInt64(self) -> int:  # noqa: N802 - SQLite's name
+        return self.now_ms + UNIX_EPOCH_JULIAN_MS
+
+    def xCurrentTime(self) -> float:  # noqa: N802
+        return (self.now_ms + UNIX_EPOCH_JULIAN_MS) / 86400000.0
+
+
+def _as_int(value: Any) -> int:
+    """randomblob(N)'s N converted the way SQLite mostly does; identical on every node."""
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        return int(value) if math.isfinite(value) else 0
+    if type(value) is str:
+        try:
+            f = float(value.strip())
+        except ValueError:
+            return 0
+        return int(f) if math.isfinite(f) else 0
+    return 0
+
+
+class _StatementFailed(Exception):
+    def __init__(self, error: dict[str, Any]):
+        self.error = error
+
+
+class _TransactionLost(Exception):
+    """A failing statement rolled back the whole transaction (an interrupted write, ON CONFLICT
+    ROLLBACK, RAISE(ROLLBACK)); apply_many redoes the batch with this entry's result forced."""
+
+    def __init__(self, index: int, result: Result):
+        self.index = index
+        self.result = result
+
+
+@dataclass
+class _Reader:
+    conn: apsw.Connection
+    guard: _Guard
+    deadline: float = 0.0
+    active: bool = False
+    timed_out: bool = False
+    traced: int = 0
+    description: tuple = ()
+    abort: dict[str, Any] | None = None
+
+
+class StateMachine:
+    """SQLite at `path` (a file; WAL, synchronous=NORMAL) driven by committed log entries.
+
+    Threads: apply/apply_many/content_hash are serialized by an internal lock (one apply thread
+    is expected); query and validate may run concurrently from other threads on their own
+    connections. Settings that change replicated behaviour (session_timeout_ms,
+    apply_vm_step_limit) must be identical on every node of a cluster.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        apply_vm_step_limit: int = DEFAULT_APPLY_VM_STEP_LIMIT,
+        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+    ):
+        if session_timeout_ms <= 0 or apply_vm_step_limit <= 0 or query_timeout_s <= 0:
+            raise ValueError("timeouts and limits must be positive")
+        _ensure_utc()
+        self.path = os.fspath(path)
+        self.session_timeout_ms = session_timeout_ms
+        self.apply_vm_step_limit = apply_vm_step_limit
+        self.query_timeout_s = query_timeout_s
+        self._gc_interval_ms = min(SESSION_GC_INTERVAL_MS, session_timeout_ms)
+        self._max_progress_calls = -(-apply_vm_step_limit // PROGRESS_STEPS)
+
+        self._lock = threading.RLock()  # the write connection and the mirrors below
+        self._applied_cond = threading.Condition(threading.Lock())
+        self._readers: list[_Reader] = []
+        self._readers_lock = threading.Lock()
+        self._validate_lock = threading.Lock()
+        self._vreader: _Reader | None = None
+        self._closed = False
+
+        # A secret tag starts every internal statement: apsw caches prepared statements by text
+        # and the authorizer runs only at prepare time, so a user statement must never be able to
+        # hit a cached statement that was authorized as internal (think "RELEASE raftsql_entry").
+        self._tag = f"/* raftsql {os.urandom(8).hex()} */ "
+        self._sql_meta = "UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=? WHERE id=1"
+        self._sql_session_get = (
+            "SELECT serial, result, last_ms FROM _raftsql_sessions WHERE client_id=?"
+        )
+        self._sql_session_touch = "UPDATE _raftsql_sessions SET last_ms=? WHERE client_id=?"
+        self._sql_session_put = (
+            "INSERT INTO _raftsql_sessions(client_id, serial, result, last_ms) VALUES(?,?,?,?) "
+            "ON CONFLICT(client_id) DO UPDATE SET serial=excluded.serial, "
+            "result=excluded.result, last_ms=excluded.last_ms"
+        )
+        self._sql_session_gc = "DELETE FROM _raftsql_sessions WHERE last_ms < ?"
+
+        # Per-statement apply state, read by the callbacks below.
+        self._seed = 0
+        self._stmt_no = 0
+        self._rng: random.Random | None = None
+        self._budget_on = False
+        self._progress_calls = 0
+        self._step_limit_hit = False
+        self._traced = 0
+        self._description: tuple = ()
+        self._dml = False
+        self._abort: dict[str, Any] | None = None
+        self._max_rowid_table: str | None = None
+
+        vfs_name = f"raftsql-clock-{os.getpid()}-{next(_vfs_ids)}"
+        self._vfs = _EntryClock(vfs_name, 0)
+        self._guard = _Guard(write=True)
+        try:
+            self._conn = apsw.Connection(
+                self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE, vfs=vfs_name
+            )
+        except apsw.Error as e:
+            self._vfs.unregister()
+            raise StateMachineError(f"cannot open {self.path}: {e}") from e
+        try:
+            self._open_write_connection()
+        except BaseException:
+            self._conn.close()
+            self._vfs.unregister()
+            raise
+
+    def _open_write_connection(self) -> None:
+        conn = self._conn
+        _configure(conn, self._guard)
+        mode = self._internal("PRAGMA journal_mode=WAL")
+        if not mode or str(mode[0][0]).lower() != "wal":
+            raise StateMachineError(f"cannot put {self.path} in WAL mode (got {mode})")
+        self._internal("PRAGMA synchronous=NORMAL")
+        self._internal("BEGIN IMMEDIATE")
+        self._internal(
+            "CREATE TABLE IF NOT EXISTS _raftsql_meta("
+            "id INTEGER PRIMARY KEY CHECK (id = 1), applied_index INTEGER NOT NULL, "
+            "time_ms INTEGER NOT NULL, gc_ms INTEGER NOT NULL, format INTEGER NOT NULL)"
+        )
+        self._internal("INSERT OR IGNORE INTO _raftsql_meta VALUES(1, 0, 0, 0, 1)")
+        # WITHOUT ROWID and no index on last_ms: an upsert touches one b-tree page; the expiry
+        # scan runs once per SESSION_GC_INTERVAL_MS of leader time.
+        self._internal(
+            "CREATE TABLE IF NOT EXISTS _raftsql_sessions("
+            "client_id TEXT PRIMARY KEY, serial INTEGER NOT NULL, result BLOB NOT NULL, "
+            "last_ms INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        self._internal("COMMIT")
+        row = self._internal("SELECT applied_index, time_ms, gc_ms, format FROM _raftsql_meta")[0]
+        if row[3] != 1:
+            raise StateMachineError(f"{self.path}: unknown raftsql format {row[3]}")
+        self._applied_index, self._time_ms, self._gc_ms = row[0], row[1], row[2]
+        self._vfs.now_ms = self._time_ms
+        conn.create_scalar_function("random", self._random, 0)
+        conn.create_scalar_function("randomblob", self._randomblob, 1)
+        conn.set_progress_handler(self._progress, PROGRESS_STEPS)
+        conn.set_update_hook(self._update_hook)
+        self._cursor = conn.cursor()
+        self._cursor.exec_trace = self._trace
+
+    # -- public state ---------------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        """Index of the last entry applied (and committed to SQLite)."""
+        return self._applied_index
+
+    @property
+    def last_time_ms(self) -> int:
+        """The clock of the last applied entry. Entry time never goes backwards: an entry
+        stamped earlier than this runs at this time (see DESIGN-statemachine.md)."""
+        return self._time_ms
+
+    def wait_applied(self, index: int, timeout_s: float | None = None) -> bool:
+        """Block until applied_index >= index; False if timeout_s passed first."""
+        with self._applied_cond:
+            return self._applied_cond.wait_for(lambda: self._applied_index >= index, timeout_s)
+
+    # -- apply ----------------------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> Result | None:
+        """Apply one committed entry. Returns None for a no-op (data == b"") or a replayed entry
+        (index <= applied_index). Raises CorruptEntryError for data that is not a Command, and
+        StateMachineError when the node cannot continue."""
+        return self.apply_many([(index, data)])[0]
+
+    def apply_many(self, entries: Iterable[tuple[int, bytes]]) -> list[Result | None]:
+        """apply() for consecutive entries, in one SQLite transaction (one commit)."""
+        entries = list(entries)
+        results: list[Result | None] = [None] * len(entries)
+        with self._lock:
+            self._check_open()
+            todo: list[tuple[int, int, Command | None]] = []
+            expected = self._applied_index
+            for pos, (index, data) in enumerate(entries):
+                if index <= expected:
+                    continue  # replay after a restart: already in the database
+                if index != expected + 1:
+                    raise StateMachineError(
+                        f"entry {index} does not follow applied index {expected}"
+                    )
+                cmd = None
+                if data:
+                    try:
+                        cmd = Command.decode(data)
+                    except CommandError as e:
+                        raise CorruptEntryError(f"entry {index}: {e}") from e
+                todo.append((pos, index, cmd))
+                expected = index
+            if not todo:
+                return results
+            forced: dict[int, Result] = {}
+            while True:
+                try:
+                    done = self._apply_batch(todo, forced)
+                    break
+                except _TransactionLost as lost:
+                    forced[lost.index] = lost.result
+            for pos, result in done:
+                results[pos] = result
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+        return results
+
+    def _apply_batch(
+        self, todo: list[tuple[int, int, Command | None]], forced: dict[int, Result]
+    ) -> list[tuple[int, Result | None]]:
+        applied, time_ms, gc_ms = self._applied_index, self._time_ms, self._gc_ms
+        done: list[tuple[int, Result | None]] = []
+        self._internal("BEGIN IMMEDIATE")
+        try:
+            for pos, index, cmd in todo:
+                if cmd is not None:
+                    time_ms = max(cmd.leader_time_ms, time_ms)
+                    if time_ms - gc_ms >= self._gc_interval_ms:
+                        self._internal(self._sql_session_gc, (time_ms - self.session_timeout_ms,))
+                        gc_ms = time_ms
+                # Always the last internal DML before user statements: changes() then reads 1
+                # on every node, restarted or not.
+                self._internal(self._sql_meta, (index, time_ms, gc_ms))
+                applied = index
+                if cmd is None:
+                    done.append((pos, None))
+                    continue
+                self._vfs.now_ms = time_ms
+                done.append((pos, self._apply_command(index, cmd, time_ms, forced.get(index))))
+            self._internal("COMMIT")
+        except _TransactionLost:
+            self._abandon()
+            raise
+        except StateMachineError:
+            self._abandon()
+            raise
+        except apsw.Error as e:
+            self._abandon()
+            raise StateMachineError(f"apply failed: {type(e).__name__}: {e}") from e
+        except BaseException:
+            self._abandon()
+            raise
+        self._applied_index, self._time_ms, self._gc_ms = applied, time_ms, gc_ms
+        self._vfs.now_ms = time_ms
+        return done
+
+    def _abandon(self) -> None:
+        self._vfs.now_ms = self._time_ms
+        self._budget_on = False
+        if self._conn.in_transaction:
+            try:
+                self._internal("ROLLBACK")
+            except apsw.Error as e:  # pragma: no cover - nothing more to do; the node stops
+                log.error("rollback failed: %s", e)
+
+    def _internal(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        guard = self._guard
+        outer, guard.internal = guard.internal, True
+        try:
+            return self._conn.execute(self._tag + sql, params).fetchall()
+        finally:
+            guard.internal = outer
+
+    def _apply_command(
+        self, index: int, cmd: Command, time_ms: int, forced: Result | None
+    ) -> Result:
+        self._conn.set_last_insert_rowid(0)
+        if cmd.dedup:
+            rows = self._internal(self._sql_session_get, (cmd.client_id,))
+            if rows and rows[0][2] >= time_ms - self.session_timeout_ms:
+                serial, stored, _ = rows[0]
+                if cmd.serial == serial:
+                    self._internal(self._sql_session_touch, (time_ms, cmd.client_id))
+                    result = Result.decode(stored)
+                    result.duplicate = True
+                    return result
+                if cmd.serial < serial:
+                    return Result(
+                        index=index,
+                        error=_error(
+                            SQLITE_ERROR,
+                            STALE_SERIAL,
+                            f"stale serial {cmd.serial} < latest {serial} "
+                            f"for client {cmd.client_id}",
+                        ),
+                    )
+        result = forced if forced is not None else self._execute(index, cmd)
+        if cmd.dedup:
+            self._internal(
+                self._sql_session_put, (cmd.client_id, cmd.serial, result.encode(), time_ms)
+            )
+        return result
+
+    def _execute(self, index: int, cmd: Command) -> Result:
+        conn = self._conn
+        statements = cmd.statements
+        self._seed = cmd.seed
+        self._internal("SAVEPOINT raftsql_entry")
+        per: list[Result] = []
+        try:
+            for i, (sql, params) in enumerate(statements):
+                self._stmt_no = i
+                self._rng = None
+                try:
+                    per.append(self._run_statement(sql, params))
+                except _StatementFailed as failed:
+                    if len(statements) != 1:
+                        failed.error["statement"] = i
+                    raise
+        except _StatementFailed as failed:
+            result = Result(index=index, error=failed.error)
+            if not conn.in_transaction:
+                raise _TransactionLost(index, result) from None
+            self._internal("ROLLBACK TO raftsql_entry")
+            self._internal("RELEASE raftsql_entry")
+            return result
+        self._internal("RELEASE raftsql_entry")
+        if len(per) == 1:
+            result = per[0]
+        else:
+            last = per[-1] if per else Result()
+            result = Result(
+                columns=last.columns,
+                decltypes=last.decltypes,
+                rows=last.rows,
+                rowcount=last.rowcount,
+                lastrowid=last.lastrowid,
+                results=per,
+            )
+        result.index = index
+        return result
+
+    def _run_statement(self, sql: str, params: Any) -> Result:
+        conn = self._conn
+        self._guard.denied = None
+        self._guard.user_prepare = True
+        self._traced = 0
+        self._description = ()
+        self._dml = False
+        self._abort = None
+        self._step_limit_hit = False
+        self._max_rowid_table = None
+        try:
+            cursor = self._cursor.execute(sql, params)
+            rows = [list(row) for row in cursor]
+        except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
+            raise _StatementFailed(self._statement_error(e)) from None
+        finally:
+            self._budget_on = False
+        if self._max_rowid_table is not None:
+            raise _StatementFailed(
+                _error(
+                    SQLITE_CONSTRAINT,
+                    MAX_ROWID,
+                    f"rowid {INT64_MAX} in table {self._max_rowid_table} is reserved: past it "
+                    "SQLite picks rowids at random, which would differ between nodes",
+                )
+            )
+        desc = self._description
+        return Result(
+            columns=[d[0] for d in desc],
+            decltypes=[d[1] for d in desc],
+            rows=rows,
+            rowcount=conn.changes() if self._dml else -1,
+            lastrowid=conn.last_insert_rowid(),
+        )
+
+    def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        """Exec tracer of the apply cursor: runs once per statement, before it steps."""
+        if not cursor.has_vdbe:
+            return True  # only comments or ';'
+        self._traced += 1
+        if self._traced > 1:
+            self._abort = _error(
+                SQLITE_ERROR, MULTIPLE_STATEMENTS, "You can only execute one statement at a time."
+            )
+            return False
+        keyword = _first_keyword(sql)
+        if keyword == "VACUUM":
+            self._abort = _error(
+                SQLITE_AUTH, "SQLITE_AUTH", "not authorized: VACUUM is not allowed"
+            )
+            return False
+        self._dml = keyword in _DML_KEYWORDS
+        self._guard.user_prepare = False
+        self._description = cursor.get_description()
+        self._progress_calls = 0
+        self._budget_on = True
+        return True
+
+    def _update_hook(self, op: int, db: str, table: str, rowid: int) -> None:
+        # A table holding the largest rowid makes SQLite choose later rowids with its own PRNG,
+        # which cannot be seeded per entry: the statement that stores it fails instead.
+        if rowid == INT64_MAX and self._budget_on and op != apsw.SQLITE_DELETE:
+            self._max_rowid_table = table
+
+    def _progress(self) -> bool:
+        if not self._budget_on:
+            return False
+        self._progress_calls += 1
+        if self._progress_calls > self._max_progress_calls:
+            self._step_limit_hit = True
+            return True
+        return False
+
+    def _statement_error(self, e: BaseException) -> dict[str, Any]:
+        """The replicated error value for a failed user statement; raises StateMachineError if
+        the failure is about this node rather than the statement."""
+        if isinstance(e, apsw.ExecTraceAbort) and self._abort is not None:
+            return self._abort
+        if isinstance(e, apsw.InterruptError) and self._step_limit_hit:
+            return _error(
+                SQLITE_INTERRUPT,
+                STEP_LIMIT,
+                f"statement exceeded the step limit ({self.apply_vm_step_limit} VM steps)",
+            )
+        err = _common_error(e, self._guard)
+        if err is None:
+            raise StateMachineError(f"apply failed: {type(e).__name__}: {e}") from e
+        return err
+
+    def _random(self) -> int:
+        rng = self._rng or self._new_rng()
+        return rng.getrandbits(64) - (1 << 63)
+
+    def _randomblob(self, n: Any) -> bytes:
+        size = max(1, _as_int(n))
+        if size > MAX_VALUE_BYTES:
+            raise apsw.TooBigError("string or blob too big")
+        return (self._rng or self._new_rng()).randbytes(size)
+
+    def _new_rng(self) -> random.Random:
+        # random.Random(int) is seeded identically on every platform and process (unlike hash()).
+        self._rng = random.Random((self._seed << 32) | self._stmt_no)
+        return self._rng
+
+    # -- validate (leader, before proposing) ----------------------------------------------
+
+    def validate(self, statements: Sequence[tuple[str, Any]]) -> list[bool]:
+        """Prepare each (sql, params) without running it and return its read-only flag.
+
+        Raises SQLError for what apply would refuse or fail to compile: syntax errors, unknown
+        tables (unless an earlier statement of the batch changes the schema: then the check is
+        left to apply), sandbox refusals, wrong bindings, several statements in one string."""
+        self._check_open()
+        flags: list[bool] = []
+        with self._validate_lock:
+            if self._vreader is None:
+                self._vreader = self._open_reader(write_rules=True)
+            reader = self._vreader
+            reader.guard.schema_change = False
+            for i, item in enumerate(statements):
+                if isinstance(item, str):
+                    sql, params = item, ()
+                else:
+                    sql, params = item
+                try:
+                    flags.append(self._prepare_only(reader, sql, params))
+                except SQLError as e:
+                    e.statement = i
+                    raise
+        return flags
+
+    def _prepare_only(self, reader: _Reader, sql: str, params: Any) -> bool:
+        seen: dict[str, Any] = {}
+
+        def tracer(cursor: apsw.Cursor, first: str, bindings: Any) -> bool:
+            if not cursor.has_vdbe:
+                return True
+            seen["sql"] = first
+            seen["readonly"] = cursor.is_readonly
+            return False  # abort: prepared and bound, never stepped
+
+        guard = reader.guard
+        schema_changed_before = guard.schema_change
+        guard.denied = None
+        cursor = reader.conn.cursor()
+        cursor.exec_trace = tracer
+        try:
+            cursor.execute(sql, params if params is not None else (), can_cache=False)
+        except apsw.ExecTraceAbort:
+            pass
+        except Exception as e:  # noqa: BLE001 - every failure becomes an SQLError or passes
+            err = _common_error(e, guard) or _error(
+                getattr(e, "extendedresult", None) or SQLITE_ERROR,
+                apsw.mapping_result_codes.get(getattr(e, "result", None), "SQLITE_ERROR"),
+                str(e.args[0]) if e.args else str(e),
+            )
+            msg = err["message"]
+            if (
+                schema_changed_before
+                and err["name"] == "SQLITE_ERROR"
+                and "syntax error" not in msg
+                and "incomplete input" not in msg
+                and "unrecognized token" not in msg
+            ):
+                # e.g. INSERT into a table created earlier in this batch: apply decides.
+                return False
+            raise SQLError(err["code"], err["name"], msg) from None
+        if "sql" not in seen:
+            return True  # only comments: a no-op
+        first = seen["sql"]
+        # The first statement's text is normally a prefix of sql; if blank pieces came first,
+        # find where it ends.
+        end = len(first) if sql.startswith(first) else sql.find(first) + len(first)
+        if _skip_blank(sql, end) < len(sql):
+            raise SQLError(
+                SQLITE_ERROR, MULTIPLE_STATEMENTS, "You can only execute one statement at a time."
+            )
+        if not seen["readonly"] and _first_keyword(sql) == "VACUUM":
+            raise SQLError(SQLITE_AUTH, "SQLITE_AUTH", "not authorized: VACUUM is not allowed")
+        return bool(seen["readonly"])
+
+    # -- reads --------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Any = (), *, at_index: int | None = None) -> Result:
+        """Run one read-only statement on a read connection (WAL: concurrent with apply).
+
+        at_index: wait (up to query_timeout_s) until that index is applied. Result.index is the
+        applied index of the snapshot the read saw. Errors are returned in Result.error, never
+        raised. 'now' and random() here come from this node's clock and PRNG (not replicated)."""
+        self._check_open()
+        if at_index is not None and not self.wait_applied(at_index, self.query_timeout_s):
+            return Result(
+                index=self._applied_index,
+                error=_error(
+                    SQLITE_INTERRUPT,
+                    TIMEOUT,
+                    f"index {at_index} was not applied within {self.query_timeout_s} s",
+                ),
+            )
+        reader = self._checkout_reader()
+        try:
+            return self._run_read(reader, sql, params)
+        finally:
+            self._checkin_reader(reader)
+
+    def _open_reader(self, *, write_rules: bool) -> _Reader:
+        conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+        guard = _Guard(write=write_rules)
+        _configure(conn, guard)
+        reader = _Reader(conn, guard)
+
+        def progress() -> bool:
+            if reader.active and time.monotonic() > reader.deadline:
+                reader.timed_out = True
+                return True
+            return False
+
+        def tracer(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+            if reader.guard.internal or not cursor.has_vdbe:
+                return True
+            reader.traced += 1
+            if reader.traced > 1:
+                reader.abort = _error(
+                    SQLITE_ERROR,
+                    MULTIPLE_STATEMENTS,
+                    "You can only execute one statement at a time.",
+                )
+                return False
+            if not cursor.is_readonly:
+                reader.abort = _error(
+                    SQLITE_READONLY,
+                    NOT_READONLY,
+                    "query() runs read-only statements; send writes through the log",
+                )
+                return False
+            reader.description = cursor.get_description()
+            reader.active = True
+            return True
+
+        conn.set_progress_handler(progress, PROGRESS_STEPS)
+        conn.exec_trace = tracer
+        return reader
+
+    def _checkout_reader(self) -> _Reader:
+        with self._readers_lock:
+            if self._readers:
+                return self._readers.pop()
+        return self._open_reader(write_rules=False)
+
+    def _checkin_reader(self, reader: _Reader) -> None:
+        with self._readers_lock:
+            if not self._closed:
+                self._readers.append(reader)
+                return
+        reader.conn.close()
+
+    def _run_read(self, reader: _Reader, sql: str, params: Any) -> Result:
+        conn, guard, tag = reader.conn, reader.guard, self._tag
+        reader.traced = 0
+        reader.description = ()
+        reader.abort = None
+        reader.timed_out = False
+        reader.deadline = time.monotonic() + self.query_timeout_s
+        guard.denied = None
+        guard.internal = True
+        try:
+            conn.execute(tag + "BEGIN")
+            seen_index = conn.execute(tag + "SELECT applied_index FROM _raftsql_meta").fetchone()[0]
+        finally:
+            guard.internal = False
+        try:
+            cursor = conn.execute(sql, params if params is not None else ())
+            rows = [list(row) for row in cursor]
+        except Exception as e:  # noqa: BLE001 - a read's failure is always just its result
+            return Result(index=seen_index, error=self._read_error(reader, e))
+        finally:
+            reader.active = False
+            guard.internal = True
+            try:
+                if conn.in_transaction:
+                    conn.execute(tag + "COMMIT")
+            finally:
+                guard.internal = False
+        desc = reader.description
+        return Result(
+            columns=[d[0] for d in desc],
+            decltypes=[d[1] for d in desc],
+            rows=rows,
+            rowcount=-1,
+            lastrowid=None,
+            index=seen_index,
+        )
+
+    def _read_error(self, reader: _Reader, e: BaseException) -> dict[str, Any]:
+        if isinstance(e, apsw.ExecTraceAbort) and reader.abort is not None:
+            return reader.abort
+        if isinstance(e, apsw.InterruptError) and reader.timed_out:
+            return _error(
+                SQLITE_INTERRUPT, TIMEOUT, f"query exceeded the {self.query_timeout_s} s time limit"
+            )
+        err = _common_error(e, reader.guard)
+        if err is None:  # environment errors are not replicated on the read path: report them
+            code = getattr(e, "extendedresult", None) or SQLITE_ERROR
+            err = _error(code, _code_name(code), f"{type(e).__name__}: {e}")
+        return err
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def content_hash(self) -> str:
+        """sha256 over the schema (without root pages) and every table's rows in key order,
+        including raftsql's own tables: equal on two nodes at the same applied index."""
+        with self._lock:
+            self._check_open()
+            h = hashlib.sha256()
+            pack = msgpack.Packer(use_bin_type=True).pack
+            conn, tag = self._conn, self._tag
+            self._guard.internal = True
+            try:
+                for row in conn.execute(
+                    tag + "SELECT type, name, tbl_name, sql FROM main.sqlite_schema "
+                    "ORDER BY type, name"
+                ):
+                    h.update(pack(["schema", *row]))
+                tables = conn.execute(
+                    tag + "SELECT name, wr FROM pragma_table_list WHERE schema='main' "
+                    "AND type IN ('table', 'shadow') AND name != 'sqlite_schema' ORDER BY name"
+                ).fetchall()
+                for name, without_rowid in tables:
+                    h.update(pack(["table", name]))
+                    for row in conn.execute(tag + self._dump_sql(name, bool(without_rowid))):
+                        h.update(pack(row))
+            finally:
+                self._guard.internal = False
+            return h.hexdigest()
+
+    def _dump_sql(self, name: str, without_rowid: bool) -> str:
+        q = _quote_ident(name)
+        info = self._internal("SELECT name, pk FROM pragma_table_info(?)", (name,))
+        if without_rowid:
+            pk = [_quote_ident(c) for c, k in sorted(info, key=lambda r: r[1]) if k > 0]
+            return f"SELECT * FROM {q} ORDER BY {', '.join(pk)}"
+        names = {c.lower() for c, _ in info}
+        for alias in ("rowid", "_rowid_", "oid"):
+            if alias not in names:
+                return f"SELECT {alias}, * FROM {q} ORDER BY {alias}"
+        order = ", ".join(str(i + 1) for i in range(len(info)))
+        return f"SELECT * FROM {q} ORDER BY {order}"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateMachineError("the state machine is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._readers_lock:
+                readers, self._readers = self._readers, []
+            with self._validate_lock:
+                if self._vreader is not None:
+                    readers.append(self._vreader)
+                    self._vreader = None
+            for reader in readers:
+                reader.conn.close()
+            self._conn.close()  # the last connection: checkpoints and removes the WAL
+            self._vfs.unregister()
+
+    def __enter__(self) -> StateMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _code_name(code: int) -> str:
+    return (
+        apsw.mapping_extended_result_codes.get(code)
+        or apsw.mapping_result_codes.get(code & 0xFF)
+        or "SQLITE_ERROR"
+    )
+
+
+def _common_error(e: BaseException, guard: _Guard) -> dict[str, Any] | None:
+    """Map a statement failure to its error value; None if it is about the node (fatal)."""
+    # A refused function surfaces as SQLITE_ERROR "not authorized to use function: ...".
+    if isinstance(e, apsw.AuthError) or (
+        guard.denied is not None and isinstance(e, apsw.SQLError) and "not authorized" in str(e)
+    ):
+        reason = guard.denied or "the statement was refused"
+        return _error(SQLITE_AUTH, "SQLITE_AUTH", f"not authorized: {reason}")
+    if isinstance(e, apsw.BindingsError):
+        return _error(SQLITE_RANGE, BINDINGS, str(e.args[0]) if e.args else str(e))
+    if isinstance(e, KeyError):  # apsw: a named parameter missing from the dict
+        name = e.args[0] if e.args else "?"
+        return _error(
+            SQLITE_RANGE, BINDINGS, f"You did not supply a value for binding parameter :{name}."
+        )
+    if isinstance(e, apsw.TooBigError) and getattr(e, "result", None) is None:
+        return _error(SQLITE_TOOBIG, "SQLITE_TOOBIG", "string or blob too big")
+    if isinstance(e, apsw.Error):
+        primary = getattr(e, "result", None)
+        if primary is None or primary in _FATAL_CODES:
+            return None
+        code = getattr(e, "extendedresult", None) or primary
+        return _error(code, _code_name(code), str(e.args[0]) if e.args else str(e))
+    if isinstance(e, (ValueError, TypeError, OverflowError)):
+        return _error(SQLITE_MISUSE, PROGRAMMING, f"{type(e).__name__}: {e}")
+    return None

@@ -1,0 +1,599 @@
+"""The SQLite state machine: determinism, atomicity, exactly-once, replay, sandbox, limits.
+
+Most tests apply the same entries to two machines in different directories and require
+byte-identical results and content hashes: that is the property replication depends on."""
+
+import os
+import threading
+import time
+
+import msgpack
+import pytest
+
+from raftsql.command import Command
+from raftsql.server.statemachine import (
+    CorruptEntryError,
+    Result,
+    SQLError,
+    StateMachine,
+    StateMachineError,
+)
+
+T0 = 1_700_000_000_123  # 2023-11-14 22:13:20.123 UTC
+T0_DATETIME = "2023-11-14 22:13:20"
+T0_JULIAN = (T0 + 210866760000000) / 86400000.0
+
+
+def entry(*statements, client_id="", serial=0, t=T0, seed=1):
+    stmts = [(s, ()) if isinstance(s, str) else s for s in statements]
+    return Command(
+        client_id=client_id, serial=serial, statements=stmts, leader_time_ms=t, seed=seed
+    ).encode()
+
+
+@pytest.fixture
+def make(tmp_path):
+    opened = []
+
+    def _make(name="a", **kwargs):
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        sm = StateMachine(str(d / "db.sqlite"), **kwargs)
+        opened.append(sm)
+        return sm
+
+    yield _make
+    for sm in opened:
+        sm.close()
+
+
+@pytest.fixture
+def pair(make):
+    return make("a"), make("b")
+
+
+class Cluster:
+    """Applies every entry to all machines and checks they agree."""
+
+    def __init__(self, *machines):
+        self.machines = machines
+        self.index = machines[0].applied_index
+
+    def apply(self, data):
+        self.index += 1
+        results = [sm.apply(self.index, data) for sm in self.machines]
+        wires = [None if r is None else r.to_wire() for r in results]
+        assert all(w == wires[0] for w in wires), wires
+        return results[0]
+
+    def assert_same(self):
+        hashes = {sm.content_hash() for sm in self.machines}
+        assert len(hashes) == 1
+        assert len({sm.applied_index for sm in self.machines}) == 1
+
+
+# -- determinism ------------------------------------------------------------------------------
+
+
+def test_time_and_random_are_identical_on_every_node_and_equal_the_stamp(pair):
+    c = Cluster(*pair)
+    c.apply(
+        entry(
+            "CREATE TABLE t(id INTEGER PRIMARY KEY, "
+            "created DEFAULT CURRENT_TIMESTAMP, r DEFAULT (random()), b DEFAULT (randomblob(8)))"
+        )
+    )
+    r = c.apply(entry("INSERT INTO t(id) VALUES(1), (2)", seed=77))
+    assert r.error is None and r.rowcount == 2
+    r = c.apply(
+        entry(
+            "SELECT random(), randomblob(16), datetime('now'), CURRENT_TIMESTAMP, "
+            "strftime('%s','now'), julianday('now'), unixepoch('now', 'subsec'), "
+            "datetime('now', 'localtime'), date(), time()",
+            seed=12345,
+        )
+    )
+    (rnd, blob, dt, ts, secs, jd, subsec, local, d, tm) = r.rows[0]
+    assert isinstance(rnd, int) and isinstance(blob, bytes) and len(blob) == 16
+    assert dt == ts == local == T0_DATETIME
+    assert secs == str(T0 // 1000)
+    assert jd == pytest.approx(T0_JULIAN, abs=1e-9)
+    assert subsec == pytest.approx(T0 / 1000, abs=1e-6)
+    assert (d, tm) == ("2023-11-14", "22:13:20")
+    rows = pair[0].query("SELECT created, r, b FROM t ORDER BY id").rows
+    assert rows[0][0] == rows[1][0] == T0_DATETIME
+    assert rows[0][1] != rows[1][1] and rows[0][2] != rows[1][2]  # one stream per statement
+    c.assert_same()
+
+    # Another seed gives other values; the same seed gives the same ones again.
+    again = c.apply(entry("SELECT random(), randomblob(16)", seed=12345)).rows[0]
+    other = c.apply(entry("SELECT random(), randomblob(16)", seed=54321)).rows[0]
+    assert again == [rnd, blob]
+    assert other[0] != rnd and other[1] != blob
+    # Statements of one entry get different streams.
+    r = c.apply(entry("SELECT random()", "SELECT random()", seed=9))
+    assert r.results[0].rows != r.results[1].rows
+
+
+def test_order_by_random_is_deterministic(pair):
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(x)"))
+    c.apply(
+        entry(
+            "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM r LIMIT 50) "
+            "INSERT INTO t SELECT x FROM r"
+        )
+    )
+    r = c.apply(entry("SELECT x FROM t ORDER BY random() LIMIT 10", seed=3))
+    assert len(r.rows) == 10  # and identical on both nodes (Cluster.apply checks)
+
+
+def test_entry_time_never_goes_backwards(pair):
+    c = Cluster(*pair)
+    c.apply(entry("SELECT 1", t=T0 + 5000))
+    r = c.apply(entry("SELECT strftime('%s', 'now')", t=T0))  # a new leader with a slow clock
+    assert r.rows == [[str((T0 + 5000) // 1000)]]
+    assert pair[0].last_time_ms == T0 + 5000
+
+
+def test_changes_and_last_insert_rowid_do_not_depend_on_restarts(make, tmp_path):
+    a = make("a")
+    entries = [
+        entry("CREATE TABLE t(x)"),
+        entry("INSERT INTO t VALUES(1), (2), (3)"),
+        entry("SELECT changes(), last_insert_rowid()"),
+    ]
+    expected = [a.apply(i, e).to_wire() for i, e in enumerate(entries, 1)]
+    path = str(tmp_path / "b" / "db.sqlite")
+    os.makedirs(os.path.dirname(path))
+    got = []
+    for i, e in enumerate(entries, 1):
+        b = StateMachine(path)  # every entry on a fresh connection
+        got.append(b.apply(i, e).to_wire())
+        b.close()
+    assert got == expected
+    assert expected[2]["rows"] == [[1, 0]]
+
+
+# -- atomicity and errors ---------------------------------------------------------------------
+
+
+def test_batch_rolls_back_on_error_and_still_advances(pair):
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(x UNIQUE)"))
+    r = c.apply(entry(("INSERT INTO t VALUES(?)", (1,)), "INSERT INTO nope VALUES(1)"))
+    assert r.error == {
+        "code": 1,
+        "name": "SQLITE_ERROR",
+        "message": "no such table: nope",
+        "statement": 1,
+    }
+    assert r.rows == [] and r.results is None and r.index == 2
+    r = c.apply(entry("INSERT INTO t VALUES(5)", "INSERT INTO t VALUES(5)"))
+    assert r.error["name"] == "SQLITE_CONSTRAINT_UNIQUE"
+    assert r.error["code"] == 2067 and r.error["statement"] == 1
+    assert pair[0].query("SELECT count(*) FROM t").rows == [[0]]
+    assert pair[0].applied_index == pair[1].applied_index == 3
+    c.assert_same()
+
+
+def test_batch_results_per_statement(pair):
+    c = Cluster(*pair)
+    r = c.apply(
+        entry(
+            "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)",
+            ("INSERT INTO t(v) VALUES(?), (?)", ("a", "b")),
+            ("UPDATE t SET v = :v WHERE id = 1", {"v": "z"}),
+            "SELECT id, v FROM t ORDER BY id",
+        )
+    )
+    assert r.error is None and r.index == 1
+    assert [x.rowcount for x in r.results] == [-1, 2, 1, -1]
+    assert r.results[1].lastrowid == 2
+    assert (r.columns, r.decltypes, r.rows) == (
+        ["id", "v"],
+        ["INTEGER", "TEXT"],
+        [[1, "z"], [2, "b"]],
+    )
+    assert Result.from_wire(msgpack.unpackb(msgpack.packb(r.to_wire()))) == r
+
+
+def test_statement_that_rolls_back_the_transaction_keeps_the_rest_of_the_batch(pair):
+    """ON CONFLICT ROLLBACK (like an interrupted write) ends SQLite's whole transaction,
+    including earlier entries of an apply_many batch: they must survive."""
+    a, b = pair
+    es = [
+        entry("CREATE TABLE u(k PRIMARY KEY ON CONFLICT ROLLBACK)"),
+        entry("INSERT INTO u VALUES(1)"),
+        entry("INSERT INTO u VALUES(2)", "INSERT INTO u VALUES(1)", client_id="c", serial=1),
+        entry("INSERT INTO u VALUES(3)"),
+    ]
+    many = a.apply_many(list(enumerate(es, 1)))
+    one = [b.apply(i, e) for i, e in enumerate(es, 1)]
+    assert [r.to_wire() for r in many] == [r.to_wire() for r in one]
+    assert many[2].error["name"] == "SQLITE_CONSTRAINT_PRIMARYKEY"
+    assert a.query("SELECT k FROM u ORDER BY k").rows == [[1], [3]]
+    assert a.content_hash() == b.content_hash()
+
+
+def test_apply_many_matches_apply(pair):
+    a, b = pair
+    es = [entry("CREATE TABLE t(x, y DEFAULT (random()))")]
+    es += [
+        entry(("INSERT INTO t(x) VALUES(?)", (i,)), client_id="c", serial=i, seed=i)
+        for i in range(1, 40)
+    ]
+    es += [b"", entry("INSERT INTO t(x) VALUES(1)", client_id="c", serial=5)]  # no-op, stale
+    many = a.apply_many(list(enumerate(es, 1)))
+    one = [b.apply(i, e) for i, e in enumerate(es, 1)]
+    assert [r and r.to_wire() for r in many] == [r and r.to_wire() for r in one]
+    assert many[-2] is None
+    assert many[-1].error["name"] == "RAFTSQL_STALE_SERIAL"
+    assert a.applied_index == b.applied_index == len(es)
+    assert a.content_hash() == b.content_hash()
+
+
+# -- exactly-once -----------------------------------------------------------------------------
+
+
+def test_duplicate_serial_returns_stored_result_without_executing(pair):
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(id INTEGER PRIMARY KEY, x)"))
+    first = c.apply(entry("INSERT INTO t(x) VALUES('a') RETURNING id", client_id="c1", serial=1))
+    assert first.rows == [[1]] and not first.duplicate and first.index == 2
+    retry = c.apply(entry("INSERT INTO t(x) VALUES('a') RETURNING id", client_id="c1", serial=1))
+    assert retry.duplicate and retry.index == 2 and retry.rows == [[1]]
+    assert pair[0].query("SELECT count(*) FROM t").rows == [[1]]
+    # An error result is stored and returned the same way.
+    bad = c.apply(entry("INSERT INTO nope VALUES(1)", client_id="c1", serial=2))
+    again = c.apply(entry("INSERT INTO nope VALUES(1)", client_id="c1", serial=2))
+    assert again.duplicate and again.error == bad.error and again.index == bad.index
+    # Serials below the latest are stale; other clients and anonymous writes are independent.
+    stale = c.apply(entry("INSERT INTO t(x) VALUES('s')", client_id="c1", serial=1))
+    assert stale.error["name"] == "RAFTSQL_STALE_SERIAL"
+    assert stale.error["message"] == "stale serial 1 < latest 2 for client c1"
+    c.apply(entry("INSERT INTO t(x) VALUES('o')", client_id="c2", serial=1))
+    c.apply(entry("INSERT INTO t(x) VALUES('n')"))
+    c.apply(entry("INSERT INTO t(x) VALUES('n')"))
+    assert pair[0].query("SELECT x FROM t ORDER BY id").rows == [["a"], ["o"], ["n"], ["n"]]
+    c.assert_same()
+
+
+def test_sessions_expire_by_leader_time(make):
+    a, b = make("a", session_timeout_ms=1000), make("b", session_timeout_ms=1000)
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x)"))
+    c.apply(entry("INSERT INTO t VALUES(1)", client_id="old", serial=1, t=T0))
+    c.apply(entry("INSERT INTO t VALUES(2)", client_id="c", serial=7, t=T0))
+    dup = c.apply(entry("INSERT INTO t VALUES(2)", client_id="c", serial=7, t=T0 + 1000))
+    assert dup.duplicate  # exactly at the timeout: still alive (and touched)
+    # 'old' was last seen at T0: expired now; the retry runs again (the documented window).
+    rerun = c.apply(entry("INSERT INTO t VALUES(1)", client_id="old", serial=1, t=T0 + 1001))
+    assert not rerun.duplicate and rerun.error is None
+    assert a.query("SELECT count(*) FROM t WHERE x = 1").rows == [[2]]
+    # Garbage collection removes expired sessions, identically on both nodes.
+    c.apply(entry("SELECT 1", t=T0 + 5000))
+    assert a.query("SELECT client_id FROM _raftsql_sessions").rows == []
+    c.assert_same()
+
+
+# -- replay and restart -----------------------------------------------------------------------
+
+
+def test_replay_is_skipped_and_reopen_keeps_applied_index(tmp_path):
+    path = str(tmp_path / "db.sqlite")
+    sm = StateMachine(path)
+    assert sm.applied_index == 0
+    sm.apply(1, entry("CREATE TABLE t(x)"))
+    sm.apply(2, entry("INSERT INTO t VALUES(1)"))
+    assert sm.apply(3, b"") is None  # a leader's no-op advances the index only
+    h = sm.content_hash()
+    sm.close()
+    sm = StateMachine(path)
+    try:
+        assert sm.applied_index == 3
+        assert sm.apply(2, entry("INSERT INTO t VALUES(1)")) is None
+        assert sm.apply_many([(1, entry("CREATE TABLE t(x)")), (3, b"")]) == [None, None]
+        assert sm.content_hash() == h
+        with pytest.raises(StateMachineError, match="does not follow"):
+            sm.apply(5, entry("SELECT 1"))
+        assert sm.apply(4, entry("INSERT INTO t VALUES(2)")).index == 4
+        assert sm.query("SELECT x FROM t").rows == [[1], [2]]
+    finally:
+        sm.close()
+
+
+def test_corrupt_entry_stops_the_node(make):
+    sm = make()
+    sm.apply(1, entry("CREATE TABLE t(x)"))
+    for garbage in (b"\x00garbage", msgpack.packb([9, 9])):
+        with pytest.raises(CorruptEntryError):
+            sm.apply(2, garbage)
+    with pytest.raises(CorruptEntryError):
+        sm.apply_many([(2, entry("INSERT INTO t VALUES(1)")), (3, b"\xc1")])
+    assert sm.applied_index == 1
+    assert sm.query("SELECT count(*) FROM t").rows == [[0]]
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+
+def test_validate_reports_readonly_without_executing(make):
+    sm = make()
+    sm.apply(1, entry("CREATE TABLE t(x)"))
+    flags = sm.validate(
+        [
+            ("SELECT * FROM t", ()),
+            ("INSERT INTO t VALUES(?)", (1,)),
+            ("WITH v(x) AS (SELECT 1) INSERT INTO t SELECT x FROM v", ()),
+            ("WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM r) SELECT x FROM r", ()),
+            ("PRAGMA table_info(t)", ()),
+            ("PRAGMA user_version", ()),
+            ("PRAGMA user_version = 3", ()),
+            ("SELECT 1; -- a trailing comment", ()),
+            ("-- only a comment", ()),
+            ("DELETE FROM t WHERE x = :x", {"x": 1}),
+        ]
+    )
+    assert flags == [True, False, False, True, True, True, False, True, True, False]
+    assert sm.query("SELECT count(*) FROM t").rows == [[0]]
+
+
+@pytest.mark.parametrize(
+    "statements, code, name, fragment, position",
+    [
+        ([("SELEC 1", ())], 1, "SQLITE_ERROR", "syntax error", 0),
+        ([("SELECT * FROM nope", ())], 1, "SQLITE_ERROR", "no such table: nope", 0),
+        (
+            [("SELECT 1", ()), ("SELECT 1; SELECT 2", ())],
+            1,
+            "RAFTSQL_MULTIPLE_STATEMENTS",
+            "one statement at a time",
+            1,
+        ),
+        ([("SELECT 1; garbage", ())], 1, "RAFTSQL_MULTIPLE_STATEMENTS", "one statement", 0),
+        ([("SELECT ?", (1, 2))], 25, "RAFTSQL_BINDINGS", "Incorrect number of bindings", 0),
+        ([("SELECT :a", {"b": 1})], 25, "RAFTSQL_BINDINGS", "binding parameter :a", 0),
+        ([("CREATE TABLE n(x)", ()), ("SELEC", ())], 1, "SQLITE_ERROR", "syntax error", 1),
+    ],
+)
+def test_validate_errors(make, statements, code, name, fragment, position):
+    sm = make()
+    with pytest.raises(SQLError) as info:
+        sm.validate(statements)
+    e = info.value
+    assert (e.code, e.name, e.statement) == (code, name, position)
+    assert fragment in e.message
+    assert e.error["name"] == name
+
+
+def test_validate_leaves_names_created_earlier_in_the_batch_to_apply(make):
+    sm = make()
+    batch = [("CREATE TABLE n(x)", ()), ("INSERT INTO n VALUES(1)", ()), ("SELECT x FROM n", ())]
+    assert sm.validate(batch) == [False, False, False]
+    with pytest.raises(SQLError):
+        sm.validate([("INSERT INTO n VALUES(1)", ())])  # no DDL before it: checked
+
+
+# -- sandbox ----------------------------------------------------------------------------------
+
+REFUSED = [
+    ("ATTACH DATABASE '{dir}/other.db' AS other", "ATTACH"),
+    ("DETACH DATABASE main", "DETACH"),
+    ("SELECT load_extension('/tmp/evil.so')", "load_extension"),
+    ("VACUUM", "VACUUM"),
+    ("VACUUM INTO '{dir}/copy.db'", "VACUUM"),
+    ("PRAGMA journal_mode=DELETE", "PRAGMA journal_mode"),
+    ("PRAGMA synchronous=OFF", "PRAGMA synchronous"),
+    ("PRAGMA writable_schema=ON", "PRAGMA writable_schema"),
+    ("PRAGMA foreign_keys=ON", "PRAGMA foreign_keys cannot be changed"),
+    ("PRAGMA database_list", "PRAGMA database_list"),
+    ("INSERT INTO _raftsql_sessions VALUES('x', 1, x'', 0)", "_raftsql_sessions is internal"),
+    ("UPDATE _raftsql_meta SET applied_index = 99", "_raftsql_meta is internal"),
+    ("DELETE FROM _raftsql_sessions", "internal"),
+    ("DROP TABLE _raftsql_meta", "reserved"),
+    ("CREATE TABLE _raftsql_mine(x)", "reserved"),
+    ("CREATE TRIGGER trg AFTER INSERT ON _raftsql_sessions BEGIN SELECT 1; END", "reserved"),
+    ("CREATE TEMP TABLE scratch(x)", "TEMP"),
+    ("BEGIN", "transaction control"),
+    ("SAVEPOINT s", "transaction control"),
+    ("SELECT total_changes()", "total_changes"),
+    ("SELECT count(*) FROM dbstat", "dbstat"),
+]
+
+
+@pytest.mark.parametrize("sql, fragment", REFUSED)
+def test_sandbox_refuses_in_apply_and_validate(pair, tmp_path, sql, fragment):
+    sql = sql.format(dir=tmp_path)
+    c = Cluster(*pair)
+    r = c.apply(entry(sql))
+    assert r.error["code"] == 23 and r.error["name"] == "SQLITE_AUTH", r.error
+    assert r.error["message"].startswith("not authorized: ") and fragment in r.error["message"]
+    with pytest.raises(SQLError) as info:
+        pair[0].validate([(sql, ())])
+    assert info.value.name == "SQLITE_AUTH" and fragment in info.value.message
+    assert not (tmp_path / "copy.db").exists() and not (tmp_path / "other.db").exists()
+    c.assert_same()
+
+
+def test_internal_statement_texts_do_not_bypass_the_sandbox(pair):
+    """apsw caches prepared statements by text and authorizes only at prepare: a user statement
+    identical to one the state machine runs must still be refused."""
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(x)", client_id="c", serial=1))
+    for sql, params in [
+        ("BEGIN IMMEDIATE", ()),
+        ("COMMIT", ()),
+        ("ROLLBACK", ()),
+        ("SAVEPOINT raftsql_entry", ()),
+        ("RELEASE raftsql_entry", ()),
+        ("UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=? WHERE id=1", (99, 0, 0)),
+        ("UPDATE _raftsql_sessions SET last_ms=? WHERE client_id=?", (0, "c")),
+        ("DELETE FROM _raftsql_sessions WHERE last_ms < ?", (T0 * 2,)),
+    ]:
+        r = c.apply(entry(("INSERT INTO t VALUES(1)", ()), (sql, params)))
+        assert r.error["name"] == "SQLITE_AUTH", (sql, r.error)
+    assert pair[0].query("SELECT count(*) FROM t").rows == [[0]]
+    assert pair[0].query("SELECT count(*) FROM _raftsql_sessions").rows == [[1]]
+    c.assert_same()
+
+
+def test_allowed_pragmas_and_internal_reads(pair):
+    c = Cluster(*pair)
+    assert c.apply(entry("PRAGMA user_version = 7")).error is None
+    assert c.apply(entry("PRAGMA user_version")).rows == [[7]]
+    assert c.apply(entry("CREATE TABLE t(x)", "PRAGMA table_info(t)")).error is None
+    assert pair[0].query("PRAGMA foreign_keys").rows == [[0]]
+    assert pair[0].query("SELECT applied_index FROM _raftsql_meta").rows == [[3]]
+    c.assert_same()
+
+
+def test_fts5_and_rtree_work_inside_the_sandbox(pair):
+    c = Cluster(*pair)
+    r = c.apply(
+        entry(
+            "CREATE VIRTUAL TABLE f USING fts5(body)",
+            "INSERT INTO f VALUES('hello world'), ('goodbye')",
+            "CREATE VIRTUAL TABLE g USING rtree(id, x0, x1)",
+            "INSERT INTO g VALUES(1, 0, 1)",
+        )
+    )
+    assert r.error is None
+    assert c.apply(entry("SELECT body FROM f WHERE f MATCH 'hello'")).rows == [["hello world"]]
+    assert pair[0].query("SELECT body FROM f WHERE f MATCH 'good*'").rows == [["goodbye"]]
+    # FTS5 may read PRAGMA data_version internally; a user's write may not (per connection).
+    assert c.apply(entry("PRAGMA data_version")).error["name"] == "SQLITE_AUTH"
+    c.assert_same()
+
+
+def test_multiple_statements_in_one_string_fail_in_apply(pair):
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(x)"))
+    r = c.apply(entry("INSERT INTO t VALUES(1); INSERT INTO t VALUES(2)"))
+    assert r.error["name"] == "RAFTSQL_MULTIPLE_STATEMENTS"
+    assert c.apply(entry("INSERT INTO t VALUES(3); -- fine")).error is None
+    assert pair[0].query("SELECT x FROM t").rows == [[3]]
+
+
+def test_the_largest_rowid_is_refused(pair):
+    """Past rowid 2**63-1 SQLite picks rowids with its own, unseedable PRNG."""
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(id INTEGER PRIMARY KEY, v)"))
+    for sql in (
+        "INSERT INTO t VALUES(9223372036854775807, 'x')",
+        "INSERT INTO t VALUES(9223372036854775806, 'y')",
+    ):
+        r = c.apply(entry(sql, "INSERT INTO t(v) VALUES('next')"))
+        assert r.error["name"] == "RAFTSQL_MAX_ROWID" and r.error["code"] == 19
+    c.apply(entry("INSERT INTO t VALUES(1, 'a')"))
+    assert c.apply(entry("UPDATE t SET id = 9223372036854775807")).error["name"] == (
+        "RAFTSQL_MAX_ROWID"
+    )
+    assert pair[0].query("SELECT id FROM t").rows == [[1]]
+    # AUTOINCREMENT at the maximum would fail with SQLITE_FULL ("disk full": fatal in apply).
+    c.apply(
+        entry("CREATE TABLE s(id INTEGER PRIMARY KEY AUTOINCREMENT)", "INSERT INTO s VALUES(1)")
+    )
+    r = c.apply(entry("UPDATE sqlite_sequence SET seq = 9223372036854775807"))
+    assert r.error["name"] == "SQLITE_AUTH" and "sqlite_sequence" in r.error["message"]
+    c.assert_same()
+
+
+def test_read_path_refuses_writes_and_unsafe_statements(make):
+    sm = make()
+    sm.apply(1, entry("CREATE TABLE t(x)"))
+    r = sm.query("INSERT INTO t VALUES(1)")
+    assert r.error["name"] == "RAFTSQL_NOT_READONLY" and r.index == 1
+    assert sm.query("PRAGMA journal_mode=DELETE").error["name"] == "SQLITE_AUTH"
+    assert sm.query("ATTACH 'x.db' AS x").error["name"] == "SQLITE_AUTH"
+    assert sm.query("SELECT 1; SELECT 2").error["name"] == "RAFTSQL_MULTIPLE_STATEMENTS"
+    assert sm.query("SELECT * FROM nope").error["message"] == "no such table: nope"
+    assert sm.query("SELECT count(*) FROM t").rows == [[0]]
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+RUNAWAY = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM r) "
+
+
+def test_step_limit_stops_runaway_statements_identically(make):
+    a = make("a", apply_vm_step_limit=200_000)
+    b = make("b", apply_vm_step_limit=200_000)
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x)"))
+    for sql in (RUNAWAY + "SELECT count(*) FROM r", RUNAWAY + "INSERT INTO t SELECT x FROM r"):
+        r = c.apply(entry("INSERT INTO t VALUES(0)", sql))
+        assert r.error == {
+            "code": 9,
+            "name": "RAFTSQL_STEP_LIMIT",
+            "message": "statement exceeded the step limit (200000 VM steps)",
+            "statement": 1,
+        }
+    # Just under the budget succeeds; the budget is per statement.
+    bounded = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM r LIMIT 1000) "
+    ok = c.apply(entry(bounded + "INSERT INTO t SELECT x FROM r"))
+    assert ok.error is None and ok.rowcount == -1  # WITH ... INSERT: -1, as in sqlite3
+    assert a.query("SELECT count(*) FROM t").rows == [[1000]]
+    c.assert_same()
+
+
+def test_read_timeout(make):
+    sm = make(query_timeout_s=0.2)
+    t = time.monotonic()
+    r = sm.query(RUNAWAY + "SELECT count(*) FROM r")
+    assert r.error["name"] == "RAFTSQL_TIMEOUT" and r.error["code"] == 9
+    assert time.monotonic() - t < 5
+    assert sm.query("SELECT 1").rows == [[1]]  # the connection is usable afterwards
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+def test_query_shape_and_at_index(make):
+    sm = make()
+    sm.apply(1, entry("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, b BLOB)"))
+    sm.apply(2, entry(("INSERT INTO t(name, b) VALUES(?, ?)", ("x", b"\x00\x01"))))
+    r = sm.query("SELECT id, name, b, 1.5 FROM t WHERE id = ?", (1,))
+    assert r.to_wire() == {
+        "columns": ["id", "name", "b", "1.5"],
+        "decltypes": ["INTEGER", "TEXT", "BLOB", None],
+        "rows": [[1, "x", b"\x00\x01", 1.5]],
+        "rowcount": -1,
+        "lastrowid": None,
+        "index": 2,
+        "error": None,
+        "duplicate": False,
+        "results": None,
+    }
+    empty = sm.query("SELECT name FROM t WHERE id = 99")
+    assert empty.columns == ["name"] and empty.rows == []
+
+    def later():
+        time.sleep(0.05)
+        sm.apply(3, entry("INSERT INTO t(name) VALUES('later')"))
+
+    th = threading.Thread(target=later)
+    th.start()
+    r = sm.query("SELECT count(*) FROM t", at_index=3)
+    th.join()
+    assert r.rows == [[2]] and r.index == 3
+
+
+def test_content_hash_detects_differences(pair):
+    a, b = pair
+    for sm in pair:
+        sm.apply(1, entry("CREATE TABLE t(x)", "CREATE TABLE w(k PRIMARY KEY, v) WITHOUT ROWID"))
+    assert a.content_hash() == b.content_hash()
+    a.apply(2, entry("INSERT INTO w VALUES(1, 'a')"))
+    b.apply(2, entry("INSERT INTO w VALUES(1, 'b')"))
+    assert a.content_hash() != b.content_hash()
+
+
+def test_closed_machine_refuses_work(make):
+    sm = make()
+    sm.close()
+    sm.close()
+    with pytest.raises(StateMachineError):
+        sm.apply(1, entry("SELECT 1"))
+    with pytest.raises(StateMachineError):
+        sm.query("SELECT 1")
