@@ -5,6 +5,10 @@ Protocol (payloads of wire REQUEST/RESPONSE frames, msgpack maps with string key
   request  {"id": int, "op": "execute", "statements": [[sql, params], ...],
             "client_id": str, "serial": int, "consistency": "linearizable"|"leader"|"stale",
             "min_index": int, "timeout_ms": int}
+           {"id": int, "op": "execute", "statements": [[sql, params]],
+            "txn": {"writes": [[sql, params], ...], "term": int | None}}
+                (one statement of an open driver transaction; the result adds "readonly"
+                 and "term"; commit is a normal execute of the writes as one batch)
            {"id": int, "op": "status"}      {"id": int, "op": "ping"}
            {"id": int, "op": "hash"}        (applied index + hash of every table, for tests)
   response {"id": int, "ok": true, "result": {...}}   (Result.to_wire(), SQL errors inside)
@@ -53,6 +57,8 @@ class ClientService:
             req = wire.check_map(payload, {"id": int, "op": str})
             op = req["op"]
             if op == "execute":
+                if "txn" in req:
+                    return {"id": req_id, "ok": True, "result": self._execute_txn(req)}
                 result = self._execute(req)
                 return {"id": req_id, "ok": True, "result": result.to_wire()}
             if op == "status":
@@ -73,6 +79,33 @@ class ClientService:
             err = RequestError("UNAVAILABLE", f"internal error: {type(e).__name__}: {e}")
         return {"id": req_id, "ok": False, "error": err.to_wire()}
 
+    def _execute_txn(self, req: dict[str, Any]) -> dict[str, Any]:
+        body = wire.check_map(req, {"statements": list, "txn": dict})
+        statements = self._statements(body["statements"])
+        if len(statements) != 1:
+            raise RequestError("BAD_REQUEST", "a transaction statement is sent one at a time")
+        txn = wire.check_map(body["txn"], {"writes": list}, {"term": (int, type(None))})
+        writes = self._statements(txn["writes"])
+        result, readonly, term = self.node.execute_in_transaction(statements[0], writes, txn.get("term"))
+        out = result.to_wire()
+        out["readonly"] = readonly
+        out["term"] = term
+        return out
+
+    @staticmethod
+    def _statements(items: list) -> list[tuple[str, Any]]:
+        statements = []
+        for i, st in enumerate(items):
+            if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):
+                raise RequestError("BAD_REQUEST", f"statement {i} must be [sql, params]")
+            sql, params = st
+            if params is None:
+                params = ()
+            if not isinstance(params, list | dict):
+                raise RequestError("BAD_REQUEST", f"statement {i}: params must be a list or a map")
+            statements.append((sql, tuple(params) if isinstance(params, list) else params))
+        return statements
+
     def _execute(self, req: dict[str, Any]):
         body = wire.check_map(
             req,
@@ -85,16 +118,7 @@ class ClientService:
                 "timeout_ms": int,
             },
         )
-        statements = []
-        for i, st in enumerate(body["statements"]):
-            if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):
-                raise RequestError("BAD_REQUEST", f"statement {i} must be [sql, params]")
-            sql, params = st
-            if params is None:
-                params = ()
-            if not isinstance(params, list | dict):
-                raise RequestError("BAD_REQUEST", f"statement {i}: params must be a list or a map")
-            statements.append((sql, tuple(params) if isinstance(params, list) else params))
+        statements = self._statements(body["statements"])
         consistency = body.get("consistency", "linearizable")
         if consistency not in _CONSISTENCY:
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")

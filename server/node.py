@@ -54,6 +54,7 @@ class RequestError(Exception):
       UNAVAILABLE     not applied; resend later (transfer in progress, shutting down, no quorum)
       OUTCOME_UNKNOWN proposed, but no result: resend only with the same (client_id, serial)
       TIMEOUT         a read did not complete in time (reads are always safe to resend)
+      TXN_ABORTED     the leader changed during a transaction: nothing applied, retry it all
       BAD_REQUEST     the request itself is malformed; resending will not help
     """
 
@@ -379,6 +380,24 @@ class Node:
         if len(statements) == 1 and readonly[0]:
             return self._read(statements[0], consistency, min_index, deadline)
         return self._write(statements, client_id, serial, deadline)
+
+    def execute_in_transaction(
+        self, statement: tuple[str, Any], writes: list[tuple[str, Any]], term: int | None,
+        consistency: str = "linearizable",
+    ):
+        """One statement of a driver transaction: run on the leader against the applied state
+        plus the transaction's earlier writes, then rolled back (see DESIGN.md). Returns
+        (Result, readonly, term). The term pins the transaction to one leader: if leadership
+        changed since its first statement, it fails with TXN_ABORTED (nothing was applied;
+        retry the whole transaction)."""
+        with self._lock:
+            if self.core.role != Role.LEADER:
+                raise self._not_leader()
+            current = self.core.term
+        if term is not None and term != current:
+            raise RequestError("TXN_ABORTED", f"leadership changed during the transaction (term {term} -> {current}); nothing was applied, retry it")
+        result, readonly = self.sm.preview(writes, statement)
+        return result, readonly, current
 
     def _write(self, statements, client_id: str, serial: int, deadline: float):
         from raftsql.command import CommandError

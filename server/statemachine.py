@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -701,6 +702,41 @@ class StateMachine:
         self._vfs.now_ms = time_ms
         return done
 
+    def preview(
+        self, writes: Sequence[tuple[str, Any]], statement: tuple[str, Any]
+    ) -> tuple[Result, bool]:
+        """Run an open transaction's earlier `writes`, then `statement`, against the applied
+        state, in a SQLite transaction that is always rolled back. Returns the statement's
+        Result and whether it was read-only. This is how a driver transaction reads its own
+        uncommitted writes; the writes only become real when commit() replicates them as one
+        entry. random() and 'now' here are previews: the committed entry is re-stamped."""
+        with self._lock:
+            self._check_open()
+            applied = self._applied_index
+            self._conn.set_last_insert_rowid(0)
+            self._seed = secrets.randbits(63)
+            self._vfs.now_ms = max(int(time.time() * 1000), self._time_ms)
+            self._internal("BEGIN IMMEDIATE")
+            try:
+                for i, (sql, params) in enumerate([*writes, statement]):
+                    self._stmt_no = i
+                    self._rng = None
+                    self._readonly = False
+                    try:
+                        result = self._run_statement(sql, params)
+                    except _StatementFailed as failed:
+                        if i < len(writes):
+                            failed.error["statement"] = i
+                            failed.error["message"] = (
+                                "an earlier statement of this transaction now fails: "
+                                + failed.error["message"]
+                            )
+                        return Result(index=applied, error=failed.error), False
+                result.index = applied
+                return result, self._readonly
+            finally:
+                self._abandon()
+
     def _abandon(self) -> None:
         self._vfs.now_ms = self._time_ms
         self._budget_on = False
@@ -839,6 +875,7 @@ class StateMachine:
             )
             return False
         self._dml = keyword in _DML_KEYWORDS
+        self._readonly = cursor.is_readonly
         self._guard.user_prepare = False
         self._description = cursor.get_description()
         self._progress_calls = 0
