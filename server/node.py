@@ -142,6 +142,9 @@ class Node:
         self.leader: str | None = None
         self.last_contact: dict[str, float] = {}
         self.transport = None  # set in start()
+        self._broken_reads = os.environ.get("RAFTSQL_TEST_BROKEN_READS") == "1"
+        if self._broken_reads:
+            log.warning("%s: RAFTSQL_TEST_BROKEN_READS=1: linearizable reads are NOT linearizable", cfg.id)
 
     def _core_log(self, line: str) -> None:
         log.info(line)
@@ -448,6 +451,10 @@ class Node:
             return self.sm.query(sql, params)
         if consistency != "linearizable":
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
+        if self._broken_reads:
+            # Test-only sabotage (RAFTSQL_TEST_BROKEN_READS=1): serve "linearizable" reads from
+            # local state on any node, so the fault tests can show their checker catches it.
+            return self.sm.query(sql, params)
         ctx = uuid.uuid4().bytes
         with self._lock:
             try:
