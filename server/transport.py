@@ -1,0 +1,1119 @@
+"""Peer connections over mutual TLS: one listener for nodes and clients, one outbound stream per
+peer with a bounded queue, reconnect with jittered backoff.
+
+Connection model (etcd's "stream" model): a node dials every peer and only *writes* on that
+connection; the peer's own outbound connection carries its messages back. So every socket has a
+single direction of traffic after the hello exchange, and each one is touched by exactly one
+thread (apart from shutdown() by stop(), which is a plain syscall and safe from any thread).
+
+    send(msgs) --> per-peer deque (bounded, drop when full) --> sender thread --> RAFT frames
+    listener --> accept thread --> one thread per connection:
+        TLS handshake + HELLO (deadline, small frame limit)
+        node cert + node hello  -> reader loop: RAFT frames -> on_raft(msgs)
+        otherwise (client)      -> on_client(ClientConn) in the same thread
+
+Handshake on every connection: the dialler sends HELLO; the listener answers with its own HELLO
+(accepted) or an ERROR frame (refused) and closes. The outbound side waits for that answer, so a
+peer is "connected" only once it has verified our certificate (with TLS 1.3 the server checks
+the client certificate after the client's handshake has returned) and accepted our hello.
+
+Privilege rule: only a connection whose *certificate* has role "node", whose hello says role
+"node" and whose hello node_id equals the certificate's CN can deliver Raft messages, and only
+messages with sender == that node id and to == our id. Everything else from the socket is
+hostile until validated (raftsql/wire.py).
+
+Threads call on_raft concurrently (one reader per inbound peer connection) and on_client from
+each client connection's thread: both callbacks must be thread-safe, and on_client must return
+soon after its connection is closed (recv() returns None, send() raises OSError).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from raftsql import wire
+from raftsql.raft.types import Message
+from raftsql.server.tls import node_client_context, peer_name, peer_role, server_context
+
+__all__ = ["ClientConn", "Transport"]
+
+FrameKind = wire.FrameKind
+
+# Frame limit until the hello is accepted: msgpack can expand hostile input ~64x in memory.
+HELLO_MAX_FRAME_SIZE = 64 * 1024
+# A sender writes at most this much per RAFT frame (more is split over several frames).
+BATCH_MAX_MESSAGES = 512
+BATCH_MAX_BYTES = 1 << 20
+BACKOFF_MIN = 0.02
+BACKOFF_MAX = 1.0
+CONNECT_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0  # a peer that does not read for this long is treated as dead
+IDLE_CHECK = 1.0  # an idle sender checks this often whether its peer closed the connection
+RECV_CHUNK = 65536  # > one TLS record (16 KiB)
+
+_HEADER = struct.Struct(">I")
+_EOF_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)
+
+
+class _Closed(Exception):
+    """Raised internally when the other side closed the connection (EOF, reset)."""
+
+
+class _Refused(Exception):
+    """Raised internally when the listener refused our hello with an ERROR frame."""
+
+
+class _Stopped(Exception):
+    """Raised internally when stop() interrupts a dial."""
+
+
+# --------------------------------------------------------------------------- socket helpers
+
+
+def _tune(sock: socket.socket) -> None:
+    """No Nagle (every frame is latency-critical) and TCP keepalive, so a peer that vanished
+    without a FIN/RST is noticed by a reader blocked forever on it."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+    except OSError:
+        pass
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    """Wake every thread blocked on `sock` (accept, recv, send, poll), from any thread.
+
+    socket.socket.shutdown, not SSLSocket.shutdown: the latter also drops the SSL object under
+    the feet of a thread that is using it. The fd is closed only by the thread that owns it."""
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _recv_exact(sock: ssl.SSLSocket, n: int, deadline: float) -> bytes:
+    """Exactly n bytes (SSL_read never returns more than asked, so nothing past them is
+    consumed). Raises TimeoutError at the deadline, _Closed on EOF."""
+    out = bytearray()
+    while len(out) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(n - len(out))
+        except _EOF_ERRORS as e:
+            raise _Closed(str(e) or type(e).__name__) from None
+        if not chunk:
+            raise _Closed("connection closed")
+        out += chunk
+    return bytes(out)
+
+
+def _recv_first_frame(sock: ssl.SSLSocket, deadline: float) -> tuple[FrameKind, Any]:
+    """The first frame of a connection, read exactly (no bytes of later frames consumed, so
+    they go to a decoder with the full frame limit) under the small hello limit."""
+    header = _recv_exact(sock, wire.HEADER_SIZE, deadline)
+    (n,) = _HEADER.unpack(header)
+    if n > HELLO_MAX_FRAME_SIZE:
+        raise wire.FrameError(
+            f"first frame of {n} bytes exceeds the {HELLO_MAX_FRAME_SIZE}-byte limit before HELLO"
+        )
+    try:
+        body = _recv_exact(sock, n, deadline)
+    except _Closed:
+        raise wire.FrameError("connection closed in the middle of the first frame") from None
+    (frame,) = wire.FrameDecoder(HELLO_MAX_FRAME_SIZE).feed(header + body)
+    return frame
+
+
+def _entries_size(m: Message) -> int:
+    n = 64
+    for e in m.entries:
+        n += len(e.data) + 16
+    return n
+
+
+# --------------------------------------------------------------------------- ClientConn
+
+
+class ClientConn:
+    """A framed TLS connection: recv() whole frames, send() whole frames from any thread.
+
+    The listener hands one to `on_client` for every client connection (after the hellos were
+    exchanged: `hello` is the client's). Tests and tools open one with `ClientConn.connect`.
+
+    Every SSL call on the socket is made under one lock and never blocks while holding it on a
+    read (the socket is non-blocking; waits happen in poll() outside the lock), so one thread
+    can sit in recv() while others send(): OpenSSL objects must not be used concurrently.
+    """
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        *,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        hello: wire.Hello | None = None,
+        address: Any = None,
+        send_timeout: float = SEND_TIMEOUT,
+        _on_violation: Callable[[ClientConn, str], None] | None = None,
+    ):
+        self.role: str | None = peer_role(sock)
+        self.peer_name: str | None = peer_name(sock)
+        self.hello = hello
+        self.address = address
+        self.max_frame_size = max_frame_size
+        self.send_timeout = send_timeout
+        self._sock = sock
+        self._decoder = wire.FrameDecoder(max_frame_size)
+        self._frames: deque[tuple[FrameKind, Any]] = deque()
+        self._buf = bytearray(RECV_CHUNK)
+        self._lock = threading.Lock()  # serializes every SSL call and the close
+        self._closed = False
+        self._waiting = 0  # threads polling the fd outside the lock; the last one closes it
+        # Server side: a RAFT or second HELLO frame is answered with ERROR and closes the
+        # connection (a non-node certificate can never deliver Raft messages).
+        self._on_violation = _on_violation
+        sock.setblocking(False)
+
+    @classmethod
+    def connect(
+        cls,
+        address: tuple[str, int],
+        context: ssl.SSLContext,
+        *,
+        server_hostname: str | None = None,
+        timeout: float = CONNECT_TIMEOUT,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+    ) -> ClientConn:
+        """Dial `address` and complete the TLS handshake (no hello is sent: send one)."""
+        raw = socket.create_connection(address, timeout=timeout)
+        try:
+            _tune(raw)
+            sock = context.wrap_socket(raw, server_hostname=server_hostname or address[0])
+        except BaseException:
+            raw.close()
+            raise
+        return cls(sock, max_frame_size=max_frame_size, address=address)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- receiving
+
+    def recv(self, timeout: float | None = None) -> tuple[FrameKind, Any] | None:
+        """The next frame, or None once the connection is over (EOF, reset, closed here).
+
+        Raises TimeoutError if no whole frame arrived within `timeout` seconds, FrameError on
+        malformed input (the connection is then unusable: close it), ssl.SSLError on a TLS
+        alert (e.g. our certificate was rejected).
+
+        On a connection accepted by the Transport, protocol violations (a malformed frame, a
+        RAFT or second HELLO frame, a TLS error) never raise: the transport logs one line,
+        sends an ERROR frame and closes, and recv() returns None."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._frames:
+                frame = self._frames.popleft()
+                if self._on_violation is not None and frame[0] in (FrameKind.RAFT, FrameKind.HELLO):
+                    return self._violation(
+                        f"{frame[0].name} frames are not accepted on a client connection"
+                    )
+                return frame
+            error: str | None = None
+            with self._lock:
+                if self._closed:
+                    return None
+                try:
+                    n = self._sock.recv_into(self._buf)
+                except ssl.SSLWantReadError:
+                    n = -1
+                except ssl.SSLWantWriteError:
+                    n = -2
+                except _EOF_ERRORS:
+                    n = 0
+                except OSError as e:
+                    if self._closed:
+                        return None
+                    if self._on_violation is None:
+                        raise
+                    n, error = -3, f"TLS error: {_why(e)}"  # e.g. a corrupted record
+                if n == 0:
+                    if not self._decoder.buffered:
+                        self._close_locked()
+                        return None
+                    error = (
+                        f"connection closed in the middle of a frame "
+                        f"({self._decoder.buffered} bytes buffered)"
+                    )
+                elif n > 0:
+                    try:
+                        with memoryview(self._buf) as view, view[:n] as chunk:
+                            self._frames.extend(self._decoder.feed(chunk))
+                    except wire.FrameError as e:
+                        error = str(e)
+                elif error is None:
+                    self._waiting += 1
+            if error is not None:
+                if self._on_violation is None:
+                    raise wire.FrameError(error)
+                return self._violation(error)
+            if n > 0:
+                continue
+            try:
+                remaining = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError("no frame within the timeout")
+                self._wait(select.POLLOUT if n == -2 else select.POLLIN, remaining)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+                    if self._closed and not self._waiting:
+                        _close(self._sock)
+
+    def _violation(self, why: str) -> None:
+        """Server side: answer a protocol violation with ERROR, log one line, close."""
+        assert self._on_violation is not None
+        self._on_violation(self, why)
+        self.close()
+        return None
+
+    def _wait(self, events: int, timeout: float | None) -> None:
+        """poll() the socket; a concurrent close() shuts it down first, which wakes us."""
+        try:
+            poller = select.poll()
+            poller.register(self._sock, events)
+        except (ValueError, OSError):  # already closed (fileno -1)
+            return
+        poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+
+    # -- sending
+
+    def send(self, kind: FrameKind, payload: Any) -> None:
+        """Send one frame; thread-safe. Raises OSError if the connection is closed or the peer
+        does not read for send_timeout seconds (the connection is then closed)."""
+        self.send_raw(wire.encode_frame(kind, payload, self.max_frame_size))
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (tests use it to send hostile input)."""
+        deadline = time.monotonic() + self.send_timeout
+        with self._lock:
+            if self._closed:
+                raise ConnectionError("connection is closed")
+            view = memoryview(data)
+            off, total = 0, len(view)
+            while off < total:
+                # A retried SSL_write must be given the same buffer: keep the chunk bounds.
+                chunk = view[off : off + 262144]
+                try:
+                    off += self._sock.send(chunk)
+                    continue
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except OSError:
+                    self._close_locked()
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    self._close_locked()
+                    raise TimeoutError("peer did not read within the send timeout")
+                self._wait(events, remaining)
+
+    # -- closing
+
+    def close(self) -> None:
+        """Close the connection (idempotent, any thread): a recv() in progress returns None."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _shutdown(self._sock)  # wakes a thread polling outside the lock
+        if not self._waiting:
+            _close(self._sock)  # idempotent; else the last waiter closes it
+
+    def abort(self) -> None:
+        """Like close() but never waits for the lock (a send may hold it while blocked): shuts
+        the socket down so that every thread using it returns soon and closes it."""
+        self._closed = True
+        _shutdown(self._sock)
+
+    def __repr__(self) -> str:
+        return f"<ClientConn {self.peer_name or '?'} role={self.role} closed={self._closed}>"
+
+
+# --------------------------------------------------------------------------- Transport
+
+
+class _Inbound:
+    """An accepted connection as stop() sees it: the socket (or ClientConn) to shut down."""
+
+    __slots__ = ("lock", "target", "aborted")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.target: Any = None
+        self.aborted = False
+
+    def set(self, target: Any) -> None:
+        with self.lock:
+            self.target = target
+            if self.aborted:
+                self._abort_target()
+
+    def abort(self) -> None:
+        with self.lock:
+            self.aborted = True
+            self._abort_target()
+
+    def _abort_target(self) -> None:
+        if isinstance(self.target, ClientConn):
+            self.target.abort()
+        else:
+            _shutdown(self.target)
+
+
+class _Peer:
+    """One outbound peer: its queue, its sender thread and the status peer_status() reports."""
+
+    def __init__(self, node_id: str, address: tuple[str, int]):
+        self.id = node_id
+        self.address = address
+        # Invariant: only the sender thread pops; any thread appends (deque ops are atomic).
+        self.queue: deque[Message] = deque()
+        self.wake = threading.Event()  # set after an append, and by stop
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.sock: socket.socket | None = None  # the current socket, for stop()
+        self.sock_lock = threading.Lock()
+        self.connected = False
+        self.last_sent: float | None = None
+        self.last_received: float | None = None
+        self.dropped = 0
+        self.drop_lock = threading.Lock()
+        self.failures = 0  # consecutive failed connections (for log levels and backoff)
+
+    def count_drop(self, n: int) -> None:
+        if n:
+            with self.drop_lock:
+                self.dropped += n
+
+    def set_sock(self, sock: socket.socket | None) -> None:
+        with self.sock_lock:
+            self.sock = sock
+            if sock is not None and self.stopped.is_set():
+                _shutdown(sock)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake.set()
+        with self.sock_lock:
+            _shutdown(self.sock)
+
+
+class Transport:
+    """Raft messages between nodes over mutual TLS, and the listener for client connections.
+
+    send() never blocks: each message goes on the bounded queue of its `to` peer and is dropped
+    (and counted) when that queue is full or the peer is unknown; Raft retransmits.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        listen: tuple[str, int],
+        peers: dict[str, tuple[str, int]],
+        certs_dir: str,
+        on_raft: Callable[[list[Message]], None],
+        on_client: Callable[[ClientConn], None],
+        *,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        queue_size: int = 4096,
+        logger: logging.Logger | None = None,
+        handshake_timeout: float = 5.0,
+        max_connections: int = 1024,
+    ):
+        self.node_id = node_id
+        self.listen = listen
+        self.certs_dir = certs_dir
+        self.on_raft = on_raft
+        self.on_client = on_client
+        self.max_frame_size = max_frame_size
+        self.queue_size = queue_size
+        self.log = logger or logging.getLogger("raftsql.transport")
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        # Load the certificates now so that a configuration error surfaces at construction.
+        self._server_ctx = server_context(certs_dir, node_id)
+        self._client_ctx = node_client_context(certs_dir, node_id)
+        self._lock = threading.Lock()
+        # Copy-on-write: send() reads self._peers without the lock.
+        self._peers: dict[str, _Peer] = {}
+        for pid, addr in peers.items():
+            self._check_peer(pid)
+            self._peers[pid] = _Peer(pid, tuple(addr))
+        self._inbound: dict[str, _Inbound] = {}  # node id -> its current reader connection
+        self._conns: set[_Inbound] = set()
+        self._threads: set[threading.Thread] = set()
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._started = False
+        self._stopped = False
+        self._unknown_dropped = 0
+        self._rng = random.Random()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                raise RuntimeError("transport already started")
+            self._started = True
+        host, port = self.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, port), family=family, backlog=128)
+        listener.settimeout(1.0)  # backstop; stop() wakes accept() with shutdown()
+        self._listener = listener
+        self._accept_thread = self._spawn(self._accept_loop, f"{self.node_id}-accept")
+        with self._lock:
+            for p in self._peers.values():
+                self._start_sender(p)
+        self.log.debug("%s: transport listening on %s:%s", self.node_id, *self.bound_address)
+
+    def stop(self) -> None:
+        """Close the listener and every connection and join every thread (idempotent)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            peers = list(self._peers.values())
+            conns = list(self._conns)
+        _shutdown(self._listener)
+        for p in peers:
+            p.stop()
+        for c in conns:
+            c.abort()
+        deadline = time.monotonic() + 5.0
+        if self._accept_thread is not None:
+            self._join(self._accept_thread, deadline)
+        _close(self._listener)
+        # No thread can be added now: the accept thread is gone and _stopped blocks the rest.
+        with self._lock:
+            threads = list(self._threads)
+            conns = list(self._conns)
+        for c in conns:  # accepted between the first snapshot and the accept thread's exit
+            c.abort()
+        for t in threads:
+            self._join(t, deadline)
+        leftover = [t.name for t in threads if t.is_alive() and t is not threading.current_thread()]
+        if leftover:
+            self.log.warning("%s: threads still running after stop: %s", self.node_id, leftover)
+
+    def _join(self, t: threading.Thread, deadline: float) -> None:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> threading.Thread:
+        t = threading.Thread(target=self._run_thread, args=(target, *args), name=name, daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+        return t
+
+    def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
+        try:
+            target(*args)
+        except Exception as e:  # noqa: BLE001 - last resort: a thread must not die loudly
+            self.log.error("%s: %s crashed: %r", self.node_id, threading.current_thread().name, e)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    @property
+    def bound_address(self) -> tuple[str, int]:
+        """The listener's actual (host, port), e.g. after binding port 0."""
+        if self._listener is None:
+            raise RuntimeError("transport not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    # ----------------------------------------------------------------- membership
+
+    def _check_peer(self, node_id: str) -> None:
+        if node_id == self.node_id:
+            raise ValueError(f"{node_id} cannot be its own peer")
+
+    def add_peer(self, node_id: str, address: tuple[str, int]) -> None:
+        """Start sending to `node_id` at `address` (replaces a different address)."""
+        self._check_peer(node_id)
+        address = tuple(address)
+        with self._lock:
+            if self._stopped:
+                return
+            old = self._peers.get(node_id)
+            if old is not None and old.address == address:
+                return
+            p = _Peer(node_id, address)
+            peers = dict(self._peers)
+            peers[node_id] = p
+            self._peers = peers
+            if self._started:
+                self._start_sender(p)
+        if old is not None:
+            self._stop_peer(old)
+
+    def remove_peer(self, node_id: str) -> None:
+        """Stop sending to `node_id` (its queue is discarded). Its inbound connection, if any,
+        stays open: the Raft core decides what to do with messages from non-members."""
+        with self._lock:
+            p = self._peers.get(node_id)
+            if p is None:
+                return
+            peers = dict(self._peers)
+            del peers[node_id]
+            self._peers = peers
+        self._stop_peer(p)
+
+    def _stop_peer(self, p: _Peer) -> None:
+        p.stop()
+        if p.thread is not None:
+            self._join(p.thread, time.monotonic() + 2.0)
+
+    def _start_sender(self, p: _Peer) -> None:
+        # Called with self._lock held, so _spawn's own locking is done inline here.
+        t = threading.Thread(
+            target=self._run_thread,
+            args=(self._sender_loop, p),
+            name=f"{self.node_id}-send-{p.id}",
+            daemon=True,
+        )
+        p.thread = t
+        self._threads.add(t)
+        t.start()
+
+    # ----------------------------------------------------------------- status
+
+    def peer_status(self) -> dict[str, dict[str, Any]]:
+        return {
+            pid: {
+                "connected": p.connected,
+                "last_sent": p.last_sent,
+                "last_received": p.last_received,
+                "dropped": p.dropped,
+            }
+            for pid, p in self._peers.items()
+        }
+
+    # ----------------------------------------------------------------- outbound
+
+    def send(self, msgs: list[Message]) -> None:
+        """Queue each message for its `to` peer; never blocks. A full queue drops (and counts)
+        the message. The bound is approximate under concurrent senders (check, then append)."""
+        peers = self._peers
+        limit = self.queue_size
+        woken: list[_Peer] = []
+        for m in msgs:
+            p = peers.get(m.to)
+            if p is None:
+                self._unknown_dropped += 1
+                self.log.debug(
+                    "%s: dropping %s to unknown peer %s", self.node_id, m.type.name, m.to
+                )
+                continue
+            if len(p.queue) >= limit:
+                p.count_drop(1)
+                continue
+            p.queue.append(m)
+            if not woken or woken[-1] is not p:
+                woken.append(p)
+        for p in woken:
+            # The sender clears `wake` *before* checking the queue, so this cannot be missed.
+            if not p.wake.is_set():
+                p.wake.set()
+
+    def _sender_loop(self, p: _Peer) -> None:
+        backoff = BACKOFF_MIN
+        carry: list[Message] = []  # a batch that was never written (the peer closed first)
+        while not p.stopped.is_set():
+            try:
+                sock = self._dial(p)
+            except Exception as e:  # noqa: BLE001 - any dial failure: log, back off, retry
+                sock = None
+                self._log_failure(p, f"cannot connect to {p.id} at {_fmt(p.address)}: {_why(e)}")
+            if sock is None:
+                if p.stopped.is_set():
+                    break
+                # Messages queued when a dial fails are dropped: they are stale by the time the
+                # peer is back, and Raft retransmits; this also bounds the backlog of a down
+                # peer to what arrives between two attempts (<= BACKOFF_MAX).
+                p.count_drop(len(carry) + self._drain(p))
+                carry = []
+                delay = backoff * (0.5 + self._rng.random())
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                p.stopped.wait(delay)
+                continue
+            backoff = BACKOFF_MIN
+            if p.failures:
+                self.log.info("%s: connected to %s at %s", self.node_id, p.id, _fmt(p.address))
+            p.failures = 0
+            p.connected = True
+            try:
+                carry = self._pump(p, sock, carry)
+            except Exception as e:  # noqa: BLE001
+                if not p.stopped.is_set():
+                    self._log_failure(p, f"connection to {p.id} lost: {_why(e)}")
+            finally:
+                p.connected = False
+                p.set_sock(None)
+                _close(sock)
+        p.count_drop(len(carry) + self._drain(p))
+
+    def _log_failure(self, p: _Peer, line: str) -> None:
+        # First failure at warning, repeats at debug: a down peer must not flood the log.
+        level = logging.WARNING if p.failures == 0 else logging.DEBUG
+        p.failures += 1
+        self.log.log(level, "%s: %s", self.node_id, line)
+
+    @staticmethod
+    def _drain(p: _Peer) -> int:
+        n = 0
+        q = p.queue
+        while q:
+            try:
+                q.popleft()
+            except IndexError:
+                break
+            n += 1
+        return n
+
+    def _dial(self, p: _Peer) -> ssl.SSLSocket | None:
+        """A connection to p on which p accepted our hello, or None if stopped meanwhile."""
+        host, port = p.address
+        family, stype, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        raw = socket.socket(family, stype, proto)
+        try:
+            p.set_sock(raw)
+            # Non-blocking connect polled in slices, so stop() is noticed within 100 ms.
+            raw.setblocking(False)
+            err = raw.connect_ex(sockaddr)
+            if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+                raise OSError(err, _strerror(err))
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            poller = select.poll()
+            poller.register(raw, select.POLLOUT)
+            while not poller.poll(100):
+                if p.stopped.is_set():
+                    raise _Stopped
+                if time.monotonic() > deadline:
+                    raise TimeoutError("connect timed out")
+            if p.stopped.is_set():
+                raise _Stopped
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, _strerror(err))
+            _tune(raw)
+            raw.settimeout(self.handshake_timeout)
+            deadline = time.monotonic() + self.handshake_timeout
+            sock = self._client_ctx.wrap_socket(
+                raw, server_hostname=host, do_handshake_on_connect=False
+            )
+        except _Stopped:
+            _close(raw)
+            return None
+        except BaseException:
+            _close(raw)
+            raise
+        try:
+            p.set_sock(sock)
+            sock.do_handshake()
+            name = peer_name(sock)
+            if peer_role(sock) != "node" or name != p.id:
+                raise _Refused(
+                    f"its certificate is {name!r} (role {peer_role(sock)}), expected node {p.id!r}"
+                )
+            sock.sendall(wire.make_hello(self.node_id, "node"))
+            kind, payload = _recv_first_frame(sock, deadline)
+            if kind is FrameKind.ERROR:
+                raise _Refused(f"refused our hello: {wire.parse_error(payload)}")
+            if kind is not FrameKind.HELLO:
+                raise wire.FrameError(f"expected HELLO, got {kind.name}")
+            hello = wire.parse_hello(payload)
+            if hello.role != "node" or hello.node_id != p.id:
+                raise _Refused(
+                    f"it says it is {hello.role} {hello.node_id!r}, expected node {p.id!r}"
+                )
+            sock.settimeout(SEND_TIMEOUT)
+            return sock
+        except BaseException:
+            p.set_sock(None)
+            _close(sock)
+            if p.stopped.is_set():
+                return None
+            raise
+
+    def _pump(self, p: _Peer, sock: ssl.SSLSocket, carry: list[Message]) -> list[Message]:
+        """Write batches until stopped (returns []) or until the peer closes before a write
+        (returns the unwritten batch). Raises on a failed write (the batch is lost)."""
+        # The peer never writes on this connection after its hello: readable means it closed
+        # (or sent an ERROR). Checking before each write saves the batch from a dead socket.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        q = p.queue
+        while True:
+            if carry:
+                batch, carry = carry, []
+            else:
+                batch = []
+                while not q:
+                    p.wake.clear()
+                    if p.stopped.is_set():
+                        return []
+                    if q:
+                        break
+                    if not p.wake.wait(IDLE_CHECK) and poller.poll(0):
+                        why = self._peer_closed(sock)
+                        if why is not None:
+                            raise _Closed(why)
+                if p.stopped.is_set():
+                    return []
+                size = 0
+                while q and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
+                    m = q.popleft()
+                    batch.append(m)
+                    if m.entries:
+                        size += _entries_size(m)
+            if poller.poll(0):
+                why = self._peer_closed(sock)
+                if why is not None:
+                    self.log.debug("%s: %s closed the connection: %s", self.node_id, p.id, why)
+                    return batch
+            self._write_batch(p, sock, batch)
+            p.last_sent = time.monotonic()
+
+    def _write_batch(self, p: _Peer, sock: ssl.SSLSocket, batch: list[Message]) -> None:
+        try:
+            frame = wire.encode_raft_batch(batch, self.max_frame_size)
+        except wire.FrameError:
+            if len(batch) == 1:
+                p.count_drop(1)
+                self.log.warning(
+                    "%s: dropping a %s to %s larger than max_frame_size (%d bytes)",
+                    self.node_id,
+                    batch[0].type.name,
+                    p.id,
+                    self.max_frame_size,
+                )
+                return
+            half = len(batch) // 2
+            self._write_batch(p, sock, batch[:half])
+            self._write_batch(p, sock, batch[half:])
+            return
+        except (TypeError, ValueError, OverflowError) as e:  # a bug upstream: do not kill us
+            p.count_drop(len(batch))
+            self.log.error("%s: cannot encode a batch for %s: %r", self.node_id, p.id, e)
+            return
+        sock.sendall(frame)
+
+    @staticmethod
+    def _peer_closed(sock: ssl.SSLSocket) -> str | None:
+        """Why the peer closed this write-only connection (it was found readable), or None if
+        it is still open (only TLS protocol records arrived, e.g. a session ticket)."""
+        try:
+            sock.settimeout(0)
+            try:
+                data = sock.recv(HELLO_MAX_FRAME_SIZE)
+            finally:
+                sock.settimeout(SEND_TIMEOUT)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except Exception as e:  # noqa: BLE001
+            return _why(e)
+        if not data:
+            return "connection closed"
+        try:
+            for kind, payload in wire.FrameDecoder(HELLO_MAX_FRAME_SIZE).feed(data):
+                if kind is FrameKind.ERROR:
+                    return f"peer error: {wire.parse_error(payload)}"
+        except wire.FrameError:
+            pass
+        return "unexpected data from the peer"
+
+    # ----------------------------------------------------------------- inbound
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stopped:
+            try:
+                raw, addr = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stopped:
+                    return
+                # EMFILE and friends: log once per occurrence, breathe, keep serving.
+                self.log.warning("%s: accept failed: %s", self.node_id, e)
+                time.sleep(0.05)
+                continue
+            rec = _Inbound()
+            rec.target = raw
+            with self._lock:
+                if self._stopped:
+                    _close(raw)
+                    return
+                if len(self._conns) >= self.max_connections:
+                    self.log.warning(
+                        "%s: refusing a connection from %s: %d connections open",
+                        self.node_id,
+                        _fmt(addr),
+                        len(self._conns),
+                    )
+                    _close(raw)
+                    continue
+                self._conns.add(rec)
+                t = threading.Thread(
+                    target=self._run_thread,
+                    args=(self._serve_conn, raw, addr, rec),
+                    name=f"{self.node_id}-conn-{_fmt(addr)}",
+                    daemon=True,
+                )
+                self._threads.add(t)
+            t.start()
+
+    def _serve_conn(self, raw: socket.socket, addr: Any, rec: _Inbound) -> None:
+        who = _fmt(addr)
+        sock: ssl.SSLSocket | None = None
+        try:
+            _tune(raw)
+            raw.settimeout(self.handshake_timeout)
+            sock = self._server_ctx.wrap_socket(
+                raw, server_side=True, do_handshake_on_connect=False
+            )
+            rec.set(sock)
+            accepted = self._accept_hello(sock, rec, who)
+            if accepted is None:
+                return
+            hello, who = accepted
+            if hello.role == "node":
+                self._serve_node(sock, hello.node_id, who, rec)
+                return
+            conn = ClientConn(
+                sock,
+                max_frame_size=self.max_frame_size,
+                hello=hello,
+                address=addr,
+                _on_violation=lambda c, why: self._client_violation(c, who, why),
+            )
+            rec.set(conn)
+            try:
+                self.on_client(conn)
+            except Exception as e:  # noqa: BLE001 - a bug in the handler must not kill the node
+                level = logging.DEBUG if rec.aborted or self._stopped else logging.WARNING
+                self.log.log(
+                    level, "%s: client handler for %s failed: %s", self.node_id, who, _why(e)
+                )
+            finally:
+                conn.close()
+        except wire.FrameError as e:
+            self._conn_log(rec, "closing the connection from %s: %s", who, e, sock=sock, error=e)
+        except (OSError, ssl.SSLError) as e:
+            self._conn_log(rec, "connection from %s failed: %s", who, _why(e))
+        except Exception as e:  # noqa: BLE001 - a bug in a callback must not kill the node
+            self.log.error("%s: connection from %s: unexpected %r", self.node_id, who, e)
+        finally:
+            _close(sock if sock is not None else raw)
+            with self._lock:
+                self._conns.discard(rec)
+
+    def _accept_hello(
+        self, sock: ssl.SSLSocket, rec: _Inbound, who: str
+    ) -> tuple[wire.Hello, str] | None:
+        """TLS handshake, the peer's HELLO, checks, our HELLO; within handshake_timeout.
+        Returns (hello, who) if accepted; else logs one line, sends ERROR if possible, None."""
+        deadline = time.monotonic() + self.handshake_timeout
+        try:
+            sock.do_handshake()
+        except (OSError, ssl.SSLError) as e:
+            self._conn_log(rec, "TLS handshake with %s failed: %s", who, _why(e))
+            return None
+        role, name = peer_role(sock), peer_name(sock)
+        who = f"{name or '?'} ({who})"
+        if role is None:
+            self._refuse(rec, sock, who, "the certificate has no raftsql role")
+            return None
+        try:
+            kind, payload = _recv_first_frame(sock, deadline)
+        except TimeoutError:
+            self._conn_log(
+                rec,
+                "closing the connection from %s: no HELLO within %.1fs",
+                who,
+                self.handshake_timeout,
+            )
+            return None
+        except _Closed as e:
+            self._conn_log(rec, "connection from %s closed before its HELLO: %s", who, e)
+            return None
+        if kind is not FrameKind.HELLO:
+            self._refuse(rec, sock, who, f"expected a HELLO frame first, got {kind.name}")
+            return None
+        hello = wire.parse_hello(payload)
+        why = None
+        if hello.role == "node":
+            if role != "node":
+                why = f"a {role} certificate cannot act as a node (Raft needs a node certificate)"
+            elif hello.node_id != name:
+                why = (
+                    f"hello node_id {hello.node_id!r} does not match the certificate name {name!r}"
+                )
+            elif hello.node_id == self.node_id:
+                why = f"node id {self.node_id!r} is this node's own id"
+        if why is not None:
+            self._refuse(rec, sock, who, why)
+            return None
+        sock.sendall(wire.make_hello(self.node_id, "node"))
+        return hello, who
+
+    def _conn_log(
+        self, rec: _Inbound, fmt: str, *args: Any, sock: Any = None, error: Any = None
+    ) -> None:
+        """One warning line per failed connection (debug when we closed it ourselves), then,
+        if `error` is given, an ERROR frame telling the peer why. Logged first: the peer may
+        see the connection end as soon as the frame is out."""
+        level = logging.DEBUG if rec.aborted or self._stopped else logging.WARNING
+        self.log.log(level, "%s: " + fmt, self.node_id, *args)
+        if error is not None and sock is not None and not rec.aborted:
+            try:  # best effort: the peer may well be gone
+                sock.settimeout(0.2)
+                sock.sendall(wire.make_error(str(error)))
+            except Exception:  # noqa: BLE001, S110
+                pass
+
+    def _refuse(self, rec: _Inbound, sock: ssl.SSLSocket, who: str, why: str) -> None:
+        """Log one line and send one ERROR frame; the caller closes."""
+        self._conn_log(rec, "refusing the connection from %s: %s", who, why, sock=sock, error=why)
+
+    def _client_violation(self, conn: ClientConn, who: str, why: str) -> None:
+        self.log.warning("%s: closing the client connection from %s: %s", self.node_id, who, why)
+        try:
+            conn.send_raw(wire.make_error(why))
+        except (OSError, ssl.SSLError):
+            pass
+        conn.close()
+
+    def _serve_node(self, sock: ssl.SSLSocket, peer_id: str, who: str, rec: _Inbound) -> None:
+        """The reader loop of an authenticated peer: RAFT frames -> on_raft."""
+        with self._lock:
+            old = self._inbound.get(peer_id)
+            self._inbound[peer_id] = rec
+        if old is not None:
+            # The peer redialled: its old connection is dead or half-open; do not keep both.
+            old.abort()
+        self.log.debug("%s: %s connected", self.node_id, who)
+        sock.settimeout(None)
+        decoder = wire.FrameDecoder(self.max_frame_size)
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        me = self.node_id
+        on_raft = self.on_raft
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except _EOF_ERRORS as e:
+                    if rec.aborted:
+                        return
+                    n = 0
+                    self.log.debug("%s: %s: %s", me, who, _why(e))
+                if n == 0:
+                    if decoder.buffered:
+                        raise wire.FrameError(
+                            f"connection closed in the middle of a frame "
+                            f"({decoder.buffered} bytes buffered)"
+                        )
+                    level = logging.DEBUG if rec.aborted or self._stopped else logging.INFO
+                    self.log.log(level, "%s: %s disconnected", me, who)
+                    return
+                for kind, payload in decoder.feed(view[:n]):
+                    if kind is not FrameKind.RAFT:
+                        if kind is FrameKind.ERROR:
+                            self.log.warning(
+                                "%s: %s sent an error: %s", me, who, wire.parse_error(payload)
+                            )
+                            return
+                        raise wire.FrameError(f"unexpected {kind.name} frame on a node connection")
+                    msgs = wire.decode_raft_batch(payload)
+                    good = [m for m in msgs if m.sender == peer_id and m.to == me]
+                    if len(good) != len(msgs):
+                        bad = next(m for m in msgs if m.sender != peer_id or m.to != me)
+                        self.log.warning(
+                            "%s: dropped %d message(s) from %s with a wrong sender/recipient "
+                            "(e.g. %s from %r to %r)",
+                            me,
+                            len(msgs) - len(good),
+                            who,
+                            bad.type.name,
+                            bad.sender,
+                            bad.to,
+                        )
+                    p = self._peers.get(peer_id)
+                    if p is not None:
+                        p.last_received = time.monotonic()
+                    if good:
+                        on_raft(good)
+        finally:
+            view.release()
+            with self._lock:
+                if self._inbound.get(peer_id) is rec:
+                    del self._inbound[peer_id]
+
+
+def _fmt(addr: Any) -> str:
+    try:
+        host, port = addr[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    except (TypeError, ValueError):
+        return str(addr)
+
+
+def _why(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _strerror(err: int) -> str:
+    return os.strerror(err)
