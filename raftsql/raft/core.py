@@ -354,7 +354,13 @@ class Raft:
         Proposals are refused meanwhile; abandoned after an election timeout."""
         if self.role != Role.LEADER:
             raise NotLeader(self.leader)
-        if to == self.id or self.lead_transferee == to:
+        if to == self.id:
+            # Transferring to ourselves cancels a transfer in progress (as etcd does).
+            if self.lead_transferee is not None:
+                self._logger(f"{self.id} cancels leadership transfer to {self.lead_transferee}")
+                self.lead_transferee = None
+            return
+        if self.lead_transferee == to:
             return
         if to not in self.voters:
             raise ValueError(f"{to} is not a voter")

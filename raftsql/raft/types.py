@@ -49,7 +49,7 @@ class Entry:
 
 class ConfChangeType(IntEnum):
     ADD_LEARNER = 0  # add a non-voting member (or demote nothing: a learner that exists stays)
-    PROMOTE = 1  # make an existing learner a voter (or add a voter directly)
+    PROMOTE = 1  # make an existing learner a voter (a new node must join as a learner first)
     REMOVE = 2  # remove a voter or learner
 
 
