@@ -732,3 +732,19 @@ def test_crash_loses_only_unsynced_writes():
     net.disks["n2"].crash(_LoseEverything())
     net.start("n2")
     assert net.log_of("n2")[-1] == (idx, 1, b"x")
+
+
+def test_transfer_to_self_cancels_a_pending_transfer():
+    from raftsql.raft.types import ProposalDropped
+    from raftsql.sim.net import SyncNet
+
+    net = SyncNet(["n1", "n2", "n3"])
+    net.elect("n1")
+    net.isolate("n3")  # the target cannot catch up, so the transfer stays pending
+    net.propose("n1", b"x")
+    net["n1"].transfer_leadership("n3")
+    with pytest.raises(ProposalDropped):
+        net["n1"].propose(b"blocked")
+    net["n1"].transfer_leadership("n1")
+    assert net["n1"].lead_transferee is None
+    assert net.propose("n1", b"accepted again") > 0
