@@ -426,12 +426,14 @@ class Raft:
         hs = HardState(self.term, self.vote, self.log.committed)
         if hs != self._prev_hs:
             rd.hard_state = hs
+            rd.must_sync = (hs.term, hs.vote) != (self._prev_hs.term, self._prev_hs.vote)
             self._prev_hs = hs
         ss = SoftState(self.leader, self.role)
         if ss != self._prev_ss:
             rd.soft_state = ss
             self._prev_ss = ss
         rd.entries = self.log.unstable()
+        rd.must_sync = rd.must_sync or bool(rd.entries)
         rd.messages, self._msgs = self._msgs, []
         rd.persisted_messages, self._msgs_after = self._msgs_after, []
         if "vote_before_persist" in self._mut:

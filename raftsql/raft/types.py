@@ -146,7 +146,7 @@ class Ready:
        heartbeats: dissertation 10.2.1; the leader counts itself only once its own write is
        acknowledged through advance()).
     2. Persist `entries` (if entries[0].index <= the store's last index, first truncate the
-       store from that index) and `hard_state` (if not None), then fsync.
+       store from that index) and `hard_state` (if not None), then fsync if `must_sync`.
     3. Only then send `persisted_messages` (votes, append acknowledgements, ...).
     4. Apply `committed_entries` in order; serve `read_states` once applied >= their index.
     5. Call advance(ready).
@@ -160,9 +160,10 @@ class Ready:
     read_states: list[ReadState] = field(default_factory=list)
     soft_state: SoftState | None = None
 
-    @property
-    def must_sync(self) -> bool:
-        return bool(self.entries) or self.hard_state is not None
+    # True when entries, term or vote changed. A change of commit alone is written but need not
+    # be fsynced: after a crash the commit index is learned again from the leader (etcd does
+    # the same), so it would only double the fsyncs of every write.
+    must_sync: bool = False
 
     def empty(self) -> bool:
         return not (
