@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from raftsql.server.logstore import LogCorruptError, LogLockedError, LogStore
 
 from raftsql.raft.types import Entry, EntryType, HardState, SnapshotMeta
+from raftsql.server.logstore import LogCorruptError, LogLockedError, LogStore
 
 HEADER = 24  # segment header size
 

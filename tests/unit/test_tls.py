@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from raftsql.driver import _tls as driver_tls
 from raftsql.server import tls
 
