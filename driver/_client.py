@@ -2,12 +2,17 @@
 
 Every request carries (client_id, serial). A request is resent with the SAME serial whatever
 happened to the previous attempt, so the state machine's session table turns a resend of an
-applied write into "return the stored result". Two failure classes are kept apart for the
-caller, because they mean different things to an application:
+applied write into "return the stored result" (duplicate=True). Two failure classes are kept
+apart for the caller, because they mean different things to an application:
 
   Unavailable     no attempt was applied (never sent, or refused before the log): safe to retry
   OutcomeUnknown  an attempt may have been applied and the deadline passed: resend only with
-                  the same serial (call `resend(...)` with the serial the error carries)
+                  the same serial (execute(..., serial=error.serial))
+
+Transaction statements (execute_in_transaction) are previews that change nothing, so they are
+simply retried; but they are pinned to the leader (and term) of the transaction's first
+statement: once the term is known, a NOT_LEADER, TXN_ABORTED or an unreachable leader raises
+TxnAborted instead of following the leader elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import uuid
 from typing import Any
 
 from raftsql.driver._conn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
+
+Statement = tuple[str, Any]
 
 
 class ClientError(Exception):
@@ -43,8 +50,24 @@ class BadRequest(ClientError):
     """Raised when the node refused the request as malformed; resending will not help."""
 
 
+class TxnAborted(ClientError):
+    """Raised when a transaction's leader changed or became unreachable: nothing was applied."""
+
+
+def _wire_params(p: Any) -> Any:
+    if p is None:
+        return []
+    if isinstance(p, tuple):
+        return list(p)
+    return p
+
+
 class Client:
-    """Thread-safe: requests are serialized (one in flight per Client)."""
+    """Thread-safe: requests are serialized (one in flight per Client, on one TLS connection)."""
+
+    # Backoff between attempts: exponential from BACKOFF_MIN, capped, with +-50% jitter.
+    BACKOFF_MIN = 0.01
+    BACKOFF_MAX = 0.25
 
     def __init__(self, hosts: list[tuple[str, int]], context, *, timeout: float = 10.0,
                  consistency: str = "linearizable", connect_timeout: float = 2.0):
@@ -63,6 +86,7 @@ class Client:
         self._leader: tuple[str, int] | None = None
         self._next_host = 0
         self.last_index = 0  # highest log index this client wrote or read (read-your-writes)
+        self.served_by: tuple[str, int] | None = None  # the node that answered the last request
 
     @classmethod
     def from_dsn(cls, dsn: str, **kw) -> Client:
@@ -77,26 +101,61 @@ class Client:
 
     # ------------------------------------------------------------------ public
 
-    def execute(self, statements: list[tuple[str, Any]], *, consistency: str | None = None,
+    @property
+    def leader(self) -> str | None:
+        """The cached leader's "host:port" (None until a redirect named one)."""
+        ld = self._leader
+        return f"{ld[0]}:{ld[1]}" if ld else None
+
+    def next_serial(self) -> int:
+        with self._lock:
+            return next(self._serials)
+
+    def execute(self, statements: list[Statement], *, consistency: str | None = None,
                 min_index: int | None = None, timeout: float | None = None,
-                serial: int | None = None) -> dict[str, Any]:
+                serial: int | None = None, idempotent: bool = False) -> dict[str, Any]:
         """Run statements (one, or an atomic batch); returns the Result map. SQL errors come back
-        inside it ("error"); transport/leadership trouble is retried until the deadline."""
+        inside it ("error"); transport/leadership trouble is retried until the deadline.
+        idempotent=True says the caller knows this is a read: a lost response then raises
+        Unavailable, never OutcomeUnknown."""
         with self._lock:
             serial = serial if serial is not None else next(self._serials)
             consistency = consistency or self.consistency
             req = {
                 "op": "execute",
-                "statements": [[sql, list(p) if isinstance(p, tuple) else p] for sql, p in statements],
+                "statements": [[sql, _wire_params(p)] for sql, p in statements],
                 "client_id": self.client_id,
                 "serial": serial,
                 "consistency": consistency,
             }
             if consistency == "stale":
-                req["min_index"] = self.last_index if min_index is None else min_index
-            result = self._call(req, timeout or self.timeout, serial)
+                req["min_index"] = max(self.last_index, min_index or 0)
+            result = self._call(req, timeout or self.timeout, None if idempotent else serial)
             self.last_index = max(self.last_index, int(result.get("index") or 0))
             return result
+
+    def execute_in_transaction(self, statement: Statement, writes: list[Statement],
+                               term: int | None, *, leader: str | None = None,
+                               timeout: float | None = None) -> tuple[dict[str, Any], str]:
+        """One statement of an open transaction, previewed on the leader against the applied
+        state plus `writes` (nothing is applied). Returns (result, "host:port" that served it).
+        With `term` set (not the transaction's first leader request), the request goes only to
+        `leader`, and a leadership change raises TxnAborted."""
+        with self._lock:
+            req = {
+                "op": "execute",
+                "statements": [[statement[0], _wire_params(statement[1])]],
+                "txn": {"writes": [[s, _wire_params(p)] for s, p in writes], "term": term},
+            }
+            if term is not None and leader is not None:
+                pinned = _parse_addr(leader)
+                if self._leader != pinned:
+                    self._drop_conn()
+                    self._leader = pinned
+            result = self._call(req, timeout or self.timeout, None, pinned_term=term)
+            host, port = self.served_by
+            self._leader = (host, port)  # only a leader serves previews: cache it
+            return result, f"{host}:{port}"
 
     def status(self, timeout: float = 3.0) -> dict[str, Any]:
         with self._lock:
@@ -104,17 +163,23 @@ class Client:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop_conn()
 
     # ------------------------------------------------------------------ retry loop
 
-    def _call(self, req: dict[str, Any], timeout: float, serial: int | None) -> dict[str, Any]:
+    def _call(self, req: dict[str, Any], timeout: float, serial: int | None,
+              pinned_term: int | None = None) -> dict[str, Any]:
+        """Send req until a node serves it or `timeout` passes. serial: the write's serial, or
+        None for a request that cannot apply anything (reads, previews, status)."""
         deadline = time.monotonic() + timeout
+        # How long a node may wait on our behalf (commit, read index) before answering: half the
+        # budget, so one leader that lost its quorum cannot use it all.
+        attempt_wait = max(2.0, timeout / 2)
         maybe_sent = False  # did an attempt reach a node that might have applied it?
-        delay = 0.005
+        delay = self.BACKOFF_MIN
+        redirects = 0
         last_error = "no attempt made"
+        pinned = pinned_term is not None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -122,40 +187,84 @@ class Client:
             try:
                 conn = self._connection(remaining)
             except NodeUnreachable as e:
+                if pinned:
+                    self._forget_node()
+                    raise TxnAborted(f"the transaction's leader is unreachable: {e}") from None
                 last_error = str(e)
                 self._forget_node()
             else:
-                req["timeout_ms"] = max(1, int(remaining * 1000))
+                if req["op"] == "execute":
+                    req["timeout_ms"] = max(1, int(min(remaining, attempt_wait) * 1000))
                 try:
                     resp = conn.request(req, remaining + 0.5)
                 except ConnectionLost as e:
                     maybe_sent = True
                     last_error = str(e)
-                    self._forget_node()
+                    if pinned:
+                        self._drop_conn()  # the same leader, reconnected; the term decides
+                    else:
+                        self._forget_node()
                 else:
                     if resp.get("ok"):
-                        return resp["result"]
-                    err = resp.get("error") or {}
-                    kind, msg = err.get("kind"), err.get("message", "")
-                    last_error = f"{kind}: {msg}"
-                    if kind == "BAD_REQUEST":
-                        raise BadRequest(msg)
-                    if kind == "NOT_LEADER":
-                        hint = err.get("leader_addr")
-                        self._follow(hint)
-                        if hint:
-                            continue  # redirect at once, no backoff
-                    elif kind == "OUTCOME_UNKNOWN":
-                        maybe_sent = True
-                        self._forget_node()
-                    # UNAVAILABLE / TIMEOUT / NOT_LEADER without hint: back off and retry
+                        result = resp["result"]
+                        try:
+                            lagging = self._answered_by_lagging_node(conn, req, result, remaining)
+                        except ConnectionLost as e:
+                            maybe_sent, lagging, last_error = True, True, str(e)
+                            self._forget_node()
+                        if not lagging:
+                            self.served_by = conn.address
+                            return result
+                        if self._conn is not None:
+                            last_error = f"{conn.address[0]}:{conn.address[1]} is behind: {result['error']}"
+                        redirects += 1
+                        if self._leader and self._conn is None and redirects <= 2 * len(self.hosts) + 2:
+                            continue  # redirected to the leader: at once
+                    else:
+                        err = resp.get("error") or {}
+                        kind, msg = err.get("kind"), err.get("message", "")
+                        last_error = f"{kind}: {msg}"
+                        if kind == "BAD_REQUEST":
+                            raise BadRequest(msg)
+                        if kind == "TXN_ABORTED" or (kind == "NOT_LEADER" and pinned):
+                            self._follow(err.get("leader_addr"))
+                            raise TxnAborted(msg)
+                        if kind == "NOT_LEADER":
+                            hint = err.get("leader_addr")
+                            self._follow(hint)
+                            redirects += 1
+                            if hint and redirects <= 2 * len(self.hosts) + 2:
+                                continue  # redirect at once, no backoff
+                        elif kind == "OUTCOME_UNKNOWN":
+                            maybe_sent = True
+                            self._forget_node()
+                        # UNAVAILABLE / TIMEOUT / NOT_LEADER without a hint: back off, retry
             sleep = min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic()))
             time.sleep(sleep)
-            delay = min(delay * 2, 0.2)
+            delay = min(delay * 2, self.BACKOFF_MAX)
         if maybe_sent and serial is not None:
             raise OutcomeUnknown(f"no result within {timeout:.1f}s; the write may have been applied "
                                  f"(resend with serial {serial}): {last_error}", serial)
         raise Unavailable(f"no node served the request within {timeout:.1f}s: {last_error}")
+
+    def _answered_by_lagging_node(self, conn: NodeConnection, req: dict[str, Any],
+                                  result: dict[str, Any], remaining: float) -> bool:
+        """Workaround for the server validating statements before it checks leadership or waits
+        for min_index (server/node.py Node.execute): a node that has not applied a recent
+        CREATE TABLE answers "no such table" instead of NOT_LEADER (or instead of waiting). So
+        an SQL error from a normal execute is believed only from the leader, or, for a stale
+        read, from a node that has applied min_index; otherwise the request is sent again
+        (a write with the same serial, so this cannot apply it twice)."""
+        if not result.get("error") or req.get("op") != "execute" or "txn" in req:
+            return False
+        if req.get("consistency") == "stale":
+            return int(result.get("index") or 0) < req.get("min_index", 0)
+        resp = conn.request({"op": "status"}, min(remaining, 2.0) + 0.5)
+        st = resp.get("result") if resp.get("ok") else None
+        if not isinstance(st, dict) or st.get("role") == "leader":
+            return False
+        self._follow(st.get("leader_address"))
+        return True
 
     def _connection(self, remaining: float) -> NodeConnection:
         if self._conn is not None:
@@ -167,20 +276,25 @@ class Client:
         self._conn = NodeConnection(host, port, self.context, min(self.connect_timeout, remaining))
         return self._conn
 
-    def _forget_node(self) -> None:
+    def _drop_conn(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _forget_node(self) -> None:
+        self._drop_conn()
         self._leader = None
         self._next_host += 1
 
     def _follow(self, hint: str | None) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._drop_conn()
         if hint:
-            host, _, port = hint.rpartition(":")
-            self._leader = (host, int(port))
+            self._leader = _parse_addr(hint)
         else:
             self._leader = None
             self._next_host += 1
+
+
+def _parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)

@@ -72,10 +72,12 @@ class NodeConnection:
         """Send one request and wait for its response (raises ConnectionLost on any failure
         after the first byte may have left)."""
         req_id = next(self._ids)
-        body = dict(payload, id=req_id)
+        # Encoding errors (a value msgpack cannot pack, a frame over the size limit) are raised
+        # here, before anything is sent: they are the caller's, not the connection's.
+        frame = wire.encode_frame(wire.FrameKind.REQUEST, dict(payload, id=req_id))
         try:
             self._sock.settimeout(timeout)
-            self._sock.sendall(wire.encode_frame(wire.FrameKind.REQUEST, body))
+            self._sock.sendall(frame)
             while True:
                 kind, resp = self._next_frame()
                 if kind == wire.FrameKind.RESPONSE and isinstance(resp, dict) and resp.get("id") == req_id:

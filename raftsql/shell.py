@@ -1,7 +1,16 @@
-"""`raftsql shell DSN`: an interactive SQL shell in the spirit of the sqlite3 CLI."""
+"""`raftsql shell DSN`: an interactive SQL shell in the spirit of the sqlite3 CLI, on the DB-API
+driver (raftsql.driver).
+
+Statements end when sqlite3.complete_statement says so (a ';' outside strings, comments and
+trigger bodies) and may span lines. Each statement is its own replicated write, as in the sqlite3
+CLI; BEGIN ... COMMIT (or ROLLBACK) groups statements into one driver transaction, applied as one
+log entry at COMMIT. Errors go to stderr; with input piped in, the exit status is 1 if any
+statement failed.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -12,12 +21,15 @@ HELP = """\
 .schema [TABLE]       show CREATE statements
 .nodes                every node: role, term, commit and applied index
 .leader               the current leader
-.status               this connection's node status (JSON)
+.status               the status of the node this shell talks to (JSON)
 .consistency [LEVEL]  show or set read consistency: linearizable | leader | stale
 .timer on|off         print how long each statement took
 .help                 this text
 .quit                 leave (Ctrl-D works too)
-Statements end with ';' and may span lines."""
+Statements end with ';' and may span lines. BEGIN ... COMMIT makes one transaction."""
+
+HISTORY_FILE = "~/.raftsql_history"
+HISTORY_LENGTH = 1000
 
 
 def _fmt(v) -> str:
@@ -28,7 +40,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def print_table(columns: list[str], rows: list[list], out=sys.stdout) -> None:
+def print_table(columns: list[str], rows: list, out=sys.stdout) -> None:
+    """Columns padded to their widest value, under a header and a rule (sqlite3's .mode column)."""
     if not columns:
         return
     cells = [[_fmt(v) for v in r] for r in rows]
@@ -39,34 +52,106 @@ def print_table(columns: list[str], rows: list[list], out=sys.stdout) -> None:
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
-class Shell:
-    def __init__(self, dsn: str, out=sys.stdout):
-        from raftsql.driver._client import Client
+def _columns(names: list[str], width: int = 80) -> str:
+    """Names in as many columns as fit in `width`, filled down then across (sqlite3's .tables)."""
+    if not names:
+        return ""
+    w = max(len(n) for n in names) + 2
+    ncols = max(1, width // w)
+    nrows = -(-len(names) // ncols)
+    lines = []
+    for r in range(nrows):
+        row = [names[i] for i in range(r, len(names), nrows)]
+        lines.append("".join(n.ljust(w) for n in row).rstrip())
+    return "\n".join(lines)
 
+
+_TABLES_SQL = (
+    "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') "
+    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_raftsql%' ESCAPE '\\' "
+    "ORDER BY name"
+)
+_SCHEMA_SQL = (
+    "SELECT sql || ';' FROM sqlite_schema WHERE sql IS NOT NULL "
+    "AND name NOT LIKE '\\_raftsql%' ESCAPE '\\' {where}ORDER BY tbl_name, type DESC, name"
+)
+
+
+class Shell:
+    def __init__(self, dsn: str, out=None, err=None):
+        import raftsql.driver as db
+
+        self.db = db
         self.dsn = dsn
-        self.client = Client.from_dsn(dsn)
-        self.out = out
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.conn = db.connect(dsn, autocommit=True)
         self.timer = False
+        self.errors = 0
+
+    def error(self, text: str) -> None:
+        self.errors += 1
+        self.err.write(f"Error: {text}\n")
+        self.err.flush()
+
+    # ------------------------------------------------------------------ SQL
 
     def run_sql(self, sql: str) -> None:
-        from raftsql.driver._client import ClientError
-
+        db = self.db
+        keyword = sql.lstrip().split(None, 1)[0].upper().rstrip(";") if sql.strip() else ""
+        if keyword in ("BEGIN", "COMMIT", "END", "ROLLBACK") and self._transaction_control(keyword, sql):
+            return
         t0 = time.perf_counter()
         try:
-            res = self.client.execute([(sql, [])])
-        except ClientError as e:
-            self.out.write(f"Error: {e}\n")
+            cur = self.conn.execute(sql)
+            rows = cur.fetchall() if cur.description else []
+        except db.Error as e:
+            name = getattr(e, "sqlite_errorname", None)
+            self.error(f"{e}" + (f" ({name})" if name else ""))
             return
         took = time.perf_counter() - t0
-        if res.get("error"):
-            err = res["error"]
-            self.out.write(f"Error: {err.get('message')} ({err.get('name')})\n")
-        else:
-            print_table(res.get("columns") or [], res.get("rows") or [], self.out)
-            if not res.get("columns") and res.get("rowcount", -1) >= 0:
-                self.out.write(f"{res['rowcount']} row(s) changed (log index {res.get('index')})\n")
+        if cur.description:
+            print_table([d[0] for d in cur.description], rows, self.out)
+        elif cur.rowcount >= 0:
+            self.out.write(f"{cur.rowcount} row(s) changed\n")
         if self.timer:
             self.out.write(f"Run Time: {took * 1000:.2f} ms\n")
+        self.out.flush()
+
+    def _transaction_control(self, keyword: str, sql: str) -> bool:
+        """BEGIN / COMMIT / ROLLBACK map to the driver's transactions. Returns False for
+        forms it does not handle (ROLLBACK TO, BEGIN with odd words): the server refuses them."""
+        words = sql.upper().replace(";", " ").split()
+        plain = {"BEGIN", "DEFERRED", "IMMEDIATE", "EXCLUSIVE", "TRANSACTION", "COMMIT", "END", "ROLLBACK"}
+        if not set(words) <= plain:
+            return False
+        db = self.db
+        try:
+            if keyword == "BEGIN":
+                if not self.conn.autocommit:
+                    self.error("cannot start a transaction within a transaction")
+                    return True
+                self.conn.autocommit = False
+            elif keyword in ("COMMIT", "END"):
+                if self.conn.autocommit:
+                    self.error("cannot commit - no transaction is active")
+                    return True
+                try:
+                    self.conn.commit()
+                finally:
+                    self.conn.rollback()
+                    self.conn.autocommit = True
+            else:
+                if self.conn.autocommit:
+                    self.error("cannot rollback - no transaction is active")
+                    return True
+                self.conn.rollback()
+                self.conn.autocommit = True
+        except db.Error as e:
+            self.error(str(e))
+        return True
+
+    # ------------------------------------------------------------------ dot commands
 
     def dot(self, line: str) -> bool:
         """Run a dot command; returns False to quit."""
@@ -74,15 +159,16 @@ class Shell:
 
         parts = line.split()
         cmd, args = parts[0], parts[1:]
-        if cmd in (".quit", ".exit"):
+        if cmd in (".quit", ".exit", ".q"):
             return False
         if cmd == ".help":
             self.out.write(HELP + "\n")
         elif cmd == ".tables":
-            self.run_sql("SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE '\\_raftsql%' ESCAPE '\\' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+            self._rows_plain(_TABLES_SQL, (), lambda rows: _columns([r[0] for r in rows]))
         elif cmd == ".schema":
-            where = " AND name = " + "'" + args[0].replace("'", "''") + "'" if args else ""
-            self.run_sql(f"SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL AND name NOT LIKE '\\_raftsql%' ESCAPE '\\'{where} ORDER BY name")
+            where, params = ("", ()) if not args else ("AND tbl_name = ? COLLATE NOCASE ", (args[0],))
+            self._rows_plain(_SCHEMA_SQL.format(where=where), params,
+                             lambda rows: "\n".join(r[0] for r in rows))
         elif cmd in (".nodes", ".leader"):
             rows = cluster_status(self.dsn)
             if cmd == ".leader":
@@ -94,67 +180,107 @@ class Shell:
                             [[r.get("id", "?"), r.get("address"), r.get("role", r.get("error")), r.get("term"),
                               r.get("leader"), r.get("commit_index"), r.get("applied_index")] for r in rows], self.out)
         elif cmd == ".status":
-            import json
-
-            self.out.write(json.dumps(self.client.status(), indent=2, default=str) + "\n")
+            try:
+                self.out.write(json.dumps(self.conn.status(), indent=2, default=str) + "\n")
+            except self.db.Error as e:
+                self.error(str(e))
         elif cmd == ".consistency":
             if args:
-                if args[0] not in ("linearizable", "leader", "stale"):
-                    self.out.write("Error: consistency is linearizable, leader or stale\n")
-                else:
-                    self.client.consistency = args[0]
-            self.out.write(f"consistency: {self.client.consistency}\n")
+                try:
+                    self.conn.consistency = args[0]
+                except self.db.ProgrammingError:
+                    self.error("consistency is linearizable, leader or stale")
+                    return True
+            self.out.write(f"consistency: {self.conn.consistency}\n")
         elif cmd == ".timer":
             if args and args[0] in ("on", "off"):
                 self.timer = args[0] == "on"
             else:
-                self.out.write("Usage: .timer on|off\n")
+                self.error("Usage: .timer on|off")
         else:
-            self.out.write(f"Error: unknown command {cmd}; try .help\n")
+            self.error(f'unknown command or invalid arguments: "{cmd[1:]}". Enter ".help" for help')
+        self.out.flush()
         return True
 
-    def loop(self, stop_event: threading.Event | None = None, stdin=sys.stdin) -> None:
+    def _rows_plain(self, sql: str, params, render) -> None:
+        try:
+            rows = self.conn.execute(sql, params).fetchall()
+        except self.db.Error as e:
+            self.error(str(e))
+            return
+        text = render(rows)
+        if text:
+            self.out.write(text + "\n")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _setup_history(self) -> None:
+        try:
+            import readline
+        except ImportError:
+            return
+        hist = os.path.expanduser(HISTORY_FILE)
+        try:
+            readline.read_history_file(hist)
+        except OSError:
+            pass
+        readline.set_history_length(HISTORY_LENGTH)
+        import atexit
+
+        def save() -> None:
+            try:
+                readline.write_history_file(hist)
+            except OSError:
+                pass
+
+        atexit.register(save)
+
+    def loop(self, stop_event: threading.Event | None = None, stdin=None) -> int:
+        """Read statements and dot commands until EOF or .quit; returns the number of errors."""
+        from raftsql.driver import complete_statement
+        from raftsql.driver._sql import split_script
+
+        stdin = stdin or sys.stdin
         interactive = stdin.isatty()
         if interactive:
-            try:
-                import readline
-
-                hist = os.path.expanduser("~/.raftsql_history")
-                if os.path.exists(hist):
-                    readline.read_history_file(hist)
-                import atexit
-
-                atexit.register(readline.write_history_file, hist)
-            except (ImportError, OSError):
-                pass
-            self.out.write(f"raftsql shell on {self.dsn}\nEnter .help for help; statements end with ';'\n")
+            self._setup_history()
+            self.out.write(f"raftsql shell on {self.dsn}\nEnter \".help\" for usage hints.\n")
         buf: list[str] = []
-        while stop_event is None or not stop_event.is_set():
-            prompt = ("   ...> " if buf else "raftsql> ") if interactive else ""
-            try:
-                line = input(prompt) if interactive else stdin.readline()
-            except EOFError:
-                break
-            except KeyboardInterrupt:
-                buf = []
-                self.out.write("\n")
-                continue
-            if not interactive and line == "":
-                break
-            line = line.rstrip("\n")
-            if not buf and line.strip().startswith("."):
-                if not self.dot(line.strip()):
+        try:
+            while stop_event is None or not stop_event.is_set():
+                prompt = ("   ...> " if buf else "raftsql> ") if interactive else ""
+                try:
+                    line = input(prompt) if interactive else stdin.readline()
+                except EOFError:
                     break
-                continue
-            buf.append(line)
-            text = "\n".join(buf).strip()
-            if text.endswith(";"):
-                buf = []
-                stmt = text.rstrip(";").strip()
-                if stmt:
-                    self.run_sql(stmt)
-        self.client.close()
+                except KeyboardInterrupt:
+                    buf = []
+                    self.out.write("\n")
+                    continue
+                if not interactive and line == "":
+                    break
+                line = line.rstrip("\n")
+                if not buf and line.strip().startswith("."):
+                    if not self.dot(line.strip()):
+                        break
+                    continue
+                if not buf and not line.strip():
+                    continue
+                buf.append(line)
+                text = "\n".join(buf)
+                if complete_statement(text):
+                    buf = []
+                    for statement in split_script(text):
+                        self.run_sql(statement)
+            if buf and "\n".join(buf).strip():
+                self.error(f"incomplete SQL: {' '.join(buf).strip()}")
+        finally:
+            self.conn.close()
+        return self.errors
 
 
 def run_shell(dsn: str, stop_event: threading.Event | None = None) -> None:
-    Shell(dsn).loop(stop_event)
+    shell = Shell(dsn)
+    errors = shell.loop(stop_event)
+    if errors and stop_event is None and not sys.stdin.isatty():
+        raise SystemExit(1)

@@ -376,13 +376,61 @@ class Node:
         deadline = time.monotonic() + timeout
         if not statements:
             raise RequestError("BAD_REQUEST", "no statements")
+        if consistency not in ("linearizable", "leader", "stale"):
+            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
+        # Freshness before validation: a lagging follower must not answer "no such table" for a
+        # table the client just created. So: a stale read first waits for min_index; a follower
+        # first confirms a read index through the leader (and redirects anything that writes).
+        with self._lock:
+            is_leader = self.core.role == Role.LEADER
+        if consistency == "stale":
+            if min_index > self.sm.applied_index and not self.sm.wait_applied(min_index, max(0.0, deadline - time.monotonic())):
+                raise RequestError("TIMEOUT", f"index {min_index} not applied on {self.cfg.id} in time")
+        elif not is_leader:
+            if consistency == "leader" or len(statements) != 1:
+                raise self._not_leader()
+            if not self._broken_reads:  # the test-only sabotage serves local state instead
+                self._wait_read_index(deadline)
         try:
             readonly = self.sm.validate(statements)
         except SQLError as e:
             return Result(error=e.error, index=self.sm.applied_index)
         if len(statements) == 1 and readonly[0]:
-            return self._read(statements[0], consistency, min_index, deadline)
+            sql, params = statements[0]
+            if consistency == "linearizable" and is_leader and not self._broken_reads:
+                self._wait_read_index(deadline)
+            elif consistency == "leader":
+                with self._lock:
+                    if self.core.role != Role.LEADER:
+                        raise self._not_leader()
+            return self.sm.query(sql, params)
+        if not is_leader:
+            raise self._not_leader()
         return self._write(statements, client_id, serial, deadline)
+
+    def _wait_read_index(self, deadline: float) -> int:
+        """ReadIndex (diss. 6.4): confirm with a quorum that the leader's commit index is
+        current, then wait until this node has applied it. Works on followers too (the core
+        forwards the request to the leader)."""
+        ctx = uuid.uuid4().bytes
+        with self._lock:
+            try:
+                self.core.read_index(ctx)
+            except NotLeader:
+                raise self._not_leader() from None
+            w = _Waiter(self.core.term)
+            self._reads[ctx] = w
+            self._wake.notify()
+        if not w.event.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._reads.pop(ctx, None)
+            raise RequestError("TIMEOUT", "leadership could not be confirmed in time (no quorum?)")
+        if w.error is not None:
+            raise w.error
+        index = w.result
+        if not self.sm.wait_applied(index, max(0.0, deadline - time.monotonic())):
+            raise RequestError("TIMEOUT", f"read index {index} not applied in time")
+        return index
 
     def execute_in_transaction(
         self, statement: tuple[str, Any], writes: list[tuple[str, Any]], term: int | None,
@@ -436,44 +484,6 @@ class Node:
         if w.error is not None:
             raise w.error
         return w.result
-
-    def _read(self, stmt, consistency: str, min_index: int, deadline: float):
-        sql, params = stmt
-        if consistency == "stale":
-            at = min_index if min_index > self.sm.applied_index else None
-            if at is not None and not self.sm.wait_applied(at, max(0.0, deadline - time.monotonic())):
-                raise RequestError("TIMEOUT", f"index {min_index} not applied on {self.cfg.id} in time")
-            return self.sm.query(sql, params)
-        if consistency == "leader":
-            with self._lock:
-                if self.core.role != Role.LEADER:
-                    raise self._not_leader()
-            return self.sm.query(sql, params)
-        if consistency != "linearizable":
-            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
-        if self._broken_reads:
-            # Test-only sabotage (RAFTSQL_TEST_BROKEN_READS=1): serve "linearizable" reads from
-            # local state on any node, so the fault tests can show their checker catches it.
-            return self.sm.query(sql, params)
-        ctx = uuid.uuid4().bytes
-        with self._lock:
-            try:
-                self.core.read_index(ctx)
-            except NotLeader:
-                raise self._not_leader() from None
-            w = _Waiter(self.core.term)
-            self._reads[ctx] = w
-            self._wake.notify()
-        if not w.event.wait(max(0.0, deadline - time.monotonic())):
-            with self._lock:
-                self._reads.pop(ctx, None)
-            raise RequestError("TIMEOUT", "leadership could not be confirmed in time (no quorum?)")
-        if w.error is not None:
-            raise w.error
-        index = w.result
-        if not self.sm.wait_applied(index, max(0.0, deadline - time.monotonic())):
-            raise RequestError("TIMEOUT", f"read index {index} not applied in time")
-        return self.sm.query(sql, params)
 
     def content_hash(self) -> tuple[int, str]:
         with self.sm._lock:  # the apply lock: index and hash describe the same state

@@ -1,0 +1,470 @@
+"""connect() and Connection: settings, transactions, and the mapping of transport failures to
+DB-API exceptions. The network work is _client.Client's (one per Connection: one client_id,
+one serial sequence, one TLS connection at a time)."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from raftsql import wire
+from raftsql.driver import _client, _sql
+from raftsql.driver._conn import DSN
+from raftsql.driver._cursor import Cursor
+from raftsql.driver._exceptions import (
+    DatabaseError,
+    DataError,
+    Error,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    NotSupportedError,
+    OperationalError,
+    OutcomeUnknown,
+    ProgrammingError,
+    TransactionAborted,
+    Unavailable,
+    Warning,
+    error_from_map,
+)
+from raftsql.driver._tls import client_context, default_paths
+
+Statement = tuple[str, Any]
+
+CONSISTENCY_LEVELS = ("linearizable", "leader", "stale")
+DEFAULT_TIMEOUT = 10.0
+_DSN_PARAMS = frozenset({"certs", "cafile", "certfile", "keyfile", "timeout", "autocommit", "consistency"})
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass
+class _Transaction:
+    """The open transaction of an autocommit=False connection (see driver/DESIGN.md)."""
+
+    writes: list[Statement] = field(default_factory=list)  # non-readonly statements, in order
+    term: int | None = None  # the leader's term at the first previewed statement
+    leader: str | None = None  # "host:port" of that leader; later previews go only there
+    # The applied index the transaction's first statement saw: where its snapshot starts.
+    # Kept for commit-time validation (serializable transactions, a later issue).
+    start_index: int | None = None
+
+
+def _empty_result(rowcount: int = -1) -> dict[str, Any]:
+    return {"columns": [], "decltypes": [], "rows": [], "rowcount": rowcount, "lastrowid": None,
+            "index": 0, "error": None, "duplicate": False, "results": None}
+
+
+def _batch_rowcount(result: dict[str, Any]) -> int:
+    results = result.get("results")
+    if not results:
+        return int(result.get("rowcount", -1))
+    counts = [r.get("rowcount", -1) for r in results]
+    changed = [c for c in counts if c >= 0]
+    return sum(changed) if changed else -1
+
+
+class Connection:
+    """A DB-API connection to a raftsql cluster (create it with connect())."""
+
+    Warning = Warning
+    Error = Error
+    InterfaceError = InterfaceError
+    DatabaseError = DatabaseError
+    DataError = DataError
+    OperationalError = OperationalError
+    IntegrityError = IntegrityError
+    InternalError = InternalError
+    ProgrammingError = ProgrammingError
+    NotSupportedError = NotSupportedError
+
+    def __init__(self, client: _client.Client, *, autocommit: bool = False,
+                 consistency: str = "linearizable"):
+        self._client = client
+        # Serializes everything that touches the connection's state (threadsafety 2).
+        self._lock = threading.RLock()
+        self._closed = False
+        self._autocommit = bool(autocommit)
+        self._consistency = "linearizable"
+        self.consistency = consistency
+        self.row_factory = None
+        self._txn = _Transaction()
+
+    # ------------------------------------------------------------------ attributes
+
+    @property
+    def autocommit(self) -> bool:
+        """True: every statement is its own replicated write. False (the default, PEP 249):
+        statements form a transaction, applied by commit(). Setting it to True commits a
+        pending transaction first, as sqlite3 does."""
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        if value not in (True, False):
+            raise ValueError("autocommit must be True or False")
+        with self._lock:
+            self._check_open()
+            if value and not self._autocommit:
+                self.commit()
+            self._autocommit = bool(value)
+
+    @property
+    def consistency(self) -> str:
+        """Read consistency of reads outside a transaction: "linearizable" (the default; the
+        leader confirms it still leads), "leader" (served by the leader without confirmation)
+        or "stale" (any node, at least as recent as this connection's last_index)."""
+        return self._consistency
+
+    @consistency.setter
+    def consistency(self, value: str) -> None:
+        if value not in CONSISTENCY_LEVELS:
+            raise ProgrammingError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
+        self._consistency = value
+
+    @property
+    def timeout(self) -> float:
+        """Seconds each operation may spend finding the leader and retrying (settable)."""
+        return self._client.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        if not isinstance(value, int | float) or not value > 0:
+            raise ProgrammingError("timeout must be a positive number of seconds")
+        self._client.timeout = float(value)
+
+    @property
+    def in_transaction(self) -> bool:
+        """True if the open transaction has uncommitted writes."""
+        return bool(self._txn.writes)
+
+    @property
+    def last_index(self) -> int:
+        """The highest log index this connection wrote or read. Pass it to another connection's
+        cursor.min_index for causal reads across connections."""
+        return self._client.last_index
+
+    @property
+    def client_id(self) -> str:
+        return self._client.client_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProgrammingError("Cannot operate on a closed database.")
+
+    # ------------------------------------------------------------------ PEP 249
+
+    def cursor(self, factory: type[Cursor] = Cursor) -> Cursor:
+        self._check_open()
+        cur = factory(self)
+        if not isinstance(cur, Cursor):
+            raise TypeError("factory must return a raftsql.driver.Cursor")
+        return cur
+
+    def commit(self) -> None:
+        """Apply the transaction's writes as ONE log entry, exactly once. Nothing to do for an
+        empty transaction or with autocommit=True. If the entry fails (an SQL error) nothing is
+        applied, the error is raised and the transaction is discarded. On Unavailable the
+        transaction stays open (call commit() again); on OutcomeUnknown it is discarded and the
+        error can be passed to resend()."""
+        with self._lock:
+            self._check_open()
+            txn = self._txn
+            if self._autocommit or not txn.writes:
+                self._txn = _Transaction()
+                return
+            try:
+                result = self._send(list(txn.writes))
+            except Unavailable:
+                raise
+            except BaseException:
+                self._txn = _Transaction()
+                raise
+            self._txn = _Transaction()
+            if result.get("error"):
+                raise error_from_map(result["error"])
+
+    def rollback(self) -> None:
+        """Discard the open transaction (nothing of it was applied)."""
+        with self._lock:
+            self._check_open()
+            self._txn = _Transaction()
+
+    def close(self) -> None:
+        """Discard any open transaction and close the network connection. Idempotent, as
+        sqlite3's; any other use of a closed connection raises ProgrammingError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._txn = _Transaction()
+            self._client.close()
+
+    # ------------------------------------------------------------------ sqlite3's shortcuts
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Cursor:
+        return self.cursor().executemany(sql, seq_of_parameters)
+
+    def executescript(self, sql_script: str, /) -> Cursor:
+        return self.cursor().executescript(sql_script)
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """Commit on success, roll back on an exception; does not close (as sqlite3)."""
+        if self._autocommit:
+            return False
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                if not self._closed:
+                    self.rollback()
+                raise
+        elif not self._closed:
+            self.rollback()
+        return False
+
+    # ------------------------------------------------------------------ raftsql extensions
+
+    def resend(self, error: OutcomeUnknown) -> Cursor:
+        """Resend a write whose outcome is unknown, with its original serial: it is applied at
+        most once, and if it was applied its stored result comes back. Do it before any other
+        write on this connection: the server keeps only each client's latest serial, so a
+        resend older than a later write fails with InterfaceError (RAFTSQL_STALE_SERIAL)."""
+        if not isinstance(error, OutcomeUnknown) or error.client_id != self._client.client_id:
+            raise ProgrammingError("resend() takes an OutcomeUnknown raised by this connection")
+        with self._lock:
+            self._check_open()
+            cur = self.cursor()
+            result = self._send(error.statements, serial=error.serial)
+            cur._load(result, _batch_rowcount(result) if len(error.statements) > 1 else None)
+            return cur
+
+    def status(self) -> dict[str, Any]:
+        """The status map of the node this connection talks to (role, term, indexes...)."""
+        with self._lock:
+            self._check_open()
+            try:
+                return self._client.status(min(3.0, self.timeout))
+            except _client.ClientError as e:
+                raise Unavailable(str(e)) from None
+
+    # ------------------------------------------------------------------ internals (Cursor)
+
+    def _send(self, statements: list[Statement], *, consistency: str | None = None,
+              min_index: int | None = None, serial: int | None = None,
+              idempotent: bool = False) -> dict[str, Any]:
+        """A normal execute (outside any transaction): one statement or an atomic batch."""
+        client = self._client
+        if serial is None:
+            serial = client.next_serial()
+        try:
+            return client.execute(statements, consistency=consistency or self._consistency,
+                                  min_index=min_index, serial=serial, idempotent=idempotent)
+        except _client.OutcomeUnknown as e:
+            raise OutcomeUnknown(str(e), serial=e.serial, statements=list(statements),
+                                 client_id=client.client_id) from None
+        except _client.Unavailable as e:
+            raise Unavailable(str(e)) from None
+        except _client.BadRequest as e:
+            raise InterfaceError(f"the server refused the request: {e}") from None
+        except wire.FrameError as e:
+            raise DataError(str(e)) from None
+
+    def _preview(self, statement: Statement) -> dict[str, Any]:
+        """One statement of the open transaction, previewed on its leader."""
+        txn = self._txn
+        try:
+            result, leader = self._client.execute_in_transaction(
+                statement, txn.writes, txn.term, leader=txn.leader)
+        except _client.TxnAborted as e:
+            self._txn = _Transaction()
+            raise TransactionAborted(
+                f"transaction aborted, nothing was applied; run it again: {e}") from None
+        except _client.Unavailable as e:
+            raise Unavailable(str(e)) from None
+        except _client.BadRequest as e:
+            raise InterfaceError(f"the server refused the request: {e}") from None
+        except wire.FrameError as e:
+            raise DataError(str(e)) from None
+        if txn.term is None:
+            txn.term = result.get("term")
+            txn.leader = leader
+        if txn.start_index is None:
+            txn.start_index = result.get("index")
+        if not result.get("error") and not result.get("readonly"):
+            txn.writes.append(statement)
+        return result
+
+    def _run_one(self, cursor: Cursor, sql: str, params: Any) -> dict[str, Any]:
+        with self._lock:
+            self._check_open()
+            stmt = (sql, params)
+            if self._autocommit or (not self._txn.writes and _sql.is_select(sql)):
+                # Outside a transaction, or a read before its first write: the normal read
+                # path, at the cursor's consistency.
+                result = self._send([stmt], consistency=cursor.consistency,
+                                    min_index=cursor.min_index, idempotent=_sql.is_select(sql))
+                if not self._autocommit and self._txn.start_index is None:
+                    self._txn.start_index = result.get("index")
+                return result
+            return self._preview(stmt)
+
+    def _run_many(self, cursor: Cursor, sql: str,
+                  params_list: list[Any]) -> tuple[dict[str, Any], int]:
+        with self._lock:
+            self._check_open()
+            if not params_list:
+                return _empty_result(0), 0
+            if self._autocommit:
+                result = self._send([(sql, p) for p in params_list])
+                return result, _batch_rowcount(result)
+            total = 0
+            result = _empty_result(0)
+            for p in params_list:
+                result = self._preview((sql, p))
+                if result.get("error"):
+                    return result, -1
+                total += max(0, int(result.get("rowcount", 0)))
+            return result, total
+
+    def _run_script(self, script: str) -> tuple[dict[str, Any], int | None]:
+        with self._lock:
+            self._check_open()
+            self.commit()
+            statements = [s for s in _sql.split_script(script) if not _sql.is_begin_or_commit(s)]
+            if not statements:
+                return _empty_result(), None
+            result = self._send([(s, []) for s in statements])
+            return result, _batch_rowcount(result) if len(statements) > 1 else None
+
+
+# --------------------------------------------------------------------------- connect()
+
+
+def _parse_hosts(hosts: Any) -> list[tuple[str, int]]:
+    if isinstance(hosts, str):
+        hosts = [h for h in hosts.split(",") if h.strip()]
+    out = []
+    for h in hosts:
+        if isinstance(h, str):
+            host, sep, port = h.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ProgrammingError(f"host {h!r} must be host:port")
+            out.append((host.strip("[]"), int(port)))
+        else:
+            host, port = h
+            out.append((str(host), int(port)))
+    if not out:
+        raise ProgrammingError("no hosts given")
+    return out
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ProgrammingError(f"{name} must be true or false, not {value!r}")
+
+
+@dataclass
+class Settings:
+    """What connect() resolved from the DSN and its keyword arguments."""
+
+    hosts: list[tuple[str, int]]
+    cafile: str
+    certfile: str
+    keyfile: str | None
+    timeout: float
+    autocommit: bool
+    consistency: str
+
+
+def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
+                   cafile: str | None = None, certfile: str | None = None,
+                   keyfile: str | None = None, timeout: float | None = None,
+                   autocommit: bool | None = None, consistency: str | None = None) -> Settings:
+    """Resolve connect()'s arguments (keyword arguments override the DSN's parameters).
+    Raises ProgrammingError for anything malformed or missing."""
+    params: dict[str, str] = {}
+    dsn_hosts: list[tuple[str, int]] = []
+    if dsn is not None:
+        try:
+            parsed = DSN.parse(dsn)
+        except ValueError as e:
+            raise ProgrammingError(f"invalid DSN: {e}") from None
+        unknown = set(parsed.params) - _DSN_PARAMS
+        if unknown:
+            raise ProgrammingError(f"unknown DSN parameter(s): {', '.join(sorted(unknown))}")
+        params = parsed.params
+        dsn_hosts = parsed.hosts
+    host_list = _parse_hosts(hosts) if hosts is not None else dsn_hosts
+    if not host_list:
+        raise ProgrammingError("no hosts: pass a DSN or hosts=")
+
+    certs = certs if certs is not None else params.get("certs")
+    ca, cert, key = default_paths(certs) if certs else (None, None, None)
+    ca = cafile or params.get("cafile") or ca
+    cert = certfile or params.get("certfile") or cert
+    key = keyfile or params.get("keyfile") or key
+    if not ca or not cert:
+        raise ProgrammingError("no certificates: add ?certs=DIR to the DSN, or pass "
+                               "certs= or cafile= and certfile=")
+    raw_timeout = timeout if timeout is not None else params.get("timeout", DEFAULT_TIMEOUT)
+    try:
+        t = float(raw_timeout)
+    except (TypeError, ValueError):
+        raise ProgrammingError(f"timeout must be a number, not {raw_timeout!r}") from None
+    if not t > 0:
+        raise ProgrammingError("timeout must be positive")
+    ac = _parse_bool("autocommit", autocommit if autocommit is not None
+                     else params.get("autocommit", False))
+    level = consistency or params.get("consistency") or "linearizable"
+    if level not in CONSISTENCY_LEVELS:
+        raise ProgrammingError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
+    return Settings(host_list, ca, cert, key, t, ac, level)
+
+
+def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
+            cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None,
+            timeout: float | None = None, autocommit: bool | None = None,
+            consistency: str | None = None, factory: type[Connection] = Connection) -> Connection:
+    """Open a connection to a raftsql cluster.
+
+    dsn: ``raftsql://host1:port1,host2:port2,host3:port3/?certs=DIR&consistency=linearizable
+    &timeout=10`` (query parameters: certs, cafile, certfile, keyfile, timeout, autocommit,
+    consistency). Keyword arguments override the DSN. hosts: "h:p,h:p", or a list of "h:p" or
+    (host, port). certs: a directory made by `raftsql certs init` (ca.crt, client.crt,
+    client.key); cafile/certfile/keyfile override its files one by one. timeout (default 10):
+    seconds one operation may spend finding the leader and retrying. autocommit (default
+    False): see Connection.autocommit. consistency (default linearizable): see
+    Connection.consistency.
+
+    No node is contacted yet: the first statement finds the leader. Bad arguments raise
+    ProgrammingError; unreadable or insecure certificate files raise OperationalError.
+    """
+    s = parse_settings(dsn, hosts=hosts, certs=certs, cafile=cafile, certfile=certfile,
+                       keyfile=keyfile, timeout=timeout, autocommit=autocommit,
+                       consistency=consistency)
+    try:
+        context = client_context(s.cafile, s.certfile, s.keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise OperationalError(f"cannot load the TLS certificates: {e}") from e
+    client = _client.Client(s.hosts, context, timeout=s.timeout, consistency=s.consistency)
+    return factory(client, autocommit=s.autocommit, consistency=s.consistency)

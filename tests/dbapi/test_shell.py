@@ -1,0 +1,137 @@
+"""`raftsql shell DSN` feels like the sqlite3 shell: a script piped to
+`python -m raftsql.cli shell DSN`, and an interactive session on a pseudo-terminal (history)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+SCRIPT = """\
+.help
+CREATE TABLE pets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,  -- a comment; with a semicolon
+    kind TEXT
+);
+INSERT INTO pets (name, kind) VALUES ('Rex', 'dog'), ('Tom', 'cat');
+SELECT id, name, kind
+  FROM pets
+ ORDER BY id;
+.tables
+.schema pets
+BEGIN;
+INSERT INTO pets (name) VALUES ('Ghost');
+ROLLBACK;
+BEGIN;
+INSERT INTO pets (name, kind) VALUES ('Nemo', 'fish');
+INSERT INTO pets (name, kind) VALUES ('Polly', NULL);
+COMMIT;
+SELECT count(*) AS n FROM pets; SELECT max(id) AS top FROM pets;
+SELEC oops;
+.consistency stale
+SELECT name FROM pets WHERE kind IS NULL;
+.consistency
+.timer on
+SELECT 1 AS one;
+.timer off
+.nodes
+.leader
+.status
+.bogus
+.quit
+SELECT 'never runs';
+"""
+
+
+def _run(cluster, script: str):
+    return subprocess.run([sys.executable, "-m", "raftsql.cli", "shell", cluster.dsn],
+                          input=script, capture_output=True, text=True, timeout=120)
+
+
+def test_piped_script(cluster):
+    out = _run(cluster, SCRIPT)
+    stdout, stderr = out.stdout, out.stderr
+    assert out.returncode == 1, (stdout, stderr)  # an error happened (SELEC), as sqlite3 -bail off
+    # .help
+    for cmd in (".tables", ".schema", ".nodes", ".leader", ".status", ".consistency", ".timer",
+                ".help", ".quit"):
+        assert cmd in stdout
+    # multi-line statements and readable tables
+    assert "id  name  kind\n--  ----  ----\n1   Rex   dog\n2   Tom   cat\n" in stdout
+    assert "2 row(s) changed" in stdout
+    # .tables / .schema
+    tables = stdout[stdout.index("2   Tom   cat"):stdout.index("CREATE TABLE pets")]
+    assert "pets" in tables.split()
+    assert "CREATE TABLE pets (\n    id INTEGER PRIMARY KEY," in stdout
+    # BEGIN ... ROLLBACK applies nothing; BEGIN ... COMMIT applies both
+    assert "n\n-\n4\n" in stdout
+    assert "top\n---\n4\n" in stdout  # two statements on one line both ran
+    assert "Ghost" not in stdout
+    # errors go to stderr with SQLite's message and name
+    assert 'Error: near "SELEC": syntax error (SQLITE_ERROR)' in stderr
+    assert 'Error: unknown command or invalid arguments: "bogus"' in stderr
+    # .consistency, stale read still sees our writes
+    assert "consistency: stale\nname\n-----\nPolly\nconsistency: stale\n" in stdout
+    # .timer
+    assert "one\n---\n1\nRun Time: " in stdout
+    # .nodes: a row per node, one leader
+    node_rows = [line for line in stdout.splitlines() if line.startswith(tuple(cluster.ids))]
+    roles = [line.split()[2] for line in node_rows if len(line.split()) > 3 and ":" in line.split()[1]]
+    assert sorted(roles) == ["follower", "follower", "leader"], stdout
+    # .leader
+    leader = cluster.wait_leader()
+    assert f"{leader} at {cluster.address(leader)}" in stdout
+    # .status: JSON of the node the shell talks to
+    start = stdout.index("{\n")
+    status, _ = json.JSONDecoder().raw_decode(stdout[start:])
+    assert status["role"] in ("leader", "follower") and status["leader"] == leader
+    # .quit stops reading
+    assert "never runs" not in stdout
+
+
+def test_interactive_session_keeps_history(cluster, tmp_path):
+    """On a terminal: prompts, continuation prompts, and readline history in ~/.raftsql_history."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "HOME": str(tmp_path), "TERM": "dumb"}
+    proc = subprocess.Popen([sys.executable, "-m", "raftsql.cli", "shell", cluster.dsn],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+    pos = 0  # everything before pos has been matched already
+
+    def read_until(token: bytes, timeout: float = 30) -> None:
+        nonlocal seen, pos
+        deadline = time.monotonic() + timeout
+        while token not in seen[pos:] and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert token in seen[pos:], seen.decode(errors="replace")
+        pos = seen.index(token, pos) + len(token)
+
+    try:
+        read_until(b"usage hints")
+        read_until(b"raftsql> ")
+        os.write(master, b"SELECT 6 *\n")
+        read_until(b"...> ")
+        os.write(master, b"7 AS answer;\n")
+        read_until(b"------\r\n42")  # the table: header, rule, value
+        read_until(b"raftsql> ")
+        os.write(master, b".quit\n")
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert "answer" in seen.decode(errors="replace")
+    history = (tmp_path / ".raftsql_history").read_text()
+    assert "SELECT 6 *" in history and "7 AS answer;" in history
