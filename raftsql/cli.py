@@ -271,7 +271,10 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bo
     launcher.write_cluster_json(data_dir, plan, procs, dsn)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    if not open_shell:
+        # With the shell, Ctrl-C cancels the line being typed (as in sqlite3); .quit or Ctrl-D
+        # leaves the shell and stops the cluster.
+        signal.signal(signal.SIGINT, lambda *_: done.set())
     try:
         click.echo(f"started {nodes} nodes: " + ", ".join(f"{n['id']}={n['address']}" for n in plan))
         click.echo(f"logs: {data_dir}/<id>/node.log   cluster file: {data_dir / 'cluster.json'}")
@@ -280,6 +283,7 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bo
         if open_shell:
             from raftsql.shell import run_shell
 
+            click.echo("the cluster stops when you leave the shell (.quit or Ctrl-D)")
             run_shell(dsn, stop_event=done)
         else:
             click.echo("press Ctrl-C to stop the cluster")
