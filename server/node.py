@@ -328,10 +328,16 @@ class Node:
         ss = rd.soft_state
         with self._lock:
             was_leader = self.role == Role.LEADER
+            old_leader = self.leader
             self.role, self.leader = ss.role, ss.leader
             if was_leader and ss.role != Role.LEADER:
                 # Entries we proposed may or may not commit under the next leader.
                 self._fail_all("OUTCOME_UNKNOWN", "leadership was lost before the write was applied", proposals_unknown=True)
+            elif old_leader != ss.leader and self._reads:
+                # Reads forwarded to a leader that is gone will never be answered.
+                for w in self._reads.values():
+                    w.finish(error=RequestError("NOT_LEADER", "the leader changed; retry the read", *self._leader_hint()))
+                self._reads.clear()
 
     def _fail_all(self, kind: str, message: str, proposals_unknown: bool) -> None:
         leader, addr = self._leader_hint()
@@ -378,27 +384,26 @@ class Node:
             raise RequestError("BAD_REQUEST", "no statements")
         if consistency not in ("linearizable", "leader", "stale"):
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
-        # Freshness before validation: a lagging follower must not answer "no such table" for a
-        # table the client just created. So: a stale read first waits for min_index; a follower
-        # first confirms a read index through the leader (and redirects anything that writes).
+        # A lagging follower must not answer "no such table" for a table a client just created:
+        # a stale read first waits for its min_index, and a follower that finds an SQL error
+        # defers to the leader (NOT_LEADER) instead of answering from older state.
         with self._lock:
             is_leader = self.core.role == Role.LEADER
         if consistency == "stale":
             if min_index > self.sm.applied_index and not self.sm.wait_applied(min_index, max(0.0, deadline - time.monotonic())):
                 raise RequestError("TIMEOUT", f"index {min_index} not applied on {self.cfg.id} in time")
-        elif not is_leader:
-            if consistency == "leader" or len(statements) != 1:
-                raise self._not_leader()
-            if not self._broken_reads:  # the test-only sabotage serves local state instead
-                self._wait_read_index(deadline)
+        elif not is_leader and (consistency == "leader" or len(statements) != 1):
+            raise self._not_leader()
         try:
             readonly = self.sm.validate(statements)
         except SQLError as e:
+            if not is_leader and consistency != "stale":
+                raise self._not_leader() from None
             return Result(error=e.error, index=self.sm.applied_index)
         if len(statements) == 1 and readonly[0]:
             sql, params = statements[0]
-            if consistency == "linearizable" and is_leader and not self._broken_reads:
-                self._wait_read_index(deadline)
+            if consistency == "linearizable" and not self._broken_reads:
+                self._wait_read_index(deadline)  # on a follower, through the leader
             elif consistency == "leader":
                 with self._lock:
                     if self.core.role != Role.LEADER:
@@ -421,7 +426,10 @@ class Node:
             w = _Waiter(self.core.term)
             self._reads[ctx] = w
             self._wake.notify()
-        if not w.event.wait(max(0.0, deadline - time.monotonic())):
+        # A leader that does not confirm within two election timeouts is probably gone: give up
+        # early so the client retries elsewhere instead of waiting out its whole deadline.
+        limit = 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0
+        if not w.event.wait(max(0.0, min(limit, deadline - time.monotonic()))):
             with self._lock:
                 self._reads.pop(ctx, None)
             raise RequestError("TIMEOUT", "leadership could not be confirmed in time (no quorum?)")

@@ -18,6 +18,7 @@ See server/DESIGN-statemachine.md for the reasons behind each choice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -212,6 +213,7 @@ def _skip_blank(sql: str, i: int = 0) -> int:
     return i
 
 
+@functools.lru_cache(maxsize=4096)
 def _first_keyword(sql: str) -> str:
     i = _skip_blank(sql)
     j = i
@@ -943,16 +945,29 @@ class StateMachine:
                 self._vreader = self._open_reader(write_rules=True)
             reader = self._vreader
             reader.guard.schema_change = False
+            # An executemany batch repeats one statement with new values: preparing and binding
+            # depend only on the text and the parameters' shape, so check each shape once.
+            seen: dict[tuple, bool] = {}
             for i, item in enumerate(statements):
                 if isinstance(item, str):
                     sql, params = item, ()
                 else:
                     sql, params = item
+                if isinstance(params, dict):
+                    shape: Any = tuple(sorted(params))
+                else:
+                    shape = len(params) if params is not None else 0
+                key = (sql, shape)
+                if key in seen:
+                    flags.append(seen[key])
+                    continue
                 try:
-                    flags.append(self._prepare_only(reader, sql, params))
+                    flag = self._prepare_only(reader, sql, params)
                 except SQLError as e:
                     e.statement = i
                     raise
+                seen[key] = flag
+                flags.append(flag)
         return flags
 
     def _prepare_only(self, reader: _Reader, sql: str, params: Any) -> bool:
