@@ -185,6 +185,7 @@ def summarize(trials) -> dict:
 @click.option("--name", default="failover", show_default=True)
 def main(quick: bool, trials: int, no_etcd: bool, name: str) -> None:
     if quick:
+        name = name if name != "failover" else "failover-quick"
         trials = 3
     doc = {"command": " ".join(["python", "benchmarks/failover.py", *sys.argv[1:]]), "machine": machine(), "raw": {}}
     raw = doc["raw"]

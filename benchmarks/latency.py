@@ -101,6 +101,7 @@ def bench_etcd(writes: int, warmup: int) -> list[float] | str:
 @click.option("--name", default="latency", show_default=True, help="Result file name under benchmarks/results/.")
 def main(quick: bool, writes: int, node_counts: tuple[int, ...], name: str) -> None:
     if quick:
+        name = name if name != "latency" else "latency-quick"
         writes = 300
     warmup = max(20, writes // 20)
     node_counts = node_counts or (1, 3, 5)

@@ -125,6 +125,7 @@ def sqlite_baseline(seconds: float, rows_per_entry: int = 1000) -> dict:
 @click.option("--name", default="throughput", show_default=True)
 def main(quick: bool, seconds: float, client_counts: tuple[int, ...], name: str) -> None:
     if quick:
+        name = name if name != "throughput" else "throughput-quick"
         seconds = 3.0
     client_counts = client_counts or (1, 8, 64)
     doc = {"command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]), "machine": machine()}
