@@ -4,32 +4,7 @@ from __future__ import annotations
 
 import re
 
-
-def skip_blank(sql: str, i: int = 0) -> int:
-    """Index of the first character at or after i that is not whitespace, ';' or a comment."""
-    n = len(sql)
-    while i < n:
-        c = sql[i]
-        if c.isspace() or c == ";":
-            i += 1
-        elif c == "-" and sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif c == "/" and sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        else:
-            break
-    return i
-
-
-def first_keyword(sql: str) -> str:
-    i = skip_blank(sql)
-    j = i
-    n = len(sql)
-    while j < n and (sql[j].isalnum() or sql[j] == "_"):
-        j += 1
-    return sql[i:j].upper()
+from raftsql.sqltext import first_keyword, skip_blank  # noqa: F401 - re-exported
 
 
 def is_select(sql: str) -> bool:

@@ -18,7 +18,6 @@ See server/DESIGN-statemachine.md for the reasons behind each choice.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import logging
@@ -36,6 +35,7 @@ import apsw
 import msgpack
 
 from raftsql.command import INT64_MAX, Command, CommandError
+from raftsql.sqltext import first_keyword, skip_blank
 
 log = logging.getLogger(__name__)
 
@@ -193,34 +193,6 @@ class Result:
 
 # ---------------------------------------------------------------------------------------------
 # SQL text helpers
-
-
-def _skip_blank(sql: str, i: int = 0) -> int:
-    """Index of the first character at or after i that is not whitespace, ';' or a comment."""
-    n = len(sql)
-    while i < n:
-        c = sql[i]
-        if c.isspace() or c == ";":
-            i += 1
-        elif c == "-" and sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif c == "/" and sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        else:
-            break
-    return i
-
-
-@functools.lru_cache(maxsize=4096)
-def _first_keyword(sql: str) -> str:
-    i = _skip_blank(sql)
-    j = i
-    n = len(sql)
-    while j < n and (sql[j].isalnum() or sql[j] == "_"):
-        j += 1
-    return sql[i:j].upper()
 
 
 def _quote_ident(name: str) -> str:
@@ -870,7 +842,7 @@ class StateMachine:
                 SQLITE_ERROR, MULTIPLE_STATEMENTS, "You can only execute one statement at a time."
             )
             return False
-        keyword = _first_keyword(sql)
+        keyword = first_keyword(sql)
         if keyword == "VACUUM":
             self._abort = _error(
                 SQLITE_AUTH, "SQLITE_AUTH", "not authorized: VACUUM is not allowed"
@@ -1012,11 +984,11 @@ class StateMachine:
         # The first statement's text is normally a prefix of sql; if blank pieces came first,
         # find where it ends.
         end = len(first) if sql.startswith(first) else sql.find(first) + len(first)
-        if _skip_blank(sql, end) < len(sql):
+        if skip_blank(sql, end) < len(sql):
             raise SQLError(
                 SQLITE_ERROR, MULTIPLE_STATEMENTS, "You can only execute one statement at a time."
             )
-        if not seen["readonly"] and _first_keyword(sql) == "VACUUM":
+        if not seen["readonly"] and first_keyword(sql) == "VACUUM":
             raise SQLError(SQLITE_AUTH, "SQLITE_AUTH", "not authorized: VACUUM is not allowed")
         return bool(seen["readonly"])
 

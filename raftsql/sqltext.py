@@ -1,0 +1,38 @@
+"""SQL text helpers shared by the server and the driver (pure string work, no SQLite).
+
+Only for what text alone can decide (blank input, where a statement ends, which keyword it
+starts with). Whether a statement reads or writes is SQLite's decision, never made here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def skip_blank(sql: str, i: int = 0) -> int:
+    """Index of the first character at or after i that is not whitespace, ';' or a comment."""
+    n = len(sql)
+    while i < n:
+        c = sql[i]
+        if c.isspace() or c == ";":
+            i += 1
+        elif c == "-" and sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif c == "/" and sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        else:
+            break
+    return i
+
+
+@functools.lru_cache(maxsize=4096)
+def first_keyword(sql: str) -> str:
+    """The statement's first keyword, upper-cased (cached: batches repeat one statement)."""
+    i = skip_blank(sql)
+    j = i
+    n = len(sql)
+    while j < n and (sql[j].isalnum() or sql[j] == "_"):
+        j += 1
+    return sql[i:j].upper()
