@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -392,24 +391,12 @@ class FaultCluster(LocalCluster):
     def peer_address(self, src: str, dst: str) -> str:
         return self.net.address(src, dst) if self.net else self.address(dst)
 
+    def node_environment(self, nid: str) -> dict[str, str]:
+        return {**super().node_environment(nid), **self.node_env.get(nid, {})}
+
     def start(self, nid: str | None = None) -> None:
-        # LocalCluster.start, with proxied peers and per-node environment.
+        super().start(nid)
         for n in [nid] if nid else self.ids:
-            if n in self.procs and self.procs[n].poll() is None:
-                continue
-            d = self.data_dir(n)
-            d.mkdir(parents=True, exist_ok=True)
-            args = [sys.executable, "-m", "raftsql.cli", "node", "--id", n, "--data-dir", str(d),
-                    "--listen", self.address(n), "--certs", str(self.certs)]
-            for o in self.ids:
-                if o != n:
-                    args += ["--peer", f"{o}={self.peer_address(n, o)}"]
-            args += self.node_args
-            env = {**os.environ, **self.env, **self.node_env.get(n, {})}
-            with open(d / "node.log", "ab") as logf:
-                logf.write(f"---- start {n} at {time.strftime('%H:%M:%S')} extra env {self.node_env.get(n)}\n".encode())
-                logf.flush()
-                self.procs[n] = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env)
             self.paused.discard(n)
 
     def pause(self, nid: str) -> None:

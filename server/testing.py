@@ -56,6 +56,13 @@ class LocalCluster:
 
     # ---------------------------------------------------------------- processes
 
+    def peer_address(self, src: str, dst: str) -> str:
+        """The address node src is told for peer dst (a fault harness puts a proxy here)."""
+        return self.address(dst)
+
+    def node_environment(self, nid: str) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
     def start(self, nid: str | None = None) -> None:
         for n in [nid] if nid else self.ids:
             if n in self.procs and self.procs[n].poll() is None:
@@ -66,11 +73,13 @@ class LocalCluster:
                     "--listen", self.address(n), "--certs", str(self.certs)]
             for o in self.ids:
                 if o != n:
-                    args += ["--peer", f"{o}={self.address(o)}"]
+                    args += ["--peer", f"{o}={self.peer_address(n, o)}"]
             args += self.node_args
             with open(d / "node.log", "ab") as logf:
+                logf.write(f"---- start {n} at {time.strftime('%H:%M:%S')}\n".encode())
+                logf.flush()
                 self.procs[n] = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
-                                                 env={**os.environ, **self.env})
+                                                 env=self.node_environment(n))
 
     def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.get(nid)
