@@ -51,13 +51,17 @@ MUTATIONS: dict[str, str] = {
 class _ProgressState:
     PROBE = 0  # send one append, wait for its answer (finding where logs match)
     REPLICATE = 1  # stream appends optimistically, up to max_inflight unanswered
+    SNAPSHOT = 2  # a snapshot is on its way; no appends until it is acknowledged (diss. 5.4)
 
 
 class Progress:
     """The leader's view of one follower (Figure 2's nextIndex/matchIndex plus flow control).
     Invariant: match < next."""
 
-    __slots__ = ("match", "next", "state", "paused", "inflight", "recent_active", "acked_round")
+    __slots__ = (
+        "match", "next", "state", "paused", "inflight", "recent_active", "acked_round",
+        "pending_snapshot", "snapshot_elapsed",
+    )
 
     def __init__(self, next_index: int):
         self.match = 0
@@ -67,10 +71,23 @@ class Progress:
         self.inflight: deque[int] = deque()  # last index of each unanswered append
         self.recent_active = False
         self.acked_round = 0  # highest ReadIndex heartbeat round this peer answered
+        self.pending_snapshot = 0  # index of the snapshot being sent (state SNAPSHOT)
+        self.snapshot_elapsed = 0  # ticks since it was sent
 
     def become_probe(self) -> None:
+        if self.state == _ProgressState.SNAPSHOT:
+            # Resume after the snapshot if it got there, else from what the peer has.
+            self.next = max(self.match + 1, self.pending_snapshot + 1)
         self.state = _ProgressState.PROBE
         self.paused = False
+        self.pending_snapshot = 0
+        self.inflight.clear()
+
+    def become_snapshot(self, index: int) -> None:
+        self.state = _ProgressState.SNAPSHOT
+        self.pending_snapshot = index
+        self.snapshot_elapsed = 0
+        self.paused = True
         self.inflight.clear()
 
     def become_replicate(self) -> None:
@@ -97,6 +114,9 @@ class Config:
     check_quorum: bool = True
     mutations: frozenset[str] = frozenset()
     logger: Callable[[str], None] | None = None
+    # A snapshot neither reported (report_snapshot) nor acknowledged within this many ticks is
+    # presumed lost and sent again. The driving code normally reports long before.
+    snapshot_timeout_ticks: int = 200
 
     def __post_init__(self) -> None:
         unknown = set(self.mutations) - set(MUTATIONS)
@@ -169,6 +189,7 @@ class Raft:
         self._prev_hs = HardState(self.term, self.vote, self.log.committed)
         self._prev_ss = SoftState(None, Role.FOLLOWER)
         self._outstanding: Ready | None = None
+        self._pending_install: SnapshotMeta | None = None  # received, not yet handed out
         self._applying_to = self.log.applied
         self._become_follower(self.term, None)
 
@@ -284,6 +305,12 @@ class Raft:
     def _tick_leader(self) -> None:
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
+        for pr in self.progress.values():
+            if pr.state == _ProgressState.SNAPSHOT:
+                pr.snapshot_elapsed += 1
+                if pr.snapshot_elapsed >= self.cfg.snapshot_timeout_ticks:
+                    pr.become_probe()
+                    pr.next = pr.match + 1
         if self.lead_transferee is not None:
             self._transfer_elapsed += 1
             if self._transfer_elapsed >= self.cfg.election_ticks:
@@ -372,6 +399,48 @@ class Raft:
         else:
             self._send_append(to, send_if_empty=True)
 
+    def compact(self, index: int) -> SnapshotMeta:
+        """The state machine has captured everything up to `index` (<= applied, and on disk in
+        the log store): forget those entries. Returns the meta to store next to the snapshot,
+        including the membership in effect at `index`. A lagging follower that still needs a
+        forgotten entry gets the snapshot instead (InstallSnapshot, diss. 5.4)."""
+        log = self.log
+        if index <= log.snapshot.index:
+            return log.snapshot
+        if index > log.applied or index > log.stable:
+            raise ValueError(
+                f"cannot compact to {index}: applied {log.applied}, stable {log.stable}"
+            )
+        voters, learners = self._config_at(index)
+        meta = SnapshotMeta(index, log.term(index) or 0, tuple(sorted(voters)), tuple(sorted(learners)))
+        log.compact(meta)
+        return meta
+
+    def _config_at(self, index: int) -> tuple[set[str], set[str]]:
+        snap = self.log.snapshot
+        if snap.voters:
+            voters, learners = set(snap.voters), set(snap.learners)
+        else:
+            voters, learners = set(self.cfg.voters), set(self.cfg.learners)
+        for e in self.log.entries:
+            if e.index > index:
+                break
+            if e.type == EntryType.CONF_CHANGE:
+                _apply_conf_change(voters, learners, ConfChange.decode(e.data))
+        return voters, learners
+
+    def report_snapshot(self, to: str, ok: bool) -> None:
+        """The driving code finished sending a snapshot to `to`: ok=True if it was delivered
+        (the follower's acknowledgement then resumes replication after it), False if the
+        transfer failed (it will be sent again)."""
+        pr = self.progress.get(to) if self.role == Role.LEADER else None
+        if pr is None or pr.state != _ProgressState.SNAPSHOT:
+            return
+        if not ok:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+        pr.paused = True  # wait for the follower's answer (or the next heartbeat)
+
     def status(self) -> dict:
         return {
             "id": self.id,
@@ -381,10 +450,16 @@ class Raft:
             "commit_index": self.log.committed,
             "applied_index": self.log.applied,
             "last_index": self.log.last_index(),
+            "snapshot_index": self.log.snapshot.index,
             "voters": sorted(self.voters),
             "learners": sorted(self.learners),
             "progress": {
-                k: {"match": p.match, "next": p.next, "active": p.recent_active}
+                k: {
+                    "match": p.match,
+                    "next": p.next,
+                    "active": p.recent_active,
+                    "state": ("probe", "replicate", "snapshot")[p.state],
+                }
                 for k, p in self.progress.items()
                 if k != self.id
             },
@@ -408,7 +483,8 @@ class Raft:
             return False
         self._flush()
         return bool(
-            self._msgs
+            self._pending_install is not None
+            or self._msgs
             or self._msgs_after
             or self._read_states
             or self.log.stable < self.log.last_index()
@@ -423,10 +499,13 @@ class Raft:
             raise RuntimeError("ready() called again before advance()")
         self._flush()
         rd = Ready()
+        if self._pending_install is not None:
+            rd.snapshot, self._pending_install = self._pending_install, None
+            rd.must_sync = True
         hs = HardState(self.term, self.vote, self.log.committed)
         if hs != self._prev_hs:
             rd.hard_state = hs
-            rd.must_sync = (hs.term, hs.vote) != (self._prev_hs.term, self._prev_hs.vote)
+            rd.must_sync = rd.must_sync or (hs.term, hs.vote) != (self._prev_hs.term, self._prev_hs.vote)
             self._prev_hs = hs
         ss = SoftState(self.leader, self.role)
         if ss != self._prev_ss:
@@ -486,7 +565,7 @@ class Raft:
             else:
                 self._become_follower(m.term, None)
         elif m.term < self.term:
-            if m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
+            if m.type in (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT):
                 # A deposed leader (maybe cut off, maybe paused): tell it our term so it steps
                 # down; with PreVote/CheckQuorum nobody else would ever raise its term.
                 self._send(Message(MsgType.APPEND_RESP, m.sender, self.id, self.term))
@@ -536,6 +615,10 @@ class Raft:
             self.election_elapsed = 0
             self.leader = m.sender
             self._handle_heartbeat(m)
+        elif t == MsgType.SNAPSHOT:
+            self.election_elapsed = 0
+            self.leader = m.sender
+            self._handle_snapshot(m)
         elif t == MsgType.TIMEOUT_NOW:
             if self._promotable():
                 self._logger(f"{self.id} got TimeoutNow from {m.sender} at term {self.term}")
@@ -546,7 +629,7 @@ class Raft:
 
     def _step_candidate(self, m: Message) -> None:
         t = m.type
-        if t in (MsgType.APPEND, MsgType.HEARTBEAT):
+        if t in (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT):
             # §5.2: a candidate that hears from a leader of its term steps down.
             self._become_follower(m.term, m.sender)
             self._step_follower(m)
@@ -586,7 +669,8 @@ class Raft:
             if pr.match < self.log.last_index():
                 if pr.state == _ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
                     pr.inflight.popleft()  # a lost append must not stall the stream forever
-                pr.paused = False
+                if pr.state != _ProgressState.SNAPSHOT:
+                    pr.paused = False
                 self._send_append(m.sender, send_if_empty=True)
 
     # ---------------------------------------------------------------- elections
@@ -680,12 +764,45 @@ class Raft:
         log.commit_to(min(m.commit, last_new))
         self._send(Message(MsgType.APPEND_RESP, m.sender, self.id, self.term, index=last_new))
 
+    def _handle_snapshot(self, m: Message) -> None:
+        """InstallSnapshot (§7, diss. 5.4.2). The driving code received the snapshot's data
+        before stepping this message; we only decide whether to take it."""
+        log = self.log
+        try:
+            meta = SnapshotMeta.from_message(m)
+        except ValueError as e:
+            self._logger(f"{self.id} ignores SNAPSHOT from {m.sender}: {e}")
+            return
+        if meta.index <= log.committed:
+            # Nothing new in it: we already hold (committed) everything it covers.
+            self._send(Message(MsgType.APPEND_RESP, m.sender, self.id, self.term, index=log.committed))
+            return
+        if log.match_term(meta.index, meta.term):
+            # Our log already holds its last entry, so it holds everything before it (Log
+            # Matching): keep the log (and anything after it), just learn the commit index.
+            log.commit_to(meta.index)
+            self._send(Message(MsgType.APPEND_RESP, m.sender, self.id, self.term, index=log.committed))
+            return
+        # §7: discard the whole log; the state machine is replaced by the snapshot.
+        self._logger(f"{self.id} installs snapshot at {meta.index} (term {meta.term}) from {m.sender}")
+        self.log = RaftLog(meta, [], meta.index)
+        self.log.applied = meta.index
+        self.log.stable = meta.index
+        self._applying_to = meta.index
+        self._pending_install = meta
+        self._recompute_config()
+        self._send(Message(MsgType.APPEND_RESP, m.sender, self.id, self.term, index=meta.index))
+
     def _handle_heartbeat(self, m: Message) -> None:
         # The leader sends commit = min(its commit, our match), so this never passes our log.
         self.log.commit_to(min(m.commit, self.log.last_index()))
         self._send(Message(MsgType.HEARTBEAT_RESP, m.sender, self.id, self.term, context=m.context))
 
     def _handle_append_resp(self, m: Message, pr: Progress) -> None:
+        if pr.state == _ProgressState.SNAPSHOT:
+            if m.reject or m.index < pr.pending_snapshot:
+                return  # answers something sent before the snapshot
+            pr.become_probe()
         if m.reject:
             if pr.state == _ProgressState.REPLICATE:
                 if m.index <= pr.match:
@@ -725,10 +842,23 @@ class Raft:
             return False
         if pr.state == _ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
             return False
+        if pr.state == _ProgressState.SNAPSHOT:
+            return False
         prev = pr.next - 1
         prev_term = self.log.term(prev)
         if prev_term is None:
-            # The follower needs entries we compacted away: InstallSnapshot (later issue).
+            # The follower needs entries we compacted away: send the snapshot instead
+            # (InstallSnapshot, §7). The driving code attaches the data and reports back.
+            snap = self.log.snapshot
+            self._send(
+                Message(
+                    MsgType.SNAPSHOT, to, self.id, self.term,
+                    log_term=snap.term, index=snap.index, commit=self.log.committed,
+                    context=snap.membership_context(),
+                )
+            )
+            pr.become_snapshot(snap.index)
+            self._logger(f"{self.id} sends snapshot at {snap.index} to {to} (it needs {pr.next})")
             return False
         entries = self.log.slice(pr.next, self.log.last_index() + 1, self.cfg.max_append_bytes)
         if not entries and not send_if_empty:
@@ -837,6 +967,7 @@ class Raft:
         # Everything else (votes, append acks, a candidate's requests) waits for the fsync.
         if self.role == Role.LEADER and m.type in (
             MsgType.APPEND,
+            MsgType.SNAPSHOT,
             MsgType.HEARTBEAT,
             MsgType.TIMEOUT_NOW,
             MsgType.READ_INDEX_RESP,

@@ -36,4 +36,11 @@ class LogStorage(Protocol):
         """Forget entries up to and including meta.index; they now live in a snapshot."""
         ...
 
+    def install(self, meta: SnapshotMeta) -> None:
+        """A snapshot from the leader replaced the state machine: drop every entry and resume
+        after meta.index (Ready.snapshot). Durable at the next sync(); the state machine's copy
+        of the snapshot must be durable first, so a crash in between restarts from either the
+        old log or the new snapshot, never from a mix."""
+        ...
+
     def close(self) -> None: ...

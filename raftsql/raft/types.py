@@ -27,7 +27,7 @@ class MsgType(IntEnum):
     TIMEOUT_NOW = 9  # leadership transfer: campaign now, skipping PreVote and the lease
     READ_INDEX = 10  # follower -> leader: confirm a read index for context
     READ_INDEX_RESP = 11  # leader -> follower: index=read index (reject=True: leader cannot serve it)
-    SNAPSHOT = 12  # reserved for InstallSnapshot (later issue)
+    SNAPSHOT = 12  # InstallSnapshot: index/log_term = snapshot, context = membership
 
 
 class EntryType(IntEnum):
@@ -114,6 +114,29 @@ class SnapshotMeta:
     voters: tuple[str, ...] = ()
     learners: tuple[str, ...] = ()
 
+    # A SNAPSHOT message carries the meta in existing fields: index, log_term and, in context,
+    # the membership (so the wire format stays one flat array for every message type).
+    def membership_context(self) -> bytes:
+        return msgpack.packb([1, list(self.voters), list(self.learners)], use_bin_type=True)
+
+    @classmethod
+    def from_message(cls, m: Message) -> SnapshotMeta:
+        """The meta of a SNAPSHOT message; ValueError if its membership context is malformed."""
+        try:
+            version, voters, learners = msgpack.unpackb(m.context, raw=False)
+            ok = (
+                version == 1
+                and isinstance(voters, list)
+                and isinstance(learners, list)
+                and all(isinstance(v, str) and v for v in voters + learners)
+                and voters
+            )
+        except Exception:  # noqa: BLE001 - any decode failure is one clear error
+            ok = False
+        if not ok:
+            raise ValueError("malformed snapshot membership in SNAPSHOT message")
+        return cls(m.index, m.log_term, tuple(voters), tuple(learners))
+
 
 class Role(IntEnum):
     FOLLOWER = 0
@@ -145,7 +168,7 @@ class Ready:
     1. `messages` may be sent at once, before or while persisting (the leader's appends and
        heartbeats: dissertation 10.2.1; the leader counts itself only once its own write is
        acknowledged through advance()).
-    2. Persist `entries` (if entries[0].index <= the store's last index, first truncate the
+    2. Install `snapshot` if not None (state machine and log store), then persist `entries` (if entries[0].index <= the store's last index, first truncate the
        store from that index) and `hard_state` (if not None), then fsync if `must_sync`.
     3. Only then send `persisted_messages` (votes, append acknowledgements, ...).
     4. Apply `committed_entries` in order; serve `read_states` once applied >= their index.
@@ -159,6 +182,9 @@ class Ready:
     committed_entries: list[Entry] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     soft_state: SoftState | None = None
+    # A snapshot received from the leader: before step 2, replace the state machine with it
+    # and reset the log store to it (its entries are gone; the log resumes at index + 1).
+    snapshot: SnapshotMeta | None = None
 
     # True when entries, term or vote changed. A change of commit alone is written but need not
     # be fsynced: after a crash the commit index is learned again from the leader (etcd does
@@ -167,7 +193,8 @@ class Ready:
 
     def empty(self) -> bool:
         return not (
-            self.hard_state is not None
+            self.snapshot is not None
+            or self.hard_state is not None
             or self.entries
             or self.messages
             or self.persisted_messages

@@ -38,6 +38,9 @@ class MemDisk:
     def compact(self, meta: SnapshotMeta) -> None:
         self._pending.append(("compact", meta))
 
+    def install(self, meta: SnapshotMeta) -> None:
+        self._pending.append(("install", meta))
+
     def close(self) -> None:
         pass
 
@@ -68,3 +71,6 @@ class MemDisk:
             meta: SnapshotMeta = val  # type: ignore[assignment]
             del self.entries[: meta.index - self.snapshot.index]
             self.snapshot = meta
+        elif kind == "install":
+            self.entries = []
+            self.snapshot = val  # type: ignore[assignment]

@@ -24,6 +24,7 @@ class SyncNet:
         self.disks = {i: MemDisk() for i in self.ids}
         self.cores: dict[str, Raft | None] = {}
         self.applied: dict[str, list[Entry]] = {}
+        self.installed: dict[str, list] = {}  # snapshots each node installed (Ready.snapshot)
         self.read_states: dict[str, list[ReadState]] = {i: [] for i in self.ids}
         self.queue: list[Message] = []
         self.dropped: set[tuple[str, str]] = set()
@@ -75,6 +76,10 @@ class SyncNet:
             rd = core.ready()
             self._post(rd.messages)
             disk = self.disks[nid]
+            if rd.snapshot is not None:
+                # The state machine becomes the snapshot: record what it covers.
+                disk.install(rd.snapshot)
+                self.installed.setdefault(nid, []).append(rd.snapshot)
             if rd.entries:
                 disk.append(rd.entries)
             if rd.hard_state is not None:
@@ -151,6 +156,13 @@ class SyncNet:
     def leader(self) -> str | None:
         leaders = [i for i in self.ids if self.cores[i] is not None and self.cores[i].role == Role.LEADER]
         return max(leaders, key=lambda i: self.cores[i].term) if leaders else None
+
+    def compact(self, nid: str, index: int):
+        """nid snapshots its state machine at index and compacts its log and disk."""
+        meta = self[nid].compact(index)
+        self.disks[nid].compact(meta)
+        self.disks[nid].sync()
+        return meta
 
     def log_of(self, nid: str) -> list[tuple[int, int, bytes]]:
         return [(e.index, e.term, e.data) for e in self[nid].log.entries]
