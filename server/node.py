@@ -131,6 +131,9 @@ class Node:
         self.core = Raft(rcfg, random.Random(os.urandom(16)), hs, snap, entries, applied=self.sm.applied_index)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Separate from _wake so that requests waiting for an election never take a
+        # notification meant for the Ready loop.
+        self._leader_known = threading.Condition(self._lock)
         self._stopping = False
         self._stopped = threading.Event()
         self._proposals: dict[int, _Waiter] = {}
@@ -187,6 +190,7 @@ class Node:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
+            self._leader_known.notify_all()
             self._fail_all("UNAVAILABLE", "node is shutting down; the request was not applied", proposals_unknown=True)
         for t in self._threads:
             t.join(timeout)
@@ -330,6 +334,8 @@ class Node:
             was_leader = self.role == Role.LEADER
             old_leader = self.leader
             self.role, self.leader = ss.role, ss.leader
+            if ss.leader is not None:
+                self._leader_known.notify_all()
             if was_leader and ss.role != Role.LEADER:
                 # Entries we proposed may or may not commit under the next leader.
                 self._fail_all("OUTCOME_UNKNOWN", "leadership was lost before the write was applied", proposals_unknown=True)
@@ -388,6 +394,8 @@ class Node:
         # a stale read first waits for its min_index, and a follower that finds an SQL error
         # defers to the leader (NOT_LEADER) instead of answering from older state.
         with self._lock:
+            if self.core.leader is None and consistency != "stale":
+                self._await_leader(deadline)
             is_leader = self.core.role == Role.LEADER
         if consistency == "stale":
             if min_index > self.sm.applied_index and not self.sm.wait_applied(min_index, max(0.0, deadline - time.monotonic())):
@@ -412,6 +420,17 @@ class Node:
         if not is_leader:
             raise self._not_leader()
         return self._write(statements, client_id, serial, deadline)
+
+    def _await_leader(self, deadline: float) -> None:
+        """During an election, hold the request (at most about one election) until a leader is
+        known, so the client is redirected the moment there is one instead of polling with
+        backoff. Called with the lock held."""
+        limit = min(deadline, time.monotonic() + 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0)
+        while self.core.leader is None and not self._stopping:
+            remaining = limit - time.monotonic()
+            if remaining <= 0:
+                return
+            self._leader_known.wait(remaining)
 
     def _wait_read_index(self, deadline: float) -> int:
         """ReadIndex (diss. 6.4): confirm with a quorum that the leader's commit index is
