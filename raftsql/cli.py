@@ -200,7 +200,7 @@ def certs_show(cert_file: Path) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with the same settings.")
 @click.option("--tick-ms", type=int, help="Length of one Raft tick (default 25).")
 @click.option("--heartbeat-ticks", type=int, help="Ticks between heartbeats (default 2).")
-@click.option("--election-ticks", type=int, help="Minimum election timeout in ticks (default 12).")
+@click.option("--election-ticks", type=int, help="Minimum election timeout in ticks (default 8).")
 @click.option("--log-level", default="INFO", show_default=True)
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,

@@ -37,13 +37,13 @@ from raftsql.raft.types import (
 
 log = logging.getLogger("raftsql.node")
 
-# Defaults, chosen for sub-second failover on a loaded 2-core machine (see server/DESIGN.md):
-# a heartbeat every 50 ms, and an election after 300-600 ms without one. A follower must miss
-# six heartbeats in a row (300 ms of silence) before it even asks for pre-votes, which rides out
-# a GC pause or a slow fsync on a busy machine without a spurious election.
+# Defaults, chosen for failover within about 0.4 s on a loaded 2-core machine (see
+# server/DESIGN.md): a heartbeat every 50 ms, and an election after 200-400 ms without one. A
+# follower must miss four heartbeats in a row before it even asks for pre-votes; PreVote and
+# CheckQuorum keep one slow follower from disturbing a healthy leader.
 DEFAULT_TICK_MS = 25
 DEFAULT_HEARTBEAT_TICKS = 2
-DEFAULT_ELECTION_TICKS = 12
+DEFAULT_ELECTION_TICKS = 8
 
 
 class RequestError(Exception):
@@ -394,7 +394,7 @@ class Node:
         # a stale read first waits for its min_index, and a follower that finds an SQL error
         # defers to the leader (NOT_LEADER) instead of answering from older state.
         with self._lock:
-            if self.core.leader is None and consistency != "stale":
+            if consistency != "stale" and self._leader_unsure():
                 self._await_leader(deadline)
             is_leader = self.core.role == Role.LEADER
         if consistency == "stale":
@@ -426,11 +426,24 @@ class Node:
         known, so the client is redirected the moment there is one instead of polling with
         backoff. Called with the lock held."""
         limit = min(deadline, time.monotonic() + 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0)
-        while self.core.leader is None and not self._stopping:
+        while self._leader_unsure() and not self._stopping:
             remaining = limit - time.monotonic()
             if remaining <= 0:
                 return
-            self._leader_known.wait(remaining)
+            # Woken when a leader is elected; contact with the old one shows up on the poll.
+            self._leader_known.wait(min(remaining, self.cfg.tick_ms / 1000.0))
+
+    def _leader_unsure(self) -> bool:
+        """No leader known, or (on a follower) the believed leader has been silent for four
+        heartbeat intervals: it is probably dead, and redirecting a client to it would only
+        cost the client a failed connection and a backoff."""
+        ld = self.core.leader
+        if ld is None:
+            return True
+        if ld == self.cfg.id:
+            return False
+        silent = time.monotonic() - self.last_contact.get(ld, 0.0)
+        return silent > 4 * self.cfg.heartbeat_ticks * self.cfg.tick_ms / 1000.0
 
     def _wait_read_index(self, deadline: float) -> int:
         """ReadIndex (diss. 6.4): confirm with a quorum that the leader's commit index is
