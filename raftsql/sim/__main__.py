@@ -1,4 +1,5 @@
 """python -m raftsql.sim --seeds N [--seed S] [--nodes 3|5] [--mutate NAME] [--list-mutations]
+                         [--no-snapshots] [--sim-bug NAME] [--jobs N]
 
 The last line printed is exactly `seeds=N violations=V`.
 """

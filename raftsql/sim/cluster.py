@@ -2,8 +2,18 @@
 
 One seed = one run: the seed picks the fault mix (drops, duplicates, reordering, delays,
 partitions, crashes that lose unsynced writes, clock skew, membership changes, leadership
-transfers), then a liveness phase heals everything. Safety invariants are checked after every
-step of virtual time; the first violation ends the run with the trace's tail.
+transfers, log compaction at random moments and InstallSnapshot), then a liveness phase heals
+everything. Safety invariants are checked after every step of virtual time; the first
+violation ends the run with the trace's tail.
+
+Snapshots. Each node's state machine is the list of (index, data) it applied. Compacting at
+index i writes the state machine's prefix up to i as a durable snapshot file (node.snapshots)
+*before* the log store's compact/install is queued, as the server must; a crash may then lose
+the log store's half, and a restart loads the snapshot file that matches the log store's
+meta (the newer file is ignored, as etcd does), so it resumes from the old log or from the new
+snapshot, never from a mix. The transport carries the leader's snapshot file with a SNAPSHOT
+message (out of band, as the real one streams the file) and reports its fate back to the
+leader through report_snapshot, or sometimes never (the leader's timeout must cover it).
 """
 
 from __future__ import annotations
@@ -20,18 +30,29 @@ from raftsql.raft.types import (
     ConfChangeType,
     EntryType,
     Message,
+    MsgType,
     NotLeader,
     ProposalDropped,
     Ready,
     Role,
+    SnapshotMeta,
 )
 from raftsql.sim.disk import MemDisk
 
 TICK_UNITS = 10  # virtual time units per tick at normal clock speed
 ELECTION_TICKS = 10
 FAULT_UNITS = 4000  # length of the faulty phase
-LIVENESS_TICKS = 300
-READ_TIMEOUT = 100 * TICK_UNITS  # a client abandons a read (its message may have been dropped)  # once faults stop, the cluster must converge within this many ticks
+LIVENESS_TICKS = 300  # once faults stop, the cluster must converge within this many ticks
+READ_TIMEOUT = 100 * TICK_UNITS  # a client abandons a read (its message may have been dropped)
+
+# Broken snapshot paths in the simulated driving code (not in the core), switched on only by
+# tests to show that the invariants catch them (tests/raft/test_sim.py).
+SIM_BUGS: dict[str, str] = {
+    "install_keeps_state": "on Ready.snapshot keep the old state machine instead of loading the snapshot",
+    "snapshot_short_by_one": "the transport ships the leader's state machine at meta.index - 1",
+    "snapshot_of_current_state": "the transport ships the leader's current state machine, not the one at meta.index",
+    "snapshot_file_after_log": "fsync the state machine's snapshot file only after the log store's compact/install",
+}
 
 
 class Violation(Exception):
@@ -73,6 +94,28 @@ class FaultMix:
 
 
 @dataclass
+class SnapshotMix:
+    """The snapshot part of the fault schedule. Drawn from its own random stream, so a run
+    without snapshots (--no-snapshots) replays the schedules from before they existed."""
+
+    every: int  # a node compacts when applied - snapshot.index reaches a threshold in [1, 2*every]
+    max_window: int  # entries kept after the snapshot: 0 half the time, else up to this many
+    anytime: float  # chance per step and node to compact whatever it can, threshold or not
+    report_loss: float  # chance the transport never reports a snapshot's fate to the leader
+    timeout_ticks: int  # Config.snapshot_timeout_ticks: the leader's fallback for a lost report
+
+    @classmethod
+    def from_rng(cls, rng: random.Random) -> SnapshotMix:
+        return cls(
+            every=rng.choice([2, 5, 15, 40]),
+            max_window=rng.choice([0, 2, 8, 30]),
+            anytime=rng.choice([0.0, 0.0005, 0.003]),
+            report_loss=rng.choice([0.0, 0.1, 0.5, 1.0]),
+            timeout_ticks=rng.choice([20, 50, 100]),
+        )
+
+
+@dataclass
 class Proposal:
     value: bytes
     node: str
@@ -102,6 +145,13 @@ class SimNode:
     restarts: int = 0
     last_role: tuple[int, Role] | None = None
     checked_commit: int = 0
+    # Durable: the state machine's snapshot files, index -> applied prefix up to index. Only
+    # the one matching the log store's meta is loaded on restart.
+    snapshots: dict[int, tuple[tuple[int, bytes], ...]] = field(default_factory=dict)
+    # Volatile: snapshot data that arrived with SNAPSHOT messages since the last ready().
+    inbox: dict[tuple[int, int], tuple[tuple[int, bytes], ...]] = field(default_factory=dict)
+    compact_at: int = 0  # compact once applied - snapshot.index reaches this
+    deferred: list[int] = field(default_factory=list)  # unsynced snapshot files (sim bug snapshot_file_after_log)
 
     @property
     def alive(self) -> bool:
@@ -109,11 +159,28 @@ class SimNode:
 
 
 class Simulation:
-    def __init__(self, seed: int, nodes: int = 3, mutations: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        seed: int,
+        nodes: int = 3,
+        mutations: frozenset[str] = frozenset(),
+        snapshots: bool = True,
+        sim_bugs: frozenset[str] = frozenset(),
+    ):
+        unknown = set(sim_bugs) - set(SIM_BUGS)
+        if unknown:
+            raise ValueError(f"unknown simulator bugs: {sorted(unknown)}")
         self.seed = seed
         self.rng = random.Random(seed)
         self.mutations = mutations
+        self.sim_bugs = sim_bugs
         self.mix = FaultMix.from_rng(self.rng)
+        # Every snapshot decision draws from srng, never from rng (see SnapshotMix).
+        self.srng = random.Random(f"snapshots/{seed}")
+        self.snap: SnapshotMix | None = SnapshotMix.from_rng(self.srng) if snapshots else None
+        self._snap_payload: dict[int, tuple[tuple, int]] = {}  # net seq -> (data, sender restarts)
+        self._reports: list[tuple[int, int, str, int, str, bool]] = []  # (time, seq, leader, restarts, to, ok)
+        self.conf_changes: dict[int, ConfChange] = {}  # committed CONF_CHANGE entries by index
         self.initial_voters = tuple(f"n{i + 1}" for i in range(nodes))
         spares = (f"n{nodes + 1}",) if self.mix.membership else ()
         self.nodes = {nid: SimNode(nid) for nid in self.initial_voters + spares}
@@ -135,6 +202,12 @@ class Simulation:
         self.reads: dict[bytes, Read] = {}
         self.counter = 0
         self.stats = {"acked": 0, "reads": 0, "crashes": 0, "partitions": 0, "elections": 0, "transfers": 0, "conf_changes": 0}
+        if self.snap is not None:
+            self.stats.update(
+                compactions=0, snapshots_sent=0, installs=0, learner_installs=0,
+                snapshots_stale=0, snapshots_fast_forward=0, reports_ok=0,
+                reports_failed=0, reports_lost=0, restarts_from_snapshot=0, crash_between=0,
+            )
         for nid in self.initial_voters:
             self._start(nid)
         for nid in spares:
@@ -158,10 +231,34 @@ class Simulation:
             mutations=self.mutations,
             logger=self._log,
         )
+        if self.snap is not None:
+            cfg.snapshot_timeout_ticks = self.snap.timeout_ticks
+        # The state machine restarts from the snapshot file matching the log store's meta. A
+        # newer file means a crash came between writing it and syncing the log store's
+        # compact/install: it is ignored, and the old log (still on disk) covers its entries.
+        if node.snapshots and max(node.snapshots) > snap.index:
+            self.stats["crash_between"] += 1
+        if snap.index:
+            data = node.snapshots.get(snap.index)
+            if data is None:
+                raise Violation(
+                    "Snapshot durability",
+                    f"{nid} restarts from log store snapshot {snap.index} but has no state machine "
+                    f"snapshot for it (files: {sorted(node.snapshots)})",
+                )
+            node.snapshots = {snap.index: data}
+            node.applied = list(data)
+            self.stats["restarts_from_snapshot"] += 1
+        else:
+            node.snapshots = {}
+            node.applied = []
         node_rng = random.Random(self.rng.getrandbits(64))
-        node.core = Raft(cfg, node_rng, hs, snap, entries, applied=0)
-        node.applied = []
+        node.core = Raft(cfg, node_rng, hs, snap, entries, applied=snap.index)
         node.pending = None
+        node.inbox = {}
+        node.deferred = []
+        if self.snap is not None:
+            node.compact_at = self._draw_threshold()
         node.checked_commit = snap.index
         node.last_role = None
         node.next_tick = self.now + self.rng.randrange(node.tick_period)
@@ -171,6 +268,8 @@ class Simulation:
         if not node.alive:
             return
         lost = node.disk.crash(self.rng)
+        for index in node.deferred:
+            node.snapshots.pop(index, None)
         self._log(f"CRASH {nid} (lost {lost} unsynced writes)")
         node.core = None
         node.pending = None
@@ -185,6 +284,9 @@ class Simulation:
 
     def _send(self, msgs: list[Message]) -> None:
         for m in msgs:
+            if m.type == MsgType.SNAPSHOT:
+                self._send_snapshot(m)
+                continue
             if self.faulty and self.rng.random() < self.mix.drop:
                 continue
             copies = 2 if self.faulty and self.rng.random() < self.mix.duplicate else 1
@@ -195,14 +297,167 @@ class Simulation:
 
     def _deliver_due(self) -> None:
         while self._net and self._net[0][0] <= self.now:
-            _, _, m = heapq.heappop(self._net)
+            _, seq, m = heapq.heappop(self._net)
             node = self.nodes.get(m.to)
+            payload = self._snap_payload.pop(seq, None) if m.type == MsgType.SNAPSHOT else None
             if node is None or not node.alive or (m.sender, m.to) in self.blocked:
+                if payload is not None:
+                    self._report(m, payload[1], ok=False)  # the stream broke off
                 continue
+            if payload is not None:
+                # The data arrived first (the transport streams the file, then hands the core
+                # the message); the node installs it when Ready.snapshot asks.
+                node.inbox[(m.index, m.log_term)] = payload[0]
+                log = node.core.log
+                if m.term == node.core.term and m.index <= log.committed:
+                    self.stats["snapshots_stale"] += 1
+                elif m.term == node.core.term and log.match_term(m.index, m.log_term):
+                    self.stats["snapshots_fast_forward"] += 1
             try:
                 node.core.step(m)
             except LogInvariantError as e:
                 raise Violation("Core invariant", str(e)) from None
+            if payload is not None:
+                self._report(m, payload[1], ok=True)
+        while self._reports and self._reports[0][0] <= self.now:
+            _, _, leader, restarts, to, ok = heapq.heappop(self._reports)
+            node = self.nodes[leader]
+            if node.alive and node.restarts == restarts:
+                node.core.report_snapshot(to, ok)
+
+    # ---------------------------------------------------------------- snapshots
+
+    def _send_snapshot(self, m: Message) -> None:
+        """The transport streams the sender's snapshot file with the message, then tells the
+        sender how it went (report_snapshot), or, sometimes, never does."""
+        sender = self.nodes[m.sender]
+        data = sender.snapshots.get(m.index)
+        if data is None:
+            raise Violation(
+                "Snapshot durability",
+                f"{m.sender} sends snapshot {m.index} but has no state machine snapshot for it",
+            )
+        if "snapshot_short_by_one" in self.sim_bugs:
+            data = data[:-1]
+        if "snapshot_of_current_state" in self.sim_bugs:
+            data = tuple(sender.applied)
+        self.stats["snapshots_sent"] += 1
+        srng = self.srng
+        lat = 1 + srng.randrange(self.mix.max_latency if self.faulty else 3) + len(data) // 100
+        self._seq += 1
+        if self.faulty and srng.random() < self.mix.drop:
+            self._log(f"SNAPSHOT {m.index} {m.sender}->{m.to} lost")
+            self._report(m, sender.restarts, ok=False, delay=lat)
+            return
+        self._snap_payload[self._seq] = (data, sender.restarts)
+        heapq.heappush(self._net, (self.now + lat, self._seq, m))
+
+    def _report(self, m: Message, restarts: int, ok: bool, delay: int = 0) -> None:
+        if self.faulty and self.srng.random() < self.snap.report_loss:
+            self.stats["reports_lost"] += 1
+            return
+        self.stats["reports_ok" if ok else "reports_failed"] += 1
+        self._seq += 1
+        when = self.now + delay + 1 + self.srng.randrange(3)
+        heapq.heappush(self._reports, (when, self._seq, m.sender, restarts, m.to, ok))
+
+    def _draw_threshold(self) -> int:
+        return self.srng.randint(1, 2 * self.snap.every)
+
+    def _compactions(self) -> None:
+        """The fault schedule's log compaction: a node snapshots its state machine when it has
+        applied enough since the last snapshot (or, rarely, at any moment), keeping a random
+        trailing window of entries (often none, so lagging followers need InstallSnapshot)."""
+        srng, anytime = self.srng, self.snap.anytime
+        for node in self.nodes.values():
+            if not node.alive:
+                continue
+            log = node.core.log
+            since = log.applied - log.snapshot.index
+            if since < node.compact_at and not (anytime and since > 0 and srng.random() < anytime):
+                continue
+            window = 0 if srng.random() < 0.5 else srng.randint(0, self.snap.max_window)
+            # Entries the checker has not recorded as committed yet stay in the log for a step.
+            upto = min(log.applied, log.stable, node.checked_commit, len(node.applied)) - window
+            if upto <= log.snapshot.index:
+                continue
+            node.compact_at = self._draw_threshold()
+            meta = node.core.compact(upto)
+            data = tuple(node.applied[:upto])
+            self._check_snapshot(node.id, meta, data, "compacted to")
+            self._write_snapshot_file(node, meta.index, data)
+            node.disk.compact(meta)
+            self.stats["compactions"] += 1
+            self._log(f"COMPACT {node.id} to {meta.index} (window {window}, last {log.last_index()})")
+
+    def _write_snapshot_file(self, node: SimNode, index: int, data: tuple) -> None:
+        # Durable at once: the server fsyncs the file before it touches the log store.
+        node.snapshots[index] = data
+        if "snapshot_file_after_log" in self.sim_bugs:
+            node.deferred.append(index)  # lost in a crash before the log store's next sync
+
+    def _install(self, node: SimNode, meta: SnapshotMeta, inbox: dict) -> None:
+        data = inbox.get((meta.index, meta.term))
+        if data is None:
+            raise Violation("Simulator", f"{node.id} must install snapshot {meta.index} it never received")
+        self._check_snapshot(node.id, meta, data, "installed")
+        self._write_snapshot_file(node, meta.index, data)
+        if "install_keeps_state" not in self.sim_bugs:
+            node.applied = list(data)
+        node.disk.install(meta)
+        # Clients waiting on entries the snapshot covers learn nothing about them.
+        self.proposals[node.id] = [p for p in self.proposals[node.id] if p.index > meta.index]
+        self.stats["installs"] += 1
+        if node.id in meta.learners or node.id not in self.initial_voters:
+            self.stats["learner_installs"] += 1
+        self._log(f"INSTALL {node.id} snapshot {meta.index}:{meta.term}")
+
+    def _membership_at(self, index: int) -> tuple[set[str], set[str]]:
+        """Ground truth: the membership after every committed change up to index."""
+        voters, learners = set(self.initial_voters), set()
+        for i in sorted(k for k in self.conf_changes if k <= index):
+            cc = self.conf_changes[i]
+            if cc.type == ConfChangeType.ADD_LEARNER:
+                if cc.node_id not in voters:
+                    learners.add(cc.node_id)
+            elif cc.type == ConfChangeType.PROMOTE:
+                learners.discard(cc.node_id)
+                voters.add(cc.node_id)
+            else:
+                voters.discard(cc.node_id)
+                learners.discard(cc.node_id)
+        return voters, learners
+
+    def _check_snapshot(self, nid: str, meta: SnapshotMeta, data: tuple, how: str) -> None:
+        """State Machine Safety for snapshots: a snapshot at index i is exactly the committed
+        prefix 1..i (as every node applied it), its term is the committed entry's term, and its
+        membership is the one the committed log gives at i."""
+        if len(data) != meta.index or any(d[0] != i for i, d in enumerate(data, 1)):
+            raise Violation(
+                "State Machine Safety",
+                f"{nid} {how} snapshot {meta.index} whose data holds indexes "
+                f"{data[0][0] if data else None}..{data[-1][0] if data else None} ({len(data)} entries)",
+            )
+        for idx, value in data:
+            want = self.committed.get(idx)
+            if want is None or want[1] != value:
+                raise Violation(
+                    "State Machine Safety",
+                    f"{nid} {how} snapshot {meta.index} holding {idx}:{value!r}, but committed {want}",
+                )
+        if self.committed[meta.index][0] != meta.term:
+            raise Violation(
+                "State Machine Safety",
+                f"{nid} {how} snapshot {meta.index} of term {meta.term}, but "
+                f"{meta.index}:{self.committed[meta.index][0]} was committed",
+            )
+        voters, learners = self._membership_at(meta.index)
+        if (set(meta.voters), set(meta.learners)) != (voters, learners):
+            raise Violation(
+                "Snapshot membership",
+                f"{nid} {how} snapshot {meta.index} with voters {meta.voters} learners {meta.learners}, "
+                f"but the committed log gives {sorted(voters)} / {sorted(learners)}",
+            )
 
     # ---------------------------------------------------------------- Ready loop
 
@@ -212,7 +467,16 @@ class Simulation:
             return
         rd = core.ready()
         node.pending = rd
+        inbox, node.inbox = node.inbox, {}  # anything not installed now was ignored by the core
         self._send(rd.messages)  # may leave before the disk write
+        # Snapshot files older than the log store's durable meta are never needed again: a
+        # restart loads that meta's file, and any SNAPSHOT the core sends from now on is at
+        # its own meta, which is never older.
+        durable = node.disk.snapshot.index
+        if node.snapshots and min(node.snapshots) < durable:
+            node.snapshots = {i: d for i, d in node.snapshots.items() if i >= durable}
+        if rd.snapshot is not None:
+            self._install(node, rd.snapshot, inbox)
         if rd.entries:
             node.disk.append(rd.entries)
         if rd.hard_state is not None:
@@ -226,6 +490,7 @@ class Simulation:
         rd, core = node.pending, node.core
         if rd.must_sync:
             node.disk.sync()
+            node.deferred = []
         self._send(rd.persisted_messages)
         for e in rd.committed_entries:
             self._apply(node, e.index, e.term, e.data)
@@ -242,6 +507,12 @@ class Simulation:
         if want is not None and want != (term, data):
             raise Violation(
                 "State Machine Safety", f"{node.id} applied {index}:{term}:{data!r}, others {want}"
+            )
+        # The state machine applies every index once, in order (from its snapshot on).
+        if index != len(node.applied) + 1:
+            raise Violation(
+                "State Machine Safety",
+                f"{node.id} applied {index} after {node.applied[-1][0] if node.applied else 0}",
             )
         node.applied.append((index, data))
         # A proposal is acknowledged when the node it was proposed to applies it.
@@ -262,7 +533,9 @@ class Simulation:
             del self.reads[ctx]
 
     def _serve_reads(self, node: SimNode) -> None:
-        applied = node.core.log.applied
+        # The state machine's own applied index: core.log.applied already counts a snapshot the
+        # core accepted but the state machine has not installed yet.
+        applied = len(node.applied)
         for ctx, r in list(self.reads.items()):
             if r.node == node.id and 0 <= r.index <= applied:
                 del self.reads[ctx]
@@ -370,10 +643,11 @@ class Simulation:
         options: list[ConfChange] = []
         for s in spares:
             options.append(ConfChange(ConfChangeType.ADD_LEARNER, s))
-        for lr in core.learners:
+        # Sorted: set order depends on PYTHONHASHSEED, and a seed must replay in any process.
+        for lr in sorted(core.learners):
             options.append(ConfChange(ConfChangeType.PROMOTE, lr))
         if len(core.voters) > len(self.initial_voters):
-            for v in core.voters:
+            for v in sorted(core.voters):
                 options.append(ConfChange(ConfChangeType.REMOVE, v))
         if not options:
             return
@@ -438,12 +712,22 @@ class Simulation:
             for idx in range(max(node.checked_commit + 1, log.first_index()), log.committed + 1):
                 e = log.entry(idx)
                 want = self.committed.setdefault(idx, (e.term, e.data))
+                if e.type == EntryType.CONF_CHANGE and idx not in self.conf_changes:
+                    self.conf_changes[idx] = ConfChange.decode(e.data)
                 if want != (e.term, e.data):
                     raise Violation(
                         "State Machine Safety",
                         f"{node.id} committed {idx}:{e.term}, but {idx}:{want[0]} was committed before",
                     )
             node.checked_commit = log.committed
+            # A compacted prefix stands for committed entries: its last one is the committed one.
+            snap = log.snapshot
+            if snap.index and self.committed.get(snap.index, (snap.term,))[0] != snap.term:
+                raise Violation(
+                    "Log Matching",
+                    f"{node.id} holds snapshot {snap.index}:{snap.term}, but "
+                    f"{snap.index}:{self.committed[snap.index][0]} was committed",
+                )
         # No acknowledged proposal is lost: it sits in the committed log at its index.
         # (Checked where it can change: committed entries are immutable above.)
 
@@ -452,6 +736,8 @@ class Simulation:
     def _step(self) -> None:
         if self.faulty:
             self._faults()
+        if self.snap is not None:
+            self._compactions()
         self._deliver_due()
         for node in self.nodes.values():
             if node.alive and node.pending is not None and node.disk_done_at <= self.now:
@@ -511,7 +797,7 @@ class Simulation:
                 done = all(
                     self.nodes[m].alive
                     and self.nodes[m].core.log.last_index() == last
-                    and self.nodes[m].core.log.applied >= self.acked[marker]
+                    and len(self.nodes[m].applied) >= self.acked[marker]
                     for m in members
                 )
                 if done and not self.reads:
@@ -526,7 +812,7 @@ class Simulation:
 
     def _final_checks(self, leader: SimNode) -> None:
         # Every acknowledged write is in every member's applied state, at its index.
-        for m in leader.core.voters | leader.core.learners:
+        for m in sorted(leader.core.voters | leader.core.learners):
             applied = dict(self.nodes[m].applied)
             for value, idx in self.acked.items():
                 if applied.get(idx) != value:
