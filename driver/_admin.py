@@ -1,10 +1,16 @@
-"""Administrative calls used by the CLI (status), on top of the low-level connection."""
+"""Administrative calls used by the CLI, on top of the low-level connection: status,
+membership changes (cluster add / promote / remove), backup and restore. The server side is
+server/admin.py; stdlib + msgpack only, as the rest of the driver."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import time
 from typing import Any
 
-from raftsql.driver._conn import DSN, NodeConnection, NodeUnreachable
+from raftsql.driver._conn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
 from raftsql.driver._tls import client_context, default_paths
 
 
@@ -34,3 +40,244 @@ def cluster_status(dsn_text: str, timeout: float = 3.0) -> list[dict[str, Any]]:
         finally:
             conn.close()
     return rows
+
+
+# --------------------------------------------------------------------------- membership
+
+
+class AdminError(Exception):
+    """Raised when an administrative command (backup, restore) fails; the message says why."""
+
+
+def _parse(dsn_text: str):
+    """(DSN, SSLContext); a bad DSN is an AdminError (a one-line message in the CLI)."""
+    try:
+        dsn = DSN.parse(dsn_text)
+        return dsn, context_for(dsn)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
+
+
+def _admin_client(dsn_text: str, timeout: float):
+    from raftsql.driver._client import Client
+
+    dsn, ctx = _parse(dsn_text)
+    return Client(dsn.hosts, ctx, timeout=timeout)
+
+
+def _admin_call(dsn_text: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send one membership request to the leader (following redirects; UNAVAILABLE, e.g.
+    another change in progress, is retried until `timeout`). Raises the driver's BadRequest
+    for refusals and Unavailable when the deadline passed."""
+    client = _admin_client(dsn_text, timeout)
+    try:
+        # A node waits at most half the budget per attempt, so the driver can retry elsewhere.
+        req = dict(req, timeout_ms=max(1000, int(timeout * 500)))
+        return client._call(req, timeout, None)
+    finally:
+        client.close()
+
+
+def cluster_add(dsn_text: str, node_id: str, address: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Add node_id (reachable at address) as a learner: it receives the log but does not vote."""
+    return _admin_call(dsn_text, {"op": "cluster_add", "node_id": node_id, "address": address}, timeout)
+
+
+def cluster_promote(dsn_text: str, node_id: str, timeout: float = 60.0, max_lag: int | None = None) -> dict[str, Any]:
+    """Make learner node_id a voter once its log is within max_lag entries of the leader's."""
+    req: dict[str, Any] = {"op": "cluster_promote", "node_id": node_id}
+    if max_lag is not None:
+        req["max_lag"] = max_lag
+    return _admin_call(dsn_text, req, timeout)
+
+
+def cluster_remove(dsn_text: str, node_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Remove node_id (voter or learner). The leader hands leadership over first."""
+    return _admin_call(dsn_text, {"op": "cluster_remove", "node_id": node_id}, timeout)
+
+
+# --------------------------------------------------------------------------- backup
+
+
+def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable: bool = True) -> dict[str, Any]:
+    """Copy the database of one node to out_path (atomically: a temp file, checked against the
+    node's sha256, fsynced, renamed). linearizable=True: the copy holds every write acknowledged
+    before the call. Returns {"index", "size", "sha256", "node", "path"}."""
+    import hashlib
+
+    dsn, ctx = _parse(dsn_text)
+    out_path = os.path.abspath(out_path)
+    out_dir = os.path.dirname(out_path)
+    if os.path.isdir(out_path):
+        raise AdminError(f"{out_path} is a directory")
+    deadline = time.monotonic() + timeout
+    errors = []
+    attempt = 0
+    while time.monotonic() < deadline:
+        host, port = dsn.hosts[attempt % len(dsn.hosts)]
+        attempt += 1
+        remaining = max(1.0, deadline - time.monotonic())
+        try:
+            conn = NodeConnection(host, port, ctx, min(5.0, remaining))
+        except NodeUnreachable as e:
+            errors.append(str(e))
+            time.sleep(0.1)
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=".raftsql-backup-", dir=out_dir)
+        try:
+            resp = conn.request({"op": "backup_begin", "linearizable": linearizable,
+                                 "timeout_ms": int(min(remaining, 30.0) * 1000)}, remaining)
+            if not resp.get("ok"):
+                err = resp.get("error") or {}
+                errors.append(f"{host}:{port}: {err.get('kind')}: {err.get('message')}")
+                if err.get("kind") == "BAD_REQUEST":
+                    raise AdminError(errors[-1])
+                time.sleep(0.1)
+                continue
+            info = resp["result"]
+            h = hashlib.sha256()
+            offset, size = 0, int(info["size"])
+            with os.fdopen(fd, "wb") as f:
+                fd = -1
+                while offset < size:
+                    r = conn.request({"op": "backup_read", "token": info["token"], "offset": offset,
+                                      "length": int(info.get("chunk_max") or (1 << 20))}, max(1.0, deadline - time.monotonic()))
+                    if not r.get("ok"):
+                        raise AdminError(f"backup_read failed: {r.get('error')}")
+                    data = r["result"]["data"]
+                    if not isinstance(data, bytes) or not data:
+                        raise AdminError(f"backup stream from {host}:{port} ended early at byte {offset} of {size}")
+                    f.write(data)
+                    h.update(data)
+                    offset += len(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if offset != size or h.hexdigest() != info["sha256"]:
+                raise AdminError(f"backup from {host}:{port} is damaged (size {offset}/{size}, sha256 mismatch)")
+            with contextlib.suppress(OSError):
+                conn.request({"op": "backup_end", "token": info["token"]}, 5.0)
+            os.replace(tmp, out_path)
+            tmp = None
+            dfd = os.open(out_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            return {"index": info["index"], "size": size, "sha256": info["sha256"], "node": info["node"],
+                    "path": out_path}
+        except ConnectionLost as e:
+            errors.append(str(e))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            conn.close()
+    raise AdminError(f"no node made a backup within {timeout:.0f}s: " + "; ".join(errors[-3:]))
+
+
+# --------------------------------------------------------------------------- restore
+
+_INTERNAL = ("sqlite_", "_raftsql_")
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeout: float = 60.0,
+            progress=None) -> dict[str, Any]:
+    """Load the SQLite file in_path into an empty cluster, through the log: the schema, then
+    every table's rows (rowids kept) in atomic batches of about batch_bytes, then indexes,
+    views and triggers, then user_version and application_id. Every node applies the same
+    entries, so every node (and every node that joins later) ends with the same database.
+    Returns {"tables", "rows", "index"}."""
+    import sqlite3
+
+    from raftsql.driver._client import OutcomeUnknown
+
+    if not os.path.isfile(in_path):
+        raise AdminError(f"{in_path}: no such file")
+    src = sqlite3.connect(f"file:{os.path.abspath(in_path)}?mode=ro", uri=True)
+    client = _admin_client(dsn_text, timeout)
+    last_index = 0
+
+    def run(statements: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal last_index
+        serial = None
+        for _ in range(5):
+            try:
+                r = client.execute(statements, serial=serial)
+            except OutcomeUnknown as e:
+                serial = e.serial  # resend with the same serial: applied at most once
+                continue
+            if r.get("error"):
+                raise AdminError(f"the cluster refused {statements[0][0][:200]!r}: {r['error'].get('message')}")
+            last_index = max(last_index, int(r.get("index") or 0))
+            return r
+        raise AdminError("the cluster did not answer; the restore is incomplete")
+
+    try:
+        try:
+            ok = src.execute("PRAGMA quick_check").fetchone()[0]
+            schema = src.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE sql IS NOT NULL ORDER BY rowid").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise AdminError(f"{in_path} is not a readable SQLite database: {e}") from None
+        if ok != "ok":
+            raise AdminError(f"{in_path} fails its integrity check: {ok}")
+        existing = client.execute([(
+            "SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
+            "AND name NOT LIKE '\\_raftsql\\_%' ESCAPE '\\'", [])])
+        if existing.get("error"):
+            raise AdminError(f"cannot read the cluster's schema: {existing['error'].get('message')}")
+        if existing["rows"]:
+            raise AdminError("the cluster is not empty (it has " + ", ".join(r[0] for r in existing["rows"][:5])
+                             + "): restore seeds a new, empty cluster")
+        user = [row for row in schema if not row[2].startswith(_INTERNAL) and not row[1].startswith(_INTERNAL)]
+        tables = [r for r in user if r[0] == "table"]
+        for r in tables:
+            if r[3].lstrip().upper().startswith("CREATE VIRTUAL"):
+                raise AdminError(f"table {r[1]!r} is a virtual table: restore does not support virtual tables yet")
+        if tables:
+            run([(r[3], []) for r in tables])
+        rows_total = 0
+        for _, name, _, _ in tables:
+            cols = [c[1] for c in src.execute(f"PRAGMA table_xinfo({_q(name)})") if c[6] == 0]
+            lower = {c.lower() for c in cols}
+            try:
+                src.execute(f"SELECT rowid FROM {_q(name)} LIMIT 0")
+                alias = next((a for a in ("rowid", "_rowid_", "oid") if a not in lower), None)
+            except sqlite3.OperationalError:
+                alias = None  # WITHOUT ROWID
+            select_cols = ([alias] if alias else []) + [_q(c) for c in cols]
+            insert = (f"INSERT INTO {_q(name)} ({', '.join(select_cols)}) "
+                      f"VALUES ({', '.join('?' * len(select_cols))})")
+            batch: list[tuple[str, Any]] = []
+            size = 0
+            for row in src.execute(f"SELECT {', '.join(select_cols)} FROM {_q(name)}"):
+                batch.append((insert, list(row)))
+                size += 16 + sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
+                if size >= batch_bytes:
+                    run(batch)
+                    rows_total += len(batch)
+                    batch, size = [], 0
+                    if progress:
+                        progress(name, rows_total)
+            if batch:
+                run(batch)
+                rows_total += len(batch)
+        rest = [(r[3], []) for r in user if r[0] in ("index", "view", "trigger")]
+        if rest:
+            run(rest)
+        pragmas = []
+        for p in ("user_version", "application_id"):
+            v = src.execute(f"PRAGMA {p}").fetchone()[0]
+            if v:
+                pragmas.append((f"PRAGMA {p} = {int(v)}", []))
+        if pragmas:
+            run(pragmas)
+        return {"tables": len(tables), "rows": rows_total, "index": last_index}
+    finally:
+        client.close()
+        src.close()

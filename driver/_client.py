@@ -68,9 +68,12 @@ class Client:
     # Backoff between attempts: exponential from BACKOFF_MIN, capped, with +-50% jitter.
     BACKOFF_MIN = 0.01
     BACKOFF_MAX = 0.25
+    # At most this many members learned from the cluster are kept (see _learn_members).
+    MAX_HOSTS = 32
 
     def __init__(self, hosts: list[tuple[str, int]], context, *, timeout: float = 10.0,
-                 consistency: str = "linearizable", connect_timeout: float = 2.0):
+                 consistency: str = "linearizable", connect_timeout: float = 2.0,
+                 discover: bool = True):
         if not hosts:
             raise ValueError("no hosts")
         self.hosts = list(hosts)
@@ -85,6 +88,9 @@ class Client:
         self._conn: NodeConnection | None = None
         self._leader: tuple[str, int] | None = None
         self._next_host = 0
+        self.discover = discover
+        self._learned: list[tuple[str, int]] = []  # members named by the cluster (fallback)
+        self._unreachable = 0  # connections refused in a row
         self.last_index = 0  # highest log index this client wrote or read (read-your-writes)
         self.served_by: tuple[str, int] | None = None  # the node that answered the last request
 
@@ -113,11 +119,14 @@ class Client:
 
     def execute(self, statements: list[Statement], *, consistency: str | None = None,
                 min_index: int | None = None, timeout: float | None = None,
-                serial: int | None = None, idempotent: bool = False) -> dict[str, Any]:
+                serial: int | None = None, idempotent: bool = False, reads: bool = False,
+                commit: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run statements (one, or an atomic batch); returns the Result map. SQL errors come back
         inside it ("error"); transport/leadership trouble is retried until the deadline.
         idempotent=True says the caller knows this is a read: a lost response then raises
-        Unavailable, never OutcomeUnknown."""
+        Unavailable, never OutcomeUnknown. reads=True: a transaction's read; the result's
+        "reads" lists the tables it read. commit: {"read_index", "reads", "last_ms"} makes the
+        statements a transaction's commit, applied only if nothing it read has changed."""
         with self._lock:
             serial = serial if serial is not None else next(self._serials)
             consistency = consistency or self.consistency
@@ -130,22 +139,37 @@ class Client:
             }
             if consistency == "stale":
                 req["min_index"] = max(self.last_index, min_index or 0)
+            if reads:
+                req["reads"] = True
+            if commit is not None:
+                req["commit"] = commit
             result = self._call(req, timeout or self.timeout, None if idempotent else serial)
             self.last_index = max(self.last_index, int(result.get("index") or 0))
             return result
 
     def execute_in_transaction(self, statement: Statement, writes: list[Statement],
                                term: int | None, *, leader: str | None = None,
-                               timeout: float | None = None) -> tuple[dict[str, Any], str]:
+                               timeout: float | None = None, start_index: int | None = None,
+                               reads: list[str] | None = None, last_ms: int | None = None,
+                               consistency: str | None = None) -> tuple[dict[str, Any], str]:
         """One statement of an open transaction, previewed on the leader against the applied
         state plus `writes` (nothing is applied). Returns (result, "host:port" that served it).
         With `term` set (not the transaction's first leader request), the request goes only to
-        `leader`, and a leadership change raises TxnAborted."""
+        `leader`, and a leadership change raises TxnAborted. start_index, reads, last_ms: the
+        transaction's snapshot index, read set and the leader time of its last statement
+        (server/clients.py); consistency: of the transaction's first read."""
         with self._lock:
+            txn: dict[str, Any] = {"writes": [[s, _wire_params(p)] for s, p in writes],
+                                   "term": term, "reads": list(reads or ()),
+                                   "consistency": consistency or self.consistency}
+            if start_index is not None:
+                txn["start_index"] = start_index
+            if last_ms is not None:
+                txn["last_ms"] = last_ms
             req = {
                 "op": "execute",
                 "statements": [[statement[0], _wire_params(statement[1])]],
-                "txn": {"writes": [[s, _wire_params(p)] for s, p in writes], "term": term},
+                "txn": txn,
             }
             if term is not None and leader is not None:
                 pinned = _parse_addr(leader)
@@ -153,6 +177,7 @@ class Client:
                     self._drop_conn()
                     self._leader = pinned
             result = self._call(req, timeout or self.timeout, None, pinned_term=term)
+            self.last_index = max(self.last_index, int(result.get("index") or 0))
             host, port = self.served_by
             self._leader = (host, port)  # only a leader serves previews: cache it
             return result, f"{host}:{port}"
@@ -187,6 +212,7 @@ class Client:
             try:
                 conn = self._connection(remaining)
             except NodeUnreachable as e:
+                self._unreachable += 1
                 if pinned:
                     self._forget_node()
                     raise TxnAborted(f"the transaction's leader is unreachable: {e}") from None
@@ -205,6 +231,9 @@ class Client:
                     else:
                         self._forget_node()
                 else:
+                    self._unreachable = 0
+                    if "members" in resp and self.discover:
+                        self._learn_members(resp)
                     if resp.get("ok"):
                         result = resp["result"]
                         try:
@@ -271,10 +300,30 @@ class Client:
             return self._conn
         if self._leader is not None:
             host, port = self._leader
+        elif self._learned and self._unreachable >= len(self.hosts):
+            host, port = self._learned[self._next_host % len(self._learned)]
         else:
             host, port = self.hosts[self._next_host % len(self.hosts)]
         self._conn = NodeConnection(host, port, self.context, min(self.connect_timeout, remaining))
         return self._conn
+
+    def _learn_members(self, resp: dict[str, Any]) -> None:
+        """Remember the members a node named (in the first answer on each connection), so the
+        client still finds the cluster after every node in its DSN was removed. They are a
+        fallback, tried only once every DSN host refused a connection in a row (a DSN that
+        names a proxy or load balancer keeps being used while it answers). Malformed entries
+        are ignored."""
+        members = resp.get("members")
+        if not isinstance(members, list):
+            return
+        for addr in members:
+            if isinstance(addr, str) and len(self._learned) < self.MAX_HOSTS:
+                try:
+                    hp = _parse_addr(addr)
+                except ValueError:
+                    continue
+                if hp not in self.hosts and hp not in self._learned:
+                    self._learned.append(hp)
 
     def _drop_conn(self) -> None:
         if self._conn is not None:

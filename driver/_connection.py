@@ -43,14 +43,23 @@ _FALSE = {"0", "false", "no", "off"}
 
 @dataclass
 class _Transaction:
-    """The open transaction of an autocommit=False connection (see driver/DESIGN.md)."""
+    """The open transaction: implicit (autocommit=False) or explicit (BEGIN or SAVEPOINT sent
+    through execute). See driver/DESIGN.md, "Transactions"."""
 
     writes: list[Statement] = field(default_factory=list)  # non-readonly statements, in order
     term: int | None = None  # the leader's term at the first previewed statement
     leader: str | None = None  # "host:port" of that leader; later previews go only there
-    # The applied index the transaction's first statement saw: where its snapshot starts.
-    # Kept for commit-time validation (serializable transactions, a later issue).
+    # The applied index the transaction's first statement saw: its snapshot. commit() asks the
+    # log to apply the writes only if no table in `reads` was modified after it.
     start_index: int | None = None
+    reads: set[str] = field(default_factory=set)  # tables read (lower case), for the check
+    last_ms: int | None = None  # the leader's clock at the last previewed statement (idle timeout)
+    explicit: bool = False  # opened by BEGIN or SAVEPOINT through execute()
+    by_savepoint: bool = False  # opened by SAVEPOINT: RELEASE of the outermost one commits
+    savepoints: list[tuple[str, int]] = field(default_factory=list)  # (name, len(writes))
+    # An explicit transaction that failed (serialization, leader change, idle): every statement
+    # raises this again until COMMIT (raises it too) or ROLLBACK ends the transaction.
+    doomed: Error | None = None
 
 
 def _empty_result(rowcount: int = -1) -> dict[str, Any]:
@@ -138,8 +147,9 @@ class Connection:
 
     @property
     def in_transaction(self) -> bool:
-        """True if the open transaction has uncommitted writes."""
-        return bool(self._txn.writes)
+        """True if an explicit transaction (BEGIN, SAVEPOINT) is open, or the open transaction
+        has uncommitted writes."""
+        return self._txn.explicit or bool(self._txn.writes)
 
     @property
     def last_index(self) -> int:
@@ -169,19 +179,25 @@ class Connection:
         return cur
 
     def commit(self) -> None:
-        """Apply the transaction's writes as ONE log entry, exactly once. Nothing to do for an
-        empty transaction or with autocommit=True. If the entry fails (an SQL error) nothing is
-        applied, the error is raised and the transaction is discarded. On Unavailable the
-        transaction stays open (call commit() again); on OutcomeUnknown it is discarded and the
-        error can be passed to resend()."""
+        """Apply the transaction's writes as ONE log entry, exactly once, if nothing the
+        transaction read was modified since its snapshot; otherwise nothing is applied and
+        SerializationError is raised. Nothing to send for a transaction without writes. If the
+        entry fails (an SQL error) nothing is applied, the error is raised and the transaction is
+        discarded. On Unavailable the transaction stays open (call commit() again); on
+        OutcomeUnknown it is discarded and the error can be passed to resend()."""
         with self._lock:
             self._check_open()
             txn = self._txn
-            if self._autocommit or not txn.writes:
+            if txn.doomed is not None:
+                self._txn = _Transaction()
+                raise _again(txn.doomed)
+            if not txn.writes:
                 self._txn = _Transaction()
                 return
+            check = {"read_index": txn.start_index or 0, "reads": sorted(txn.reads),
+                     "last_ms": txn.last_ms or 0}
             try:
-                result = self._send(list(txn.writes))
+                result = self._send(list(txn.writes), commit=check)
             except Unavailable:
                 raise
             except BaseException:
@@ -248,7 +264,7 @@ class Connection:
         with self._lock:
             self._check_open()
             cur = self.cursor()
-            result = self._send(error.statements, serial=error.serial)
+            result = self._send(error.statements, serial=error.serial, commit=error.commit)
             cur._load(result, _batch_rowcount(result) if len(error.statements) > 1 else None)
             return cur
 
@@ -265,17 +281,24 @@ class Connection:
 
     def _send(self, statements: list[Statement], *, consistency: str | None = None,
               min_index: int | None = None, serial: int | None = None,
-              idempotent: bool = False) -> dict[str, Any]:
-        """A normal execute (outside any transaction): one statement or an atomic batch."""
+              idempotent: bool = False, reads: bool = False,
+              commit: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A normal execute: one statement or an atomic batch (a transaction's commit with
+        `commit`; a transaction's read before its first write with reads=True)."""
         client = self._client
         if serial is None:
             serial = client.next_serial()
         try:
+            kw: dict[str, Any] = {}
+            if reads:
+                kw["reads"] = True
+            if commit is not None:
+                kw["commit"] = commit
             return client.execute(statements, consistency=consistency or self._consistency,
-                                  min_index=min_index, serial=serial, idempotent=idempotent)
+                                  min_index=min_index, serial=serial, idempotent=idempotent, **kw)
         except _client.OutcomeUnknown as e:
             raise OutcomeUnknown(str(e), serial=e.serial, statements=list(statements),
-                                 client_id=client.client_id) from None
+                                 client_id=client.client_id, commit=commit) from None
         except _client.Unavailable as e:
             raise Unavailable(str(e)) from None
         except _client.BadRequest as e:
@@ -283,52 +306,136 @@ class Connection:
         except wire.FrameError as e:
             raise DataError(str(e)) from None
 
-    def _preview(self, statement: Statement) -> dict[str, Any]:
+    def _abort(self, error: Error) -> Error:
+        """The open transaction failed as a whole: an implicit one is reset (the next statement
+        starts a new one); an explicit one stays open but doomed until COMMIT or ROLLBACK, so
+        its later statements cannot run outside it by accident."""
+        if self._txn.explicit:
+            self._txn = _Transaction(explicit=True, by_savepoint=self._txn.by_savepoint,
+                                     savepoints=self._txn.savepoints, doomed=error)
+        else:
+            self._txn = _Transaction()
+        return error
+
+    def _preview(self, statement: Statement, consistency: str | None = None) -> dict[str, Any]:
         """One statement of the open transaction, previewed on its leader."""
         txn = self._txn
         try:
             result, leader = self._client.execute_in_transaction(
-                statement, txn.writes, txn.term, leader=txn.leader)
+                statement, txn.writes, txn.term, leader=txn.leader, start_index=txn.start_index,
+                reads=sorted(txn.reads), last_ms=txn.last_ms,
+                consistency=consistency or self._consistency)
         except _client.TxnAborted as e:
-            self._txn = _Transaction()
-            raise TransactionAborted(
-                f"transaction aborted, nothing was applied; run it again: {e}") from None
+            raise self._abort(TransactionAborted(
+                f"transaction aborted, nothing was applied; run it again: {e}")) from None
         except _client.Unavailable as e:
             raise Unavailable(str(e)) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
         except wire.FrameError as e:
             raise DataError(str(e)) from None
+        err = result.get("error")
+        if err and err.get("name") in _TXN_FATAL:
+            raise self._abort(error_from_map(err))
         if txn.term is None:
             txn.term = result.get("term")
             txn.leader = leader
         if txn.start_index is None:
-            txn.start_index = result.get("index")
-        if not result.get("error") and not result.get("readonly"):
+            txn.start_index = result.get("start_index", result.get("index"))
+        txn.reads.update(result.get("reads") or ())
+        if result.get("time_ms") is not None:
+            txn.last_ms = result["time_ms"]
+        if not err and not result.get("readonly"):
             txn.writes.append(statement)
         return result
 
     def _run_one(self, cursor: Cursor, sql: str, params: Any) -> dict[str, Any]:
         with self._lock:
             self._check_open()
+            try:
+                control = _sql.transaction_control(sql)
+            except _sql.MultipleStatements as e:
+                raise ProgrammingError(str(e)) from None
+            except ValueError as e:
+                raise OperationalError(f'near "{e}": syntax error') from None
+            if control is not None:
+                if params:
+                    raise ProgrammingError(
+                        "Incorrect number of bindings supplied. The current statement uses 0, "
+                        f"and there are {len(params)} supplied.")
+                self._control(*control)
+                return _empty_result()
+            txn = self._txn
+            if txn.doomed is not None:
+                raise _again(txn.doomed)
             stmt = (sql, params)
-            if self._autocommit or (not self._txn.writes and _sql.is_select(sql)):
-                # Outside a transaction, or a read before its first write: the normal read
-                # path, at the cursor's consistency.
+            if self._autocommit and not txn.explicit:
+                # Outside any transaction: its own write, or a read at the cursor's consistency.
+                return self._send([stmt], consistency=cursor.consistency,
+                                  min_index=cursor.min_index, idempotent=_sql.is_select(sql))
+            if not txn.explicit and not txn.writes and _sql.is_select(sql):
+                # An implicit transaction's read before its first write: the normal read path
+                # (any node, the cursor's consistency), collecting the tables it read.
                 result = self._send([stmt], consistency=cursor.consistency,
-                                    min_index=cursor.min_index, idempotent=_sql.is_select(sql))
-                if not self._autocommit and self._txn.start_index is None:
-                    self._txn.start_index = result.get("index")
+                                    min_index=cursor.min_index, idempotent=True, reads=True)
+                if not result.get("error"):
+                    txn.reads.update(result.get("reads") or ())
+                    # The snapshot is the OLDEST one any of its reads saw (a "leader" read after
+                    # a leader change may see an older one): the commit check then covers all.
+                    index = int(result.get("index") or 0)
+                    txn.start_index = index if txn.start_index is None else min(txn.start_index, index)
                 return result
-            return self._preview(stmt)
+            return self._preview(stmt, cursor.consistency)
+
+    def _control(self, kind: str, arg: str | None) -> None:
+        """BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE and ROLLBACK TO sent through execute(),
+        with SQLite's rules (and messages); see driver/DESIGN.md."""
+        txn = self._txn
+        active = txn.explicit or bool(txn.writes)
+        if kind == "BEGIN":
+            if active:
+                raise OperationalError("cannot start a transaction within a transaction")
+            # All three modes are optimistic: none takes a lock (see driver/DESIGN.md).
+            self._txn = _Transaction(explicit=True)
+        elif kind == "COMMIT":
+            if not active and self._autocommit:
+                raise OperationalError("cannot commit - no transaction is active")
+            self.commit()
+        elif kind == "ROLLBACK":
+            if not active and self._autocommit:
+                raise OperationalError("cannot rollback - no transaction is active")
+            self.rollback()
+        elif kind == "SAVEPOINT":
+            if not active:
+                if self._autocommit:
+                    self._txn = txn = _Transaction(explicit=True, by_savepoint=True)
+                elif not txn.explicit:
+                    txn.explicit = True  # sqlite3 (autocommit=False) is always in a transaction
+            txn.savepoints.append((arg, len(txn.writes)))
+        else:  # RELEASE, ROLLBACK_TO
+            keys = [_sql.savepoint_key(name) for name, _ in txn.savepoints]
+            key = _sql.savepoint_key(arg)
+            if key not in keys:
+                raise OperationalError(f"no such savepoint: {arg}")
+            pos = len(keys) - 1 - keys[::-1].index(key)
+            if kind == "RELEASE":
+                del txn.savepoints[pos:]
+                if not txn.savepoints and txn.by_savepoint:
+                    self.commit()
+            else:
+                if txn.doomed is None:
+                    del txn.writes[txn.savepoints[pos][1]:]
+                del txn.savepoints[pos + 1:]
 
     def _run_many(self, cursor: Cursor, sql: str,
                   params_list: list[Any]) -> tuple[dict[str, Any], int]:
         with self._lock:
             self._check_open()
+            if self._txn.doomed is not None:
+                raise _again(self._txn.doomed)
             if not params_list:
                 return _empty_result(0), 0
-            if self._autocommit:
+            if self._autocommit and not self._txn.explicit:
                 result = self._send([(sql, p) for p in params_list])
                 return result, _batch_rowcount(result)
             total = 0
@@ -349,6 +456,20 @@ class Connection:
                 return _empty_result(), None
             result = self._send([(s, []) for s in statements])
             return result, _batch_rowcount(result) if len(statements) > 1 else None
+
+
+# Errors after which the open transaction cannot continue (nothing of it will be applied).
+_TXN_FATAL = frozenset({"RAFTSQL_SERIALIZATION", "RAFTSQL_TXN_TIMEOUT"})
+
+
+def _again(error: Error) -> Error:
+    """A fresh exception of the same class and message (an exception object is raised once)."""
+    if isinstance(error, OutcomeUnknown):  # never doomed with one; defensive
+        return OperationalError(str(error))
+    again = type(error)(f"the transaction failed earlier and must be rolled back: {error}")
+    again.sqlite_errorcode = error.sqlite_errorcode
+    again.sqlite_errorname = error.sqlite_errorname
+    return again
 
 
 # --------------------------------------------------------------------------- connect()
@@ -444,7 +565,8 @@ def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | No
 def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
             cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None,
             timeout: float | None = None, autocommit: bool | None = None,
-            consistency: str | None = None, factory: type[Connection] = Connection) -> Connection:
+            consistency: str | None = None, discover: bool = True,
+            factory: type[Connection] = Connection) -> Connection:
     """Open a connection to a raftsql cluster.
 
     dsn: ``raftsql://host1:port1,host2:port2,host3:port3/?certs=DIR&consistency=linearizable
@@ -454,7 +576,9 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
     client.key); cafile/certfile/keyfile override its files one by one. timeout (default 10):
     seconds one operation may spend finding the leader and retrying. autocommit (default
     False): see Connection.autocommit. consistency (default linearizable): see
-    Connection.consistency.
+    Connection.consistency. discover (default True): remember the members the cluster names
+    and try them once every configured host refused a connection (so the client survives the
+    removal of every node in its DSN); False uses only the configured hosts (e.g. a proxy).
 
     No node is contacted yet: the first statement finds the leader. Bad arguments raise
     ProgrammingError; unreadable or insecure certificate files raise OperationalError.
@@ -466,5 +590,6 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
         context = client_context(s.cafile, s.certfile, s.keyfile)
     except (OSError, ssl.SSLError) as e:
         raise OperationalError(f"cannot load the TLS certificates: {e}") from e
-    client = _client.Client(s.hosts, context, timeout=s.timeout, consistency=s.consistency)
+    client = _client.Client(s.hosts, context, timeout=s.timeout, consistency=s.consistency,
+                            discover=discover)
     return factory(client, autocommit=s.autocommit, consistency=s.consistency)

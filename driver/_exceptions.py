@@ -25,6 +25,9 @@ class Error(Exception):
     # For an error in a batch (executemany, executescript, commit): the 0-based position of the
     # statement that failed; None otherwise.
     statement: int | None = None
+    # True when nothing was applied and running the whole transaction (or statement) again
+    # is safe and may succeed: SerializationError, TransactionAborted, Unavailable.
+    retryable: bool = False
 
 
 class InterfaceError(Error):
@@ -68,22 +71,35 @@ class Unavailable(OperationalError):
     """Raised when no node served the request before the connection's timeout ran out, and
     nothing was applied (never sent, or refused before reaching the log): safe to retry."""
 
+    retryable = True
+
 
 class OutcomeUnknown(OperationalError):
     """Raised when a write was sent but no result came back before the timeout: it may or may
     not have been applied. Resend it only with the same serial (Connection.resend(error)), which
     applies it at most once and returns its stored result if it was applied."""
 
-    def __init__(self, message: str, *, serial: int, statements: list, client_id: str):
+    def __init__(self, message: str, *, serial: int, statements: list, client_id: str,
+                 commit: dict | None = None):
         super().__init__(message)
         self.serial = serial
         self.statements = statements
         self.client_id = client_id
+        self.commit = commit  # a transaction's commit check, resent with it
 
 
 class TransactionAborted(OperationalError):
-    """Raised when the leader changed during a transaction (autocommit=False): nothing of it was
-    applied and it has been reset; run it again from the start."""
+    """Raised when the leader changed during a transaction, or the transaction was idle longer
+    than the idle timeout: nothing of it was applied; run it again from the start."""
+
+    retryable = True
+
+
+class SerializationError(OperationalError):
+    """Raised when a transaction read something that another write changed before it could
+    commit (a lost update prevented): nothing of it was applied; run it again from the start."""
+
+    retryable = True
 
 
 # --------------------------------------------------------------------------- result codes
@@ -241,6 +257,8 @@ _BY_RAFTSQL_NAME: dict[str, type[Error]] = {
     "RAFTSQL_TIMEOUT": OperationalError,  # like SQLITE_INTERRUPT
     "RAFTSQL_STALE_SERIAL": InterfaceError,  # the driver reused an old serial: a driver bug
     "RAFTSQL_MAX_ROWID": IntegrityError,
+    "RAFTSQL_SERIALIZATION": SerializationError,  # like SQLITE_BUSY_SNAPSHOT
+    "RAFTSQL_TXN_TIMEOUT": TransactionAborted,
 }
 
 

@@ -28,6 +28,95 @@ def is_begin_or_commit(statement: str) -> bool:
     return _TXN_CONTROL.fullmatch(statement[skip_blank(statement):]) is not None
 
 
+_TOKEN = re.compile(r"""[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*|"(?:[^"]|"")*"|\[[^\]]*\]|`(?:[^`]|``)*`|'(?:[^']|'')*'""")
+_CONTROL_KEYWORDS = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"})
+
+
+class MultipleStatements(ValueError):
+    """Raised by transaction_control() when more statements follow the first."""
+
+
+_SPACE = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
+
+
+def _tokens(sql: str) -> list[str]:
+    out: list[str] = []
+    pos = _SPACE.match(sql).end()
+    while pos < len(sql):
+        if sql[pos] == ";":
+            if skip_blank(sql, pos + 1) < len(sql):
+                raise MultipleStatements("You can only execute one statement at a time.")
+            break
+        m = _TOKEN.match(sql, pos)
+        if m is None:
+            raise ValueError(sql[pos:pos + 20])
+        out.append(m.group())
+        pos = _SPACE.match(sql, m.end()).end()
+    return out
+
+
+def _ident(token: str) -> str:
+    """A savepoint name, unquoted (compare them with savepoint_key)."""
+    if token[0] in "\"`'":
+        token = token[1:-1].replace(token[0] * 2, token[0])
+    elif token[0] == "[":
+        token = token[1:-1]
+    return token
+
+
+def savepoint_key(name: str) -> bytes:
+    """SQLite compares savepoint names ASCII case-insensitively (bytes.lower is ASCII only)."""
+    return name.encode().lower()
+
+
+def transaction_control(sql: str) -> tuple[str, str | None] | None:
+    """("BEGIN", mode) | ("COMMIT", None) | ("ROLLBACK", None) | ("ROLLBACK_TO", name) |
+    ("SAVEPOINT", name) | ("RELEASE", name) for SQLite's transaction statements, None for
+    any other statement. Raises ValueError (with the offending text) if it starts like one but
+    is not valid SQLite syntax."""
+    if first_keyword(sql) not in _CONTROL_KEYWORDS:
+        return None
+    toks = _tokens(sql)
+    words = [t.upper() for t in toks]
+    head = words[0]
+
+    def opt_transaction(i: int) -> int:
+        # [TRANSACTION [name]] (the name is accepted and ignored by SQLite)
+        if i < len(words) and words[i] == "TRANSACTION":
+            i += 1
+            if i < len(words) and words[i] != "TO":
+                i += 1
+        return i
+
+    if head == "BEGIN":
+        i, mode = 1, "DEFERRED"
+        if i < len(words) and words[i] in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+            mode, i = words[i], i + 1
+        if opt_transaction(i) == len(words):
+            return ("BEGIN", mode)
+    elif head in ("COMMIT", "END"):
+        if opt_transaction(1) == len(words):
+            return ("COMMIT", None)
+    elif head == "ROLLBACK":
+        i = opt_transaction(1)
+        if i == len(words):
+            return ("ROLLBACK", None)
+        if words[i] == "TO":
+            i += 1
+            if i < len(words) and words[i] == "SAVEPOINT":
+                i += 1
+            if i == len(words) - 1:
+                return ("ROLLBACK_TO", _ident(toks[i]))
+    elif head == "SAVEPOINT":
+        if len(words) == 2:
+            return ("SAVEPOINT", _ident(toks[1]))
+    elif head == "RELEASE":
+        i = 2 if len(words) > 2 and words[1] == "SAVEPOINT" else 1
+        if i == len(words) - 1:
+            return ("RELEASE", _ident(toks[i]))
+    raise ValueError(toks[-1] if toks else sql)
+
+
 def split_script(script: str) -> list[str]:
     """Split a script into complete statements with sqlite3.complete_statement (which knows
     about strings, comments and trigger bodies). A last statement may lack its ';', as in

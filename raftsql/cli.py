@@ -27,6 +27,9 @@ USER_ERRORS = [
     "raftsql.server.config:ConfigError",
     "raftsql.server.logstore:LogCorruptError",
     "raftsql.server.logstore:LogLockedError",
+    "raftsql.server.admin:JoinError",
+    "raftsql.driver._admin:AdminError",
+    "raftsql.driver._client:ClientError",
 ]
 
 
@@ -201,13 +204,29 @@ def certs_show(cert_file: Path) -> None:
 @click.option("--tick-ms", type=int, help="Length of one Raft tick (default 25).")
 @click.option("--heartbeat-ticks", type=int, help="Ticks between heartbeats (default 2).")
 @click.option("--election-ticks", type=int, help="Minimum election timeout in ticks (default 8).")
+@click.option("--snapshot-entries", type=int, help="Snapshot after this many entries (default 10000).")
+@click.option("--snapshot-bytes", type=int, help="... or this many bytes of entries (default 64 MiB).")
+@click.option("--snapshot-trailing", type=int,
+              help="Entries kept in the log after a snapshot for slow followers (default 5000).")
+@click.option("--join", "join_dsn", metavar="DSN",
+              help="Join the running cluster at DSN as a learner (first start; uses the node certificate).")
 @click.option("--log-level", default="INFO", show_default=True)
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
-         election_ticks, log_level) -> None:
+         election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, join_dsn,
+         log_level) -> None:
     """Run one node in the foreground (SIGTERM: hand over leadership, then exit).
 
     Settings come from flags, then $RAFTSQL_* variables, then the --config TOML file.
+
+    \b
+    A new node joins a running cluster with --join (no --peer needed):
+      raftsql certs node ./certs --name n4 --host 127.0.0.1
+      raftsql node --id n4 --data-dir d4 --listen 127.0.0.1:4004 --certs ./certs \\
+          --join 'raftsql://127.0.0.1:4001/?certs=./certs'
+      raftsql cluster promote 'raftsql://127.0.0.1:4001/?certs=./certs' n4
+    It is added as a learner, learns the cluster's members, and remembers them in its data
+    directory (later starts do not ask again).
     """
     import logging
     import signal
@@ -220,10 +239,16 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         "id": node_id, "data_dir": data_dir, "listen": listen, "advertise": advertise,
         "peers": nodeconfig.parse_peers(list(peers), "--peer") if peers else None,
         "certs": certs, "tick_ms": tick_ms, "heartbeat_ticks": heartbeat_ticks,
-        "election_ticks": election_ticks,
+        "election_ticks": election_ticks, "join": join_dsn,
+        "snapshot_entries": snapshot_entries, "snapshot_bytes": snapshot_bytes,
+        "snapshot_trailing": snapshot_trailing,
     }
     cfg = nodeconfig.load(flags, config_file)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.extra.get("join"):
+        from raftsql.server.admin import join_cluster
+
+        join_cluster(cfg, cfg.extra["join"])
     n = Node(cfg)
     n.start()
     done = threading.Event()
@@ -239,7 +264,15 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
 
 @main.group()
 def cluster() -> None:
-    """Run a local cluster."""
+    """Run a local cluster; change a cluster's membership.
+
+    \b
+    Grow by one node (started with `raftsql node ... --join DSN`, or with --peer flags naming
+    the cluster's first voters and then added with `cluster add`):
+      raftsql cluster promote DSN n4      (waits until n4 has caught up)
+    Shrink:
+      raftsql cluster remove DSN n2       (then stop n2's process)
+    """
 
 
 @cluster.command("up")
@@ -297,6 +330,102 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bo
         click.echo("cluster stopped")
 
 
+def _print_change(result: dict, what: str) -> None:
+    if result.get("already"):
+        click.echo(f"{result['node_id']} is already a {result['role']}; nothing changed")
+    else:
+        click.echo(f"{what} (log index {result['index']})")
+    members = result.get("members") or {}
+    click.echo("members: " + ", ".join(f"{k}={v}" for k, v in members.items()))
+
+
+@cluster.command("add")
+@click.argument("dsn")
+@click.argument("node_id")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to keep trying.")
+@human_errors
+def cluster_add(dsn: str, node_id: str, address: str, timeout: float) -> None:
+    """Add NODE_ID, reachable at HOST:PORT, as a learner (it gets the log but does not vote).
+
+    For a node started without --join. Its --peer flags must name the cluster's first voters
+    (it replays the log from them), and it needs a node certificate named NODE_ID.
+    """
+    from raftsql.driver._admin import cluster_add as add
+
+    _print_change(add(dsn, node_id, address, timeout=timeout), f"added {node_id} ({address}) as a learner")
+
+
+@cluster.command("promote")
+@click.argument("dsn")
+@click.argument("node_id")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for it to catch up.")
+@click.option("--max-lag", type=click.IntRange(0), help="Entries it may lag behind the leader (default 100).")
+@human_errors
+def cluster_promote(dsn: str, node_id: str, timeout: float, max_lag: int | None) -> None:
+    """Make learner NODE_ID a voter, once its log has caught up with the leader's."""
+    from raftsql.driver._admin import cluster_promote as promote
+
+    _print_change(promote(dsn, node_id, timeout=timeout, max_lag=max_lag), f"promoted {node_id} to voter")
+
+
+@cluster.command("remove")
+@click.argument("dsn")
+@click.argument("node_id")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to keep trying.")
+@human_errors
+def cluster_remove(dsn: str, node_id: str, timeout: float) -> None:
+    """Remove NODE_ID (voter or learner); stop its process afterwards.
+
+    Removing the leader first hands leadership to the most up-to-date voter.
+    """
+    from raftsql.driver._admin import cluster_remove as remove
+
+    _print_change(remove(dsn, node_id, timeout=timeout), f"removed {node_id}")
+
+
+# --------------------------------------------------------------------------- backup / restore
+
+
+@main.command()
+@click.argument("dsn")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--stale", is_flag=True, help="Copy a node's state as is (skip the ReadIndex round).")
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+@human_errors
+def backup(dsn: str, out: Path, stale: bool, timeout: float) -> None:
+    """Copy the live database to OUT, a plain SQLite file (open it with sqlite3).
+
+    The copy is consistent, holds every write acknowledged before the command started, and
+    is taken at one log index, which is printed (and kept in its _raftsql_meta table).
+    OUT is replaced atomically.
+    """
+    from raftsql.driver._admin import backup as do_backup
+
+    r = do_backup(dsn, str(out), timeout=timeout, linearizable=not stale)
+    click.echo(f"backup of {r['node']} at index {r['index']}: {r['path']} ({r['size']} bytes, sha256 {r['sha256']})")
+
+
+@main.command()
+@click.argument("in_file", metavar="IN.db", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dsn")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per batch.")
+@human_errors
+def restore(in_file: Path, dsn: str, timeout: float) -> None:
+    """Seed a new, empty cluster at DSN with the tables of the SQLite file IN.db.
+
+    \b
+    Start the new cluster first (e.g. `raftsql cluster up --data-dir new`), then:
+      raftsql restore backup.db 'raftsql://127.0.0.1:4001/?certs=new/certs'
+    The data goes through the log, so every node, and every node that joins later, gets the
+    same database. Refused if the cluster already has tables.
+    """
+    from raftsql.driver._admin import restore as do_restore
+
+    r = do_restore(dsn, str(in_file), timeout=timeout)
+    click.echo(f"restored {r['tables']} tables, {r['rows']} rows from {in_file}; cluster at index {r['index']}")
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -319,8 +448,14 @@ def status(dsn: str, as_json: bool) -> None:
         if "error" in r:
             click.echo(f"{'?':6} {r['address']:22} unreachable: {r['error']}")
             continue
-        click.echo(f"{r['id']:6} {r['address']:22} {r['role']:10} {r['term']:>5} {str(r['leader']):7} "
+        role = "learner" if r["id"] in r.get("learners", ()) else r["role"]
+        click.echo(f"{r['id']:6} {r['address']:22} {role:10} {r['term']:>5} {str(r['leader']):7} "
                    f"{r['commit_index']:>8} {r['applied_index']:>8}")
+    views = [r for r in rows if "error" not in r]
+    if views:
+        best = max(views, key=lambda r: (r["term"], r["role"] == "leader"))
+        click.echo(f"voters: {', '.join(best['voters'])}   learners: {', '.join(best['learners']) or '-'}"
+                   f"   (as {best['id']} sees them)")
 
 
 # --------------------------------------------------------------------------- shell

@@ -7,7 +7,15 @@ encoded into the entry's data. Every node decodes it when the entry commits.
 Pure: stdlib + msgpack only. Encoding is a msgpack array, positional, so the field order below is
 the wire format; never reorder, only append under a new version.
 
-    [version, kind, client_id, serial, [[sql, params], ...], leader_time_ms, seed]
+    [1, kind WRITE, client_id, serial, [[sql, params], ...], leader_time_ms, seed]
+    [2, kind TXN,   client_id, serial, [[sql, params], ...], leader_time_ms, seed,
+        [read_index, [table, ...], last_ms]]
+
+Version 2 appends one field, the transaction check of a TXN command (the commit of an
+interactive transaction, see server/DESIGN.md "Serializable transactions"): apply runs the
+statements only if no table of the read set was modified after read_index, and the transaction
+was not idle for too long (last_ms: leader time of its last statement). WRITE commands are still
+written as version 1, so their bytes are what they always were.
 
 params is an array (positional ? / ?NNN placeholders) or a map str -> value (named :x @x $x).
 Values are None, int (signed 64-bit), float, str or bytes: exactly what SQLite can bind.
@@ -23,7 +31,8 @@ from typing import Any, Union
 
 import msgpack
 
-VERSION = 1
+VERSION = 1  # WRITE commands
+TXN_VERSION = 2  # TXN commands: VERSION's fields plus the transaction check
 MAX_CLIENT_ID_CHARS = 128
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -42,7 +51,10 @@ class CommandKind(IntEnum):
     """What the entry asks for. The numbers are on the wire: never renumber."""
 
     WRITE = 1  # the statements run atomically, in one SQLite transaction
-    # TXN = 2 is reserved for interactive transactions.
+    TXN = 2  # like WRITE, but only if the transaction check passes (a transaction's commit)
+
+
+_VERSION_OF_KIND = {CommandKind.WRITE: VERSION, CommandKind.TXN: TXN_VERSION}
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
@@ -130,18 +142,28 @@ class Command:
     None params become ()), so a decoded Command compares equal to the one that was encoded.
 
     Invariant: serial > 0 implies client_id != "" (dedup needs both; (client_id "", serial 0) or
-    serial 0 alone means "do not deduplicate")."""
+    serial 0 alone means "do not deduplicate").
+    Invariant: version == 1 for WRITE, 2 for TXN (None picks it from kind); read_index,
+    read_set and last_ms are used by TXN only and must keep their defaults for WRITE.
+    read_set is normalised to a sorted tuple of distinct names (apply checks it in that order,
+    so the error names the same table on every node)."""
 
-    version: int = VERSION
+    version: int | None = None
     kind: CommandKind = CommandKind.WRITE
     client_id: str = ""
     serial: int = 0
     statements: tuple[Statement, ...] = ()
     leader_time_ms: int = 0  # unix ms, stamped by the leader
     seed: int = 0  # 0..2**63-1, stamped by the leader
+    # TXN only: the applied index of the transaction's snapshot, the tables it read, and the
+    # leader time (unix ms) of its last statement.
+    read_index: int = 0
+    read_set: tuple[str, ...] = ()
+    last_ms: int = 0
 
     def __post_init__(self) -> None:
-        if type(self.version) is not int or self.version != VERSION:
+        if self.version is not None and (type(self.version) is not int
+                                         or self.version not in (VERSION, TXN_VERSION)):
             raise CommandError(f"unsupported command version {self.version!r} (expected {VERSION})")
         kind = self.kind
         if type(kind) is not CommandKind:
@@ -150,6 +172,14 @@ class Command:
             if kind not in _KINDS:
                 raise CommandError(f"unknown command kind {kind}")
             object.__setattr__(self, "kind", _KINDS[kind])
+        expected = _VERSION_OF_KIND[self.kind]
+        if self.version is None:
+            object.__setattr__(self, "version", expected)
+        elif self.version != expected:
+            raise CommandError(
+                f"unsupported command version {self.version} for kind {self.kind.name} "
+                f"(expected {expected})"
+            )
         if type(self.client_id) is not str:
             raise CommandError(f"client_id must be str, not {type(self.client_id).__name__}")
         if len(self.client_id) > MAX_CLIENT_ID_CHARS:
@@ -162,6 +192,17 @@ class Command:
         object.__setattr__(self, "statements", _check_statements(self.statements))
         _check_int("leader_time_ms", self.leader_time_ms, 0, INT64_MAX)
         _check_int("seed", self.seed, 0, SEED_MAX)
+        _check_int("read_index", self.read_index, 0, INT64_MAX)
+        _check_int("last_ms", self.last_ms, 0, INT64_MAX)
+        rs = self.read_set
+        if type(rs) is not tuple and type(rs) is not list:
+            raise CommandError(f"read_set must be a tuple or list, not {type(rs).__name__}")
+        for name in rs:
+            if type(name) is not str:
+                raise CommandError(f"read_set names must be str, not {type(name).__name__}")
+        object.__setattr__(self, "read_set", tuple(sorted(set(rs))))
+        if self.kind is CommandKind.WRITE and (self.read_index or self.read_set or self.last_ms):
+            raise CommandError("read_index, read_set and last_ms belong to TXN commands")
 
     @property
     def dedup(self) -> bool:
@@ -173,19 +214,19 @@ class Command:
         return dataclasses.replace(self, leader_time_ms=leader_time_ms, seed=seed)
 
     def encode(self) -> bytes:
+        fields = [
+            self.version,
+            int(self.kind),
+            self.client_id,
+            self.serial,
+            self.statements,  # tuples pack as arrays, dicts as maps
+            self.leader_time_ms,
+            self.seed,
+        ]
+        if self.version == TXN_VERSION:
+            fields.append([self.read_index, self.read_set, self.last_ms])
         try:
-            return msgpack.packb(
-                [
-                    self.version,
-                    int(self.kind),
-                    self.client_id,
-                    self.serial,
-                    self.statements,  # tuples pack as arrays, dicts as maps
-                    self.leader_time_ms,
-                    self.seed,
-                ],
-                use_bin_type=True,
-            )
+            return msgpack.packb(fields, use_bin_type=True)
         except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate in a str
             raise CommandError(f"cannot encode command: {e}") from None
 
@@ -200,13 +241,24 @@ class Command:
             raise CommandError(f"command is not valid msgpack: {type(e).__name__}: {e}") from None
         if type(fields) is not list:
             raise CommandError(f"command must be a msgpack array, not {type(fields).__name__}")
-        if len(fields) != 7:
-            raise CommandError(f"command array has {len(fields)} fields, expected 7")
-        version, kind, client_id, serial, statements, leader_time_ms, seed = fields
-        if type(version) is not int or version != VERSION:
+        version = fields[0] if fields else None
+        if type(version) is not int or version not in (VERSION, TXN_VERSION):
             raise CommandError(f"unsupported command version {version!r} (expected {VERSION})")
+        kind = fields[1] if len(fields) > 1 else None
         if type(kind) is not int:
             raise CommandError(f"kind must be an int, not {type(kind).__name__}")
+        if kind in _KINDS and _VERSION_OF_KIND[_KINDS[kind]] != version:
+            raise CommandError(f"unsupported command version {version} for kind {kind}")
+        want = 8 if version == TXN_VERSION else 7
+        if len(fields) != want:
+            raise CommandError(f"command array has {len(fields)} fields, expected {want}")
+        client_id, serial, statements, leader_time_ms, seed = fields[2:7]
+        txn: dict[str, Any] = {}
+        if version == TXN_VERSION:
+            check = fields[7]
+            if type(check) is not list or len(check) != 3 or type(check[1]) is not list:
+                raise CommandError("the transaction check must be [read_index, [table, ...], last_ms]")
+            txn = {"read_index": check[0], "read_set": check[1], "last_ms": check[2]}
         if type(statements) is not list:
             raise CommandError("statements must be an array")
         for i, item in enumerate(statements):
@@ -225,6 +277,7 @@ class Command:
                 statements=statements,
                 leader_time_ms=leader_time_ms,
                 seed=seed,
+                **txn,
             )
         except CommandError:
             raise

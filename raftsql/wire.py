@@ -41,16 +41,19 @@ __all__ = [
     "FrameError",
     "FrameKind",
     "Hello",
+    "SnapshotChunk",
     "check_map",
     "decode_entry",
     "decode_hard_state",
     "decode_message",
     "decode_raft_batch",
+    "decode_snapshot_chunk",
     "encode_entry",
     "encode_frame",
     "encode_hard_state",
     "encode_message",
     "encode_raft_batch",
+    "encode_snapshot_chunk",
     "make_error",
     "make_hello",
     "parse_error",
@@ -85,6 +88,7 @@ class FrameKind(IntEnum):
     REQUEST = 3  # client -> node, payload: a string-keyed map
     RESPONSE = 4  # node -> client, payload: a string-keyed map
     ERROR = 5  # payload: {"message": str}; a fatal protocol error, sent just before closing
+    SNAPSHOT = 6  # node -> node, payload: a SnapshotChunk (see encode_snapshot_chunk)
 
 
 _FRAME_KINDS = {int(k): k for k in FrameKind}
@@ -323,17 +327,24 @@ class Hello:
     protocol_version: int
     node_id: str | None
     role: str
+    # A dialing node's advertised host:port, so a node that never applied the change adding
+    # it (a snapshot skipped it, or it was down) can still answer it. Optional.
+    address: str | None = None
 
 
-def make_hello(node_id: str | None, role: str) -> bytes:
+MAX_ADDRESS_LEN = 300
+
+
+def make_hello(node_id: str | None, role: str, address: str | None = None) -> bytes:
     """A whole HELLO frame for this side of a connection."""
     if role not in _ROLES:
         raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
     if node_id is not None or role == "node":
         _node_id(node_id, "hello node_id")
-    return encode_frame(
-        FrameKind.HELLO, {"version": PROTOCOL_VERSION, "node_id": node_id, "role": role}
-    )
+    doc: dict[str, Any] = {"version": PROTOCOL_VERSION, "node_id": node_id, "role": role}
+    if address is not None:
+        doc["address"] = address
+    return encode_frame(FrameKind.HELLO, doc)
 
 
 def parse_hello(payload: Any) -> Hello:
@@ -358,7 +369,18 @@ def parse_hello(payload: Any) -> Hello:
     node_id = payload["node_id"]
     if node_id is not None or role == "node":
         _node_id(node_id, "hello: field 'node_id'")
-    return Hello(version, node_id, role)
+    address = payload.get("address")
+    if address is not None:
+        host, sep, port = address.rpartition(":") if type(address) is str else ("", "", "")
+        if (
+            not sep
+            or not host
+            or len(address) > MAX_ADDRESS_LEN
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+        ):
+            raise DecodeError(f"hello: field 'address': expected host:port, got {_describe(address)}")
+    return Hello(version, node_id, role, address)
 
 
 def make_error(message: str) -> bytes:
@@ -532,3 +554,59 @@ def decode_hard_state(obj: Any) -> HardState:
         _node_id(vote, "hard state vote")
     _uint(commit, "hard state commit")
     return HardState(term, vote, commit)
+
+
+# --- snapshot chunks ------------------------------------------------------------------------
+
+SNAPSHOT_DIGEST_SIZE = 32  # sha256
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """One piece of a snapshot file streamed to a follower (InstallSnapshot).
+
+    The bytes data[0:] sit at `offset` in the snapshot taken at (index, term); crc is
+    crc32(data). The last chunk of a transfer has no data, offset = the file's size and
+    digest = sha256 of the whole file; every other chunk has digest None. Structure only is
+    checked here; offsets, crc and digest are the receiver's to verify."""
+
+    index: int
+    term: int
+    offset: int
+    data: bytes
+    crc: int
+    digest: bytes | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.digest is not None
+
+
+def encode_snapshot_chunk(
+    c: SnapshotChunk, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> bytes:
+    """A whole SNAPSHOT frame."""
+    return encode_frame(
+        FrameKind.SNAPSHOT, [c.index, c.term, c.offset, c.data, c.crc, c.digest], max_frame_size
+    )
+
+
+def decode_snapshot_chunk(payload: Any) -> SnapshotChunk:
+    """The SnapshotChunk of a SNAPSHOT frame's payload; raises DecodeError if malformed."""
+    _list(payload, "snapshot chunk", 6)
+    index, term, offset, data, crc, digest = payload
+    _uint(index, "snapshot chunk index")
+    _uint(term, "snapshot chunk term")
+    _uint(offset, "snapshot chunk offset")
+    _bytes(data, "snapshot chunk data")
+    if type(crc) is not int or not 0 <= crc < 2**32:
+        raise DecodeError(f"snapshot chunk crc: expected a uint32, got {_describe(crc)}")
+    if digest is not None:
+        _bytes(digest, "snapshot chunk digest")
+        if len(digest) != SNAPSHOT_DIGEST_SIZE or data:
+            raise DecodeError(
+                "snapshot chunk: the final chunk has no data and a 32-byte sha256 digest"
+            )
+    if index == 0:
+        raise DecodeError("snapshot chunk index: a snapshot covers at least entry 1")
+    return SnapshotChunk(index, term, offset, data, crc, digest)

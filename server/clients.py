@@ -4,13 +4,27 @@ Protocol (payloads of wire REQUEST/RESPONSE frames, msgpack maps with string key
 
   request  {"id": int, "op": "execute", "statements": [[sql, params], ...],
             "client_id": str, "serial": int, "consistency": "linearizable"|"leader"|"stale",
-            "min_index": int, "timeout_ms": int}
+            "min_index": int, "timeout_ms": int,
+            "reads": true,          (optional: a transaction's read before its first write;
+                                     the result adds "reads", the tables it read)
+            "commit": {"read_index": int, "reads": [table, ...], "last_ms": int}}
+                                    (optional: the statements are a transaction's writes; the
+                                     entry is a TXN command, applied only if nothing in
+                                     "reads" changed after read_index, else the result's
+                                     error is RAFTSQL_SERIALIZATION)
            {"id": int, "op": "execute", "statements": [[sql, params]],
-            "txn": {"writes": [[sql, params], ...], "term": int | None}}
-                (one statement of an open driver transaction; the result adds "readonly"
-                 and "term"; commit is a normal execute of the writes as one batch)
+            "txn": {"writes": [[sql, params], ...], "term": int | None,
+                    "start_index": int | None, "reads": [table, ...], "last_ms": int | None,
+                    "consistency": str}, "timeout_ms": int}
+                (one statement of an open driver transaction, on the leader; the result adds
+                 "readonly", "term", "reads" (the transaction's read set including this
+                 statement's), "start_index" (the snapshot: the given one, or this
+                 statement's index) and "time_ms" (the leader's clock, for the idle timeout))
            {"id": int, "op": "status"}      {"id": int, "op": "ping"}
            {"id": int, "op": "hash"}        (applied index + hash of every table, for tests)
+           {"id": int, "op": "cluster_add" | "cluster_promote" | "cluster_remove" |
+            "cluster_join" | "backup_begin" | "backup_read" | "backup_end", ...}
+                (membership changes and backups: server/admin.py)
   response {"id": int, "ok": true, "result": {...}}   (Result.to_wire(), SQL errors inside)
            {"id": int, "ok": false, "error": {"kind", "message", "leader", "leader_addr"}}
 
@@ -23,6 +37,8 @@ import logging
 from typing import Any
 
 from raftsql import wire
+from raftsql.server.admin import OPS as ADMIN_OPS
+from raftsql.server.admin import AdminService
 from raftsql.server.node import RequestError
 
 log = logging.getLogger("raftsql.clients")
@@ -33,9 +49,11 @@ _CONSISTENCY = {"linearizable", "leader", "stale"}
 class ClientService:
     def __init__(self, node):
         self.node = node
+        self.admin = AdminService(node)  # membership changes and backups (server/admin.py)
 
     def serve(self, conn) -> None:
         """Run one client connection's request loop (in the transport's connection thread)."""
+        first = True
         try:
             while True:
                 frame = conn.recv()
@@ -45,13 +63,26 @@ class ClientService:
                 if kind != wire.FrameKind.REQUEST:
                     conn.send(wire.FrameKind.ERROR, {"message": f"unexpected {kind.name} frame on a client connection"})
                     return
-                conn.send(wire.FrameKind.RESPONSE, self.handle(payload))
+                resp = self.handle(payload, conn)
+                if first:
+                    # The first answer on a connection names the cluster's members, so a driver
+                    # can still find the cluster after every node in its DSN was removed.
+                    first = False
+                    resp["members"] = self._member_addresses()
+                conn.send(wire.FrameKind.RESPONSE, resp)
         except (OSError, wire.FrameError) as e:
             log.info("client %s: connection closed: %s", getattr(conn, "peer_name", "?"), e)
         finally:
+            self.admin.close_conn(conn)
             conn.close()
 
-    def handle(self, payload: Any) -> dict[str, Any]:
+    def _member_addresses(self) -> list[str]:
+        node = self.node
+        with node._lock:
+            members = set(node.core.voters) | set(node.core.learners)
+        return sorted(a for nid, a in node.addresses.items() if nid in members and a)
+
+    def handle(self, payload: Any, conn: Any = None) -> dict[str, Any]:
         req_id = payload.get("id") if isinstance(payload, dict) else None
         try:
             req = wire.check_map(payload, {"id": int, "op": str})
@@ -59,14 +90,15 @@ class ClientService:
             if op == "execute":
                 if "txn" in req:
                     return {"id": req_id, "ok": True, "result": self._execute_txn(req)}
-                result = self._execute(req)
-                return {"id": req_id, "ok": True, "result": result.to_wire()}
+                return {"id": req_id, "ok": True, "result": self._execute(req)}
             if op == "status":
                 return {"id": req_id, "ok": True, "result": self.node.status()}
             if op == "hash":
                 # Tests compare nodes by this; the hash and index are read under the apply lock.
                 index, digest = self.node.content_hash()
                 return {"id": req_id, "ok": True, "result": {"index": index, "hash": digest}}
+            if op in ADMIN_OPS:
+                return {"id": req_id, "ok": True, "result": self.admin.handle(op, req, conn)}
             if op == "ping":
                 return {"id": req_id, "ok": True, "result": {"node": self.node.cfg.id}}
             raise RequestError("BAD_REQUEST", f"unknown op {op!r}")
@@ -84,13 +116,41 @@ class ClientService:
         statements = self._statements(body["statements"])
         if len(statements) != 1:
             raise RequestError("BAD_REQUEST", "a transaction statement is sent one at a time")
-        txn = wire.check_map(body["txn"], {"writes": list}, {"term": (int, type(None))})
+        txn = wire.check_map(
+            body["txn"],
+            {"writes": list},
+            {
+                "term": (int, type(None)),
+                "start_index": (int, type(None)),
+                "reads": list,
+                "last_ms": (int, type(None)),
+                "consistency": str,
+            },
+        )
         writes = self._statements(txn["writes"])
-        result, readonly, term = self.node.execute_in_transaction(statements[0], writes, txn.get("term"))
+        reads = self._tables(txn.get("reads", []))
+        consistency = txn.get("consistency", "linearizable")
+        if consistency not in _CONSISTENCY:
+            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
+        start_index = txn.get("start_index")
+        timeout_ms = req.get("timeout_ms")
+        result, readonly, term, time_ms = self.node.execute_in_transaction(
+            statements[0], writes, txn.get("term"), consistency, start_index=start_index,
+            reads=reads, last_ms=txn.get("last_ms"),
+            timeout_s=timeout_ms / 1000.0 if isinstance(timeout_ms, int) and timeout_ms > 0 else None)
         out = result.to_wire()
         out["readonly"] = readonly
         out["term"] = term
+        out["reads"] = sorted(reads)
+        out["start_index"] = result.index if start_index is None else start_index
+        out["time_ms"] = time_ms
         return out
+
+    @staticmethod
+    def _tables(items: Any) -> set[str]:
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise RequestError("BAD_REQUEST", "reads must be a list of table names")
+        return set(items)
 
     @staticmethod
     def _statements(items: list) -> list[tuple[str, Any]]:
@@ -116,6 +176,8 @@ class ClientService:
                 "consistency": str,
                 "min_index": int,
                 "timeout_ms": int,
+                "reads": bool,
+                "commit": dict,
             },
         )
         statements = self._statements(body["statements"])
@@ -123,11 +185,22 @@ class ClientService:
         if consistency not in _CONSISTENCY:
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
         timeout_ms = body.get("timeout_ms")
-        return self.node.execute(
+        commit = None
+        if "commit" in body:
+            c = wire.check_map(body["commit"], {"read_index": int, "reads": list, "last_ms": int})
+            commit = (max(0, c["read_index"]), tuple(sorted(self._tables(c["reads"]))), max(0, c["last_ms"]))
+        reads: set[str] | None = set() if body.get("reads") else None
+        result = self.node.execute(
             statements,
             client_id=body.get("client_id", ""),
             serial=body.get("serial", 0),
             consistency=consistency,
             min_index=max(0, body.get("min_index", 0)),
             timeout_s=timeout_ms / 1000.0 if timeout_ms else None,
+            reads=reads,
+            commit=commit,
         )
+        out = result.to_wire()
+        if reads is not None:
+            out["reads"] = sorted(reads)
+        return out

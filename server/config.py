@@ -27,6 +27,12 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "session_timeout_ms": (int, "RAFTSQL_SESSION_TIMEOUT_MS"),
     "query_timeout_s": (float, "RAFTSQL_QUERY_TIMEOUT_S"),
     "request_timeout_s": (float, "RAFTSQL_REQUEST_TIMEOUT_S"),
+    # Log compaction (server/DESIGN.md, "Snapshots and InstallSnapshot")
+    "snapshot_entries": (int, "RAFTSQL_SNAPSHOT_ENTRIES"),
+    "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
+    "snapshot_trailing": (int, "RAFTSQL_SNAPSHOT_TRAILING"),
+    # DSN of a running cluster to join as a learner (first start only; see server/admin.py)
+    "join": (str, "RAFTSQL_JOIN"),
 }
 
 
@@ -114,8 +120,13 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
     if not os.path.isdir(vals["certs"]):
         raise ConfigError(f"certs directory {vals['certs']!r} does not exist (make it with: raftsql certs init DIR)")
     kw = {k: vals[k] for k in ("tick_ms", "heartbeat_ticks", "election_ticks", "max_frame_size",
-                               "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise") if k in vals}
+                               "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
+                               "snapshot_entries", "snapshot_bytes", "snapshot_trailing") if k in vals}
     cfg = NodeConfig(id=vals["id"], data_dir=vals["data_dir"], listen=listen, peers=peers, certs_dir=vals["certs"], **kw)
     if cfg.election_ticks <= cfg.heartbeat_ticks:
         raise ConfigError("election_ticks must be greater than heartbeat_ticks")
+    if "join" in vals:
+        if not vals["join"].startswith("raftsql://"):
+            raise ConfigError(f"join: {vals['join']!r} is not a raftsql:// DSN")
+        cfg.extra["join"] = vals["join"]
     return cfg

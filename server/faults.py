@@ -903,19 +903,181 @@ class ReadYourWritesWorkload(Workload):
 
 
 class BankWorkload(Workload):
-    """Hook: transfers between accounts in interactive transactions, checking that the total
-    never changes. Waits for interactive transactions (a later issue)."""
+    """Transfers between accounts in serializable interactive transactions, through the DB-API
+    driver: BEGIN; read both balances; write both as absolute values (a read-then-write that
+    would lose updates without the commit check); log the transfer; COMMIT. Other operations
+    read every balance in one statement. Checked: every successful read sees the initial total;
+    the log holds each transfer at most once (no UNIQUE constraint, so a double apply would
+    show), every acknowledged transfer and no failed one; and the final balances are the
+    initial ones plus exactly the logged transfers (a lost update would break that)."""
 
     name = "bank"
 
+    def __init__(self, threads: int = 4, accounts: int = 8, balance: int = 100):
+        self.threads = threads
+        self.accounts = accounts
+        self.balance = balance
+        self.final_balances: list[int] = []
+        self.final_log: list[tuple[int, int, int, int]] = []
+
+    @property
+    def total(self) -> int:
+        return self.accounts * self.balance
+
     def setup(self, ctx: Ctx, client) -> None:
-        raise NotImplementedError("the bank workload needs interactive transactions (later issue)")
+        for sql, params in [
+            ("CREATE TABLE IF NOT EXISTS bank (id INTEGER PRIMARY KEY, bal INTEGER NOT NULL)", []),
+            ("CREATE TABLE IF NOT EXISTS bank_log (tid INTEGER, src INTEGER, dst INTEGER, amount INTEGER)", []),
+        ]:
+            r = client.execute([(sql, params)])
+            assert r.get("error") is None, r
+        r = client.execute([("INSERT INTO bank (id, bal) VALUES (?, ?)", [i, self.balance])
+                            for i in range(self.accounts)])
+        assert r.get("error") is None, r
+
+    def worker(self, ctx: Ctx, process: int, rng: random.Random) -> None:
+        from raftsql.driver import _connection
+
+        conn = _connection.Connection(ctx.cluster.client(timeout=ctx.timeout_for(process)), autocommit=True)
+        seq = 0
+        try:
+            while not ctx.stop.is_set():
+                if rng.random() < 0.25:
+                    self._read(ctx, conn, process)
+                    continue
+                seq += 1
+                self._transfer(ctx, conn, process, process * 10_000_000 + seq, rng)
+        finally:
+            conn.close()
+
+    def _read(self, ctx: Ctx, conn, process: int) -> None:
+        h = ctx.history
+        h.record(process=process, type="invoke", workload=self.name, f="read", value=None)
+        try:
+            rows = conn.execute("SELECT id, bal FROM bank ORDER BY id").fetchall()
+        except Exception as e:  # noqa: BLE001 - a read that failed changed nothing
+            h.record(process=process, type="fail", workload=self.name, f="read", value=None,
+                     error=f"{type(e).__name__}: {e}")
+            return
+        h.record(process=process, type="ok", workload=self.name, f="read", value=[b for _, b in rows],
+                 index=conn.last_index)
+
+    def _transfer(self, ctx: Ctx, conn, process: int, tid: int, rng: random.Random) -> None:
+        import raftsql.driver as db
+
+        h = ctx.history
+        src, dst = rng.sample(range(self.accounts), 2)
+        h.record(process=process, type="invoke", workload=self.name, f="transfer", value=tid, src=src, dst=dst)
+        stage = "body"
+        try:
+            conn.execute("BEGIN")
+            a = conn.execute("SELECT bal FROM bank WHERE id = ?", (src,)).fetchone()[0]
+            b = conn.execute("SELECT bal FROM bank WHERE id = ?", (dst,)).fetchone()[0]
+            amount = rng.randint(1, max(1, min(a, 20)))
+            if a < amount:  # an empty account: nothing to move
+                conn.execute("ROLLBACK")
+                h.record(process=process, type="fail", workload=self.name, f="transfer", value=tid, error="empty")
+                return
+            conn.execute("UPDATE bank SET bal = ? WHERE id = ?", (a - amount, src))
+            conn.execute("UPDATE bank SET bal = ? WHERE id = ?", (b + amount, dst))
+            conn.execute("INSERT INTO bank_log (tid, src, dst, amount) VALUES (?, ?, ?, ?)", (tid, src, dst, amount))
+            stage = "commit"
+            conn.execute("COMMIT")
+        except db.OutcomeUnknown as e:
+            self._resend(ctx, conn, process, tid, e)
+            return
+        except Exception as e:  # noqa: BLE001
+            # SerializationError, TransactionAborted, Unavailable, an SQL error: nothing applied.
+            kind = "fail" if isinstance(e, db.Error) and not isinstance(e, db.InterfaceError) else "info"
+            h.record(process=process, type=kind, workload=self.name, f="transfer", value=tid, stage=stage,
+                     error=f"{type(e).__name__}: {e}")
+            conn.rollback()
+            return
+        h.record(process=process, type="ok", workload=self.name, f="transfer", value=tid, index=conn.last_index)
+
+    def _resend(self, ctx: Ctx, conn, process: int, tid: int, error) -> None:
+        """An unknown commit is resent with its serial (and its transaction check) until the
+        cluster answers: the session table says whether the first attempt applied."""
+        import raftsql.driver as db
+
+        h = ctx.history
+        h.record(process=process, type="info", workload=self.name, f="transfer", value=tid, error=str(error),
+                 serial=error.serial)
+        for _ in range(20):
+            try:
+                cur = conn.resend(error)
+            except db.OutcomeUnknown as e:
+                error = e
+                continue
+            except db.Error as e:  # the stored or a new outcome: not applied
+                h.record(process=process, type="fail", workload=self.name, f="transfer", value=tid,
+                         stage="resend", error=f"{type(e).__name__}: {e}")
+                return
+            h.record(process=process, type="ok", workload=self.name, f="transfer", value=tid, stage="resend",
+                     dup=cur._result.get("duplicate") or None)
+            return
+
+    def final(self, ctx: Ctx) -> None:
+        c = ctx.cluster.client(timeout=15)
+        try:
+            def read(sql):
+                def go():
+                    r = c.execute([(sql, [])])
+                    if r.get("error"):
+                        raise RuntimeError(r["error"])
+                    return r["rows"]
+                return go
+
+            self.final_balances = [b for _, b in self._retrying(ctx, read("SELECT id, bal FROM bank ORDER BY id"))]
+            self.final_log = [tuple(r) for r in self._retrying(ctx, read("SELECT tid, src, dst, amount FROM bank_log"))]
+            ctx.history.record(process="final-bank", type="ok", workload="bank-final", f="read-all",
+                               value={"balances": self.final_balances, "log": len(self.final_log)})
+        finally:
+            c.close()
+
+    def check(self, ctx: Ctx) -> dict[str, Any]:
+        events = [e for e in ctx.history.events if e.get("workload") == self.name and e.get("type") != "invoke"]
+        problems: list[str] = []
+        reads = [e for e in events if e["f"] == "read" and e["type"] == "ok"]
+        for e in reads:
+            if sum(e["value"]) != self.total:
+                problems.append(f"read at index {e.get('index')} saw total {sum(e['value'])} != {self.total}: {e['value']}")
+        status: dict[int, str] = {}
+        rank = {"fail": 0, "info": 1, "ok": 2}
+        for e in events:
+            if e["f"] == "transfer" and (e["value"] not in status or rank[e["type"]] > rank[status[e["value"]]]):
+                status[e["value"]] = e["type"]
+        counts: dict[int, int] = {}
+        for tid, *_ in self.final_log:
+            counts[tid] = counts.get(tid, 0) + 1
+        res = checker.check_set([t for t, s in status.items() if s == "ok"],
+                                [t for t, s in status.items() if s == "info"],
+                                [t for t, s in status.items() if s == "fail"], counts)
+        if not res.valid:
+            problems.append(res.explain())
+        expected = [self.balance] * self.accounts
+        for _, src, dst, amount in self.final_log:
+            expected[src] -= amount
+            expected[dst] += amount
+        if self.final_balances != expected:
+            problems.append(f"final balances {self.final_balances} != initial + logged transfers {expected}")
+        if sum(self.final_balances) != self.total:
+            problems.append(f"final total {sum(self.final_balances)} != {self.total}")
+        transfers = _count_types([e for e in events if e["f"] == "transfer"])
+        conflicts = sum(1 for e in events if e["f"] == "transfer" and e["type"] == "fail"
+                        and "SerializationError" in str(e.get("error")))
+        summary = (f"bank: transfers {transfers}, {conflicts} serialization failures, {len(reads)} reads "
+                   f"all totalling {self.total}, {len(self.final_log)} logged")
+        return {"valid": not problems, "summary": summary if not problems else "bank: INVALID",
+                "explain": "\n".join(problems), "counts": transfers, "reads": len(reads),
+                "conflicts": conflicts}
 
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "register": RegisterWorkload,
     "set": SetWorkload,
     "ryw": ReadYourWritesWorkload,
+    "bank": BankWorkload,
 }
 
 
@@ -1164,15 +1326,63 @@ class TransferNemesis(Nemesis):
         return {}
 
 
+def _admin(cl: FaultCluster, op: str, node_id: str, timeout: float, **extra: Any) -> dict[str, Any]:
+    """One membership request (server/admin.py) through a driver client that follows the
+    leader's redirects; BadRequest/Unavailable from the driver when it cannot be done."""
+    c = cl.client(timeout=timeout)
+    try:
+        req = {"op": op, "node_id": node_id, "timeout_ms": int(timeout * 500), **extra}
+        return c._call(req, timeout, None)
+    finally:
+        c.close()
+
+
 class MembershipNemesis(Nemesis):
-    """Hook: add / remove / replace voters while clients run. Membership changes do not exist
-    in the server yet; when they do, start() proposes one (e.g. remove a random follower, or
-    add a fresh node as a learner and promote it) and stop() undoes it."""
+    """start(): remove a member (a follower, or a third of the time the leader, which hands
+    leadership over first), kill it and wipe its state. stop(): start it empty and bring it
+    back as a new member: added as a learner, promoted once it has caught up from the log."""
 
     name = "membership"
 
+    def __init__(self):
+        self.victim: str | None = None
+
     def start(self, ctx: Ctx) -> dict[str, Any]:
-        raise NotImplementedError("membership changes do not exist yet")
+        cl = ctx.cluster
+        if len(cl.usable()) < len(cl.ids):
+            return {"skipped": "a node is down"}
+        n = _target(ctx, "leader" if ctx.rng.random() < 1 / 3 else "random")
+        if n is None:
+            return {"skipped": "no target"}
+        from raftsql.driver._client import BadRequest
+
+        try:
+            index = _admin(cl, "cluster_remove", n, 30.0)["index"]
+        except BadRequest as e:
+            if "is not a member" not in str(e):
+                raise
+            index = None  # a retry after a lost response: the first attempt removed it
+        cl.kill(n, signal.SIGKILL)
+        self.victim = n
+        d = cl.data_dir(n)
+        for name in os.listdir(d):
+            if name != "node.log":  # the log of its first life stays, for post-mortems
+                p = d / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return {"removed": n, "index": index}
+
+    def stop(self, ctx: Ctx) -> dict[str, Any]:
+        n, self.victim = self.victim, None
+        if n is None:
+            return {}
+        cl = ctx.cluster
+        cl.start(n)  # empty, with the first voters' --peer list: it waits to be added
+        add = _admin(cl, "cluster_add", n, 60.0, address=cl.address(n))
+        promote = _admin(cl, "cluster_promote", n, 120.0)
+        return {"added": n, "learner_at": add["index"], "voter_at": promote["index"]}
 
 
 NEMESES: dict[str, Callable[[], Nemesis]] = {
@@ -1188,6 +1398,7 @@ NEMESES: dict[str, Callable[[], Nemesis]] = {
     "slow": SlowNetworkNemesis,
     "clock": ClockNemesis,
     "transfer": TransferNemesis,
+    "membership": MembershipNemesis,
 }
 # Names for groups of nemeses (the CLI's --nemesis accepts these too).
 NEMESIS_GROUPS: dict[str, list[str]] = {
@@ -1206,8 +1417,6 @@ def expand_nemeses(names: list[str]) -> list[str]:
             out += NEMESIS_GROUPS[n]
         elif n in NEMESES:
             out.append(n)
-        elif n == "membership":
-            raise NotImplementedError("the membership nemesis is a hook: membership changes do not exist yet")
         else:
             raise ValueError(f"unknown nemesis {n!r} (known: {', '.join([*NEMESES, *NEMESIS_GROUPS])})")
     return list(dict.fromkeys(out))
@@ -1325,7 +1534,7 @@ def run(cfg: RunConfig) -> RunReport:
         elif wname == "ryw":
             workloads.append(ReadYourWritesWorkload(threads=threads))
         elif wname == "bank":
-            workloads.append(BankWorkload())
+            workloads.append(BankWorkload(threads=threads))
         else:
             raise ValueError(f"unknown workload {wname!r}")
     results: dict[str, dict[str, Any]] = {}

@@ -45,7 +45,10 @@ _U32 = struct.Struct("<I")
 ENTRIES = 1
 HARD_STATE = 2  # [term, vote, commit]
 SNAPSHOT_META = 3  # [index, term, voters, learners]: entries <= index are gone
-_RECORD_TYPES = bytes((ENTRIES, HARD_STATE, SNAPSHOT_META))
+# INSTALL: [index, term, voters, learners]: a snapshot from the leader replaced the state
+# machine; *every* entry is gone (also those after index) and the log resumes at index + 1.
+INSTALL = 4
+_RECORD_TYPES = bytes((ENTRIES, HARD_STATE, SNAPSHOT_META, INSTALL))
 
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.seg$")
@@ -152,6 +155,8 @@ class LogStore:
         # covers first_index..(next run's first_index - 1). Compaction keeps the segment of the
         # run holding meta.index + 1 and every later one.
         self._runs: list[list[int]] = []
+        # Segments made useless by install(): removed once the INSTALL record is synced.
+        self._obsolete: list[_Segment] = []
 
         if not os.path.isdir(self._dir):
             os.makedirs(self._dir, exist_ok=True)
@@ -250,6 +255,8 @@ class LogStore:
             if self._dir_dirty:
                 os.fsync(self._dir_fd)
                 self._dir_dirty = False
+            if self._obsolete:
+                self._remove_obsolete()
         except OSError as e:
             self._failed = e
             raise
@@ -287,6 +294,38 @@ class LogStore:
         except OSError as e:
             self._failed = e
             raise
+
+    def install(self, meta: SnapshotMeta) -> None:
+        """A snapshot from the leader replaced the state machine: forget every entry (also any
+        after meta.index) and resume at meta.index + 1. Buffered like append(): durable, and
+        atomic, at the next sync(). The INSTALL record starts a new segment, so every earlier
+        segment is useless once it is synced; sync() then removes them, oldest first."""
+        self._check()
+        if meta.index < self._meta.index:
+            raise ValueError(f"install at {meta.index} is below the snapshot at {self._meta.index}")
+        self._start_segment(self._segments[-1].seq + 1)
+        _append_record(self._segments[-1], INSTALL, self._packer.pack(_pack_meta(meta)))
+        self._obsolete = self._segments[:-1]
+        self._meta = meta
+        self._last = meta.index
+        self._runs = []
+
+    def _remove_obsolete(self) -> None:
+        # Oldest first with a directory fsync after each, as in compact(): a crash leaves a
+        # suffix of the segments, which still begins with the INSTALL record's segment or
+        # replays to it.
+        while self._obsolete:
+            seg = self._obsolete[0]
+            if seg.fd is not None:
+                os.close(seg.fd)
+                seg.fd = None
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+            os.fsync(self._dir_fd)
+            self._obsolete.pop(0)
+            self._segments.remove(seg)
 
     def close(self) -> None:
         """Sync and release the directory. A failed store is closed without syncing."""
@@ -405,6 +444,13 @@ class LogStore:
                         new = [_decode_entry(first + j, row) for j, row in enumerate(rows)]
                     elif rtype == HARD_STATE:
                         hs = _decode_hs(value)
+                    elif rtype == INSTALL:
+                        m = _decode_meta(value)
+                        if m.index < meta.index:
+                            raise ValueError(
+                                f"installed snapshot {m.index} is below the snapshot {meta.index}"
+                            )
+                        meta = m
                     else:
                         m = _decode_meta(value)
                         if m.index < meta.index:
@@ -415,7 +461,10 @@ class LogStore:
                 except Exception as e:  # noqa: BLE001 - an intact CRC over a bad payload
                     raise LogCorruptError(path, pos, f"undecodable {rtype=} record: {e}") from None
 
-                if rtype == ENTRIES:
+                if rtype == INSTALL:
+                    entries, runs, base = [], [], meta.index
+                    origin = (path, pos)
+                elif rtype == ENTRIES:
                     if first <= base + 1 or first > base + len(entries) + 1:
                         # Replaces every entry (a truncation from below the first one), or
                         # starts after a gap: legal only where compaction removed the segments

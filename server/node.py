@@ -26,7 +26,6 @@ from raftsql.command import Command
 from raftsql.raft.core import Config, Raft
 from raftsql.raft.types import (
     ConfChange,
-    ConfChangeType,
     EntryType,
     Message,
     NotLeader,
@@ -85,9 +84,17 @@ class NodeConfig:
     request_timeout_s: float = 10.0  # the longest a client request may wait
     advertise: str | None = None  # host:port clients should use; default: listen address
     extra: dict[str, Any] = field(default_factory=dict)
+    # The cluster's first voters, the base every CONF_CHANGE applies to. Empty: id + peers.
+    # Set from DATA_DIR/membership.json (server/admin.py), so a joined node knows them too.
+    bootstrap_voters: tuple[str, ...] = ()
+    # Log compaction (server/snapshot.py): snapshot after this many entries or bytes of entry
+    # data, and compact only once this many more are applied after the snapshot.
+    snapshot_entries: int = 10_000
+    snapshot_bytes: int = 64 << 20
+    snapshot_trailing: int = 5_000
 
     def voters(self) -> tuple[str, ...]:
-        return tuple(sorted({self.id, *self.peers}))
+        return tuple(sorted(self.bootstrap_voters or {self.id, *self.peers}))
 
 
 class _Waiter:
@@ -114,12 +121,14 @@ class Node:
         self.addresses: dict[str, str] = {pid: f"{h}:{p}" for pid, (h, p) in cfg.peers.items()}
         self.addresses[cfg.id] = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
         self.store = LogStore(os.path.join(cfg.data_dir, "raft-log"))
-        self.sm = StateMachine(
-            os.path.join(cfg.data_dir, "db.sqlite"),
-            session_timeout_ms=cfg.session_timeout_ms,
-            query_timeout_s=cfg.query_timeout_s,
-        )
         hs, snap, entries = self.store.load()
+        from raftsql.server import snapshot
+
+        # Sets self.snapshots; restores db.sqlite from the snapshot file if it is behind the log.
+        self.sm: StateMachine = snapshot.open_state_machine(self, snap.index)
+        from raftsql.server import admin
+
+        admin.init_membership(self, entries)  # bootstrap voters + address book (DESIGN.md, Membership)
         rcfg = Config(
             id=cfg.id,
             voters=cfg.voters(),
@@ -165,7 +174,9 @@ class Node:
         from raftsql.server.transport import Transport
 
         self.clients = ClientService(self)
-        peers = {pid: addr for pid, addr in self.cfg.peers.items()}
+        from raftsql.server import admin
+
+        peers = admin.transport_peers(self)
         self.transport = Transport(
             self.cfg.id,
             self.cfg.listen,
@@ -174,6 +185,11 @@ class Node:
             on_raft=self._on_raft,
             on_client=self.clients.serve,
             max_frame_size=self.cfg.max_frame_size,
+            snapshot_sink=self.snapshots.receiver,
+            advertise=self.addresses[self.cfg.id],
+            on_peer_hello=self._on_peer_hello,
+            corrupt_snapshot_transfers=int(os.environ.get("RAFTSQL_TEST_CORRUPT_SNAPSHOTS", "0")),
+            snapshot_chunk_delay=float(os.environ.get("RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS", "0")) / 1000,
         )
         self.transport.start()
         for name, target in (("ticker", self._ticker), ("ready", self._ready_loop)):
@@ -196,6 +212,7 @@ class Node:
             t.join(timeout)
         if self.transport is not None:
             self.transport.stop()
+        self.snapshots.wait_idle(5.0)
         self.store.close()
         self.sm.close()
         self._stopped.set()
@@ -228,12 +245,30 @@ class Node:
     # ---------------------------------------------------------------- inputs
 
     def _on_raft(self, msgs: list[Message]) -> None:
+        from raftsql.server import snapshot
+
         now = time.monotonic()
         with self._lock:
             for m in msgs:
                 self.last_contact[m.sender] = now
-                self.core.step(m)
+                if snapshot.accept(self, m):  # a SNAPSHOT only with its data received
+                    self.core.step(m)
             self._wake.notify()
+
+    def _on_peer_hello(self, nid: str, address: str) -> None:
+        """A node (authenticated by its node certificate) dialed us and named its address. If
+        we have no address for it, use that one, so we can answer it: a member added while we
+        were down, whose change reached us only inside a snapshot, would otherwise never hear
+        from us (and we could never catch up). Known addresses (and --peer overrides) stay.
+        The dialer need not be a member in our (possibly stale) view: the leader that adds a
+        node may itself be one we never saw added. A transport peer costs nothing until the
+        core sends to it, and the core sends only to members."""
+        if self.transport is None or nid in self.transport.peer_status():
+            return
+        host, _, port = address.rpartition(":")
+        log.info("%s: learned %s's address %s from its hello", self.cfg.id, nid, address)
+        self.addresses.setdefault(nid, address)
+        self.transport.add_peer(nid, (host.strip("[]"), int(port)))
 
     def _ticker(self) -> None:
         period = self.cfg.tick_ms / 1000.0
@@ -254,6 +289,8 @@ class Node:
     # ---------------------------------------------------------------- the Ready loop
 
     def _ready_loop(self) -> None:
+        from raftsql.server import snapshot
+
         try:
             while True:
                 with self._lock:
@@ -265,6 +302,8 @@ class Node:
                 self._handle_ready(rd)
                 with self._lock:
                     self.core.advance(rd)
+                if rd.committed_entries:  # after advance: the core knows what is applied
+                    snapshot.after_apply(self, sum(len(e.data) for e in rd.committed_entries))
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._fatal = e
             log.critical("%s: fatal error in the Ready loop, stopping: %s", self.cfg.id, e, exc_info=True)
@@ -274,9 +313,15 @@ class Node:
             os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
 
     def _handle_ready(self, rd: Ready) -> None:
+        from raftsql.server import snapshot
+
+        # 0. A snapshot from the leader replaces the database and the log (server/snapshot.py).
+        if rd.snapshot is not None:
+            snapshot.install(self, rd.snapshot)
         # 1. The leader's appends/heartbeats leave now, in parallel with its own disk write.
+        #    SNAPSHOT messages go with their file (the transport streams it).
         if rd.messages:
-            self.transport.send(rd.messages)
+            self.transport.send(snapshot.send(self, rd.messages))
         # 2. Persist, one fsync for the whole batch.
         if rd.entries:
             self.store.append(rd.entries)
@@ -302,8 +347,12 @@ class Node:
         batch = []
         for e in rd.committed_entries:
             if e.type == EntryType.CONF_CHANGE:
-                self._apply_conf_change(ConfChange.decode(e.data))
-                batch.append((e.index, b""))  # the state machine only advances its index
+                from raftsql.server import admin
+
+                cc = ConfChange.decode(e.data)
+                self._apply_conf_change(cc)
+                # The state machine keeps the address book, so snapshots carry it.
+                batch.append((e.index, admin.member_change(cc)))
             else:
                 batch.append((e.index, e.data))
         results = self.sm.apply_many(batch)
@@ -319,14 +368,9 @@ class Node:
                     w.finish(error=RequestError("NOT_LEADER", "leadership changed before the write committed; it was not applied"))
 
     def _apply_conf_change(self, cc: ConfChange) -> None:
-        if cc.node_id == self.cfg.id:
-            return
-        if cc.type in (ConfChangeType.ADD_LEARNER, ConfChangeType.PROMOTE) and cc.context:
-            host, _, port = cc.context.decode().rpartition(":")
-            self.addresses[cc.node_id] = f"{host}:{port}"
-            self.transport.add_peer(cc.node_id, (host, int(port)))
-        elif cc.type == ConfChangeType.REMOVE:
-            self.transport.remove_peer(cc.node_id)
+        from raftsql.server import admin
+
+        admin.apply_conf_change(self, cc)  # address book (fsynced) and transport peers
 
     def _on_soft_state(self, rd: Ready) -> None:
         ss = rd.soft_state
@@ -375,11 +419,17 @@ class Node:
         consistency: str = "linearizable",
         min_index: int = 0,
         timeout_s: float | None = None,
+        reads: set[str] | None = None,
+        commit: tuple[int, tuple[str, ...], int] | None = None,
     ):
         """Run statements (one, or an atomic batch). SQLite decides if they only read: a single
         read-only statement is served as a read at the requested consistency; anything else
         is replicated as one log entry. Returns a statemachine.Result (SQL errors inside it);
-        raises RequestError when the request was not (or may not have been) served."""
+        raises RequestError when the request was not (or may not have been) served.
+
+        reads: a transaction's read before its first write; the tables it read are added.
+        commit: (read_index, read_set, last_ms) makes the entry a transaction's commit (TXN),
+        applied only if the check passes (see DESIGN.md, "Serializable transactions")."""
         from raftsql.server.statemachine import Result, SQLError
 
         if self._stopping:
@@ -408,7 +458,7 @@ class Node:
             if not is_leader and consistency != "stale":
                 raise self._not_leader() from None
             return Result(error=e.error, index=self.sm.applied_index)
-        if len(statements) == 1 and readonly[0]:
+        if commit is None and len(statements) == 1 and readonly[0]:
             sql, params = statements[0]
             if consistency == "linearizable" and not self._broken_reads:
                 self._wait_read_index(deadline)  # on a follower, through the leader
@@ -416,10 +466,10 @@ class Node:
                 with self._lock:
                     if self.core.role != Role.LEADER:
                         raise self._not_leader()
-            return self.sm.query(sql, params)
+            return self.sm.query(sql, params, reads=reads)
         if not is_leader:
             raise self._not_leader()
-        return self._write(statements, client_id, serial, deadline)
+        return self._write(statements, client_id, serial, deadline, commit)
 
     def _await_leader(self, deadline: float) -> None:
         """During an election, hold the request (at most about one election) until a leader is
@@ -474,25 +524,53 @@ class Node:
 
     def execute_in_transaction(
         self, statement: tuple[str, Any], writes: list[tuple[str, Any]], term: int | None,
-        consistency: str = "linearizable",
+        consistency: str = "linearizable", *, start_index: int | None = None,
+        reads: set[str] | None = None, last_ms: int | None = None, timeout_s: float | None = None,
     ):
         """One statement of a driver transaction: run on the leader against the applied state
         plus the transaction's earlier writes, then rolled back (see DESIGN.md). Returns
-        (Result, readonly, term). The term pins the transaction to one leader: if leadership
-        changed since its first statement, it fails with TXN_ABORTED (nothing was applied;
-        retry the whole transaction)."""
+        (Result, readonly, term, time_ms); the tables the statement read are added to `reads`.
+        The term pins the transaction to one leader: if leadership changed since its first
+        statement, it fails with TXN_ABORTED (nothing was applied; retry the whole
+        transaction), as it does when it was idle (last_ms, the leader time of its previous
+        statement) for longer than the idle timeout. start_index: the transaction's snapshot;
+        the statement fails with RAFTSQL_SERIALIZATION if what it read changed since. The
+        first statement (term None) at linearizable consistency waits for a ReadIndex first."""
         with self._lock:
             if self.core.role != Role.LEADER:
                 raise self._not_leader()
             current = self.core.term
         if term is not None and term != current:
             raise RequestError("TXN_ABORTED", f"leadership changed during the transaction (term {term} -> {current}); nothing was applied, retry it")
-        result, readonly = self.sm.preview(writes, statement)
-        return result, readonly, current
+        now_ms = max(int(time.time() * 1000), self.sm.last_time_ms)
+        idle = self.sm.txn_idle_timeout_ms
+        if last_ms is not None and now_ms - last_ms > idle:
+            raise RequestError("TXN_ABORTED", f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
+        if term is None and consistency == "linearizable" and not self._broken_reads:
+            timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+            self._wait_read_index(time.monotonic() + timeout)
+        before = set(reads or ())
+        if not writes:
+            # No writes yet: a read runs on a reader connection, concurrently with apply.
+            sql, params = statement
+            seen = set(before)
+            result = self.sm.query(sql, params, reads=seen, start_index=start_index)
+            if (result.error or {}).get("name") != "RAFTSQL_NOT_READONLY":
+                if reads is not None:
+                    reads |= seen
+                return result, True, current, now_ms
+        seen = set(before)
+        result, readonly = self.sm.preview(writes, statement, start_index=start_index, reads=seen)
+        if reads is not None:
+            reads |= seen
+        return result, readonly, current, now_ms
 
-    def _write(self, statements, client_id: str, serial: int, deadline: float):
-        from raftsql.command import CommandError
+    def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None):
+        from raftsql.command import CommandError, CommandKind
 
+        txn: dict[str, Any] = {}
+        if commit is not None:
+            txn = {"kind": CommandKind.TXN, "read_index": commit[0], "read_set": commit[1], "last_ms": commit[2]}
         try:
             cmd = Command(
                 client_id=client_id,
@@ -500,6 +578,7 @@ class Node:
                 statements=tuple(statements),
                 leader_time_ms=max(int(time.time() * 1000), self.sm.last_time_ms),
                 seed=self._rng.getrandbits(63),
+                **txn,
             )
             data = cmd.encode()
         except CommandError as e:
@@ -525,6 +604,33 @@ class Node:
             raise w.error
         return w.result
 
+    def propose_conf_change(self, cc: ConfChange, deadline: float) -> int:
+        """Propose one membership change (leader only) and wait until it is applied; returns its
+        index. Errors as for writes; a change the core refuses outright is BAD_REQUEST, one it
+        refuses for now (another change uncommitted, a transfer) UNAVAILABLE."""
+        with self._lock:
+            if self.core.role != Role.LEADER:
+                raise self._not_leader()
+            try:
+                index = self.core.propose(cc.encode(), EntryType.CONF_CHANGE)
+            except NotLeader as e:
+                raise self._not_leader(e.leader) from None
+            except ProposalDropped as e:
+                raise RequestError("UNAVAILABLE", f"membership change not accepted now: {e}") from None
+            except ValueError as e:
+                raise RequestError("BAD_REQUEST", str(e)) from None
+            w = _Waiter(self.core.term)
+            self._proposals[index] = w
+            self._wake.notify()
+        if not w.event.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._proposals.pop(index, None)
+            if not w.event.is_set():
+                raise RequestError("OUTCOME_UNKNOWN", f"membership change at log index {index} not applied within the deadline")
+        if w.error is not None:
+            raise w.error
+        return index
+
     def content_hash(self) -> tuple[int, str]:
         with self.sm._lock:  # the apply lock: index and hash describe the same state
             return self.sm.applied_index, self.sm.content_hash()
@@ -542,4 +648,5 @@ class Node:
         }
         if self.transport is not None:
             st["peers"] = self.transport.peer_status()
+        st["snapshot"] = self.snapshots.status()
         return st

@@ -34,7 +34,7 @@ from typing import Any
 import apsw
 import msgpack
 
-from raftsql.command import INT64_MAX, Command, CommandError
+from raftsql.command import INT64_MAX, Command, CommandError, CommandKind
 from raftsql.sqltext import first_keyword, skip_blank
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ DEFAULT_SESSION_TIMEOUT_MS = 6 * 3600 * 1000
 DEFAULT_APPLY_VM_STEP_LIMIT = 100_000_000  # ~2 s of VM on a 2026 laptop core (~45M steps/s)
 DEFAULT_QUERY_TIMEOUT_S = 10.0
 SESSION_GC_INTERVAL_MS = 60_000
+# Sessions expire by the session clock: leader time, except that one entry can move it forward
+# by at most this much (and at most a quarter of the session timeout). A leader whose wall clock
+# jumps ahead by hours therefore cannot expire every session at once (a resend across the jump
+# would apply twice). The price: time with no entries at all does not count either.
+SESSION_CLOCK_MAX_STEP_MS = 60_000
 MAX_VALUE_BYTES = 100_000_000  # SQLITE_LIMIT_LENGTH on every connection
 BUSY_TIMEOUT_MS = 5000
 
@@ -60,6 +65,17 @@ MULTIPLE_STATEMENTS = "RAFTSQL_MULTIPLE_STATEMENTS"
 NOT_READONLY = "RAFTSQL_NOT_READONLY"
 BINDINGS = "RAFTSQL_BINDINGS"
 PROGRAMMING = "RAFTSQL_PROGRAMMING"
+SERIALIZATION = "RAFTSQL_SERIALIZATION"  # a transaction's read set changed: nothing applied
+TXN_TIMEOUT = "RAFTSQL_TXN_TIMEOUT"  # a transaction was idle too long: nothing applied
+SQLITE_BUSY_SNAPSHOT = 517  # SQLite's own code for "your snapshot is no longer current"
+SQLITE_ABORT = 4
+# Idle transactions (no statement for this long, in leader time) cannot commit. Replicated
+# behaviour: identical on every node (see DESIGN.md, "Serializable transactions").
+DEFAULT_TXN_IDLE_TIMEOUT_MS = 60_000
+# The name under which read and write sets record the schema (and the database header:
+# user_version, application_id). Every non-empty read set implicitly includes it.
+SCHEMA = "sqlite_schema"
+_SCHEMA_NAMES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"})
 
 SQLITE_ERROR = 1
 SQLITE_READONLY = 8
@@ -336,7 +352,7 @@ class _Guard:
     machine runs its own statements (which carry a secret tag, so a user statement can never
     reuse one of them from apsw's statement cache without being authorized)."""
 
-    __slots__ = ("write", "internal", "denied", "schema_change", "user_prepare")
+    __slots__ = ("write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes")
 
     def __init__(self, write: bool):
         self.write = write
@@ -346,12 +362,19 @@ class _Guard:
         # True from the start of a user statement's execute() until its exec trace (prepare
         # done); prepares outside that window are nested in a running statement (vtab internals).
         self.user_prepare = True
+        # When not None, the tables user statements read / may write are added (lower case;
+        # the schema as SCHEMA). The authorizer runs only at prepare, so statements whose sets
+        # are collected must be prepared each time (can_cache=False, ~2 us per statement).
+        self.reads: set[str] | None = None
+        self.writes: set[str] | None = None
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
     ) -> int:
         if self.internal:
             return apsw.SQLITE_OK
+        if self.reads is not None or self.writes is not None:
+            self._track(action, arg3, arg4)
         if action in _SCHEMA_ACTIONS:
             self.schema_change = True
         reason = _refusal(self.write, action, arg3, arg4, not self.user_prepare)
@@ -360,6 +383,33 @@ class _Guard:
         if self.denied is None:
             self.denied = reason
         return apsw.SQLITE_DENY
+
+
+    def _track(self, action: int, arg3: str | None, arg4: str | None) -> None:
+        """Record what a statement reads and may write, statically (from its compiled program,
+        trigger bodies and views included): deterministic, and a superset of what one run
+        touches. Table granularity; see DESIGN.md, "Serializable transactions"."""
+        if action == _A.SQLITE_READ:
+            if self.reads is not None and arg3:
+                self.reads.add(_tracked(arg3))
+        elif action in _ROW_WRITES:
+            if self.writes is not None and arg3:
+                self.writes.add(_tracked(arg3))
+        elif action == _A.SQLITE_PRAGMA:
+            # A pragma reads the schema or the header; setting user_version/application_id
+            # changes the header, which counts as the schema.
+            if arg4 is None:
+                if self.reads is not None:
+                    self.reads.add(SCHEMA)
+            elif self.writes is not None and (arg3 or "").lower() in _WRITABLE_SETTINGS:
+                self.writes.add(SCHEMA)
+        elif action in _SCHEMA_ACTIONS and self.writes is not None:
+            self.writes.add(SCHEMA)
+
+
+def _tracked(name: str) -> str:
+    name = name.lower()
+    return SCHEMA if name in _SCHEMA_NAMES else name
 
 
 def _configure(conn: apsw.Connection, guard: _Guard) -> None:
@@ -446,6 +496,17 @@ class _TransactionLost(Exception):
         self.result = result
 
 
+@dataclass(frozen=True)
+class MemberChange:
+    """A committed membership change as the state machine records it: the member's advertised
+    address (None: leave it as is), or its removal. Kept in `_raftsql_members`, so the address
+    book travels inside snapshots and every node holds the same one at the same index."""
+
+    node_id: str
+    address: str | None = None
+    removed: bool = False
+
+
 @dataclass
 class _Reader:
     conn: apsw.Connection
@@ -474,15 +535,21 @@ class StateMachine:
         session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
         apply_vm_step_limit: int = DEFAULT_APPLY_VM_STEP_LIMIT,
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+        txn_idle_timeout_ms: int = DEFAULT_TXN_IDLE_TIMEOUT_MS,
     ):
         if session_timeout_ms <= 0 or apply_vm_step_limit <= 0 or query_timeout_s <= 0:
             raise ValueError("timeouts and limits must be positive")
+        if txn_idle_timeout_ms <= 0:
+            raise ValueError("timeouts and limits must be positive")
+        self.txn_idle_timeout_ms = txn_idle_timeout_ms
         _ensure_utc()
         self.path = os.fspath(path)
         self.session_timeout_ms = session_timeout_ms
         self.apply_vm_step_limit = apply_vm_step_limit
         self.query_timeout_s = query_timeout_s
         self._gc_interval_ms = min(SESSION_GC_INTERVAL_MS, session_timeout_ms)
+        # At least four entries are needed to expire a session, however far the clock jumps.
+        self._session_step_ms = max(1, min(SESSION_CLOCK_MAX_STEP_MS, session_timeout_ms // 4))
         self._max_progress_calls = -(-apply_vm_step_limit // PROGRESS_STEPS)
 
         self._lock = threading.RLock()  # the write connection and the mirrors below
@@ -497,7 +564,9 @@ class StateMachine:
         # and the authorizer runs only at prepare time, so a user statement must never be able to
         # hit a cached statement that was authorized as internal (think "RELEASE raftsql_entry").
         self._tag = f"/* raftsql {os.urandom(8).hex()} */ "
-        self._sql_meta = "UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=? WHERE id=1"
+        self._sql_meta = (
+            "UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=?, session_ms=? WHERE id=1"
+        )
         self._sql_session_get = (
             "SELECT serial, result, last_ms FROM _raftsql_sessions WHERE client_id=?"
         )
@@ -508,6 +577,16 @@ class StateMachine:
             "result=excluded.result, last_ms=excluded.last_ms"
         )
         self._sql_session_gc = "DELETE FROM _raftsql_sessions WHERE last_ms < ?"
+        self._sql_table_touch = (
+            "INSERT INTO _raftsql_tables(name, modified_index) VALUES(?,?) "
+            "ON CONFLICT(name) DO UPDATE SET modified_index=excluded.modified_index"
+        )
+        self._sql_table_get = "SELECT modified_index FROM _raftsql_tables WHERE name=?"
+        self._sql_member_put = (
+            "INSERT INTO _raftsql_members(node_id, address) VALUES(?,?) "
+            "ON CONFLICT(node_id) DO UPDATE SET address=excluded.address"
+        )
+        self._sql_member_del = "DELETE FROM _raftsql_members WHERE node_id=?"
 
         # Per-statement apply state, read by the callbacks below.
         self._seed = 0
@@ -550,9 +629,16 @@ class StateMachine:
         self._internal(
             "CREATE TABLE IF NOT EXISTS _raftsql_meta("
             "id INTEGER PRIMARY KEY CHECK (id = 1), applied_index INTEGER NOT NULL, "
-            "time_ms INTEGER NOT NULL, gc_ms INTEGER NOT NULL, format INTEGER NOT NULL)"
+            "time_ms INTEGER NOT NULL, gc_ms INTEGER NOT NULL, format INTEGER NOT NULL, "
+            "session_ms INTEGER NOT NULL)"
         )
-        self._internal("INSERT OR IGNORE INTO _raftsql_meta VALUES(1, 0, 0, 0, 1)")
+        cols = [r[1] for r in self._internal("PRAGMA table_info(_raftsql_meta)")]
+        if "session_ms" not in cols:
+            # Format 1 (no session clock): start the session clock at the entry time. Every
+            # node must be upgraded at the same applied index (stop the cluster, upgrade all).
+            self._internal("ALTER TABLE _raftsql_meta ADD COLUMN session_ms INTEGER NOT NULL DEFAULT 0")
+            self._internal("UPDATE _raftsql_meta SET session_ms=time_ms, format=2")
+        self._internal("INSERT OR IGNORE INTO _raftsql_meta VALUES(1, 0, 0, 0, 2, 0)")
         # WITHOUT ROWID and no index on last_ms: an upsert touches one b-tree page; the expiry
         # scan runs once per SESSION_GC_INTERVAL_MS of leader time.
         self._internal(
@@ -560,9 +646,23 @@ class StateMachine:
             "client_id TEXT PRIMARY KEY, serial INTEGER NOT NULL, result BLOB NOT NULL, "
             "last_ms INTEGER NOT NULL) WITHOUT ROWID"
         )
+        # The last log index whose entry wrote each table (lower-case name; the schema as
+        # SCHEMA): what a transaction's commit checks its read set against.
+        self._internal(
+            "CREATE TABLE IF NOT EXISTS _raftsql_tables("
+            "name TEXT PRIMARY KEY, modified_index INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        # The cluster's address book, from the CONF_CHANGE entries (MemberChange).
+        self._internal(
+            "CREATE TABLE IF NOT EXISTS _raftsql_members("
+            "node_id TEXT PRIMARY KEY, address TEXT NOT NULL) WITHOUT ROWID"
+        )
         self._internal("COMMIT")
-        row = self._internal("SELECT applied_index, time_ms, gc_ms, format FROM _raftsql_meta")[0]
-        if row[3] != 1:
+        row = self._internal(
+            "SELECT applied_index, time_ms, gc_ms, format, session_ms FROM _raftsql_meta"
+        )[0]
+        self._session_ms = row[4]
+        if row[3] != 2:
             raise StateMachineError(f"{self.path}: unknown raftsql format {row[3]}")
         self._applied_index, self._time_ms, self._gc_ms = row[0], row[1], row[2]
         self._vfs.now_ms = self._time_ms
@@ -615,7 +715,9 @@ class StateMachine:
                         f"entry {index} does not follow applied index {expected}"
                     )
                 cmd = None
-                if data:
+                if isinstance(data, MemberChange):
+                    cmd = data
+                elif data:
                     try:
                         cmd = Command.decode(data)
                     except CommandError as e:
@@ -641,24 +743,35 @@ class StateMachine:
         self, todo: list[tuple[int, int, Command | None]], forced: dict[int, Result]
     ) -> list[tuple[int, Result | None]]:
         applied, time_ms, gc_ms = self._applied_index, self._time_ms, self._gc_ms
+        session_ms = self._session_ms
         done: list[tuple[int, Result | None]] = []
         self._internal("BEGIN IMMEDIATE")
         try:
             for pos, index, cmd in todo:
+                if isinstance(cmd, MemberChange):
+                    if cmd.removed:
+                        self._internal(self._sql_member_del, (cmd.node_id,))
+                    elif cmd.address is not None:
+                        self._internal(self._sql_member_put, (cmd.node_id, cmd.address))
+                    cmd = None
                 if cmd is not None:
-                    time_ms = max(cmd.leader_time_ms, time_ms)
-                    if time_ms - gc_ms >= self._gc_interval_ms:
-                        self._internal(self._sql_session_gc, (time_ms - self.session_timeout_ms,))
-                        gc_ms = time_ms
+                    step = max(cmd.leader_time_ms - time_ms, 0)
+                    time_ms += step
+                    session_ms += min(step, self._session_step_ms)
+                    if session_ms - gc_ms >= self._gc_interval_ms:
+                        self._internal(self._sql_session_gc, (session_ms - self.session_timeout_ms,))
+                        gc_ms = session_ms
                 # Always the last internal DML before user statements: changes() then reads 1
                 # on every node, restarted or not.
-                self._internal(self._sql_meta, (index, time_ms, gc_ms))
+                self._internal(self._sql_meta, (index, time_ms, gc_ms, session_ms))
                 applied = index
                 if cmd is None:
                     done.append((pos, None))
                     continue
                 self._vfs.now_ms = time_ms
-                done.append((pos, self._apply_command(index, cmd, time_ms, forced.get(index))))
+                done.append(
+                    (pos, self._apply_command(index, cmd, time_ms, session_ms, forced.get(index)))
+                )
             self._internal("COMMIT")
         except _TransactionLost:
             self._abandon()
@@ -673,17 +786,27 @@ class StateMachine:
             self._abandon()
             raise
         self._applied_index, self._time_ms, self._gc_ms = applied, time_ms, gc_ms
+        self._session_ms = session_ms
         self._vfs.now_ms = time_ms
         return done
 
     def preview(
-        self, writes: Sequence[tuple[str, Any]], statement: tuple[str, Any]
+        self,
+        writes: Sequence[tuple[str, Any]],
+        statement: tuple[str, Any],
+        *,
+        start_index: int | None = None,
+        reads: set[str] | None = None,
     ) -> tuple[Result, bool]:
         """Run an open transaction's earlier `writes`, then `statement`, against the applied
         state, in a SQLite transaction that is always rolled back. Returns the statement's
         Result and whether it was read-only. This is how a driver transaction reads its own
         uncommitted writes; the writes only become real when commit() replicates them as one
-        entry. random() and 'now' here are previews: the committed entry is re-stamped."""
+        entry. random() and 'now' here are previews: the committed entry is re-stamped.
+
+        reads: if not None, the tables `statement` reads are added to it. start_index: if not
+        None, the statement fails with RAFTSQL_SERIALIZATION when a table of `reads` (after
+        adding the statement's) was modified after that index (the transaction's snapshot)."""
         with self._lock:
             self._check_open()
             applied = self._applied_index
@@ -696,6 +819,7 @@ class StateMachine:
                     self._stmt_no = i
                     self._rng = None
                     self._readonly = False
+                    self._guard.reads = reads if i == len(writes) else None
                     try:
                         result = self._run_statement(sql, params)
                     except _StatementFailed as failed:
@@ -706,10 +830,60 @@ class StateMachine:
                                 + failed.error["message"]
                             )
                         return Result(index=applied, error=failed.error), False
+                    finally:
+                        self._guard.reads = None
+                if start_index is not None and reads:
+                    conflict = self._modified_after(self._conn, self._guard, reads, start_index)
+                    if conflict is not None:
+                        return Result(index=applied, error=conflict), self._readonly
                 result.index = applied
                 return result, self._readonly
             finally:
                 self._abandon()
+
+    def _modified_after(
+        self, conn: apsw.Connection, guard: _Guard, names: Iterable[str], read_index: int
+    ) -> dict[str, Any] | None:
+        """The serialization error if a table of `names` (or, when names is not empty, the
+        schema) was modified by an entry after read_index, as seen by conn's snapshot."""
+        names = set(names)
+        if not names:
+            return None
+        outer, guard.internal = guard.internal, True
+        try:
+            for name in sorted(names | {SCHEMA}):
+                row = conn.execute(self._tag + self._sql_table_get, (name,)).fetchone()
+                if row is not None and row[0] > read_index:
+                    what = "the schema" if name == SCHEMA else f"table {name}"
+                    return _error(
+                        SQLITE_BUSY_SNAPSHOT,
+                        SERIALIZATION,
+                        f"serialization failure: {what} was modified at log index {row[0]}, "
+                        f"after this transaction's snapshot at index {read_index}; nothing "
+                        "was applied: run the transaction again",
+                    )
+        finally:
+            guard.internal = outer
+        return None
+
+    def _txn_refusal(self, index: int, cmd: Command, time_ms: int) -> Result | None:
+        """For a TXN command (a transaction's commit): the error Result if it must not apply
+        (idle too long, or its read set was modified after its snapshot), else None. Runs in
+        the apply transaction, so every node decides the same; the session row stores it."""
+        if cmd.kind is not CommandKind.TXN:
+            return None
+        if cmd.last_ms and time_ms - cmd.last_ms > self.txn_idle_timeout_ms:
+            return Result(
+                index=index,
+                error=_error(
+                    SQLITE_ABORT,
+                    TXN_TIMEOUT,
+                    f"the transaction was idle for more than {self.txn_idle_timeout_ms} ms; "
+                    "nothing was applied: run it again",
+                ),
+            )
+        conflict = self._modified_after(self._conn, self._guard, cmd.read_set, cmd.read_index)
+        return None if conflict is None else Result(index=index, error=conflict)
 
     def _abandon(self) -> None:
         self._vfs.now_ms = self._time_ms
@@ -729,15 +903,15 @@ class StateMachine:
             guard.internal = outer
 
     def _apply_command(
-        self, index: int, cmd: Command, time_ms: int, forced: Result | None
+        self, index: int, cmd: Command, time_ms: int, session_ms: int, forced: Result | None
     ) -> Result:
         self._conn.set_last_insert_rowid(0)
         if cmd.dedup:
             rows = self._internal(self._sql_session_get, (cmd.client_id,))
-            if rows and rows[0][2] >= time_ms - self.session_timeout_ms:
+            if rows and rows[0][2] >= session_ms - self.session_timeout_ms:
                 serial, stored, _ = rows[0]
                 if cmd.serial == serial:
-                    self._internal(self._sql_session_touch, (time_ms, cmd.client_id))
+                    self._internal(self._sql_session_touch, (session_ms, cmd.client_id))
                     result = Result.decode(stored)
                     result.duplicate = True
                     return result
@@ -751,10 +925,13 @@ class StateMachine:
                             f"for client {cmd.client_id}",
                         ),
                     )
-        result = forced if forced is not None else self._execute(index, cmd)
+        if forced is not None:
+            result = forced
+        else:
+            result = self._txn_refusal(index, cmd, time_ms) or self._execute(index, cmd)
         if cmd.dedup:
             self._internal(
-                self._sql_session_put, (cmd.client_id, cmd.serial, result.encode(), time_ms)
+                self._sql_session_put, (cmd.client_id, cmd.serial, result.encode(), session_ms)
             )
         return result
 
@@ -764,6 +941,8 @@ class StateMachine:
         self._seed = cmd.seed
         self._internal("SAVEPOINT raftsql_entry")
         per: list[Result] = []
+        written: set[str] = set()
+        self._guard.writes = written
         try:
             for i, (sql, params) in enumerate(statements):
                 self._stmt_no = i
@@ -775,13 +954,18 @@ class StateMachine:
                         failed.error["statement"] = i
                     raise
         except _StatementFailed as failed:
+            self._guard.writes = None
             result = Result(index=index, error=failed.error)
             if not conn.in_transaction:
                 raise _TransactionLost(index, result) from None
             self._internal("ROLLBACK TO raftsql_entry")
             self._internal("RELEASE raftsql_entry")
             return result
+        finally:
+            self._guard.writes = None
         self._internal("RELEASE raftsql_entry")
+        for name in sorted(written):
+            self._internal(self._sql_table_touch, (name, index))
         if len(per) == 1:
             result = per[0]
         else:
@@ -808,7 +992,9 @@ class StateMachine:
         self._step_limit_hit = False
         self._max_rowid_table = None
         try:
-            cursor = self._cursor.execute(sql, params)
+            # Never from apsw's statement cache: the authorizer (which records read and write
+            # sets) runs only at prepare.
+            cursor = self._cursor.execute(sql, params, can_cache=False)
             rows = [list(row) for row in cursor]
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
             raise _StatementFailed(self._statement_error(e)) from None
@@ -994,12 +1180,22 @@ class StateMachine:
 
     # -- reads --------------------------------------------------------------------------
 
-    def query(self, sql: str, params: Any = (), *, at_index: int | None = None) -> Result:
+    def query(
+        self,
+        sql: str,
+        params: Any = (),
+        *,
+        at_index: int | None = None,
+        reads: set[str] | None = None,
+        start_index: int | None = None,
+    ) -> Result:
         """Run one read-only statement on a read connection (WAL: concurrent with apply).
 
         at_index: wait (up to query_timeout_s) until that index is applied. Result.index is the
         applied index of the snapshot the read saw. Errors are returned in Result.error, never
-        raised. 'now' and random() here come from this node's clock and PRNG (not replicated)."""
+        raised. 'now' and random() here come from this node's clock and PRNG (not replicated).
+
+        reads / start_index: as for preview() (a transaction's read served by a reader)."""
         self._check_open()
         if at_index is not None and not self.wait_applied(at_index, self.query_timeout_s):
             return Result(
@@ -1012,7 +1208,7 @@ class StateMachine:
             )
         reader = self._checkout_reader()
         try:
-            return self._run_read(reader, sql, params)
+            return self._run_read(reader, sql, params, reads, start_index)
         finally:
             self._checkin_reader(reader)
 
@@ -1067,7 +1263,14 @@ class StateMachine:
                 return
         reader.conn.close()
 
-    def _run_read(self, reader: _Reader, sql: str, params: Any) -> Result:
+    def _run_read(
+        self,
+        reader: _Reader,
+        sql: str,
+        params: Any,
+        reads: set[str] | None = None,
+        start_index: int | None = None,
+    ) -> Result:
         conn, guard, tag = reader.conn, reader.guard, self._tag
         reader.traced = 0
         reader.description = ()
@@ -1081,12 +1284,21 @@ class StateMachine:
             seen_index = conn.execute(tag + "SELECT applied_index FROM _raftsql_meta").fetchone()[0]
         finally:
             guard.internal = False
+        guard.reads = reads
         try:
-            cursor = conn.execute(sql, params if params is not None else ())
+            # Collecting a read set needs the authorizer, which runs only at prepare.
+            cursor = conn.execute(
+                sql, params if params is not None else (), can_cache=reads is None
+            )
             rows = [list(row) for row in cursor]
+            if start_index is not None and reads:
+                conflict = self._modified_after(conn, guard, reads, start_index)
+                if conflict is not None:
+                    return Result(index=seen_index, error=conflict)
         except Exception as e:  # noqa: BLE001 - a read's failure is always just its result
             return Result(index=seen_index, error=self._read_error(reader, e))
         finally:
+            guard.reads = None
             reader.active = False
             guard.internal = True
             try:
@@ -1118,6 +1330,12 @@ class StateMachine:
         return err
 
     # -- inspection -----------------------------------------------------------------------
+
+    def members(self) -> dict[str, str]:
+        """The replicated address book: node id -> advertised host:port."""
+        with self._lock:
+            self._check_open()
+            return dict(self._internal("SELECT node_id, address FROM _raftsql_members"))
 
     def content_hash(self) -> str:
         """sha256 over the schema (without root pages) and every table's rows in key order,

@@ -41,6 +41,26 @@ class LocalCluster:
         self.node_args = node_args or []
         self.env = env or {}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.bootstrap = list(self.ids)  # the first voters: every node's --peer list
+        self.joining: set[str] = set()  # nodes started with --join instead of --peer
+
+    def add_node(self, nid: str) -> None:
+        """A new node id with its own port and certificate (not started); start() runs it with
+        --join and the first nodes' DSN (a new id cannot use --peer: see DESIGN.md)."""
+        from raftsql.server import tls
+
+        if nid in self.ids:
+            raise ValueError(f"{nid} exists")
+        self.ports[nid] = free_port(self.host)
+        tls.make_node_cert(self.certs, nid, [self.host], exist_ok=True)
+        self.ids.append(nid)
+        self.joining.add(nid)
+
+    def admin(self, fn: str, *args, **kw):
+        """Call raftsql.driver._admin.<fn>(dsn, *args, **kw)."""
+        from raftsql.driver import _admin
+
+        return getattr(_admin, fn)(self.dsn, *args, **kw)
 
     # ---------------------------------------------------------------- addresses
 
@@ -71,9 +91,13 @@ class LocalCluster:
             d.mkdir(parents=True, exist_ok=True)
             args = [sys.executable, "-m", "raftsql.cli", "node", "--id", n, "--data-dir", str(d),
                     "--listen", self.address(n), "--certs", str(self.certs)]
-            for o in self.ids:
-                if o != n:
-                    args += ["--peer", f"{o}={self.peer_address(n, o)}"]
+            if n in self.joining:
+                join = "raftsql://" + ",".join(self.address(o) for o in self.bootstrap) + f"/?certs={self.certs}"
+                args += ["--join", join]
+            else:
+                for o in self.bootstrap:
+                    if o != n:
+                        args += ["--peer", f"{o}={self.peer_address(n, o)}"]
             args += self.node_args
             with open(d / "node.log", "ab") as logf:
                 logf.write(f"---- start {n} at {time.strftime('%H:%M:%S')}\n".encode())

@@ -9,7 +9,8 @@ thread (apart from shutdown() by stop(), which is a plain syscall and safe from 
     send(msgs) --> per-peer deque (bounded, drop when full) --> sender thread --> RAFT frames
     listener --> accept thread --> one thread per connection:
         TLS handshake + HELLO (deadline, small frame limit)
-        node cert + node hello  -> reader loop: RAFT frames -> on_raft(msgs)
+        node cert + node hello  -> reader loop: RAFT frames -> on_raft(msgs),
+                                   SNAPSHOT frames -> this connection's snapshot sink
         otherwise (client)      -> on_client(ClientConn) in the same thread
 
 Handshake on every connection: the dialler sends HELLO; the listener answers with its own HELLO
@@ -21,6 +22,15 @@ Privilege rule: only a connection whose *certificate* has role "node", whose hel
 "node" and whose hello node_id equals the certificate's CN can deliver Raft messages, and only
 messages with sender == that node id and to == our id. Everything else from the socket is
 hostile until validated (raftsql/wire.py).
+
+Snapshots (InstallSnapshot) travel on the same outbound stream as the Raft messages to that
+peer: send_snapshot() hands the sender thread an open file, which it writes as SNAPSHOT frames of
+CHUNK_SIZE bytes, each followed by whatever Raft messages queued up meanwhile (heartbeats keep
+flowing, so the follower does not start an election during a long transfer); then a final chunk
+with the file's sha256, then the SNAPSHOT message itself in a RAFT frame. One stream, one order:
+the message can only arrive after every byte it refers to. The outcome goes to on_done(ok)
+(the node reports it to the core); a broken connection fails the transfer, which is then
+restarted from the beginning.
 
 Threads call on_raft concurrently (one reader per inbound peer connection) and on_client from
 each client connection's thread: both callbacks must be thread-safe, and on_client must return
@@ -39,13 +49,17 @@ import ssl
 import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raftsql import wire
 from raftsql.raft.types import Message
 from raftsql.server.tls import node_client_context, peer_name, peer_role, server_context
+
+if TYPE_CHECKING:
+    from raftsql.server.snapshot import Receiver
 
 __all__ = ["ClientConn", "Transport"]
 
@@ -62,6 +76,7 @@ CONNECT_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0  # a peer that does not read for this long is treated as dead
 IDLE_CHECK = 1.0  # an idle sender checks this often whether its peer closed the connection
 RECV_CHUNK = 65536  # > one TLS record (16 KiB)
+SNAPSHOT_CHUNK = 256 << 10  # file bytes per SNAPSHOT frame
 
 _HEADER = struct.Struct(">I")
 _EOF_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)
@@ -242,7 +257,11 @@ class ClientConn:
         while True:
             if self._frames:
                 frame = self._frames.popleft()
-                if self._on_violation is not None and frame[0] in (FrameKind.RAFT, FrameKind.HELLO):
+                if self._on_violation is not None and frame[0] in (
+                    FrameKind.RAFT,
+                    FrameKind.HELLO,
+                    FrameKind.SNAPSHOT,
+                ):
                     return self._violation(
                         f"{frame[0].name} frames are not accepted on a client connection"
                     )
@@ -405,6 +424,30 @@ class _Inbound:
             _shutdown(self.target)
 
 
+class _SnapshotJob:
+    """A snapshot file on its way to one peer; finish() reports the outcome exactly once."""
+
+    __slots__ = ("msg", "file", "size", "digest", "on_done", "_done")
+
+    def __init__(self, msg: Message, file: Any, size: int, digest: bytes, on_done: Callable[[bool], None]):
+        self.msg = msg
+        self.file = file
+        self.size = size
+        self.digest = digest
+        self.on_done = on_done
+        self._done = False
+
+    def finish(self, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.on_done(ok)
+
+
 class _Peer:
     """One outbound peer: its queue, its sender thread and the status peer_status() reports."""
 
@@ -424,6 +467,17 @@ class _Peer:
         self.dropped = 0
         self.drop_lock = threading.Lock()
         self.failures = 0  # consecutive failed connections (for log levels and backoff)
+        self.snapshot: _SnapshotJob | None = None  # set by send_snapshot, cleared by the sender
+        self.snapshot_lock = threading.Lock()
+
+    def take_snapshot_job(self, job: _SnapshotJob | None = None) -> _SnapshotJob | None:
+        """Clear the job slot (only if it still holds `job`, when given); return what it held."""
+        with self.snapshot_lock:
+            cur = self.snapshot
+            if cur is not None and (job is None or cur is job):
+                self.snapshot = None
+                return cur
+            return None
 
     def count_drop(self, n: int) -> None:
         if n:
@@ -464,8 +518,17 @@ class Transport:
         logger: logging.Logger | None = None,
         handshake_timeout: float = 5.0,
         max_connections: int = 1024,
+        snapshot_sink: Callable[[str], Receiver] | None = None,
+        corrupt_snapshot_transfers: int = 0,
+        snapshot_chunk_delay: float = 0.0,
+        advertise: str | None = None,
+        on_peer_hello: Callable[[str, str], None] | None = None,
     ):
         self.node_id = node_id
+        # Sent in our hello when we dial a peer; a peer's address from its hello goes to
+        # on_peer_hello(node_id, address) (the node adds it if it has none for that peer).
+        self.advertise = advertise
+        self.on_peer_hello = on_peer_hello
         self.listen = listen
         self.certs_dir = certs_dir
         self.on_raft = on_raft
@@ -475,6 +538,12 @@ class Transport:
         self.log = logger or logging.getLogger("raftsql.transport")
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        # Makes a sink for one inbound connection's SNAPSHOT frames (None: they are refused).
+        self.snapshot_sink = snapshot_sink
+        # Test hook: flip a byte in one chunk of the first N transfers (after its crc).
+        self._corrupt_snapshots = corrupt_snapshot_transfers
+        # Test hook: pause this long after each chunk, so a test can interrupt a transfer.
+        self._snapshot_chunk_delay = snapshot_chunk_delay
         # Load the certificates now so that a configuration error surfaces at construction.
         self._server_ctx = server_context(certs_dir, node_id)
         self._client_ctx = node_client_context(certs_dir, node_id)
@@ -663,6 +732,34 @@ class Transport:
             if not p.wake.is_set():
                 p.wake.set()
 
+    def send_snapshot(
+        self,
+        msg: Message,
+        file: Any,
+        size: int,
+        digest: bytes,
+        on_done: Callable[[bool], None],
+    ) -> None:
+        """Stream the snapshot file (open, positioned at 0; closed by the transport) to msg.to,
+        then deliver msg (a SNAPSHOT message). on_done(ok) is called once, from another thread
+        or before returning: ok means every byte and the message were written to the socket. A
+        second snapshot at the same index while one is on its way is ignored (its file is
+        closed, its on_done never called); another index replaces it (the old one fails)."""
+        p = self._peers.get(msg.to)
+        job = _SnapshotJob(msg, file, size, digest, on_done)
+        if p is None or self._stopped:
+            job.finish(False)
+            return
+        with p.snapshot_lock:
+            old = p.snapshot
+            if old is not None and old.msg.index == msg.index:
+                file.close()
+                return
+            p.snapshot = job
+        if old is not None:
+            old.finish(False)
+        p.wake.set()
+
     def _sender_loop(self, p: _Peer) -> None:
         backoff = BACKOFF_MIN
         carry: list[Message] = []  # a batch that was never written (the peer closed first)
@@ -680,6 +777,9 @@ class Transport:
                 # peer to what arrives between two attempts (<= BACKOFF_MAX).
                 p.count_drop(len(carry) + self._drain(p))
                 carry = []
+                job = p.take_snapshot_job()
+                if job is not None:
+                    job.finish(False)
                 delay = backoff * (0.5 + self._rng.random())
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 p.stopped.wait(delay)
@@ -699,6 +799,9 @@ class Transport:
                 p.set_sock(None)
                 _close(sock)
         p.count_drop(len(carry) + self._drain(p))
+        job = p.take_snapshot_job()
+        if job is not None:
+            job.finish(False)
 
     def _log_failure(self, p: _Peer, line: str) -> None:
         # First failure at warning, repeats at debug: a down peer must not flood the log.
@@ -765,7 +868,7 @@ class Transport:
                 raise _Refused(
                     f"its certificate is {name!r} (role {peer_role(sock)}), expected node {p.id!r}"
                 )
-            sock.sendall(wire.make_hello(self.node_id, "node"))
+            sock.sendall(wire.make_hello(self.node_id, "node", self.advertise))
             kind, payload = _recv_first_frame(sock, deadline)
             if kind is FrameKind.ERROR:
                 raise _Refused(f"refused our hello: {wire.parse_error(payload)}")
@@ -798,11 +901,11 @@ class Transport:
                 batch, carry = carry, []
             else:
                 batch = []
-                while not q:
+                while not q and p.snapshot is None:
                     p.wake.clear()
                     if p.stopped.is_set():
                         return []
-                    if q:
+                    if q or p.snapshot is not None:
                         break
                     if not p.wake.wait(IDLE_CHECK) and poller.poll(0):
                         why = self._peer_closed(sock)
@@ -810,6 +913,9 @@ class Transport:
                             raise _Closed(why)
                 if p.stopped.is_set():
                     return []
+                if p.snapshot is not None:
+                    self._stream_snapshot(p, sock)
+                    continue
                 size = 0
                 while q and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
                     m = q.popleft()
@@ -823,6 +929,55 @@ class Transport:
                     return batch
             self._write_batch(p, sock, batch)
             p.last_sent = time.monotonic()
+
+    def _stream_snapshot(self, p: _Peer, sock: ssl.SSLSocket) -> None:
+        """Write p's snapshot job: chunks with the Raft messages queued meanwhile between them,
+        the final chunk, then the SNAPSHOT message. Raises (after failing the job) if a write
+        fails; the connection is then redialled and the core sends the snapshot again."""
+        job = p.snapshot
+        if job is None:
+            return
+        m = job.msg
+        q = p.queue
+        corrupt = False
+        if self._corrupt_snapshots > 0:
+            self._corrupt_snapshots -= 1
+            corrupt = True
+        self.log.info("%s: sending snapshot at %d (%d bytes) to %s", self.node_id, m.index, job.size, p.id)
+        ok = False
+        try:
+            offset = 0
+            n = 0
+            while offset < job.size:
+                if p.stopped.is_set() or p.snapshot is not job:
+                    return  # stopped (failed below), or replaced (the replacer failed it)
+                data = job.file.read(SNAPSHOT_CHUNK)
+                if not data:
+                    raise OSError(f"snapshot file ended at {offset} of {job.size} bytes")
+                crc = zlib.crc32(data)
+                if corrupt and n == (1 if job.size > SNAPSHOT_CHUNK else 0):
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                chunk = wire.SnapshotChunk(m.index, m.log_term, offset, data, crc)
+                sock.sendall(wire.encode_snapshot_chunk(chunk, self.max_frame_size))
+                offset += len(data)
+                n += 1
+                p.last_sent = time.monotonic()
+                batch: list[Message] = []
+                while q and len(batch) < BATCH_MAX_MESSAGES:
+                    batch.append(q.popleft())
+                if batch:
+                    self._write_batch(p, sock, batch)
+                if self._snapshot_chunk_delay:
+                    p.stopped.wait(self._snapshot_chunk_delay)
+            final = wire.SnapshotChunk(m.index, m.log_term, offset, b"", 0, job.digest)
+            sock.sendall(wire.encode_snapshot_chunk(final, self.max_frame_size))
+            self._write_batch(p, sock, [m])
+            p.last_sent = time.monotonic()
+            ok = True
+            self.log.info("%s: sent snapshot at %d to %s", self.node_id, m.index, p.id)
+        finally:
+            if p.take_snapshot_job(job) is not None or ok:
+                job.finish(ok)
 
     def _write_batch(self, p: _Peer, sock: ssl.SSLSocket, batch: list[Message]) -> None:
         try:
@@ -929,6 +1084,8 @@ class Transport:
                 return
             hello, who = accepted
             if hello.role == "node":
+                if hello.address is not None and self.on_peer_hello is not None:
+                    self.on_peer_hello(hello.node_id, hello.address)
                 self._serve_node(sock, hello.node_id, who, rec)
                 return
             conn = ClientConn(
@@ -1050,6 +1207,7 @@ class Transport:
         view = memoryview(buf)
         me = self.node_id
         on_raft = self.on_raft
+        sink: Receiver | None = None
         try:
             while True:
                 try:
@@ -1069,6 +1227,12 @@ class Transport:
                     self.log.log(level, "%s: %s disconnected", me, who)
                     return
                 for kind, payload in decoder.feed(view[:n]):
+                    if kind is FrameKind.SNAPSHOT and self.snapshot_sink is not None:
+                        chunk = wire.decode_snapshot_chunk(payload)
+                        if sink is None:
+                            sink = self.snapshot_sink(peer_id)
+                        sink.feed(chunk)
+                        continue
                     if kind is not FrameKind.RAFT:
                         if kind is FrameKind.ERROR:
                             self.log.warning(
@@ -1097,6 +1261,8 @@ class Transport:
                         on_raft(good)
         finally:
             view.release()
+            if sink is not None:
+                sink.abort()  # a transfer cut off with its connection restarts from scratch
             with self._lock:
                 if self._inbound.get(peer_id) is rec:
                     del self._inbound[peer_id]

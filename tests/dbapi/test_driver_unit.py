@@ -204,6 +204,7 @@ class _StubClient:
         self.sent: list = []  # ("execute", statements, serial) / ("txn", statement, writes, term)
         self.previews: list[dict] = []  # results to return from execute_in_transaction
         self.results: list[dict] = []  # results to return from execute
+        self.kw: list[dict] = []  # the other keyword arguments of each call
         self.serial = 0
         self.closed = False
 
@@ -212,12 +213,15 @@ class _StubClient:
         return self.serial
 
     def execute(self, statements, *, consistency=None, min_index=None, serial=None,
-                idempotent=False, timeout=None):
+                idempotent=False, timeout=None, **kw):
         self.sent.append(("execute", list(statements), serial))
+        self.kw.append(kw)  # reads=True / commit={...} (serializable transactions)
         return self.results.pop(0) if self.results else _result()
 
-    def execute_in_transaction(self, statement, writes, term, *, leader=None, timeout=None):
+    def execute_in_transaction(self, statement, writes, term, *, leader=None, timeout=None,
+                               **kw):
         self.sent.append(("txn", statement, list(writes), term, leader))
+        self.kw.append(kw)
         res = self.previews.pop(0)
         if isinstance(res, Exception):
             raise res

@@ -206,7 +206,8 @@ def proxy(fcluster):
 
 def test_exactly_once_when_responses_are_lost(fcluster, proxy):
     table = "lost_responses"
-    conn = db.connect(fcluster.dsn, hosts=[proxy.address], autocommit=True, timeout=30)
+    conn = db.connect(fcluster.dsn, hosts=[proxy.address], autocommit=True, timeout=30,
+                      discover=False)  # through the proxy only
     armed = 0
 
     def on_step(i: int) -> None:
@@ -232,7 +233,8 @@ def test_exactly_once_when_responses_are_lost(fcluster, proxy):
 
 def test_outcome_unknown_then_resend_with_the_same_serial(fcluster, proxy):
     table = "resend"
-    conn = db.connect(fcluster.dsn, hosts=[proxy.address], autocommit=True, timeout=30)
+    conn = db.connect(fcluster.dsn, hosts=[proxy.address], autocommit=True, timeout=30,
+                      discover=False)  # through the proxy only
     try:
         conn.execute(f"CREATE TABLE {table} (v INTEGER NOT NULL UNIQUE)")  # connects via the proxy
         proxy.blackhole = True

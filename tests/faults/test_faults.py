@@ -5,7 +5,7 @@ kill -9, SIGSTOP, partitions, clock offsets, leadership transfers and slow links
 The CI slice: five short randomized runs that together apply every nemesis; a scripted
 broken-read run that the checker must reject, and the same script on a correct build, which it
 must accept; a randomized broken-read run that must fail; the jetcd case (retried writes while
-the leader is killed); and a known server bug (a leader clock jump expires sessions), xfail.
+the leader is killed); and a leader clock jump across which a resent write still applies once.
 Long runs: `python benchmarks/faults.py --duration 60 --runs 30`. See DESIGN.md.
 """
 
@@ -41,6 +41,7 @@ MATRIX = [
     pytest.param(5, ["partition-halves", "partition-bridge", "partition-ring"], id="5-partitions"),
     pytest.param(3, ["partition-leader", "partition-one-way", "slow"], id="3-partition-leader-one-way-slow"),
     pytest.param(5, ["kill-leader", "pause-leader", "clock"], id="5-kill-pause-clock"),
+    pytest.param(3, ["membership", "kill"], id="3-membership-kill"),
 ]
 
 
@@ -57,6 +58,23 @@ def test_fault_run_is_linearizable_and_loses_nothing(nodes, nemeses):
     assert set(report.nemeses_applied) == set(nemeses), report.explain()
     for name in ("register", "set", "ryw"):
         assert report.workloads[name]["counts"]["ok"] > 50, report.explain()
+
+
+# --------------------------------------------------------------------------- bank
+
+
+def test_bank_transfers_keep_the_total_while_the_leader_is_killed():
+    """The bank workload (must-show 1 of issue 8): 4 clients run read-then-write transfers in
+    serializable transactions while the leader is kill -9'd again and again. Every read sees
+    the same total, no transfer is applied twice, acknowledged ones are all there, failed ones
+    are not, and the final balances are exactly the initial ones plus the logged transfers."""
+    report = run(RunConfig(nodes=3, duration=DURATION, nemeses=["kill-leader"], min_faults=2,
+                           workloads={"bank": 4}, quiet=(0.5, 1.0), hold=(1.5, 2.5)))
+    assert report.ok, report.explain()
+    assert report.nemeses_applied.count("kill-leader") >= 2, report.explain()
+    bank = report.workloads["bank"]
+    assert bank["counts"]["ok"] > 20 and bank["reads"] > 10, report.explain()
+    print(report.explain())
 
 
 # --------------------------------------------------------------------------- broken reads
@@ -206,10 +224,9 @@ def test_retried_writes_apply_once_while_the_leader_is_killed(tmp_path):
 # --------------------------------------------------------------------------- clock jumps
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "server bug: a leader whose wall clock is ahead by more than the session timeout (6 h) "
-    "stamps entries that expire every client session at once, so the resend of a write whose "
-    "response was lost is applied a second time (see tests/faults/DESIGN.md, 'Findings')"))
+# This was a strict xfail until sessions got their own clock (server/statemachine.py,
+# SESSION_CLOCK_MAX_STEP_MS): a leader whose wall clock jumped ahead by more than the session
+# timeout used to expire every session at once, so a resend across the jump applied twice.
 def test_resend_after_a_leader_clock_jump_is_still_applied_once(tmp_path):
     d = tmp_path / "run"
     d.mkdir()

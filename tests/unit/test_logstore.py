@@ -271,6 +271,94 @@ def test_crash_during_compaction_keeps_state(tmp_path):
         assert reopen(d) == want
 
 
+# --- install (InstallSnapshot) -------------------------------------------------------------
+
+
+def test_install_drops_every_entry_and_resumes_after_the_snapshot(tmp_path):
+    s = LogStore(tmp_path, segment_size=200)
+    s.load()
+    for i in range(1, 41):
+        s.append(ents(i, i))
+    s.set_hard_state(HardState(2, "n1", 30))
+    s.sync()
+    assert len(segments(tmp_path)) > 3
+    meta = SnapshotMeta(25, 3, ("n1", "n2", "n3"), ("n4",))  # below our last index: still all go
+    s.install(meta)
+    s.append(ents(26, 27, term=3))
+    s.set_hard_state(HardState(3, None, 27))
+    s.sync()
+    # Every segment before the INSTALL record's is useless once it is synced: removed.
+    assert len(segments(tmp_path)) == 1
+    s.close()
+    assert reopen(tmp_path) == (HardState(3, None, 27), meta, ents(26, 27, term=3))
+    s = LogStore(tmp_path, segment_size=200)
+    s.load()
+    for i in range(28, 60):  # and the log grows and compacts on from there
+        s.append(ents(i, i, term=3))
+    s.compact(SnapshotMeta(50, 3, ("n1",)))
+    s.close()
+    assert reopen(tmp_path)[1:] == (SnapshotMeta(50, 3, ("n1",)), ents(51, 59, term=3))
+
+
+def test_install_beyond_last_index(tmp_path):
+    s = LogStore(tmp_path)
+    s.load()
+    s.append(ents(1, 5))
+    s.sync()
+    s.install(SnapshotMeta(1000, 7))
+    with pytest.raises(ValueError):
+        s.append(ents(1002, 1002))  # a gap after the snapshot
+    s.append(ents(1001, 1001, term=7))
+    s.close()
+    assert reopen(tmp_path) == (HardState(), SnapshotMeta(1000, 7), ents(1001, 1001, term=7))
+
+
+def test_install_below_the_snapshot_is_refused(tmp_path):
+    s = LogStore(tmp_path)
+    s.load()
+    s.append(ents(1, 10))
+    s.compact(SnapshotMeta(8, 1))
+    with pytest.raises(ValueError):
+        s.install(SnapshotMeta(5, 1))
+    s.close()
+
+
+def test_install_is_not_durable_before_sync(tmp_path):
+    s = LogStore(tmp_path)
+    s.load()
+    s.append(ents(1, 10))
+    s.sync()
+    s.install(SnapshotMeta(20, 2))
+    s._abandon()  # a crash before the next sync: the old log, untouched
+    assert reopen(tmp_path) == (HardState(), SnapshotMeta(), ents(1, 10))
+
+
+def test_crash_after_install_before_old_segments_are_removed(tmp_path):
+    """Once the INSTALL record is synced, any suffix of the old segments left by a crash in
+    the middle of their removal reads as the installed state."""
+    d = tmp_path / "log"
+    s = LogStore(d, segment_size=200)
+    s.load()
+    for i in range(1, 61):
+        s.append(ents(i, i))
+    s.sync()
+    saved = {p.name: p.read_bytes() for p in segments(d)}
+    s.install(SnapshotMeta(30, 4))
+    s.append(ents(31, 33, term=4))
+    s.sync()
+    s.close()
+    want = (HardState(), SnapshotMeta(30, 4), ents(31, 33, term=4))
+    assert reopen(d) == want
+    removed = sorted(set(saved) - {p.name for p in segments(d)})
+    assert len(removed) == len(saved) >= 3
+    for k in range(len(removed) + 1):
+        c = tmp_path / f"crash{k}"
+        shutil.copytree(d, c)
+        for name in removed[k:]:
+            (c / name).write_bytes(saved[name])
+        assert reopen(c) == want
+
+
 # --- torn tails and corruption -----------------------------------------------------------
 
 

@@ -265,6 +265,8 @@ def test_sessions_expire_by_leader_time(make):
     c.apply(entry("CREATE TABLE t(x)"))
     c.apply(entry("INSERT INTO t VALUES(1)", client_id="old", serial=1, t=T0))
     c.apply(entry("INSERT INTO t VALUES(2)", client_id="c", serial=7, t=T0))
+    for k in (1, 2, 3):  # the session clock moves at most timeout/4 per entry
+        c.apply(entry("SELECT 1", t=T0 + 250 * k))
     dup = c.apply(entry("INSERT INTO t VALUES(2)", client_id="c", serial=7, t=T0 + 1000))
     assert dup.duplicate  # exactly at the timeout: still alive (and touched)
     # 'old' was last seen at T0: expired now; the retry runs again (the documented window).
@@ -272,9 +274,67 @@ def test_sessions_expire_by_leader_time(make):
     assert not rerun.duplicate and rerun.error is None
     assert a.query("SELECT count(*) FROM t WHERE x = 1").rows == [[2]]
     # Garbage collection removes expired sessions, identically on both nodes.
-    c.apply(entry("SELECT 1", t=T0 + 5000))
+    for k in range(1, 20):
+        c.apply(entry("SELECT 1", t=T0 + 1001 + 250 * k))
     assert a.query("SELECT client_id FROM _raftsql_sessions").rows == []
     c.assert_same()
+
+
+def test_a_leader_clock_jump_does_not_expire_sessions(make):
+    """A forward jump of the leader's wall clock by more than the session timeout moves SQL's
+    'now' but not the session clock, so a resend across the jump is still a duplicate."""
+    a, b = make("a"), make("b")  # default timeout: 6 h
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x, at DEFAULT CURRENT_TIMESTAMP)"))
+    c.apply(entry("INSERT INTO t(x) VALUES(1)", client_id="c", serial=1, t=T0))
+    jump = T0 + 7 * 3600 * 1000
+    c.apply(entry("INSERT INTO t(x) VALUES(2)", client_id="other", serial=1, t=jump))
+    dup = c.apply(entry("INSERT INTO t(x) VALUES(1)", client_id="c", serial=1, t=jump + 1000))
+    assert dup.duplicate
+    assert a.query("SELECT count(*) FROM t WHERE x = 1").rows == [[1]]
+    assert a.query("SELECT at FROM t WHERE x = 2").rows == [["2023-11-15 05:13:20"]]
+    c.assert_same()
+
+
+def test_sessions_still_expire_when_time_passes_in_small_steps(make):
+    a, b = make("a", session_timeout_ms=120_000), make("b", session_timeout_ms=120_000)
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x)"))
+    c.apply(entry("INSERT INTO t VALUES(1)", client_id="c", serial=1, t=T0))
+    for k in range(1, 6):  # five steps of 25 s (below the per-entry cap, 30 s here): 125 s
+        c.apply(entry("SELECT 1", t=T0 + k * 25_000))
+    rerun = c.apply(entry("INSERT INTO t VALUES(1)", client_id="c", serial=1, t=T0 + 125_001))
+    assert not rerun.duplicate
+    assert a.query("SELECT count(*) FROM t").rows == [[2]]
+    c.assert_same()
+
+
+def test_a_clock_jump_counts_a_quarter_of_the_timeout_per_entry(make):
+    a = make("a", session_timeout_ms=60_000)
+    c = Cluster(a)
+    c.apply(entry("CREATE TABLE t(x)"))
+    c.apply(entry("INSERT INTO t VALUES(1)", client_id="c", serial=1, t=T0))
+    c.apply(entry("SELECT 1", t=T0 + 120_000))  # +120 s at once: the session clock moves 15 s
+    assert c.apply(entry("INSERT INTO t VALUES(1)", client_id="c", serial=1, t=T0 + 120_001)).duplicate
+
+
+def test_format_1_database_gets_a_session_clock(tmp_path):
+    import apsw
+
+    path = str(tmp_path / "db.sqlite")
+    old = apsw.Connection(path)
+    old.execute(
+        "CREATE TABLE _raftsql_meta(id INTEGER PRIMARY KEY CHECK (id = 1), applied_index INTEGER "
+        "NOT NULL, time_ms INTEGER NOT NULL, gc_ms INTEGER NOT NULL, format INTEGER NOT NULL);"
+        f"INSERT INTO _raftsql_meta VALUES(1, 5, {T0}, {T0}, 1)"
+    )
+    old.close()
+    sm = StateMachine(path)
+    try:
+        assert sm.applied_index == 5
+        assert sm.query("SELECT format, session_ms FROM _raftsql_meta").rows == [[2, T0]]
+    finally:
+        sm.close()
 
 
 # -- replay and restart -----------------------------------------------------------------------
@@ -427,7 +487,10 @@ def test_internal_statement_texts_do_not_bypass_the_sandbox(pair):
         ("ROLLBACK", ()),
         ("SAVEPOINT raftsql_entry", ()),
         ("RELEASE raftsql_entry", ()),
-        ("UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=? WHERE id=1", (99, 0, 0)),
+        (
+            "UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=?, session_ms=? WHERE id=1",
+            (99, 0, 0, 0),
+        ),
         ("UPDATE _raftsql_sessions SET last_ms=? WHERE client_id=?", (0, "c")),
         ("DELETE FROM _raftsql_sessions WHERE last_ms < ?", (T0 * 2,)),
     ]:

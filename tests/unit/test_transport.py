@@ -844,3 +844,152 @@ def test_ping_pong_latency(make, capsys):
     with capsys.disabled():
         print(f"\ntransport ping-pong over TLS: p50 {p50 * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us")
     assert p50 < 0.005  # generous: CI boxes are noisy; expect ~0.3 ms
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def _snapshot_file(tmp_path: Path, size: int) -> tuple[Path, bytes, bytes]:
+    import hashlib
+    import os
+
+    data = os.urandom(size)
+    p = tmp_path / "source.db"
+    p.write_bytes(data)
+    return p, data, hashlib.sha256(data).digest()
+
+
+def _snap_msg(index: int = 42, term: int = 3) -> Message:
+    from raftsql.raft.types import SnapshotMeta
+
+    meta = SnapshotMeta(index, term, ("n1", "n2"))
+    return Message(MsgType.SNAPSHOT, "n2", "n1", 5, log_term=term, index=index,
+                   context=meta.membership_context())
+
+
+class _Done:
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+        self.event = threading.Event()
+
+    def __call__(self, ok: bool) -> None:
+        self.results.append(ok)
+        self.event.set()
+
+
+def _snapshot_pair(make, tmp_path, **kw):
+    from raftsql.server.snapshot import Snapshots
+
+    snaps = Snapshots(str(tmp_path / "n2"), str(tmp_path / "n2" / "db.sqlite"), node_id="n2")
+    ia, ib = Inbox(), Inbox()
+    a = make("n1", on_raft=ia, **kw)
+    b = make("n2", {"n1": a.bound_address}, on_raft=ib, snapshot_sink=snaps.receiver)
+    a.add_peer("n2", b.bound_address)
+    assert_delivers(a, ib, "n2")
+    return a, b, ib, snaps
+
+
+def test_snapshot_streams_in_chunks_then_its_message(make, tmp_path, monkeypatch):
+    from raftsql.server import transport
+
+    monkeypatch.setattr(transport, "SNAPSHOT_CHUNK", 64 * 1024)
+    a, b, ib, snaps = _snapshot_pair(make, tmp_path)
+    path, data, digest = _snapshot_file(tmp_path, 1_000_003)  # 16 chunks, the last one short
+    done = _Done()
+    m = _snap_msg()
+    # Raft messages queued during the transfer still go out (between chunks).
+    a.send_snapshot(m, open(path, "rb"), len(data), digest, done)
+    others = [msg("n1", "n2") for _ in range(20)]
+    a.send(others)
+    assert done.event.wait(TIMEOUT) and done.results == [True]
+    assert ib.wait_for(lambda msgs: m in msgs and all(o in msgs for o in others))
+    assert snaps.has_received(42) and not snaps.has_received(41)
+    f = snaps.adopt_received(42)
+    assert Path(f.path).read_bytes() == data and f.size == len(data) and f.digest == digest.hex()
+    assert snaps.status()["received"] == 1 and snaps.status()["rejected"] == 0
+
+
+def test_corrupted_snapshot_chunk_is_rejected_and_a_resend_succeeds(make, tmp_path, logs):
+    a, b, ib, snaps = _snapshot_pair(make, tmp_path, corrupt_snapshot_transfers=1)
+    path, data, digest = _snapshot_file(tmp_path, 600_000)
+    m = _snap_msg()
+    done = _Done()
+    a.send_snapshot(m, open(path, "rb"), len(data), digest, done)
+    assert done.event.wait(TIMEOUT) and done.results == [True]  # sent; the receiver refuses it
+    assert ib.wait_for(lambda msgs: m in msgs)  # the message comes; the node will drop it
+    assert not snaps.has_received(42)
+    assert snaps.status()["rejected"] == 1
+    assert any("corrupted chunk" in r.getMessage() for r in logs.records)
+    assert [p.name for p in snaps_dir(snaps)] == []  # the partial file is gone
+    done2 = _Done()
+    a.send_snapshot(m, open(path, "rb"), len(data), digest, done2)
+    assert done2.event.wait(TIMEOUT) and done2.results == [True]
+    assert ib.wait_for(lambda msgs: msgs.count(m) == 2)
+    assert snaps.has_received(42)
+
+
+def snaps_dir(snaps) -> list[Path]:
+    return sorted(Path(snaps.dir).iterdir())
+
+
+def test_snapshot_to_an_unreachable_peer_fails(make, tmp_path):
+    a = make("n1", {"n2": ("127.0.0.1", free_port())})
+    path, data, digest = _snapshot_file(tmp_path, 1000)
+    done = _Done()
+    a.send_snapshot(_snap_msg(), open(path, "rb"), len(data), digest, done)
+    assert done.event.wait(TIMEOUT) and done.results == [False]
+    unknown = _Done()
+    a.send_snapshot(dataclasses.replace(_snap_msg(), to="n9"), open(path, "rb"), len(data), digest, unknown)
+    assert unknown.results == [False]
+
+
+def test_snapshot_frame_on_a_client_connection_is_refused(pair, certs, logs):
+    a, b, ia, ib = pair
+    conn = dial(b, client_ctx(certs))
+    hello_as(conn, None, "client")
+    conn.send_raw(wire.encode_snapshot_chunk(wire.SnapshotChunk(5, 1, 0, b"x", 0)))
+    frames = until_closed(conn)
+    assert [k for k, _ in frames] == [FrameKind.ERROR]
+    assert "SNAPSHOT" in wire.parse_error(frames[0][1])
+
+
+def test_snapshot_frame_without_a_sink_closes_the_node_connection(pair, certs, logs):
+    a, b, ia, ib = pair  # b has no snapshot sink
+    conn = dial(b, node_ctx(certs, "n1"))
+    hello_as(conn, "n1")
+    conn.send_raw(wire.encode_snapshot_chunk(wire.SnapshotChunk(5, 1, 0, b"x", 0)))
+    frames = until_closed(conn)
+    assert [k for k, _ in frames] == [FrameKind.ERROR]
+
+
+def test_receiver_rejects_gaps_bad_digests_and_strays(tmp_path):
+    import hashlib
+    import zlib
+
+    from raftsql.server.snapshot import Snapshots
+
+    snaps = Snapshots(str(tmp_path), str(tmp_path / "db.sqlite"), node_id="n2")
+    r = snaps.receiver("n1")
+
+    def chunk(off, data, index=7):
+        return wire.SnapshotChunk(index, 2, off, data, zlib.crc32(data))
+
+    def final(off, data, index=7):
+        return wire.SnapshotChunk(index, 2, off, b"", 0, hashlib.sha256(data).digest())
+
+    assert not r.feed(chunk(4, b"abcd"))  # never started
+    assert r.feed(chunk(0, b"abcd"))
+    assert not r.feed(chunk(8, b"efgh"))  # a gap: the transfer is discarded
+    assert not r.feed(chunk(4, b"efgh"))  # the rest of it is ignored
+    assert r.feed(chunk(0, b"abcd")) and r.feed(chunk(4, b"efgh"))
+    assert not r.feed(final(8, b"abcdefgX"))  # wrong digest
+    assert not snaps.has_received(7)
+    assert r.feed(chunk(0, b"abcd")) and r.feed(chunk(4, b"efgh"))
+    assert not r.feed(final(9, b"abcdefgh"))  # wrong size
+    assert r.feed(chunk(0, b"abcd")) and r.feed(chunk(4, b"efgh"))
+    assert r.feed(final(8, b"abcdefgh"))
+    assert snaps.has_received(7)
+    assert r.feed(chunk(0, b"zz", index=9))
+    r.abort()  # the connection ended mid-transfer
+    assert [p.name.split("-")[0] for p in snaps_dir(snaps)] == ["recv"]
+    assert snaps.status()["rejected"] == 4

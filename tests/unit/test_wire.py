@@ -114,6 +114,7 @@ def consume(kind: FrameKind, payload) -> None:
         wire.decode_message,
         wire.decode_entry,
         wire.decode_hard_state,
+        wire.decode_snapshot_chunk,
     ):
         try:
             parse(payload)
@@ -294,7 +295,7 @@ def test_bad_max_frame_size():
         (packed([2, [], None]), "2-element array"),
         (packed(None), "2-element array"),
         (packed([0, None]), "unknown frame kind 0"),
-        (packed([6, None]), "unknown frame kind 6"),
+        (packed([7, None]), "unknown frame kind 7"),
         (packed([-1, None]), "unknown frame kind -1"),
         (packed([2**64 - 1, None]), "unknown frame kind"),
         (packed(["2", None]), "unknown frame kind '2'"),
@@ -333,6 +334,8 @@ def test_hello_round_trip():
         1, None, "client"
     )
     assert wire.parse_hello(hello_payload(wire.make_hello("c-9", "client"))).node_id == "c-9"
+    with_addr = wire.parse_hello(hello_payload(wire.make_hello("n4", "node", "10.0.0.4:4001")))
+    assert with_addr == wire.Hello(1, "n4", "node", "10.0.0.4:4001")
 
 
 def test_hello_version_mismatch_names_both_versions():
@@ -360,6 +363,11 @@ def test_hello_version_mismatch_names_both_versions():
         ({"version": 1, "node_id": "x" * 65, "role": "client"}, "node_id"),
         ({"version": 1, "node_id": 7, "role": "node"}, "node_id"),
         ({"version": 1, "node_id": b"n1", "role": "node"}, "node_id"),
+        ({"version": 1, "node_id": "n1", "role": "node", "address": 7}, "'address'"),
+        ({"version": 1, "node_id": "n1", "role": "node", "address": "nowhere"}, "'address'"),
+        ({"version": 1, "node_id": "n1", "role": "node", "address": "h:99999"}, "'address'"),
+        ({"version": 1, "node_id": "n1", "role": "node", "address": ":80"}, "'address'"),
+        ({"version": 1, "node_id": "n1", "role": "node", "address": "h" * 300 + ":1"}, "'address'"),
     ],
 )
 def test_bad_hello(payload, match):
@@ -554,7 +562,7 @@ def test_random_bodies_never_raise_other_errors(body):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=1, max_value=5), msgpack_values)
+@given(st.integers(min_value=1, max_value=6), msgpack_values)
 def test_random_msgpack_payloads_never_raise_other_errors(kind, payload):
     ((k, p),) = wire.FrameDecoder().feed(frame_of([kind, payload]))
     consume(k, p)
@@ -647,3 +655,58 @@ def check_mutation(m: Message, position: int, value) -> None:
         return
     assert valid, f"invalid value {value!r} accepted at position {position}"
     assert packed(wire.encode_message(decoded)) == packed(obj)
+
+
+# --- snapshot chunks ------------------------------------------------------------------------
+
+
+@given(
+    index=st.integers(min_value=1, max_value=2**63 - 1),
+    term=u63,
+    offset=u63,
+    data=st.binary(max_size=300),
+    final=st.booleans(),
+)
+def test_snapshot_chunk_round_trip(index, term, offset, data, final):
+    import hashlib
+    import zlib
+
+    digest = hashlib.sha256(data).digest() if final else None
+    c = wire.SnapshotChunk(index, term, offset, b"" if final else data, zlib.crc32(data), digest)
+    ((kind, payload),) = wire.FrameDecoder().feed(wire.encode_snapshot_chunk(c))
+    assert kind is FrameKind.SNAPSHOT
+    got = wire.decode_snapshot_chunk(payload)
+    assert got == c and got.final == final
+
+
+GOOD_CHUNK = [7, 2, 0, b"abc", 891568578, None]
+
+
+@pytest.mark.parametrize(
+    "position, value, match",
+    [
+        (0, 0, "at least entry 1"),
+        (0, -1, "index"),
+        (1, "2", "term"),
+        (2, 2**63, "offset"),
+        (3, "abc", "data"),
+        (4, 2**32, "crc"),
+        (4, True, "crc"),
+        (5, b"x" * 31, "final chunk"),
+        (5, "y" * 32, "digest"),
+    ],
+)
+def test_bad_snapshot_chunks(position, value, match):
+    payload = list(GOOD_CHUNK)
+    payload[position] = value
+    with pytest.raises(wire.DecodeError, match=match):
+        wire.decode_snapshot_chunk(payload)
+
+
+def test_bad_snapshot_chunk_shapes():
+    assert wire.decode_snapshot_chunk(list(GOOD_CHUNK)).data == b"abc"
+    for bad in (None, {}, GOOD_CHUNK[:5], [*GOOD_CHUNK, 1]):
+        with pytest.raises(wire.DecodeError):
+            wire.decode_snapshot_chunk(bad)
+    with pytest.raises(wire.DecodeError, match="final chunk"):  # a final chunk carries no data
+        wire.decode_snapshot_chunk([7, 2, 3, b"abc", 0, b"d" * 32])

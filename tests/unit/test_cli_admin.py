@@ -1,0 +1,118 @@
+"""Membership and backup pieces without a cluster: the membership file, the address book, the
+--join setting, and the CLI's help and argument errors."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from raftsql.cli import main
+from raftsql.raft.types import ConfChange, ConfChangeType, Entry, EntryType
+from raftsql.server import admin
+from raftsql.server.config import ConfigError, load
+from raftsql.server.node import NodeConfig
+
+
+def test_membership_file_round_trip_and_validation(tmp_path):
+    assert admin.read_membership(str(tmp_path)) is None
+    admin.write_membership(str(tmp_path), ["n2", "n1"], {"n1": "h:1", "n2": "h:2"})
+    doc = admin.read_membership(str(tmp_path))
+    assert doc["bootstrap_voters"] == ["n1", "n2"] and doc["addresses"] == {"n1": "h:1", "n2": "h:2"}
+    (tmp_path / admin.MEMBERSHIP_FILE).write_text(json.dumps({"version": 1, "bootstrap_voters": []}))
+    with pytest.raises(ValueError, match="malformed"):
+        admin.read_membership(str(tmp_path))
+
+
+def test_address_book_follows_changes_and_ignores_garbage(tmp_path):
+    m = admin.Membership(str(tmp_path), ("n1",), {"n1": "h:1"})
+    assert m.apply(ConfChange(ConfChangeType.ADD_LEARNER, "n2", b"h:2"))
+    assert not m.apply(ConfChange(ConfChangeType.PROMOTE, "n2"))  # keeps the address
+    assert not m.apply(ConfChange(ConfChangeType.ADD_LEARNER, "n3", b"\xff not an address"))
+    assert m.addresses == {"n1": "h:1", "n2": "h:2"}
+    assert m.apply(ConfChange(ConfChangeType.REMOVE, "n1"))
+    assert m.addresses == {"n2": "h:2"}
+
+
+class _SM:
+    def __init__(self, applied):
+        self.applied_index = applied
+
+    def members(self):
+        return {}
+
+
+def _node(tmp_path, nid="n1", peers=None, applied=0):
+    peers = {"n2": ("h", 2), "n3": ("h", 3)} if peers is None else peers
+    cfg = NodeConfig(id=nid, data_dir=str(tmp_path), listen=("h", 1), peers=peers, certs_dir=str(tmp_path))
+    addresses = {p: f"{h}:{port}" for p, (h, port) in peers.items()}
+    addresses[nid] = "h:1"
+    return SimpleNamespace(cfg=cfg, addresses=addresses, sm=_SM(applied))
+
+
+def test_first_start_records_the_bootstrap_voters_and_later_starts_keep_them(tmp_path):
+    node = _node(tmp_path)
+    admin.init_membership(node, [])
+    assert node.cfg.voters() == ("n1", "n2", "n3")
+    # Restarted with one more --peer (say, an operator listing a node added later): the
+    # bootstrap voters do not change, so the log replays onto the same base.
+    node = _node(tmp_path, peers={"n2": ("h", 2), "n3": ("h", 3), "n4": ("h", 4)})
+    admin.init_membership(node, [])
+    assert node.cfg.voters() == ("n1", "n2", "n3")
+
+
+def test_applied_changes_missing_from_the_book_are_recovered_from_the_log(tmp_path):
+    node = _node(tmp_path, applied=2)
+    add4 = Entry(1, 2, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n4", b"h:4").encode())
+    add5 = Entry(1, 3, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n5", b"h:5").encode())
+    admin.init_membership(node, [Entry(1, 1), add4, add5])
+    assert node.membership.addresses == {"n1": "h:1", "n2": "h:2", "n3": "h:3", "n4": "h:4"}
+    assert admin.read_membership(str(tmp_path))["addresses"]["n4"] == "h:4"  # and saved
+    assert node.addresses["n4"] == "h:4"  # n5's change is not applied yet: applying it adds it
+
+
+def test_join_setting():
+    base = {"id": "n4", "data_dir": "/tmp/x", "listen": "127.0.0.1:1", "certs": "/"}
+    cfg = load({**base, "join": "raftsql://127.0.0.1:2/?certs=/c"}, env={})
+    assert cfg.extra["join"] == "raftsql://127.0.0.1:2/?certs=/c" and cfg.peers == {}
+    with pytest.raises(ConfigError, match="not a raftsql:// DSN"):
+        load({**base, "join": "127.0.0.1:2"}, env={})
+
+
+def test_cli_help_and_argument_errors(tmp_path):
+    r = CliRunner()
+    for cmd in (["cluster", "--help"], ["cluster", "add", "--help"], ["cluster", "promote", "--help"],
+                ["cluster", "remove", "--help"], ["backup", "--help"], ["restore", "--help"]):
+        res = r.invoke(main, cmd)
+        assert res.exit_code == 0, (cmd, res.output)
+    assert "--join DSN" in r.invoke(main, ["node", "--help"]).output
+    res = r.invoke(main, ["cluster", "add", "raftsql://h:1/?certs=/c", "n4"])
+    assert res.exit_code == 2 and "Missing argument" in res.output
+    res = r.invoke(main, ["restore", str(tmp_path / "missing.db"), "raftsql://h:1/"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = r.invoke(main, ["backup", "raftsql://h:1/", str(tmp_path / "o.db")])
+    assert res.exit_code == 1 and "certs" in res.output
+
+
+def test_copy_database_drops_internal_tables_and_keeps_the_index(tmp_path):
+    from raftsql.command import Command
+    from raftsql.server.statemachine import StateMachine
+
+    sm = StateMachine(str(tmp_path / "db.sqlite"))
+    try:
+        sm.apply(1, Command(client_id="c", serial=1, statements=(("CREATE TABLE t (x)", ()),),
+                            leader_time_ms=1, seed=1).encode())
+        sm.apply(2, Command(client_id="c", serial=2, statements=(("INSERT INTO t VALUES (7)", ()),),
+                            leader_time_ms=2, seed=2).encode())
+        index = admin.copy_database(sm.path, str(tmp_path / "copy.db"))
+    finally:
+        sm.close()
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "copy.db")
+    assert index == 2
+    assert db.execute("SELECT applied_index FROM _raftsql_meta").fetchone() == (2,)
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_schema")} == {"t", "_raftsql_meta"}
+    assert db.execute("SELECT x FROM t").fetchall() == [(7,)]
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    db.close()
