@@ -12,30 +12,109 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import click
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _cpu_busy_s() -> float:
+    """Seconds of CPU time the whole machine spent busy (all cores) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of the children it has reaped (nodes, etcd, workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class _RunLoad:
+    """What else the machine was doing during a run: load average samples, and the CPU time
+    spent by processes other than this benchmark and its (reaped) children."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0 = self._try(_cpu_busy_s)
+        self.own0 = _own_cpu_s()
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def _try(fn):
+        try:
+            return fn()
+        except (OSError, ValueError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(5.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def finish(self) -> dict:
+        wall = time.monotonic() - self.t0
+        out = {"load_1min_max": round(max(self.samples), 2),
+               "load_1min_mean": round(sum(self.samples) / len(self.samples), 2),
+               "load_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(wall, 1)}
+        busy1 = self._try(_cpu_busy_s)
+        if self.busy0 is not None and busy1 is not None and wall > 0:
+            other = (busy1 - self.busy0) - (_own_cpu_s() - self.own0)
+            out["other_processes_cores"] = round(max(0.0, other) / wall, 2)
+        return out
+
+
+_RUN: _RunLoad | None = None
+
+
 def machine() -> dict:
+    """The machine, and the start of load accounting for this run (finished by write_report)."""
+    global _RUN
     import apsw
 
     try:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (OSError, ValueError):
+        mem_gib = None
+    _RUN = _RunLoad()
     return {
         "cpus": os.cpu_count(),
         "cpu": model,
+        "memory_gib": mem_gib,
         "python": platform.python_version(),
         "sqlite": apsw.sqlite_lib_version(),
         "kernel": platform.release(),
         "load_before": os.getloadavg()[0],
+        "load_before_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def machine_line(m: dict) -> str:
+    """One line describing the machine and how busy it was, for tables and the README."""
+    line = (f"{m.get('cpus')} cores, {m.get('cpu')}, {m.get('memory_gib')} GiB, Linux {m.get('kernel')}, "
+            f"Python {m.get('python')}, SQLite {m.get('sqlite')}; {m.get('date')}. "
+            f"Load average (1 min) before the run {m.get('load_before', 0):.2f}")
+    d = m.get("during")
+    if d:
+        line += (f", during it mean {d['load_1min_mean']:.2f} / max {d['load_1min_max']:.2f} "
+                 f"(the benchmark's own processes included)")
+        if "other_processes_cores" in d:
+            line += (f"; other processes on the machine used {d['other_processes_cores']:.2f} "
+                     f"of {m.get('cpus')} cores on average")
+    return line + f"; run took {d['wall_s']:.0f} s." if d else line + "."
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -58,12 +137,14 @@ def summary_ms(samples: list[float]) -> dict:
 
 def write_report(name: str, doc: dict, table_md: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    m = doc.setdefault("machine", {})
+    if _RUN is not None and "during" not in m:
+        m["during"] = _RUN.finish()
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    m = doc.get("machine", {})
-    head = (f"# {name}\n\nMachine: {m.get('cpus')} cores, {m.get('cpu')}, Python {m.get('python')}, "
-            f"SQLite {m.get('sqlite')}, load before run {m.get('load_before'):.2f}; {m.get('date')}\n\n"
-            f"Command: `{doc.get('command')}`\n\n")
+    head = f"# {name}\n\nMachine: {machine_line(m)}\n\nCommand: `{doc.get('command')}`\n\n"
     (RESULTS / f"{name}.md").write_text(head + table_md + "\n")
+    click.echo(f"Machine: {machine_line(m)}")
+    click.echo(f"Wrote {RESULTS / name}.json and .md")
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:
@@ -102,15 +183,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_etcd() -> str | None:
-    """Path to Debian's etcd, installing etcd-server if missing; None (and why) if impossible."""
+def ensure_etcd() -> str:
+    """Path to Debian's etcd, installing etcd-server if missing; RuntimeError saying why not."""
     path = shutil.which("etcd")
     if path:
         return path
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "etcd-server"], capture_output=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        path = shutil.which("etcd")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise RuntimeError("etcd is not installed and cannot be installed here "
+                           "(installing Debian's etcd-server needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    click.echo("etcd not found: installing Debian's etcd-server ...", err=True)
+    r = subprocess.run(["apt-get", "install", "-y", "-qq", "etcd-server"], capture_output=True, env=env)
+    if r.returncode != 0:  # a stale or missing package list: refresh it once and retry
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", "etcd-server"], capture_output=True, env=env)
+    path = shutil.which("etcd")
+    if path is None:
+        tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"etcd is not installed and `apt-get install etcd-server` failed: {tail[0]}")
     return path
 
 
@@ -119,8 +209,6 @@ class EtcdCluster:
 
     def __init__(self, base: Path, members: int = 3, heartbeat_ms: int = 100, election_ms: int = 1000):
         self.bin = ensure_etcd()
-        if self.bin is None:
-            raise RuntimeError("etcd is not installed and could not be installed (needs root and apt-get)")
         self.base = Path(base)
         self.names = [f"e{i + 1}" for i in range(members)]
         self.client_ports = {n: free_port() for n in self.names}
@@ -140,8 +228,8 @@ class EtcdCluster:
 
     def start(self, name: str | None = None) -> None:
         for n in [name] if name else self.names:
-            log = open(self.base / f"{n}.log", "ab")  # noqa: SIM115 - owned by the child
             self.base.mkdir(parents=True, exist_ok=True)
+            log = open(self.base / f"{n}.log", "ab")  # noqa: SIM115 - owned by the child
             self.procs[n] = subprocess.Popen(self.args[n], stdout=log, stderr=subprocess.STDOUT)
             log.close()
 
@@ -153,8 +241,30 @@ class EtcdCluster:
                     return
             except OSError:
                 pass
+            if all(p.poll() is not None for p in self.procs.values()):
+                break  # every member exited (bad flags, ports taken): no point waiting
             time.sleep(0.1)
-        raise TimeoutError("etcd did not elect a leader")
+        raise TimeoutError(f"etcd did not elect a leader within {timeout:.0f} s; {self.log_tails()}")
+
+    def log_tails(self) -> str:
+        tails = []
+        for n in self.names:
+            try:
+                lines = (self.base / f"{n}.log").read_text(errors="replace").strip().splitlines()
+            except OSError:
+                lines = []
+            code = self.procs[n].poll() if n in self.procs else None
+            tails.append(f"{n} (exit {code}): {lines[-1][:200] if lines else 'empty log'}")
+        return "; ".join(tails)
+
+    def wait_leader(self, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ld = self.leader()
+            if ld is not None:
+                return ld
+            time.sleep(0.05)
+        raise TimeoutError(f"etcd has no leader after {timeout:.0f} s; {self.log_tails()}")
 
     def status(self, name: str) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.client_ports[name], timeout=1)
@@ -183,6 +293,26 @@ class EtcdCluster:
             p.wait()
 
 
+def start_etcd(base: Path, members: int = 3, heartbeat_ms: int = 100, election_ms: int = 1000,
+               attempts: int = 3) -> EtcdCluster:
+    """A running etcd cluster with a leader. A failed start (most often a port that another
+    process took between free_port() and etcd's bind, on a busy machine) is retried on fresh
+    ports; RuntimeError if etcd is missing, TimeoutError with the members' last log lines if
+    every attempt failed."""
+    for attempt in range(attempts):
+        ec = EtcdCluster(Path(base) / f"try{attempt}", members, heartbeat_ms, election_ms)
+        ec.start()
+        try:
+            ec.wait_ready()
+            return ec
+        except TimeoutError as e:
+            ec.close()
+            if attempt == attempts - 1:
+                raise
+            click.echo(f"etcd start failed, retrying on fresh ports: {e}", err=True)
+    raise AssertionError("unreachable")
+
+
 class EtcdClient:
     """Puts through etcd's HTTP/JSON gateway over one keep-alive connection."""
 
@@ -193,22 +323,53 @@ class EtcdClient:
         self.conn = None
 
     def put(self, key: str, value: str, timeout: float = 2.0) -> None:
-        body = json.dumps({"key": base64.b64encode(key.encode()).decode(),
-                           "value": base64.b64encode(value.encode()).decode()})
+        self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)}, timeout)
+
+    def get(self, key: str, serializable: bool = False, timeout: float = 2.0) -> bytes:
+        """Range read of one key: linearizable (etcd's default) or serializable (local, may be stale)."""
+        body = {"key": _b64(key)}
+        if serializable:
+            body["serializable"] = True
+        return self._post("/v3/kv/range", body, timeout)
+
+    def _post(self, path: str, body: dict, timeout: float) -> bytes:
         if self.conn is None:
             n = self.names[self.i % len(self.names)]
             self.conn = http.client.HTTPConnection("127.0.0.1", self.cluster.client_ports[n], timeout=timeout)
         try:
-            self.conn.request("POST", "/v3/kv/put", body=body)
+            self.conn.request("POST", path, body=json.dumps(body))
             resp = self.conn.getresponse()
             data = resp.read()
             if resp.status != 200:
-                raise OSError(f"etcd put failed: {resp.status} {data[:200]!r}")
+                raise OSError(f"etcd {path} failed: {resp.status} {data[:200]!r}")
+            return data
         except (OSError, http.client.HTTPException):
             self.conn.close()
             self.conn = None
             self.i += 1
             raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def wait_bar(label: str, until: float) -> None:
+    """A progress bar on stderr that fills until time.time() reaches `until` (clients run elsewhere)."""
+    total = max(0.0, until - time.time())
+    steps = max(1, int(total * 10))
+    with click.progressbar(length=steps, label=label, file=sys.stderr) as bar:
+        done = 0
+        while time.time() < until:
+            time.sleep(0.1)
+            now = min(steps, int((total - max(0.0, until - time.time())) * 10))
+            bar.update(now - done)
+            done = now
 
 
 def tmpdir(prefix: str) -> Path:

@@ -2,8 +2,11 @@
 1, 3 and 5 nodes, next to a local SQLite file (synchronous=FULL) and a 3-member etcd, all in
 the same invocation and measured the same way.
 
-    python benchmarks/latency.py --quick     # ~1 minute
-    python benchmarks/latency.py --writes 5000
+    python benchmarks/latency.py --quick     # under a minute
+    python benchmarks/latency.py --writes 2000
+
+Writes benchmarks/results/latency[-quick].{json,md,png}; the PNG (a latency CDF per system)
+needs the optional `plots` extra.
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ import time
 import click
 from _common import (
     EtcdClient,
-    EtcdCluster,
     driver_connect,
     machine,
     md_table,
     raftsql_cluster,
+    start_etcd,
     summary_ms,
     tmpdir,
     write_report,
 )
+from _plots import latency_cdf
 
 
 def bench_raftsql(nodes: int, writes: int, warmup: int) -> list[float]:
@@ -73,12 +77,12 @@ def bench_etcd(writes: int, warmup: int) -> list[float] | str:
     base = tmpdir("etcd-lat-")
     try:
         try:
-            ec = EtcdCluster(base, 3)
+            ec = start_etcd(base, 3)
         except RuntimeError as e:
             return f"skipped: {e}"
-        ec.start()
+        except TimeoutError as e:
+            return f"failed: {e}"
         try:
-            ec.wait_ready()
             cl = EtcdClient(ec, ec.leader())
             lat = []
             with click.progressbar(range(warmup + writes), label="etcd 3 members", file=sys.stderr) as bar:
@@ -107,23 +111,65 @@ def main(quick: bool, writes: int, node_counts: tuple[int, ...], name: str) -> N
     node_counts = node_counts or (1, 3, 5)
     doc = {"command": " ".join(["python", "benchmarks/latency.py", *sys.argv[1:]]), "machine": machine(), "results": {}}
     res = doc["results"]
-    res["sqlite_full"] = summary_ms(bench_sqlite(writes, warmup))
+    raw: dict[str, list[float]] = {}
+    click.echo("sqlite FULL ...", err=True)
+    raw["sqlite_full"] = bench_sqlite(writes, warmup)
+    res["sqlite_full"] = summary_ms(raw["sqlite_full"])
     etcd = bench_etcd(writes, warmup)
-    res["etcd_3"] = etcd if isinstance(etcd, str) else summary_ms(etcd)
+    if isinstance(etcd, str):
+        click.echo(f"etcd {etcd}", err=True)
+        res["etcd_3"] = etcd
+    else:
+        raw["etcd_3"] = etcd
+        res["etcd_3"] = summary_ms(etcd)
     for n in node_counts:
-        res[f"raftsql_{n}"] = summary_ms(bench_raftsql(n, writes, warmup))
+        raw[f"raftsql_{n}"] = bench_raftsql(n, writes, warmup)
+        res[f"raftsql_{n}"] = summary_ms(raw[f"raftsql_{n}"])
     base_etcd = res["etcd_3"] if isinstance(res["etcd_3"], dict) else None
+    base_sqlite = res["sqlite_full"]
     rows = []
     for key, s in res.items():
         if isinstance(s, str):
-            rows.append([key, s, "", "", "", "", ""])
+            rows.append([key, s, "", "", "", "", "", ""])
             continue
-        vs_etcd = f"{s['p50_ms'] / base_etcd['p50_ms']:.2f}x" if base_etcd else "n/a"
-        vs_sqlite = f"{s['p50_ms'] / res['sqlite_full']['p50_ms']:.1f}x"
-        rows.append([key, s["p50_ms"], s["p95_ms"], s["p99_ms"], s["max_ms"], vs_etcd, vs_sqlite])
-    table = md_table(["system", "p50 ms", "p95 ms", "p99 ms", "max ms", "p50 vs etcd", "p50 vs sqlite FULL"], rows)
+        vs_etcd = [f"{s[k] / base_etcd[k]:.2f}x" if base_etcd else "n/a" for k in ("p50_ms", "p99_ms")]
+        vs_sqlite = f"{s['p50_ms'] / base_sqlite['p50_ms']:.1f}x"
+        rows.append([key, s["p50_ms"], s["p95_ms"], s["p99_ms"], s["max_ms"], *vs_etcd, vs_sqlite])
+    table = md_table(["system", "p50 ms", "p95 ms", "p99 ms", "max ms", "p50 vs etcd", "p99 vs etcd",
+                      "p50 vs sqlite FULL"], rows)
+    notes = claim_3_vs_5(res) + targets(res)
+    doc["findings"] = notes
+    table += "\n\n" + "\n".join(f"- {line}" for line in notes)
     click.echo(table)
     write_report(name, doc, table)
+    latency_cdf(name, {k.replace("_", " "): v for k, v in raw.items()}, doc["machine"])
+
+
+def claim_3_vs_5(res: dict) -> list[str]:
+    """The seed document claims more nodes give a lower 95th percentile: say how it came out."""
+    three, five = res.get("raftsql_3"), res.get("raftsql_5")
+    if not (isinstance(three, dict) and isinstance(five, dict)):
+        return ["Claim '5 nodes give a lower p95 than 3': not measured (run with --nodes 3 --nodes 5)."]
+    ratio = five["p95_ms"] / three["p95_ms"]
+    verdict = "holds" if five["p95_ms"] < three["p95_ms"] else "does not hold"
+    return [f"Claim '5 nodes give a lower p95 than 3' {verdict} in this run: p95 {five['p95_ms']} ms on "
+            f"5 nodes against {three['p95_ms']} ms on 3 ({ratio:.2f}x); p50 {five['p50_ms']} against "
+            f"{three['p50_ms']} ms."]
+
+
+def targets(res: dict) -> list[str]:
+    three, etcd = res.get("raftsql_3"), res.get("etcd_3")
+    if not isinstance(three, dict):
+        return []
+    out = [f"Target 3-node p50 <= 1.0 ms: {'met' if three['p50_ms'] <= 1.0 else 'NOT met'} "
+           f"({three['p50_ms']} ms)."]
+    if isinstance(etcd, dict):
+        r = three["p50_ms"] / etcd["p50_ms"]
+        out.append(f"Target 3-node p50 <= 0.6x etcd p50: {'met' if r <= 0.6 else 'NOT met'} ({r:.2f}x, "
+                   f"etcd p50 {etcd['p50_ms']} ms).")
+    else:
+        out.append("Target 3-node p50 <= 0.6x etcd p50: not measured (etcd skipped).")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Write throughput against concurrency (1, 8, 64 clients) and batched writes (1,000 rows per
-entry), on a 3-node cluster, next to plain SQLite (synchronous=FULL) run the same way.
+entry), on a 3-node cluster, next to a 3-member etcd (puts, same client counts) and plain SQLite
+(synchronous=FULL), all run the same way in the same invocation.
 
 Clients are spread over worker processes (threads within each) so that the client side's own
 Python work does not serialize on one GIL.
 
     python benchmarks/throughput.py --quick
-    python benchmarks/throughput.py --seconds 20
+    python benchmarks/throughput.py --seconds 15
+
+Writes benchmarks/results/throughput[-quick].{json,md,png} (PNG with the `plots` extra).
 """
 
 from __future__ import annotations
@@ -15,19 +18,42 @@ import shutil
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import click
-from _common import driver_connect, machine, md_table, pct, raftsql_cluster, tmpdir, write_report
+from _common import (
+    EtcdClient,
+    driver_connect,
+    machine,
+    md_table,
+    pct,
+    raftsql_cluster,
+    start_etcd,
+    tmpdir,
+    wait_bar,
+    write_report,
+)
+from _plots import throughput_bars
 
 
-def _worker(dsn: str, threads: int, seconds: float, start_at: float, out: mp.Queue, tag: int) -> None:
+def _connect(target):
+    """A raftsql cursor for a DSN, or an etcd client for a {name: client port} map of the leader."""
+    if isinstance(target, str):
+        conn = driver_connect(target)
+        cur = conn.cursor()
+        return lambda v: cur.execute("INSERT INTO t (v) VALUES (?)", (v,)), conn.close
+    name, port = next(iter(target.items()))
+    cl = EtcdClient(SimpleNamespace(names=[name], client_ports={name: port}), name)
+    return lambda v: cl.put(f"k/{v}", v), cl.close
+
+
+def _worker(target, threads: int, seconds: float, start_at: float, out: mp.Queue, tag: int) -> None:
     lats: list[float] = []
     errors = [0]
     lock = threading.Lock()
 
     def run(k: int) -> None:
-        conn = driver_connect(dsn)
-        cur = conn.cursor()
+        write, close = _connect(target)
         mine = []
         while time.time() < start_at:
             time.sleep(0.001)
@@ -36,13 +62,13 @@ def _worker(dsn: str, threads: int, seconds: float, start_at: float, out: mp.Que
         while time.time() < end:
             t0 = time.perf_counter()
             try:
-                cur.execute("INSERT INTO t (v) VALUES (?)", (f"{tag}-{k}-{i}",))
+                write(f"{tag}-{k}-{i}")
                 mine.append(time.perf_counter() - t0)
             except Exception:  # noqa: BLE001 - counted, reported
                 with lock:
                     errors[0] += 1
             i += 1
-        conn.close()
+        close()
         with lock:
             lats.extend(mine)
 
@@ -54,14 +80,15 @@ def _worker(dsn: str, threads: int, seconds: float, start_at: float, out: mp.Que
     out.put((lats, errors[0]))
 
 
-def concurrent_writes(dsn: str, clients: int, seconds: float) -> dict:
+def concurrent_writes(target, clients: int, seconds: float, label: str) -> dict:
     procs_n = 1 if clients == 1 else min(4, clients)
     per = [clients // procs_n + (1 if i < clients % procs_n else 0) for i in range(procs_n)]
     q: mp.Queue = mp.Queue()
     start_at = time.time() + 1.5
-    ps = [mp.Process(target=_worker, args=(dsn, n, seconds, start_at, q, i)) for i, n in enumerate(per)]
+    ps = [mp.Process(target=_worker, args=(target, n, seconds, start_at, q, i)) for i, n in enumerate(per)]
     for p in ps:
         p.start()
+    wait_bar(f"{label}, {clients} client(s)", start_at + seconds)
     lats: list[float] = []
     errors = 0
     for _ in ps:
@@ -80,13 +107,38 @@ def batched(dsn: str, seconds: float, rows_per_entry: int = 1000) -> dict:
     rows = 0
     entries = 0
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        cur.executemany("INSERT INTO b (v) VALUES (?)", [(f"r{rows + j}",) for j in range(rows_per_entry)])
-        rows += rows_per_entry
-        entries += 1
+    with click.progressbar(length=int(seconds * 10), label=f"raftsql batched, {rows_per_entry} rows/write",
+                           file=sys.stderr) as bar:
+        done = 0
+        while time.perf_counter() - t0 < seconds:
+            cur.executemany("INSERT INTO b (v) VALUES (?)", [(f"r{rows + j}",) for j in range(rows_per_entry)])
+            rows += rows_per_entry
+            entries += 1
+            now = min(int(seconds * 10), int((time.perf_counter() - t0) * 10))
+            bar.update(now - done)
+            done = now
     took = time.perf_counter() - t0
     conn.close()
     return {"rows_per_entry": rows_per_entry, "rows_per_s": round(rows / took), "entries": entries}
+
+
+def etcd_concurrency(client_counts, seconds: float) -> list[dict] | str:
+    base = tmpdir("etcd-tp-")
+    try:
+        try:
+            ec = start_etcd(base, 3)
+        except RuntimeError as e:
+            return f"skipped: {e}"
+        except TimeoutError as e:
+            return f"failed: {e}"
+        try:
+            leader = ec.leader()
+            target = {leader: ec.client_ports[leader]}
+            return [concurrent_writes(target, n, seconds, "etcd 3 members") for n in client_counts]
+        finally:
+            ec.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def sqlite_baseline(seconds: float, rows_per_entry: int = 1000) -> dict:
@@ -122,14 +174,19 @@ def sqlite_baseline(seconds: float, rows_per_entry: int = 1000) -> dict:
 @click.option("--quick", is_flag=True, help="3 s per measurement (CI).")
 @click.option("--seconds", type=float, default=15.0, show_default=True)
 @click.option("--clients", "client_counts", multiple=True, type=int, help="Default 1, 8, 64.")
+@click.option("--no-etcd", is_flag=True, help="Skip the etcd baseline.")
 @click.option("--name", default="throughput", show_default=True)
-def main(quick: bool, seconds: float, client_counts: tuple[int, ...], name: str) -> None:
+def main(quick: bool, seconds: float, client_counts: tuple[int, ...], no_etcd: bool, name: str) -> None:
     if quick:
         name = name if name != "throughput" else "throughput-quick"
         seconds = 3.0
     client_counts = client_counts or (1, 8, 64)
     doc = {"command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]), "machine": machine()}
+    click.echo("sqlite FULL ...", err=True)
     doc["sqlite_full"] = sqlite_baseline(seconds)
+    doc["etcd_concurrency"] = "skipped: --no-etcd" if no_etcd else etcd_concurrency(client_counts, seconds)
+    if isinstance(doc["etcd_concurrency"], str):
+        click.echo(f"etcd {doc['etcd_concurrency']}", err=True)
     base = tmpdir("raftsql-tp-")
     c = raftsql_cluster(base, 3)
     try:
@@ -137,26 +194,49 @@ def main(quick: bool, seconds: float, client_counts: tuple[int, ...], name: str)
         conn.cursor().execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
         conn.cursor().execute("CREATE TABLE b (id INTEGER PRIMARY KEY, v TEXT)")
         conn.close()
-        doc["concurrency"] = []
-        for n in client_counts:
-            click.echo(f"{n} client(s) for {seconds:.0f}s ...", err=True)
-            doc["concurrency"].append(concurrent_writes(c.dsn, n, seconds))
-        click.echo("batched writes ...", err=True)
+        doc["concurrency"] = [concurrent_writes(c.dsn, n, seconds, "raftsql 3 nodes") for n in client_counts]
         doc["batched"] = batched(c.dsn, seconds)
     finally:
         c.close()
         shutil.rmtree(base, ignore_errors=True)
     s = doc["sqlite_full"]
-    rows = [[f"raftsql 3 nodes, {r['clients']} client(s)", r["writes_per_s"], r["p50_ms"], r["p99_ms"], r["errors"],
-             f"{r['writes_per_s'] / s['writes_per_s']:.2f}x"] for r in doc["concurrency"]]
-    rows.append(["sqlite FULL, 1 writer", s["writes_per_s"], "", "", "", "1.00x"])
+    etcd = {r["clients"]: r for r in doc["etcd_concurrency"]} if isinstance(doc["etcd_concurrency"], list) else {}
+    rows = []
+    for r in doc["concurrency"]:
+        e = etcd.get(r["clients"])
+        rows.append([f"raftsql 3 nodes, {r['clients']} client(s)", r["writes_per_s"], r["p50_ms"], r["p99_ms"],
+                     r["errors"], f"{r['writes_per_s'] / e['writes_per_s']:.2f}x" if e else "n/a",
+                     f"{r['p99_ms'] / e['p99_ms']:.2f}x" if e else "n/a",
+                     f"{r['writes_per_s'] / s['writes_per_s']:.2f}x"])
+    for r in etcd.values():
+        rows.append([f"etcd 3 members, {r['clients']} client(s)", r["writes_per_s"], r["p50_ms"], r["p99_ms"],
+                     r["errors"], "1.00x", "1.00x", f"{r['writes_per_s'] / s['writes_per_s']:.2f}x"])
+    if not etcd:
+        rows.append([f"etcd 3 members: {doc['etcd_concurrency']}", "", "", "", "", "", "", ""])
+    rows.append(["sqlite FULL, 1 writer", s["writes_per_s"], "", "", "", "", "", "1.00x"])
     b = doc["batched"]
-    rows.append([f"raftsql batched ({b['rows_per_entry']} rows/entry), rows/s", b["rows_per_s"], "", "", "",
+    rows.append([f"raftsql batched ({b['rows_per_entry']} rows/write), rows/s", b["rows_per_s"], "", "", "", "", "",
                  f"{b['rows_per_s'] / s['batched_rows_per_s']:.2f}x of sqlite batched"])
-    rows.append(["sqlite FULL batched, rows/s", s["batched_rows_per_s"], "", "", "", ""])
-    table = md_table(["workload", "writes/s (or rows/s)", "p50 ms", "p99 ms", "errors", "vs sqlite FULL"], rows)
+    rows.append(["sqlite FULL batched, rows/s", s["batched_rows_per_s"], "", "", "", "", "", "1.00x"])
+    table = md_table(["workload", "writes/s (or rows/s)", "p50 ms", "p99 ms", "errors", "writes/s vs etcd",
+                      "p99 vs etcd", "vs sqlite FULL"], rows)
+    notes = targets(doc)
+    doc["findings"] = notes
+    table += "\n\n" + "\n".join(f"- {line}" for line in notes)
     click.echo(table)
     write_report(name, doc, table)
+    throughput_bars(name, doc)
+
+
+def targets(doc: dict) -> list[str]:
+    out = []
+    top = max(doc["concurrency"], key=lambda r: r["clients"])
+    if top["clients"] >= 64:
+        out.append(f"Target 64 clients >= 5,000 writes/s: {'met' if top['writes_per_s'] >= 5000 else 'NOT met'} "
+                   f"({top['writes_per_s']:,} writes/s with {top['clients']} clients).")
+    b = doc["batched"]["rows_per_s"]
+    out.append(f"Target batched >= 100,000 rows/s: {'met' if b >= 100_000 else 'NOT met'} ({b:,} rows/s).")
+    return out
 
 
 if __name__ == "__main__":
