@@ -266,6 +266,13 @@ class Client:
                                 continue  # redirect at once, no backoff
                         elif kind == "OUTCOME_UNKNOWN":
                             maybe_sent = True
+                            hint = err.get("leader_addr")
+                            if hint and not pinned and redirects <= 2 * len(self.hosts) + 2:
+                                # Leadership moved on (e.g. a graceful stop): resend with the
+                                # same serial to the new leader at once.
+                                self._follow(hint)
+                                redirects += 1
+                                continue
                             self._forget_node()
                         # UNAVAILABLE / TIMEOUT / NOT_LEADER without a hint: back off, retry
             sleep = min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic()))

@@ -433,6 +433,10 @@ class Node:
         from raftsql.server.statemachine import Result, SQLError
 
         if self._stopping:
+            ld, addr = self._leader_hint()
+            if ld is not None and ld != self.cfg.id:
+                # Stopping after handing leadership over: send the client to the new leader.
+                raise RequestError("NOT_LEADER", f"{self.cfg.id} is shutting down", ld, addr)
             raise RequestError("UNAVAILABLE", "node is shutting down")
         timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
         deadline = time.monotonic() + timeout
@@ -481,6 +485,16 @@ class Node:
             if remaining <= 0:
                 return
             # Woken when a leader is elected; contact with the old one shows up on the poll.
+            self._leader_known.wait(min(remaining, self.cfg.tick_ms / 1000.0))
+
+    def _await_transfer(self, deadline: float) -> None:
+        """Called with the lock held: wait (at most an election timeout, the core's own limit
+        for a transfer) until this node stops leading or gives up the transfer."""
+        limit = min(deadline, time.monotonic() + self.cfg.election_ticks * self.cfg.tick_ms / 1000.0)
+        while self.core.role == Role.LEADER and self.core.lead_transferee is not None and not self._stopping:
+            remaining = limit - time.monotonic()
+            if remaining <= 0:
+                return
             self._leader_known.wait(min(remaining, self.cfg.tick_ms / 1000.0))
 
     def _leader_unsure(self) -> bool:
@@ -591,6 +605,13 @@ class Node:
             except NotLeader as e:
                 raise self._not_leader(e.leader) from None
             except ProposalDropped as e:
+                if self.core.lead_transferee is not None:
+                    # Leadership is being handed over (a graceful stop, or an admin removal):
+                    # hold the write until the transfer ends, then send the client straight
+                    # to the new leader instead of into a backoff.
+                    self._await_transfer(deadline)
+                    if self.core.role != Role.LEADER:
+                        raise self._not_leader() from None
                 raise RequestError("UNAVAILABLE", f"write not accepted now: {e}") from None
             w = _Waiter(self.core.term)
             self._proposals[index] = w

@@ -242,7 +242,13 @@ class Snapshots:
         with self._lock:
             if self._taking is not None or self.pending is not None:
                 return False
-            if applied - self._taken_from < self.entries and self._bytes_since < self.max_bytes:
+            # Each node's threshold is offset by 0-44% (from its id), so the nodes of a cluster
+            # drift apart and do not all copy their databases at the same moment.
+            stagger = 1 + (zlib.crc32(self.node_id.encode()) % 8) / 16
+            if (
+                applied - self._taken_from < self.entries * stagger
+                and self._bytes_since < self.max_bytes * stagger
+            ):
                 return False
             if applied <= self._taken_from:
                 return False

@@ -187,8 +187,8 @@ def test_follower_killed_mid_transfer_restarts_cleanly(make_cluster):
     behind = c.status(follower)["applied_index"]
     c.kill(follower)
     blob = "x" * 4000
-    for k in range(100, 100 + 3000, 50):
-        r = client.execute([("INSERT INTO t (id, v) VALUES (?, ?)", [j, blob]) for j in range(k, k + 50)])
+    for k in range(100, 100 + 3000, 25):  # 120 entries: past every node's staggered threshold
+        r = client.execute([("INSERT INTO t (id, v) VALUES (?, ?)", [j, blob]) for j in range(k, k + 25)])
         assert r["error"] is None
     wait_for(lambda: (s := c.status(leader)) and s["snapshot_index"] > behind, 30, "no compaction")
     c.start(follower)
