@@ -94,9 +94,9 @@ def _unlink(path: str) -> None:
         pass
 
 
-COPY_STEP_PAGES = 256  # pages per backup step (1 MiB at 4 KiB pages)
-COPY_PAUSE_S = 0.002  # between steps: the copy must not starve the write path
-COPY_SYNC_EVERY = 8  # steps between fsyncs of the copy, so writeback comes in small bursts
+COPY_STEP_PAGES = 64  # pages per backup step (256 KiB at 4 KiB pages)
+COPY_PAUSE_S = 0.005  # between steps: the copy must not starve the write path
+COPY_SYNC_EVERY = 4  # steps between fsyncs of the copy (1 MiB), so writeback comes in small bursts
 
 
 def copy_database(db_path: str, dest: str, *, paced: bool = True) -> int:
