@@ -613,14 +613,24 @@ class Node:
                     if self.core.role != Role.LEADER:
                         raise self._not_leader() from None
                 raise RequestError("UNAVAILABLE", f"write not accepted now: {e}") from None
-            w = _Waiter(self.core.term)
-            self._proposals[index] = w
-            self._wake.notify()
+            w = self._track_proposal(index)
+        return self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
+
+    def _track_proposal(self, index: int) -> _Waiter:
+        """Called with the lock held, right after proposing at `index`."""
+        w = _Waiter(self.core.term)
+        self._proposals[index] = w
+        self._wake.notify()
+        return w
+
+    def _await_proposal(self, index: int, w: _Waiter, deadline: float, late: str):
+        """The result of the entry proposed at `index`, or its error; OUTCOME_UNKNOWN (`late`)
+        if it was not applied by the deadline."""
         if not w.event.wait(max(0.0, deadline - time.monotonic())):
             with self._lock:
                 self._proposals.pop(index, None)
             if not w.event.is_set():
-                raise RequestError("OUTCOME_UNKNOWN", f"no result for log index {index} within the deadline")
+                raise RequestError("OUTCOME_UNKNOWN", late)
         if w.error is not None:
             raise w.error
         return w.result
@@ -640,16 +650,8 @@ class Node:
                 raise RequestError("UNAVAILABLE", f"membership change not accepted now: {e}") from None
             except ValueError as e:
                 raise RequestError("BAD_REQUEST", str(e)) from None
-            w = _Waiter(self.core.term)
-            self._proposals[index] = w
-            self._wake.notify()
-        if not w.event.wait(max(0.0, deadline - time.monotonic())):
-            with self._lock:
-                self._proposals.pop(index, None)
-            if not w.event.is_set():
-                raise RequestError("OUTCOME_UNKNOWN", f"membership change at log index {index} not applied within the deadline")
-        if w.error is not None:
-            raise w.error
+            w = self._track_proposal(index)
+        self._await_proposal(index, w, deadline, f"membership change at log index {index} not applied within the deadline")
         return index
 
     def content_hash(self) -> tuple[int, str]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from raftsql import wire
+from raftsql.server.logstore import _fsync_dir
 
 log = logging.getLogger("raftsql.snapshot")
 
@@ -58,14 +59,6 @@ class SnapshotFile:
 
     def open(self) -> BinaryIO:
         return open(self.path, "rb")  # noqa: SIM115 - the caller (the transport) closes it
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_and_hash(path: str) -> tuple[str, int]:

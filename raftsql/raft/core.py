@@ -198,14 +198,7 @@ class Raft:
     def _recompute_config(self) -> None:
         """Membership = base (snapshot or configured) + every CONF_CHANGE in the log, applied in
         order: a configuration takes effect once appended, committed or not (diss. 4.1)."""
-        snap = self.log.snapshot
-        if snap.voters:
-            voters, learners = set(snap.voters), set(snap.learners)
-        else:
-            voters, learners = set(self.cfg.voters), set(self.cfg.learners)
-        for e in self.log.entries:
-            if e.type == EntryType.CONF_CHANGE:
-                _apply_conf_change(voters, learners, ConfChange.decode(e.data))
+        voters, learners = self._config_at(self.log.last_index())
         self.voters, self.learners = voters, learners
         if self.role == Role.LEADER:
             for nid in voters | learners:
