@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -374,3 +375,25 @@ def wait_bar(label: str, until: float) -> None:
 
 def tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+@contextlib.contextmanager
+def etcd3(prefix: str):
+    """A running 3-member etcd in a fresh temp dir, closed and removed on exit. Yields
+    (cluster, None), or (None, "skipped: why") / (None, "failed: why") if it cannot start."""
+    base = tmpdir(prefix)
+    try:
+        try:
+            ec = start_etcd(base, 3)
+        except RuntimeError as e:
+            yield None, f"skipped: {e}"
+            return
+        except TimeoutError as e:
+            yield None, f"failed: {e}"
+            return
+        try:
+            yield ec, None
+        finally:
+            ec.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

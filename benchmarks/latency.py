@@ -19,10 +19,10 @@ import click
 from _common import (
     EtcdClient,
     driver_connect,
+    etcd3,
     machine,
     md_table,
     raftsql_cluster,
-    start_etcd,
     summary_ms,
     tmpdir,
     write_report,
@@ -74,28 +74,18 @@ def bench_sqlite(writes: int, warmup: int) -> list[float]:
 
 
 def bench_etcd(writes: int, warmup: int) -> list[float] | str:
-    base = tmpdir("etcd-lat-")
-    try:
-        try:
-            ec = start_etcd(base, 3)
-        except RuntimeError as e:
-            return f"skipped: {e}"
-        except TimeoutError as e:
-            return f"failed: {e}"
-        try:
-            cl = EtcdClient(ec, ec.leader())
-            lat = []
-            with click.progressbar(range(warmup + writes), label="etcd 3 members", file=sys.stderr) as bar:
-                for i in bar:
-                    t0 = time.perf_counter()
-                    cl.put(f"k{i}", f"value {i}")
-                    if i >= warmup:
-                        lat.append(time.perf_counter() - t0)
-            return lat
-        finally:
-            ec.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with etcd3("etcd-lat-") as (ec, why):
+        if ec is None:
+            return why
+        cl = EtcdClient(ec, ec.leader())
+        lat = []
+        with click.progressbar(range(warmup + writes), label="etcd 3 members", file=sys.stderr) as bar:
+            for i in bar:
+                t0 = time.perf_counter()
+                cl.put(f"k{i}", f"value {i}")
+                if i >= warmup:
+                    lat.append(time.perf_counter() - t0)
+        return lat
 
 
 @click.command()

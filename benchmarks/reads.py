@@ -22,11 +22,11 @@ from _common import (
     EtcdClient,
     EtcdCluster,
     driver_connect,
+    etcd3,
     machine,
     md_table,
     pct,
     raftsql_cluster,
-    start_etcd,
     summary_ms,
     tmpdir,
     wait_bar,
@@ -141,28 +141,18 @@ def sqlite_baseline(doc: dict, reads: int, threads: int, seconds: float) -> None
 
 
 def etcd_baseline(doc: dict, reads: int, threads: int, seconds: float) -> str | None:
-    base = tmpdir("etcd-reads-")
-    try:
-        try:
-            ec = start_etcd(base, 3)
-        except RuntimeError as e:
-            return f"skipped: {e}"
-        except TimeoutError as e:
-            return f"failed: {e}"
-        try:
-            leader = ec.leader()
-            cl = EtcdClient(ec, leader)
-            for i in range(KEYS):
-                cl.put(f"k{i}", f"v{i}")
-            cl.close()
-            for ser in (False, True):
-                key = "etcd_serializable" if ser else "etcd_linearizable"
-                measure(doc, key, lambda ser=ser: etcd_reader(ec, leader, ser), reads, threads, seconds)
-        finally:
-            ec.close()
+    with etcd3("etcd-reads-") as (ec, why):
+        if ec is None:
+            return why
+        leader = ec.leader()
+        cl = EtcdClient(ec, leader)
+        for i in range(KEYS):
+            cl.put(f"k{i}", f"v{i}")
+        cl.close()
+        for ser in (False, True):
+            key = "etcd_serializable" if ser else "etcd_linearizable"
+            measure(doc, key, lambda ser=ser: etcd_reader(ec, leader, ser), reads, threads, seconds)
         return None
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _ratio(a: float | None, b: float | None) -> str:

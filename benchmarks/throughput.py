@@ -24,11 +24,11 @@ import click
 from _common import (
     EtcdClient,
     driver_connect,
+    etcd3,
     machine,
     md_table,
     pct,
     raftsql_cluster,
-    start_etcd,
     tmpdir,
     wait_bar,
     write_report,
@@ -123,22 +123,12 @@ def batched(dsn: str, seconds: float, rows_per_entry: int = 1000) -> dict:
 
 
 def etcd_concurrency(client_counts, seconds: float) -> list[dict] | str:
-    base = tmpdir("etcd-tp-")
-    try:
-        try:
-            ec = start_etcd(base, 3)
-        except RuntimeError as e:
-            return f"skipped: {e}"
-        except TimeoutError as e:
-            return f"failed: {e}"
-        try:
-            leader = ec.leader()
-            target = {leader: ec.client_ports[leader]}
-            return [concurrent_writes(target, n, seconds, "etcd 3 members") for n in client_counts]
-        finally:
-            ec.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with etcd3("etcd-tp-") as (ec, why):
+        if ec is None:
+            return why
+        leader = ec.leader()
+        target = {leader: ec.client_ports[leader]}
+        return [concurrent_writes(target, n, seconds, "etcd 3 members") for n in client_counts]
 
 
 def sqlite_baseline(seconds: float, rows_per_entry: int = 1000) -> dict:
