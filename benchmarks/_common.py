@@ -377,6 +377,46 @@ def tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def timed_threads(threads: int, start_at: float, seconds: float, make, *, clock=time.time,
+                  while_running=None) -> tuple[list[float], int]:
+    """Run `threads` threads; thread k gets (op, close) = make(k), waits until start_at (on
+    `clock`), then calls op(0), op(1), ... until start_at + seconds, timing every call that
+    succeeds. while_running() (e.g. a progress bar) runs in the caller meanwhile. Returns the
+    latencies (s) of all threads and the number of failed calls."""
+    lats: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        op, close = make(k)
+        mine: list[float] = []
+        while clock() < start_at:
+            time.sleep(0.001)
+        end = start_at + seconds
+        i = 0
+        while clock() < end:
+            t0 = time.perf_counter()
+            try:
+                op(i)
+                mine.append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - counted, reported
+                with lock:
+                    errors[0] += 1
+            i += 1
+        close()
+        with lock:
+            lats.extend(mine)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    if while_running is not None:
+        while_running()
+    for t in ts:
+        t.join()
+    return lats, errors[0]
+
+
 @contextlib.contextmanager
 def etcd3(prefix: str):
     """A running 3-member etcd in a fresh temp dir, closed and removed on exit. Yields

@@ -19,7 +19,16 @@ import threading
 import time
 
 import click
-from _common import driver_connect, machine, md_table, pct, raftsql_cluster, tmpdir, write_report
+from _common import (
+    driver_connect,
+    machine,
+    md_table,
+    pct,
+    raftsql_cluster,
+    timed_threads,
+    tmpdir,
+    write_report,
+)
 
 
 def _transfers(dsn: str, threads: int, seconds: float, accounts: int) -> dict:
@@ -79,38 +88,13 @@ def _transfers(dsn: str, threads: int, seconds: float, accounts: int) -> dict:
 
 
 def _autocommit_writes(dsn: str, threads: int, seconds: float) -> dict:
-    lats: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    start_at = time.monotonic() + 1.0
-
-    def run(k: int) -> None:
+    def make(k: int):
         conn = driver_connect(dsn, timeout=20)
         cur = conn.cursor()
-        mine: list[float] = []
-        while time.monotonic() < start_at:
-            time.sleep(0.001)
-        end = start_at + seconds
-        i = 0
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            try:
-                cur.execute("INSERT INTO plain (v) VALUES (?)", (f"{k}-{i}",))
-                mine.append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted, reported
-                with lock:
-                    errors[0] += 1
-            i += 1
-        conn.close()
-        with lock:
-            lats.extend(mine)
+        return (lambda i: cur.execute("INSERT INTO plain (v) VALUES (?)", (f"{k}-{i}",))), conn.close
 
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return {"threads": threads, "writes_per_s": round(len(lats) / seconds, 1), "errors": errors[0],
+    lats, errors = timed_threads(threads, time.monotonic() + 1.0, seconds, make, clock=time.monotonic)
+    return {"threads": threads, "writes_per_s": round(len(lats) / seconds, 1), "errors": errors,
             "p50_ms": round(pct(lats, 50) * 1000, 2), "p99_ms": round(pct(lats, 99) * 1000, 2)}
 
 

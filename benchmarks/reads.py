@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import threading
 import time
 
 import click
@@ -28,6 +27,7 @@ from _common import (
     pct,
     raftsql_cluster,
     summary_ms,
+    timed_threads,
     tmpdir,
     wait_bar,
     write_report,
@@ -83,38 +83,11 @@ def sequential(label: str, make, n: int) -> list[float]:
 
 
 def concurrent(label: str, make, threads: int, seconds: float) -> dict:
-    lats: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
     start = time.time() + 0.5
-
-    def run() -> None:
-        read, close = make()
-        mine = []
-        while time.time() < start:
-            time.sleep(0.001)
-        i = 0
-        while time.time() < start + seconds:
-            t0 = time.perf_counter()
-            try:
-                read(i)
-                mine.append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted, reported
-                with lock:
-                    errors[0] += 1
-            i += 1
-        close()
-        with lock:
-            lats.extend(mine)
-
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    wait_bar(f"{label}, {threads} clients", start + seconds)
-    for t in ts:
-        t.join()
+    lats, errors = timed_threads(threads, start, seconds, lambda _k: make(), while_running=lambda: wait_bar(
+        f"{label}, {threads} clients", start + seconds))
     return {"threads": threads, "reads_per_s": round(len(lats) / seconds), "p50_ms": round(pct(lats, 50) * 1000, 3),
-            "p99_ms": round(pct(lats, 99) * 1000, 3), "errors": errors[0]}
+            "p99_ms": round(pct(lats, 99) * 1000, 3), "errors": errors}
 
 
 def measure(doc: dict, key: str, make, reads: int, threads: int, seconds: float) -> None:

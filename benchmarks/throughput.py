@@ -16,7 +16,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import shutil
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -29,6 +28,7 @@ from _common import (
     md_table,
     pct,
     raftsql_cluster,
+    timed_threads,
     tmpdir,
     wait_bar,
     write_report,
@@ -48,36 +48,12 @@ def _connect(target):
 
 
 def _worker(target, threads: int, seconds: float, start_at: float, out: mp.Queue, tag: int) -> None:
-    lats: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-
-    def run(k: int) -> None:
+    def make(k: int):
         write, close = _connect(target)
-        mine = []
-        while time.time() < start_at:
-            time.sleep(0.001)
-        end = start_at + seconds
-        i = 0
-        while time.time() < end:
-            t0 = time.perf_counter()
-            try:
-                write(f"{tag}-{k}-{i}")
-                mine.append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted, reported
-                with lock:
-                    errors[0] += 1
-            i += 1
-        close()
-        with lock:
-            lats.extend(mine)
+        return (lambda i: write(f"{tag}-{k}-{i}")), close
 
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    out.put((lats, errors[0]))
+    # Wall clock: the start time is shared by several worker processes.
+    out.put(timed_threads(threads, start_at, seconds, make))
 
 
 def concurrent_writes(target, clients: int, seconds: float, label: str) -> dict:
