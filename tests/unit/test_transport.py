@@ -955,8 +955,10 @@ def test_snapshot_frame_on_a_client_connection_is_refused(pair, certs, logs):
 
 def test_snapshot_frame_without_a_sink_closes_the_node_connection(pair, certs, logs):
     a, b, ia, ib = pair  # b has no snapshot sink
-    conn = dial(b, node_ctx(certs, "n1"))
-    hello_as(conn, "n1")
+    # As n3, not n1: the real n1 dialling b meanwhile would supersede (abort) a fake n1
+    # connection, which then closes silently instead of with the ERROR under test.
+    conn = dial(b, node_ctx(certs, "n3"))
+    hello_as(conn, "n3")
     conn.send_raw(wire.encode_snapshot_chunk(wire.SnapshotChunk(5, 1, 0, b"x", 0)))
     frames = until_closed(conn)
     assert [k for k, _ in frames] == [FrameKind.ERROR]
