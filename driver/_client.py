@@ -54,12 +54,25 @@ class TxnAborted(ClientError):
     """Raised when a transaction's leader changed or became unreachable: nothing was applied."""
 
 
+class ManyParams(tuple):
+    """The parameter sets of one executemany() statement: sent as [sql, [params, ...], 1], one
+    statement prepared once on every node (not one statement per set)."""
+
+    __slots__ = ()
+
+
 def _wire_params(p: Any) -> Any:
     if p is None:
         return []
     if isinstance(p, tuple):
         return list(p)
     return p
+
+
+def _wire_statement(sql: str, p: Any) -> list:
+    if type(p) is ManyParams:
+        return [sql, [_wire_params(x) for x in p], 1]
+    return [sql, _wire_params(p)]
 
 
 class Client:
@@ -132,7 +145,7 @@ class Client:
             consistency = consistency or self.consistency
             req = {
                 "op": "execute",
-                "statements": [[sql, _wire_params(p)] for sql, p in statements],
+                "statements": [_wire_statement(sql, p) for sql, p in statements],
                 "client_id": self.client_id,
                 "serial": serial,
                 "consistency": consistency,

@@ -436,7 +436,11 @@ class Connection:
             if not params_list:
                 return _empty_result(0), 0
             if self._autocommit and not self._txn.explicit:
-                result = self._send([(sql, p) for p in params_list])
+                # One "many" statement: the server prepares it once per node, not once per set.
+                result = self._send([(sql, _client.ManyParams(params_list))])
+                err = result.get("error")
+                if isinstance(err, dict) and isinstance(err.get("set"), int):
+                    err["statement"] = err["set"]  # as for a batch: which parameter set failed
                 return result, _batch_rowcount(result)
             total = 0
             result = _empty_result(0)

@@ -272,7 +272,7 @@ def exception_class(code: int | None, name: str | None = None) -> type[Error]:
 
 
 def error_from_map(err: dict[str, Any]) -> Error:
-    """Build the exception for a Result's error map: {code, name, message[, statement]}."""
+    """Build the exception for a Result's error map: {code, name, message[, statement][, set]}."""
     code = err.get("code")
     code = code if isinstance(code, int) else None
     name = err.get("name") or (_CODE_NAMES.get(code) if code is not None else None)
@@ -282,4 +282,6 @@ def error_from_map(err: dict[str, Any]) -> Error:
     exc.sqlite_errorname = name
     statement = err.get("statement")
     exc.statement = statement if isinstance(statement, int) else None
+    parameter_set = err.get("set")  # executemany: which parameter set failed (0-based)
+    exc.parameter_set = parameter_set if isinstance(parameter_set, int) else None
     return exc

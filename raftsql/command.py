@@ -10,12 +10,20 @@ the wire format; never reorder, only append under a new version.
     [1, kind WRITE, client_id, serial, [[sql, params], ...], leader_time_ms, seed]
     [2, kind TXN,   client_id, serial, [[sql, params], ...], leader_time_ms, seed,
         [read_index, [table, ...], last_ms]]
+    [3, kind WRITE, client_id, serial, [[sql, params] | [sql, [params, ...], 1], ...],
+        leader_time_ms, seed]
 
 Version 2 appends one field, the transaction check of a TXN command (the commit of an
 interactive transaction, see server/DESIGN.md "Serializable transactions"): apply runs the
 statements only if no table of the read set was modified after read_index, and the transaction
 was not idle for too long (last_ms: leader time of its last statement). WRITE commands are still
 written as version 1, so their bytes are what they always were.
+
+Version 3 is a WRITE whose statement list holds at least one "many" statement (executemany):
+[sql, [params, ...], 1] runs one DML statement once per parameter set, prepared once. A 1,000-row
+batch then carries its SQL text once and applies in a few milliseconds instead of preparing
+1,000 statements. In Python such a statement is (sql, Many((params, ...))). WRITE commands
+without one are still version 1.
 
 params is an array (positional ? / ?NNN placeholders) or a map str -> value (named :x @x $x).
 Values are None, int (signed 64-bit), float, str or bytes: exactly what SQLite can bind.
@@ -33,6 +41,9 @@ import msgpack
 
 VERSION = 1  # WRITE commands
 TXN_VERSION = 2  # TXN commands: VERSION's fields plus the transaction check
+MANY_VERSION = 3  # WRITE commands with at least one "many" statement (executemany)
+_VERSIONS = (VERSION, TXN_VERSION, MANY_VERSION)
+MANY_FLAG = 1  # the third element of a "many" statement on the wire
 MAX_CLIENT_ID_CHARS = 128
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -40,7 +51,17 @@ SEED_MAX = INT64_MAX
 
 Value = Union[None, int, float, str, bytes]  # noqa: UP007 - a runtime alias, readable either way
 Params = Union[tuple[Value, ...], dict[str, Value]]  # noqa: UP007
-Statement = tuple[str, Params]
+
+
+@dataclass(frozen=True)
+class Many:
+    """The parameter sets of a "many" statement: (sql, Many(...)) runs sql once per set, like
+    executemany(). Holds at least one set; each is validated like a statement's params."""
+
+    sets: tuple[Params, ...]
+
+
+Statement = tuple[str, Union[Params, Many]]  # noqa: UP007
 
 
 class CommandError(ValueError):
@@ -94,6 +115,23 @@ def _values_ok(values: Iterable[Any]) -> bool:
     return True
 
 
+def _check_many(i: int, many: Many) -> Many:
+    sets = many.sets
+    if type(sets) is not tuple and type(sets) is not list:
+        raise CommandError(f"statement {i}: a Many holds a tuple or list of parameter sets")
+    if not sets:
+        raise CommandError(f"statement {i}: a Many needs at least one parameter set")
+    out = []
+    same = type(sets) is tuple
+    for p in sets:
+        if type(p) is tuple and _values_ok(p):  # the common case, without a call per set
+            out.append(p)
+            continue
+        same = False
+        out.append(_check_params(i, p))
+    return many if same else Many(tuple(out))
+
+
 def _check_params(i: int, params: Any) -> Params:
     t = type(params)
     if t is tuple or t is list:
@@ -129,8 +167,15 @@ def _check_statements(statements: Any) -> tuple[Statement, ...]:
         sql, params = item
         if type(sql) is not str:
             raise CommandError(f"statement {i}: sql must be str, not {type(sql).__name__}")
-        out.append((sql, _check_params(i, params)))
+        if type(params) is Many:
+            out.append((sql, _check_many(i, params)))
+        else:
+            out.append((sql, _check_params(i, params)))
     return tuple(out)
+
+
+def _has_many(statements: tuple[Statement, ...]) -> bool:
+    return any(type(p) is Many for _, p in statements)
 
 
 _KINDS = {int(k): k for k in CommandKind}
@@ -143,7 +188,8 @@ class Command:
 
     Invariant: serial > 0 implies client_id != "" (dedup needs both; (client_id "", serial 0) or
     serial 0 alone means "do not deduplicate").
-    Invariant: version == 1 for WRITE, 2 for TXN (None picks it from kind); read_index,
+    Invariant: version == 1 for WRITE, 3 for WRITE with a Many statement, 2 for TXN (None
+    picks it); TXN commands hold no Many statement; read_index,
     read_set and last_ms are used by TXN only and must keep their defaults for WRITE.
     read_set is normalised to a sorted tuple of distinct names (apply checks it in that order,
     so the error names the same table on every node)."""
@@ -163,7 +209,7 @@ class Command:
 
     def __post_init__(self) -> None:
         if self.version is not None and (type(self.version) is not int
-                                         or self.version not in (VERSION, TXN_VERSION)):
+                                         or self.version not in _VERSIONS):
             raise CommandError(f"unsupported command version {self.version!r} (expected {VERSION})")
         kind = self.kind
         if type(kind) is not CommandKind:
@@ -172,7 +218,12 @@ class Command:
             if kind not in _KINDS:
                 raise CommandError(f"unknown command kind {kind}")
             object.__setattr__(self, "kind", _KINDS[kind])
+        object.__setattr__(self, "statements", _check_statements(self.statements))
         expected = _VERSION_OF_KIND[self.kind]
+        if _has_many(self.statements):
+            if self.kind is not CommandKind.WRITE:
+                raise CommandError("a many statement (executemany) belongs to a WRITE command")
+            expected = MANY_VERSION
         if self.version is None:
             object.__setattr__(self, "version", expected)
         elif self.version != expected:
@@ -189,7 +240,6 @@ class Command:
         _check_int("serial", self.serial, 0, INT64_MAX)
         if self.serial and not self.client_id:
             raise CommandError("a serial needs a client_id (use serial 0 for anonymous writes)")
-        object.__setattr__(self, "statements", _check_statements(self.statements))
         _check_int("leader_time_ms", self.leader_time_ms, 0, INT64_MAX)
         _check_int("seed", self.seed, 0, SEED_MAX)
         _check_int("read_index", self.read_index, 0, INT64_MAX)
@@ -219,7 +269,10 @@ class Command:
             int(self.kind),
             self.client_id,
             self.serial,
-            self.statements,  # tuples pack as arrays, dicts as maps
+            # tuples pack as arrays, dicts as maps
+            [(q, p.sets, MANY_FLAG) if type(p) is Many else (q, p) for q, p in self.statements]
+            if self.version == MANY_VERSION
+            else self.statements,
             self.leader_time_ms,
             self.seed,
         ]
@@ -242,12 +295,14 @@ class Command:
         if type(fields) is not list:
             raise CommandError(f"command must be a msgpack array, not {type(fields).__name__}")
         version = fields[0] if fields else None
-        if type(version) is not int or version not in (VERSION, TXN_VERSION):
+        if type(version) is not int or version not in _VERSIONS:
             raise CommandError(f"unsupported command version {version!r} (expected {VERSION})")
         kind = fields[1] if len(fields) > 1 else None
         if type(kind) is not int:
             raise CommandError(f"kind must be an int, not {type(kind).__name__}")
-        if kind in _KINDS and _VERSION_OF_KIND[_KINDS[kind]] != version:
+        if kind in _KINDS and _VERSION_OF_KIND[_KINDS[kind]] != version and not (
+            version == MANY_VERSION and kind == CommandKind.WRITE
+        ):
             raise CommandError(f"unsupported command version {version} for kind {kind}")
         want = 8 if version == TXN_VERSION else 7
         if len(fields) != want:
@@ -261,13 +316,25 @@ class Command:
             txn = {"read_index": check[0], "read_set": check[1], "last_ms": check[2]}
         if type(statements) is not list:
             raise CommandError("statements must be an array")
+        many = 0
         for i, item in enumerate(statements):
             # Positional params arrive as lists; a map stays a dict. Reject other shapes here so
             # the error names the wire problem rather than a constructor argument.
+            if version == MANY_VERSION and type(item) is list and len(item) == 3:
+                if item[2] != MANY_FLAG or type(item[2]) is not int or type(item[1]) is not list:
+                    raise CommandError(f"statement {i} must be a [sql, [params, ...], 1] array")
+                for params in item[1]:
+                    if type(params) not in (list, dict):
+                        raise CommandError(f"statement {i}: params must be an array or a map")
+                statements[i] = (item[0], Many(tuple(item[1])))
+                many += 1
+                continue
             if type(item) is not list or len(item) != 2:
                 raise CommandError(f"statement {i} must be a [sql, params] array")
             if type(item[1]) not in (list, dict):
                 raise CommandError(f"statement {i}: params must be an array or a map")
+        if version == MANY_VERSION and not many:
+            raise CommandError("a version 3 command needs at least one many statement")
         try:
             return cls(
                 version=version,

@@ -3,6 +3,9 @@
 Protocol (payloads of wire REQUEST/RESPONSE frames, msgpack maps with string keys):
 
   request  {"id": int, "op": "execute", "statements": [[sql, params], ...],
+                (an item may also be [sql, [params, ...], 1]: executemany, one DML statement
+                 run once per parameter set, prepared once; its result gives the summed
+                 rowcount and no per-set results; not with "commit")
             "client_id": str, "serial": int, "consistency": "linearizable"|"leader"|"stale",
             "min_index": int, "timeout_ms": int,
             "reads": true,          (optional: a transaction's read before its first write;
@@ -37,6 +40,7 @@ import logging
 from typing import Any
 
 from raftsql import wire
+from raftsql.command import MANY_FLAG, Many
 from raftsql.server.admin import OPS as ADMIN_OPS
 from raftsql.server.admin import AdminService
 from raftsql.server.node import RequestError
@@ -153,9 +157,32 @@ class ClientService:
         return set(items)
 
     @staticmethod
-    def _statements(items: list) -> list[tuple[str, Any]]:
+    def _statements(items: list, *, many: bool = False) -> list[tuple[str, Any]]:
+        """[sql, params] items; with many=True also [sql, [params, ...], 1] (executemany)."""
         statements = []
         for i, st in enumerate(items):
+            if (
+                many
+                and isinstance(st, list)
+                and len(st) == 3
+                and isinstance(st[0], str)
+                and type(st[2]) is int
+                and st[2] == MANY_FLAG
+            ):
+                sets = st[1]
+                if not isinstance(sets, list) or not sets:
+                    raise RequestError(
+                        "BAD_REQUEST", f"statement {i}: a many statement needs a list of params"
+                    )
+                out = []
+                for params in sets:
+                    if not isinstance(params, list | dict):
+                        raise RequestError(
+                            "BAD_REQUEST", f"statement {i}: params must be a list or a map"
+                        )
+                    out.append(tuple(params) if isinstance(params, list) else params)
+                statements.append((st[0], Many(tuple(out))))
+                continue
             if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):
                 raise RequestError("BAD_REQUEST", f"statement {i} must be [sql, params]")
             sql, params = st
@@ -180,7 +207,7 @@ class ClientService:
                 "commit": dict,
             },
         )
-        statements = self._statements(body["statements"])
+        statements = self._statements(body["statements"], many="commit" not in body)
         consistency = body.get("consistency", "linearizable")
         if consistency not in _CONSISTENCY:
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftsql.command import Command
+from raftsql.command import Command, Many
 from raftsql.raft.core import Config, Raft
 from raftsql.raft.types import (
     ConfChange,
@@ -462,6 +462,11 @@ class Node:
             if not is_leader and consistency != "stale":
                 raise self._not_leader() from None
             return Result(error=e.error, index=self.sm.applied_index)
+        for (_, params), ro in zip(statements, readonly):
+            if ro and type(params) is Many:
+                raise RequestError(
+                    "BAD_REQUEST", "a many statement (executemany) can only execute DML statements"
+                )
         if commit is None and len(statements) == 1 and readonly[0]:
             sql, params = statements[0]
             if consistency == "linearizable" and not self._broken_reads:

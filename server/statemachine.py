@@ -34,7 +34,7 @@ from typing import Any
 import apsw
 import msgpack
 
-from raftsql.command import INT64_MAX, Command, CommandError, CommandKind
+from raftsql.command import INT64_MAX, Command, CommandError, CommandKind, Many
 from raftsql.sqltext import first_keyword, skip_blank
 
 log = logging.getLogger(__name__)
@@ -672,6 +672,8 @@ class StateMachine:
         conn.set_update_hook(self._update_hook)
         self._cursor = conn.cursor()
         self._cursor.exec_trace = self._trace
+        self._many_cursor = conn.cursor()
+        self._many_cursor.exec_trace = self._trace_many
 
     # -- public state ---------------------------------------------------------------------
 
@@ -948,7 +950,10 @@ class StateMachine:
                 self._stmt_no = i
                 self._rng = None
                 try:
-                    per.append(self._run_statement(sql, params))
+                    if type(params) is Many:
+                        per.append(self._run_many(sql, params))
+                    else:
+                        per.append(self._run_statement(sql, params))
                 except _StatementFailed as failed:
                     if len(statements) != 1:
                         failed.error["statement"] = i
@@ -1001,14 +1006,7 @@ class StateMachine:
         finally:
             self._budget_on = False
         if self._max_rowid_table is not None:
-            raise _StatementFailed(
-                _error(
-                    SQLITE_CONSTRAINT,
-                    MAX_ROWID,
-                    f"rowid {INT64_MAX} in table {self._max_rowid_table} is reserved: past it "
-                    "SQLite picks rowids at random, which would differ between nodes",
-                )
-            )
+            raise _StatementFailed(_max_rowid_error(self._max_rowid_table))
         desc = self._description
         return Result(
             columns=[d[0] for d in desc],
@@ -1017,6 +1015,49 @@ class StateMachine:
             rowcount=conn.changes() if self._dml else -1,
             lastrowid=conn.last_insert_rowid(),
         )
+
+    def _run_many(self, sql: str, many: Many) -> Result:
+        """A "many" statement: the first parameter set runs as a normal statement (all of its
+        checks: one statement, not VACUUM, ...), the rest through executemany, prepared once.
+        rowcount is the sum of the changes (as sqlite3's executemany); rows are discarded."""
+        sets = many.sets
+        try:
+            first = self._run_statement(sql, sets[0])
+        except _StatementFailed as failed:
+            failed.error["set"] = 0
+            raise
+        if len(sets) == 1:
+            first.rows, first.columns, first.decltypes = [], [], []
+            return first
+        conn = self._conn
+        self._guard.denied = None
+        self._guard.user_prepare = True
+        self._many_total = first.rowcount if self._dml else -1
+        self._many_set = 0
+        try:
+            for _ in self._many_cursor.executemany(sql, sets[1:]):
+                pass
+            if self._dml:
+                self._many_total += conn.changes()
+        except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
+            error = self._statement_error(e)
+            error["set"] = self._many_set
+            raise _StatementFailed(error) from None
+        finally:
+            self._budget_on = False
+        if self._max_rowid_table is not None:
+            raise _StatementFailed(_max_rowid_error(self._max_rowid_table))
+        return Result(rowcount=self._many_total, lastrowid=conn.last_insert_rowid())
+
+    def _trace_many(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        """Exec tracer of the executemany cursor: once per parameter set after the first."""
+        self._many_set += 1
+        if self._many_set > 1 and self._dml:
+            self._many_total += self._conn.changes()  # of the previous set
+        self._guard.user_prepare = False
+        self._progress_calls = 0
+        self._budget_on = True
+        return True
 
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         """Exec tracer of the apply cursor: runs once per statement, before it steps."""
@@ -1111,20 +1152,20 @@ class StateMachine:
                     sql, params = item, ()
                 else:
                     sql, params = item
-                if isinstance(params, dict):
-                    shape: Any = tuple(sorted(params))
-                else:
-                    shape = len(params) if params is not None else 0
-                key = (sql, shape)
-                if key in seen:
-                    flags.append(seen[key])
-                    continue
-                try:
-                    flag = self._prepare_only(reader, sql, params)
-                except SQLError as e:
-                    e.statement = i
-                    raise
-                seen[key] = flag
+                flag = True
+                for params in params.sets if type(params) is Many else (params,):
+                    if isinstance(params, dict):
+                        shape: Any = tuple(sorted(params))
+                    else:
+                        shape = len(params) if params is not None else 0
+                    key = (sql, shape)
+                    if key not in seen:
+                        try:
+                            seen[key] = self._prepare_only(reader, sql, params)
+                        except SQLError as e:
+                            e.statement = i
+                            raise
+                    flag = flag and seen[key]
                 flags.append(flag)
         return flags
 
@@ -1404,6 +1445,15 @@ class StateMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _max_rowid_error(table: str) -> dict[str, Any]:
+    return _error(
+        SQLITE_CONSTRAINT,
+        MAX_ROWID,
+        f"rowid {INT64_MAX} in table {table} is reserved: past it "
+        "SQLite picks rowids at random, which would differ between nodes",
+    )
 
 
 def _code_name(code: int) -> str:

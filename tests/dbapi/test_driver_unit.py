@@ -496,10 +496,12 @@ def test_context_manager_and_autocommit_switch():
 def test_executemany_is_one_batch_in_autocommit_mode():
     client = _StubClient()
     conn = Connection(client, autocommit=True)
-    client.results.append(_result(rowcount=1, lastrowid=3, results=[
-        _result(rowcount=1), _result(rowcount=1), _result(rowcount=1)]))
+    client.results.append(_result(rowcount=3, lastrowid=3))
     cur = conn.executemany("INSERT INTO t VALUES (?)", ((i,) for i in range(3)))
-    assert client.sent[-1][1] == [("INSERT INTO t VALUES (?)", [i]) for i in range(3)]
+    # One "many" statement carrying every parameter set, not one statement per set.
+    [(sql, sets)] = client.sent[-1][1]
+    assert sql == "INSERT INTO t VALUES (?)" and type(sets).__name__ == "ManyParams"
+    assert list(sets) == [[i] for i in range(3)]
     assert cur.rowcount == 3 and cur.lastrowid == 3
     assert conn.executemany("INSERT INTO t VALUES (?)", []).rowcount == 0
     with pytest.raises(db.ProgrammingError, match="DML"):
