@@ -462,7 +462,7 @@ class Node:
             if not is_leader and consistency != "stale":
                 raise self._not_leader() from None
             return Result(error=e.error, index=self.sm.applied_index)
-        for (_, params), ro in zip(statements, readonly):
+        for (_, params), ro in zip(statements, readonly, strict=True):
             if ro and type(params) is Many:
                 raise RequestError(
                     "BAD_REQUEST", "a many statement (executemany) can only execute DML statements"

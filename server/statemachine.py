@@ -1153,15 +1153,15 @@ class StateMachine:
                 else:
                     sql, params = item
                 flag = True
-                for params in params.sets if type(params) is Many else (params,):
-                    if isinstance(params, dict):
-                        shape: Any = tuple(sorted(params))
+                for one in params.sets if type(params) is Many else (params,):
+                    if isinstance(one, dict):
+                        shape: Any = tuple(sorted(one))
                     else:
-                        shape = len(params) if params is not None else 0
+                        shape = len(one) if one is not None else 0
                     key = (sql, shape)
                     if key not in seen:
                         try:
-                            seen[key] = self._prepare_only(reader, sql, params)
+                            seen[key] = self._prepare_only(reader, sql, one)
                         except SQLError as e:
                             e.statement = i
                             raise
