@@ -98,13 +98,17 @@ class NodeConfig:
 
 
 class _Waiter:
-    __slots__ = ("term", "event", "result", "error")
+    __slots__ = ("term", "event", "result", "error", "data", "cmd")
 
     def __init__(self, term: int):
         self.term = term
         self.event = threading.Event()
         self.result = None
         self.error: RequestError | None = None
+        # The proposed bytes and the Command they encode: applying our own entry skips the
+        # decode (Command(...) == Command.decode(encode()), tests/unit/test_command.py).
+        self.data: bytes | None = None
+        self.cmd: Command | None = None
 
     def finish(self, result=None, error: RequestError | None = None) -> None:
         self.result, self.error = result, error
@@ -345,6 +349,7 @@ class Node:
 
     def _apply(self, rd: Ready) -> None:
         batch = []
+        proposals = self._proposals
         for e in rd.committed_entries:
             if e.type == EntryType.CONF_CHANGE:
                 from raftsql.server import admin
@@ -354,7 +359,11 @@ class Node:
                 # The state machine keeps the address book, so snapshots carry it.
                 batch.append((e.index, admin.member_change(cc)))
             else:
-                batch.append((e.index, e.data))
+                w = proposals.get(e.index)  # atomic; an entry we proposed carries its Command
+                if w is not None and w.data is e.data and w.cmd is not None:
+                    batch.append((e.index, w.cmd))
+                else:
+                    batch.append((e.index, e.data))
         results = self.sm.apply_many(batch)
         with self._lock:
             for e, res in zip(rd.committed_entries, results, strict=True):
@@ -619,6 +628,7 @@ class Node:
                         raise self._not_leader() from None
                 raise RequestError("UNAVAILABLE", f"write not accepted now: {e}") from None
             w = self._track_proposal(index)
+            w.data, w.cmd = data, cmd
         return self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
 
     def _track_proposal(self, index: int) -> _Waiter:

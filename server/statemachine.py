@@ -702,7 +702,9 @@ class StateMachine:
         return self.apply_many([(index, data)])[0]
 
     def apply_many(self, entries: Iterable[tuple[int, bytes]]) -> list[Result | None]:
-        """apply() for consecutive entries, in one SQLite transaction (one commit)."""
+        """apply() for consecutive entries, in one SQLite transaction (one commit). An entry's
+        data may also be its already-decoded Command (the leader's own proposals) or a
+        MemberChange."""
         entries = list(entries)
         results: list[Result | None] = [None] * len(entries)
         with self._lock:
@@ -717,8 +719,8 @@ class StateMachine:
                         f"entry {index} does not follow applied index {expected}"
                     )
                 cmd = None
-                if isinstance(data, MemberChange):
-                    cmd = data
+                if isinstance(data, MemberChange | Command):
+                    cmd = data  # a Command: the leader's own proposal, equal to decode(data)
                 elif data:
                     try:
                         cmd = Command.decode(data)
@@ -1046,11 +1048,18 @@ class StateMachine:
         finally:
             self._budget_on = False
         if self._max_rowid_table is not None:
-            raise _StatementFailed(_max_rowid_error(self._max_rowid_table))
+            error = _max_rowid_error(self._max_rowid_table)
+            error["set"] = self._many_set
+            raise _StatementFailed(error)
         return Result(rowcount=self._many_total, lastrowid=conn.last_insert_rowid())
 
     def _trace_many(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         """Exec tracer of the executemany cursor: once per parameter set after the first."""
+        if self._max_rowid_table is not None:
+            # The previous set stored the largest rowid: stop before a later set makes SQLite
+            # pick a rowid with its own PRNG (the error names that previous set).
+            self._abort = _max_rowid_error(self._max_rowid_table)
+            return False
         self._many_set += 1
         if self._many_set > 1 and self._dml:
             self._many_total += self._conn.changes()  # of the previous set
