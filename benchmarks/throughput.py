@@ -35,7 +35,6 @@ from _common import (
 )
 from _plots import throughput_bars
 
-
 BATCH_WRITERS = 4  # concurrent batch writers (processes) of the pipelined batched run
 
 

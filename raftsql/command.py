@@ -289,10 +289,11 @@ class Command:
         if type(data) not in (bytes, bytearray, memoryview):
             raise CommandError(f"command data must be bytes, not {type(data).__name__}")
         try:
-            fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+            # Arrays as tuples: params arrive in the form Command keeps (no copy per set).
+            fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=False)
         except Exception as e:  # noqa: BLE001 - any unpack failure is one clear error
             raise CommandError(f"command is not valid msgpack: {type(e).__name__}: {e}") from None
-        if type(fields) is not list:
+        if type(fields) is not tuple:
             raise CommandError(f"command must be a msgpack array, not {type(fields).__name__}")
         version = fields[0] if fields else None
         if type(version) is not int or version not in _VERSIONS:
@@ -311,27 +312,29 @@ class Command:
         txn: dict[str, Any] = {}
         if version == TXN_VERSION:
             check = fields[7]
-            if type(check) is not list or len(check) != 3 or type(check[1]) is not list:
+            if type(check) is not tuple or len(check) != 3 or type(check[1]) is not tuple:
                 raise CommandError("the transaction check must be [read_index, [table, ...], last_ms]")
             txn = {"read_index": check[0], "read_set": check[1], "last_ms": check[2]}
-        if type(statements) is not list:
+        if type(statements) is not tuple:
             raise CommandError("statements must be an array")
         many = 0
+        if version == MANY_VERSION:
+            statements = list(statements)
         for i, item in enumerate(statements):
-            # Positional params arrive as lists; a map stays a dict. Reject other shapes here so
-            # the error names the wire problem rather than a constructor argument.
-            if version == MANY_VERSION and type(item) is list and len(item) == 3:
-                if item[2] != MANY_FLAG or type(item[2]) is not int or type(item[1]) is not list:
+            # Positional params arrive as arrays; a map stays a dict. Reject other shapes here
+            # so the error names the wire problem rather than a constructor argument.
+            if version == MANY_VERSION and type(item) is tuple and len(item) == 3:
+                if item[2] != MANY_FLAG or type(item[2]) is not int or type(item[1]) is not tuple:
                     raise CommandError(f"statement {i} must be a [sql, [params, ...], 1] array")
                 for params in item[1]:
-                    if type(params) not in (list, dict):
+                    if type(params) is not tuple and type(params) is not dict:
                         raise CommandError(f"statement {i}: params must be an array or a map")
-                statements[i] = (item[0], Many(tuple(item[1])))
+                statements[i] = (item[0], Many(item[1]))
                 many += 1
                 continue
-            if type(item) is not list or len(item) != 2:
+            if type(item) is not tuple or len(item) != 2:
                 raise CommandError(f"statement {i} must be a [sql, params] array")
-            if type(item[1]) not in (list, dict):
+            if type(item[1]) is not tuple and type(item[1]) is not dict:
                 raise CommandError(f"statement {i}: params must be an array or a map")
         if version == MANY_VERSION and not many:
             raise CommandError("a version 3 command needs at least one many statement")

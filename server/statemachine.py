@@ -582,6 +582,12 @@ class StateMachine:
             "ON CONFLICT(name) DO UPDATE SET modified_index=excluded.modified_index"
         )
         self._sql_table_get = "SELECT modified_index FROM _raftsql_tables WHERE name=?"
+        self._sql_plain_writes = (
+            "SELECT 1 FROM sqlite_schema WHERE type='trigger' AND lower(tbl_name)=?1 "
+            "UNION ALL SELECT 1 FROM pragma_foreign_key_list(?1) "
+            "WHERE lower(\"table\")=?1 AND (on_delete NOT IN ('NO ACTION', 'RESTRICT') "
+            "OR on_update NOT IN ('NO ACTION', 'RESTRICT')) LIMIT 1"
+        )
         self._sql_member_put = (
             "INSERT INTO _raftsql_members(node_id, address) VALUES(?,?) "
             "ON CONFLICT(node_id) DO UPDATE SET address=excluded.address"
@@ -674,6 +680,7 @@ class StateMachine:
         self._cursor.exec_trace = self._trace
         self._many_cursor = conn.cursor()
         self._many_cursor.exec_trace = self._trace_many
+        self._fast_cursor = conn.cursor()
 
     # -- public state ---------------------------------------------------------------------
 
@@ -1023,18 +1030,34 @@ class StateMachine:
         checks: one statement, not VACUUM, ...), the rest through executemany, prepared once.
         rowcount is the sum of the changes (as sqlite3's executemany); rows are discarded."""
         sets = many.sets
+        entry_writes = self._guard.writes
+        mine: set[str] = set()
+        self._guard.writes = mine  # the tables this statement may write (triggers included)
         try:
             first = self._run_statement(sql, sets[0])
         except _StatementFailed as failed:
             failed.error["set"] = 0
             raise
+        finally:
+            if entry_writes is not None:
+                entry_writes |= mine
+            self._guard.writes = entry_writes
         if len(sets) == 1:
             first.rows, first.columns, first.decltypes = [], [], []
             return first
         conn = self._conn
+        self._many_total = first.rowcount if self._dml else -1
+        if self._dml and self._plain_writes(mine):
+            rng_state = self._rng.getstate() if self._rng is not None else None
+            total = self._run_many_untraced(sql, sets)
+            if total is not None:
+                return Result(rowcount=self._many_total + total, lastrowid=conn.last_insert_rowid())
+            self._rng = None  # redo with the tracer: the same random() values as the fast run
+            if rng_state is not None:
+                self._rng = random.Random()
+                self._rng.setstate(rng_state)
         self._guard.denied = None
         self._guard.user_prepare = True
-        self._many_total = first.rowcount if self._dml else -1
         self._many_set = 0
         try:
             for _ in self._many_cursor.executemany(sql, sets[1:]):
@@ -1052,6 +1075,56 @@ class StateMachine:
             error["set"] = self._many_set
             raise _StatementFailed(error)
         return Result(rowcount=self._many_total, lastrowid=conn.last_insert_rowid())
+
+    def _plain_writes(self, tables: set[str]) -> bool:
+        """True if every change a statement writing `tables` makes is one of its own rows: one
+        table (a trigger or a foreign key action on another table would add it), with no
+        trigger and no self-referencing foreign key action. Then total_changes() grows by
+        exactly what changes() reports per run (REPLACE deletions count in neither)."""
+        if len(tables) != 1:
+            return False
+        (name,) = tables
+        if name == SCHEMA:
+            return False
+        return not self._internal(self._sql_plain_writes, (name,))
+
+    def _run_many_untraced(self, sql: str, sets: tuple) -> int | None:
+        """The fast path of a many statement (no exec tracer: about a quarter of its cost):
+        sets[1:] in a savepoint, with one step budget for them all. Returns the summed
+        changes, or None after rolling the savepoint back when anything went wrong (an
+        error, the largest rowid): the caller then redoes them with the tracer, which stops
+        at the right set and names it, identically on every node."""
+        conn = self._conn
+        guard = self._guard
+        self._internal("SAVEPOINT raftsql_many")
+        before = conn.total_changes()
+        limit = self._max_progress_calls
+        guard.denied = None
+        guard.user_prepare = False  # prepared already (cached): nothing here is nested
+        self._max_progress_calls = limit * (len(sets) - 1)
+        self._progress_calls = 0
+        self._budget_on = True
+        failed = False
+        try:
+            for _ in self._fast_cursor.executemany(sql, sets[1:]):
+                pass
+        except Exception as e:  # noqa: BLE001 - any failure: redo traced, which maps the error
+            if not conn.in_transaction:
+                # OR ROLLBACK, or the step limit (an interrupt): the entry's transaction is
+                # gone, so no redo; the batch is redone with this error (_TransactionLost).
+                raise _StatementFailed(self._statement_error(e)) from None
+            failed = True
+        finally:
+            self._budget_on = False
+            self._max_progress_calls = limit
+        if not failed and self._max_rowid_table is None:
+            self._internal("RELEASE raftsql_many")
+            return conn.total_changes() - before
+        self._max_rowid_table = None
+        self._step_limit_hit = False
+        self._internal("ROLLBACK TO raftsql_many")
+        self._internal("RELEASE raftsql_many")
+        return None
 
     def _trace_many(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         """Exec tracer of the executemany cursor: once per parameter set after the first."""

@@ -137,7 +137,7 @@ GOOD = [1, 1, "c", 1, [["SELECT ?", [1]]], 5, 6]
         (_raw(1, 1, "c", 1, [[b"x", []]], 5, 6), "sql must be str"),
         (_raw(1, 1, "c", 1, [["x", [2**64 - 1]]], 5, 6), "64 bits"),
         (_raw(1, 1, "c", 1, [["x", [False]]], 5, 6), "bool"),
-        (_raw(1, 1, "c", 1, [["x", [[1]]]], 5, 6), "unsupported parameter type list"),
+        (_raw(1, 1, "c", 1, [["x", [[1]]]], 5, 6), "unsupported parameter type tuple"),  # a nested array (decoded as a tuple)
         (_raw(1, 1, "c", 1, [["x", [msgpack.ExtType(5, b"z")]]], 5, 6), "ExtType"),
         (msgpack.packb([1, 1, "c", 1, [["x", {1: 2}]], 5, 6]), "not valid msgpack"),
         (_raw(*GOOD[:5], -5, 6), "leader_time_ms"),

@@ -255,3 +255,41 @@ def test_many_matches_separate_statements(tmp_path_factory, sets):
     finally:
         a.close()
         b.close()
+
+
+def test_or_rollback_in_a_later_set_fails_the_whole_entry(machines):
+    """ON CONFLICT ROLLBACK ends the entry's transaction in the middle of the parameter sets:
+    the entry is redone with that error, identically on both nodes, and nothing is kept."""
+    p = Pair(machines)
+    p.apply(many_entry(("CREATE TABLE t(v UNIQUE)", ())))
+    r = p.apply(many_entry(("INSERT INTO t VALUES(-1)", ()),
+                           ("INSERT OR ROLLBACK INTO t VALUES(?)", Many(((1,), (2,), (1,), (3,))))))
+    assert r.error["name"] == "SQLITE_CONSTRAINT_UNIQUE" and r.error["statement"] == 1
+    assert p.rows("SELECT count(*) FROM t") == [[0]]
+    assert p.apply(many_entry(("INSERT INTO t VALUES(?)", Many(((1,), (2,)))))).rowcount == 2
+    assert p.same()
+
+
+def test_foreign_keys_stay_off_as_in_sqlite3(machines):
+    """foreign_keys is OFF and cannot be set, so a cascade never runs (the fast path checks for
+    self-referencing actions anyway)."""
+    p = Pair(machines)
+    p.apply(many_entry(("CREATE TABLE n(id INTEGER PRIMARY KEY, up REFERENCES n(id) ON DELETE CASCADE)", ()),
+                       ("INSERT INTO n VALUES(1, NULL), (2, 1), (3, 2), (4, NULL), (5, 4)", ())))
+    r = p.apply(many_entry(("DELETE FROM n WHERE id = ?", Many(((1,), (4,))))))
+    assert r.error is None and r.rowcount == 2
+    assert p.rows("SELECT id FROM n ORDER BY id") == [[2], [3], [5]]
+    assert p.same()
+
+
+def test_plain_inserts_skip_the_per_set_tracer_and_triggers_use_it(machines):
+    sm = machines[0]
+    calls = []
+    traced = sm._many_cursor.exec_trace
+    sm._many_cursor.exec_trace = lambda *a: calls.append(1) or traced(*a)
+    sm.apply(1, many_entry(("CREATE TABLE t(v)", ()), ("CREATE TABLE u(v)", ())))
+    sm.apply(2, many_entry(("INSERT INTO t VALUES(?)", Many(((1,), (2,), (3,))))))
+    assert calls == []  # the fast path
+    sm.apply(3, many_entry(("CREATE TRIGGER tr AFTER INSERT ON u BEGIN SELECT 1; END", ())))
+    r = sm.apply(4, many_entry(("INSERT INTO u VALUES(?)", Many(((1,), (2,), (3,))))))
+    assert r.rowcount == 3 and len(calls) == 2  # traced: sets 1 and 2
