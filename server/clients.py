@@ -174,14 +174,16 @@ class ClientService:
                     raise RequestError(
                         "BAD_REQUEST", f"statement {i}: a many statement needs a list of params"
                     )
-                out = []
-                for params in sets:
-                    if not isinstance(params, list | dict):
-                        raise RequestError(
-                            "BAD_REQUEST", f"statement {i}: params must be a list or a map"
-                        )
-                    out.append(tuple(params) if isinstance(params, list) else params)
-                statements.append((st[0], Many(tuple(out))))
+                kinds = set(map(type, sets))  # C speed: a batch is usually all lists
+                if not kinds <= {list, dict}:
+                    raise RequestError(
+                        "BAD_REQUEST", f"statement {i}: params must be a list or a map"
+                    )
+                if kinds == {list}:
+                    out = tuple(map(tuple, sets))
+                else:
+                    out = tuple(tuple(p) if type(p) is list else p for p in sets)
+                statements.append((st[0], Many(out)))
                 continue
             if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):
                 raise RequestError("BAD_REQUEST", f"statement {i} must be [sql, params]")

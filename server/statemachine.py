@@ -1235,7 +1235,14 @@ class StateMachine:
                 else:
                     sql, params = item
                 flag = True
-                for one in params.sets if type(params) is Many else (params,):
+                if type(params) is not Many:
+                    group: Sequence[Any] = (params,)
+                elif set(map(type, params.sets)) == {tuple}:
+                    # One set per distinct length (C speed for 1,000 sets of one shape).
+                    group = list({len(one): one for one in params.sets}.values())
+                else:
+                    group = params.sets
+                for one in group:
                     if isinstance(one, dict):
                         shape: Any = tuple(sorted(one))
                     else:
