@@ -67,6 +67,25 @@ class NodeConnection:
         except (OSError, ssl.SSLError) as e:
             raw.close()
             raise NodeUnreachable(f"TLS handshake with {host}:{port} failed: {e}") from None
+        # The node's hello names the largest request it accepts: a bigger one is refused here,
+        # with a clear error, instead of being sent and cut off.
+        self.max_request = wire.DEFAULT_MAX_FRAME_SIZE
+        try:
+            self._sock.settimeout(timeout)
+            kind, hello = self._next_frame()
+            if kind == wire.FrameKind.ERROR:
+                raise NodeUnreachable(f"{host}:{port} refused the connection: {wire.parse_error(hello)}")
+            if kind != wire.FrameKind.HELLO:
+                raise NodeUnreachable(f"{host}:{port} sent {kind.name} instead of HELLO")
+            limit = wire.parse_hello(hello).max_request
+            if limit is not None:
+                self.max_request = limit
+        except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
+            self.close()
+            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
+        except NodeUnreachable:
+            self.close()
+            raise
 
     def request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request and wait for its response (raises ConnectionLost on any failure
@@ -75,6 +94,11 @@ class NodeConnection:
         # Encoding errors (a value msgpack cannot pack, a frame over the size limit) are raised
         # here, before anything is sent: they are the caller's, not the connection's.
         frame = wire.encode_frame(wire.FrameKind.REQUEST, dict(payload, id=req_id))
+        if len(frame) - wire.HEADER_SIZE > self.max_request:
+            raise wire.FrameError(
+                f"request of {len(frame) - wire.HEADER_SIZE} bytes exceeds the node's limit of {self.max_request} "
+                "bytes (its max_request_size); split it into smaller batches"
+            )
         try:
             self._sock.settimeout(timeout)
             self._sock.sendall(frame)

@@ -32,6 +32,7 @@ from raftsql.raft.types import Entry, EntryType, HardState, Message, MsgType
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_REQUEST_SIZE",
     "HEADER_SIZE",
     "MAX_NODE_ID_LEN",
     "MAX_UINT",
@@ -62,6 +63,11 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+# The largest client REQUEST a node accepts by default. A request is unpacked, checked and
+# encoded while holding the GIL (about 25 ms per MiB): bigger ones would stall heartbeats long
+# enough for the followers to elect a new leader, which would get the same request. etcd's
+# default is 1.5 MiB (--max-request-bytes).
+DEFAULT_MAX_REQUEST_SIZE = 4 * 1024 * 1024
 HEADER_SIZE = 4
 MAX_NODE_ID_LEN = 64
 MAX_UINT = 2**63  # decoded ints must be in [0, MAX_UINT): they fit a signed 64-bit column
@@ -330,12 +336,16 @@ class Hello:
     # A dialing node's advertised host:port, so a node that never applied the change adding
     # it (a snapshot skipped it, or it was down) can still answer it. Optional.
     address: str | None = None
+    # A node answering a client: the largest REQUEST frame it accepts (bytes). Optional.
+    max_request: int | None = None
 
 
 MAX_ADDRESS_LEN = 300
 
 
-def make_hello(node_id: str | None, role: str, address: str | None = None) -> bytes:
+def make_hello(
+    node_id: str | None, role: str, address: str | None = None, max_request: int | None = None
+) -> bytes:
     """A whole HELLO frame for this side of a connection."""
     if role not in _ROLES:
         raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
@@ -344,6 +354,8 @@ def make_hello(node_id: str | None, role: str, address: str | None = None) -> by
     doc: dict[str, Any] = {"version": PROTOCOL_VERSION, "node_id": node_id, "role": role}
     if address is not None:
         doc["address"] = address
+    if max_request is not None:
+        doc["max_request"] = max_request
     return encode_frame(FrameKind.HELLO, doc)
 
 
@@ -380,7 +392,10 @@ def parse_hello(payload: Any) -> Hello:
             or not 0 < int(port) < 65536
         ):
             raise DecodeError(f"hello: field 'address': expected host:port, got {_describe(address)}")
-    return Hello(version, node_id, role, address)
+    max_request = payload.get("max_request")
+    if max_request is not None and (type(max_request) is not int or max_request <= 0):
+        raise DecodeError(f"hello: field 'max_request': expected a positive int, got {_describe(max_request)}")
+    return Hello(version, node_id, role, address, max_request)
 
 
 def make_error(message: str) -> bytes:

@@ -24,6 +24,7 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "heartbeat_ticks": (int, "RAFTSQL_HEARTBEAT_TICKS"),
     "election_ticks": (int, "RAFTSQL_ELECTION_TICKS"),
     "max_frame_size": (int, "RAFTSQL_MAX_FRAME_SIZE"),
+    "max_request_size": (int, "RAFTSQL_MAX_REQUEST_SIZE"),
     "session_timeout_ms": (int, "RAFTSQL_SESSION_TIMEOUT_MS"),
     "query_timeout_s": (float, "RAFTSQL_QUERY_TIMEOUT_S"),
     "request_timeout_s": (float, "RAFTSQL_REQUEST_TIMEOUT_S"),
@@ -119,12 +120,19 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
         peers[pid] = parse_address(addr, f"peer {pid}")
     if not os.path.isdir(vals["certs"]):
         raise ConfigError(f"certs directory {vals['certs']!r} does not exist (make it with: raftsql certs init DIR)")
-    kw = {k: vals[k] for k in ("tick_ms", "heartbeat_ticks", "election_ticks", "max_frame_size",
+    kw = {k: vals[k] for k in ("tick_ms", "heartbeat_ticks", "election_ticks", "max_frame_size", "max_request_size",
                                "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing") if k in vals}
     cfg = NodeConfig(id=vals["id"], data_dir=vals["data_dir"], listen=listen, peers=peers, certs_dir=vals["certs"], **kw)
     if cfg.election_ticks <= cfg.heartbeat_ticks:
         raise ConfigError("election_ticks must be greater than heartbeat_ticks")
+    if cfg.max_request_size > cfg.max_frame_size // 2:
+        # An entry made from the largest request, plus its envelope, must fit one frame to
+        # the followers (a message larger than a frame could never be delivered).
+        raise ConfigError(
+            f"max_request_size ({cfg.max_request_size}) must be at most half of max_frame_size "
+            f"({cfg.max_frame_size})"
+        )
     if "join" in vals:
         if not vals["join"].startswith("raftsql://"):
             raise ConfigError(f"join: {vals['join']!r} is not a raftsql:// DSN")

@@ -13,6 +13,7 @@ Every touch of the core happens under self._lock; the slow work (fsync, SQLite) 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -79,6 +80,7 @@ class NodeConfig:
     heartbeat_ticks: int = DEFAULT_HEARTBEAT_TICKS
     election_ticks: int = DEFAULT_ELECTION_TICKS
     max_frame_size: int = 64 * 1024 * 1024
+    max_request_size: int = 4 * 1024 * 1024  # wire.DEFAULT_MAX_REQUEST_SIZE: see there
     session_timeout_ms: int = 6 * 3600 * 1000
     query_timeout_s: float = 10.0
     request_timeout_s: float = 10.0  # the longest a client request may wait
@@ -154,6 +156,15 @@ class Node:
         self._rng = random.SystemRandom()
         self._threads: list[threading.Thread] = []
         self._fatal: BaseException | None = None
+        # The apply thread's queue of committed entry batches (server/DESIGN.md, "Apply runs
+        # in its own thread"). _apply_cv guards _apply_q and _applying; _queued_to (under
+        # _lock) is the last index handed over; _applied_bytes (under _lock) is what the
+        # apply thread finished since the Ready loop last looked (for snapshots).
+        self._apply_q: collections.deque[list] = collections.deque()
+        self._apply_cv = threading.Condition(threading.Lock())
+        self._applying = False
+        self._queued_to = self.sm.applied_index
+        self._applied_bytes = 0
         self.role = Role.FOLLOWER
         self.leader: str | None = None
         self.last_contact: dict[str, float] = {}
@@ -189,6 +200,7 @@ class Node:
             on_raft=self._on_raft,
             on_client=self.clients.serve,
             max_frame_size=self.cfg.max_frame_size,
+            max_request_size=self.cfg.max_request_size,
             snapshot_sink=self.snapshots.receiver,
             advertise=self.addresses[self.cfg.id],
             on_peer_hello=self._on_peer_hello,
@@ -196,7 +208,7 @@ class Node:
             snapshot_chunk_delay=float(os.environ.get("RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS", "0")) / 1000,
         )
         self.transport.start()
-        for name, target in (("ticker", self._ticker), ("ready", self._ready_loop)):
+        for name, target in (("ticker", self._ticker), ("ready", self._ready_loop), ("apply", self._apply_loop)):
             t = threading.Thread(target=target, name=f"{self.cfg.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -212,6 +224,8 @@ class Node:
             self._wake.notify_all()
             self._leader_known.notify_all()
             self._fail_all("UNAVAILABLE", "node is shutting down; the request was not applied", proposals_unknown=True)
+        with self._apply_cv:
+            self._apply_cv.notify_all()
         for t in self._threads:
             t.join(timeout)
         if self.transport is not None:
@@ -298,29 +312,74 @@ class Node:
         try:
             while True:
                 with self._lock:
-                    while not self._stopping and not self.core.has_ready():
+                    while not self._stopping and not self.core.has_ready() and not self._applied_bytes:
                         self._wake.wait(0.5)
                     if self._stopping:
                         return
-                    rd = self.core.ready()
-                self._handle_ready(rd)
-                with self._lock:
-                    self.core.advance(rd)
-                if rd.committed_entries:  # after advance: the core knows what is applied
-                    snapshot.after_apply(self, sum(len(e.data) for e in rd.committed_entries))
+                    applied_bytes, self._applied_bytes = self._applied_bytes, 0
+                    rd = self.core.ready() if self.core.has_ready() else None
+                if rd is not None:
+                    self._handle_ready(rd)
+                    with self._lock:
+                        self.core.advance(rd)
+                if applied_bytes:
+                    # Snapshots and compaction stay in this thread (the log store's writer).
+                    snapshot.after_apply(self, applied_bytes)
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
-            self._fatal = e
-            log.critical("%s: fatal error in the Ready loop, stopping: %s", self.cfg.id, e, exc_info=True)
-            with self._lock:
-                self._stopping = True
-                self._fail_all("UNAVAILABLE", f"node failed: {e}", proposals_unknown=True)
-            os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
+            self._die(e, "Ready loop")
+
+    def _apply_loop(self) -> None:
+        """Applies committed entries in order, off the Ready loop, so that a long apply (a
+        1,000,000-row executemany takes seconds) never holds up heartbeats, votes and appends."""
+        try:
+            while True:
+                with self._apply_cv:
+                    while not self._apply_q and not self._stopping:
+                        self._apply_cv.wait(0.5)
+                    if self._stopping:
+                        return  # what is queued is in the log: replayed after a restart
+                    entries = self._apply_q.popleft()
+                    self._applying = True
+                try:
+                    self._apply(entries)
+                finally:
+                    with self._apply_cv:
+                        self._applying = False
+                        self._apply_cv.notify_all()
+                with self._lock:
+                    self._applied_bytes += max(1, sum(len(e.data) for e in entries))
+                    self._wake.notify()
+        except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
+            self._die(e, "apply thread")
+
+    def _queue_apply(self, entries: list) -> None:
+        with self._lock:
+            self._queued_to = entries[-1].index
+        with self._apply_cv:
+            self._apply_q.append(entries)
+            self._apply_cv.notify()
+
+    def _drain_apply(self) -> None:
+        """Wait until the apply thread has applied everything queued (before a snapshot
+        replaces the database)."""
+        with self._apply_cv:
+            while (self._apply_q or self._applying) and not self._stopping:
+                self._apply_cv.wait(0.5)
+
+    def _die(self, e: BaseException, where: str) -> None:
+        self._fatal = e
+        log.critical("%s: fatal error in the %s, stopping: %s", self.cfg.id, where, e, exc_info=True)
+        with self._lock:
+            self._stopping = True
+            self._fail_all("UNAVAILABLE", f"node failed: {e}", proposals_unknown=True)
+        os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
 
     def _handle_ready(self, rd: Ready) -> None:
         from raftsql.server import snapshot
 
         # 0. A snapshot from the leader replaces the database and the log (server/snapshot.py).
         if rd.snapshot is not None:
+            self._drain_apply()
             snapshot.install(self, rd.snapshot)
         # 1. The leader's appends/heartbeats leave now, in parallel with its own disk write.
         #    SNAPSHOT messages go with their file (the transport streams it).
@@ -336,9 +395,9 @@ class Node:
         # 3. Messages that promise something about our disk (votes, acks).
         if rd.persisted_messages:
             self.transport.send(rd.persisted_messages)
-        # 4. Apply.
+        # 4. Apply, in the apply thread (it answers the waiting clients).
         if rd.committed_entries:
-            self._apply(rd)
+            self._queue_apply(rd.committed_entries)
         if rd.soft_state is not None:
             self._on_soft_state(rd)
         for rs in rd.read_states:
@@ -347,10 +406,10 @@ class Node:
             if w is not None:
                 w.finish(result=rs.index)
 
-    def _apply(self, rd: Ready) -> None:
+    def _apply(self, entries: list) -> None:
         batch = []
         proposals = self._proposals
-        for e in rd.committed_entries:
+        for e in entries:
             if e.type == EntryType.CONF_CHANGE:
                 from raftsql.server import admin
 
@@ -366,7 +425,7 @@ class Node:
                     batch.append((e.index, e.data))
         results = self.sm.apply_many(batch)
         with self._lock:
-            for e, res in zip(rd.committed_entries, results, strict=True):
+            for e, res in zip(entries, results, strict=True):
                 w = self._proposals.pop(e.index, None)
                 if w is None:
                     continue
@@ -390,19 +449,23 @@ class Node:
             if ss.leader is not None:
                 self._leader_known.notify_all()
             if was_leader and ss.role != Role.LEADER:
-                # Entries we proposed may or may not commit under the next leader.
-                self._fail_all("OUTCOME_UNKNOWN", "leadership was lost before the write was applied", proposals_unknown=True)
+                # Entries we proposed may or may not commit under the next leader. Those already
+                # committed (queued for the apply thread) get their result from it.
+                self._fail_all("OUTCOME_UNKNOWN", "leadership was lost before the write was applied",
+                               proposals_unknown=True, keep_upto=self._queued_to)
             elif old_leader != ss.leader and self._reads:
                 # Reads forwarded to a leader that is gone will never be answered.
                 for w in self._reads.values():
                     w.finish(error=RequestError("NOT_LEADER", "the leader changed; retry the read", *self._leader_hint()))
                 self._reads.clear()
 
-    def _fail_all(self, kind: str, message: str, proposals_unknown: bool) -> None:
+    def _fail_all(self, kind: str, message: str, proposals_unknown: bool, keep_upto: int = 0) -> None:
         leader, addr = self._leader_hint()
-        for w in self._proposals.values():
-            w.finish(error=RequestError("OUTCOME_UNKNOWN" if proposals_unknown else kind, message, leader, addr))
-        self._proposals.clear()
+        kept = {i: w for i, w in self._proposals.items() if i <= keep_upto}
+        for i, w in self._proposals.items():
+            if i not in kept:
+                w.finish(error=RequestError("OUTCOME_UNKNOWN" if proposals_unknown else kind, message, leader, addr))
+        self._proposals = kept
         for w in self._reads.values():
             w.finish(error=RequestError("NOT_LEADER" if kind == "OUTCOME_UNKNOWN" else kind, message, leader, addr))
         self._reads.clear()

@@ -198,6 +198,7 @@ class ClientConn:
         address: Any = None,
         send_timeout: float = SEND_TIMEOUT,
         _on_violation: Callable[[ClientConn, str], None] | None = None,
+        max_recv_size: int | None = None,
     ):
         self.role: str | None = peer_role(sock)
         self.peer_name: str | None = peer_name(sock)
@@ -206,7 +207,8 @@ class ClientConn:
         self.max_frame_size = max_frame_size
         self.send_timeout = send_timeout
         self._sock = sock
-        self._decoder = wire.FrameDecoder(max_frame_size)
+        # Frames we accept may be smaller than those we send (a node's limit on requests).
+        self._decoder = wire.FrameDecoder(max_recv_size or max_frame_size)
         self._frames: deque[tuple[FrameKind, Any]] = deque()
         self._buf = bytearray(RECV_CHUNK)
         self._lock = threading.Lock()  # serializes every SSL call and the close
@@ -523,8 +525,11 @@ class Transport:
         snapshot_chunk_delay: float = 0.0,
         advertise: str | None = None,
         on_peer_hello: Callable[[str, str], None] | None = None,
+        max_request_size: int = wire.DEFAULT_MAX_REQUEST_SIZE,
     ):
         self.node_id = node_id
+        # The largest REQUEST frame a client may send (told to it in our hello).
+        self.max_request_size = min(max_request_size, max_frame_size)
         # Sent in our hello when we dial a peer; a peer's address from its hello goes to
         # on_peer_hello(node_id, address) (the node adds it if it has none for that peer).
         self.advertise = advertise
@@ -1091,6 +1096,7 @@ class Transport:
             conn = ClientConn(
                 sock,
                 max_frame_size=self.max_frame_size,
+                max_recv_size=self.max_request_size,
                 hello=hello,
                 address=addr,
                 _on_violation=lambda c, why: self._client_violation(c, who, why),
@@ -1162,7 +1168,8 @@ class Transport:
         if why is not None:
             self._refuse(rec, sock, who, why)
             return None
-        sock.sendall(wire.make_hello(self.node_id, "node"))
+        limit = self.max_request_size if hello.role == "client" else None
+        sock.sendall(wire.make_hello(self.node_id, "node", max_request=limit))
         return hello, who
 
     def _conn_log(

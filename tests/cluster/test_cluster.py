@@ -253,3 +253,35 @@ def test_cluster_up_cli_starts_writes_cluster_json_and_stops_on_sigterm(tmp_path
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_requests_over_the_nodes_limit_fail_clearly_and_change_nothing(tmp_path):
+    """The node names its max_request_size in its hello; the driver refuses a bigger request
+    before sending it (DataError, saying how to fix it), and a raw client that sends one anyway
+    is cut off with an ERROR frame. The cluster keeps serving."""
+    import raftsql.driver as driver
+
+    with LocalCluster(tmp_path / "c", 3, env={"RAFTSQL_MAX_REQUEST_SIZE": "65536"}) as c:
+        c.start()
+        c.wait_leader()
+        conn = driver.connect(c.dsn, autocommit=True)
+        cur = conn.cursor()
+        cur.execute("CREATE TABLE t (v TEXT)")
+        with pytest.raises(driver.DataError, match="max_request_size.*split it"):
+            cur.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 1000)
+        cur.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 100)  # ~10 KiB: fine
+        assert cur.execute("SELECT count(*) FROM t").fetchall() == [(100,)]
+        conn.close()
+
+        with _raw_tls(c, str(c.certs / "client.crt"), str(c.certs / "client.key")) as s:
+            s.sendall(wire.make_hello(None, "client"))
+            s.sendall(wire.encode_frame(wire.FrameKind.REQUEST, {"id": 1, "op": "ping", "pad": "y" * 70_000}))
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except (ssl.SSLError, ConnectionError):
+                pass
+        frames = wire.FrameDecoder().feed(got)
+        assert [k for k, _ in frames] == [wire.FrameKind.HELLO, wire.FrameKind.ERROR]
+        assert "exceeds the 65536-byte limit" in wire.parse_error(frames[1][1])

@@ -79,6 +79,16 @@ def test_join_setting():
         load({**base, "join": "127.0.0.1:2"}, env={})
 
 
+def test_max_request_size_setting():
+    base = {"id": "n4", "data_dir": "/tmp/x", "listen": "127.0.0.1:1", "certs": "/"}
+    assert load(base, env={}).max_request_size == 4 * 1024 * 1024
+    assert load(base, env={"RAFTSQL_MAX_REQUEST_SIZE": "65536"}).max_request_size == 65536
+    with pytest.raises(ConfigError, match="at most half of max_frame_size"):
+        load({**base, "max_request_size": 40 << 20}, env={})
+    with pytest.raises(ConfigError, match="must be positive"):
+        load({**base, "max_request_size": 0}, env={})
+
+
 def test_cli_help_and_argument_errors(tmp_path):
     r = CliRunner()
     for cmd in (["cluster", "--help"], ["cluster", "add", "--help"], ["cluster", "promote", "--help"],

@@ -155,11 +155,12 @@ def dial(t: Transport, ctx: ssl.SSLContext) -> ClientConn:
     return ClientConn.connect(t.bound_address, ctx, server_hostname="127.0.0.1")
 
 
-def hello_as(conn: ClientConn, node_id: str | None, role: str = "node") -> None:
-    """Send our hello and expect the listener's."""
+def hello_as(conn: ClientConn, node_id: str | None, role: str = "node") -> wire.Hello:
+    """Send our hello and expect the listener's (returned)."""
     conn.send_raw(wire.make_hello(node_id, role))
     kind, payload = conn.recv(timeout=TIMEOUT)
     assert kind is FrameKind.HELLO, (kind, payload)
+    return wire.parse_hello(payload)
 
 
 def until_closed(conn: ClientConn) -> list[tuple[FrameKind, object]]:
@@ -522,6 +523,7 @@ HOSTILE = {
     "truncated frame": ("n3", True, wire.encode_raft_batch([msg("n3", "n2")])[:-3]),
     "truncated client frame": ("client", "client", struct.pack(">I", 100) + b"\x92\x03"),
     "client garbage": ("client", "client", b"\x00\x00\x00\x01\xc1"),
+    "oversized client request": ("client", "client", struct.pack(">I", 500_001)),
 }
 
 
@@ -530,11 +532,12 @@ def test_hostile_input_closes_only_that_connection(make, certs, logs, case):
     name, hello, data = HOSTILE[case]
     ia, ib = Inbox(), Inbox()
     a = make("n1", on_raft=ia)
-    b = make("n2", {"n1": a.bound_address}, on_raft=ib, max_frame_size=1_000_000)
+    b = make("n2", {"n1": a.bound_address}, on_raft=ib, max_frame_size=1_000_000,
+             max_request_size=500_000)
     a.add_peer("n2", b.bound_address)
     assert_delivers(a, ib, "n2")
     bystander = dial(b, client_ctx(certs))
-    hello_as(bystander, None, "client")
+    assert hello_as(bystander, None, "client").max_request == 500_000
     before = len(ib.msgs)
 
     conn = dial(b, node_ctx(certs, name) if name.startswith("n") else client_ctx(certs, name))

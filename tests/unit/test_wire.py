@@ -336,6 +336,12 @@ def test_hello_round_trip():
     assert wire.parse_hello(hello_payload(wire.make_hello("c-9", "client"))).node_id == "c-9"
     with_addr = wire.parse_hello(hello_payload(wire.make_hello("n4", "node", "10.0.0.4:4001")))
     assert with_addr == wire.Hello(1, "n4", "node", "10.0.0.4:4001")
+    to_client = wire.parse_hello(hello_payload(wire.make_hello("n1", "node", max_request=4096)))
+    assert to_client.max_request == 4096
+    for bad in (0, -1, True, "4096", 1.5):
+        payload = {"version": 1, "node_id": "n1", "role": "node", "max_request": bad}
+        with pytest.raises(wire.DecodeError, match="max_request"):
+            wire.parse_hello(payload)
 
 
 def test_hello_version_mismatch_names_both_versions():
