@@ -44,6 +44,8 @@ log = logging.getLogger("raftsql.node")
 DEFAULT_TICK_MS = 25
 DEFAULT_HEARTBEAT_TICKS = 2
 DEFAULT_ELECTION_TICKS = 8
+# Committed batches up to this size apply in the Ready loop; larger ones in the apply thread.
+APPLY_INLINE_BYTES = 64 * 1024
 
 
 class RequestError(Exception):
@@ -338,7 +340,10 @@ class Node:
                         self._apply_cv.wait(0.5)
                     if self._stopping:
                         return  # what is queued is in the log: replayed after a restart
+                    # Everything queued, in one SQLite transaction (apply_many).
                     entries = self._apply_q.popleft()
+                    while self._apply_q:
+                        entries = entries + self._apply_q.popleft()
                     self._applying = True
                 try:
                     self._apply(entries)
@@ -352,12 +357,29 @@ class Node:
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._die(e, "apply thread")
 
-    def _queue_apply(self, entries: list) -> None:
+    def _apply_committed(self, entries: list) -> None:
+        """Small batches apply right here, as long as nothing is queued (the Ready loop being
+        busy meanwhile is what batches the next proposals into one fsync: 64 clients got half
+        the writes/s with every batch handed over). Large ones go to the apply thread, so a
+        long apply cannot hold up heartbeats."""
         with self._lock:
             self._queued_to = entries[-1].index
+        nbytes = sum(len(e.data) for e in entries)
         with self._apply_cv:
-            self._apply_q.append(entries)
-            self._apply_cv.notify()
+            inline = nbytes <= APPLY_INLINE_BYTES and not self._apply_q and not self._applying
+            if not inline:
+                self._apply_q.append(entries)
+                self._apply_cv.notify()
+                return
+            self._applying = True
+        try:
+            self._apply(entries)
+        finally:
+            with self._apply_cv:
+                self._applying = False
+                self._apply_cv.notify_all()
+        with self._lock:
+            self._applied_bytes += max(1, nbytes)
 
     def _drain_apply(self) -> None:
         """Wait until the apply thread has applied everything queued (before a snapshot
@@ -397,7 +419,7 @@ class Node:
             self.transport.send(rd.persisted_messages)
         # 4. Apply, in the apply thread (it answers the waiting clients).
         if rd.committed_entries:
-            self._queue_apply(rd.committed_entries)
+            self._apply_committed(rd.committed_entries)
         if rd.soft_state is not None:
             self._on_soft_state(rd)
         for rs in rd.read_states:
