@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from raftsql.command import plain_values
 from raftsql.driver._exceptions import ProgrammingError
 
 Date = datetime.date
@@ -162,20 +163,6 @@ def _adapt(value: Any, where: str) -> Any:
     raise ProgrammingError(f"Error binding parameter {where}: type '{t.__name__}' is not supported")
 
 
-_PLAIN = frozenset({type(None), str, float, bytes})
-
-
-def _plain(params: Any) -> bool:
-    """Every value binds as it is (no adapter, no conversion): exact str/float/bytes/None, or
-    an exact int in SQLite's 64 bits."""
-    for v in params:
-        t = type(v)
-        if t in _PLAIN or (t is int and INT64_MIN <= v <= INT64_MAX):
-            continue
-        return False
-    return True
-
-
 def adapt_params(params: Any) -> list[Any] | dict[str, Any]:
     """sqlite3's parameter rules: a mapping binds named parameters (:name, @name, $name), any
     other sequence binds positional ones (?, ?NNN). Returns what goes on the wire."""
@@ -189,7 +176,7 @@ def adapt_params(params: Any) -> list[Any] | dict[str, Any]:
             out[k] = _adapt(v, f":{k}")
         return out
     if isinstance(params, Sequence) or hasattr(params, "__getitem__") and hasattr(params, "__len__"):
-        if not adapters and _plain(params):  # the common case (executemany of many rows)
+        if not adapters and plain_values(params):  # the common case (executemany of many rows)
             return list(params)
         return [_adapt(v, str(i)) for i, v in enumerate(params, 1)]
     raise ProgrammingError("parameters are of unsupported type")

@@ -105,8 +105,10 @@ def _check_value(where: str, value: Any) -> Value:
     )
 
 
-def _values_ok(values: Iterable[Any]) -> bool:
-    """Fast path: every value is already a valid, normalised SQLite value."""
+def plain_values(values: Iterable[Any]) -> bool:
+    """Fast path: every value is already a valid, normalised SQLite value (exact None, str,
+    float, bytes, or int in signed 64 bits). Also the driver's test for values it may send
+    without adapting them."""
     for v in values:
         t = type(v)
         if t in _SCALARS or (t is int and INT64_MIN <= v <= INT64_MAX):
@@ -124,7 +126,7 @@ def _check_many(i: int, many: Many) -> Many:
     out = []
     same = type(sets) is tuple
     for p in sets:
-        if type(p) is tuple and _values_ok(p):  # the common case, without a call per set
+        if type(p) is tuple and plain_values(p):  # the common case, without a call per set
             out.append(p)
             continue
         same = False
@@ -135,13 +137,13 @@ def _check_many(i: int, many: Many) -> Many:
 def _check_params(i: int, params: Any) -> Params:
     t = type(params)
     if t is tuple or t is list:
-        if _values_ok(params):
+        if plain_values(params):
             return params if t is tuple else tuple(params)
         return tuple(
             _check_value(f"statement {i} parameter {n + 1}", v) for n, v in enumerate(params)
         )
     if t is dict:
-        if _values_ok(params.values()) and all(type(k) is str for k in params):
+        if plain_values(params.values()) and all(type(k) is str for k in params):
             return params
         out: dict[str, Value] = {}
         for k, v in params.items():

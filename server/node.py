@@ -345,17 +345,22 @@ class Node:
                     while self._apply_q:
                         entries = entries + self._apply_q.popleft()
                     self._applying = True
-                try:
-                    self._apply(entries)
-                finally:
-                    with self._apply_cv:
-                        self._applying = False
-                        self._apply_cv.notify_all()
-                with self._lock:
-                    self._applied_bytes += max(1, sum(len(e.data) for e in entries))
-                    self._wake.notify()
+                self._apply_claimed(entries, sum(len(e.data) for e in entries))
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._die(e, "apply thread")
+
+    def _apply_claimed(self, entries: list, nbytes: int) -> None:
+        """Apply entries after setting _applying (under _apply_cv); then clear it and tell the
+        Ready loop how much was applied (snapshots)."""
+        try:
+            self._apply(entries)
+        finally:
+            with self._apply_cv:
+                self._applying = False
+                self._apply_cv.notify_all()
+        with self._lock:
+            self._applied_bytes += max(1, nbytes)
+            self._wake.notify()
 
     def _apply_committed(self, entries: list) -> None:
         """Small batches apply right here, as long as nothing is queued (the Ready loop being
@@ -372,14 +377,7 @@ class Node:
                 self._apply_cv.notify()
                 return
             self._applying = True
-        try:
-            self._apply(entries)
-        finally:
-            with self._apply_cv:
-                self._applying = False
-                self._apply_cv.notify_all()
-        with self._lock:
-            self._applied_bytes += max(1, nbytes)
+        self._apply_claimed(entries, nbytes)
 
     def _drain_apply(self) -> None:
         """Wait until the apply thread has applied everything queued (before a snapshot
