@@ -255,6 +255,9 @@ class Node:
             with self._lock:
                 if self.core.role != Role.LEADER:
                     log.info("%s handed leadership to %s before exiting", self.cfg.id, target)
+                    # Stay until the new leader's first append names it (a few ms), so that
+                    # requests arriving meanwhile are redirected to it, not into a backoff.
+                    self._await_leader(min(deadline, time.monotonic() + 0.2))
                     return
             time.sleep(0.005)
         log.warning("%s could not hand over leadership within %.1fs", self.cfg.id, timeout)
@@ -708,6 +711,9 @@ class Node:
                     # to the new leader instead of into a backoff.
                     self._await_transfer(deadline)
                     if self.core.role != Role.LEADER:
+                        # The new leader is usually not known yet (its first append is on the
+                        # way): wait for it, so the client gets a hint instead of a backoff.
+                        self._await_leader(deadline)
                         raise self._not_leader() from None
                 raise RequestError("UNAVAILABLE", f"write not accepted now: {e}") from None
             w = self._track_proposal(index)
