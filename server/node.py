@@ -158,8 +158,8 @@ class Node:
         self._rng = random.SystemRandom()
         self._threads: list[threading.Thread] = []
         self._fatal: BaseException | None = None
-        # The apply thread's queue of committed entry batches (server/DESIGN.md, "Apply runs
-        # in its own thread"). _apply_cv guards _apply_q and _applying; _queued_to (under
+        # The apply thread's queue of committed entry batches (server/DESIGN.md, "Large
+        # batches apply in their own thread"). _apply_cv guards _apply_q and _applying; _queued_to (under
         # _lock) is the last index handed over; _applied_bytes (under _lock) is what the
         # apply thread finished since the Ready loop last looked (for snapshots).
         self._apply_q: collections.deque[list] = collections.deque()
@@ -418,7 +418,7 @@ class Node:
         # 3. Messages that promise something about our disk (votes, acks).
         if rd.persisted_messages:
             self.transport.send(rd.persisted_messages)
-        # 4. Apply, in the apply thread (it answers the waiting clients).
+        # 4. Apply (here, or in the apply thread for large batches); it answers the clients.
         if rd.committed_entries:
             self._apply_committed(rd.committed_entries)
         if rd.soft_state is not None:
