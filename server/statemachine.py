@@ -18,6 +18,7 @@ See server/DESIGN-statemachine.md for the reasons behind each choice.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import logging
@@ -67,6 +68,7 @@ BINDINGS = "RAFTSQL_BINDINGS"
 PROGRAMMING = "RAFTSQL_PROGRAMMING"
 SERIALIZATION = "RAFTSQL_SERIALIZATION"  # a transaction's read set changed: nothing applied
 TXN_TIMEOUT = "RAFTSQL_TXN_TIMEOUT"  # a transaction was idle too long: nothing applied
+RESULT_TOO_BIG = "RAFTSQL_RESULT_TOO_BIG"  # a write's result over MAX_RESULT_BYTES: nothing applied
 SQLITE_BUSY_SNAPSHOT = 517  # SQLite's own code for "your snapshot is no longer current"
 SQLITE_ABORT = 4
 # Idle transactions (no statement for this long, in leader time) cannot commit. Replicated
@@ -86,25 +88,43 @@ SQLITE_MISUSE = 21
 SQLITE_AUTH = 23
 SQLITE_RANGE = 25
 
-# Primary result codes that describe this node's environment (disk, memory, locks, a corrupt
-# file), not the statement: replicating them as results would let nodes diverge, so apply stops.
-_FATAL_CODES = frozenset(
+# How apply treats a failing user statement, by SQLite result code (server/DESIGN.md, "What a
+# statement can do to a node"). A statement's own failure is a result value, replicated like any
+# other. Only a fault of this node's machine stops the node.
+#
+# Primary codes that describe this node's environment (its disk, its locks, its file system):
+# replicating them as results would let nodes diverge, so apply stops with a message.
+_MACHINE_CODES = frozenset(
     {
-        apsw.SQLITE_INTERNAL,
         apsw.SQLITE_PERM,
         apsw.SQLITE_BUSY,
         apsw.SQLITE_LOCKED,
-        apsw.SQLITE_NOMEM,
         apsw.SQLITE_READONLY,
         apsw.SQLITE_IOERR,
-        apsw.SQLITE_CORRUPT,
         apsw.SQLITE_FULL,
         apsw.SQLITE_CANTOPEN,
         apsw.SQLITE_PROTOCOL,
         apsw.SQLITE_NOTADB,
-        apsw.SQLITE_MISUSE,
     }
 )
+# Codes that mean either "this node's file is damaged" (or SQLite misbehaves) or "the statement
+# made SQLite say so": apply checks its own database (PRAGMA quick_check) to tell which.
+_SUSPECT_CODES = frozenset({apsw.SQLITE_CORRUPT, apsw.SQLITE_INTERNAL, apsw.SQLITE_MISUSE})
+# Extended codes that a virtual table (fts3/4/5, rtree, geopoly) reports about its own content:
+# deterministic, given the same database, so always a result value (issue: fts5's
+# 'integrity-check' on an external-content table reports SQLITE_CORRUPT_VTAB).
+_VTAB_CODES = frozenset(
+    {apsw.SQLITE_CORRUPT_VTAB, apsw.SQLITE_LOCKED_VTAB, apsw.SQLITE_CONSTRAINT_VTAB}
+)
+# The largest result a write (or a transaction's preview) may produce: rows of RETURNING and of
+# reads inside a batch, counted as they are fetched (deterministically: see _value_size). Larger
+# results fail with SQLITE_TOOBIG and nothing is applied. The result is stored in the session row
+# and sent in one frame, so it must stay far below SQLite's length limit and the frame limit.
+# Reads outside transactions stream instead and have no such limit.
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+# A node re-checks its own database file at most this often (a suspect error within this window
+# after a clean check is taken as the statement's).
+VERIFY_INTERVAL_S = 10.0
 
 _vfs_ids = itertools.count(1)
 _DML_KEYWORDS = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
@@ -117,6 +137,23 @@ class StateMachineError(Exception):
 
 class CorruptEntryError(StateMachineError):
     """Raised when committed entry data does not decode as a Command: the log is corrupt."""
+
+
+class DatabaseDamagedError(StateMachineError):
+    """Raised when this node's own database file fails SQLite's check: the node must stop, and
+    can be re-seeded from the leader (`raftsql node ... --reseed`)."""
+
+
+class _NodeProblem(Exception):
+    """A user statement failed with a code that may be about this node rather than the
+    statement (see _SUSPECT_CODES, and SQLITE_NOMEM); apply_many decides which."""
+
+    def __init__(self, error: dict[str, Any], memory: bool, cause: BaseException):
+        super().__init__(error["message"])
+        self.error = error
+        self.memory = memory
+        self.cause = cause
+        self.index = 0
 
 
 class SQLError(Exception):
@@ -302,10 +339,9 @@ def _refusal(
     if action in _ROW_WRITES:
         if _is_internal(arg3):
             return f"table {arg3} is internal to raftsql and cannot be modified"
-        if arg3 == "sqlite_sequence":
-            # Setting a sequence to the maximum would make the next AUTOINCREMENT insert fail
-            # with SQLITE_FULL, which apply must treat as this node's disk being full.
-            return "sqlite_sequence is maintained by SQLite and cannot be modified"
+        # sqlite_sequence may be written, as in sqlite3 (DROP and RENAME of an AUTOINCREMENT
+        # table write it, and so may a user); a statement that leaves a sequence at the
+        # largest rowid fails instead (see _Guard.sequence_written).
         if arg3 in _PHYSICAL_TABLES:
             return f"{arg3} writes raw database pages"
         return None
@@ -352,7 +388,10 @@ class _Guard:
     machine runs its own statements (which carry a secret tag, so a user statement can never
     reuse one of them from apsw's statement cache without being authorized)."""
 
-    __slots__ = ("write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes")
+    __slots__ = (
+        "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
+        "sequence_written",
+    )
 
     def __init__(self, write: bool):
         self.write = write
@@ -367,6 +406,10 @@ class _Guard:
         # are collected must be prepared each time (can_cache=False, ~2 us per statement).
         self.reads: set[str] | None = None
         self.writes: set[str] | None = None
+        # Set when a statement inserts or updates sqlite_sequence: apply then checks that no
+        # sequence reached the largest rowid, where the next AUTOINCREMENT insert would fail
+        # with SQLITE_FULL, an error apply must take for this node's disk being full.
+        self.sequence_written = False
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
@@ -377,6 +420,8 @@ class _Guard:
             self._track(action, arg3, arg4)
         if action in _SCHEMA_ACTIONS:
             self.schema_change = True
+        elif (action == _A.SQLITE_INSERT or action == _A.SQLITE_UPDATE) and arg3 == "sqlite_sequence":
+            self.sequence_written = True
         reason = _refusal(self.write, action, arg3, arg4, not self.user_prepare)
         if reason is None:
             return apsw.SQLITE_OK
@@ -606,6 +651,8 @@ class StateMachine:
         self._dml = False
         self._abort: dict[str, Any] | None = None
         self._max_rowid_table: str | None = None
+        self._result_budget = MAX_RESULT_BYTES
+        self._verified_at = -VERIFY_INTERVAL_S  # monotonic time of the last clean quick_check
 
         vfs_name = f"raftsql-clock-{os.getpid()}-{next(_vfs_ids)}"
         self._vfs = _EntryClock(vfs_name, 0)
@@ -738,17 +785,69 @@ class StateMachine:
             if not todo:
                 return results
             forced: dict[int, Result] = {}
+            retried_memory: set[int] = set()
             while True:
                 try:
                     done = self._apply_batch(todo, forced)
                     break
                 except _TransactionLost as lost:
                     forced[lost.index] = lost.result
+                except _NodeProblem as problem:
+                    # The batch was rolled back. Is it this node or the statement?
+                    if problem.memory and problem.index not in retried_memory:
+                        retried_memory.add(problem.index)
+                        self._free_memory(problem)
+                        continue
+                    if not problem.memory:
+                        self._verify_database(problem)
+                    # A healthy node, and the statement fails again: its own doing, so its
+                    # error is the entry's result, as on every other node.
+                    log.warning(
+                        "entry %d: a statement failed with %s (%s); this node's database "
+                        "checks clean, so the error is the entry's result",
+                        problem.index, problem.error["name"], problem.error["message"],
+                    )
+                    forced[problem.index] = Result(index=problem.index, error=problem.error)
             for pos, result in done:
                 results[pos] = result
         with self._applied_cond:
             self._applied_cond.notify_all()
         return results
+
+    def _free_memory(self, problem: _NodeProblem) -> None:
+        log.warning(
+            "entry %d: out of memory (%s); freeing caches and applying it again",
+            problem.index, problem.cause,
+        )
+        gc.collect()
+        apsw.release_memory(1 << 30)
+        self._conn.cache_flush()
+
+    def _verify_database(self, problem: _NodeProblem) -> None:
+        """Raise DatabaseDamagedError unless this node's database passes SQLite's quick_check
+        (a clean check is trusted for VERIFY_INTERVAL_S)."""
+        now = time.monotonic()
+        if now - self._verified_at < VERIFY_INTERVAL_S:
+            return
+        damage = self._damage()
+        if damage is not None:
+            raise _damaged(
+                self.path,
+                f"entry {problem.index} failed with {problem.error['name']} "
+                f"({problem.error['message']})",
+                damage,
+            ) from problem.cause
+        self._verified_at = now
+
+    def _damage(self) -> str | None:
+        """What PRAGMA quick_check finds wrong with this node's database, or None if nothing."""
+        try:
+            rows = self._internal("PRAGMA quick_check(20)")
+        except apsw.Error as e:
+            return f"{type(e).__name__}: {e}"
+        if rows == [("ok",)]:
+            return None
+        return "; ".join(str(r[0]) for r in rows)
 
     def _apply_batch(
         self, todo: list[tuple[int, int, Command | None]], forced: dict[int, Result]
@@ -784,15 +883,24 @@ class StateMachine:
                     (pos, self._apply_command(index, cmd, time_ms, session_ms, forced.get(index)))
                 )
             self._internal("COMMIT")
-        except _TransactionLost:
+        except (_TransactionLost, _NodeProblem):
             self._abandon()
             raise
         except StateMachineError:
             self._abandon()
             raise
         except apsw.Error as e:
+            # One of raftsql's own statements failed (the meta row, a session row): never the
+            # user's doing. Tell a damaged file from the rest of the machine.
             self._abandon()
-            raise StateMachineError(f"apply failed: {type(e).__name__}: {e}") from e
+            damage = self._damage() if _classify(e) == "suspect" else None
+            if damage is not None:
+                raise _damaged(self.path, f"apply failed: {type(e).__name__}: {e}", damage) from e
+            raise StateMachineError(
+                f"apply failed on this node's machine: {type(e).__name__}: {e}. Fix the "
+                "machine (disk space, permissions, file system) and restart the node: it "
+                "re-applies the entry."
+            ) from e
         except BaseException:
             self._abandon()
             raise
@@ -824,6 +932,7 @@ class StateMachine:
             self._conn.set_last_insert_rowid(0)
             self._seed = secrets.randbits(63)
             self._vfs.now_ms = max(int(time.time() * 1000), self._time_ms)
+            self._result_budget = MAX_RESULT_BYTES
             self._internal("BEGIN IMMEDIATE")
             try:
                 for i, (sql, params) in enumerate([*writes, statement]):
@@ -833,6 +942,9 @@ class StateMachine:
                     self._guard.reads = reads if i == len(writes) else None
                     try:
                         result = self._run_statement(sql, params)
+                    except _NodeProblem as problem:
+                        # Not replicated: report it; the commit, if any, is decided by apply.
+                        return Result(index=applied, error=problem.error), False
                     except _StatementFailed as failed:
                         if i < len(writes):
                             failed.error["statement"] = i
@@ -950,6 +1062,7 @@ class StateMachine:
         conn = self._conn
         statements = cmd.statements
         self._seed = cmd.seed
+        self._result_budget = MAX_RESULT_BYTES
         self._internal("SAVEPOINT raftsql_entry")
         per: list[Result] = []
         written: set[str] = set()
@@ -963,9 +1076,11 @@ class StateMachine:
                         per.append(self._run_many(sql, params))
                     else:
                         per.append(self._run_statement(sql, params))
-                except _StatementFailed as failed:
+                except (_StatementFailed, _NodeProblem) as failed:
                     if len(statements) != 1:
                         failed.error["statement"] = i
+                    if isinstance(failed, _NodeProblem):
+                        failed.index = index
                     raise
         except _StatementFailed as failed:
             self._guard.writes = None
@@ -998,6 +1113,7 @@ class StateMachine:
     def _run_statement(self, sql: str, params: Any) -> Result:
         conn = self._conn
         self._guard.denied = None
+        self._guard.sequence_written = False
         self._guard.user_prepare = True
         self._traced = 0
         self._description = ()
@@ -1005,15 +1121,29 @@ class StateMachine:
         self._abort = None
         self._step_limit_hit = False
         self._max_rowid_table = None
+        rows: list[list[Any]] = []
         try:
             # Never from apsw's statement cache: the authorizer (which records read and write
             # sets) runs only at prepare.
             cursor = self._cursor.execute(sql, params, can_cache=False)
-            rows = [list(row) for row in cursor]
+            budget = self._result_budget
+            for row in cursor:
+                budget -= sum(map(_value_size, row)) + 5
+                if budget < 0:
+                    break
+                rows.append(list(row))
+            else:
+                budget -= sum(4 * len(d[0]) + 4 * len(d[1] or "") + 10 for d in self._description)
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
             raise _StatementFailed(self._statement_error(e)) from None
         finally:
             self._budget_on = False
+        if budget < 0:
+            self._reset_apply_cursor()
+            raise _StatementFailed(_result_too_big_error())
+        self._result_budget = budget
+        if self._guard.sequence_written:
+            self._check_sequences()
         if self._max_rowid_table is not None:
             raise _StatementFailed(_max_rowid_error(self._max_rowid_table))
         desc = self._description
@@ -1035,7 +1165,7 @@ class StateMachine:
         self._guard.writes = mine  # the tables this statement may write (triggers included)
         try:
             first = self._run_statement(sql, sets[0])
-        except _StatementFailed as failed:
+        except (_StatementFailed, _NodeProblem) as failed:
             failed.error["set"] = 0
             raise
         finally:
@@ -1051,6 +1181,8 @@ class StateMachine:
             rng_state = self._rng.getstate() if self._rng is not None else None
             total = self._run_many_untraced(sql, sets)
             if total is not None:
+                if self._guard.sequence_written:
+                    self._check_sequences()
                 return Result(rowcount=self._many_total + total, lastrowid=conn.last_insert_rowid())
             self._rng = None  # redo with the tracer: the same random() values as the fast run
             if rng_state is not None:
@@ -1065,7 +1197,11 @@ class StateMachine:
             if self._dml:
                 self._many_total += conn.changes()
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
-            error = self._statement_error(e)
+            try:
+                error = self._statement_error(e)
+            except _NodeProblem as problem:
+                problem.error["set"] = self._many_set
+                raise
             error["set"] = self._many_set
             raise _StatementFailed(error) from None
         finally:
@@ -1074,7 +1210,31 @@ class StateMachine:
             error = _max_rowid_error(self._max_rowid_table)
             error["set"] = self._many_set
             raise _StatementFailed(error)
+        if self._guard.sequence_written:
+            self._check_sequences()
         return Result(rowcount=self._many_total, lastrowid=conn.last_insert_rowid())
+
+    def _check_sequences(self) -> None:
+        rows = self._internal(
+            "SELECT name FROM sqlite_sequence WHERE seq >= ? LIMIT 1", (INT64_MAX,)
+        )
+        if rows:
+            raise _StatementFailed(
+                _error(
+                    SQLITE_CONSTRAINT,
+                    MAX_ROWID,
+                    f"sqlite_sequence may not hold {INT64_MAX} (for table {rows[0][0]}): the "
+                    "next AUTOINCREMENT insert would fail with SQLITE_FULL, which a node cannot "
+                    "tell from its own disk being full",
+                )
+            )
+
+    def _reset_apply_cursor(self) -> None:
+        """Abandon the apply cursor's statement midway (a result over its limit): a fresh
+        cursor, so the savepoint can be rolled back with nothing pending."""
+        self._cursor.close(force=True)
+        self._cursor = self._conn.cursor()
+        self._cursor.exec_trace = self._trace
 
     def _plain_writes(self, tables: set[str]) -> bool:
         """True if every change a statement writing `tables` makes is one of its own rows: one
@@ -1181,8 +1341,9 @@ class StateMachine:
         return False
 
     def _statement_error(self, e: BaseException) -> dict[str, Any]:
-        """The replicated error value for a failed user statement; raises StateMachineError if
-        the failure is about this node rather than the statement."""
+        """The replicated error value for a failed user statement. Raises StateMachineError if
+        the failure is about this node's machine (disk, locks), and _NodeProblem if it may be
+        about the node or the statement (apply_many finds out which)."""
         if isinstance(e, apsw.ExecTraceAbort) and self._abort is not None:
             return self._abort
         if isinstance(e, apsw.InterruptError) and self._step_limit_hit:
@@ -1192,9 +1353,23 @@ class StateMachine:
                 f"statement exceeded the step limit ({self.apply_vm_step_limit} VM steps)",
             )
         err = _common_error(e, self._guard)
-        if err is None:
-            raise StateMachineError(f"apply failed: {type(e).__name__}: {e}") from e
-        return err
+        if err is not None:
+            return err
+        kind = _classify(e)
+        code = getattr(e, "extendedresult", None) or getattr(e, "result", None) or SQLITE_ERROR
+        if kind in ("suspect", "memory"):
+            name = "SQLITE_NOMEM" if kind == "memory" else _code_name(code)
+            raise _NodeProblem(
+                _error(code if kind != "memory" else apsw.SQLITE_NOMEM, name,
+                       str(e.args[0]) if e.args else str(e) or type(e).__name__),
+                kind == "memory",
+                e,
+            )
+        raise StateMachineError(
+            f"apply failed on this node's machine: {type(e).__name__}: {e} "
+            f"({_code_name(code)}). Fix the machine (disk space, permissions, file system) and "
+            "restart the node: it re-applies the entry."
+        ) from e
 
     def _random(self) -> int:
         rng = self._rng or self._new_rng()
@@ -1545,6 +1720,26 @@ def _max_rowid_error(table: str) -> dict[str, Any]:
     )
 
 
+def _damaged(path: str, what: str, damage: str) -> DatabaseDamagedError:
+    return DatabaseDamagedError(
+        f"{what}, and this node's database {path} fails PRAGMA quick_check: {damage}. The file "
+        "is damaged on this node (the other nodes have their own copies). Recover: restart "
+        "this node with `raftsql node ... --reseed`, which moves the damaged database aside "
+        "and fetches a fresh copy from the leader (README, Recovery)."
+    )
+
+
+def _result_too_big_error() -> dict[str, Any]:
+    return _error(
+        SQLITE_TOOBIG,
+        RESULT_TOO_BIG,
+        f"result too big: a write's result (RETURNING rows, or rows of a read in the same "
+        f"request or transaction) is limited to {MAX_RESULT_BYTES} bytes; nothing was "
+        "applied. Return fewer or smaller rows, or read them with a SELECT of its own (reads "
+        "stream, with no limit)",
+    )
+
+
 def _code_name(code: int) -> str:
     return (
         apsw.mapping_extended_result_codes.get(code)
@@ -1570,12 +1765,52 @@ def _common_error(e: BaseException, guard: _Guard) -> dict[str, Any] | None:
         )
     if isinstance(e, apsw.TooBigError) and getattr(e, "result", None) is None:
         return _error(SQLITE_TOOBIG, "SQLITE_TOOBIG", "string or blob too big")
+    if isinstance(e, UnicodeDecodeError):
+        # sqlite3's wording; apsw cannot hand over the raw bytes of such a TEXT value here.
+        return _error(
+            SQLITE_ERROR,
+            "SQLITE_ERROR",
+            "Could not decode to UTF-8: a TEXT value is not valid UTF-8 "
+            f"({e.reason} at byte {e.start})",
+        )
     if isinstance(e, apsw.Error):
-        primary = getattr(e, "result", None)
-        if primary is None or primary in _FATAL_CODES:
+        if _classify(e) != "value":
             return None
-        code = getattr(e, "extendedresult", None) or primary
+        code = getattr(e, "extendedresult", None) or e.result
         return _error(code, _code_name(code), str(e.args[0]) if e.args else str(e))
     if isinstance(e, (ValueError, TypeError, OverflowError)):
         return _error(SQLITE_MISUSE, PROGRAMMING, f"{type(e).__name__}: {e}")
     return None
+
+
+def _classify(e: BaseException) -> str:
+    """"value" (the statement's own failure), "machine" (this node's disk, locks, files),
+    "memory" (out of memory: maybe this node, maybe the statement) or "suspect" (a damaged
+    file, or the statement made SQLite report one)."""
+    if isinstance(e, MemoryError):
+        return "memory"
+    if not isinstance(e, apsw.Error):
+        return "value"
+    primary = getattr(e, "result", None)
+    if primary is None:
+        return "suspect"
+    if (getattr(e, "extendedresult", None) or primary) in _VTAB_CODES:
+        return "value"
+    if primary == apsw.SQLITE_NOMEM:
+        return "memory"
+    if primary in _MACHINE_CODES:
+        return "machine"
+    if primary in _SUSPECT_CODES:
+        return "suspect"
+    return "value"
+
+
+def _value_size(value: Any) -> int:
+    """What one value counts against MAX_RESULT_BYTES: at least its msgpack size, computed
+    the same way on every node (str by characters times 4, its UTF-8 bound)."""
+    t = type(value)
+    if t is bytes:
+        return len(value) + 5
+    if t is str:
+        return 4 * len(value) + 5
+    return 9

@@ -553,12 +553,15 @@ def test_the_largest_rowid_is_refused(pair):
         "RAFTSQL_MAX_ROWID"
     )
     assert pair[0].query("SELECT id FROM t").rows == [[1]]
-    # AUTOINCREMENT at the maximum would fail with SQLITE_FULL ("disk full": fatal in apply).
+    # AUTOINCREMENT at the maximum would fail with SQLITE_FULL ("disk full": fatal in apply),
+    # so sqlite_sequence may be written, but never to the maximum.
     c.apply(
         entry("CREATE TABLE s(id INTEGER PRIMARY KEY AUTOINCREMENT)", "INSERT INTO s VALUES(1)")
     )
     r = c.apply(entry("UPDATE sqlite_sequence SET seq = 9223372036854775807"))
-    assert r.error["name"] == "SQLITE_AUTH" and "sqlite_sequence" in r.error["message"]
+    assert r.error["name"] == "RAFTSQL_MAX_ROWID" and "sqlite_sequence" in r.error["message"]
+    assert c.apply(entry("UPDATE sqlite_sequence SET seq = 10")).error is None
+    assert c.apply(entry("INSERT INTO s VALUES(NULL) RETURNING id")).rows == [[11]]
     c.assert_same()
 
 
