@@ -21,6 +21,7 @@ Only stdlib, msgpack and raftsql.raft.types may be imported here: the driver shi
 
 from __future__ import annotations
 
+import reprlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -251,8 +252,13 @@ class FrameDecoder:
 # --- validation helpers ---------------------------------------------------------------------
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3  # a hostile value may nest 1,000 deep: plain repr() raises RecursionError
+_REPR.maxstring = _REPR.maxother = 60
+
+
 def _describe(value: Any) -> str:
-    r = repr(value)
+    r = _REPR.repr(value)
     if len(r) > 60:
         r = r[:57] + "..."
     return f"{type(value).__name__} {r}"

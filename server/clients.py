@@ -41,6 +41,7 @@ from typing import Any
 
 from raftsql import wire
 from raftsql.command import MANY_FLAG, Many
+from raftsql.raft.types import Role
 from raftsql.server.admin import OPS as ADMIN_OPS
 from raftsql.server.admin import AdminService
 from raftsql.server.node import RequestError
@@ -110,6 +111,8 @@ class ClientService:
             err = RequestError("BAD_REQUEST", str(e))
         except RequestError as e:
             err = e
+        except RecursionError:
+            err = RequestError("BAD_REQUEST", "the request is nested too deeply")
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the connection
             log.exception("request failed")
             err = RequestError("UNAVAILABLE", f"internal error: {type(e).__name__}: {e}")
@@ -137,11 +140,11 @@ class ClientService:
         if consistency not in _CONSISTENCY:
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
         start_index = txn.get("start_index")
-        timeout_ms = req.get("timeout_ms")
+        if start_index is not None:
+            start_index = self._index(start_index, "txn.start_index", applied=True)
         result, readonly, term, time_ms = self.node.execute_in_transaction(
             statements[0], writes, txn.get("term"), consistency, start_index=start_index,
-            reads=reads, last_ms=txn.get("last_ms"),
-            timeout_s=timeout_ms / 1000.0 if isinstance(timeout_ms, int) and timeout_ms > 0 else None)
+            reads=reads, last_ms=txn.get("last_ms"), timeout_s=self._timeout(req))
         out = result.to_wire()
         out["readonly"] = readonly
         out["term"] = term
@@ -149,6 +152,36 @@ class ClientService:
         out["start_index"] = result.index if start_index is None else start_index
         out["time_ms"] = time_ms
         return out
+
+    def _index(self, value: int, what: str, *, applied: bool = False) -> int:
+        """A log index from a client: not negative, and (applied=True, checked on a leader)
+        not past the end of the leader's log: the snapshot a client saw was applied somewhere,
+        and every committed entry is in the leader's log (Leader Completeness)."""
+        if value < 0 or value >= 1 << 63:
+            raise RequestError("BAD_REQUEST", f"{what} must be a log index, got {value}")
+        if applied:
+            node = self.node
+            with node._lock:
+                is_leader = node.core.role == Role.LEADER
+                last = node.core.log.last_index()
+            if is_leader and value > last:
+                raise RequestError(
+                    "BAD_REQUEST", f"{what} {value} is past the end of the log ({last})"
+                )
+        return value
+
+    @staticmethod
+    def _timeout(req: dict[str, Any]) -> float | None:
+        """timeout_ms, if given, must be positive: a deadline already passed would report a
+        write that applies as OUTCOME_UNKNOWN. None: the node's request_timeout_s."""
+        timeout_ms = req.get("timeout_ms")
+        if timeout_ms is None:
+            return None
+        if type(timeout_ms) is not int or timeout_ms <= 0:
+            raise RequestError(
+                "BAD_REQUEST", f"timeout_ms must be a positive number of milliseconds, got {timeout_ms!r}"
+            )
+        return timeout_ms / 1000.0
 
     @staticmethod
     def _tables(items: Any) -> set[str]:
@@ -213,19 +246,23 @@ class ClientService:
         consistency = body.get("consistency", "linearizable")
         if consistency not in _CONSISTENCY:
             raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
-        timeout_ms = body.get("timeout_ms")
+        timeout_s = self._timeout(body)
         commit = None
         if "commit" in body:
             c = wire.check_map(body["commit"], {"read_index": int, "reads": list, "last_ms": int})
-            commit = (max(0, c["read_index"]), tuple(sorted(self._tables(c["reads"]))), max(0, c["last_ms"]))
+            commit = (
+                self._index(max(0, c["read_index"]), "commit.read_index", applied=True),
+                tuple(sorted(self._tables(c["reads"]))),
+                max(0, c["last_ms"]),
+            )
         reads: set[str] | None = set() if body.get("reads") else None
         result = self.node.execute(
             statements,
             client_id=body.get("client_id", ""),
             serial=body.get("serial", 0),
             consistency=consistency,
-            min_index=max(0, body.get("min_index", 0)),
-            timeout_s=timeout_ms / 1000.0 if timeout_ms else None,
+            min_index=self._index(max(0, body.get("min_index", 0)), "min_index"),
+            timeout_s=timeout_s,
             reads=reads,
             commit=commit,
         )

@@ -1401,6 +1401,14 @@ class StateMachine:
                 self._vreader = self._open_reader(write_rules=True)
             reader = self._vreader
             reader.guard.schema_change = False
+            # Preparing never checks the schema cookie, so this connection could still hold the
+            # schema from before a CREATE TRIGGER (and call "DROP TRIGGER IF EXISTS" a no-op,
+            # read-only). Reading a table does check it, and reloads the schema if it moved.
+            reader.guard.internal = True
+            try:
+                reader.conn.execute(self._tag + "SELECT applied_index FROM _raftsql_meta").fetchall()
+            finally:
+                reader.guard.internal = False
             # An executemany batch repeats one statement with new values: preparing and binding
             # depend only on the text and the parameters' shape, so check each shape once.
             seen: dict[tuple, bool] = {}
