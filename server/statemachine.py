@@ -200,9 +200,14 @@ class Result:
     error: dict[str, Any] | None = None  # {code: extended result code, name, message[, statement]}
     duplicate: bool = False  # a retried (client_id, serial): the stored result, not re-executed
     results: list[Result] | None = None
+    # Reads only: [row, column] of TEXT values that are not valid UTF-8, sent as bytes (the
+    # driver applies its text_factory, as sqlite3 does); None when there are none.
+    bad_text: list[list[int]] | None = None
+    # Reads only, never sent: the rest of the rows when there are more than one chunk.
+    stream: ReadCursor | None = field(default=None, repr=False, compare=False)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "columns": self.columns,
             "decltypes": self.decltypes,
             "rows": self.rows,
@@ -213,6 +218,9 @@ class Result:
             "duplicate": self.duplicate,
             "results": None if self.results is None else [r.to_wire() for r in self.results],
         }
+        if self.bad_text:
+            out["bad_text"] = self.bad_text
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Result:
@@ -232,6 +240,7 @@ class Result:
                 error=dict(m["error"]) if m.get("error") is not None else None,
                 duplicate=bool(m.get("duplicate", False)),
                 results=None if results is None else [cls.from_wire(r) for r in results],
+                bad_text=m.get("bad_text"),
             )
         except (TypeError, KeyError) as e:
             raise ValueError(f"malformed Result map: {e}") from None
@@ -562,6 +571,208 @@ class _Reader:
     traced: int = 0
     description: tuple = ()
     abort: dict[str, Any] | None = None
+    statement: str = ""
+
+
+class ReadCursor:
+    """One read in progress on a reader connection: its rows, streamed in chunks from one
+    SQLite read transaction (the snapshot at the Result's index), so neither the node nor the
+    client ever holds a large result whole. Not thread-safe: one request at a time uses it
+    (the client connection that owns it). close() ends the read transaction and returns the
+    reader to the pool; a cursor left open holds back WAL checkpoints, so the client service
+    closes idle ones."""
+
+    def __init__(self, sm: StateMachine, reader: _Reader, max_row_bytes: int | None):
+        self._sm = sm
+        self._reader = reader
+        self._max_row_bytes = max_row_bytes
+        self._rows: Any = None  # the apsw cursor, an iterator of rows
+        self._pending: list[Any] | None = None  # a row read but not yet sent (over a chunk)
+        self._sent = 0  # rows handed out so far
+        self._consumed = 0  # rows taken from the SQLite statement so far
+        self.bad_text: list[list[int]] = []
+        self._sql = ""
+        self._params: Any = ()
+        self._wrapped = False  # restarted with invalid UTF-8 text made visible (see _recover)
+        self.index = 0
+        self.error: dict[str, Any] | None = None
+        self.closed = False
+        self.last_used = time.monotonic()
+
+    def start(self, sql: str, params: Any, reads: set[str] | None,
+              start_index: int | None) -> Result:
+        reader, sm = self._reader, self._sm
+        conn, guard, tag = reader.conn, reader.guard, sm._tag
+        reader.traced = 0
+        reader.description = ()
+        reader.abort = None
+        reader.timed_out = False
+        reader.deadline = time.monotonic() + sm.query_timeout_s
+        guard.denied = None
+        guard.internal = True
+        try:
+            conn.execute(tag + "BEGIN")
+            self.index = conn.execute(
+                tag + "SELECT applied_index FROM _raftsql_meta"
+            ).fetchone()[0]
+        finally:
+            guard.internal = False
+        guard.reads = reads
+        self._sql, self._params = sql, params if params is not None else ()
+        try:
+            # Collecting a read set needs the authorizer, which runs only at prepare.
+            self._rows = conn.cursor().execute(sql, self._params, can_cache=reads is None)
+            if start_index is not None and reads:
+                conflict = sm._modified_after(conn, guard, reads, start_index)
+                if conflict is not None:
+                    return Result(index=self.index, error=conflict)
+        except Exception as e:  # noqa: BLE001 - a read's failure is always just its result
+            if isinstance(e, UnicodeDecodeError) and self._recover():
+                pass
+            else:
+                return Result(index=self.index, error=sm._read_error(reader, e))
+        finally:
+            guard.reads = None
+            reader.active = False
+        desc = reader.description
+        return Result(
+            columns=[d[0] for d in desc],
+            decltypes=[d[1] for d in desc],
+            rowcount=-1,
+            lastrowid=None,
+            index=self.index,
+        )
+
+    def fetch(self, max_bytes: int) -> tuple[list[list[Any]] | None, bool]:
+        """The next rows, about max_bytes of them (at least one), and whether the read is
+        done. (None, True) if it failed: the error is in .error. Text that is not valid UTF-8
+        comes as bytes, with its (row, column) position listed in .bad_text (relative to
+        this chunk)."""
+        self.last_used = time.monotonic()
+        self.bad_text: list[list[int]] = []
+        reader, sm = self._reader, self._sm
+        out: list[list[Any]] = []
+        size = 0
+        reader.deadline = time.monotonic() + sm.query_timeout_s
+        reader.timed_out = False
+        reader.active = True
+        try:
+            while True:
+                if self._pending is not None:
+                    (row, bad), self._pending = self._pending, None
+                else:
+                    got = self._next_row()
+                    if got is None:
+                        return out, True
+                    row, bad = got
+                n = sum(map(_value_size, row)) + 5
+                if self._max_row_bytes is not None and n > self._max_row_bytes:
+                    self.error = _error(
+                        SQLITE_TOOBIG,
+                        RESULT_TOO_BIG,
+                        f"row {self._sent + len(out) + 1} of the result is about {n} bytes, "
+                        f"more than one frame can carry ({self._max_row_bytes} bytes, the "
+                        "node's max_frame_size); read its large values in pieces, e.g. with "
+                        "substr(value, start, length)",
+                    )
+                    return None, True
+                if out and size + n > max_bytes:
+                    self._pending = (row, bad)
+                    self._sent += len(out)
+                    return out, False
+                for c in bad:
+                    self.bad_text.append([len(out), c])
+                out.append(row)
+                size += n
+        except Exception as e:  # noqa: BLE001 - a read's failure is always just its result
+            self.error = sm._read_error(reader, e)
+            return None, True
+        finally:
+            reader.active = False
+
+    def _next_row(self) -> tuple[list[Any], list[int]] | None:
+        """The next row and the columns whose TEXT is not valid UTF-8 (sent as bytes)."""
+        while True:
+            try:
+                row = next(self._rows, None)
+                if row is not None:
+                    self._consumed += 1
+            except UnicodeDecodeError:
+                if self._wrapped or not self._recover():
+                    raise
+                continue
+            if row is None:
+                return None
+            if not self._wrapped:
+                return list(row), []
+            # Wrapped: (typeof, value) per column; text that does not decode stays bytes.
+            out, bad = [], []
+            for c in range(0, len(row), 2):
+                value = row[c + 1]
+                if row[c] == "text":
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad.append(c // 2)
+                out.append(value)
+            return out, bad
+
+    def _recover(self) -> bool:
+        """A TEXT value that is not valid UTF-8 stopped the read (apsw cannot hand over its
+        bytes). Run the statement again in the same read transaction, wrapped so that every
+        TEXT value arrives as bytes with its type, and skip the rows already read: the client
+        then decides, as sqlite3's text_factory does. Only a SELECT, VALUES or WITH statement
+        can be wrapped; False otherwise (the read fails with sqlite3's decode error)."""
+        reader = self._reader
+        sql = reader.statement or self._sql
+        if first_keyword(sql) not in ("SELECT", "VALUES", "WITH") or not reader.description:
+            return False
+        cols = len(reader.description)
+        names = ", ".join(f"c{i}" for i in range(cols))
+        picks = ", ".join(
+            f"typeof(c{i}), CASE WHEN typeof(c{i}) = 'text' THEN CAST(c{i} AS BLOB) ELSE c{i} END"
+            for i in range(cols)
+        )
+        wrapped = (
+            f"WITH raftsql_text_q({names}) AS (\n{sql.rstrip().rstrip(';')}\n) "
+            f"SELECT {picks} FROM raftsql_text_q"
+        )
+        description = reader.description
+        reader.traced = 0
+        try:
+            rows = reader.conn.cursor().execute(wrapped, self._params, can_cache=False)
+        except Exception:  # noqa: BLE001 - cannot wrap it: the plain decode error stands
+            return False
+        finally:
+            reader.description = description
+            reader.traced = 0
+        skip = self._consumed
+        for _ in range(skip):
+            if next(rows, None) is None:
+                break
+        self._rows = rows
+        self._wrapped = True
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        reader, sm = self._reader, self._sm
+        reader.active = False
+        guard = reader.guard
+        guard.internal = True
+        try:
+            self._rows = None
+            if reader.conn.in_transaction:
+                reader.conn.execute(sm._tag + "COMMIT")
+        except apsw.Error as e:  # a reader that cannot end its read: drop it
+            log.warning("closing a read cursor failed: %s", e)
+            reader.conn.close()
+            return
+        finally:
+            guard.internal = False
+        sm._checkin_reader(reader)
 
 
 class StateMachine:
@@ -1501,14 +1712,62 @@ class StateMachine:
         at_index: int | None = None,
         reads: set[str] | None = None,
         start_index: int | None = None,
+        max_bytes: int = MAX_RESULT_BYTES,
     ) -> Result:
-        """Run one read-only statement on a read connection (WAL: concurrent with apply).
+        """Run one read-only statement on a read connection (WAL: concurrent with apply) and
+        return all of its rows, at most max_bytes of them (else the error RAFTSQL_RESULT_TOO_BIG:
+        larger results are read with open_query()).
 
         at_index: wait (up to query_timeout_s) until that index is applied. Result.index is the
         applied index of the snapshot the read saw. Errors are returned in Result.error, never
         raised. 'now' and random() here come from this node's clock and PRNG (not replicated).
 
         reads / start_index: as for preview() (a transaction's read served by a reader)."""
+        result, cursor = self.open_query(
+            sql, params, at_index=at_index, reads=reads, start_index=start_index,
+            first_bytes=max_bytes, max_row_bytes=max_bytes,
+        )
+        if result.error is not None and result.error["name"] == RESULT_TOO_BIG:
+            result.error = _read_too_big_error(max_bytes)
+        if cursor is not None:
+            cursor.close()
+            return Result(index=result.index, error=_read_too_big_error(max_bytes))
+        return result
+
+    def stream_query(
+        self,
+        sql: str,
+        params: Any = (),
+        *,
+        reads: set[str] | None = None,
+        start_index: int | None = None,
+        first_bytes: int = 1 << 20,
+        max_row_bytes: int | None = None,
+    ) -> Result:
+        """open_query() with the cursor, if any, in Result.stream."""
+        result, cursor = self.open_query(
+            sql, params, reads=reads, start_index=start_index, first_bytes=first_bytes,
+            max_row_bytes=max_row_bytes,
+        )
+        result.stream = cursor
+        return result
+
+    def open_query(
+        self,
+        sql: str,
+        params: Any = (),
+        *,
+        at_index: int | None = None,
+        reads: set[str] | None = None,
+        start_index: int | None = None,
+        first_bytes: int = 1 << 20,
+        max_row_bytes: int | None = None,
+    ) -> tuple[Result, ReadCursor | None]:
+        """Start a read and return its first rows (about first_bytes of them) and, if more
+        remain, a ReadCursor that streams the rest from the same snapshot (one SQLite read
+        transaction, at Result.index) until it is exhausted or closed. Memory stays bounded
+        by the chunk size, whatever the size of the result. max_row_bytes: a single row larger
+        than this (it could not be sent in one frame) fails the read with a clear error."""
         self._check_open()
         if at_index is not None and not self.wait_applied(at_index, self.query_timeout_s):
             return Result(
@@ -1518,12 +1777,27 @@ class StateMachine:
                     TIMEOUT,
                     f"index {at_index} was not applied within {self.query_timeout_s} s",
                 ),
-            )
+            ), None
         reader = self._checkout_reader()
+        cursor = ReadCursor(self, reader, max_row_bytes)
         try:
-            return self._run_read(reader, sql, params, reads, start_index)
-        finally:
-            self._checkin_reader(reader)
+            result = cursor.start(sql, params, reads, start_index)
+            if result.error is None:
+                result.rows, done = cursor.fetch(first_bytes)
+                if result.rows is None:  # failed while fetching
+                    result = Result(index=result.index, error=cursor.error)
+                    done = True
+                else:
+                    result.bad_text = cursor.bad_text or None
+            else:
+                done = True
+        except BaseException:
+            cursor.close()
+            raise
+        if done:
+            cursor.close()
+            return result, None
+        return result, cursor
 
     def _open_reader(self, *, write_rules: bool) -> _Reader:
         conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
@@ -1556,6 +1830,7 @@ class StateMachine:
                 )
                 return False
             reader.description = cursor.get_description()
+            reader.statement = sql
             reader.active = True
             return True
 
@@ -1575,59 +1850,6 @@ class StateMachine:
                 self._readers.append(reader)
                 return
         reader.conn.close()
-
-    def _run_read(
-        self,
-        reader: _Reader,
-        sql: str,
-        params: Any,
-        reads: set[str] | None = None,
-        start_index: int | None = None,
-    ) -> Result:
-        conn, guard, tag = reader.conn, reader.guard, self._tag
-        reader.traced = 0
-        reader.description = ()
-        reader.abort = None
-        reader.timed_out = False
-        reader.deadline = time.monotonic() + self.query_timeout_s
-        guard.denied = None
-        guard.internal = True
-        try:
-            conn.execute(tag + "BEGIN")
-            seen_index = conn.execute(tag + "SELECT applied_index FROM _raftsql_meta").fetchone()[0]
-        finally:
-            guard.internal = False
-        guard.reads = reads
-        try:
-            # Collecting a read set needs the authorizer, which runs only at prepare.
-            cursor = conn.execute(
-                sql, params if params is not None else (), can_cache=reads is None
-            )
-            rows = [list(row) for row in cursor]
-            if start_index is not None and reads:
-                conflict = self._modified_after(conn, guard, reads, start_index)
-                if conflict is not None:
-                    return Result(index=seen_index, error=conflict)
-        except Exception as e:  # noqa: BLE001 - a read's failure is always just its result
-            return Result(index=seen_index, error=self._read_error(reader, e))
-        finally:
-            guard.reads = None
-            reader.active = False
-            guard.internal = True
-            try:
-                if conn.in_transaction:
-                    conn.execute(tag + "COMMIT")
-            finally:
-                guard.internal = False
-        desc = reader.description
-        return Result(
-            columns=[d[0] for d in desc],
-            decltypes=[d[1] for d in desc],
-            rows=rows,
-            rowcount=-1,
-            lastrowid=None,
-            index=seen_index,
-        )
 
     def _read_error(self, reader: _Reader, e: BaseException) -> dict[str, Any]:
         if isinstance(e, apsw.ExecTraceAbort) and reader.abort is not None:
@@ -1734,6 +1956,15 @@ def _damaged(path: str, what: str, damage: str) -> DatabaseDamagedError:
         "is damaged on this node (the other nodes have their own copies). Recover: restart "
         "this node with `raftsql node ... --reseed`, which moves the damaged database aside "
         "and fetches a fresh copy from the leader (README, Recovery)."
+    )
+
+
+def _read_too_big_error(limit: int) -> dict[str, Any]:
+    return _error(
+        SQLITE_TOOBIG,
+        RESULT_TOO_BIG,
+        f"result too big: more than {limit} bytes of rows where the whole result must be "
+        "built at once; stream it instead (the driver streams the results of plain reads)",
     )
 
 
