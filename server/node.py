@@ -516,6 +516,7 @@ class Node:
         timeout_s: float | None = None,
         reads: set[str] | None = None,
         commit: tuple[int, tuple[str, ...], int] | None = None,
+        chunk: int | None = None,
     ):
         """Run statements (one, or an atomic batch). SQLite decides if they only read: a single
         read-only statement is served as a read at the requested consistency; anything else
@@ -524,7 +525,9 @@ class Node:
 
         reads: a transaction's read before its first write; the tables it read are added.
         commit: (read_index, read_set, last_ms) makes the entry a transaction's commit (TXN),
-        applied only if the check passes (see DESIGN.md, "Serializable transactions")."""
+        applied only if the check passes (see DESIGN.md, "Serializable transactions").
+        chunk: a read returns about this many bytes of rows, and the rest in Result.stream
+        (the client fetches it); None: the whole result, up to statemachine.MAX_RESULT_BYTES."""
         from raftsql.server.statemachine import Result, SQLError
 
         if self._stopping:
@@ -570,10 +573,19 @@ class Node:
                 with self._lock:
                     if self.core.role != Role.LEADER:
                         raise self._not_leader()
-            return self.sm.query(sql, params, reads=reads)
+            return self._read(sql, params, reads, None, chunk)
         if not is_leader:
             raise self._not_leader()
         return self._write(statements, client_id, serial, deadline, commit)
+
+    def _read(self, sql, params, reads, start_index, chunk):
+        if chunk is None:
+            return self.sm.query(sql, params, reads=reads, start_index=start_index)
+        # A row must fit in one response frame, with room for the envelope.
+        return self.sm.stream_query(
+            sql, params, reads=reads, start_index=start_index, first_bytes=chunk,
+            max_row_bytes=self.cfg.max_frame_size - (64 << 10),
+        )
 
     def _await_leader(self, deadline: float) -> None:
         """During an election, hold the request (at most about one election) until a leader is
@@ -640,6 +652,7 @@ class Node:
         self, statement: tuple[str, Any], writes: list[tuple[str, Any]], term: int | None,
         consistency: str = "linearizable", *, start_index: int | None = None,
         reads: set[str] | None = None, last_ms: int | None = None, timeout_s: float | None = None,
+        chunk: int | None = None,
     ):
         """One statement of a driver transaction: run on the leader against the applied state
         plus the transaction's earlier writes, then rolled back (see DESIGN.md). Returns
@@ -668,7 +681,7 @@ class Node:
             # No writes yet: a read runs on a reader connection, concurrently with apply.
             sql, params = statement
             seen = set(before)
-            result = self.sm.query(sql, params, reads=seen, start_index=start_index)
+            result = self._read(sql, params, seen, start_index, chunk)
             if (result.error or {}).get("name") != "RAFTSQL_NOT_READONLY":
                 if reads is not None:
                     reads |= seen
