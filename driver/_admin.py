@@ -179,6 +179,7 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
 
 # --------------------------------------------------------------------------- restore
 
+# SQLite's own tables and raftsql's (sqlite_raftsql_*; _raftsql_* in files made before the rename).
 _INTERNAL = ("sqlite_", "_raftsql_")
 
 
@@ -227,8 +228,7 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
         if ok != "ok":
             raise AdminError(f"{in_path} fails its integrity check: {ok}")
         existing = client.execute([(
-            "SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
-            "AND name NOT LIKE '\\_raftsql\\_%' ESCAPE '\\'", [])])
+            "SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'", [])])
         if existing.get("error"):
             raise AdminError(f"cannot read the cluster's schema: {existing['error'].get('message')}")
         if existing["rows"]:

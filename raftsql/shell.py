@@ -66,14 +66,14 @@ def _columns(names: list[str], width: int = 80) -> str:
     return "\n".join(lines)
 
 
+# raftsql's own tables (sqlite_raftsql_*) stay out of listings, as SQLite's do.
 _TABLES_SQL = (
     "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') "
-    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_raftsql%' ESCAPE '\\' "
-    "ORDER BY name"
+    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
 )
 _SCHEMA_SQL = (
     "SELECT sql || ';' FROM sqlite_schema WHERE sql IS NOT NULL "
-    "AND name NOT LIKE '\\_raftsql%' ESCAPE '\\' {where}ORDER BY tbl_name, type DESC, name"
+    "AND tbl_name NOT LIKE 'sqlite\\_raftsql\\_%' ESCAPE '\\' {where}ORDER BY tbl_name, type DESC, name"
 )
 
 

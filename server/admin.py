@@ -553,7 +553,7 @@ def copy_database(src_path: str, dst_path: str) -> int:
     """A consistent copy of the SQLite database at src_path, for a user: SQLite's online backup
     from a read-only connection, in one step (one read transaction, so no write that commits
     meanwhile can tear it). raftsql's per-client sessions and transaction bookkeeping are
-    dropped and the file vacuumed (they are no user's data); `_raftsql_meta` is kept, so the
+    emptied and the file vacuumed (they are no user's data); `sqlite_raftsql_meta` is kept, so the
     file records the log index it holds. Returns that index."""
     import apsw
 
@@ -570,13 +570,14 @@ def copy_database(src_path: str, dst_path: str) -> int:
         src.close()
     dst = apsw.Connection(dst_path)
     try:
-        index = dst.execute("SELECT applied_index FROM _raftsql_meta").fetchall()[0][0]
+        index = dst.execute("SELECT applied_index FROM sqlite_raftsql_meta").fetchall()[0][0]
         dst.execute("PRAGMA journal_mode=DELETE").fetchall()
+        # SQLite never lets a sqlite_* table be dropped: empty them (they stay hidden).
         internal = [r[0] for r in dst.execute(
-            "SELECT name FROM sqlite_schema WHERE type='table' AND name LIKE '\\_raftsql\\_%' ESCAPE '\\' "
-            "AND name != '_raftsql_meta'")]
+            "SELECT name FROM sqlite_schema WHERE type='table' AND name LIKE 'sqlite\\_raftsql\\_%' "
+            "ESCAPE '\\' AND name != 'sqlite_raftsql_meta'")]
         for name in internal:
-            dst.execute(f'DROP TABLE "{name}"')
+            dst.execute(f'DELETE FROM "{name}"')
         dst.execute("VACUUM")
     finally:
         dst.close()

@@ -3,7 +3,7 @@ receiving them from a leader, and putting one in place of the database (see serv
 "Snapshots and InstallSnapshot").
 
 A snapshot is a plain SQLite file copied with the backup API: the applied index lives in the
-same database (`_raftsql_meta`), so a copy made in one read transaction is a consistent state
+same database (`sqlite_raftsql_meta`), so a copy made in one read transaction is a consistent state
 *at* an applied index. Files, all in DATA_DIR/snapshots:
 
     snap-<index:020d>-<sha256 hex>.db   a durable snapshot (fsynced, renamed into place)
@@ -106,7 +106,7 @@ def copy_database(db_path: str, dest: str, *, paced: bool = True) -> int:
     src = apsw.Connection(db_path, flags=apsw.SQLITE_OPEN_READONLY)
     try:
         src.execute("BEGIN")
-        src.execute("SELECT applied_index FROM _raftsql_meta").fetchone()  # the read txn starts
+        src.execute("SELECT applied_index FROM sqlite_raftsql_meta").fetchone()  # the read txn starts
         dst = apsw.Connection(dest)
         fd = os.open(dest, os.O_RDONLY)
         try:
@@ -119,7 +119,7 @@ def copy_database(db_path: str, dest: str, *, paced: bool = True) -> int:
                         if steps % COPY_SYNC_EVERY == 0:
                             os.fsync(fd)
                         time.sleep(COPY_PAUSE_S)
-            row = dst.execute("SELECT applied_index FROM _raftsql_meta").fetchone()
+            row = dst.execute("SELECT applied_index FROM sqlite_raftsql_meta").fetchone()
         finally:
             os.close(fd)
             dst.close()
@@ -137,7 +137,7 @@ def database_index(path: str) -> int:
 
     conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return conn.execute("SELECT applied_index FROM _raftsql_meta").fetchone()[0]
+        return conn.execute("SELECT applied_index FROM sqlite_raftsql_meta").fetchone()[0]
     finally:
         conn.close()
 

@@ -264,7 +264,11 @@ def _quote_ident(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The sandbox
 
-_INTERNAL_PREFIX = "_raftsql_"
+# raftsql's own tables (sqlite_raftsql_meta, ...). Users may read them, never write them.
+_INTERNAL_PREFIX = "sqlite_raftsql_"
+_INTERNAL_TABLES = ("meta", "sessions", "tables", "members")
+# Their names before they moved under SQLite's reserved prefix; still reserved for user objects.
+_LEGACY_PREFIX = "_raftsql_"
 
 # Introspection pragmas: they read the schema and change nothing; their argument (a table name)
 # arrives in the value slot, so any argument is fine.
@@ -332,7 +336,10 @@ _ROW_WRITES = frozenset({_A.SQLITE_INSERT, _A.SQLITE_UPDATE, _A.SQLITE_DELETE})
 
 
 def _is_internal(name: str | None) -> bool:
-    return name is not None and name.lower().startswith(_INTERNAL_PREFIX)
+    if name is None:
+        return False
+    low = name.lower()
+    return low.startswith(_INTERNAL_PREFIX) or low.startswith(_LEGACY_PREFIX)
 
 
 def _refusal(
@@ -385,7 +392,7 @@ def _refusal(
         return "TEMP objects are not allowed: they belong to one connection and are not replicated"
     if action in _SCHEMA_ACTIONS:
         if _is_internal(arg3) or _is_internal(arg4):
-            return f"names starting with {_INTERNAL_PREFIX} are reserved for raftsql"
+            return f"names starting with {_LEGACY_PREFIX} or {_INTERNAL_PREFIX} are reserved for raftsql"
         if action == _A.SQLITE_CREATE_VTABLE and (arg4 or "").lower() not in _VTAB_MODULES:
             return f"virtual table module {arg4} is not allowed"
         return None
@@ -553,7 +560,7 @@ class _TransactionLost(Exception):
 @dataclass(frozen=True)
 class MemberChange:
     """A committed membership change as the state machine records it: the member's advertised
-    address (None: leave it as is), or its removal. Kept in `_raftsql_members`, so the address
+    address (None: leave it as is), or its removal. Kept in `sqlite_raftsql_members`, so the address
     book travels inside snapshots and every node holds the same one at the same index."""
 
     node_id: str
@@ -613,7 +620,7 @@ class ReadCursor:
         try:
             conn.execute(tag + "BEGIN")
             self.index = conn.execute(
-                tag + "SELECT applied_index FROM _raftsql_meta"
+                tag + "SELECT applied_index FROM sqlite_raftsql_meta"
             ).fetchone()[0]
         finally:
             guard.internal = False
@@ -821,23 +828,23 @@ class StateMachine:
         # hit a cached statement that was authorized as internal (think "RELEASE raftsql_entry").
         self._tag = f"/* raftsql {os.urandom(8).hex()} */ "
         self._sql_meta = (
-            "UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=?, session_ms=? WHERE id=1"
+            "UPDATE sqlite_raftsql_meta SET applied_index=?, time_ms=?, gc_ms=?, session_ms=? WHERE id=1"
         )
         self._sql_session_get = (
-            "SELECT serial, result, last_ms FROM _raftsql_sessions WHERE client_id=?"
+            "SELECT serial, result, last_ms FROM sqlite_raftsql_sessions WHERE client_id=?"
         )
-        self._sql_session_touch = "UPDATE _raftsql_sessions SET last_ms=? WHERE client_id=?"
+        self._sql_session_touch = "UPDATE sqlite_raftsql_sessions SET last_ms=? WHERE client_id=?"
         self._sql_session_put = (
-            "INSERT INTO _raftsql_sessions(client_id, serial, result, last_ms) VALUES(?,?,?,?) "
+            "INSERT INTO sqlite_raftsql_sessions(client_id, serial, result, last_ms) VALUES(?,?,?,?) "
             "ON CONFLICT(client_id) DO UPDATE SET serial=excluded.serial, "
             "result=excluded.result, last_ms=excluded.last_ms"
         )
-        self._sql_session_gc = "DELETE FROM _raftsql_sessions WHERE last_ms < ?"
+        self._sql_session_gc = "DELETE FROM sqlite_raftsql_sessions WHERE last_ms < ?"
         self._sql_table_touch = (
-            "INSERT INTO _raftsql_tables(name, modified_index) VALUES(?,?) "
+            "INSERT INTO sqlite_raftsql_tables(name, modified_index) VALUES(?,?) "
             "ON CONFLICT(name) DO UPDATE SET modified_index=excluded.modified_index"
         )
-        self._sql_table_get = "SELECT modified_index FROM _raftsql_tables WHERE name=?"
+        self._sql_table_get = "SELECT modified_index FROM sqlite_raftsql_tables WHERE name=?"
         self._sql_plain_writes = (
             "SELECT 1 FROM sqlite_schema WHERE type='trigger' AND lower(tbl_name)=?1 "
             "UNION ALL SELECT 1 FROM pragma_foreign_key_list(?1) "
@@ -845,10 +852,10 @@ class StateMachine:
             "OR on_update NOT IN ('NO ACTION', 'RESTRICT')) LIMIT 1"
         )
         self._sql_member_put = (
-            "INSERT INTO _raftsql_members(node_id, address) VALUES(?,?) "
+            "INSERT INTO sqlite_raftsql_members(node_id, address) VALUES(?,?) "
             "ON CONFLICT(node_id) DO UPDATE SET address=excluded.address"
         )
-        self._sql_member_del = "DELETE FROM _raftsql_members WHERE node_id=?"
+        self._sql_member_del = "DELETE FROM sqlite_raftsql_members WHERE node_id=?"
 
         # Per-statement apply state, read by the callbacks below.
         self._seed = 0
@@ -889,42 +896,72 @@ class StateMachine:
         if not mode or str(mode[0][0]).lower() != "wal":
             raise StateMachineError(f"cannot put {self.path} in WAL mode (got {mode})")
         self._internal("PRAGMA synchronous=NORMAL")
+        # raftsql's tables are named sqlite_raftsql_*: SQLite reserves the sqlite_ prefix, so
+        # users cannot create, drop, alter or index them, and listings, dumps and reflection
+        # (sqlite3's iterdump and shell, SQLAlchemy) skip them. Creating one needs the writable
+        # schema, for this block only (server/DESIGN.md, "raftsql's own tables").
+        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
+        conn.config(apsw.SQLITE_DBCONFIG_WRITABLE_SCHEMA, 1)
+        try:
+            self._create_internal_tables()
+        finally:
+            conn.config(apsw.SQLITE_DBCONFIG_WRITABLE_SCHEMA, 0)
+            conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+        row = self._internal(
+            "SELECT applied_index, time_ms, gc_ms, format, session_ms FROM sqlite_raftsql_meta"
+        )[0]
+        self._finish_open(row)
+
+    def _create_internal_tables(self) -> None:
         self._internal("BEGIN IMMEDIATE")
+        # Databases made before the rename keep these tables as _raftsql_*: upgrade, then
+        # rename them in place. SQLite lets no one (raftsql included) alter or drop a sqlite_*
+        # table, so a later format change adds tables instead. Every node renames its own file
+        # when it opens it: upgrade all nodes together.
+        legacy = {
+            r[0] for r in self._internal(
+                "SELECT name FROM sqlite_schema WHERE type='table' AND name IN "
+                f"({', '.join(repr(f'{_LEGACY_PREFIX}{t}') for t in _INTERNAL_TABLES)})"
+            )
+        }
+        if "_raftsql_meta" in legacy:
+            cols = [r[1] for r in self._internal("PRAGMA table_info(_raftsql_meta)")]
+            if "session_ms" not in cols:
+                # Format 1 (no session clock): start the session clock at the entry time. Every
+                # node must be upgraded at the same applied index (stop the cluster, upgrade all).
+                self._internal("ALTER TABLE _raftsql_meta ADD COLUMN session_ms INTEGER NOT NULL DEFAULT 0")
+                self._internal("UPDATE _raftsql_meta SET session_ms=time_ms, format=2")
+        for name in sorted(legacy):
+            self._internal(f"ALTER TABLE {name} RENAME TO sqlite{name}")
         self._internal(
-            "CREATE TABLE IF NOT EXISTS _raftsql_meta("
+            "CREATE TABLE IF NOT EXISTS sqlite_raftsql_meta("
             "id INTEGER PRIMARY KEY CHECK (id = 1), applied_index INTEGER NOT NULL, "
             "time_ms INTEGER NOT NULL, gc_ms INTEGER NOT NULL, format INTEGER NOT NULL, "
             "session_ms INTEGER NOT NULL)"
         )
-        cols = [r[1] for r in self._internal("PRAGMA table_info(_raftsql_meta)")]
-        if "session_ms" not in cols:
-            # Format 1 (no session clock): start the session clock at the entry time. Every
-            # node must be upgraded at the same applied index (stop the cluster, upgrade all).
-            self._internal("ALTER TABLE _raftsql_meta ADD COLUMN session_ms INTEGER NOT NULL DEFAULT 0")
-            self._internal("UPDATE _raftsql_meta SET session_ms=time_ms, format=2")
-        self._internal("INSERT OR IGNORE INTO _raftsql_meta VALUES(1, 0, 0, 0, 2, 0)")
+        self._internal("INSERT OR IGNORE INTO sqlite_raftsql_meta VALUES(1, 0, 0, 0, 2, 0)")
         # WITHOUT ROWID and no index on last_ms: an upsert touches one b-tree page; the expiry
         # scan runs once per SESSION_GC_INTERVAL_MS of leader time.
         self._internal(
-            "CREATE TABLE IF NOT EXISTS _raftsql_sessions("
+            "CREATE TABLE IF NOT EXISTS sqlite_raftsql_sessions("
             "client_id TEXT PRIMARY KEY, serial INTEGER NOT NULL, result BLOB NOT NULL, "
             "last_ms INTEGER NOT NULL) WITHOUT ROWID"
         )
         # The last log index whose entry wrote each table (lower-case name; the schema as
         # SCHEMA): what a transaction's commit checks its read set against.
         self._internal(
-            "CREATE TABLE IF NOT EXISTS _raftsql_tables("
+            "CREATE TABLE IF NOT EXISTS sqlite_raftsql_tables("
             "name TEXT PRIMARY KEY, modified_index INTEGER NOT NULL) WITHOUT ROWID"
         )
         # The cluster's address book, from the CONF_CHANGE entries (MemberChange).
         self._internal(
-            "CREATE TABLE IF NOT EXISTS _raftsql_members("
+            "CREATE TABLE IF NOT EXISTS sqlite_raftsql_members("
             "node_id TEXT PRIMARY KEY, address TEXT NOT NULL) WITHOUT ROWID"
         )
         self._internal("COMMIT")
-        row = self._internal(
-            "SELECT applied_index, time_ms, gc_ms, format, session_ms FROM _raftsql_meta"
-        )[0]
+
+    def _finish_open(self, row: tuple) -> None:
+        conn = self._conn
         self._session_ms = row[4]
         if row[3] != 2:
             raise StateMachineError(f"{self.path}: unknown raftsql format {row[3]}")
@@ -1617,7 +1654,7 @@ class StateMachine:
             # read-only). Reading a table does check it, and reloads the schema if it moved.
             reader.guard.internal = True
             try:
-                reader.conn.execute(self._tag + "SELECT applied_index FROM _raftsql_meta").fetchall()
+                reader.conn.execute(self._tag + "SELECT applied_index FROM sqlite_raftsql_meta").fetchall()
             finally:
                 reader.guard.internal = False
             # An executemany batch repeats one statement with new values: preparing and binding
@@ -1870,7 +1907,7 @@ class StateMachine:
         """The replicated address book: node id -> advertised host:port."""
         with self._lock:
             self._check_open()
-            return dict(self._internal("SELECT node_id, address FROM _raftsql_members"))
+            return dict(self._internal("SELECT node_id, address FROM sqlite_raftsql_members"))
 
     def content_hash(self) -> str:
         """sha256 over the schema (without root pages) and every table's rows in key order,

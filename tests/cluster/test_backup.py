@@ -74,9 +74,12 @@ def test_backup_of_a_live_cluster_matches_its_content_at_its_index(cluster, tmp_
     assert len(acked) > after or after > len(before)  # writes ran during the backup
     db = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT applied_index FROM _raftsql_meta").fetchone()[0] == index
+    assert db.execute("SELECT applied_index FROM sqlite_raftsql_meta").fetchone()[0] == index
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-    assert names == {"t", "_raftsql_meta"}  # sessions and transaction bookkeeping are dropped
+    assert "t" in names and all(n == "t" or n.startswith("sqlite_raftsql_") for n in names)
+    # Sessions and transaction bookkeeping are emptied; user listings skip sqlite_* tables.
+    assert db.execute("SELECT count(*) FROM sqlite_raftsql_sessions").fetchone() == (0,)
+    assert [line for line in db.iterdump() if "raftsql" in line] == []
     rows = [r[0] for r in db.execute("SELECT v FROM t ORDER BY id")]
     db.close()
     # Exactly the writes at or below the backup's index, each once.

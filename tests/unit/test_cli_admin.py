@@ -121,8 +121,9 @@ def test_copy_database_drops_internal_tables_and_keeps_the_index(tmp_path):
 
     db = sqlite3.connect(tmp_path / "copy.db")
     assert index == 2
-    assert db.execute("SELECT applied_index FROM _raftsql_meta").fetchone() == (2,)
-    assert {r[0] for r in db.execute("SELECT name FROM sqlite_schema")} == {"t", "_raftsql_meta"}
+    assert db.execute("SELECT applied_index FROM sqlite_raftsql_meta").fetchone() == (2,)
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'")} == {"t"}
+    assert db.execute("SELECT count(*) FROM sqlite_raftsql_sessions").fetchone() == (0,)
     assert db.execute("SELECT x FROM t").fetchall() == [(7,)]
     assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     db.close()

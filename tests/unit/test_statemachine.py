@@ -276,7 +276,7 @@ def test_sessions_expire_by_leader_time(make):
     # Garbage collection removes expired sessions, identically on both nodes.
     for k in range(1, 20):
         c.apply(entry("SELECT 1", t=T0 + 1001 + 250 * k))
-    assert a.query("SELECT client_id FROM _raftsql_sessions").rows == []
+    assert a.query("SELECT client_id FROM sqlite_raftsql_sessions").rows == []
     c.assert_same()
 
 
@@ -332,7 +332,7 @@ def test_format_1_database_gets_a_session_clock(tmp_path):
     sm = StateMachine(path)
     try:
         assert sm.applied_index == 5
-        assert sm.query("SELECT format, session_ms FROM _raftsql_meta").rows == [[2, T0]]
+        assert sm.query("SELECT format, session_ms FROM sqlite_raftsql_meta").rows == [[2, T0]]
     finally:
         sm.close()
 
@@ -448,18 +448,66 @@ REFUSED = [
     ("PRAGMA writable_schema=ON", "PRAGMA writable_schema"),
     ("PRAGMA foreign_keys=ON", "PRAGMA foreign_keys cannot be changed"),
     ("PRAGMA database_list", "PRAGMA database_list"),
-    ("INSERT INTO _raftsql_sessions VALUES('x', 1, x'', 0)", "_raftsql_sessions is internal"),
-    ("UPDATE _raftsql_meta SET applied_index = 99", "_raftsql_meta is internal"),
-    ("DELETE FROM _raftsql_sessions", "internal"),
-    ("DROP TABLE _raftsql_meta", "reserved"),
+    ("INSERT INTO sqlite_raftsql_sessions VALUES('x', 1, x'', 0)", "sqlite_raftsql_sessions is internal"),
+    ("UPDATE sqlite_raftsql_meta SET applied_index = 99", "_raftsql_meta is internal"),
+    ("DELETE FROM sqlite_raftsql_sessions", "internal"),
     ("CREATE TABLE _raftsql_mine(x)", "reserved"),
-    ("CREATE TRIGGER trg AFTER INSERT ON _raftsql_sessions BEGIN SELECT 1; END", "reserved"),
     ("CREATE TEMP TABLE scratch(x)", "TEMP"),
     ("BEGIN", "transaction control"),
     ("SAVEPOINT s", "transaction control"),
     ("SELECT total_changes()", "total_changes"),
     ("SELECT count(*) FROM dbstat", "dbstat"),
 ]
+
+
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("DROP TABLE sqlite_raftsql_meta", "may not be dropped"),
+        ("ALTER TABLE sqlite_raftsql_meta ADD COLUMN x", "may not be altered"),
+        ("CREATE INDEX i ON sqlite_raftsql_sessions(last_ms)", "may not be indexed"),
+        ("CREATE TRIGGER trg AFTER INSERT ON sqlite_raftsql_sessions BEGIN SELECT 1; END",
+         "system table"),
+        ("CREATE TABLE sqlite_raftsql_mine(x)", "reserved for internal use"),
+    ],
+)
+def test_raftsqls_own_tables_are_sqlites_to_protect(pair, sql, message):
+    """raftsql's tables carry SQLite's reserved sqlite_ prefix: SQLite itself refuses DDL on
+    them (and listings, dumps and reflection skip them)."""
+    c = Cluster(*pair)
+    r = c.apply(entry(sql))
+    # Refused by SQLite itself, or by raftsql's authorizer before SQLite gets to it.
+    assert message in r.error["message"] or "reserved for raftsql" in r.error["message"], r.error
+    names = pair[0].query("SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'").rows
+    assert names == []
+    c.assert_same()
+
+
+def test_legacy_internal_tables_are_renamed_on_open(tmp_path):
+    import apsw
+
+    path = str(tmp_path / "db.sqlite")
+    sm = StateMachine(path)
+    sm.apply(1, entry("CREATE TABLE t(x)"))
+    sm.close()
+    # Rename them back to their old names, as a database from before the rename has them.
+    raw = apsw.Connection(path)
+    raw.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
+    raw.config(apsw.SQLITE_DBCONFIG_WRITABLE_SCHEMA, 1)
+    raw.execute("PRAGMA writable_schema=ON")
+    for t in ("meta", "sessions", "tables", "members"):
+        raw.execute("UPDATE sqlite_schema SET name=?, tbl_name=?, sql=replace(sql, ?, ?) "
+                    "WHERE name=?", (f"_raftsql_{t}", f"_raftsql_{t}", f"sqlite_raftsql_{t}",
+                                     f"_raftsql_{t}", f"sqlite_raftsql_{t}"))
+    raw.close()
+    sm = StateMachine(path)
+    try:
+        assert sm.applied_index == 1
+        names = sorted(r[0] for r in sm.query("SELECT name FROM sqlite_schema").rows)
+        assert names == ["sqlite_raftsql_members", "sqlite_raftsql_meta",
+                         "sqlite_raftsql_sessions", "sqlite_raftsql_tables", "t"]
+    finally:
+        sm.close()
 
 
 @pytest.mark.parametrize("sql, fragment", REFUSED)
@@ -488,16 +536,16 @@ def test_internal_statement_texts_do_not_bypass_the_sandbox(pair):
         ("SAVEPOINT raftsql_entry", ()),
         ("RELEASE raftsql_entry", ()),
         (
-            "UPDATE _raftsql_meta SET applied_index=?, time_ms=?, gc_ms=?, session_ms=? WHERE id=1",
+            "UPDATE sqlite_raftsql_meta SET applied_index=?, time_ms=?, gc_ms=?, session_ms=? WHERE id=1",
             (99, 0, 0, 0),
         ),
-        ("UPDATE _raftsql_sessions SET last_ms=? WHERE client_id=?", (0, "c")),
-        ("DELETE FROM _raftsql_sessions WHERE last_ms < ?", (T0 * 2,)),
+        ("UPDATE sqlite_raftsql_sessions SET last_ms=? WHERE client_id=?", (0, "c")),
+        ("DELETE FROM sqlite_raftsql_sessions WHERE last_ms < ?", (T0 * 2,)),
     ]:
         r = c.apply(entry(("INSERT INTO t VALUES(1)", ()), (sql, params)))
         assert r.error["name"] == "SQLITE_AUTH", (sql, r.error)
     assert pair[0].query("SELECT count(*) FROM t").rows == [[0]]
-    assert pair[0].query("SELECT count(*) FROM _raftsql_sessions").rows == [[1]]
+    assert pair[0].query("SELECT count(*) FROM sqlite_raftsql_sessions").rows == [[1]]
     c.assert_same()
 
 
@@ -507,7 +555,7 @@ def test_allowed_pragmas_and_internal_reads(pair):
     assert c.apply(entry("PRAGMA user_version")).rows == [[7]]
     assert c.apply(entry("CREATE TABLE t(x)", "PRAGMA table_info(t)")).error is None
     assert pair[0].query("PRAGMA foreign_keys").rows == [[0]]
-    assert pair[0].query("SELECT applied_index FROM _raftsql_meta").rows == [[3]]
+    assert pair[0].query("SELECT applied_index FROM sqlite_raftsql_meta").rows == [[3]]
     c.assert_same()
 
 

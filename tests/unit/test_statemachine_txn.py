@@ -49,7 +49,7 @@ def pair(tmp_path):
 
 
 def modified(sm, name):
-    rows = sm.query("SELECT modified_index FROM _raftsql_tables WHERE name = ?", (name,)).rows
+    rows = sm.query("SELECT modified_index FROM sqlite_raftsql_tables WHERE name = ?", (name,)).rows
     return rows[0][0] if rows else None
 
 
