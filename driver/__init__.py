@@ -11,7 +11,12 @@ so a write is applied at most once even when a leader dies mid-request. It needs
 standard library and msgpack (it never imports apsw or cryptography). See driver/DESIGN.md.
 """
 
-from raftsql.driver._connection import CONSISTENCY_LEVELS, Connection, connect
+from raftsql.driver._connection import (
+    CONSISTENCY_LEVELS,
+    LEGACY_TRANSACTION_CONTROL,
+    Connection,
+    connect,
+)
 from raftsql.driver._cursor import Cursor
 from raftsql.driver._exceptions import (
     RESULT_CODES,
@@ -83,6 +88,7 @@ __all__ = [
     "IntegrityError",
     "InterfaceError",
     "InternalError",
+    "LEGACY_TRANSACTION_CONTROL",
     "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",

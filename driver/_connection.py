@@ -36,6 +36,10 @@ Statement = tuple[str, Any]
 
 CONSISTENCY_LEVELS = ("linearizable", "leader", "stale")
 DEFAULT_TIMEOUT = 10.0
+# autocommit's third value (Python 3.12's sqlite3 constant, the same -1): transactions are
+# controlled by isolation_level, as in sqlite3 before 3.12. The default.
+LEGACY_TRANSACTION_CONTROL = -1
+_ISOLATION_LEVELS = ("", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
 _DSN_PARAMS = frozenset({"certs", "cafile", "certfile", "keyfile", "timeout", "autocommit", "consistency"})
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -55,6 +59,9 @@ class _Transaction:
     reads: set[str] = field(default_factory=set)  # tables read (lower case), for the check
     last_ms: int | None = None  # the leader's clock at the last previewed statement (idle timeout)
     explicit: bool = False  # opened by BEGIN or SAVEPOINT through execute()
+    # Legacy transaction control: begun by an INSERT/UPDATE/DELETE/REPLACE (even one that failed,
+    # as sqlite3's implicit BEGIN stays open); from then on every statement joins it.
+    begun: bool = False
     by_savepoint: bool = False  # opened by SAVEPOINT: RELEASE of the outermost one commits
     savepoints: list[tuple[str, int]] = field(default_factory=list)  # (name, len(writes))
     # An explicit transaction that failed (serialization, leader change, idle): every statement
@@ -90,13 +97,14 @@ class Connection:
     ProgrammingError = ProgrammingError
     NotSupportedError = NotSupportedError
 
-    def __init__(self, client: _client.Client, *, autocommit: bool = False,
-                 consistency: str = "linearizable"):
+    def __init__(self, client: _client.Client, *, autocommit: bool | int = LEGACY_TRANSACTION_CONTROL,
+                 isolation_level: str | None = "", consistency: str = "linearizable"):
         self._client = client
         # Serializes everything that touches the connection's state (threadsafety 2).
         self._lock = threading.RLock()
         self._closed = False
-        self._autocommit = bool(autocommit)
+        self._autocommit = _check_autocommit(autocommit)
+        self._isolation_level = _check_isolation_level(isolation_level)
         self._consistency = "linearizable"
         self.consistency = consistency
         self.row_factory = None
@@ -105,21 +113,60 @@ class Connection:
     # ------------------------------------------------------------------ attributes
 
     @property
-    def autocommit(self) -> bool:
-        """True: every statement is its own replicated write. False (the default, PEP 249):
-        statements form a transaction, applied by commit(). Setting it to True commits a
-        pending transaction first, as sqlite3 does."""
+    def autocommit(self) -> bool | int:
+        """As in Python 3.12's sqlite3. LEGACY_TRANSACTION_CONTROL (-1, the default):
+        isolation_level decides (None: autocommit; a string: a transaction opens before
+        INSERT/UPDATE/DELETE/REPLACE, and other statements outside one run on their own).
+        True: every statement is its own replicated write; isolation_level is ignored.
+        False (PEP 249): every statement, DDL included, joins the transaction that commit()
+        applies; isolation_level is ignored. Setting it to True commits a pending transaction
+        first; switching between False and LEGACY_TRANSACTION_CONTROL keeps it open."""
+        self._check_open()
         return self._autocommit
 
     @autocommit.setter
-    def autocommit(self, value: bool) -> None:
-        if value not in (True, False):
-            raise ValueError("autocommit must be True or False")
+    def autocommit(self, value: bool | int) -> None:
+        value = _check_autocommit(value)
         with self._lock:
             self._check_open()
-            if value and not self._autocommit:
+            if value is True and self._autocommit is not True:
                 self.commit()
-            self._autocommit = bool(value)
+            self._autocommit = value
+
+    @property
+    def isolation_level(self) -> str | None:
+        """sqlite3's legacy transaction control, used while autocommit is
+        LEGACY_TRANSACTION_CONTROL: None (autocommit: every statement is its own write unless
+        BEGIN opened a transaction), or "" (the default), "DEFERRED", "IMMEDIATE", "EXCLUSIVE"
+        (case-insensitive, reported upper case): an implicit transaction opens before
+        INSERT/UPDATE/DELETE/REPLACE. All three modes are the same optimistic transaction (no
+        locks; driver/DESIGN.md). Setting None commits pending work first, as sqlite3 does."""
+        self._check_open()
+        return self._isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        level = _check_isolation_level(value)
+        with self._lock:
+            self._check_open()
+            if level is None and self._autocommit is not True:
+                # Commit first (not after, as sqlite3 does): if it raises, e.g. Unavailable, the
+                # writes are still pending and must not be bypassed by autocommitted statements.
+                self.commit()
+            self._isolation_level = level
+
+    @isolation_level.deleter
+    def isolation_level(self) -> None:
+        raise AttributeError("cannot delete attribute")
+
+    def _mode(self) -> str:
+        """"auto" (autocommit=True, or legacy with isolation_level None), "legacy" (legacy with
+        an isolation level) or "pep249" (autocommit=False)."""
+        if self._autocommit is True:
+            return "auto"
+        if self._autocommit is False:
+            return "pep249"
+        return "auto" if self._isolation_level is None else "legacy"
 
     @property
     def consistency(self) -> str:
@@ -147,9 +194,11 @@ class Connection:
 
     @property
     def in_transaction(self) -> bool:
-        """True if an explicit transaction (BEGIN, SAVEPOINT) is open, or the open transaction
-        has uncommitted writes."""
-        return self._txn.explicit or bool(self._txn.writes)
+        """True if an explicit transaction (BEGIN, SAVEPOINT) is open, the open transaction
+        has uncommitted writes, or (legacy transaction control) an INSERT/UPDATE/DELETE/REPLACE
+        opened the implicit transaction."""
+        txn = self._txn
+        return txn.explicit or txn.begun or bool(txn.writes)
 
     @property
     def last_index(self) -> int:
@@ -238,8 +287,9 @@ class Connection:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        """Commit on success, roll back on an exception; does not close (as sqlite3)."""
-        if self._autocommit:
+        """Commit on success, roll back on an exception; does not close (as sqlite3). With
+        autocommit=True it does nothing (Python 3.12's sqlite3)."""
+        if self._autocommit is True:
             return False
         if exc_type is None:
             try:
@@ -369,11 +419,26 @@ class Connection:
             if txn.doomed is not None:
                 raise _again(txn.doomed)
             stmt = (sql, params)
-            if self._autocommit and not txn.explicit:
+            mode = self._mode()
+            # Known before sending: a read applied nothing if its response is lost (Unavailable,
+            # never OutcomeUnknown). Anything else may write; the server decides by preparing it.
+            reads_only = _sql.is_read_only(sql)
+            if not txn.explicit and mode == "legacy" and not self.in_transaction:
+                if _sql.is_dml(sql):
+                    # sqlite3 sends BEGIN before it; it stays open even if the statement fails.
+                    txn.begun = True
+                elif not reads_only:
+                    # sqlite3 runs anything else (DDL, PRAGMA, WITH ... INSERT) outside a
+                    # transaction: its own write. It ends the window of the reads before it,
+                    # which were in no transaction either (and a DDL would make them conflict).
+                    self._txn = _Transaction()
+                    return self._send([stmt], consistency=cursor.consistency,
+                                      min_index=cursor.min_index)
+            if mode == "auto" and not txn.explicit:
                 # Outside any transaction: its own write, or a read at the cursor's consistency.
                 return self._send([stmt], consistency=cursor.consistency,
-                                  min_index=cursor.min_index, idempotent=_sql.is_select(sql))
-            if not txn.explicit and not txn.writes and _sql.is_select(sql):
+                                  min_index=cursor.min_index, idempotent=reads_only)
+            if not txn.explicit and not txn.writes and reads_only:
                 # An implicit transaction's read before its first write: the normal read path
                 # (any node, the cursor's consistency), collecting the tables it read.
                 result = self._send([stmt], consistency=cursor.consistency,
@@ -391,23 +456,26 @@ class Connection:
         """BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE and ROLLBACK TO sent through execute(),
         with SQLite's rules (and messages); see driver/DESIGN.md."""
         txn = self._txn
-        active = txn.explicit or bool(txn.writes)
+        active = self.in_transaction
+        # With nothing open, COMMIT, ROLLBACK and SAVEPOINT reach SQLite itself, except with
+        # autocommit=False, where sqlite3 3.12 always has a transaction open.
+        outside = self._mode() != "pep249"
         if kind == "BEGIN":
             if active:
                 raise OperationalError("cannot start a transaction within a transaction")
             # All three modes are optimistic: none takes a lock (see driver/DESIGN.md).
             self._txn = _Transaction(explicit=True)
         elif kind == "COMMIT":
-            if not active and self._autocommit:
+            if not active and outside:
                 raise OperationalError("cannot commit - no transaction is active")
             self.commit()
         elif kind == "ROLLBACK":
-            if not active and self._autocommit:
+            if not active and outside:
                 raise OperationalError("cannot rollback - no transaction is active")
             self.rollback()
         elif kind == "SAVEPOINT":
             if not active:
-                if self._autocommit:
+                if outside:
                     self._txn = txn = _Transaction(explicit=True, by_savepoint=True)
                 elif not txn.explicit:
                     txn.explicit = True  # sqlite3 (autocommit=False) is always in a transaction
@@ -431,11 +499,20 @@ class Connection:
                   params_list: list[Any]) -> tuple[dict[str, Any], int]:
         with self._lock:
             self._check_open()
-            if self._txn.doomed is not None:
-                raise _again(self._txn.doomed)
+            txn = self._txn
+            if txn.doomed is not None:
+                raise _again(txn.doomed)
             if not params_list:
                 return _empty_result(0), 0
-            if self._autocommit and not self._txn.explicit:
+            mode = self._mode()
+            outside = mode == "auto" and not txn.explicit
+            if mode == "legacy" and not self.in_transaction:
+                if _sql.is_dml(sql):
+                    txn.begun = True
+                else:
+                    self._txn = _Transaction()
+                    outside = True
+            if outside:
                 # One "many" statement: the server prepares it once per node, not once per set.
                 result = self._send([(sql, _client.ManyParams(params_list))])
                 err = result.get("error")
@@ -464,6 +541,32 @@ class Connection:
 
 # Errors after which the open transaction cannot continue (nothing of it will be applied).
 _TXN_FATAL = frozenset({"RAFTSQL_SERIALIZATION", "RAFTSQL_TXN_TIMEOUT"})
+
+
+def _check_autocommit(value: Any) -> bool | int:
+    """True, False or LEGACY_TRANSACTION_CONTROL, else ValueError (Python 3.12's check: 1 and 0
+    are not accepted)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, int) and value == LEGACY_TRANSACTION_CONTROL:
+        return LEGACY_TRANSACTION_CONTROL
+    raise ValueError("autocommit must be True, False, or sqlite3.LEGACY_TRANSACTION_CONTROL")
+
+
+def _check_isolation_level(value: Any) -> str | None:
+    """None or one of "", DEFERRED, IMMEDIATE, EXCLUSIVE (any case; returned upper case), with
+    the exceptions and messages of Python 3.11's sqlite3."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("isolation_level must be str or None")
+    if "\0" in value:
+        raise ValueError("embedded null character")
+    level = value.upper() if value.isascii() else value
+    if level not in _ISOLATION_LEVELS:
+        raise ValueError(
+            "isolation_level string must be '', 'DEFERRED', 'IMMEDIATE', or 'EXCLUSIVE'")
+    return level
 
 
 def _again(error: Error) -> Error:
@@ -497,6 +600,14 @@ def _parse_hosts(hosts: Any) -> list[tuple[str, int]]:
     return out
 
 
+def _parse_autocommit(value: Any) -> bool | int:
+    if isinstance(value, int) and not isinstance(value, bool) and value == LEGACY_TRANSACTION_CONTROL:
+        return LEGACY_TRANSACTION_CONTROL
+    if isinstance(value, str) and value.strip().lower() in ("legacy", "-1"):
+        return LEGACY_TRANSACTION_CONTROL
+    return _parse_bool("autocommit", value)
+
+
 def _parse_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -517,16 +628,20 @@ class Settings:
     certfile: str
     keyfile: str | None
     timeout: float
-    autocommit: bool
+    autocommit: bool | int
     consistency: str
+    isolation_level: str | None = ""
 
 
 def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
                    cafile: str | None = None, certfile: str | None = None,
                    keyfile: str | None = None, timeout: float | None = None,
-                   autocommit: bool | None = None, consistency: str | None = None) -> Settings:
+                   autocommit: bool | int | None = None, consistency: str | None = None,
+                   isolation_level: str | None = "") -> Settings:
     """Resolve connect()'s arguments (keyword arguments override the DSN's parameters).
-    Raises ProgrammingError for anything malformed or missing."""
+    Raises ProgrammingError for anything malformed or missing; a bad isolation_level raises
+    sqlite3's TypeError or ValueError."""
+    level = _check_isolation_level(isolation_level)
     params: dict[str, str] = {}
     dsn_hosts: list[tuple[str, int]] = []
     if dsn is not None:
@@ -558,19 +673,19 @@ def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | No
         raise ProgrammingError(f"timeout must be a number, not {raw_timeout!r}") from None
     if not t > 0:
         raise ProgrammingError("timeout must be positive")
-    ac = _parse_bool("autocommit", autocommit if autocommit is not None
-                     else params.get("autocommit", False))
-    level = consistency or params.get("consistency") or "linearizable"
-    if level not in CONSISTENCY_LEVELS:
+    ac = _parse_autocommit(autocommit if autocommit is not None
+                           else params.get("autocommit", LEGACY_TRANSACTION_CONTROL))
+    consistency_level = consistency or params.get("consistency") or "linearizable"
+    if consistency_level not in CONSISTENCY_LEVELS:
         raise ProgrammingError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
-    return Settings(host_list, ca, cert, key, t, ac, level)
+    return Settings(host_list, ca, cert, key, t, ac, consistency_level, level)
 
 
 def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
             cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None,
-            timeout: float | None = None, autocommit: bool | None = None,
-            consistency: str | None = None, discover: bool = True,
-            factory: type[Connection] = Connection) -> Connection:
+            timeout: float | None = None, autocommit: bool | int | None = None,
+            isolation_level: str | None = "", consistency: str | None = None,
+            discover: bool = True, factory: type[Connection] = Connection) -> Connection:
     """Open a connection to a raftsql cluster.
 
     dsn: ``raftsql://host1:port1,host2:port2,host3:port3/?certs=DIR&consistency=linearizable
@@ -579,21 +694,25 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
     (host, port). certs: a directory made by `raftsql certs init` (ca.crt, client.crt,
     client.key); cafile/certfile/keyfile override its files one by one. timeout (default 10):
     seconds one operation may spend finding the leader and retrying. autocommit (default
-    False): see Connection.autocommit. consistency (default linearizable): see
+    LEGACY_TRANSACTION_CONTROL; DSN: true, false or legacy) and isolation_level (default "",
+    None for autocommit), as in sqlite3: see Connection.autocommit and
+    Connection.isolation_level. consistency (default linearizable): see
     Connection.consistency. discover (default True): remember the members the cluster names
     and try them once every configured host refused a connection (so the client survives the
     removal of every node in its DSN); False uses only the configured hosts (e.g. a proxy).
 
     No node is contacted yet: the first statement finds the leader. Bad arguments raise
-    ProgrammingError; unreadable or insecure certificate files raise OperationalError.
+    ProgrammingError (a bad isolation_level: sqlite3's TypeError or ValueError); unreadable or
+    insecure certificate files raise OperationalError.
     """
     s = parse_settings(dsn, hosts=hosts, certs=certs, cafile=cafile, certfile=certfile,
                        keyfile=keyfile, timeout=timeout, autocommit=autocommit,
-                       consistency=consistency)
+                       consistency=consistency, isolation_level=isolation_level)
     try:
         context = client_context(s.cafile, s.certfile, s.keyfile)
     except (OSError, ssl.SSLError) as e:
         raise OperationalError(f"cannot load the TLS certificates: {e}") from e
     client = _client.Client(s.hosts, context, timeout=s.timeout, consistency=s.consistency,
                             discover=discover)
-    return factory(client, autocommit=s.autocommit, consistency=s.consistency)
+    return factory(client, autocommit=s.autocommit, isolation_level=s.isolation_level,
+                   consistency=s.consistency)

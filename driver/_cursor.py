@@ -67,8 +67,8 @@ class Cursor:
     # ------------------------------------------------------------------ execute*
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
-        """Run one statement. With autocommit=True it is its own replicated write (or a read);
-        with autocommit=False it joins the connection's transaction."""
+        """Run one statement: its own replicated write (or a read), or part of the connection's
+        transaction, as the connection's autocommit and isolation_level say (as in sqlite3)."""
         self._check()
         if not isinstance(sql, str):
             raise TypeError(f"execute() argument 1 must be str, not {type(sql).__name__}")
@@ -78,14 +78,14 @@ class Cursor:
         return self
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Cursor:
-        """Run one DML statement once per parameter set. With autocommit=True all of them are
-        ONE atomic log entry (all applied or none); with autocommit=False they join the
+        """Run one DML statement once per parameter set. Outside a transaction (autocommit) all
+        of them are ONE atomic log entry (all applied or none); otherwise they join the
         transaction. rowcount is the sum of the changes."""
         self._check()
         if not isinstance(sql, str):
             raise TypeError(f"executemany() argument 1 must be str, not {type(sql).__name__}")
         self._reset()
-        if _sql.is_select(sql):
+        if _sql.is_read_only(sql):
             raise ProgrammingError("executemany() can only execute DML statements.")
         params = [adapt_params(p) for p in seq_of_parameters]
         result, rowcount = self.connection._run_many(self, sql, params)

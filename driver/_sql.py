@@ -1,4 +1,5 @@
-"""SQL text helpers: the first keyword of a statement, and splitting a script into statements."""
+"""SQL text helpers: a statement's first keyword and main verb, and splitting a script into
+statements."""
 
 from __future__ import annotations
 
@@ -6,12 +7,78 @@ import re
 
 from raftsql.sqltext import first_keyword, skip_blank  # noqa: F401 - re-exported
 
+# The statements sqlite3's legacy transaction control opens a transaction before (CPython's
+# Modules/_sqlite/statement.c: the first word after blanks and comments, nothing else).
+_DML = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+# What can follow a WITH clause: a SELECT (or VALUES) reads; the others write.
+_VERBS = frozenset({"SELECT", "VALUES", *_DML})
 
-def is_select(sql: str) -> bool:
-    """True if the statement certainly only reads: it starts with SELECT or VALUES (SQLite has
-    no SELECT that writes). Other read-only statements (WITH ... SELECT, PRAGMA table_info) are
-    not recognized; callers must treat False as "may write"."""
-    return first_keyword(sql) in ("SELECT", "VALUES")
+
+def is_dml(sql: str) -> bool:
+    """True if sqlite3's legacy transaction control would open a transaction before this
+    statement: it starts with INSERT, UPDATE, DELETE or REPLACE (a WITH ... INSERT does not,
+    in sqlite3 either)."""
+    return first_keyword(sql) in _DML
+
+
+def statement_verb(sql: str) -> str:
+    """The statement's main keyword: its first one, or for `WITH ...` the SELECT, VALUES,
+    INSERT, UPDATE, DELETE or REPLACE that follows the common table expressions ("WITH" if none
+    is found). In SQLite a CTE's body can only be a SELECT, so this word decides whether a WITH
+    statement can write."""
+    kw = first_keyword(sql)
+    if kw != "WITH":
+        return kw
+    i, n, depth = skip_blank(sql) + 4, len(sql), 0
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":
+            # A string or quoted name; a doubled quote is an escaped one.
+            j = i + 1
+            while True:
+                j = sql.find(c, j)
+                if j < 0 or not sql.startswith(c, j + 1):
+                    break
+                j += 2
+            i = n if j < 0 else j + 1
+        elif c == "[":
+            j = sql.find("]", i + 1)
+            i = n if j < 0 else j + 1
+        elif c == "-" and sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif c == "/" and sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif c == "(":
+            depth += 1
+            i += 1
+        elif c == ")":
+            depth -= 1
+            i += 1
+        elif c == ";":
+            break
+        elif c.isalnum() or c in "_$:@?#" or c > "\x7f":
+            # A word: a keyword or name, a number, or a parameter (:name, @name, $name, ?1).
+            j = i + 1
+            while j < n and (sql[j].isalnum() or sql[j] in "_$" or sql[j] > "\x7f"):
+                j += 1
+            word = sql[i:j].upper()
+            if depth == 0 and word in _VERBS:
+                return word
+            i = j
+        else:
+            i += 1
+    return "WITH"
+
+
+def is_read_only(sql: str) -> bool:
+    """True if the statement certainly only reads: its main verb (see statement_verb) is SELECT
+    or VALUES, so `WITH ... SELECT` is one (SQLite has no SELECT that writes). The driver uses it
+    only to know, before sending, what a lost response means: a read applied nothing. Other
+    read-only statements (PRAGMA table_info, EXPLAIN) are not recognized: False means "may
+    write", and the server still decides by preparing the statement."""
+    return statement_verb(sql) in ("SELECT", "VALUES")
 
 
 def is_blank(sql: str) -> bool:

@@ -5,6 +5,7 @@ type codes, batches and scripts, connections shared between threads."""
 from __future__ import annotations
 
 import datetime
+import socket
 import subprocess
 import sys
 import threading
@@ -46,7 +47,18 @@ def _count(c, table):
 # --------------------------------------------------------------------------- transactions
 
 
-def test_transaction_reads_its_own_writes_and_is_invisible_to_others(cluster, conn, auto, table):
+@pytest.fixture
+def pep249(cluster):
+    """autocommit=False: every statement, DDL included, joins the transaction."""
+    c = db.connect(cluster.dsn, timeout=20, autocommit=False)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_transaction_reads_its_own_writes_and_is_invisible_to_others(cluster, pep249, auto, table):
+    conn = pep249
     assert conn.autocommit is False
     cur1, cur2 = conn.cursor(), conn.cursor()
     cur1.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, v TEXT)")
@@ -63,6 +75,17 @@ def test_transaction_reads_its_own_writes_and_is_invisible_to_others(cluster, co
     conn.execute(f"INSERT INTO {table} (v) VALUES ('c')")
     conn.rollback()
     assert _count(auto, table) == 2 and _count(conn, table) == 2
+
+
+def test_default_is_sqlite3s_legacy_transaction_control(conn, auto, table):
+    assert conn.autocommit == db.LEGACY_TRANSACTION_CONTROL and conn.isolation_level == ""
+    conn.execute(f"CREATE TABLE {table} (v TEXT)")  # outside the transaction, as in sqlite3
+    assert not conn.in_transaction
+    assert auto.execute(f"SELECT * FROM {table}").fetchall() == []
+    conn.execute(f"INSERT INTO {table} VALUES ('a')")  # opens the transaction
+    assert conn.in_transaction and _count(auto, table) == 0
+    conn.commit()
+    assert _count(auto, table) == 1
 
 
 def test_context_manager_commits_or_rolls_back_and_keeps_the_connection(conn, auto, table):
@@ -197,6 +220,76 @@ def test_unreachable_cluster_is_unavailable_not_unknown(cluster):
             c.execute("INSERT INTO x VALUES (1)")
     finally:
         c.close()
+
+
+class _CuttingProxy:
+    """A TCP proxy to one node (on the cluster's address, so its certificate still matches).
+    While `cut` is set, every client chunk is forwarded and then the connection is closed:
+    a request reaches the node but no response comes back (and new handshakes fail)."""
+
+    def __init__(self, host: str, target: tuple[str, int]):
+        self.listener = socket.create_server((host, 0))
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.target = target
+        self.cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                return
+            server.settimeout(None)
+            for src, dst, up in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, up, (client, server)),
+                                 daemon=True).start()
+
+    def _pump(self, src, dst, up, pair) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if up and self.cut:
+                    break
+        except OSError:
+            pass
+        for sock in pair:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_lost_response_to_a_with_select_is_unavailable_and_to_a_write_unknown(cluster, table):
+    """The driver knows before sending that `WITH ... SELECT` only reads, so when its response
+    is lost it raises Unavailable (nothing applied: resend anywhere), never OutcomeUnknown;
+    `WITH ... INSERT` may write, so it raises OutcomeUnknown, and resend() applies it once."""
+    leader = cluster.wait_leader()
+    proxy = _CuttingProxy(cluster.host, (cluster.host, cluster.ports[leader]))
+    conn = db.connect(cluster.dsn, hosts=[proxy.address], autocommit=True, timeout=20,
+                      discover=False)
+    try:
+        conn.execute(f"CREATE TABLE {table} (x)")  # connected through the proxy
+        proxy.cut, conn.timeout = True, 1.0
+        with pytest.raises(db.Unavailable):
+            conn.execute("WITH x(a) AS (SELECT 1) SELECT a FROM x")
+        proxy.cut, conn.timeout = False, 20
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # connected again
+        proxy.cut, conn.timeout = True, 1.0
+        with pytest.raises(db.OutcomeUnknown) as info:
+            conn.execute(f"WITH v(a) AS (VALUES (1)) INSERT INTO {table} SELECT a FROM v")
+        proxy.cut, conn.timeout = False, 20
+        cur = conn.resend(info.value)
+        assert cur._result["duplicate"] is True  # it had been applied; not again
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+    finally:
+        conn.close()
+        proxy.close()
 
 
 # --------------------------------------------------------------------------- values and types

@@ -81,7 +81,8 @@ def test_dsn_as_printed_by_cluster_up():
     assert s.hosts == [("127.0.0.1", 4001), ("127.0.0.1", 4002), ("127.0.0.1", 4003)]
     assert (s.cafile, s.certfile, s.keyfile) == ("/abs/certs/ca.crt", "/abs/certs/client.crt",
                                                   "/abs/certs/client.key")
-    assert (s.timeout, s.autocommit, s.consistency) == (10.0, False, "linearizable")
+    assert (s.timeout, s.autocommit, s.consistency) == (10.0, -1, "linearizable")
+    assert s.autocommit == db.LEGACY_TRANSACTION_CONTROL and s.isolation_level == ""
 
 
 def test_dsn_parameters_and_keyword_overrides():
@@ -113,6 +114,48 @@ def test_dsn_parameters_and_keyword_overrides():
 def test_bad_connect_arguments_raise_programming_error(dsn, kw):
     with pytest.raises(db.ProgrammingError):
         parse_settings(dsn, **kw)
+
+
+def test_autocommit_and_isolation_level_arguments():
+    assert parse_settings(DSN + "&autocommit=legacy").autocommit == -1
+    assert parse_settings(DSN, autocommit=db.LEGACY_TRANSACTION_CONTROL).autocommit == -1
+    assert parse_settings(DSN, isolation_level=None).isolation_level is None
+    assert parse_settings(DSN, isolation_level="exclusive").isolation_level == "EXCLUSIVE"
+    # sqlite3's exceptions and messages (Python 3.11), from connect() as from the attribute
+    with pytest.raises(TypeError, match="^isolation_level must be str or None$"):
+        parse_settings(DSN, isolation_level=1)
+    with pytest.raises(ValueError, match="^isolation_level string must be '', 'DEFERRED', "
+                                         "'IMMEDIATE', or 'EXCLUSIVE'$"):
+        parse_settings(DSN, isolation_level="SERIALIZABLE")
+    with pytest.raises(ValueError, match="^embedded null character$"):
+        parse_settings(DSN, isolation_level="DEFERRED\0")
+
+
+def test_isolation_level_attribute_as_sqlite3():
+    conn = Connection(_StubClient())
+    assert conn.isolation_level == "" and conn.autocommit == db.LEGACY_TRANSACTION_CONTROL
+    for value, stored in (("deferred", "DEFERRED"), ("Immediate", "IMMEDIATE"), ("", ""),
+                          (None, None), ("EXCLUSIVE", "EXCLUSIVE")):
+        conn.isolation_level = value
+        assert conn.isolation_level == stored
+    for bad in (1, b"DEFERRED", 1.5, True):
+        with pytest.raises(TypeError, match="^isolation_level must be str or None$"):
+            conn.isolation_level = bad
+    for bad in ("bogus", "ımmediate", "BEGIN"):  # a dotless i is not ASCII case folding
+        with pytest.raises(ValueError, match="^isolation_level string must be"):
+            conn.isolation_level = bad
+    assert conn.isolation_level == "EXCLUSIVE"
+    with pytest.raises(AttributeError, match="cannot delete attribute"):
+        del conn.isolation_level
+    for bad in (1, 0, "x", None, -2):  # Python 3.12's check: only True, False and -1
+        with pytest.raises(ValueError, match="^autocommit must be True, False, or "
+                                             "sqlite3.LEGACY_TRANSACTION_CONTROL$"):
+            conn.autocommit = bad
+    conn.close()
+    for call in (lambda: conn.isolation_level, lambda: setattr(conn, "isolation_level", None),
+                 lambda: conn.autocommit):
+        with pytest.raises(db.ProgrammingError, match="closed database"):
+            call()
 
 
 def test_missing_certificates_raise_operational_error(tmp_path):
@@ -205,6 +248,8 @@ class _StubClient:
         self.previews: list[dict] = []  # results to return from execute_in_transaction
         self.results: list[dict] = []  # results to return from execute
         self.kw: list[dict] = []  # the other keyword arguments of each call
+        self.idempotent: list[bool] = []  # execute(): did the driver know it only reads?
+        self.lose_responses = False  # execute() fails as _client.Client does on a lost response
         self.serial = 0
         self.closed = False
 
@@ -216,6 +261,11 @@ class _StubClient:
                 idempotent=False, timeout=None, **kw):
         self.sent.append(("execute", list(statements), serial))
         self.kw.append(kw)  # reads=True / commit={...} (serializable transactions)
+        self.idempotent.append(idempotent)
+        if self.lose_responses:  # sent, no answer by the deadline
+            if idempotent:
+                raise _client.Unavailable("no node served the request")
+            raise _client.OutcomeUnknown("the write may have been applied", serial)
         return self.results.pop(0) if self.results else _result()
 
     def execute_in_transaction(self, statement, writes, term, *, leader=None, timeout=None,
@@ -388,9 +438,24 @@ def test_split_script_uses_complete_statements():
 
 
 def test_statement_classification():
-    assert _sql.is_select("  -- c\n select 1") and _sql.is_select("VALUES (1)")
-    assert not _sql.is_select("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")
-    assert not _sql.is_select("INSERT INTO t SELECT 1")
+    ro = _sql.is_read_only
+    assert ro("  -- c\n select 1") and ro("VALUES (1)")
+    assert ro("WITH x(a) AS (SELECT 1) SELECT a FROM x")
+    assert ro("with recursive c(n) as (select 1 union all select n+1 from c where n<5) "
+              "select n from c")
+    assert ro("WITH x AS NOT MATERIALIZED (SELECT ')insert') /* delete */ VALUES (1)")
+    assert not ro("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")
+    assert not ro("INSERT INTO t SELECT 1") and not ro("PRAGMA table_info(t)")
+    # Quoted names, strings and comments that look like verbs do not count.
+    assert _sql.statement_verb('WITH "select" AS (SELECT 1) UPDATE t SET a = 1') == "UPDATE"
+    assert _sql.statement_verb("WITH [values] AS (SELECT 'select') DELETE FROM t") == "DELETE"
+    assert _sql.statement_verb("WITH x AS (SELECT 1) -- select\n REPLACE INTO t VALUES (1)") \
+        == "REPLACE"
+    assert _sql.statement_verb("WITH x AS (SELECT 1)") == "WITH"  # incomplete: may write
+    # sqlite3's legacy implicit BEGIN: only before these four first words
+    assert _sql.is_dml(" /* c */ insert into t values (1)") and _sql.is_dml("REPLACE INTO t VALUES (1)")
+    assert not _sql.is_dml("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")
+    assert not _sql.is_dml("CREATE TABLE t (x)") and not _sql.is_dml("SELECT 1")
     for s in ("BEGIN", "begin transaction;", "BEGIN IMMEDIATE", "COMMIT;", "END TRANSACTION"):
         assert _sql.is_begin_or_commit(s), s
     for s in ("ROLLBACK", "BEGIN; SELECT 1", "SAVEPOINT a", "COMMITTED"):
@@ -429,8 +494,8 @@ def test_fetch_without_result_set_raises():
 
 def test_transaction_protocol_with_a_stub_client():
     client = _StubClient()
-    conn = Connection(client)  # autocommit=False
-    assert not conn.autocommit and not conn.in_transaction
+    conn = Connection(client, autocommit=False)  # PEP 249: DDL joins the transaction too
+    assert conn.autocommit is False and not conn.in_transaction
     # A SELECT before any write takes the normal read path.
     conn.execute("SELECT 1")
     assert client.sent[-1][0] == "execute"
@@ -457,6 +522,95 @@ def test_transaction_protocol_with_a_stub_client():
     assert not conn.in_transaction
     conn.commit()  # empty: nothing sent
     assert len(client.sent) == n + 1
+
+
+def test_legacy_transaction_control_with_a_stub_client():
+    """The default (autocommit=LEGACY_TRANSACTION_CONTROL, isolation_level=""): a transaction
+    opens before INSERT/UPDATE/DELETE/REPLACE; anything else outside one is its own write."""
+    client = _StubClient()
+    conn = Connection(client)
+    conn.execute("SELECT 1")  # a read, in the read set of the transaction to come
+    assert client.sent[-1][0] == "execute" and client.kw[-1] == {"reads": True}
+    assert not conn.in_transaction and conn._txn.start_index == 5
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x)")  # outside any transaction: applied now
+    assert client.sent[-1][:2] == ("execute", [("CREATE TABLE IF NOT EXISTS t (x)", [])])
+    assert client.kw[-1] == {} and not client.idempotent[-1]
+    # It ended the window of the earlier reads (they would conflict with the DDL itself).
+    assert conn._txn.start_index is None and not conn.in_transaction
+    client.previews += [
+        _result(readonly=False, term=3, error={"code": 19, "name": "SQLITE_CONSTRAINT",
+                                               "message": "no"}),
+        _result(readonly=False, term=3, rowcount=-1),  # CREATE INDEX, now in the transaction
+    ]
+    with pytest.raises(db.IntegrityError):
+        conn.execute("INSERT INTO t VALUES (1)")
+    # sqlite3 sent BEGIN before the failed INSERT, and that transaction stays open.
+    assert conn.in_transaction and not conn._txn.writes
+    with pytest.raises(db.OperationalError, match="cannot start a transaction within"):
+        conn.execute("BEGIN")
+    conn.execute("CREATE INDEX i ON t (x)")
+    assert client.sent[-1][0] == "txn" and conn._txn.writes == [("CREATE INDEX i ON t (x)", [])]
+    conn.rollback()
+    assert not conn.in_transaction
+    with pytest.raises(db.OperationalError, match="cannot commit - no transaction is active"):
+        conn.execute("COMMIT")
+    n = len(client.sent)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")  # not DML to sqlite3
+    assert [c[0] for c in client.sent[n:]] == ["execute", "execute"] and not conn.in_transaction
+    client.previews += [_result(readonly=False, term=3, rowcount=1)] * 2
+    conn.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
+    assert client.sent[-1][0] == "txn" and conn.in_transaction
+    conn.isolation_level = None  # commits the pending writes first, as sqlite3
+    assert client.sent[-1][:2] == ("execute", [("INSERT INTO t VALUES (?)", [1]),
+                                               ("INSERT INTO t VALUES (?)", [2])])
+    assert not conn.in_transaction
+    conn.execute("INSERT INTO t VALUES (3)")  # autocommit now
+    assert client.sent[-1][:2] == ("execute", [("INSERT INTO t VALUES (3)", [])])
+
+
+def test_switching_autocommit_modes_as_python_312():
+    client = _StubClient()
+    conn = Connection(client, autocommit=False)
+    client.previews.append(_result(readonly=False, term=1))
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.autocommit = db.LEGACY_TRANSACTION_CONTROL  # the transaction stays open
+    assert conn.in_transaction and client.sent[-1][0] == "txn"
+    client.previews.append(_result(readonly=False, term=1))
+    conn.execute("CREATE TABLE u (x)")  # in the open transaction
+    assert len(conn._txn.writes) == 2
+    conn.autocommit = True  # commits
+    assert client.sent[-1][0] == "execute" and len(client.sent[-1][1]) == 2
+    assert not conn.in_transaction and conn.autocommit is True
+    conn.isolation_level = None  # ignored with autocommit=True, nothing to commit
+    conn.execute("BEGIN")
+    with conn:  # does nothing with autocommit=True (Python 3.12)
+        pass
+    assert conn.in_transaction
+
+
+def test_a_lost_response_to_a_read_is_unavailable_even_after_with():
+    """A read applied nothing, so a lost response is Unavailable (resend anywhere), never
+    OutcomeUnknown; a WITH ... SELECT is a read, a WITH ... INSERT may write."""
+    client = _StubClient()
+    conn = Connection(client, autocommit=True)
+    client.lose_responses = True
+    for sql in ("SELECT 1", "WITH x(a) AS (SELECT 1) SELECT a FROM x", "VALUES (1)"):
+        with pytest.raises(db.Unavailable):
+            conn.execute(sql)
+        assert client.idempotent[-1], sql
+    for sql in ("WITH x(a) AS (SELECT 1) INSERT INTO t SELECT a FROM x", "PRAGMA table_info(t)",
+                "CREATE TABLE t (x)"):
+        with pytest.raises(db.OutcomeUnknown) as info:
+            conn.execute(sql)
+        assert info.value.serial == client.sent[-1][2], sql
+    # In a transaction, a WITH ... SELECT before the first write takes the read path too.
+    conn = Connection(client)
+    client.lose_responses = False
+    conn.execute("WITH x(a) AS (SELECT 1) SELECT a FROM x")
+    assert client.sent[-1][0] == "execute" and client.kw[-1] == {"reads": True}
+    with pytest.raises(db.ProgrammingError, match="can only execute DML"):
+        conn.executemany("WITH x(a) AS (SELECT ?) SELECT a FROM x", [(1,)])
 
 
 def test_transaction_aborted_resets_the_transaction():

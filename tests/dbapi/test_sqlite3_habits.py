@@ -1,0 +1,256 @@
+"""Code written for the stdlib sqlite3 module runs the same on raftsql.
+
+Each test is sqlite3 code a user already has. It runs twice through the `connect` fixture:
+first on sqlite3 (a file in tmp_path), which proves the expectation, then on the driver against
+the shared real 3-node cluster, which must give the same outcome. `connect.db` is the module
+(for its exception classes). Transaction control is sqlite3's legacy one (the default before
+Python 3.12, and the default of both here): isolation_level, DDL outside the implicit
+transaction, an implicit BEGIN before INSERT/UPDATE/DELETE/REPLACE only."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+
+import pytest
+
+import raftsql.driver
+
+
+@pytest.fixture(params=["sqlite3", "raftsql"])
+def connect(request, tmp_path):
+    """connect(**kw): a new connection to one database (the same one for every call in a test)."""
+    opened = []
+    if request.param == "sqlite3":
+        path = tmp_path / "habits.db"
+
+        def _open(**kw):
+            return sqlite3.connect(path, **kw)
+        module = sqlite3
+    else:
+        dsn = request.getfixturevalue("cluster").dsn
+
+        def _open(**kw):
+            return raftsql.driver.connect(dsn, timeout=20, **kw)
+        module = raftsql.driver
+
+    def _connect(**kw):
+        c = _open(**kw)
+        opened.append(c)
+        return c
+
+    _connect.db = module
+    yield _connect
+    for c in opened:
+        c.close()
+
+
+@pytest.fixture
+def table():
+    return "h_" + uuid.uuid4().hex[:10]
+
+
+def _rows(connect, sql):
+    """What a new connection reads (so only committed data)."""
+    c = connect()
+    try:
+        return c.execute(sql).fetchall()
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------- A: isolation_level
+
+
+def test_isolation_level_none_then_writes_and_close_keeps_every_row(connect, table):
+    conn = connect()
+    conn.isolation_level = None  # autocommit: no commit() follows
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    conn.executemany(f"INSERT INTO {table} VALUES (?)", [(2,), (3,)])
+    conn.execute(f"UPDATE {table} SET x = x * 10 WHERE x = 3")
+    assert conn.isolation_level is None and not conn.in_transaction
+    conn.close()
+    assert _rows(connect, f"SELECT x FROM {table} ORDER BY x") == [(1,), (2,), (30,)]
+
+
+def test_connect_with_isolation_level_none_is_autocommit(connect, table):
+    conn = connect(isolation_level=None)
+    assert conn.isolation_level is None
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert not conn.in_transaction
+    assert _rows(connect, f"SELECT x FROM {table}") == [(1,)]  # before any commit or close
+    conn.rollback()  # nothing to roll back
+    assert _rows(connect, f"SELECT x FROM {table}") == [(1,)]
+
+
+def test_setting_isolation_level_none_commits_pending_writes(connect, table):
+    conn = connect()
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert conn.in_transaction and _rows(connect, f"SELECT x FROM {table}") == []
+    conn.isolation_level = None
+    assert not conn.in_transaction
+    assert _rows(connect, f"SELECT x FROM {table}") == [(1,)]
+    conn.execute(f"INSERT INTO {table} VALUES (2)")
+    conn.close()
+    assert _rows(connect, f"SELECT x FROM {table} ORDER BY x") == [(1,), (2,)]
+
+
+def test_isolation_level_values_and_errors(connect):
+    conn = connect()
+    assert conn.isolation_level == ""  # the default
+    for value, stored in (("deferred", "DEFERRED"), ("Immediate", "IMMEDIATE"),
+                          ("EXCLUSIVE", "EXCLUSIVE"), ("", ""), (None, None)):
+        conn.isolation_level = value
+        assert conn.isolation_level == stored
+    assert connect(isolation_level="immediate").isolation_level == "IMMEDIATE"
+    for bad in (1, b"DEFERRED", 1.5):
+        with pytest.raises(TypeError, match="^isolation_level must be str or None$"):
+            conn.isolation_level = bad
+        with pytest.raises(TypeError, match="^isolation_level must be str or None$"):
+            connect(isolation_level=bad)
+    levels = "^isolation_level string must be '', 'DEFERRED', 'IMMEDIATE', or 'EXCLUSIVE'$"
+    for bad in ("SERIALIZABLE", "BEGIN", " DEFERRED"):
+        with pytest.raises(ValueError, match=levels):
+            conn.isolation_level = bad
+        with pytest.raises(ValueError, match=levels):
+            connect(isolation_level=bad)
+    with pytest.raises(ValueError, match="^embedded null character$"):
+        conn.isolation_level = "DEFERRED\0"
+    assert conn.isolation_level is None  # unchanged by the failures
+    with pytest.raises(AttributeError, match="cannot delete attribute"):
+        del conn.isolation_level
+    conn.close()
+    with pytest.raises(connect.db.ProgrammingError, match="Cannot operate on a closed database"):
+        conn.isolation_level = None
+
+
+def test_an_isolation_level_opens_a_transaction_before_a_write(connect, table):
+    conn = connect(isolation_level="IMMEDIATE")
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"SELECT * FROM {table}").fetchall()
+    assert not conn.in_transaction  # reads open none
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert conn.in_transaction
+    conn.rollback()
+    conn.execute(f"INSERT INTO {table} VALUES (2)")
+    conn.commit()
+    assert _rows(connect, f"SELECT x FROM {table}") == [(2,)]
+
+
+def test_explicit_begin_with_isolation_level_none_and_the_context_manager(connect, table):
+    conn = connect(isolation_level=None)
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute("BEGIN")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert conn.in_transaction and _rows(connect, f"SELECT x FROM {table}") == []
+    with conn:  # commits the explicit transaction
+        conn.execute(f"INSERT INTO {table} VALUES (2)")
+    assert not conn.in_transaction
+    assert _rows(connect, f"SELECT x FROM {table} ORDER BY x") == [(1,), (2,)]
+    with pytest.raises(connect.db.OperationalError, match="cannot commit - no transaction is active"):
+        conn.execute("COMMIT")
+
+
+# --------------------------------------------------------------------------- B: DDL
+
+
+def test_create_table_if_not_exists_then_insert_in_the_default_mode(connect, table):
+    conn = connect()
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (x)")
+    assert not conn.in_transaction  # DDL ran outside the implicit transaction: it is applied
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert conn.in_transaction
+    assert conn.execute(f"SELECT x FROM {table}").fetchall() == [(1,)]
+    assert _rows(connect, f"SELECT x FROM {table}") == []  # the table exists, the row is pending
+    conn.close()  # no commit: the INSERT is discarded, the table stays
+    assert _rows(connect, f"SELECT x FROM {table}") == []
+    conn = connect()  # the same code again, with the table there
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (2)")
+    conn.commit()
+    assert _rows(connect, f"SELECT x FROM {table}") == [(2,)]
+
+
+@pytest.mark.parametrize("isolation_level", [None, ""])
+def test_in_an_explicit_transaction_later_statements_see_the_new_table(connect, table,
+                                                                       isolation_level):
+    conn = connect(isolation_level=isolation_level)
+    conn.execute("BEGIN")
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    conn.execute(f"CREATE INDEX {table}_x ON {table} (x)")
+    assert conn.execute(f"SELECT x FROM {table}").fetchall() == [(1,)]
+    conn.execute("ROLLBACK")  # the table goes too
+    with pytest.raises(connect.db.OperationalError, match=f"no such table: {table}"):
+        conn.execute(f"SELECT x FROM {table}")
+    conn.execute("BEGIN")
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (2)")
+    conn.execute("COMMIT")
+    assert _rows(connect, f"SELECT x FROM {table}") == [(2,)]
+
+
+def test_ddl_after_a_write_joins_the_open_transaction(connect, table):
+    conn = connect()
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    conn.execute(f"CREATE TABLE {table}_b (y)")  # a transaction is open: inside it
+    conn.execute(f"INSERT INTO {table}_b VALUES (2)")
+    assert conn.execute(f"SELECT y FROM {table}_b").fetchall() == [(2,)]
+    conn.rollback()
+    assert _rows(connect, f"SELECT x FROM {table}") == []
+    with pytest.raises(connect.db.OperationalError, match=f"no such table: {table}_b"):
+        _rows(connect, f"SELECT y FROM {table}_b")
+
+
+def test_a_failed_insert_still_opened_the_transaction(connect, table):
+    conn = connect()
+    conn.execute(f"CREATE TABLE {table} (x UNIQUE)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    conn.commit()
+    with pytest.raises(connect.db.IntegrityError, match="UNIQUE constraint failed"):
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert conn.in_transaction  # sqlite3's BEGIN ran before the INSERT
+    with pytest.raises(connect.db.OperationalError,
+                       match="cannot start a transaction within a transaction"):
+        conn.execute("BEGIN")
+    conn.execute(f"CREATE TABLE {table}_b (y)")  # inside the open transaction
+    conn.rollback()
+    assert not conn.in_transaction
+    with pytest.raises(connect.db.OperationalError, match=f"no such table: {table}_b"):
+        _rows(connect, f"SELECT y FROM {table}_b")
+
+
+# --------------------------------------------------------------------------- D: WITH ... SELECT
+
+
+def test_with_select_is_a_read(connect, table):
+    conn = connect()
+    cur = conn.execute("WITH x(a) AS (SELECT 1 UNION ALL SELECT 2) SELECT a FROM x ORDER BY a")
+    assert cur.fetchall() == [(1,), (2,)] and cur.description[0][0] == "a"
+    assert cur.rowcount == -1 and not conn.in_transaction  # a read opens no transaction
+    with pytest.raises(connect.db.OperationalError, match=f"no such table: {table}") as info:
+        conn.execute(f"WITH x(a) AS (SELECT 1) SELECT * FROM x, {table}")
+    assert type(info.value) is connect.db.OperationalError  # an SQL error, nothing unknown
+    with pytest.raises(connect.db.ProgrammingError,
+                       match="executemany\\(\\) can only execute DML statements"):
+        conn.executemany("WITH x(a) AS (SELECT ?) SELECT a FROM x", [(1,), (2,)])
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    # In the open transaction, a WITH ... SELECT sees its uncommitted rows.
+    assert conn.execute(f"WITH y AS (SELECT x FROM {table}) SELECT * FROM y").fetchall() == [(1,)]
+    conn.commit()
+
+
+def test_with_insert_is_not_dml_to_legacy_transaction_control(connect, table):
+    conn = connect()
+    conn.execute(f"CREATE TABLE {table} (x)")
+    # sqlite3 opens a transaction only before statements that start with INSERT, UPDATE,
+    # DELETE or REPLACE: this one runs (and is committed) on its own.
+    conn.execute(f"WITH v(a) AS (VALUES (1), (2)) INSERT INTO {table} SELECT a FROM v")
+    assert not conn.in_transaction
+    conn.close()
+    assert _rows(connect, f"SELECT x FROM {table} ORDER BY x") == [(1,), (2,)]
