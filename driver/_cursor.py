@@ -126,11 +126,9 @@ class Cursor:
     # ------------------------------------------------------------------ fetch*
 
     def _result_set(self) -> list[tuple]:
+        # No result set (nothing executed yet, or a statement without rows) is an empty one,
+        # as in sqlite3: fetchone() returns None, fetchall() and fetchmany() [].
         self._check()
-        if self.description is None:
-            raise ProgrammingError(
-                "no result set: execute() was not called, or its statement returns no rows"
-            )
         return self._rows
 
     def _make(self, row: tuple) -> Any:
@@ -165,7 +163,6 @@ class Cursor:
 
     def __next__(self) -> Any:
         self._check()
-        # Unlike fetch*, iterating a cursor without a result set just yields nothing (sqlite3).
         if self._pos >= len(self._rows):
             raise StopIteration
         row = self._rows[self._pos]

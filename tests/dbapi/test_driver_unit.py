@@ -481,15 +481,13 @@ def test_closed_objects_raise_programming_error():
             call()
 
 
-def test_fetch_without_result_set_raises():
+def test_fetch_without_result_set_is_empty_as_sqlite3():
     conn = Connection(_StubClient(), autocommit=True)
     cur = conn.cursor()
-    with pytest.raises(db.ProgrammingError):
-        cur.fetchone()
+    assert (cur.fetchone(), cur.fetchall(), cur.fetchmany()) == (None, [], [])
     cur.execute("INSERT INTO t VALUES (1)")
-    with pytest.raises(db.ProgrammingError):
-        cur.fetchall()
-    assert list(cur) == []  # iteration just stops, as sqlite3
+    assert (cur.fetchone(), cur.fetchall(), cur.fetchmany(5)) == (None, [], [])
+    assert cur.description is None and list(cur) == []
 
 
 def test_transaction_protocol_with_a_stub_client():

@@ -224,6 +224,26 @@ def test_a_failed_insert_still_opened_the_transaction(connect, table):
         _rows(connect, f"SELECT y FROM {table}_b")
 
 
+# --------------------------------------------------------------------------- C: fetch*
+
+
+def test_fetch_after_a_statement_without_rows_returns_none_or_empty(connect, table):
+    conn = connect()
+    cur = conn.cursor()
+    assert (cur.fetchone(), cur.fetchall(), cur.fetchmany()) == (None, [], [])
+    for sql in (f"CREATE TABLE {table} (x)", f"INSERT INTO {table} VALUES (1)",
+                f"UPDATE {table} SET x = 2", f"DELETE FROM {table} WHERE x = 5"):
+        cur.execute(sql)
+        assert cur.description is None
+        assert (cur.fetchone(), cur.fetchall(), cur.fetchmany(3)) == (None, [], []), sql
+        assert list(cur) == []
+    cur.execute(f"SELECT x FROM {table} WHERE x > 100")
+    assert (cur.fetchone(), cur.fetchall(), cur.fetchmany(2)) == (None, [], [])
+    cur.close()
+    with pytest.raises(connect.db.ProgrammingError, match="Cannot operate on a closed cursor"):
+        cur.fetchone()
+
+
 # --------------------------------------------------------------------------- D: WITH ... SELECT
 
 
