@@ -121,11 +121,12 @@ class _Waiter:
 
 class Node:
     def __init__(self, cfg: NodeConfig):
+        from raftsql.server.fileperms import secure_data_dir
         from raftsql.server.logstore import LogStore
         from raftsql.server.statemachine import StateMachine
 
         self.cfg = cfg
-        os.makedirs(cfg.data_dir, exist_ok=True)
+        secure_data_dir(cfg.data_dir)  # dir 0700, files 0600, umask 077 (server/fileperms.py)
         self.addresses: dict[str, str] = {pid: f"{h}:{p}" for pid, (h, p) in cfg.peers.items()}
         self.addresses[cfg.id] = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
         self.store = LogStore(os.path.join(cfg.data_dir, "raft-log"))
