@@ -88,10 +88,19 @@ def certs() -> None:
 
     \b
     A typical local cluster:
-      raftsql certs init ./certs
-      raftsql certs node ./certs --name n1 --host 127.0.0.1
-      raftsql certs node ./certs --name n2 --host 127.0.0.1
+      raftsql certs init ./certs            CA in ./certs/ca (stays there), ./certs/client
+      raftsql certs node ./certs --name n1 --host 127.0.0.1      ./certs/n1
+      raftsql certs node ./certs --name n2 --host 127.0.0.1      ./certs/n2
+    Give each node only its own directory (--certs ./certs/n1) and clients only theirs
+    (?certs=./certs/client). ./certs/ca holds the CA's private key: keep it where you run
+    `raftsql certs`.
     """
+
+
+def _warn_flat(tree) -> None:
+    warning = tree.legacy_warning()
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 @certs.command("init")
@@ -99,31 +108,45 @@ def certs() -> None:
 @click.option(
     "--force", is_flag=True, help="Replace an existing CA (invalidates all its certificates)."
 )
+@click.option(
+    "--split", is_flag=True,
+    help="Move an old flat CERTS_DIR (ca.key beside every key) into the per-node layout.",
+)
 @human_errors
-def certs_init(certs_dir: Path, force: bool) -> None:
+def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
     """Create CERTS_DIR (mode 0700) with a cluster CA and a client certificate.
+
+    \b
+    CERTS_DIR/ca      ca.crt, ca.key: the CA; only `raftsql certs` needs it
+    CERTS_DIR/client  ca.crt, client.crt, client.key: pass it to clients as ?certs=
 
     Safe to repeat: if CERTS_DIR already has a CA, it is kept and nothing is changed (a missing
     client certificate is issued from it). Keys are EC P-256, mode 0600; the CA is valid for 10
-    years, leaf certificates for 5.
+    years, leaf certificates for 5. An old flat CERTS_DIR (ca.key next to the other keys) still
+    works; --split moves each key into its own directory, keeping the CA and certificates
+    (nodes started with --certs CERTS_DIR keep working; clients then use CERTS_DIR/client).
     """
     from raftsql.server import tls
 
-    ca = tls.make_ca(certs_dir, force=force, exist_ok=not force)
+    tree = tls.CertsTree(certs_dir)
+    if split:
+        moved = tree.split()
+        for line in moved:
+            click.echo(line)
+        if not moved:
+            click.echo(f"{certs_dir} is not a flat directory; nothing to split")
+    ca, client = tree.init(force=force, exist_ok=not force)
     if ca.created:
         click.echo(
             f"Created CA {ca.cert_path} (valid until {tls.describe_cert(ca.cert_path)['not after']})"
         )
     else:
         click.echo(f"CA already exists at {ca.cert_path}")
-    client = tls.make_client_cert(certs_dir, "client", force=force, exist_ok=not force)
     if client.created:
         click.echo(f"Created client certificate {client.cert_path} and key {client.key_path}")
     if force and ca.created:
         others = sorted(
-            p.name
-            for p in certs_dir.glob("*.crt")
-            if p.name not in {ca.cert_path.name, client.cert_path.name}
+            str(p.relative_to(certs_dir)) for p in tree.leaf_certs() if p != client.cert_path
         )
         if others:
             click.echo(
@@ -131,8 +154,11 @@ def certs_init(certs_dir: Path, force: bool) -> None:
                 "trusted; reissue them with --force.",
                 err=True,
             )
-    if not ca.created and not client.created:
+    if not ca.created and not client.created and not split:
         click.echo("Nothing changed.")
+    _warn_flat(tree)
+    if not tree.legacy:
+        click.echo(f"Clients: ?certs={client.cert_path.parent}   (the CA key stays in {ca.cert_path.parent})")
 
 
 @certs.command("node")
@@ -148,34 +174,46 @@ def certs_init(certs_dir: Path, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Reissue even if a certificate exists.")
 @human_errors
 def certs_node(certs_dir: Path, name: str, hosts: tuple[str, ...], force: bool) -> None:
-    """Issue NAME.crt/NAME.key for a node, signed by the CA in CERTS_DIR.
+    """Issue a node certificate into CERTS_DIR/NAME (ca.crt, NAME.crt, NAME.key).
 
+    Signed by the CA in CERTS_DIR/ca. Give the node that directory only: --certs CERTS_DIR/NAME.
     The certificate names every --host (IPs as IP addresses) and the node name, and carries the
     node role. If a certificate from this CA already covers these hosts, it is kept.
     """
     from raftsql.server import tls
 
-    issued = tls.make_node_cert(certs_dir, name, hosts, force=force, exist_ok=not force)
+    tree = tls.CertsTree(certs_dir)
+    _warn_flat(tree)
+    issued = tree.node(name, hosts, force=force, exist_ok=not force)
     if issued.created:
         click.echo(f"Created node certificate {issued.cert_path} and key {issued.key_path}")
     else:
         click.echo(f"Node certificate {issued.cert_path} already exists and covers these hosts")
+    if not tree.legacy:
+        click.echo(f"Start the node with: --certs {issued.cert_path.parent}")
 
 
 @certs.command("client")
 @click.argument("certs_dir", type=CertsDir)
-@click.option("--name", default="client", show_default=True, help="Client name (CN and file name).")
+@click.option("--name", default="client", show_default=True, help="Client name (CN and directory).")
 @click.option("--force", is_flag=True, help="Reissue even if a certificate exists.")
 @human_errors
 def certs_client(certs_dir: Path, name: str, force: bool) -> None:
-    """Issue NAME.crt/NAME.key for a driver client, signed by the CA in CERTS_DIR."""
+    """Issue a client certificate into CERTS_DIR/NAME (ca.crt, client.crt, client.key).
+
+    Signed by the CA in CERTS_DIR/ca. The client connects with ?certs=CERTS_DIR/NAME.
+    """
     from raftsql.server import tls
 
-    issued = tls.make_client_cert(certs_dir, name, force=force, exist_ok=not force)
+    tree = tls.CertsTree(certs_dir)
+    _warn_flat(tree)
+    issued = tree.client(name, force=force, exist_ok=not force)
     if issued.created:
         click.echo(f"Created client certificate {issued.cert_path} and key {issued.key_path}")
     else:
         click.echo(f"Client certificate {issued.cert_path} already exists")
+    if not tree.legacy:
+        click.echo(f"Clients: ?certs={issued.cert_path.parent}")
 
 
 @certs.command("show")
@@ -222,9 +260,9 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
     \b
     A new node joins a running cluster with --join (no --peer needed):
       raftsql certs node ./certs --name n4 --host 127.0.0.1
-      raftsql node --id n4 --data-dir d4 --listen 127.0.0.1:4004 --certs ./certs \\
-          --join 'raftsql://127.0.0.1:4001/?certs=./certs'
-      raftsql cluster promote 'raftsql://127.0.0.1:4001/?certs=./certs' n4
+      raftsql node --id n4 --data-dir d4 --listen 127.0.0.1:4004 --certs ./certs/n4 \\
+          --join 'raftsql://127.0.0.1:4001/'
+      raftsql cluster promote 'raftsql://127.0.0.1:4001/?certs=./certs/client' n4
     It is added as a learner, learns the cluster's members, and remembers them in its data
     directory (later starts do not ask again).
     """
@@ -279,28 +317,34 @@ def cluster() -> None:
 @click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cluster-data"), show_default=True)
 @click.option("--base-port", type=click.IntRange(1, 65000), help="First port (default: 4001, or the next free).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address every node listens on (a new cluster; a reused one keeps its addresses).")
 @click.option("--shell", "open_shell", is_flag=True, help="Open a SQL shell on the cluster.")
 @human_errors
-def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bool) -> None:
+def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, open_shell: bool) -> None:
     """Start NODES node processes on loopback, making certificates if missing.
 
-    Writes DATA_DIR/cluster.json with the DSN. Ctrl-C or SIGTERM stops every node; starting
-    again with the same --data-dir reuses the data.
+    Writes DATA_DIR/cluster.json with the DSN. Certificates go to DATA_DIR/certs: the CA (and
+    its key) in DATA_DIR/certs/ca, the client's in DATA_DIR/certs/client (the DSN's ?certs=),
+    each node's in DATA_DIR/certs/ID. If a node exits, the others keep running and the command
+    that restarts it is printed. Ctrl-C or SIGTERM stops every node this command started;
+    starting again with the same --data-dir reuses the data.
     """
     import signal
     import threading
 
     from raftsql.server import launcher
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    certs_dir = data_dir / "certs"
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        plan = launcher.plan(data_dir, nodes, base_port)
+        plan = launcher.plan(data_dir, nodes, base_port, host)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    launcher.make_certs(certs_dir, plan)
-    dsn = launcher.dsn_for(plan, certs_dir)
-    procs = launcher.start(data_dir, plan, certs_dir)
+    client_certs, node_certs, moved = launcher.make_certs(data_dir / "certs", plan)
+    for line in moved:
+        click.echo(f"certificates: {line}")
+    dsn = launcher.dsn_for(plan, client_certs)
+    procs = launcher.start(data_dir, plan, node_certs)
     launcher.write_cluster_json(data_dir, plan, procs, dsn)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -308,6 +352,18 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bo
         # With the shell, Ctrl-C cancels the line being typed (as in sqlite3); .quit or Ctrl-D
         # leaves the shell and stops the cluster.
         signal.signal(signal.SIGINT, lambda *_: done.set())
+    reported: set[str] = set()
+
+    def report_exits() -> bool:
+        """Report each node that has exited, once; True while any node is still running."""
+        for n, p in zip(plan, procs, strict=True):
+            if n["id"] not in reported and p.poll() is not None:
+                reported.add(n["id"])
+                running = any(q.poll() is None for q in procs)
+                click.echo(launcher.exit_report(n, p, plan, node_certs[n["id"]], others_running=running),
+                           err=True)
+        return any(p.poll() is None for p in procs)
+
     try:
         click.echo(f"started {nodes} nodes: " + ", ".join(f"{n['id']}={n['address']}" for n in plan))
         click.echo(f"logs: {data_dir}/<id>/node.log   cluster file: {data_dir / 'cluster.json'}")
@@ -316,16 +372,21 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, open_shell: bo
         if open_shell:
             from raftsql.shell import run_shell
 
+            def watch() -> None:
+                while not done.wait(0.5):
+                    report_exits()
+
+            threading.Thread(target=watch, name="watch-nodes", daemon=True).start()
             click.echo("the cluster stops when you leave the shell (.quit or Ctrl-D)")
             run_shell(dsn, stop_event=done)
         else:
             click.echo("press Ctrl-C to stop the cluster")
             while not done.wait(0.5):
-                dead = [n["id"] for n, p in zip(plan, procs, strict=True) if p.poll() is not None]
-                if dead:
-                    click.echo(f"node(s) {', '.join(dead)} exited; see their node.log. Stopping.", err=True)
-                    break
+                if not report_exits():
+                    click.echo("every node this command started has exited", err=True)
+                    raise click.exceptions.Exit(1)
     finally:
+        done.set()
         launcher.stop(procs)
         click.echo("cluster stopped")
 
@@ -416,7 +477,7 @@ def restore(in_file: Path, dsn: str, timeout: float) -> None:
 
     \b
     Start the new cluster first (e.g. `raftsql cluster up --data-dir new`), then:
-      raftsql restore backup.db 'raftsql://127.0.0.1:4001/?certs=new/certs'
+      raftsql restore backup.db 'raftsql://127.0.0.1:4001/?certs=new/certs/client'
     The data goes through the log, so every node, and every node that joins later, gets the
     same database. Refused if the cluster already has tables.
     """

@@ -2,18 +2,27 @@
 
 D/cluster.json records {"dsn", "nodes": [{"id", "address", "pid", "data_dir"}]}; started again
 with the same D, the same ids, ports and data are reused.
+
+Certificates live in D/certs (a `CertsTree`): D/certs/ca holds the CA and its key, D/certs/client
+is what the printed DSN names (ca.crt and the client pair only), D/certs/nN is node nN's --certs.
+A D/certs from before that layout (ca.key beside every key) is split into it on the next start.
+
+A node that exits is reported with the command that restarts it; the others keep running.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from raftsql.server.fileperms import open_private_log, private_dir
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -47,33 +56,50 @@ def plan(data_dir: Path, nodes: int, base_port: int | None, host: str = "127.0.0
     return out
 
 
-def make_certs(certs: Path, nodes: list[dict]) -> None:
+def make_certs(certs: Path, nodes: list[dict]) -> tuple[Path, dict[str, Path], list[str]]:
+    """Make (or keep) the CA, the client's directory and one directory per node under `certs`.
+
+    Returns (the client's directory, {node id: its --certs directory}, what was moved out of an
+    old flat `certs`)."""
     from raftsql.server import tls
 
-    tls.make_ca(certs, exist_ok=True)
-    tls.make_client_cert(certs, "client", exist_ok=True)
+    tree = tls.CertsTree(certs)
+    moved = tree.split()
+    _, client = tree.init(exist_ok=True)
+    node_dirs = {}
     for n in nodes:
-        tls.make_node_cert(certs, n["id"], [n["address"].rpartition(":")[0]], exist_ok=True)
+        issued = tree.node(n["id"], [n["address"].rpartition(":")[0]], exist_ok=True)
+        node_dirs[n["id"]] = issued.cert_path.parent
+    return client.cert_path.parent, node_dirs, moved
 
 
-def dsn_for(nodes: list[dict], certs: Path) -> str:
-    return "raftsql://" + ",".join(n["address"] for n in nodes) + f"/?certs={certs.resolve()}"
+def dsn_for(nodes: list[dict], client_certs: Path) -> str:
+    return "raftsql://" + ",".join(n["address"] for n in nodes) + f"/?certs={client_certs.resolve()}"
 
 
-def start(data_dir: Path, nodes: list[dict], certs: Path, extra_args: list[str] | None = None) -> list[subprocess.Popen]:
-    procs = []
-    for n in nodes:
-        Path(n["data_dir"]).mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "raftsql.cli", "node", "--id", n["id"], "--data-dir", n["data_dir"],
-                "--listen", n["address"], "--certs", str(certs)]
-        for o in nodes:
-            if o["id"] != n["id"]:
-                args += ["--peer", f"{o['id']}={o['address']}"]
-        args += extra_args or []
-        logf = open(Path(n["data_dir"]) / "node.log", "ab")  # noqa: SIM115 - owned by the child
-        procs.append(subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True))
-        logf.close()
-    return procs
+def node_command(n: dict, nodes: list[dict], node_certs: Path, extra_args: list[str] | None = None) -> list[str]:
+    """The argv that runs node `n` (absolute paths, so it works from any directory)."""
+    args = [sys.executable, "-m", "raftsql.cli", "node", "--id", n["id"],
+            "--data-dir", str(Path(n["data_dir"]).resolve()), "--listen", n["address"],
+            "--certs", str(node_certs.resolve())]
+    for o in nodes:
+        if o["id"] != n["id"]:
+            args += ["--peer", f"{o['id']}={o['address']}"]
+    return args + (extra_args or [])
+
+
+def start_node(n: dict, nodes: list[dict], node_certs: Path, extra_args: list[str] | None = None) -> subprocess.Popen:
+    d = Path(n["data_dir"])
+    private_dir(d)
+    # The node makes its own files private (server/fileperms.py); node.log is opened here.
+    with open_private_log(d / "node.log") as logf:
+        return subprocess.Popen(node_command(n, nodes, node_certs, extra_args), stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start(data_dir: Path, nodes: list[dict], node_certs: dict[str, Path],
+          extra_args: list[str] | None = None) -> list[subprocess.Popen]:
+    return [start_node(n, nodes, node_certs[n["id"]], extra_args) for n in nodes]
 
 
 def write_cluster_json(data_dir: Path, nodes: list[dict], procs: list[subprocess.Popen], dsn: str) -> None:
@@ -84,6 +110,29 @@ def write_cluster_json(data_dir: Path, nodes: list[dict], procs: list[subprocess
     tmp = data_dir / "cluster.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, data_dir / "cluster.json")
+
+
+def describe_exit(returncode: int) -> str:
+    """'killed by signal SIGKILL (9)' or 'exit status 1'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"killed by signal {name} ({-returncode})"
+    return f"exit status {returncode}"
+
+
+def exit_report(n: dict, proc: subprocess.Popen, nodes: list[dict], node_certs: Path,
+                extra_args: list[str] | None = None, others_running: bool = True) -> str:
+    """What `cluster up` prints when node `n` has exited: who, how, and how to restart it."""
+    return (
+        f"node {n['id']} (pid {proc.pid}) exited: {describe_exit(proc.returncode)}; "
+        f"its log: {Path(n['data_dir']) / 'node.log'}\n"
+        + ("the other nodes keep running. " if others_running else "")
+        + f"To restart {n['id']}, run in another terminal (Ctrl-C there stops it):\n"
+        f"  {shlex.join(node_command(n, nodes, node_certs, extra_args))}"
+    )
 
 
 def stop(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:

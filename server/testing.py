@@ -3,6 +3,9 @@ fault tests (like hashicorp/raft's testing.go and rqlite's system_test helpers).
 
 Each cluster binds 127.0.0.X (X chosen at random) on ports chosen at run time, keeps its data and
 certificates in one directory, and kills every process it started by pid on close().
+Certificates are laid out as `raftsql cluster up` lays them out (a `CertsTree` in DIR/certs):
+`certs` is the client's directory (what `dsn` names: no CA or node key in it),
+`node_certs(nid)` a node's --certs, `ca_dir` the CA.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from raftsql.server.fileperms import open_private_log, private_dir
 
 
 def free_port(host: str) -> int:
@@ -33,11 +38,13 @@ class LocalCluster:
         self.host = host or f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}"
         self.ids = [f"n{i + 1}" for i in range(nodes)]
         self.ports = {nid: free_port(self.host) for nid in self.ids}
-        self.certs = self.dir / "certs"
-        tls.make_ca(self.certs, exist_ok=True)
-        tls.make_client_cert(self.certs, "client", exist_ok=True)
+        self.tree = tls.CertsTree(self.dir / "certs")
+        self.tree.split()  # a directory made before the tree layout
+        ca, client = self.tree.init(exist_ok=True)
+        self.ca_dir = ca.cert_path.parent
+        self.certs = client.cert_path.parent  # the client's directory: ?certs= in `dsn`
         for nid in self.ids:
-            tls.make_node_cert(self.certs, nid, [self.host], exist_ok=True)
+            self.tree.node(nid, [self.host], exist_ok=True)
         self.node_args = node_args or []
         self.env = env or {}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -47,12 +54,10 @@ class LocalCluster:
     def add_node(self, nid: str) -> None:
         """A new node id with its own port and certificate (not started); start() runs it with
         --join and the first nodes' DSN (a new id cannot use --peer: see DESIGN.md)."""
-        from raftsql.server import tls
-
         if nid in self.ids:
             raise ValueError(f"{nid} exists")
         self.ports[nid] = free_port(self.host)
-        tls.make_node_cert(self.certs, nid, [self.host], exist_ok=True)
+        self.tree.node(nid, [self.host], exist_ok=True)
         self.ids.append(nid)
         self.joining.add(nid)
 
@@ -74,6 +79,10 @@ class LocalCluster:
     def data_dir(self, nid: str) -> Path:
         return self.dir / nid
 
+    def node_certs(self, nid: str) -> Path:
+        """Node nid's own certificate directory (its --certs): ca.crt, NID.crt, NID.key."""
+        return self.tree.own_dir(nid)
+
     # ---------------------------------------------------------------- processes
 
     def peer_address(self, src: str, dst: str) -> str:
@@ -88,9 +97,9 @@ class LocalCluster:
             if n in self.procs and self.procs[n].poll() is None:
                 continue
             d = self.data_dir(n)
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
             args = [sys.executable, "-m", "raftsql.cli", "node", "--id", n, "--data-dir", str(d),
-                    "--listen", self.address(n), "--certs", str(self.certs)]
+                    "--listen", self.address(n), "--certs", str(self.node_certs(n))]
             if n in self.joining:
                 join = "raftsql://" + ",".join(self.address(o) for o in self.bootstrap) + f"/?certs={self.certs}"
                 args += ["--join", join]
@@ -99,7 +108,7 @@ class LocalCluster:
                     if o != n:
                         args += ["--peer", f"{o}={self.peer_address(n, o)}"]
             args += self.node_args
-            with open(d / "node.log", "ab") as logf:
+            with open_private_log(d / "node.log") as logf:
                 logf.write(f"---- start {n} at {time.strftime('%H:%M:%S')}\n".encode())
                 logf.flush()
                 self.procs[n] = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,

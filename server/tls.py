@@ -1,9 +1,22 @@
 """Cluster certificates (cryptography) and the SSLContexts a node uses.
 
-One private CA per cluster signs every certificate. A directory made by `make_ca` holds:
+One private CA per cluster signs every certificate. `raftsql certs` keeps them in a tree
+(`CertsTree`) that keeps the CA's private key apart from what nodes and clients are given:
 
-    ca.crt  ca.key          the cluster CA (EC P-256, valid 10 years)
-    NAME.crt NAME.key       a leaf per node or client (EC P-256, valid 5 years, capped at the CA)
+    ROOT/ca/        ca.crt ca.key              the cluster CA (EC P-256, valid 10 years); stays here
+    ROOT/client/    ca.crt client.crt client.key   a client's directory: ``?certs=ROOT/client``
+    ROOT/n1/        ca.crt n1.crt n1.key       node n1's directory: ``--certs ROOT/n1``
+
+Every directory is 0700 and every key 0600. A leaf is EC P-256, valid 5 years (capped at the CA).
+A client's directory always names its pair client.crt/client.key (the files the driver reads),
+whatever the certificate's name; a node's names it after the node id (the files the node reads).
+Handing a node or a client its own directory gives it no other key: a node key would let its
+holder pose as that node, the CA key would let it issue any certificate.
+
+The old flat layout (ca.key next to every NAME.crt/NAME.key in one directory) still works, with
+a warning; `CertsTree.split` (``raftsql certs init DIR --split``) moves it into the tree. The
+functions below (`make_ca`, `make_node_cert`, `make_client_cert`) write one directory at a
+time: into the CA's directory (flat) unless given an `out_dir`.
 
 The role of a leaf is encoded *in the certificate*, in two places:
 - a URI subjectAltName ``urn:raftsql:role:node`` or ``urn:raftsql:role:client``. This is what
@@ -27,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -50,6 +64,7 @@ __all__ = [
     "ROLE_NODE",
     "ROLE_URI_PREFIX",
     "CertificateExistsError",
+    "CertsTree",
     "InsecureKeyFileError",
     "Issued",
     "PeerRejectedError",
@@ -79,7 +94,11 @@ LEAF_VALIDITY = _dt.timedelta(days=1826)  # 5 years, never beyond the CA's own e
 CLOCK_SKEW = _dt.timedelta(minutes=5)
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
+CA_SUBDIR = "ca"  # CertsTree: ROOT/ca holds the CA
+CLIENT_STEM = "client"  # a client's own directory holds client.crt/client.key
 ORGANIZATION = "raftsql"
+
+log = logging.getLogger("raftsql.tls")
 
 # A leaf name is a file stem and a DNS label: letters, digits, inner hyphens, at most 63.
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -398,26 +417,30 @@ def _cert_role(cert: x509.Certificate) -> str | None:
 
 
 def _existing_leaf_problem(
-    certs_dir: Path,
+    cert_path: Path,
+    key_path: Path,
     name: str,
     role: str,
     sans: Sequence[x509.GeneralName],
     ca_cert: x509.Certificate,
+    ca_dir: Path,
 ) -> str | None:
-    """Why the existing NAME.crt/NAME.key pair does not fit the request, or None if it does."""
-    cert_path, key_path = leaf_paths(certs_dir, name)
+    """Why the existing certificate/key pair does not fit the request, or None if it does."""
     if not cert_path.exists():
         return f"{key_path} exists without {cert_path.name} (interrupted run?)"
     cert = _read_cert(cert_path, "certificate")
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
-        return f"{cert_path} was not issued by the CA in {certs_dir}"
+        return f"{cert_path} was not issued by the CA in {ca_dir}"
     actual_role = _cert_role(cert)
     if actual_role != role:
         return (
             f"{cert_path} is a {actual_role or 'role-less'} certificate, not a {role} certificate"
         )
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [name]:
+        return f"{cert_path} is the certificate of {', '.join(map(str, names)) or 'nobody'}, not {name}"
     if cert.not_valid_after_utc <= _now():
         return f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
     try:
@@ -431,6 +454,40 @@ def _existing_leaf_problem(
     if cert.public_key().public_numbers() != key.public_key().public_numbers():
         return f"{key_path} does not belong to {cert_path}"
     return None
+
+
+def _private_dir(d: Path) -> None:
+    if d.exists() and not d.is_dir():
+        raise TLSConfigError(f"{d} exists and is not a directory")
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)  # the directory holds keys; mkdir's mode is subject to the umask
+
+
+def _write_ca_copy(out_dir: Path, ca_cert: x509.Certificate) -> None:
+    """ca.crt in a node's or client's own directory: the CA certificate (public), never its key."""
+    data = ca_cert.public_bytes(serialization.Encoding.PEM)
+    path = out_dir / CA_CERT
+    try:
+        if path.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    _write_file(path, data, 0o644, overwrite=True)
+
+
+def _check_own_dir(out_dir: Path, cert_path: Path) -> None:
+    """A node's or client's directory holds one leaf: refuse to add a second one (or a CA key)."""
+    if not out_dir.is_dir():
+        return
+    if (out_dir / CA_KEY).exists():
+        raise TLSConfigError(f"{out_dir} holds a CA key ({CA_KEY}); it cannot be a node's or client's directory")
+    others = sorted(
+        p.name for p in out_dir.glob("*.crt") if p.name not in (CA_CERT, cert_path.name)
+    )
+    if others:
+        raise TLSConfigError(
+            f"{out_dir} already holds {', '.join(others)} (another certificate); choose another name"
+        )
 
 
 def make_ca(
@@ -454,10 +511,7 @@ def make_ca(
                     f"{p} already exists; use --force to replace the CA "
                     "(this invalidates every certificate it signed)"
                 )
-    if d.exists() and not d.is_dir():
-        raise TLSConfigError(f"{d} exists and is not a directory")
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(d, 0o700)  # the directory holds keys; mkdir's mode is subject to the umask
+    _private_dir(d)
     key = _new_key()
     _write_pair(cert_path, key_path, _build_ca(key), key, overwrite=force)
     return Issued(cert_path, key_path)
@@ -469,22 +523,33 @@ def _make_leaf(
     role: str,
     sans: list[x509.GeneralName],
     *,
+    out_dir: str | os.PathLike[str] | None,
+    stem: str,
     force: bool,
     exist_ok: bool,
 ) -> Issued:
     _check_name(name)
     d = Path(certs_dir)
     ca_cert, ca_key = _load_ca(d)
-    cert_path, key_path = leaf_paths(d, name)
+    out = d if out_dir is None else Path(out_dir)
+    own_dir = out_dir is not None and out.resolve() != d.resolve()
+    cert_path, key_path = out / f"{stem}.crt", out / f"{stem}.key"
+    if own_dir:
+        _check_own_dir(out, cert_path)
     if not force and (cert_path.exists() or key_path.exists()):
-        problem = _existing_leaf_problem(d, name, role, sans, ca_cert)
+        problem = _existing_leaf_problem(cert_path, key_path, name, role, sans, ca_cert, d)
         if exist_ok and problem is None:
+            if own_dir:
+                _write_ca_copy(out, ca_cert)  # an interrupted run may have missed it
             return Issued(cert_path, key_path, created=False)
         raise CertificateExistsError(
             f"{problem or f'{cert_path} already exists'}; use --force to reissue it"
         )
     key = _new_key()
     cert = _build_leaf(ca_cert, ca_key, key, name, role, sans)
+    if own_dir:
+        _private_dir(out)
+        _write_ca_copy(out, ca_cert)  # first: the leaf's .crt marks a complete directory
     _write_pair(cert_path, key_path, cert, key, overwrite=force)
     return Issued(cert_path, key_path)
 
@@ -494,11 +559,14 @@ def make_node_cert(
     name: str,
     hosts: Iterable[str],
     *,
+    out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     exist_ok: bool = False,
 ) -> Issued:
     """Issue NAME.crt/NAME.key for node `name`, signed by the CA in `certs_dir`.
 
+    They go into `certs_dir` (the old flat layout), or into `out_dir` (0700) with a copy of
+    ca.crt: the node's own directory, its ``--certs``.
     SANs: an IPAddress for each IP in `hosts`, a DNSName for each other host and for `name`,
     and the role URI ``urn:raftsql:role:node``. EKU serverAuth + clientAuth.
     With exist_ok, an existing pair from this CA that already covers every host is kept
@@ -513,19 +581,179 @@ def make_node_cert(
     if name_san not in sans:
         sans.append(name_san)
     sans = list(dict.fromkeys(sans))  # dedupe, keep order
-    return _make_leaf(certs_dir, name, ROLE_NODE, sans, force=force, exist_ok=exist_ok)
+    return _make_leaf(
+        certs_dir, name, ROLE_NODE, sans, out_dir=out_dir, stem=name, force=force, exist_ok=exist_ok
+    )
 
 
 def make_client_cert(
     certs_dir: str | os.PathLike[str],
     name: str = "client",
     *,
+    out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     exist_ok: bool = False,
 ) -> Issued:
-    """Issue NAME.crt/NAME.key for a driver client: role URI ``urn:raftsql:role:client``, EKU
-    clientAuth only (it cannot act as a server). exist_ok as for `make_node_cert`."""
-    return _make_leaf(certs_dir, name, ROLE_CLIENT, [], force=force, exist_ok=exist_ok)
+    """Issue a certificate for driver client `name`: role URI ``urn:raftsql:role:client``, EKU
+    clientAuth only (it cannot act as a server). exist_ok as for `make_node_cert`.
+
+    Flat (no `out_dir`): NAME.crt/NAME.key in `certs_dir`. With `out_dir`, the client's own
+    directory: client.crt/client.key and a copy of ca.crt, what ``?certs=OUT_DIR`` reads."""
+    stem = name if out_dir is None else CLIENT_STEM
+    return _make_leaf(
+        certs_dir, name, ROLE_CLIENT, [], out_dir=out_dir, stem=stem, force=force, exist_ok=exist_ok
+    )
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+class CertsTree:
+    """The certificate directory `raftsql certs`, `raftsql cluster up` and the test harness
+    keep: ROOT/ca/ for the CA, ROOT/NAME/ for each node or client (see the module docstring).
+
+    A ROOT with ca.key (or ca.crt) directly inside is the old flat layout (`legacy`): the CA
+    stays there and new leaves are written next to it, as before, until `split` moves them.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    @property
+    def legacy(self) -> bool:
+        r = self.root
+        return (r / CA_KEY).exists() or (
+            (r / CA_CERT).exists() and not (r / CA_SUBDIR / CA_CERT).exists()
+        )
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root if self.legacy else self.root / CA_SUBDIR
+
+    def own_dir(self, name: str) -> Path:
+        """The directory of node or client `name` (ROOT itself in the flat layout)."""
+        _check_name(name)
+        return self.root if self.legacy else self.root / name
+
+    def legacy_warning(self) -> str | None:
+        """What is wrong with a flat directory and how to fix it, or None."""
+        if not self.legacy:
+            return None
+        return (
+            f"{self.root} has the old flat layout: the CA private key {self.root / CA_KEY} sits "
+            f"next to the client and node keys, so whoever is given {self.root} (as ?certs= or "
+            "--certs) can issue certificates and pose as any node. Move every key into its own "
+            f"directory with: raftsql certs init {self.root} --split"
+        )
+
+    def leaf_certs(self) -> list[Path]:
+        """Every node and client certificate under ROOT (both layouts)."""
+        found = [p for p in self.root.glob("*.crt") if p.name != CA_CERT]
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if d.is_dir() and d.name != CA_SUBDIR:
+                found += [p for p in d.glob("*.crt") if p.name != CA_CERT]
+        return sorted(found)
+
+    def _require_ca(self) -> Path:
+        if not self.root.is_dir():
+            raise TLSConfigError(
+                f"certificate directory {self.root} does not exist; "
+                f"create it with: raftsql certs init {self.root}"
+            )
+        ca_dir = self.ca_dir
+        if not (ca_dir / CA_CERT).exists():
+            raise TLSConfigError(
+                f"no CA in {self.root} ({ca_dir / CA_CERT} not found); "
+                f"create one with: raftsql certs init {self.root}"
+            )
+        return ca_dir
+
+    def init(self, *, force: bool = False, exist_ok: bool = False) -> tuple[Issued, Issued]:
+        """ROOT (0700) with the CA in ROOT/ca and the client directory ROOT/client.
+
+        A flat ROOT keeps its CA (with exist_ok) and gets its client pair next to it, as before.
+        force makes a new CA in ROOT/ca (and removes a flat CA): every certificate it signed
+        is then untrusted. Returns (CA, client)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise TLSConfigError(f"{self.root} exists and is not a directory")
+        _private_dir(self.root)
+        if force and self.legacy:
+            ca = make_ca(self.root / CA_SUBDIR, force=True)
+            for p in (self.root / CA_KEY, self.root / CA_CERT):
+                p.unlink(missing_ok=True)
+        else:
+            ca = make_ca(self.ca_dir, force=force, exist_ok=exist_ok)
+        client = self.client(CLIENT_STEM, force=force, exist_ok=exist_ok)
+        return ca, client
+
+    def node(
+        self, name: str, hosts: Iterable[str], *, force: bool = False, exist_ok: bool = False
+    ) -> Issued:
+        """Node `name`'s certificate in its own directory ROOT/NAME (NAME.crt, NAME.key, ca.crt)."""
+        ca_dir = self._require_ca()
+        out = None if self.legacy else self.own_dir(name)
+        return make_node_cert(ca_dir, name, hosts, out_dir=out, force=force, exist_ok=exist_ok)
+
+    def client(self, name: str = CLIENT_STEM, *, force: bool = False, exist_ok: bool = False) -> Issued:
+        """Client `name`'s certificate in its own directory ROOT/NAME (client.crt, client.key,
+        ca.crt): the directory to pass as ``?certs=``."""
+        ca_dir = self._require_ca()
+        out = None if self.legacy else self.own_dir(name)
+        return make_client_cert(ca_dir, name, out_dir=out, force=force, exist_ok=exist_ok)
+
+    def split(self) -> list[str]:
+        """Move a flat ROOT into the tree: ca.key and ca.crt into ROOT/ca, each NAME.crt/NAME.key
+        into ROOT/NAME with a copy of ca.crt (a client's pair renamed client.crt/client.key).
+        The CA and every certificate are kept. Idempotent: a run cut short is finished by the
+        next. Returns one line per change (empty if ROOT was not flat)."""
+        r = self.root
+        top_cert, top_key = r / CA_CERT, r / CA_KEY
+        if not (top_cert.exists() or top_key.exists()):
+            return []
+        done: list[str] = []
+        ca_dir = r / CA_SUBDIR
+        _private_dir(r)
+        _private_dir(ca_dir)
+        if top_key.exists():
+            check_key_file(top_key)
+            if (ca_dir / CA_KEY).exists():
+                raise TLSConfigError(f"both {top_key} and {ca_dir / CA_KEY} exist; keep one")
+            os.rename(top_key, ca_dir / CA_KEY)
+            done.append(f"moved {top_key} to {ca_dir / CA_KEY}")
+        if not (ca_dir / CA_CERT).exists():
+            _write_file(ca_dir / CA_CERT, top_cert.read_bytes(), 0o644, overwrite=False)
+            done.append(f"copied {top_cert} to {ca_dir / CA_CERT}")
+        _fsync_dir(r)
+        ca_cert, _ = _load_ca(ca_dir)
+        for crt in sorted(p for p in r.glob("*.crt") if p.name != CA_CERT):
+            name = crt.stem
+            key = r / f"{name}.key"
+            try:
+                _check_name(name)
+            except TLSConfigError:
+                done.append(f"left {crt} where it is (not a certificate name)")
+                continue
+            role = _cert_role(_read_cert(crt, "certificate"))
+            out = r / name
+            stem = CLIENT_STEM if role == ROLE_CLIENT else name
+            dest_crt, dest_key = out / f"{stem}.crt", out / f"{stem}.key"
+            _check_own_dir(out, dest_crt)
+            for dest in (dest_crt, dest_key):
+                if dest.exists():
+                    raise TLSConfigError(f"both {r / (name + dest.suffix)} and {dest} exist; keep one")
+            _private_dir(out)
+            _write_ca_copy(out, ca_cert)
+            if key.exists():
+                os.rename(key, dest_key)  # key first: the .crt marks a complete directory
+            os.rename(crt, dest_crt)
+            _fsync_dir(out)
+            done.append(f"moved {crt.name}{' and ' + key.name if dest_key.exists() else ''} to {out}/"
+                        + (f" (as {dest_crt.name})" if stem != name else ""))
+        if top_cert.exists():
+            top_cert.unlink()  # last: its absence marks a finished split
+            _fsync_dir(r)
+            done.append(f"removed {top_cert} (each directory has its copy)")
+        return done
 
 
 _SAN_LABELS = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
@@ -557,24 +785,35 @@ def describe_cert(path: str | os.PathLike[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- contexts
 
 
+_warned_flat: set[str] = set()
+
+
 def _leaf_files(certs_dir: str | os.PathLike[str], node_name: str) -> tuple[str, str, str]:
+    """ca.crt, NAME.crt, NAME.key of a node: in `certs_dir` (the node's own directory, or an old
+    flat one), else in `certs_dir`/NAME (`certs_dir` is a CertsTree root)."""
     _check_name(node_name)
     d = Path(certs_dir)
-    ca_cert = d / CA_CERT
-    cert_path, key_path = leaf_paths(d, node_name)
     if not d.is_dir():
         raise TLSConfigError(f"certificate directory {d} does not exist")
+    if not (d / f"{node_name}.crt").exists() and (d / node_name / f"{node_name}.crt").exists():
+        d = d / node_name
+    ca_cert = d / CA_CERT
+    cert_path, key_path = leaf_paths(d, node_name)
     if not ca_cert.is_file():
         raise TLSConfigError(f"CA certificate not found: {ca_cert}")
     if not cert_path.is_file():
         raise TLSConfigError(
             f"node certificate not found: {cert_path}; create it with: "
-            f"raftsql certs node {d} --name {node_name} --host ADDRESS"
+            f"raftsql certs node CERTS_DIR --name {node_name} --host ADDRESS"
         )
     try:
         check_key_file(key_path)
     except FileNotFoundError:
         raise TLSConfigError(f"node private key not found: {key_path}") from None
+    if (d / CA_KEY).exists() and str(d) not in _warned_flat:
+        _warned_flat.add(str(d))
+        log.warning("%s holds the CA private key next to this node's key: a node needs only its "
+                    "own directory (raftsql certs init %s --split makes one)", d, d)
     return str(ca_cert), str(cert_path), str(key_path)
 
 

@@ -212,7 +212,7 @@ def test_a_voter_cannot_rejoin_with_join(cluster):
     from raftsql.driver._conn import DSN
     from raftsql.server.tls import node_client_context
 
-    client = Client(DSN.parse(cluster.dsn).hosts, node_client_context(cluster.certs, "n3"), timeout=10)
+    client = Client(DSN.parse(cluster.dsn).hosts, node_client_context(cluster.node_certs("n3"), "n3"), timeout=10)
     try:
         with pytest.raises(BadRequest, match="n3 is already a voter"):
             client._call({"op": "cluster_join", "node_id": "n3", "address": cluster.address("n3")}, 10, None)

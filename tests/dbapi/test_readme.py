@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 SNIPPET = Path(__file__).resolve().parents[2] / "README.md"
-DSN_IN_SNIPPET = "raftsql://127.0.0.1:4001,127.0.0.1:4002,127.0.0.1:4003/?certs=cluster-data/certs"
+DSN_IN_SNIPPET = "raftsql://127.0.0.1:4001,127.0.0.1:4002,127.0.0.1:4003/?certs=cluster-data/certs/client"
 
 
 def test_readme_snippet_runs_against_a_cluster(cluster, tmp_path):
