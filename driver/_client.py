@@ -54,6 +54,81 @@ class TxnAborted(ClientError):
     """Raised when a transaction's leader changed or became unreachable: nothing was applied."""
 
 
+class StreamLost(ClientError):
+    """Raised when the rest of a streamed result cannot be fetched (its connection was lost,
+    or the node closed the cursor): the rows already read stay valid; run the query again."""
+
+
+# A read asks for rows in chunks of about this many bytes: a result of any size then costs the
+# driver (and the node) about one chunk of memory plus its largest row (server/clients.py).
+FETCH_BYTES = 1 << 20
+
+
+class ResultStream:
+    """The rest of a read's rows, still on the node that served it (one SQLite read
+    transaction there: every chunk is from the snapshot at the result's index). Fetched on
+    demand, through the Client's lock, on the connection that opened it."""
+
+    def __init__(self, client: Client, conn: NodeConnection, cursor_id: int, index: int):
+        self._client = client
+        self._conn = conn
+        self._id = cursor_id
+        self.index = index
+        self.done = False
+        conn.streams += 1
+
+    def fetch(self) -> tuple[list[list[Any]], list[list[int]], dict[str, Any] | None]:
+        """The next chunk: (rows, bad_text positions in it, error map or None)."""
+        if self.done:
+            return [], [], None
+        client = self._client
+        with client._lock:
+            conn = self._conn
+            if conn.closed:
+                self._finish()
+                raise StreamLost(
+                    f"the connection to {conn.address[0]}:{conn.address[1]} that held the rest "
+                    "of this result was closed; run the query again"
+                )
+            try:
+                resp = conn.request({"op": "fetch", "cursor": self._id, "max_bytes": FETCH_BYTES},
+                                    client.timeout + 0.5)
+            except ConnectionLost as e:
+                self._finish()
+                raise StreamLost(f"the rest of the result was lost: {e}; run the query again") from None
+            if not resp.get("ok"):
+                self._finish()
+                err = resp.get("error") or {}
+                raise StreamLost(f"the node could not continue the result: {err.get('message')}")
+            r = resp["result"]
+            if not r.get("more"):
+                self._finish()
+            return r.get("rows") or [], r.get("bad_text") or [], r.get("error")
+
+    def close(self) -> None:
+        """Give up the rest of the rows (the node closes its cursor)."""
+        if self.done:
+            return
+        client = self._client
+        with client._lock:
+            if not self._conn.closed and not self._conn.detached:
+                try:
+                    self._conn.request({"op": "close_cursor", "cursor": self._id}, 2.0)
+                except (ConnectionLost, OSError):
+                    pass
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        conn = self._conn
+        conn.streams -= 1
+        if conn.streams <= 0 and conn.detached:
+            conn.close()
+            self._client._detached.discard(conn)
+
+
 class ManyParams(tuple):
     """The parameter sets of one executemany() statement: sent as [sql, [params, ...], 1], one
     statement prepared once on every node (not one statement per set)."""
@@ -106,6 +181,9 @@ class Client:
         self._unreachable = 0  # connections refused in a row
         self.last_index = 0  # highest log index this client wrote or read (read-your-writes)
         self.served_by: tuple[str, int] | None = None  # the node that answered the last request
+        # Connections given up for requests but kept for the streamed results still open on
+        # them (closed when the last one finishes, or with the client).
+        self._detached: set[NodeConnection] = set()
 
     @classmethod
     def from_dsn(cls, dsn: str, **kw) -> Client:
@@ -133,13 +211,15 @@ class Client:
     def execute(self, statements: list[Statement], *, consistency: str | None = None,
                 min_index: int | None = None, timeout: float | None = None,
                 serial: int | None = None, idempotent: bool = False, reads: bool = False,
-                commit: dict[str, Any] | None = None) -> dict[str, Any]:
+                commit: dict[str, Any] | None = None, stream: bool = False) -> dict[str, Any]:
         """Run statements (one, or an atomic batch); returns the Result map. SQL errors come back
         inside it ("error"); transport/leadership trouble is retried until the deadline.
         idempotent=True says the caller knows this is a read: a lost response then raises
         Unavailable, never OutcomeUnknown. reads=True: a transaction's read; the result's
         "reads" lists the tables it read. commit: {"read_index", "reads", "last_ms"} makes the
-        statements a transaction's commit, applied only if nothing it read has changed."""
+        statements a transaction's commit, applied only if nothing it read has changed.
+        stream=True: a read's rows come in chunks; if more remain, result["stream"] is the
+        ResultStream that fetches them."""
         with self._lock:
             serial = serial if serial is not None else next(self._serials)
             consistency = consistency or self.consistency
@@ -156,15 +236,24 @@ class Client:
                 req["reads"] = True
             if commit is not None:
                 req["commit"] = commit
+            if stream:
+                req["chunk"] = FETCH_BYTES
             result = self._call(req, timeout or self.timeout, None if idempotent else serial)
             self.last_index = max(self.last_index, int(result.get("index") or 0))
+            self._attach_stream(result)
             return result
+
+    def _attach_stream(self, result: dict[str, Any]) -> None:
+        cid = result.pop("cursor", None)
+        if cid is not None and self._conn is not None:
+            result["stream"] = ResultStream(self, self._conn, cid, int(result.get("index") or 0))
 
     def execute_in_transaction(self, statement: Statement, writes: list[Statement],
                                term: int | None, *, leader: str | None = None,
                                timeout: float | None = None, start_index: int | None = None,
                                reads: list[str] | None = None, last_ms: int | None = None,
-                               consistency: str | None = None) -> tuple[dict[str, Any], str]:
+                               consistency: str | None = None,
+                               stream: bool = False) -> tuple[dict[str, Any], str]:
         """One statement of an open transaction, previewed on the leader against the applied
         state plus `writes` (nothing is applied). Returns (result, "host:port" that served it).
         With `term` set (not the transaction's first leader request), the request goes only to
@@ -184,6 +273,8 @@ class Client:
                 "statements": [[statement[0], _wire_params(statement[1])]],
                 "txn": txn,
             }
+            if stream:
+                req["chunk"] = FETCH_BYTES
             if term is not None and leader is not None:
                 pinned = _parse_addr(leader)
                 if self._leader != pinned:
@@ -191,6 +282,7 @@ class Client:
                     self._leader = pinned
             result = self._call(req, timeout or self.timeout, None, pinned_term=term)
             self.last_index = max(self.last_index, int(result.get("index") or 0))
+            self._attach_stream(result)
             host, port = self.served_by
             self._leader = (host, port)  # only a leader serves previews: cache it
             return result, f"{host}:{port}"
@@ -202,6 +294,9 @@ class Client:
     def close(self) -> None:
         with self._lock:
             self._drop_conn()
+            for conn in list(self._detached):
+                conn.close()
+            self._detached.clear()
 
     # ------------------------------------------------------------------ retry loop
 
@@ -346,9 +441,15 @@ class Client:
                     self._learned.append(hp)
 
     def _drop_conn(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        conn = self._conn
+        if conn is not None:
             self._conn = None
+            if conn.streams > 0 and not conn.closed:
+                # Streamed results are still open on it: keep it for them alone.
+                conn.detached = True
+                self._detached.add(conn)
+            else:
+                conn.close()
 
     def _forget_node(self) -> None:
         self._drop_conn()

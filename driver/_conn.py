@@ -53,6 +53,12 @@ class DSN:
 class NodeConnection:
     def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float = 5.0):
         self.address = (host, port)
+        # Streamed results still open on this connection (their cursors live on the node, per
+        # connection), and whether the Client has moved on to another connection meanwhile:
+        # then the last stream to finish closes this one (driver/_client.py, ResultStream).
+        self.streams = 0
+        self.detached = False
+        self.closed = False
         self._ids = itertools.count(1)
         self._decoder = wire.FrameDecoder()
         self._pending: list[tuple[wire.FrameKind, Any]] = []
@@ -123,6 +129,7 @@ class NodeConnection:
         return self._pending.pop(0)
 
     def close(self) -> None:
+        self.closed = True
         try:
             self._sock.close()
         except OSError:

@@ -108,6 +108,10 @@ class Connection:
         self._consistency = "linearizable"
         self.consistency = consistency
         self.row_factory = None
+        # As sqlite3: what TEXT values become (str; bytes; or a callable given the UTF-8 bytes).
+        # Applied when rows are fetched. With str, TEXT that is not valid UTF-8 raises
+        # OperationalError("Could not decode to UTF-8 column ...").
+        self.text_factory: Any = str
         self._txn = _Transaction()
 
     # ------------------------------------------------------------------ attributes
@@ -332,9 +336,10 @@ class Connection:
     def _send(self, statements: list[Statement], *, consistency: str | None = None,
               min_index: int | None = None, serial: int | None = None,
               idempotent: bool = False, reads: bool = False,
-              commit: dict[str, Any] | None = None) -> dict[str, Any]:
+              commit: dict[str, Any] | None = None, stream: bool = False) -> dict[str, Any]:
         """A normal execute: one statement or an atomic batch (a transaction's commit with
-        `commit`; a transaction's read before its first write with reads=True)."""
+        `commit`; a transaction's read before its first write with reads=True). stream=True:
+        a read's rows may come in chunks (result["stream"] fetches the rest)."""
         client = self._client
         if serial is None:
             serial = client.next_serial()
@@ -344,6 +349,8 @@ class Connection:
                 kw["reads"] = True
             if commit is not None:
                 kw["commit"] = commit
+            if stream:
+                kw["stream"] = True
             return client.execute(statements, consistency=consistency or self._consistency,
                                   min_index=min_index, serial=serial, idempotent=idempotent, **kw)
         except _client.OutcomeUnknown as e:
@@ -374,7 +381,7 @@ class Connection:
             result, leader = self._client.execute_in_transaction(
                 statement, txn.writes, txn.term, leader=txn.leader, start_index=txn.start_index,
                 reads=sorted(txn.reads), last_ms=txn.last_ms,
-                consistency=consistency or self._consistency)
+                consistency=consistency or self._consistency, stream=True)
         except _client.TxnAborted as e:
             raise self._abort(TransactionAborted(
                 f"transaction aborted, nothing was applied; run it again: {e}")) from None
@@ -433,16 +440,17 @@ class Connection:
                     # which were in no transaction either (and a DDL would make them conflict).
                     self._txn = _Transaction()
                     return self._send([stmt], consistency=cursor.consistency,
-                                      min_index=cursor.min_index)
+                                      min_index=cursor.min_index, stream=True)
             if mode == "auto" and not txn.explicit:
                 # Outside any transaction: its own write, or a read at the cursor's consistency.
                 return self._send([stmt], consistency=cursor.consistency,
-                                  min_index=cursor.min_index, idempotent=reads_only)
+                                  min_index=cursor.min_index, idempotent=reads_only, stream=True)
             if not txn.explicit and not txn.writes and reads_only:
                 # An implicit transaction's read before its first write: the normal read path
                 # (any node, the cursor's consistency), collecting the tables it read.
                 result = self._send([stmt], consistency=cursor.consistency,
-                                    min_index=cursor.min_index, idempotent=True, reads=True)
+                                    min_index=cursor.min_index, idempotent=True, reads=True,
+                                    stream=True)
                 if not result.get("error"):
                     txn.reads.update(result.get("reads") or ())
                     # The snapshot is the OLDEST one any of its reads saw (a "leader" read after

@@ -1,8 +1,11 @@
 """Cursor: runs statements through its Connection and holds one result set.
 
-A result set arrives whole (the server returns every row of a statement in one response), so
-fetch* only walk a list. Cursors are not thread-safe (PEP 249 threadsafety 2: threads may share
-connections, not cursors).
+A read's rows arrive in chunks of about 1 MiB (driver/_client.py, FETCH_BYTES): the first with
+the result, the rest fetched from the node as fetch*/iteration reach them, so a result of any
+size costs about one chunk of memory. Every row of one result comes from one snapshot on the
+node that served it (the state at the result's log index). Rows already handed out are not
+kept. Cursors are not thread-safe (PEP 249 threadsafety 2: threads may share connections, not
+cursors).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from raftsql.driver import _sql
-from raftsql.driver._exceptions import ProgrammingError, error_from_map
+from raftsql.driver._client import ResultStream, StreamLost
+from raftsql.driver._exceptions import OperationalError, ProgrammingError, error_from_map
 from raftsql.driver._types import adapt_params
 
 if TYPE_CHECKING:
@@ -53,9 +57,14 @@ class Cursor:
         self._consistency = value
 
     def _reset(self) -> None:
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.close()  # the rest of the previous result is not wanted
+        self._stream: ResultStream | None = None
         self.description: tuple | None = None
         self.rowcount = -1
-        self._rows: list[tuple] = []
+        self._rows: list[list] = []
+        self._bad: dict[int, list[int]] = {}  # row position -> columns of TEXT that is not UTF-8
         self._pos = 0
         self._result: dict[str, Any] | None = None  # the last raw Result map (tests look at it)
 
@@ -116,7 +125,8 @@ class Cursor:
                 (name, decltypes[i] if i < len(decltypes) else None, None, None, None, None, None)
                 for i, name in enumerate(columns)
             )
-        self._rows = [tuple(r) for r in result.get("rows") or ()]
+        self._set_chunk(result.get("rows") or [], result.get("bad_text"))
+        self._stream = result.pop("stream", None)
         self.rowcount = rowcount if rowcount is not None else int(result.get("rowcount", -1))
         if result.get("lastrowid"):
             # Every log entry starts with last_insert_rowid() = 0, so 0 means "this statement
@@ -125,49 +135,91 @@ class Cursor:
 
     # ------------------------------------------------------------------ fetch*
 
-    def _result_set(self) -> list[tuple]:
-        # No result set (nothing executed yet, or a statement without rows) is an empty one,
-        # as in sqlite3: fetchone() returns None, fetchall() and fetchmany() [].
-        self._check()
-        return self._rows
+    def _set_chunk(self, rows: list, bad: list | None) -> None:
+        self._rows = rows
+        self._pos = 0
+        self._bad = {}
+        for r, c in bad or ():
+            self._bad.setdefault(r, []).append(c)
 
-    def _make(self, row: tuple) -> Any:
+    def _more(self) -> bool:
+        """Load the next chunk of a streamed result; False when there is none."""
+        stream = self._stream
+        while stream is not None and not stream.done:
+            try:
+                rows, bad, err = stream.fetch()
+            except StreamLost as e:
+                self._stream = None
+                raise OperationalError(str(e)) from None
+            if err:
+                self._stream = None
+                raise error_from_map(err)
+            self._set_chunk(rows, bad)
+            if rows:
+                return True
+        self._stream = None
+        return False
+
+    def _next_row(self) -> Any:
+        """The next row made (row_factory, text_factory), or None at the end."""
+        self._check()
+        if self._pos >= len(self._rows) and not self._more():
+            return None
+        pos = self._pos
+        self._pos += 1
+        return self._make(self._rows[pos], self._bad.get(pos))
+
+    def _make(self, row: list, bad: list[int] | None = None) -> Any:
+        tf = self.connection.text_factory
+        if bad is not None or tf is not str:
+            row = self._texts(row, bad or (), tf)
+        else:
+            row = tuple(row)
         rf = self.row_factory
         return rf(self, row) if rf is not None else row
 
+    def _texts(self, row: list, bad: list[int], tf: Any) -> tuple:
+        """Apply text_factory to the TEXT values of a row, as sqlite3 does: str values are
+        TEXT; bytes at a `bad` column are TEXT that is not valid UTF-8."""
+        out = list(row)
+        for i, v in enumerate(out):
+            if i in bad:
+                if tf is str:
+                    name = self.description[i][0] if self.description else str(i)
+                    raise OperationalError(
+                        f"Could not decode to UTF-8 column '{name}' with text "
+                        f"'{v.decode('utf-8', 'replace')}'"
+                    )
+                out[i] = v if tf is bytes else tf(v)
+            elif type(v) is str and tf is not str:
+                b = v.encode("utf-8")
+                out[i] = b if tf is bytes else tf(b)
+        return tuple(out)
+
     def fetchone(self) -> Any:
-        rows = self._result_set()
-        if self._pos >= len(rows):
-            return None
-        row = rows[self._pos]
-        self._pos += 1
-        return self._make(row)
+        return self._next_row()
 
     def fetchmany(self, size: int | None = None) -> list[Any]:
-        rows = self._result_set()
         n = self.arraysize if size is None else size
-        if n < 0:
-            n = len(rows)
-        chunk = rows[self._pos : self._pos + n]
-        self._pos += len(chunk)
-        return [self._make(r) for r in chunk]
+        out = []
+        while n < 0 or len(out) < n:
+            row = self._next_row()
+            if row is None:
+                break
+            out.append(row)
+        return out
 
     def fetchall(self) -> list[Any]:
-        rows = self._result_set()
-        chunk = rows[self._pos :]
-        self._pos = len(rows)
-        return [self._make(r) for r in chunk]
+        return self.fetchmany(-1)
 
     def __iter__(self) -> Cursor:
         return self
 
     def __next__(self) -> Any:
-        self._check()
-        if self._pos >= len(self._rows):
+        row = self._next_row()
+        if row is None:
             raise StopIteration
-        row = self._rows[self._pos]
-        self._pos += 1
-        return self._make(row)
+        return row
 
     # ------------------------------------------------------------------ the rest of PEP 249
 
@@ -179,5 +231,8 @@ class Cursor:
 
     def close(self) -> None:
         """Close the cursor; using it afterwards raises ProgrammingError. Idempotent."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         self._closed = True
         self._rows = []

@@ -1939,15 +1939,19 @@ class StateMachine:
     def _dump_sql(self, name: str, without_rowid: bool) -> str:
         q = _quote_ident(name)
         info = self._internal("SELECT name, pk FROM pragma_table_info(?)", (name,))
+        # Every value as (type, bytes): TEXT that is not valid UTF-8 cannot come back as str.
+        values = ", ".join(
+            f"typeof({_quote_ident(c)}), CAST({_quote_ident(c)} AS BLOB)" for c, _ in info
+        )
         if without_rowid:
             pk = [_quote_ident(c) for c, k in sorted(info, key=lambda r: r[1]) if k > 0]
-            return f"SELECT * FROM {q} ORDER BY {', '.join(pk)}"
+            return f"SELECT {values} FROM {q} ORDER BY {', '.join(pk)}"
         names = {c.lower() for c, _ in info}
         for alias in ("rowid", "_rowid_", "oid"):
             if alias not in names:
-                return f"SELECT {alias}, * FROM {q} ORDER BY {alias}"
-        order = ", ".join(str(i + 1) for i in range(len(info)))
-        return f"SELECT * FROM {q} ORDER BY {order}"
+                return f"SELECT {alias}, {values} FROM {q} ORDER BY {alias}"
+        order = ", ".join(_quote_ident(c) for c, _ in info)
+        return f"SELECT {values} FROM {q} ORDER BY {order}"
 
     # -- lifecycle ------------------------------------------------------------------------
 

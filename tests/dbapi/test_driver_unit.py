@@ -258,7 +258,7 @@ class _StubClient:
         return self.serial
 
     def execute(self, statements, *, consistency=None, min_index=None, serial=None,
-                idempotent=False, timeout=None, **kw):
+                idempotent=False, timeout=None, stream=False, **kw):
         self.sent.append(("execute", list(statements), serial))
         self.kw.append(kw)  # reads=True / commit={...} (serializable transactions)
         self.idempotent.append(idempotent)
@@ -269,7 +269,7 @@ class _StubClient:
         return self.results.pop(0) if self.results else _result()
 
     def execute_in_transaction(self, statement, writes, term, *, leader=None, timeout=None,
-                               **kw):
+                               stream=False, **kw):
         self.sent.append(("txn", statement, list(writes), term, leader))
         self.kw.append(kw)
         res = self.previews.pop(0)
@@ -668,6 +668,9 @@ class _FakeNode:
 
     script: list = []
     log: list = []
+    streams = 0  # NodeConnection's bookkeeping of streamed results (none here)
+    detached = False
+    closed = False
 
     def __init__(self, host, port, context, timeout):
         self.address = (host, port)
