@@ -594,7 +594,6 @@ class ReadCursor:
         self._reader = reader
         self._max_row_bytes = max_row_bytes
         self._rows: Any = None  # the apsw cursor, an iterator of rows
-        self._pending: list[Any] | None = None  # a row read but not yet sent (over a chunk)
         self._sent = 0  # rows handed out so far
         self._consumed = 0  # rows taken from the SQLite statement so far
         self.bad_text: list[list[int]] = []
@@ -665,13 +664,15 @@ class ReadCursor:
         reader.active = True
         try:
             while True:
-                if self._pending is not None:
-                    (row, bad), self._pending = self._pending, None
-                else:
-                    got = self._next_row()
-                    if got is None:
-                        return out, True
-                    row, bad = got
+                if out and size >= max_bytes:
+                    # Stop before reading another row: a chunk ends with the row that filled
+                    # it, so at most one large row is held (never one read ahead).
+                    self._sent += len(out)
+                    return out, False
+                got = self._next_row()
+                if got is None:
+                    return out, True
+                row, bad = got
                 n = sum(map(_value_size, row)) + 5
                 if self._max_row_bytes is not None and n > self._max_row_bytes:
                     self.error = _error(
@@ -683,10 +684,6 @@ class ReadCursor:
                         "substr(value, start, length)",
                     )
                     return None, True
-                if out and size + n > max_bytes:
-                    self._pending = (row, bad)
-                    self._sent += len(out)
-                    return out, False
                 for c in bad:
                     self.bad_text.append([len(out), c])
                 out.append(row)
