@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from raftsql.raft.log import LogInvariantError, RaftLog
+from raftsql.raft.log import DEFAULT_CACHE_BYTES, LogInvariantError, RaftLog
+from raftsql.raft.storage import LogReader, StoredLog
 from raftsql.raft.types import (
     ConfChange,
     ConfChangeType,
@@ -110,6 +111,9 @@ class Config:
     heartbeat_ticks: int = 1
     max_inflight: int = 64  # unanswered appends per follower in REPLICATE
     max_append_bytes: int = 1 << 20  # per APPEND message (at least one entry is always sent)
+    # Per Ready's committed_entries (at least one entry): a restart with a long unapplied log
+    # reads it back from the store a batch at a time, not all at once.
+    max_committed_bytes: int = 16 << 20
     pre_vote: bool = True
     check_quorum: bool = True
     mutations: frozenset[str] = frozenset()
@@ -147,9 +151,15 @@ class Raft:
         rng: random.Random,
         hard_state: HardState | None = None,
         snapshot: SnapshotMeta | None = None,
-        entries: list[Entry] | tuple[Entry, ...] = (),
+        entries: list[Entry] | tuple[Entry, ...] | StoredLog = (),
         applied: int = 0,
+        *,
+        storage: LogReader | None = None,
+        log_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
+        """`entries` is the durable log after the snapshot: either every entry (tests), or the
+        StoredLog summary of it, whose data `storage` reads back when asked. With `storage`,
+        at most `log_cache_bytes` of durable entries stay in memory (log.py)."""
         hs = hard_state or HardState()
         snap = snapshot or SnapshotMeta()
         self.cfg = config
@@ -157,7 +167,7 @@ class Raft:
         self.rng = rng
         self._mut = config.mutations
         self._logger = config.logger or logging.getLogger("raftsql.raft").info
-        self.log = RaftLog(snap, entries, max(hs.commit, applied))
+        self.log = RaftLog(snap, entries, max(hs.commit, applied), storage, log_cache_bytes)
         # Entries up to the state machine's applied index are never handed out again.
         self.log.applied = max(snap.index, min(applied, self.log.committed))
         self.term = hs.term
@@ -415,11 +425,8 @@ class Raft:
             voters, learners = set(snap.voters), set(snap.learners)
         else:
             voters, learners = set(self.cfg.voters), set(self.cfg.learners)
-        for e in self.log.entries:
-            if e.index > index:
-                break
-            if e.type == EntryType.CONF_CHANGE:
-                _apply_conf_change(voters, learners, ConfChange.decode(e.data))
+        for e in self.log.conf_changes(index):
+            _apply_conf_change(voters, learners, ConfChange.decode(e.data))
         return voters, learners
 
     def report_snapshot(self, to: str, ok: bool) -> None:
@@ -472,6 +479,8 @@ class Raft:
                 self._bcast_append()
 
     def has_ready(self) -> bool:
+        if self.log.failed is not None:
+            raise self.log.failed  # the store could not read an entry back: stop the node
         if self._outstanding is not None:
             return False
         self._flush()
@@ -490,6 +499,8 @@ class Raft:
         """What to do now (see Ready for the ordering contract). Call advance() before the next."""
         if self._outstanding is not None:
             raise RuntimeError("ready() called again before advance()")
+        if self.log.failed is not None:
+            raise self.log.failed
         self._flush()
         rd = Ready()
         if self._pending_install is not None:
@@ -513,8 +524,10 @@ class Raft:
             rd.persisted_messages = [m for m in rd.persisted_messages if m.type != MsgType.VOTE_RESP]
             rd.messages.extend(early)
         if self.log.committed > self._applying_to:
-            rd.committed_entries = self.log.slice(self._applying_to + 1, self.log.committed + 1)
-            self._applying_to = self.log.committed
+            rd.committed_entries = self.log.slice(
+                self._applying_to + 1, self.log.committed + 1, self.cfg.max_committed_bytes
+            )
+            self._applying_to = rd.committed_entries[-1].index
         rd.read_states, self._read_states = self._read_states, []
         self._outstanding = rd
         return rd
@@ -778,9 +791,7 @@ class Raft:
             return
         # §7: discard the whole log; the state machine is replaced by the snapshot.
         self._logger(f"{self.id} installs snapshot at {meta.index} (term {meta.term}) from {m.sender}")
-        self.log = RaftLog(meta, [], meta.index)
-        self.log.applied = meta.index
-        self.log.stable = meta.index
+        self.log.restore(meta)
         self._applying_to = meta.index
         self._pending_install = meta
         self._recompute_config()

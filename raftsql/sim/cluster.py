@@ -14,6 +14,11 @@ meta (the newer file is ignored, as etcd does), so it resumes from the old log o
 snapshot, never from a mix. The transport carries the leader's snapshot file with a SNAPSHOT
 message (out of band, as the real one streams the file) and reports its fate back to the
 leader through report_snapshot, or sometimes never (the leader's timeout must cover it).
+
+Bounded log memory. Every core reads its log through its MemDisk (the LogReader protocol) and
+keeps a log cache of a few entries at most (often none), drawn per seed from a stream of its
+own, so every seed replays exactly as it did with unbounded memory while nearly every entry
+a follower needs, a node applies or the checker inspects is read back from the disk.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from raftsql.raft.types import (
 from raftsql.sim.disk import MemDisk
 
 TICK_UNITS = 10  # virtual time units per tick at normal clock speed
+# Raft(log_cache_bytes=...) choices: an entry here costs about 135 bytes (log.ENTRY_OVERHEAD
+# plus a few bytes of data), so these keep at most 0, 1, 2 or 4 durable entries in memory.
+CACHE_BYTES = (0, 150, 300, 600)
 ELECTION_TICKS = 10
 FAULT_UNITS = 4000  # length of the faulty phase
 LIVENESS_TICKS = 300  # once faults stop, the cluster must converge within this many ticks
@@ -178,6 +186,8 @@ class Simulation:
         # Every snapshot decision draws from srng, never from rng (see SnapshotMix).
         self.srng = random.Random(f"snapshots/{seed}")
         self.snap: SnapshotMix | None = SnapshotMix.from_rng(self.srng) if snapshots else None
+        # Its own stream too: the cache never changes what the core does, only where it reads.
+        self.cache_bytes = random.Random(f"cache/{seed}").choice(CACHE_BYTES)
         self._snap_payload: dict[int, tuple[tuple, int]] = {}  # net seq -> (data, sender restarts)
         self._reports: list[tuple[int, int, str, int, str, bool]] = []  # (time, seq, leader, restarts, to, ok)
         self.conf_changes: dict[int, ConfChange] = {}  # committed CONF_CHANGE entries by index
@@ -220,7 +230,7 @@ class Simulation:
 
     def _start(self, nid: str) -> None:
         node = self.nodes[nid]
-        hs, snap, entries = node.disk.load()
+        hs, snap, stored = node.disk.initial_state()
         cfg = Config(
             id=nid,
             voters=self.initial_voters,
@@ -253,7 +263,10 @@ class Simulation:
             node.snapshots = {}
             node.applied = []
         node_rng = random.Random(self.rng.getrandbits(64))
-        node.core = Raft(cfg, node_rng, hs, snap, entries, applied=snap.index)
+        node.core = Raft(
+            cfg, node_rng, hs, snap, stored, applied=snap.index,
+            storage=node.disk, log_cache_bytes=self.cache_bytes,
+        )
         node.pending = None
         node.inbox = {}
         node.deferred = []
@@ -763,6 +776,8 @@ class Simulation:
             self._step()
         self._heal()
         self._liveness()
+        # Entries the cores read back from their disks (evicted from their log caches).
+        self.stats["disk_reads"] = sum(n.disk.reads for n in self.nodes.values())
         return self.stats
 
     def _heal(self) -> None:

@@ -1,12 +1,14 @@
 """An in-memory disk implementing the LogStorage protocol, with crash semantics: writes are
 buffered until sync(); a crash keeps only a random prefix of the unsynced writes (as a real
-append-only file may), never anything out of order."""
+append-only file may), never anything out of order. The core reads evicted entries back from
+it (read_entries) exactly as it does from the server's log store."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 
+from raftsql.raft.storage import StoredLog, limit_size
 from raftsql.raft.types import Entry, HardState, SnapshotMeta
 
 
@@ -17,10 +19,26 @@ class MemDisk:
         self.entries: list[Entry] = []
         self._pending: list[tuple[str, object]] = []
         self.syncs = 0
+        self.reads = 0  # entries handed out by read_entries
 
     # LogStorage ---------------------------------------------------------------------------
+    def initial_state(self) -> tuple[HardState, SnapshotMeta, StoredLog]:
+        return self.hard_state, self.snapshot, StoredLog.of(self.snapshot, self.entries)
+
     def load(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
         return self.hard_state, self.snapshot, list(self.entries)
+
+    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        # Only synced state is readable: the core never asks for an entry it was not told is
+        # durable, and a read that reached into the unsynced writes would hide that bug.
+        base = self.snapshot.index + 1
+        if lo < base or hi > base + len(self.entries) or lo >= hi:
+            raise LookupError(
+                f"read [{lo}, {hi}) outside the durable log [{base}, {base + len(self.entries)})"
+            )
+        out = limit_size(self.entries[lo - base : hi - base], max_bytes)
+        self.reads += len(out)
+        return out
 
     def append(self, entries: Sequence[Entry]) -> None:
         if entries:

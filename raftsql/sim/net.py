@@ -11,13 +11,17 @@ import random
 from collections.abc import Callable, Iterable
 
 from raftsql.raft.core import Config, Raft
+from raftsql.raft.log import DEFAULT_CACHE_BYTES
 from raftsql.raft.types import Entry, Message, MsgType, ReadState, Role
 from raftsql.sim.disk import MemDisk
 
 
 class SyncNet:
-    def __init__(self, ids: Iterable[str], seed: int = 0, **config_kw):
+    def __init__(
+        self, ids: Iterable[str], seed: int = 0, log_cache_bytes: int = DEFAULT_CACHE_BYTES, **config_kw
+    ):
         self.ids = list(ids)
+        self.log_cache_bytes = log_cache_bytes  # each core reads evicted entries from its disk
         self.config_kw = {"election_ticks": 10, "heartbeat_ticks": 1, **config_kw}
         self.config_kw.setdefault("voters", tuple(self.ids))
         self.rng = random.Random(seed)
@@ -35,9 +39,13 @@ class SyncNet:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, nid: str) -> Raft:
-        hs, snap, entries = self.disks[nid].load()
+        disk = self.disks[nid]
+        hs, snap, stored = disk.initial_state()
         cfg = Config(id=nid, logger=self.log_lines.append, **self.config_kw)
-        core = Raft(cfg, random.Random(self.rng.getrandbits(32)), hs, snap, entries)
+        core = Raft(
+            cfg, random.Random(self.rng.getrandbits(32)), hs, snap, stored,
+            storage=disk, log_cache_bytes=self.log_cache_bytes,
+        )
         self.cores[nid] = core
         self.applied[nid] = []
         return core
