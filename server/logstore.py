@@ -1,8 +1,10 @@
 """The durable Raft log and hard state: append-only segment files of CRC-framed msgpack records.
 
 Implements raftsql.raft.storage.LogStorage. See server/DESIGN.md ("Log store") for why the
-format and the recovery rules are what they are. Not thread-safe: one thread (the node's Ready
-loop) owns a LogStore.
+format and the recovery rules are what they are. One thread (the node's Ready loop) writes;
+read_entries() may be called from any thread at the same time (the core reads evicted entries
+back under the node's lock, from whichever thread stepped it): an internal lock guards the
+index and the segment list, never an fsync.
 
 On-disk layout of a directory:
     LOCK                     flock()ed while open, so two stores never share a directory
@@ -21,11 +23,15 @@ import logging
 import os
 import re
 import struct
+import threading
 import zlib
+from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 
 import msgpack
 
+from raftsql.raft.storage import StoredLog
 from raftsql.raft.types import Entry, EntryType, HardState, SnapshotMeta
 
 logger = logging.getLogger("raftsql.logstore")
@@ -56,8 +62,9 @@ _crc32 = zlib.crc32
 
 
 class LogCorruptError(Exception):
-    """Raised on open when the log is damaged anywhere but its torn tail: refusing to start is
-    better than silently forgetting entries or votes this node has acknowledged."""
+    """Raised on open when the log is damaged anywhere but its torn tail, or when an entry read
+    back later fails its CRC: refusing to go on is better than silently forgetting (or
+    replicating) entries or votes this node has acknowledged."""
 
     def __init__(self, path: str, offset: int, reason: str):
         super().__init__(f"{path}: corrupt log at byte offset {offset}: {reason}")
@@ -75,16 +82,23 @@ class LogStoreFailedError(Exception):
 
 
 class _Segment:
-    __slots__ = ("seq", "path", "salt", "fd", "size", "base_size", "buf")
+    __slots__ = ("seq", "path", "salt", "fd", "rfd", "size", "durable", "base_size", "buf")
 
     def __init__(self, seq: int, path: str, salt: int, fd: int | None, size: int):
         self.seq = seq
         self.path = path
         self.salt = salt
         self.fd = fd  # open only for the current segment and for ones with unsynced data
+        self.rfd: int | None = None  # read_entries()'s descriptor, opened on first use
         self.size = size  # bytes on disk + bytes in buf
+        self.durable = size  # bytes fsynced: read_entries() never reads past them
         self.base_size = size  # size after header + checkpoint: never roll over an empty segment
         self.buf = bytearray()  # written to the file by sync(), not before
+
+    def close_reader(self) -> None:
+        if self.rfd is not None:
+            os.close(self.rfd)
+            self.rfd = None
 
 
 def _segment_path(directory: str, seq: int) -> str:
@@ -121,6 +135,30 @@ def _record_at(data: memoryview, pos: int, salt: int) -> tuple[int, int] | None:
     return rtype, end
 
 
+def _header_intact(raw: bytes) -> bool:
+    if len(raw) < _SEG_HEADER.size:
+        return False
+    magic, _, _, _, crc = _SEG_HEADER.unpack_from(raw)
+    return magic == _MAGIC and crc == _crc32(raw[: _SEG_HEADER.size - 4])
+
+
+def _read_record_at(f, size: int, pos: int, salt: int) -> tuple[int, int, bytes] | None:
+    """(type, end, payload) of the intact record at pos of file f (size bytes), or None: the
+    streaming twin of _record_at, so recovery never holds more than one record."""
+    if size - pos < _HDR:
+        return None
+    f.seek(pos)
+    head = f.read(_HDR)
+    crc, length, rtype = _REC_HEADER.unpack(head)
+    end = pos + _HDR + length
+    if end > size or rtype not in _RECORD_TYPES:
+        return None
+    payload = f.read(length)
+    if len(payload) != length or _crc32(payload, _crc32(head[4:], salt)) != crc:
+        return None
+    return rtype, end, payload
+
+
 def _find_record_after(data: memoryview, start: int, salt: int) -> int | None:
     """The offset of any intact record at or after start (any byte offset), or None.
     Only run after a bad record, so its cost does not matter on the hot path."""
@@ -155,6 +193,13 @@ class LogStore:
         # covers first_index..(next run's first_index - 1). Compaction keeps the segment of the
         # run holding meta.index + 1 and every later one.
         self._runs: list[list[int]] = []
+        # Where each live entry is: _offs[index - meta.index - 1] is the byte offset, in the
+        # segment that _runs names, of the ENTRIES record holding it. 8 bytes per entry, so a
+        # read is a seek, a read and a CRC check of that one record, never a scan.
+        self._offs = array("Q")
+        # Guards _runs, _offs, _segments, _meta, _last and the read descriptors against
+        # read_entries() from other threads. Held for index updates and reads, never an fsync.
+        self._mu = threading.RLock()
         # Segments made useless by install(): removed once the INSTALL record is synced.
         self._obsolete: list[_Segment] = []
 
@@ -171,19 +216,65 @@ class LogStore:
             raise LogLockedError(f"{self._dir} is open in another LogStore") from None
         try:
             self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._loaded: tuple[HardState, SnapshotMeta, list[Entry]] | None = self._recover()
+            self._initial: tuple[HardState, SnapshotMeta, StoredLog] | None = self._recover()
         except BaseException:
             self._abandon()
             raise
 
     # LogStorage ---------------------------------------------------------------------------
 
+    def initial_state(self) -> tuple[HardState, SnapshotMeta, StoredLog]:
+        """The state recovered on open, without entry data (what a node boots from). Call once,
+        right after opening (or load() instead)."""
+        if self._initial is None:
+            raise RuntimeError("LogStore.initial_state()/load() may be called once, right after opening")
+        initial, self._initial = self._initial, None
+        return initial
+
     def load(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
-        """The state recovered on open. Call once: the store does not keep the entries."""
-        if self._loaded is None:
-            raise RuntimeError("LogStore.load() may be called once, right after opening")
-        loaded, self._loaded = self._loaded, None
-        return loaded
+        """The state recovered on open with every entry read back from the segments: for tests
+        and tools (it holds the whole log in memory). Call once, right after opening."""
+        hs, meta, stored = self.initial_state()
+        if stored.last_index == meta.index:
+            return hs, meta, []
+        return hs, meta, self.read_entries(meta.index + 1, stored.last_index + 1)
+
+    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        """Durable entries [lo, hi), at least one, stopping before max_bytes of Entry.size()
+        (raftsql.raft.storage.limit_size). Each ENTRIES record is read once, with its CRC
+        checked: a mismatch is LogCorruptError(file, offset), and the store then refuses
+        every call (the node stops, as for corruption found on open)."""
+        with self._mu:
+            self._check()
+            base = self._meta.index
+            if lo <= base or hi > self._last + 1 or lo >= hi:
+                raise ValueError(f"entries [{lo}, {hi}) are not in the log ({base + 1}..{self._last})")
+            runs, offs, segs = self._runs, self._offs, self._segments
+            out: list[Entry] = []
+            total = 0
+            i = lo
+            while i < hi:
+                r = bisect_right(runs, i, key=_run_first) - 1
+                run_end = runs[r + 1][0] if r + 1 < len(runs) else self._last + 1
+                seg = segs[runs[r][1] - segs[0].seq]
+                off = offs[i - base - 1]
+                first, rows = self._read_record(seg, off, i)
+                stop = min(hi, run_end, first + len(rows))
+                j = i
+                # A later ENTRIES record may have replaced the tail of this one (truncation).
+                while j < stop and offs[j - base - 1] == off:
+                    try:
+                        e = _decode_entry(j, rows[j - first])
+                    except Exception as exc:  # noqa: BLE001 - an intact CRC over a bad payload
+                        raise self._corrupt(seg, off, f"undecodable entry {j}: {exc}") from None
+                    if max_bytes is not None:
+                        total += e.size()
+                        if total > max_bytes and out:
+                            return out
+                    out.append(e)
+                    j += 1
+                i = j
+            return out
 
     def append(self, entries: Sequence[Entry]) -> None:
         if not entries:
@@ -205,22 +296,27 @@ class LogStore:
                 raise ValueError(f"entries not contiguous: expected index {index}, got {e.index}")
             rows.append((e.term, e.type, e.data))
             index += 1
-        self._write(ENTRIES, self._packer.pack([first, rows]))
-        runs = self._runs
-        if first <= self._last:
-            while runs and runs[-1][0] >= first:
-                runs.pop()
-        seq = self._segments[-1].seq
-        if not runs or runs[-1][1] != seq:
-            runs.append([first, seq])
-        self._last = index - 1
+        payload = self._packer.pack([first, rows])
+        with self._mu:
+            off = self._write(ENTRIES, payload)
+            runs, offs = self._runs, self._offs
+            if first <= self._last:
+                while runs and runs[-1][0] >= first:
+                    runs.pop()
+                del offs[first - self._meta.index - 1 :]
+            seq = self._segments[-1].seq
+            if not runs or runs[-1][1] != seq:
+                runs.append([first, seq])
+            offs.extend([off] * len(rows))
+            self._last = index - 1
 
     def set_hard_state(self, hs: HardState) -> None:
         self._check()
         if hs.vote is not None and not isinstance(hs.vote, str):
             raise TypeError(f"vote must be a node id string or None, not {hs.vote!r}")
         if hs != self._hs:
-            self._write(HARD_STATE, self._packer.pack(_pack_hs(hs)))
+            with self._mu:  # may start a segment
+                self._write(HARD_STATE, self._packer.pack(_pack_hs(hs)))
             self._hs = hs
 
     def sync(self) -> None:
@@ -249,6 +345,7 @@ class LogStore:
                 # Earlier segments are fsynced before later ones get data: on disk, only the
                 # last segment can ever end in a torn record.
                 os.fsync(seg.fd)
+                seg.durable = seg.size
                 if seg is not cur:
                     os.close(seg.fd)
                     seg.fd = None
@@ -256,7 +353,8 @@ class LogStore:
                 os.fsync(self._dir_fd)
                 self._dir_dirty = False
             if self._obsolete:
-                self._remove_obsolete()
+                with self._mu:
+                    self._remove_obsolete()
         except OSError as e:
             self._failed = e
             raise
@@ -267,22 +365,28 @@ class LogStore:
         self._check()
         if meta.index <= self._meta.index:
             return
-        self._write(SNAPSHOT_META, self._packer.pack(_pack_meta(meta)))
-        self._meta = meta
-        first = meta.index + 1
-        runs = self._runs
-        if first > self._last:
-            self._last = meta.index
-            runs.clear()
-        else:
-            while len(runs) > 1 and runs[1][0] <= first:
-                runs.pop(0)
-            runs[0][0] = first
+        with self._mu:
+            self._write(SNAPSHOT_META, self._packer.pack(_pack_meta(meta)))
+            first = meta.index + 1
+            runs = self._runs
+            if first > self._last:
+                self._last = meta.index
+                runs.clear()
+                self._offs = array("Q")
+            else:
+                while len(runs) > 1 and runs[1][0] <= first:
+                    runs.pop(0)
+                runs[0][0] = first
+                del self._offs[: meta.index - self._meta.index]
+            self._meta = meta
         self.sync()
         keep = runs[0][1] if runs else self._segments[-1].seq
         try:
             while self._segments[0].seq < keep:
                 seg = self._segments[0]
+                with self._mu:
+                    seg.close_reader()
+                    self._segments.pop(0)
                 try:
                     os.unlink(seg.path)
                 except FileNotFoundError:
@@ -290,7 +394,6 @@ class LogStore:
                 # One directory fsync per removal keeps removals in order, so a crash can
                 # only leave a suffix of the segments (no holes).
                 os.fsync(self._dir_fd)
-                self._segments.pop(0)
         except OSError as e:
             self._failed = e
             raise
@@ -303,12 +406,14 @@ class LogStore:
         self._check()
         if meta.index < self._meta.index:
             raise ValueError(f"install at {meta.index} is below the snapshot at {self._meta.index}")
-        self._start_segment(self._segments[-1].seq + 1)
-        _append_record(self._segments[-1], INSTALL, self._packer.pack(_pack_meta(meta)))
-        self._obsolete = self._segments[:-1]
-        self._meta = meta
-        self._last = meta.index
-        self._runs = []
+        with self._mu:
+            self._start_segment(self._segments[-1].seq + 1)
+            _append_record(self._segments[-1], INSTALL, self._packer.pack(_pack_meta(meta)))
+            self._obsolete = self._segments[:-1]
+            self._meta = meta
+            self._last = meta.index
+            self._runs = []
+            self._offs = array("Q")
 
     def _remove_obsolete(self) -> None:
         # Oldest first with a directory fsync after each, as in compact(): a crash leaves a
@@ -319,6 +424,7 @@ class LogStore:
             if seg.fd is not None:
                 os.close(seg.fd)
                 seg.fd = None
+            seg.close_reader()
             try:
                 os.unlink(seg.path)
             except FileNotFoundError:
@@ -347,6 +453,7 @@ class LogStore:
             if seg.fd is not None:
                 os.close(seg.fd)
                 seg.fd = None
+            seg.close_reader()
         for name in ("_dir_fd", "_lock_fd"):
             fd = getattr(self, name, None)
             if fd is not None:
@@ -359,11 +466,52 @@ class LogStore:
         if self._failed is not None:
             raise LogStoreFailedError(f"{self._dir}: an earlier write failed: {self._failed}")
 
-    def _write(self, rtype: int, payload: bytes) -> None:
+    def _write(self, rtype: int, payload: bytes) -> int:
+        """Buffer one record in the current segment (rolling over first if it is full); returns
+        its byte offset in that segment."""
         seg = self._segments[-1]
         if seg.size >= self._segment_size and seg.size > seg.base_size:
             seg = self._start_segment(seg.seq + 1)
+        off = seg.size
         _append_record(seg, rtype, payload)
+        return off
+
+    def _corrupt(self, seg: _Segment, off: int, reason: str) -> LogCorruptError:
+        """A record read back is damaged: from now on the store refuses every call."""
+        err = LogCorruptError(seg.path, off, reason)
+        self._failed = err
+        logger.critical("%s", err)
+        return err
+
+    def _read_record(self, seg: _Segment, off: int, index: int) -> tuple[int, list]:
+        """(first index, rows) of the durable ENTRIES record at off, which must hold index."""
+        if seg.rfd is None:
+            seg.rfd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        if off + _HDR > seg.durable:
+            # sync() makes whole records durable, so this is a caller's bug, not damage.
+            raise ValueError(f"entry {index} at {seg.path}:{off} is not synced yet")
+        head = os.pread(seg.rfd, _HDR, off)
+        if len(head) < _HDR:
+            raise self._corrupt(seg, off, f"short record header reading back entry {index}")
+        crc, length, rtype = _REC_HEADER.unpack(head)
+        if rtype != ENTRIES:
+            raise self._corrupt(seg, off, f"record type {rtype} where entry {index} should be")
+        if off + _HDR + length > seg.durable:
+            raise self._corrupt(seg, off, f"record length {length} runs past the synced data")
+        payload = os.pread(seg.rfd, length, off + _HDR)
+        if len(payload) != length:
+            raise self._corrupt(seg, off, f"short record reading back entry {index}")
+        if _crc32(payload, _crc32(head[4:], seg.salt)) != crc:
+            raise self._corrupt(seg, off, f"CRC mismatch reading back entry {index}")
+        try:
+            first, rows = msgpack.unpackb(payload, raw=False, use_list=True)
+            if not isinstance(first, int) or not isinstance(rows, list):
+                raise ValueError("bad batch")
+        except Exception as e:  # noqa: BLE001 - an intact CRC over a bad payload
+            raise self._corrupt(seg, off, f"undecodable ENTRIES record: {e}") from None
+        if not first <= index < first + len(rows):
+            raise self._corrupt(seg, off, f"record holds {first}..{first + len(rows) - 1}, not {index}")
+        return first, rows
 
     def _start_segment(self, seq: int) -> _Segment:
         """A new current segment, buffered: its file is created by the next sync()."""
@@ -388,7 +536,7 @@ class LogStore:
         self._segments.append(seg)
         return seg
 
-    def _recover(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
+    def _recover(self) -> tuple[HardState, SnapshotMeta, StoredLog]:
         found = []
         for name in os.listdir(self._dir):
             m = _SEGMENT_NAME.match(name)
@@ -401,8 +549,12 @@ class LogStore:
 
         hs = HardState()
         meta = SnapshotMeta()
-        entries: list[Entry] = []
-        base = 0  # entries[i].index == base + 1 + i
+        # The live entries, without their data: offs[i] is where entry base + 1 + i is (its
+        # record's offset, in the segment runs names); terms and confs are for StoredLog.
+        offs = array("Q")
+        terms = _TermRuns()
+        confs: list[Entry] = []
+        base = 0
         runs: list[list[int]] = []
         origin = ("", 0)  # the record that started the current run of entries, for errors
         reopen: tuple[int, str, int, int] | None = None  # (seq, path, salt, size) to append to
@@ -410,89 +562,108 @@ class LogStore:
 
         for i, (seq, path) in enumerate(found):
             is_last = i == len(found) - 1
-            with open(path, "rb") as f:
-                raw = f.read()
-            data = memoryview(raw)
-            salt = self._check_header(path, seq, raw, is_last)
-            if salt is None:  # torn header of the last segment: it holds nothing
-                self._remove_torn_segment(path, f"torn segment header ({len(raw)} bytes)")
-                next_seq = seq
-                break
-            pos = _SEG_HEADER.size
-            nrec = 0
-            while pos < len(data):
-                rec = _record_at(data, pos, salt)
-                if rec is None:
-                    if not is_last:
-                        raise LogCorruptError(path, pos, "bad record in a sealed segment")
-                    later = _find_record_after(data, pos + 1, salt)
-                    if later is not None:
-                        raise LogCorruptError(
-                            path, pos, f"bad record followed by an intact record at offset {later}"
-                        )
-                    self._truncate_torn_tail(path, pos, len(data))
+            # Record by record, not the whole segment at once: recovery holds one record (and
+            # the index) in memory, whatever the size of the log.
+            f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+            try:
+                size = os.fstat(f.fileno()).st_size
+                raw = f.read(_SEG_HEADER.size)
+                if not _header_intact(raw):
+                    f.seek(0)
+                    raw = f.read()  # the torn-or-zeroed check looks at the whole file
+                salt = self._check_header(path, seq, raw, is_last)
+                if salt is None:  # torn header of the last segment: it holds nothing
+                    self._remove_torn_segment(path, f"torn segment header ({size} bytes)")
+                    next_seq = seq
                     break
-                rtype, end = rec
-                if nrec < 2 and rtype != (HARD_STATE, SNAPSHOT_META)[nrec]:
-                    raise LogCorruptError(path, pos, "segment does not start with its checkpoint")
-                try:
-                    value = msgpack.unpackb(data[pos + _HDR : end], raw=False, use_list=True)
-                    if rtype == ENTRIES:
-                        first, rows = value
-                        if not rows or not isinstance(first, int) or first < 1:
-                            raise ValueError("empty or misplaced batch")
-                        new = [_decode_entry(first + j, row) for j, row in enumerate(rows)]
-                    elif rtype == HARD_STATE:
-                        hs = _decode_hs(value)
-                    elif rtype == INSTALL:
-                        m = _decode_meta(value)
-                        if m.index < meta.index:
-                            raise ValueError(
-                                f"installed snapshot {m.index} is below the snapshot {meta.index}"
+                pos = _SEG_HEADER.size
+                nrec = 0
+                while pos < size:
+                    rec = _read_record_at(f, size, pos, salt)
+                    if rec is None:
+                        if not is_last:
+                            raise LogCorruptError(path, pos, "bad record in a sealed segment")
+                        f.seek(0)
+                        later = _find_record_after(memoryview(f.read()), pos + 1, salt)
+                        if later is not None:
+                            raise LogCorruptError(
+                                path, pos, f"bad record followed by an intact record at offset {later}"
                             )
-                        meta = m
-                    else:
-                        m = _decode_meta(value)
-                        if m.index < meta.index:
-                            raise ValueError(
-                                f"snapshot index went back from {meta.index} to {m.index}"
-                            )
-                        meta = m
-                except Exception as e:  # noqa: BLE001 - an intact CRC over a bad payload
-                    raise LogCorruptError(path, pos, f"undecodable {rtype=} record: {e}") from None
+                        self._truncate_torn_tail(path, pos, size)
+                        break
+                    rtype, end, payload = rec
+                    if nrec < 2 and rtype != (HARD_STATE, SNAPSHOT_META)[nrec]:
+                        raise LogCorruptError(path, pos, "segment does not start with its checkpoint")
+                    try:
+                        value = msgpack.unpackb(payload, raw=False, use_list=True)
+                        if rtype == ENTRIES:
+                            first, rows = value
+                            if not rows or not isinstance(first, int) or first < 1:
+                                raise ValueError("empty or misplaced batch")
+                            new = [_decode_entry(first + j, row) for j, row in enumerate(rows)]
+                        elif rtype == HARD_STATE:
+                            hs = _decode_hs(value)
+                        elif rtype == INSTALL:
+                            m = _decode_meta(value)
+                            if m.index < meta.index:
+                                raise ValueError(
+                                    f"installed snapshot {m.index} is below the snapshot {meta.index}"
+                                )
+                            meta = m
+                        else:
+                            m = _decode_meta(value)
+                            if m.index < meta.index:
+                                raise ValueError(
+                                    f"snapshot index went back from {meta.index} to {m.index}"
+                                )
+                            meta = m
+                    except Exception as e:  # noqa: BLE001 - an intact CRC over a bad payload
+                        raise LogCorruptError(path, pos, f"undecodable {rtype=} record: {e}") from None
+                    del payload, value  # only the index below stays in memory
 
-                if rtype == INSTALL:
-                    entries, runs, base = [], [], meta.index
-                    origin = (path, pos)
-                elif rtype == ENTRIES:
-                    if first <= base + 1 or first > base + len(entries) + 1:
-                        # Replaces every entry (a truncation from below the first one), or
-                        # starts after a gap: legal only where compaction removed the segments
-                        # in between, which the final check below verifies.
-                        entries = new
-                        base = first - 1
-                        runs = [[first, seq]]
+                    if rtype == INSTALL:
+                        offs, terms, confs, runs, base = array("Q"), _TermRuns(), [], [], meta.index
                         origin = (path, pos)
-                    else:
-                        del entries[first - base - 1 :]
-                        entries.extend(new)
-                        while runs and runs[-1][0] >= first:
-                            runs.pop()
-                        if not runs or runs[-1][1] != seq:
-                            runs.append([first, seq])
-                if base < meta.index:  # drop what the snapshot covers
-                    drop = meta.index - base
-                    if drop >= len(entries):
-                        entries = []
-                        runs = []
-                    else:
-                        del entries[:drop]
-                        while len(runs) > 1 and runs[1][0] <= meta.index + 1:
-                            runs.pop(0)
-                        runs[0][0] = meta.index + 1
-                    base = meta.index
-                nrec += 1
-                pos = end
+                    elif rtype == ENTRIES:
+                        if first <= base + 1 or first > base + len(offs) + 1:
+                            # Replaces every entry (a truncation from below the first one), or
+                            # starts after a gap: legal only where compaction removed the
+                            # segments in between, which the final check below verifies.
+                            offs, terms, confs = array("Q"), _TermRuns(), []
+                            base = first - 1
+                            runs = [[first, seq]]
+                            origin = (path, pos)
+                        else:
+                            del offs[first - base - 1 :]
+                            terms.truncate(first)
+                            while confs and confs[-1].index >= first:
+                                confs.pop()
+                            while runs and runs[-1][0] >= first:
+                                runs.pop()
+                            if not runs or runs[-1][1] != seq:
+                                runs.append([first, seq])
+                        offs.extend([pos] * len(new))
+                        for e in new:
+                            terms.add(e.index, e.term)
+                            if e.type == EntryType.CONF_CHANGE:
+                                confs.append(e)
+                        del new
+                    if base < meta.index:  # drop what the snapshot covers
+                        drop = meta.index - base
+                        if drop >= len(offs):
+                            offs, terms, confs, runs = array("Q"), _TermRuns(), [], []
+                        else:
+                            del offs[:drop]
+                            terms.drop_through(meta.index)
+                            confs = [e for e in confs if e.index > meta.index]
+                            while len(runs) > 1 and runs[1][0] <= meta.index + 1:
+                                runs.pop(0)
+                            runs[0][0] = meta.index + 1
+                        base = meta.index
+                    nrec += 1
+                    pos = end
+            finally:
+                f.close()
             if nrec < 2:
                 if not is_last:
                     raise LogCorruptError(path, pos, "sealed segment without a complete checkpoint")
@@ -503,7 +674,7 @@ class LogStore:
             if is_last:
                 reopen = (seq, path, salt, pos)
             else:
-                self._segments.append(_Segment(seq, path, salt, None, len(data)))
+                self._segments.append(_Segment(seq, path, salt, None, size))
             next_seq = seq + 1
 
         if base != meta.index:
@@ -512,8 +683,8 @@ class LogStore:
                 origin[1],
                 f"entries start at {base + 1} but the snapshot ends at {meta.index}",
             )
-        self._hs, self._meta, self._runs = hs, meta, runs
-        self._last = base + len(entries)
+        self._hs, self._meta, self._runs, self._offs = hs, meta, runs, offs
+        self._last = base + len(offs)
         if reopen is not None:
             seq, path, salt, size = reopen
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -521,7 +692,7 @@ class LogStore:
             self._segments.append(_Segment(seq, path, salt, fd, size))
         else:  # empty directory, or the last segment was torn away
             self._start_segment(next_seq)
-        return hs, meta, entries
+        return hs, meta, StoredLog(self._last, terms.runs(), tuple(confs))
 
     def _check_header(self, path: str, seq: int, raw: bytes, is_last: bool) -> int | None:
         """The segment's CRC salt; None for a torn header of the last segment."""
@@ -554,6 +725,46 @@ class LogStore:
         logger.warning("%s: removing torn last segment: %s", path, why)
         os.unlink(path)
         os.fsync(self._dir_fd)
+
+
+def _run_first(run: list[int]) -> int:
+    return run[0]
+
+
+class _TermRuns:
+    """Recovery's run-length record of the live entries' terms: (first index, term) runs."""
+
+    __slots__ = ("firsts", "terms")
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []
+        self.terms: list[int] = []
+
+    def add(self, index: int, term: int) -> None:
+        if not self.terms or self.terms[-1] != term:
+            self.firsts.append(index)
+            self.terms.append(term)
+
+    def truncate(self, first: int) -> None:
+        """Forget the terms of first and every later index."""
+        r = bisect_right(self.firsts, first - 1)
+        del self.firsts[r:]
+        del self.terms[r:]
+
+    def drop_through(self, index: int) -> None:
+        """Forget the terms up to index; the run holding index + 1 now starts there."""
+        r = bisect_right(self.firsts, index)
+        if r == 0:
+            return
+        term = self.terms[r - 1]
+        del self.firsts[:r]
+        del self.terms[:r]
+        if not self.firsts or self.firsts[0] != index + 1:
+            self.firsts.insert(0, index + 1)
+            self.terms.insert(0, term)
+
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.firsts, self.terms, strict=True))
 
 
 def _append_record(seg: _Segment, rtype: int, payload: bytes) -> None:
