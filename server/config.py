@@ -32,6 +32,7 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "snapshot_entries": (int, "RAFTSQL_SNAPSHOT_ENTRIES"),
     "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
     "snapshot_trailing": (int, "RAFTSQL_SNAPSHOT_TRAILING"),
+    "log_cache_bytes": (int, "RAFTSQL_LOG_CACHE_BYTES"),  # server/DESIGN.md, "Bounded log memory"
     # DSN of a running cluster to join as a learner (first start only; see server/admin.py)
     "join": (str, "RAFTSQL_JOIN"),
 }
@@ -122,7 +123,7 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
         raise ConfigError(f"certs directory {vals['certs']!r} does not exist (make it with: raftsql certs init DIR)")
     kw = {k: vals[k] for k in ("tick_ms", "heartbeat_ticks", "election_ticks", "max_frame_size", "max_request_size",
                                "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
-                               "snapshot_entries", "snapshot_bytes", "snapshot_trailing") if k in vals}
+                               "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes") if k in vals}
     cfg = NodeConfig(id=vals["id"], data_dir=vals["data_dir"], listen=listen, peers=peers, certs_dir=vals["certs"], **kw)
     if cfg.election_ticks <= cfg.heartbeat_ticks:
         raise ConfigError("election_ticks must be greater than heartbeat_ticks")

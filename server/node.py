@@ -96,6 +96,8 @@ class NodeConfig:
     snapshot_entries: int = 10_000
     snapshot_bytes: int = 64 << 20
     snapshot_trailing: int = 5_000
+    # Durable log entries the core keeps in memory; older ones are read back from the log store.
+    log_cache_bytes: int = 32 << 20
 
     def voters(self) -> tuple[str, ...]:
         return tuple(sorted(self.bootstrap_voters or {self.id, *self.peers}))
@@ -130,14 +132,14 @@ class Node:
         self.addresses: dict[str, str] = {pid: f"{h}:{p}" for pid, (h, p) in cfg.peers.items()}
         self.addresses[cfg.id] = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
         self.store = LogStore(os.path.join(cfg.data_dir, "raft-log"))
-        hs, snap, entries = self.store.load()
+        hs, snap, stored = self.store.initial_state()  # terms and conf changes, no entry data
         from raftsql.server import snapshot
 
         # Sets self.snapshots; restores db.sqlite from the snapshot file if it is behind the log.
         self.sm: StateMachine = snapshot.open_state_machine(self, snap.index)
         from raftsql.server import admin
 
-        admin.init_membership(self, entries)  # bootstrap voters + address book (DESIGN.md, Membership)
+        admin.init_membership(self, stored.conf_changes)  # bootstrap voters + address book (DESIGN.md, Membership)
         rcfg = Config(
             id=cfg.id,
             voters=cfg.voters(),
@@ -146,7 +148,8 @@ class Node:
             logger=self._core_log,
         )
         # The core's randomness (election timeouts) comes from the OS, seeded once.
-        self.core = Raft(rcfg, random.Random(os.urandom(16)), hs, snap, entries, applied=self.sm.applied_index)
+        self.core = Raft(rcfg, random.Random(os.urandom(16)), hs, snap, stored, applied=self.sm.applied_index,
+                         storage=self.store, log_cache_bytes=cfg.log_cache_bytes)  # DESIGN.md, "Bounded log memory"
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # Separate from _wake so that requests waiting for an election never take a
