@@ -881,6 +881,10 @@ class StateMachine:
             raise StateMachineError(f"cannot open {self.path}: {e}") from e
         try:
             self._open_write_connection()
+        except (apsw.CorruptError, apsw.NotADBError) as e:
+            self._conn.close()
+            self._vfs.unregister()
+            raise _damaged(self.path, f"opening it failed: {type(e).__name__}: {e}", str(e)) from e
         except BaseException:
             self._conn.close()
             self._vfs.unregister()

@@ -92,7 +92,8 @@ class LocalCluster:
     def node_environment(self, nid: str) -> dict[str, str]:
         return {**os.environ, **self.env}
 
-    def start(self, nid: str | None = None) -> None:
+    def start(self, nid: str | None = None, extra_args: list[str] | None = None) -> None:
+        """Start nid (or every node); extra_args go to this start's command line only."""
         for n in [nid] if nid else self.ids:
             if n in self.procs and self.procs[n].poll() is None:
                 continue
@@ -107,7 +108,7 @@ class LocalCluster:
                 for o in self.bootstrap:
                     if o != n:
                         args += ["--peer", f"{o}={self.peer_address(n, o)}"]
-            args += self.node_args
+            args += self.node_args + list(extra_args or ())
             with open_private_log(d / "node.log") as logf:
                 logf.write(f"---- start {n} at {time.strftime('%H:%M:%S')}\n".encode())
                 logf.flush()

@@ -102,6 +102,10 @@ class Progress:
             self.inflight.popleft()
 
 
+# The context of an append rejection from a re-seeded follower (see Raft.vote_barrier).
+LOST_LOG = b"lost-log"
+
+
 @dataclass
 class Config:
     id: str
@@ -201,6 +205,12 @@ class Raft:
         self._outstanding: Ready | None = None
         self._pending_install: SnapshotMeta | None = None  # received, not yet handed out
         self._applying_to = self.log.applied
+        # A node re-seeded after losing its log (server: `raftsql node --reseed`) may have
+        # acknowledged entries up to this index that it no longer holds. Until its log reaches
+        # it again (from a leader, whose log holds every committed entry), it neither votes nor
+        # campaigns: a committed entry it acknowledged is then still on a node of every
+        # majority that could elect a leader. 0: no barrier.
+        self.vote_barrier = 0
         self._become_follower(self.term, None)
 
     # ---------------------------------------------------------------- membership (diss. 4.1)
@@ -221,7 +231,7 @@ class Raft:
                 self.lead_transferee = None
 
     def _promotable(self) -> bool:
-        return self.id in self.voters
+        return self.id in self.voters and self.log.last_index() >= self.vote_barrier
 
     def _quorum(self) -> int:
         return len(self.voters) // 2 + 1
@@ -602,6 +612,8 @@ class Raft:
         up_to_date = self.log.is_up_to_date(m.index, m.log_term) or (
             "no_election_restriction" in self._mut
         )
+        if self.log.last_index() < self.vote_barrier:
+            can_vote = False  # re-seeded and not caught up: see vote_barrier
         if can_vote and up_to_date:
             # A granted pre-vote answers with the candidate's future term (it changes nothing).
             self._send(Message(resp_type, m.sender, self.id, m.term))
@@ -744,6 +756,8 @@ class Raft:
                 Message(
                     MsgType.APPEND_RESP, m.sender, self.id, self.term,
                     index=m.index, reject=True, reject_hint=hint, log_term=conflict_term,
+                    # Re-seeded: we may have acknowledged entries we no longer hold.
+                    context=LOST_LOG if log.last_index() < self.vote_barrier else b"",
                 )
             )
             return
@@ -803,6 +817,14 @@ class Raft:
         self._send(Message(MsgType.HEARTBEAT_RESP, m.sender, self.id, self.term, context=m.context))
 
     def _handle_append_resp(self, m: Message, pr: Progress) -> None:
+        if m.reject and m.context == LOST_LOG and pr.match >= m.reject_hint:
+            # The follower was re-seeded and no longer holds what it acknowledged: its match
+            # goes back to what it holds (commit never goes back: it needed a majority anyway).
+            pr.match = m.reject_hint - 1
+            pr.become_probe()
+            pr.next = m.reject_hint
+            self._send_append(m.sender, send_if_empty=True)
+            return
         if pr.state == _ProgressState.SNAPSHOT:
             if m.reject or m.index < pr.pending_snapshot:
                 return  # answers something sent before the snapshot

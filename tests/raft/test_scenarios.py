@@ -748,3 +748,67 @@ def test_transfer_to_self_cancels_a_pending_transfer():
     net["n1"].transfer_leadership("n1")
     assert net["n1"].lead_transferee is None
     assert net.propose("n1", b"accepted again") > 0
+
+
+# =========================================================================== re-seeding a node
+
+
+def _reseed(net: SyncNet, nid: str) -> int:
+    """What `raftsql node --reseed` does to nid's durable state: the log (and the state
+    machine) are gone, term and vote are kept, and the core gets a vote barrier at the old
+    last index. Returns the barrier."""
+    from raftsql.raft.types import HardState
+    from raftsql.sim.disk import MemDisk
+
+    old = net[nid]
+    barrier, term, vote = old.log.last_index(), old.term, old.vote
+    net.crash(nid)
+    disk = MemDisk()
+    disk.set_hard_state(HardState(term, vote, 0))
+    disk.sync()
+    net.disks[nid] = disk
+    net.start(nid).vote_barrier = barrier
+    return barrier
+
+
+@pytest.mark.parametrize("barrier", [True, False])
+def test_a_reseeded_node_does_not_vote_until_it_holds_what_it_acknowledged(barrier):
+    """n2 alone acknowledged an entry that n1 committed; then n2 loses its log and n1 dies.
+    Without the barrier, n2 votes for n3 (whose log lacks the entry), and a committed entry is
+    lost. With it, n2 refuses until a leader that has the entry (n1, back) brings it up to its
+    old last index; then it votes again."""
+    net = SyncNet(IDS3, check_quorum=False)
+    net.elect("n1")
+    settle(net, "n1")
+    net.isolate("n3")
+    committed = net.propose("n1", b"acked by n1 and n2 only")
+    assert net["n1"].log.committed == committed
+    committed_term = net["n1"].log.term(committed)
+    b = _reseed(net, "n2")
+    if not barrier:
+        net["n2"].vote_barrier = 0
+    net.crash("n1")
+    net.heal()
+    net.tick("n3", 3 * E)
+    net.deliver()
+    if not barrier:
+        # The failure the barrier prevents: a leader without a committed entry.
+        assert net["n3"].role == Role.LEADER
+        assert net["n3"].log.term(committed) != committed_term
+        return
+    assert net["n3"].role != Role.LEADER and net["n2"].role != Role.LEADER
+    net.start("n1")
+    for _ in range(10):
+        net.tick_all(E)
+        net.deliver()
+        if net.leader() is not None:
+            break
+    leader = net.leader()
+    assert leader == "n1"  # n3 cannot win (n1's log is newer) and n2 may not campaign
+    settle(net, leader)
+    assert net["n2"].log.last_index() >= b
+    assert net["n2"].log.committed >= committed
+    # Caught up: n2 is an ordinary voter again and can be elected.
+    net["n1"].transfer_leadership("n2")
+    net.deliver()
+    assert net["n2"].role == Role.LEADER
