@@ -246,13 +246,20 @@ def certs_show(cert_file: Path) -> None:
 @click.option("--snapshot-bytes", type=int, help="... or this many bytes of entries (default 64 MiB).")
 @click.option("--snapshot-trailing", type=int,
               help="Entries kept in the log after a snapshot for slow followers (default 5000).")
+@click.option("--max-client-connections", type=int,
+              help="Client connections this node accepts at once; more get an error (default 1024). "
+                   "Peers are never counted.")
+@click.option("--frame-timeout-s", type=float,
+              help="Close a client connection whose frame stops arriving midway (default 30).")
+@click.option("--client-idle-timeout-s", type=float,
+              help="Close a client connection silent this long between requests (default: never).")
 @click.option("--join", "join_dsn", metavar="DSN",
               help="Join the running cluster at DSN as a learner (first start; uses the node certificate).")
 @click.option("--log-level", default="INFO", show_default=True)
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
-         election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, join_dsn,
-         log_level) -> None:
+         election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, max_client_connections,
+         frame_timeout_s, client_idle_timeout_s, join_dsn, log_level) -> None:
     """Run one node in the foreground (SIGTERM: hand over leadership, then exit).
 
     Settings come from flags, then $RAFTSQL_* variables, then the --config TOML file.
@@ -280,6 +287,8 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         "election_ticks": election_ticks, "join": join_dsn,
         "snapshot_entries": snapshot_entries, "snapshot_bytes": snapshot_bytes,
         "snapshot_trailing": snapshot_trailing,
+        "max_client_connections": max_client_connections, "frame_timeout_s": frame_timeout_s,
+        "client_idle_timeout_s": client_idle_timeout_s,
     }
     cfg = nodeconfig.load(flags, config_file)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

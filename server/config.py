@@ -28,6 +28,10 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "session_timeout_ms": (int, "RAFTSQL_SESSION_TIMEOUT_MS"),
     "query_timeout_s": (float, "RAFTSQL_QUERY_TIMEOUT_S"),
     "request_timeout_s": (float, "RAFTSQL_REQUEST_TIMEOUT_S"),
+    # Connections (server/DESIGN.md, "Connections"); client_idle_timeout_s unset: no idle limit
+    "max_client_connections": (int, "RAFTSQL_MAX_CLIENT_CONNECTIONS"),
+    "frame_timeout_s": (float, "RAFTSQL_FRAME_TIMEOUT_S"),
+    "client_idle_timeout_s": (float, "RAFTSQL_CLIENT_IDLE_TIMEOUT_S"),
     # Log compaction (server/DESIGN.md, "Snapshots and InstallSnapshot")
     "snapshot_entries": (int, "RAFTSQL_SNAPSHOT_ENTRIES"),
     "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
@@ -123,6 +127,7 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
         raise ConfigError(f"certs directory {vals['certs']!r} does not exist (make it with: raftsql certs init DIR)")
     kw = {k: vals[k] for k in ("tick_ms", "heartbeat_ticks", "election_ticks", "max_frame_size", "max_request_size",
                                "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
+                               "max_client_connections", "frame_timeout_s", "client_idle_timeout_s",
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes") if k in vals}
     cfg = NodeConfig(id=vals["id"], data_dir=vals["data_dir"], listen=listen, peers=peers, certs_dir=vals["certs"], **kw)
     if cfg.election_ticks <= cfg.heartbeat_ticks:

@@ -86,6 +86,12 @@ class NodeConfig:
     session_timeout_ms: int = 6 * 3600 * 1000
     query_timeout_s: float = 10.0
     request_timeout_s: float = 10.0  # the longest a client request may wait
+    # Connections (server/transport.py, DESIGN.md "Connections"): client connections past the
+    # hello (node certificates are not counted), a client frame's first-to-last-byte limit,
+    # and an optional limit on a client connection's silence between requests (None: none).
+    max_client_connections: int = 1024
+    frame_timeout_s: float = 30.0
+    client_idle_timeout_s: float | None = None
     advertise: str | None = None  # host:port clients should use; default: listen address
     extra: dict[str, Any] = field(default_factory=dict)
     # The cluster's first voters, the base every CONF_CHANGE applies to. Empty: id + peers.
@@ -207,6 +213,9 @@ class Node:
             on_client=self.clients.serve,
             max_frame_size=self.cfg.max_frame_size,
             max_request_size=self.cfg.max_request_size,
+            max_client_connections=self.cfg.max_client_connections,
+            frame_timeout=self.cfg.frame_timeout_s,
+            client_idle_timeout=self.cfg.client_idle_timeout_s,
             snapshot_sink=self.snapshots.receiver,
             advertise=self.addresses[self.cfg.id],
             on_peer_hello=self._on_peer_hello,

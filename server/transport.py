@@ -8,10 +8,17 @@ thread (apart from shutdown() by stop(), which is a plain syscall and safe from 
 
     send(msgs) --> per-peer deque (bounded, drop when full) --> sender thread --> RAFT frames
     listener --> accept thread --> one thread per connection:
-        TLS handshake + HELLO (deadline, small frame limit)
+        TLS handshake + HELLO (one deadline for both, small frame limit)
         node cert + node hello  -> reader loop: RAFT frames -> on_raft(msgs),
                                    SNAPSHOT frames -> this connection's snapshot sink
-        otherwise (client)      -> on_client(ClientConn) in the same thread
+        otherwise (client)      -> counted against max_client_connections (ERROR past it),
+                                   then on_client(ClientConn) in the same thread
+
+Client connection threads wait through one parker thread (epoll), which wakes at most a few of
+them at a time: a thousand threads woken at once (say, by a thousand connections closing)
+would queue the Raft threads behind them for the GIL and cause an election (server/DESIGN.md,
+"Connections"). A client frame must arrive whole within frame_timeout of its first byte;
+client_idle_timeout (optional) closes a client connection silent between requests.
 
 Handshake on every connection: the dialler sends HELLO; the listener answers with its own HELLO
 (accepted) or an ERROR frame (refused) and closes. The outbound side waits for that answer, so a
@@ -40,6 +47,7 @@ soon after its connection is closed (recv() returns None, send() raises OSError)
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import random
@@ -77,6 +85,21 @@ SEND_TIMEOUT = 10.0  # a peer that does not read for this long is treated as dea
 IDLE_CHECK = 1.0  # an idle sender checks this often whether its peer closed the connection
 RECV_CHUNK = 65536  # > one TLS record (16 KiB)
 SNAPSHOT_CHUNK = 256 << 10  # file bytes per SNAPSHOT frame
+# Connections (server/DESIGN.md, "Connections"). Client connections are capped after the hello
+# (only then is the role known); node certificates are never counted. Every inbound socket,
+# handshakes included, is capped FD_RESERVE below the descriptor limit, and clients a further
+# PEER_HEADROOM below that, so peers and handshakes always find descriptors.
+MAX_CLIENT_CONNECTIONS = 1024
+FD_RESERVE = 256  # log segments, SQLite files, snapshots, backups, peer sockets, stdio
+PEER_HEADROOM = 64
+FRAME_TIMEOUT = 30.0  # from a client frame's first byte to its last
+WAKE_SLOTS = 4  # client connection threads the parker lets run at once after a wake-up
+# A client connection that just had a frame first polls by itself for this long, before it
+# parks (a driver's next request usually comes within a few hundred µs; the parker's hand-off
+# costs one more thread wake-up). At most WAKE_SLOTS threads poll like this at once, so at most
+# that many more can wake up outside the gate.
+HOT_POLL = 0.002
+REFUSAL_LOG_INTERVAL = 10.0  # at most one "client connection refused" warning per interval
 
 _HEADER = struct.Struct(">I")
 _EOF_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)
@@ -132,6 +155,33 @@ def _close(sock: socket.socket | None) -> None:
         pass
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (a node holds one descriptor
+    per connection; the common soft default of 1024 is no limit for a server). Returns
+    (soft limit before, soft limit now)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft, soft
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        try:  # Linux refuses a soft limit above fs.nr_open
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    for want in (target, 10240):  # macOS: no more than OPEN_MAX (10240) for an unlimited hard
+        if want <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return soft, want
+        except (ValueError, OSError):
+            continue
+    return soft, soft
+
+
 def _recv_exact(sock: ssl.SSLSocket, n: int, deadline: float) -> bytes:
     """Exactly n bytes (SSL_read never returns more than asked, so nothing past them is
     consumed). Raises TimeoutError at the deadline, _Closed on EOF."""
@@ -168,6 +218,212 @@ def _recv_first_frame(sock: ssl.SSLSocket, deadline: float) -> tuple[FrameKind, 
     return frame
 
 
+class _Parked:
+    """One thread parked in _Parker.wait: woken once, by readiness, its deadline or stop."""
+
+    __slots__ = ("fd", "deadline", "event", "ready", "slot", "done")
+
+    def __init__(self, fd: int, deadline: float | None):
+        self.fd = fd
+        self.deadline = deadline
+        self.event = threading.Event()
+        self.ready = False  # the socket was reported ready (else: deadline or stop)
+        self.slot = False  # the waker took a slot for this thread; ClientConn gives it back
+        self.done = False  # no longer registered (guarded by the parker's lock)
+
+    def __lt__(self, other: _Parked) -> bool:  # heap order among equal deadlines
+        return id(self) < id(other)
+
+
+class _Parker:
+    """Watches every waiting client connection from one thread (epoll) and lets at most
+    `slots` of the parked threads run at once.
+
+    Why (server/DESIGN.md, "Connections"): with one thread per connection, 1,000 idle
+    connections closed at once wake 1,000 threads that all want the GIL; CPython hands the
+    GIL to any of them, so the ticker and the Ready loop wait hundreds of ms for their turn
+    and the followers start an election. Here a closed (or readable, or timed-out)
+    connection's thread is only woken once a slot is free, so the Raft threads never queue
+    behind more than `slots` connection threads. The woken thread gives its slot back when it
+    has a frame, parks again, or (on EOF) when its connection is torn down.
+    """
+
+    def __init__(self, slots: int, log: logging.Logger, name: str):
+        self._ep = select.epoll()
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(slots)
+        self._parked: dict[int, _Parked] = {}
+        self._deadlines: list[tuple[float, _Parked]] = []  # a heap, with stale entries
+        self._next_wake = float("inf")  # when the parker thread's poll returns at the latest
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        self._stopped = False
+        self._log = log
+        self._name = name
+        self._slow_slots = 0  # wakes made without a slot because none came free in time
+        self._hot = 0  # threads in a hot poll (see HOT_POLL)
+        self._hot_max = slots
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def wait(self, fd: int, events: int, deadline: float | None) -> _Parked | None:
+        """Block until fd has `events` (select.POLLIN / POLLOUT; a hang-up counts), the
+        deadline passes, or stop(). Returns the record (its .slot may be set: the caller
+        must release it), or None if the parker cannot take it (stopped, or another thread
+        already waits on this fd): the caller polls by itself then."""
+        p = _Parked(fd, deadline)
+        mask = select.EPOLLRDHUP | (select.EPOLLIN if events & select.POLLIN else 0)
+        if events & select.POLLOUT:
+            mask |= select.EPOLLOUT
+        with self._lock:
+            if self._stopped:
+                return None
+            try:
+                self._ep.register(fd, mask)
+            except (OSError, ValueError):  # closed, or another thread waits on it: poll
+                return None
+            self._parked[fd] = p
+            poke = False
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, p))
+                if deadline < self._next_wake:
+                    self._next_wake = deadline
+                    poke = True
+        if poke:
+            self._poke()
+        # The parker wakes us; the timeout is only a backstop should it ever fail to.
+        backstop = None if deadline is None else max(0.0, deadline - time.monotonic()) + 1.0
+        if not p.event.wait(backstop):
+            with self._lock:
+                self._forget(p)
+        return p
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def begin_hot(self) -> bool:
+        """May the caller poll by itself for HOT_POLL? (then end_hot() afterwards)"""
+        with self._lock:
+            if self._hot >= self._hot_max or self._stopped:
+                return False
+            self._hot += 1
+            return True
+
+    def end_hot(self) -> None:
+        with self._lock:
+            self._hot -= 1
+
+    def _forget(self, p: _Parked) -> None:
+        """Unregister p (with the lock held); idempotent."""
+        if p.done:
+            return
+        p.done = True
+        if self._parked.get(p.fd) is p:
+            del self._parked[p.fd]
+            try:
+                self._ep.unregister(p.fd)
+            except (OSError, ValueError):
+                pass
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the parker is woken anyway
+
+    def run(self) -> None:
+        """The parker thread (until stop())."""
+        while True:
+            with self._lock:
+                if self._stopped:
+                    break
+                nxt = self._next_wake
+            timeout = -1.0 if nxt == float("inf") else max(0.0, nxt - time.monotonic())
+            try:
+                events = self._ep.poll(timeout)
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):
+                break  # closed by stop()
+            now = time.monotonic()
+            woken: list[_Parked] = []
+            with self._lock:
+                if self._stopped:
+                    break
+                for fd, _ in events:
+                    if fd == self._wake_r:
+                        try:
+                            while os.read(self._wake_r, 4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                        continue
+                    p = self._parked.get(fd)
+                    if p is not None:
+                        p.ready = True
+                        self._forget(p)
+                        woken.append(p)
+                heap = self._deadlines
+                while heap and heap[0][0] <= now:
+                    _, p = heapq.heappop(heap)
+                    if not p.done:
+                        self._forget(p)
+                        woken.append(p)
+                if len(heap) > 64 and len(heap) > 2 * len(self._parked):
+                    self._deadlines = heap = [e for e in heap if not e[1].done]
+                    heapq.heapify(heap)
+                self._next_wake = heap[0][0] if heap else float("inf")
+            for p in woken:
+                p.slot = self._take_slot()
+                p.event.set()
+        self._wake_all()
+
+    def _take_slot(self) -> bool:
+        """The admission gate. A slot not freed within a second (a handler stuck in its
+        teardown) must not stop every other connection: then wake without one."""
+        give_up = time.monotonic() + 1.0
+        while not self._stopped:
+            if self._slots.acquire(timeout=0.1):
+                return True
+            if time.monotonic() > give_up:
+                self._slow_slots += 1
+                if self._slow_slots == 1:
+                    self._log.warning(
+                        "%s: client connection threads are slow to give back their slots",
+                        self._name,
+                    )
+                return False
+        return False
+
+    def stop(self) -> None:
+        """Wake every parked thread (without slots); later waits return None at once."""
+        with self._lock:
+            self._stopped = True
+        self._poke()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            parked = list(self._parked.values())
+            for p in parked:
+                self._forget(p)
+        for p in parked:
+            p.event.set()
+
+    def close(self) -> None:
+        """After the parker thread has exited."""
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._ep.close()
+
+
 def _entries_size(m: Message) -> int:
     n = 64
     for e in m.entries:
@@ -199,6 +455,10 @@ class ClientConn:
         send_timeout: float = SEND_TIMEOUT,
         _on_violation: Callable[[ClientConn, str], None] | None = None,
         max_recv_size: int | None = None,
+        frame_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        _parker: _Parker | None = None,
+        _on_idle: Callable[[ClientConn, str], None] | None = None,
     ):
         self.role: str | None = peer_role(sock)
         self.peer_name: str | None = peer_name(sock)
@@ -217,6 +477,17 @@ class ClientConn:
         # Server side: a RAFT or second HELLO frame is answered with ERROR and closes the
         # connection (a non-node certificate can never deliver Raft messages).
         self._on_violation = _on_violation
+        # Server side: a frame must arrive whole within frame_timeout of its first byte (a
+        # client that stops in the middle of one holds a thread and a descriptor for nothing);
+        # with idle_timeout, a connection with no request for that long is closed (_on_idle).
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self._on_idle = _on_idle
+        self._frame_start: float | None = None  # when the first byte of a partial frame came
+        # Server side: waits go through the transport's parker, which admits few woken
+        # threads at a time; _slot is set while this thread holds one of its slots.
+        self._parker = _parker
+        self._slot = False
         sock.setblocking(False)
 
     @classmethod
@@ -253,73 +524,133 @@ class ClientConn:
         alert (e.g. our certificate was rejected).
 
         On a connection accepted by the Transport, protocol violations (a malformed frame, a
-        RAFT or second HELLO frame, a TLS error) never raise: the transport logs one line,
-        sends an ERROR frame and closes, and recv() returns None."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._frames:
-                frame = self._frames.popleft()
-                if self._on_violation is not None and frame[0] in (
-                    FrameKind.RAFT,
-                    FrameKind.HELLO,
-                    FrameKind.SNAPSHOT,
-                ):
-                    return self._violation(
-                        f"{frame[0].name} frames are not accepted on a client connection"
-                    )
-                return frame
-            error: str | None = None
-            with self._lock:
-                if self._closed:
-                    return None
-                try:
-                    n = self._sock.recv_into(self._buf)
-                except ssl.SSLWantReadError:
-                    n = -1
-                except ssl.SSLWantWriteError:
-                    n = -2
-                except _EOF_ERRORS:
-                    n = 0
-                except OSError as e:
+        RAFT or second HELLO frame, a TLS error, a frame not complete within frame_timeout)
+        never raise: the transport logs one line, sends an ERROR frame and closes, and recv()
+        returns None. So does the idle timeout (at info level)."""
+        entered = time.monotonic()
+        deadline = None if timeout is None else entered + timeout
+        readable = False  # the last wait ended because the socket was readable
+        first_wait = True
+        try:
+            while True:
+                frame = self._next_buffered()
+                if frame is not None:
+                    return frame
+                error: str | None = None
+                was_readable, readable = readable, False
+                with self._lock:
                     if self._closed:
                         return None
-                    if self._on_violation is None:
-                        raise
-                    n, error = -3, f"TLS error: {_why(e)}"  # e.g. a corrupted record
-                if n == 0:
-                    if not self._decoder.buffered:
-                        self._close_locked()
-                        return None
-                    error = (
-                        f"connection closed in the middle of a frame "
-                        f"({self._decoder.buffered} bytes buffered)"
-                    )
-                elif n > 0:
                     try:
-                        with memoryview(self._buf) as view, view[:n] as chunk:
-                            self._frames.extend(self._decoder.feed(chunk))
-                    except wire.FrameError as e:
-                        error = str(e)
-                elif error is None:
-                    self._waiting += 1
-            if error is not None:
-                if self._on_violation is None:
-                    raise wire.FrameError(error)
-                return self._violation(error)
-            if n > 0:
-                continue
-            try:
-                remaining = None
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                        n = self._sock.recv_into(self._buf)
+                    except ssl.SSLWantReadError:
+                        n = -1
+                    except ssl.SSLWantWriteError:
+                        n = -2
+                    except _EOF_ERRORS:
+                        n = 0
+                    except OSError as e:
+                        if self._closed:
+                            return None
+                        if self._on_violation is None:
+                            raise
+                        n, error = -3, f"TLS error: {_why(e)}"  # e.g. a corrupted record
+                    if n == 0:
+                        if not self._decoder.buffered:
+                            self._close_locked()
+                            return None
+                        error = (
+                            f"connection closed in the middle of a frame "
+                            f"({self._decoder.buffered} bytes buffered)"
+                        )
+                    elif n > 0:
+                        try:
+                            with memoryview(self._buf) as view, view[:n] as chunk:
+                                self._frames.extend(self._decoder.feed(chunk))
+                        except wire.FrameError as e:
+                            error = str(e)
+                        if self._decoder.buffered:
+                            if self._frame_start is None:
+                                self._frame_start = time.monotonic()
+                        else:
+                            self._frame_start = None
+                    elif n == -1 and was_readable and self._frame_start is None:
+                        # Readable, yet no application byte: part of a TLS record came. It
+                        # is the start of a frame as far as the frame timeout is concerned.
+                        self._frame_start = time.monotonic()
+                    if error is None and n < 0:
+                        self._waiting += 1
+                if error is not None:
+                    if self._on_violation is None:
+                        raise wire.FrameError(error)
+                    return self._violation(error)
+                if n > 0:
+                    continue
+                try:
+                    now = time.monotonic()
+                    until = deadline
+                    if self.frame_timeout is not None and self._frame_start is not None:
+                        limit = self._frame_start + self.frame_timeout
+                        if now >= limit:
+                            return self._violation(self._stalled_why())
+                        until = limit if until is None else min(until, limit)
+                    elif self.idle_timeout is not None and self._on_idle is not None:
+                        limit = entered + self.idle_timeout
+                        if now >= limit:
+                            self._on_idle(
+                                self,
+                                f"no request for {self.idle_timeout:g} s "
+                                "(the node's client_idle_timeout_s)",
+                            )
+                            self.close()
+                            return None
+                        until = limit if until is None else min(until, limit)
+                    if deadline is not None and now >= deadline:
                         raise TimeoutError("no frame within the timeout")
-                self._wait(select.POLLOUT if n == -2 else select.POLLIN, remaining)
-            finally:
-                with self._lock:
-                    self._waiting -= 1
-                    if self._closed and not self._waiting:
-                        _close(self._sock)
+                    readable = self._wait(
+                        select.POLLOUT if n == -2 else select.POLLIN, until, hot=first_wait
+                    )
+                    first_wait = False
+                finally:
+                    with self._lock:
+                        self._waiting -= 1
+                        if self._closed and not self._waiting:
+                            _close(self._sock)
+        finally:
+            if self._slot and not self._closed:
+                # A frame (or a timeout) for the caller: the wake-up is over. On a close the
+                # slot is kept until the transport has torn the connection down.
+                self.release_slot()
+
+    def _next_buffered(self) -> tuple[FrameKind, Any] | None:
+        """A frame already decoded, after the client-connection checks (a RAFT, HELLO or
+        SNAPSHOT frame ends the connection: None is returned with _closed set)."""
+        if not self._frames:
+            return None
+        frame = self._frames.popleft()
+        if self._on_violation is not None and frame[0] in (
+            FrameKind.RAFT,
+            FrameKind.HELLO,
+            FrameKind.SNAPSHOT,
+        ):
+            self._violation(f"{frame[0].name} frames are not accepted on a client connection")
+            return None
+        return frame
+
+    def _stalled_why(self) -> str:
+        buffered = self._decoder.buffered
+        got = f"{buffered} byte(s) of it arrived" if buffered else "only part of a TLS record arrived"
+        return (
+            f"a frame was not complete {self.frame_timeout:g} s after its first byte ({got}; "
+            "the node's frame_timeout_s)"
+        )
+
+    def release_slot(self) -> None:
+        """Give back the parker slot this connection's thread holds, if any."""
+        if self._slot:
+            self._slot = False
+            if self._parker is not None:
+                self._parker.release()
 
     def _violation(self, why: str) -> None:
         """Server side: answer a protocol violation with ERROR, log one line, close."""
@@ -328,14 +659,48 @@ class ClientConn:
         self.close()
         return None
 
-    def _wait(self, events: int, timeout: float | None) -> None:
-        """poll() the socket; a concurrent close() shuts it down first, which wakes us."""
+    def _wait(self, events: int, until: float | None, hot: bool = False) -> bool:
+        """recv()'s wait: until the socket has `events` or the monotonic time `until`; True
+        if it did. A concurrent close() shuts the socket down first, which wakes us. Through
+        the parker, the thread comes back holding a slot (self._slot) most of the time; `hot`
+        (the first wait after a frame) polls by itself for HOT_POLL first, if allowed."""
+        self.release_slot()  # parked threads hold no slot
+        parker = self._parker
+        if hot and parker is not None and parker.begin_hot():
+            try:
+                limit = time.monotonic() + HOT_POLL
+                if self._poll(events, limit if until is None else min(until, limit)):
+                    return True
+            finally:
+                parker.end_hot()
+            if until is not None and time.monotonic() >= until:
+                return False
+        ready, self._slot = self._park(events, until)
+        return ready
+
+    def _park(self, events: int, until: float | None) -> tuple[bool, bool]:
+        """(the socket became ready, a parker slot was taken for the caller)."""
+        parker = self._parker
+        if parker is not None and not parker.stopped:
+            try:
+                fd = self._sock.fileno()
+            except (ValueError, OSError):
+                fd = -1
+            if fd < 0:
+                return True, False
+            parked = parker.wait(fd, events, until)
+            if parked is not None:
+                return parked.ready, parked.slot
+        return self._poll(events, until), False
+
+    def _poll(self, events: int, until: float | None) -> bool:
         try:
             poller = select.poll()
             poller.register(self._sock, events)
         except (ValueError, OSError):  # already closed (fileno -1)
-            return
-        poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+            return True
+        timeout = None if until is None else max(0.0, until - time.monotonic())
+        return bool(poller.poll(None if timeout is None else int(timeout * 1000) + 1))
 
     # -- sending
 
@@ -344,9 +709,18 @@ class ClientConn:
         does not read for send_timeout seconds (the connection is then closed)."""
         self.send_raw(wire.encode_frame(kind, payload, self.max_frame_size))
 
-    def send_raw(self, data: bytes) -> None:
-        """Send bytes as they are (tests use it to send hostile input)."""
-        deadline = time.monotonic() + self.send_timeout
+    def send_raw(self, data: bytes, timeout: float | None = None) -> None:
+        """Send bytes as they are (tests use it to send hostile input); `timeout` overrides
+        send_timeout (0: only what fits in the socket buffer now)."""
+        deadline = time.monotonic() + (self.send_timeout if timeout is None else timeout)
+        held = [False]  # a parker slot taken by this call's last wait (any thread may send)
+        try:
+            self._send_locked(data, deadline, held)
+        finally:
+            if held[0] and self._parker is not None:
+                self._parker.release()
+
+    def _send_locked(self, data: bytes, deadline: float, held: list[bool]) -> None:
         with self._lock:
             if self._closed:
                 raise ConnectionError("connection is closed")
@@ -365,11 +739,13 @@ class ClientConn:
                 except OSError:
                     self._close_locked()
                     raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
+                if deadline - time.monotonic() <= 0 or self._closed:
                     self._close_locked()
                     raise TimeoutError("peer did not read within the send timeout")
-                self._wait(events, remaining)
+                if held[0] and self._parker is not None:
+                    held[0] = False
+                    self._parker.release()
+                held[0] = self._park(events, deadline)[1]
 
     # -- closing
 
@@ -401,12 +777,13 @@ class ClientConn:
 class _Inbound:
     """An accepted connection as stop() sees it: the socket (or ClientConn) to shut down."""
 
-    __slots__ = ("lock", "target", "aborted")
+    __slots__ = ("lock", "target", "aborted", "client")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.target: Any = None
         self.aborted = False
+        self.client = False  # counted in Transport._clients
 
     def set(self, target: Any) -> None:
         with self.lock:
@@ -519,7 +896,11 @@ class Transport:
         queue_size: int = 4096,
         logger: logging.Logger | None = None,
         handshake_timeout: float = 5.0,
-        max_connections: int = 1024,
+        max_client_connections: int = MAX_CLIENT_CONNECTIONS,
+        frame_timeout: float | None = FRAME_TIMEOUT,
+        client_idle_timeout: float | None = None,
+        max_connections: int | None = None,
+        wake_slots: int = WAKE_SLOTS,
         snapshot_sink: Callable[[str], Receiver] | None = None,
         corrupt_snapshot_transfers: int = 0,
         snapshot_chunk_delay: float = 0.0,
@@ -542,7 +923,20 @@ class Transport:
         self.queue_size = queue_size
         self.log = logger or logging.getLogger("raftsql.transport")
         self.handshake_timeout = handshake_timeout
+        # Client connections past the hello (certificates of role node are not counted).
+        self.max_client_connections = max_client_connections
+        self.frame_timeout = frame_timeout
+        self.client_idle_timeout = client_idle_timeout
+        # Every inbound socket, handshakes and peers included; None: from the fd limit at
+        # start(). The client cap in force is then at most max_connections - PEER_HEADROOM.
         self.max_connections = max_connections
+        self.client_cap = max_client_connections
+        self._clients = 0
+        self._refused_clients = 0  # refusals not yet logged (REFUSAL_LOG_INTERVAL)
+        self._refusal_logged = float("-inf")
+        self._accept_failing = False
+        self._wake_slots = wake_slots
+        self._parker: _Parker | None = None  # made by start()
         # Makes a sink for one inbound connection's SNAPSHOT frames (None: they are refused).
         self.snapshot_sink = snapshot_sink
         # Test hook: flip a byte in one chunk of the first N transfers (after its crc).
@@ -575,16 +969,46 @@ class Transport:
             if self._started:
                 raise RuntimeError("transport already started")
             self._started = True
+        self._set_limits()
         host, port = self.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.create_server((host, port), family=family, backlog=128)
+        # A burst of connects (a pool starting, or a hostile client) must not overflow the
+        # backlog: a dropped SYN costs a peer's redial a 1 s retransmission (capped by somaxconn).
+        listener = socket.create_server((host, port), family=family, backlog=1024)
         listener.settimeout(1.0)  # backstop; stop() wakes accept() with shutdown()
         self._listener = listener
+        self._parker = _Parker(self._wake_slots, self.log, self.node_id)
+        self._spawn(self._parker.run, f"{self.node_id}-parker")
         self._accept_thread = self._spawn(self._accept_loop, f"{self.node_id}-accept")
         with self._lock:
             for p in self._peers.values():
                 self._start_sender(p)
         self.log.debug("%s: transport listening on %s:%s", self.node_id, *self.bound_address)
+
+    def _set_limits(self) -> None:
+        """Raise the fd limit; derive max_connections from it and clamp the client cap."""
+        before, fd_limit = raise_fd_limit()
+        if fd_limit != before:
+            self.log.info(
+                "%s: raised the open-file limit from %d to %d", self.node_id, before, fd_limit
+            )
+        if self.max_connections is None:
+            self.max_connections = max(PEER_HEADROOM + 1, fd_limit - FD_RESERVE)
+        self.client_cap = max(1, min(self.max_client_connections, self.max_connections - PEER_HEADROOM))
+        if self.client_cap < self.max_client_connections:
+            self.log.warning(
+                "%s: only %d client connections fit the open-file limit of %d (%d asked for "
+                "with max_client_connections): raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+                self.node_id,
+                self.client_cap,
+                fd_limit,
+                self.max_client_connections,
+            )
+
+    @property
+    def client_connections(self) -> int:
+        """Client connections open now (past their hello)."""
+        return self._clients
 
     def stop(self) -> None:
         """Close the listener and every connection and join every thread (idempotent)."""
@@ -599,6 +1023,8 @@ class Transport:
             p.stop()
         for c in conns:
             c.abort()
+        if self._parker is not None:
+            self._parker.stop()  # parked connection threads go without waiting for a slot
         deadline = time.monotonic() + 5.0
         if self._accept_thread is not None:
             self._join(self._accept_thread, deadline)
@@ -614,6 +1040,8 @@ class Transport:
         leftover = [t.name for t in threads if t.is_alive() and t is not threading.current_thread()]
         if leftover:
             self.log.warning("%s: threads still running after stop: %s", self.node_id, leftover)
+        elif self._parker is not None:
+            self._parker.close()
 
     def _join(self, t: threading.Thread, deadline: float) -> None:
         if t is not threading.current_thread():
@@ -1045,26 +1473,29 @@ class Transport:
             except OSError as e:
                 if self._stopped:
                     return
-                # EMFILE and friends: log once per occurrence, breathe, keep serving.
-                self.log.warning("%s: accept failed: %s", self.node_id, e)
+                # EMFILE and friends: log the first of a run, breathe, keep serving.
+                level = logging.DEBUG if self._accept_failing else logging.WARNING
+                self._accept_failing = True
+                self.log.log(level, "%s: accept failed: %s", self.node_id, e)
                 time.sleep(0.05)
                 continue
+            self._accept_failing = False
             rec = _Inbound()
             rec.target = raw
             with self._lock:
                 if self._stopped:
                     _close(raw)
                     return
-                if len(self._conns) >= self.max_connections:
-                    self.log.warning(
-                        "%s: refusing a connection from %s: %d connections open",
-                        self.node_id,
-                        _fmt(addr),
-                        len(self._conns),
-                    )
-                    _close(raw)
-                    continue
-                self._conns.add(rec)
+                full = self.max_connections is not None and len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(rec)
+            if full:
+                # Before TLS nothing can be said to the peer; the descriptor goes at once.
+                # (The client cap, checked after the hello, is what clients normally meet.)
+                _close(raw)
+                self._log_refusal(f"{len(self._conns)} connections open (limit {self.max_connections})")
+                continue
+            with self._lock:
                 t = threading.Thread(
                     target=self._run_thread,
                     args=(self._serve_conn, raw, addr, rec),
@@ -1072,7 +1503,15 @@ class Transport:
                     daemon=True,
                 )
                 self._threads.add(t)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as e:  # "can't start new thread": refuse this one, keep accepting
+                _close(raw)
+                with self._lock:
+                    self._threads.discard(t)
+                    self._conns.discard(rec)
+                self._log_refusal(f"cannot start a connection thread ({e})")
+                time.sleep(0.05)
 
     def _serve_conn(self, raw: socket.socket, addr: Any, rec: _Inbound) -> None:
         who = _fmt(addr)
@@ -1099,7 +1538,11 @@ class Transport:
                 max_recv_size=self.max_request_size,
                 hello=hello,
                 address=addr,
+                frame_timeout=self.frame_timeout,
+                idle_timeout=self.client_idle_timeout,
                 _on_violation=lambda c, why: self._client_violation(c, who, why),
+                _on_idle=lambda c, why: self._client_violation(c, who, why, logging.INFO),
+                _parker=self._parker,
             )
             rec.set(conn)
             try:
@@ -1111,6 +1554,7 @@ class Transport:
                 )
             finally:
                 conn.close()
+                conn.release_slot()  # held since the wake-up that found the connection over
         except wire.FrameError as e:
             self._conn_log(rec, "closing the connection from %s: %s", who, e, sock=sock, error=e)
         except (OSError, ssl.SSLError) as e:
@@ -1121,6 +1565,8 @@ class Transport:
             _close(sock if sock is not None else raw)
             with self._lock:
                 self._conns.discard(rec)
+                if rec.client:
+                    self._clients -= 1
 
     def _accept_hello(
         self, sock: ssl.SSLSocket, rec: _Inbound, who: str
@@ -1168,6 +1614,15 @@ class Transport:
         if why is not None:
             self._refuse(rec, sock, who, why)
             return None
+        if role != "node":  # a node certificate (a peer, an operator's tool) always gets in
+            with self._lock:
+                full = self._clients >= self.client_cap
+                if not full:
+                    self._clients += 1
+                    rec.client = True
+            if full:
+                self._refuse_client(sock, who)
+                return None
         limit = self.max_request_size if hello.role == "client" else None
         sock.sendall(wire.make_hello(self.node_id, "node", max_request=limit))
         return hello, who
@@ -1191,10 +1646,45 @@ class Transport:
         """Log one line and send one ERROR frame; the caller closes."""
         self._conn_log(rec, "refusing the connection from %s: %s", who, why, sock=sock, error=why)
 
-    def _client_violation(self, conn: ClientConn, who: str, why: str) -> None:
-        self.log.warning("%s: closing the client connection from %s: %s", self.node_id, who, why)
+    def _refuse_client(self, sock: ssl.SSLSocket, who: str) -> None:
+        """The client cap is reached: an ERROR frame naming the limit and how to raise it."""
+        why = (
+            f"too many client connections: this node allows {self.client_cap} "
+            f"(max_client_connections; raise it with --max-client-connections, "
+            f"$RAFTSQL_MAX_CLIENT_CONNECTIONS or max_client_connections in the config file)"
+        )
+        try:  # best effort: the client may well be gone
+            sock.settimeout(0.2)
+            sock.sendall(wire.make_error(why))
+        except Exception:  # noqa: BLE001, S110
+            pass
+        self._log_refusal(f"{who}: {self.client_cap} client connections open (max_client_connections)")
+
+    def _log_refusal(self, what: str) -> None:
+        """One warning per REFUSAL_LOG_INTERVAL, counting the refusals in between: a client
+        that keeps knocking must not flood the log (nor serialize threads on its handler)."""
+        now = time.monotonic()
+        with self._lock:
+            self._refused_clients += 1
+            if now - self._refusal_logged < REFUSAL_LOG_INTERVAL:
+                return
+            n, self._refused_clients = self._refused_clients, 0
+            self._refusal_logged = now
+        self.log.warning(
+            "%s: refused %d connection(s) in the last %.0f s; latest: %s",
+            self.node_id,
+            n,
+            REFUSAL_LOG_INTERVAL,
+            what,
+        )
+
+    def _client_violation(
+        self, conn: ClientConn, who: str, why: str, level: int = logging.WARNING
+    ) -> None:
+        self.log.log(level, "%s: closing the client connection from %s: %s", self.node_id, who, why)
         try:
-            conn.send_raw(wire.make_error(why))
+            # Never wait for a client that does not read: this thread may hold a parker slot.
+            conn.send_raw(wire.make_error(why), timeout=0)
         except (OSError, ssl.SSLError):
             pass
         conn.close()

@@ -613,6 +613,216 @@ def test_callback_exception_closes_only_that_connection(make, logs):
     assert any("bug in on_raft" in r.message for r in warnings_from(logs, "n2", 1))
 
 
+# --------------------------------------------------------------------------- limits and timeouts
+
+
+def client_hello(t: Transport, certs: Path) -> ClientConn:
+    conn = dial(t, client_ctx(certs))
+    hello_as(conn, None, "client")
+    return conn
+
+
+def _tls_client_hello() -> bytes:
+    """The first flight of a TLS handshake (a ClientHello), made with a memory BIO."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+STALLS = {
+    # name: what the client sends before it stops
+    "half a header": lambda conn: conn.send_raw(b"\x00\x00"),
+    "half a payload": lambda conn: conn.send_raw(
+        wire.encode_frame(FrameKind.REQUEST, {"id": 1, "op": "ping", "pad": "x" * 100})[:60]
+    ),
+    # Under the TLS layer: a record header announcing 64 bytes, then only 10 of them.
+    "half a TLS record": lambda conn: socket.socket.sendall(
+        conn._sock, b"\x17\x03\x03\x00\x40" + b"\x00" * 10
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STALLS))
+def test_client_frame_stalled_midway_is_closed_after_frame_timeout(make, certs, logs, case):
+    b = make("n2", frame_timeout=0.3)
+    conn = client_hello(b, certs)
+    idle = client_hello(b, certs)  # silent between frames: not a stalled frame
+    t0 = time.monotonic()
+    STALLS[case](conn)
+    frames = until_closed(conn)
+    elapsed = time.monotonic() - t0
+    assert 0.25 < elapsed < 3.0, elapsed
+    assert [k for k, _ in frames] == [FrameKind.ERROR]
+    assert "frame_timeout_s" in wire.parse_error(frames[0][1])
+    lines = [r.message for r in warnings_from(logs, "n2", 1)]
+    assert len(lines) == 1 and "frame_timeout_s" in lines[0], lines
+    # The silent connection outlived the frame timeout and still works.
+    idle.send(FrameKind.REQUEST, {"still": "here"})
+    assert idle.recv(timeout=TIMEOUT)[0] is FrameKind.RESPONSE
+    idle.close()
+
+
+def test_slow_frame_completed_within_frame_timeout_is_served(make, certs, logs):
+    b = make("n2", frame_timeout=1.0)
+    conn = client_hello(b, certs)
+    data = wire.encode_frame(FrameKind.REQUEST, {"id": 1})
+    for i in range(len(data)):  # one byte at a time, ~0.3 s in all
+        conn.send_raw(data[i : i + 1])
+        time.sleep(0.3 / len(data))
+    kind, payload = conn.recv(timeout=TIMEOUT)
+    assert kind is FrameKind.RESPONSE and payload["echo"] == {"id": 1}
+    conn.close()
+    assert warnings_from(logs, "n2") == []
+
+
+def test_idle_client_connection_is_closed_after_client_idle_timeout(make, certs, logs):
+    b = make("n2", client_idle_timeout=0.4)
+    busy = client_hello(b, certs)
+    idle = client_hello(b, certs)
+    t0 = time.monotonic()
+    for i in range(8):  # a request every 0.1 s keeps `busy` open past the idle timeout
+        busy.send(FrameKind.REQUEST, {"i": i})
+        assert busy.recv(timeout=TIMEOUT)[0] is FrameKind.RESPONSE
+        time.sleep(0.1)
+    frames = until_closed(idle)
+    assert 0.35 < time.monotonic() - t0 < 3.0
+    assert [k for k, _ in frames] == [FrameKind.ERROR]
+    assert "client_idle_timeout_s" in wire.parse_error(frames[0][1])
+    lines = [
+        r for r in logs.records if r.name == f"{LOGGER}.n2" and "client_idle_timeout_s" in r.message
+    ]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO, lines
+    assert warnings_from(logs, "n2") == []  # an idle client is not an incident
+    busy.send(FrameKind.REQUEST, {"still": "here"})
+    assert busy.recv(timeout=TIMEOUT)[0] is FrameKind.RESPONSE
+    busy.close()
+
+
+def test_client_cap_refuses_with_an_error_naming_the_setting_and_peers_get_through(
+    make, certs, logs
+):
+    ib = Inbox()
+    b = make("n2", on_raft=ib, max_client_connections=2)
+    clients = [client_hello(b, certs) for _ in range(2)]
+    extra = dial(b, client_ctx(certs))
+    extra.send_raw(wire.make_hello(None, "client"))
+    frames = until_closed(extra)
+    assert [k for k, _ in frames] == [FrameKind.ERROR]
+    why = wire.parse_error(frames[0][1])
+    assert "allows 2" in why and "max_client_connections" in why, why
+    assert "--max-client-connections" in why and "$RAFTSQL_MAX_CLIENT_CONNECTIONS" in why, why
+    assert b.client_connections == 2
+    # A peer connects while the cap is full, and so does a node certificate in client role
+    # (an operator's tool): node certificates are never counted.
+    a = make("n1", {"n2": b.bound_address})
+    assert_delivers(a, ib, "n2")
+    tool = dial(b, node_ctx(certs, "n3"))
+    hello_as(tool, None, "client")
+    assert b.client_connections == 2
+    tool.close()
+    # Refusals are logged, but not one line each.
+    for _ in range(3):
+        c = dial(b, client_ctx(certs))
+        c.send_raw(wire.make_hello(None, "client"))
+        assert [k for k, _ in until_closed(c)] == [FrameKind.ERROR]
+    lines = [r.message for r in warnings_from(logs, "n2", 1)]
+    assert len(lines) == 1 and "max_client_connections" in lines[0], lines
+    # A closed client frees its place.
+    clients.pop().close()
+    deadline = time.monotonic() + TIMEOUT
+    while b.client_connections > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    again = client_hello(b, certs)
+    again.send(FrameKind.REQUEST, {"x": 1})
+    assert again.recv(timeout=TIMEOUT)[0] is FrameKind.RESPONSE
+    for c in [*clients, again]:
+        c.close()
+
+
+def test_client_cap_is_clamped_below_the_connection_limit(make, logs):
+    b = make("n2", max_client_connections=1000, max_connections=100)
+    assert b.client_cap == 100 - 64
+    assert any("max_client_connections" in r.message for r in warnings_from(logs, "n2", 1))
+
+
+def test_fd_soft_limit_is_raised_to_the_hard_limit():
+    import resource
+
+    from raftsql.server.transport import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2:
+        pytest.skip("no room below the hard limit")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256, hard), hard))
+        before, now = raise_fd_limit()
+        assert before == min(soft, 256, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now >= min(hard, 10240)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("phase", ["TLS handshake", "hello"])
+def test_handshake_deadline_holds_against_a_trickle(make, certs, logs, phase):
+    """The handshake_timeout bounds the whole handshake + hello, not each read."""
+    b = make("n2", handshake_timeout=0.5)
+    if phase == "TLS handshake":
+        raw = socket.create_connection(b.bound_address)
+        data = _tls_client_hello()
+        send = raw.sendall
+    else:
+        conn = dial(b, client_ctx(certs))
+        raw = conn._sock
+        data = wire.make_hello(None, "client")
+        send = conn.send_raw
+    t0 = time.monotonic()
+    with pytest.raises((OSError, ssl.SSLError, AssertionError)):  # noqa: PT012
+        for i in range(len(data)):  # a byte every 50 ms: each read is quick, the whole is not
+            send(data[i : i + 1])
+            time.sleep(0.05)
+            if time.monotonic() - t0 > 3.0:
+                raise AssertionError("still open after 3 s")
+    assert time.monotonic() - t0 < 2.0
+    lines = [r.message for r in warnings_from(logs, "n2", 1)]
+    assert len(lines) == 1 and (phase in lines[0] or "no HELLO" in lines[0]), lines
+    raw.close()
+
+
+def test_closing_many_connections_wakes_few_threads_at_a_time(make, certs):
+    """The GIL-convoy fix (DESIGN.md, "Connections"): when many connections close at once,
+    at most 2 x wake_slots connection threads run their teardown at the same time (wake_slots
+    woken by the parker, as many still in their short hot poll); without the gate, ~35 of 60."""
+    lock = threading.Lock()
+    state = {"active": 0, "most": 0, "done": 0}
+
+    def on_client(conn):
+        while conn.recv() is not None:
+            pass
+        with lock:
+            state["active"] += 1
+            state["most"] = max(state["most"], state["active"])
+        time.sleep(0.005)  # teardown work, long enough for threads to overlap without a gate
+        with lock:
+            state["active"] -= 1
+            state["done"] += 1
+
+    n = 60
+    b = make("n2", on_client=on_client, wake_slots=2)
+    conns = [client_hello(b, certs) for _ in range(n)]
+    for c in conns:
+        c.close()
+    deadline = time.monotonic() + TIMEOUT
+    while state["done"] < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state["done"] == n
+    assert state["most"] <= 4, state
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 u63 = st.integers(min_value=0, max_value=2**63 - 1)
