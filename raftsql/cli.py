@@ -28,6 +28,8 @@ USER_ERRORS = [
     "raftsql.server.logstore:LogCorruptError",
     "raftsql.server.logstore:LogLockedError",
     "raftsql.server.admin:JoinError",
+    "raftsql.server.reseed:ReseedError",
+    "raftsql.server.statemachine:DatabaseDamagedError",
     "raftsql.driver._admin:AdminError",
     "raftsql.driver._client:ClientError",
 ]
@@ -255,11 +257,14 @@ def certs_show(cert_file: Path) -> None:
               help="Close a client connection silent this long between requests (default: never).")
 @click.option("--join", "join_dsn", metavar="DSN",
               help="Join the running cluster at DSN as a learner (first start; uses the node certificate).")
+@click.option("--reseed", is_flag=True,
+              help="This node's database is damaged: move it (and the node's log and snapshots) "
+                   "aside, then catch up from the leader (README, Recovery).")
 @click.option("--log-level", default="INFO", show_default=True)
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
          election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, max_client_connections,
-         frame_timeout_s, client_idle_timeout_s, join_dsn, log_level) -> None:
+         frame_timeout_s, client_idle_timeout_s, join_dsn, reseed, log_level) -> None:
     """Run one node in the foreground (SIGTERM: hand over leadership, then exit).
 
     Settings come from flags, then $RAFTSQL_* variables, then the --config TOML file.
@@ -292,6 +297,12 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
     }
     cfg = nodeconfig.load(flags, config_file)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if reseed:
+        from raftsql.server.reseed import reseed as reseed_data_dir
+
+        done = reseed_data_dir(cfg.data_dir)
+        click.echo(f"Re-seeding {cfg.data_dir}: moved {', '.join(done['moved'])} to "
+                   f"{done['moved_to']}; catching up from the leader.", err=True)
     if cfg.extra.get("join"):
         from raftsql.server.admin import join_cluster
 

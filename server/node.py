@@ -127,8 +127,29 @@ class _Waiter:
         self.event.set()
 
 
+def _explain(e: BaseException, db_path: str) -> BaseException:
+    """A raw SQLite corruption error on this node's own database (read at start, or by any
+    internal statement) becomes DatabaseDamagedError, whose message says how to recover."""
+    import apsw
+
+    from raftsql.server.statemachine import _damaged
+
+    if isinstance(e, apsw.CorruptError | apsw.NotADBError):
+        return _damaged(db_path, f"reading it failed: {type(e).__name__}: {e}", str(e))
+    return e
+
+
 class Node:
     def __init__(self, cfg: NodeConfig):
+        try:
+            self._init(cfg)
+        except Exception as e:  # noqa: BLE001 - re-raised, explained
+            explained = _explain(e, os.path.join(cfg.data_dir, "db.sqlite"))
+            if explained is e:
+                raise
+            raise explained from e
+
+    def _init(self, cfg: NodeConfig):
         from raftsql.server.fileperms import secure_data_dir
         from raftsql.server.logstore import LogStore
         from raftsql.server.statemachine import StateMachine
@@ -156,6 +177,14 @@ class Node:
         # The core's randomness (election timeouts) comes from the OS, seeded once.
         self.core = Raft(rcfg, random.Random(os.urandom(16)), hs, snap, stored, applied=self.sm.applied_index,
                          storage=self.store, log_cache_bytes=cfg.log_cache_bytes)  # DESIGN.md, "Bounded log memory"
+        from raftsql.server import reseed
+
+        # After `--reseed`: no vote until the log is back to where it was (server/reseed.py).
+        self._vote_barrier = reseed.vote_barrier(cfg.data_dir)
+        self.core.vote_barrier = self._vote_barrier
+        if self._vote_barrier:
+            log.warning("%s was re-seeded: it will not vote until its log reaches index %d",
+                        cfg.id, self._vote_barrier)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # Separate from _wake so that requests waiting for an election never take a
@@ -340,11 +369,24 @@ class Node:
                     self._handle_ready(rd)
                     with self._lock:
                         self.core.advance(rd)
+                        durable = self.core.log.stable
+                    if self._vote_barrier and durable >= self._vote_barrier:
+                        self._lift_vote_barrier()
                 if applied_bytes:
                     # Snapshots and compaction stay in this thread (the log store's writer).
                     snapshot.after_apply(self, applied_bytes)
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._die(e, "Ready loop")
+
+    def _lift_vote_barrier(self) -> None:
+        from raftsql.server import reseed
+
+        reseed.lift(self.cfg.data_dir)
+        with self._lock:
+            self.core.vote_barrier = 0
+        log.warning("%s: the re-seeded log reached index %d: voting again", self.cfg.id,
+                    self._vote_barrier)
+        self._vote_barrier = 0
 
     def _apply_loop(self) -> None:
         """Applies committed entries in order, off the Ready loop, so that a long apply (a
@@ -404,6 +446,7 @@ class Node:
 
     def _die(self, e: BaseException, where: str) -> None:
         self._fatal = e
+        e = _explain(e, self.sm.path)
         log.critical("%s: fatal error in the %s, stopping: %s", self.cfg.id, where, e, exc_info=True)
         with self._lock:
             self._stopping = True
