@@ -92,3 +92,16 @@ def test_drop_trigger_if_exists_after_create_trigger(cluster, guard):
         assert conn.execute("SELECT count(*) FROM sqlite_schema WHERE type='trigger'").fetchone() == (0,)
     finally:
         conn.close()
+
+
+def test_a_failing_with_select_is_a_plain_error_not_outcome_unknown(cluster, guard):
+    conn = raftsql.connect(cluster.dsn, autocommit=True)
+    try:
+        with guard():
+            assert conn.execute("WITH x(a) AS (SELECT 1) SELECT a FROM x").fetchall() == [(1,)]
+            with pytest.raises(raftsql.OperationalError) as info:
+                conn.execute("WITH x(a) AS (SELECT 1) SELECT a FROM nosuch")
+            assert not isinstance(info.value, raftsql.OutcomeUnknown)
+            assert "no such table: nosuch" in str(info.value)
+    finally:
+        conn.close()
