@@ -132,7 +132,7 @@ def _explain(e: BaseException, db_path: str) -> BaseException:
     internal statement) becomes DatabaseDamagedError, whose message says how to recover."""
     import apsw
 
-    from raftsql.server.statemachine import _damaged
+    from raftsql.server.sqlerrors import damaged as _damaged
 
     if isinstance(e, apsw.CorruptError | apsw.NotADBError):
         return _damaged(db_path, f"reading it failed: {type(e).__name__}: {e}", str(e))

@@ -1,0 +1,96 @@
+"""Deterministic time and randomness for apply (server/DESIGN.md, "Determinism of SQL").
+
+Every node applies the same entry at the same stamped time with the same seed, so 'now',
+CURRENT_TIMESTAMP, column DEFAULTs, random() and randomblob() give byte-identical results
+everywhere: EntryClock serves SQLite's clock from the entry, EntryRandom its PRNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+
+import apsw
+
+from raftsql.server.sandbox import MAX_VALUE_BYTES
+
+log = logging.getLogger("raftsql.server.statemachine")
+
+# Julian day number of the unix epoch, in ms: what SQLite's xCurrentTimeInt64 returns at unix 0.
+UNIX_EPOCH_JULIAN_MS = 210866760000000
+
+
+def ensure_utc() -> None:
+    """SQLite's 'localtime' and 'utc' modifiers read the process time zone: pin it to UTC so
+    that they give the same answer on every node."""
+    if time.timezone != 0 or time.altzone != 0 or time.daylight:
+        log.warning("setting TZ=UTC so that SQLite's 'localtime' is identical on every node")
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+
+
+class EntryClock(apsw.VFS):
+    """The default VFS with SQLite's clock replaced: 'now', CURRENT_TIME/DATE/TIMESTAMP and
+    column DEFAULTs read now_ms, which apply sets to the entry's time. SQLite caches the time
+    per statement, so this runs at most once per statement that asks."""
+
+    def __init__(self, name: str, now_ms: int):
+        self.now_ms = now_ms
+        super().__init__(name, "")
+
+    def xCurrentTimeInt64(self) -> int:  # noqa: N802 - SQLite's name
+        return self.now_ms + UNIX_EPOCH_JULIAN_MS
+
+    def xCurrentTime(self) -> float:  # noqa: N802
+        return (self.now_ms + UNIX_EPOCH_JULIAN_MS) / 86400000.0
+
+
+def as_int(value: Any) -> int:
+    """randomblob(N)'s N converted the way SQLite mostly does; identical on every node."""
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        return int(value) if math.isfinite(value) else 0
+    if type(value) is str:
+        try:
+            f = float(value.strip())
+        except ValueError:
+            return 0
+        return int(f) if math.isfinite(f) else 0
+    return 0
+
+
+
+class EntryRandom:
+    """random() and randomblob(N) of the entry being applied: a stream per statement, seeded by
+    (entry seed, statement number), created only if the statement asks. random.Random(int) is
+    seeded identically on every platform and process (unlike hash())."""
+
+    __slots__ = ("seed", "stmt_no", "rng")
+
+    def __init__(self) -> None:
+        self.seed = 0
+        self.stmt_no = 0
+        self.rng: random.Random | None = None
+
+    def start_statement(self, stmt_no: int) -> None:
+        self.stmt_no = stmt_no
+        self.rng = None
+
+    def _stream(self) -> random.Random:
+        if self.rng is None:
+            self.rng = random.Random((self.seed << 32) | self.stmt_no)
+        return self.rng
+
+    def random(self) -> int:
+        return self._stream().getrandbits(64) - (1 << 63)
+
+    def randomblob(self, n: Any) -> bytes:
+        size = max(1, as_int(n))
+        if size > MAX_VALUE_BYTES:
+            raise apsw.TooBigError("string or blob too big")
+        return self._stream().randbytes(size)

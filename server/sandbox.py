@@ -1,0 +1,268 @@
+"""The SQL sandbox: what a user's statement may do, enforced by an authorizer on every
+connection, and the per-connection settings every node pins (server/DESIGN.md, "Sandbox").
+
+A statement may not reach outside the one replicated database file (ATTACH, load_extension,
+VACUUM INTO), change per-connection state that would vanish on restart or differ between nodes
+(most PRAGMAs, TEMP objects, transaction control), or write raftsql's own tables. The Guard
+also records, at prepare time, which tables a statement reads and may write (a transaction's
+read and write sets)."""
+
+from __future__ import annotations
+
+import apsw
+
+# The progress handler runs every this many VM steps (the apply step budget and the read time
+# limit are counted in these units).
+PROGRESS_STEPS = 1000
+MAX_VALUE_BYTES = 100_000_000  # SQLITE_LIMIT_LENGTH on every connection
+BUSY_TIMEOUT_MS = 5000
+# The name under which read and write sets record the schema (and the database header:
+# user_version, application_id). Every non-empty read set implicitly includes it.
+SCHEMA = "sqlite_schema"
+_SCHEMA_NAMES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"})
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+
+# raftsql's own tables (sqlite_raftsql_meta, ...). Users may read them, never write them.
+INTERNAL_PREFIX = "sqlite_raftsql_"
+INTERNAL_TABLES = ("meta", "sessions", "tables", "members")
+# Their names before they moved under SQLite's reserved prefix; still reserved for user objects.
+LEGACY_PREFIX = "_raftsql_"
+
+# Introspection pragmas: they read the schema and change nothing; their argument (a table name)
+# arrives in the value slot, so any argument is fine.
+_INTROSPECTION_PRAGMAS = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "table_list",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "foreign_key_check",
+        "collation_list",
+        "function_list",
+        "module_list",
+        "pragma_list",
+        "integrity_check",
+        "quick_check",
+        "compile_options",
+    }
+)
+# Settings that may be read but not changed (changing them is per connection, not replicated).
+_READ_ONLY_SETTINGS = frozenset(
+    {"foreign_keys", "recursive_triggers", "encoding", "schema_version", "auto_vacuum", "page_size"}
+)
+# Settings stored in the database header: transactional, replicated like any row.
+_WRITABLE_SETTINGS = frozenset({"user_version", "application_id"})
+_VTAB_MODULES = frozenset(
+    {"fts3", "fts4", "fts5", "fts4aux", "fts5vocab", "rtree", "rtree_i32", "geopoly"}
+)
+# Virtual tables that expose the physical file (pages, offsets): not replicated state.
+_PHYSICAL_TABLES = frozenset({"dbstat", "sqlite_dbpage"})
+
+_A = apsw
+_TEMP_ACTIONS = frozenset(
+    {
+        _A.SQLITE_CREATE_TEMP_INDEX,
+        _A.SQLITE_CREATE_TEMP_TABLE,
+        _A.SQLITE_CREATE_TEMP_TRIGGER,
+        _A.SQLITE_CREATE_TEMP_VIEW,
+        _A.SQLITE_DROP_TEMP_INDEX,
+        _A.SQLITE_DROP_TEMP_TABLE,
+        _A.SQLITE_DROP_TEMP_TRIGGER,
+        _A.SQLITE_DROP_TEMP_VIEW,
+    }
+)
+# Schema changes whose object name (arg3) or table (arg4) must not be an internal one.
+_SCHEMA_ACTIONS = frozenset(
+    {
+        _A.SQLITE_CREATE_INDEX,
+        _A.SQLITE_CREATE_TABLE,
+        _A.SQLITE_CREATE_TRIGGER,
+        _A.SQLITE_CREATE_VIEW,
+        _A.SQLITE_DROP_INDEX,
+        _A.SQLITE_DROP_TABLE,
+        _A.SQLITE_DROP_TRIGGER,
+        _A.SQLITE_DROP_VIEW,
+        _A.SQLITE_ALTER_TABLE,
+        _A.SQLITE_CREATE_VTABLE,
+        _A.SQLITE_DROP_VTABLE,
+    }
+)
+_ROW_WRITES = frozenset({_A.SQLITE_INSERT, _A.SQLITE_UPDATE, _A.SQLITE_DELETE})
+
+
+def is_internal(name: str | None) -> bool:
+    if name is None:
+        return False
+    low = name.lower()
+    return low.startswith(INTERNAL_PREFIX) or low.startswith(LEGACY_PREFIX)
+
+
+def refusal(
+    write: bool, action: int, arg3: str | None, arg4: str | None, nested: bool = False
+) -> str | None:
+    """Why a user statement may not do `action`, or None if it may. `write` selects the rules of
+    the apply path (and validate), which also refuse what is fine to read but not replicated.
+    `nested`: the statement is being prepared while another one runs (FTS5's own statements)."""
+    if action == _A.SQLITE_READ or action == _A.SQLITE_SELECT or action == _A.SQLITE_RECURSIVE:
+        if write and arg3 in _PHYSICAL_TABLES:
+            return f"{arg3} describes this node's file layout, which is not replicated"
+        return None
+    if action in _ROW_WRITES:
+        if is_internal(arg3):
+            return f"table {arg3} is internal to raftsql and cannot be modified"
+        # sqlite_sequence may be written, as in sqlite3 (DROP and RENAME of an AUTOINCREMENT
+        # table write it, and so may a user); a statement that leaves a sequence at the
+        # largest rowid fails instead (see Guard.sequence_written).
+        if arg3 in _PHYSICAL_TABLES:
+            return f"{arg3} writes raw database pages"
+        return None
+    if action == _A.SQLITE_FUNCTION:
+        name = (arg4 or "").lower()
+        if name == "load_extension":
+            return "load_extension() is not allowed"
+        if write and name == "total_changes":
+            return "total_changes() counts per connection and is not replicated; use changes()"
+        return None
+    if action == _A.SQLITE_PRAGMA:
+        name = (arg3 or "").lower()
+        if name in _INTROSPECTION_PRAGMAS or name in _WRITABLE_SETTINGS:
+            return None
+        if name in _READ_ONLY_SETTINGS:
+            return None if arg4 is None else f"PRAGMA {name} cannot be changed"
+        if name == "data_version" and arg4 is None and (nested or not write):
+            # FTS5 reads it internally; its value is per connection, so a user's write may not.
+            return None
+        return f"PRAGMA {name} is not allowed"
+    if action == _A.SQLITE_ATTACH:
+        # VACUUM runs an internal ATTACH; validate/apply refuse VACUUM by keyword first.
+        return "ATTACH is not allowed: a replicated database is a single file"
+    if action == _A.SQLITE_DETACH:
+        return "DETACH is not allowed"
+    if action == _A.SQLITE_TRANSACTION or action == _A.SQLITE_SAVEPOINT:
+        return (
+            "transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE) is managed by "
+            "raftsql: every write is already one atomic transaction"
+        )
+    if action in _TEMP_ACTIONS:
+        return "TEMP objects are not allowed: they belong to one connection and are not replicated"
+    if action in _SCHEMA_ACTIONS:
+        if is_internal(arg3) or is_internal(arg4):
+            return f"names starting with {LEGACY_PREFIX} or {INTERNAL_PREFIX} are reserved for raftsql"
+        if action == _A.SQLITE_CREATE_VTABLE and (arg4 or "").lower() not in _VTAB_MODULES:
+            return f"virtual table module {arg4} is not allowed"
+        return None
+    return None  # ANALYZE, REINDEX
+
+
+class Guard:
+    """Per-connection sandbox state read by the authorizer. `internal` is set while the state
+    machine runs its own statements (which carry a secret tag, so a user statement can never
+    reuse one of them from apsw's statement cache without being authorized)."""
+
+    __slots__ = (
+        "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
+        "sequence_written",
+    )
+
+    def __init__(self, write: bool):
+        self.write = write
+        self.internal = False
+        self.denied: str | None = None
+        self.schema_change = False
+        # True from the start of a user statement's execute() until its exec trace (prepare
+        # done); prepares outside that window are nested in a running statement (vtab internals).
+        self.user_prepare = True
+        # When not None, the tables user statements read / may write are added (lower case;
+        # the schema as SCHEMA). The authorizer runs only at prepare, so statements whose sets
+        # are collected must be prepared each time (can_cache=False, ~2 us per statement).
+        self.reads: set[str] | None = None
+        self.writes: set[str] | None = None
+        # Set when a statement inserts or updates sqlite_sequence: apply then checks that no
+        # sequence reached the largest rowid, where the next AUTOINCREMENT insert would fail
+        # with SQLITE_FULL, an error apply must take for this node's disk being full.
+        self.sequence_written = False
+
+    def __call__(
+        self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
+    ) -> int:
+        if self.internal:
+            return apsw.SQLITE_OK
+        if self.reads is not None or self.writes is not None:
+            self._track(action, arg3, arg4)
+        if action in _SCHEMA_ACTIONS:
+            self.schema_change = True
+        elif (action == _A.SQLITE_INSERT or action == _A.SQLITE_UPDATE) and arg3 == "sqlite_sequence":
+            self.sequence_written = True
+        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
+        if reason is None:
+            return apsw.SQLITE_OK
+        if self.denied is None:
+            self.denied = reason
+        return apsw.SQLITE_DENY
+
+
+    def _track(self, action: int, arg3: str | None, arg4: str | None) -> None:
+        """Record what a statement reads and may write, statically (from its compiled program,
+        trigger bodies and views included): deterministic, and a superset of what one run
+        touches. Table granularity; see DESIGN.md, "Serializable transactions"."""
+        if action == _A.SQLITE_READ:
+            if self.reads is not None and arg3:
+                self.reads.add(tracked(arg3))
+        elif action in _ROW_WRITES:
+            if self.writes is not None and arg3:
+                self.writes.add(tracked(arg3))
+        elif action == _A.SQLITE_PRAGMA:
+            # A pragma reads the schema or the header; setting user_version/application_id
+            # changes the header, which counts as the schema.
+            if arg4 is None:
+                if self.reads is not None:
+                    self.reads.add(SCHEMA)
+            elif self.writes is not None and (arg3 or "").lower() in _WRITABLE_SETTINGS:
+                self.writes.add(SCHEMA)
+        elif action in _SCHEMA_ACTIONS and self.writes is not None:
+            self.writes.add(SCHEMA)
+
+
+def tracked(name: str) -> str:
+    name = name.lower()
+    return SCHEMA if name in _SCHEMA_NAMES else name
+
+
+def configure(conn: apsw.Connection, guard: Guard) -> None:
+    """Settings every connection shares, pinned rather than left to build defaults so that
+    every node's SQLite behaves alike."""
+    conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    conn.enable_load_extension(False)
+    for op, value in (
+        (apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_FTS3_TOKENIZER, 0),
+        (apsw.SQLITE_DBCONFIG_DEFENSIVE, 1),
+        (apsw.SQLITE_DBCONFIG_WRITABLE_SCHEMA, 0),
+        (apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 1),
+        (apsw.SQLITE_DBCONFIG_ENABLE_FKEY, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1),
+        (apsw.SQLITE_DBCONFIG_ENABLE_VIEW, 1),
+        (apsw.SQLITE_DBCONFIG_DQS_DML, 1),
+        (apsw.SQLITE_DBCONFIG_DQS_DDL, 1),
+        (apsw.SQLITE_DBCONFIG_LEGACY_ALTER_TABLE, 0),
+        (apsw.SQLITE_DBCONFIG_REVERSE_SCANORDER, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_QPSG, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_ATTACH_CREATE, 0),
+        (apsw.SQLITE_DBCONFIG_ENABLE_ATTACH_WRITE, 0),
+    ):
+        conn.config(op, value)
+    conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+    conn.limit(apsw.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    conn.pragma("recursive_triggers", 0)
+    conn.pragma("automatic_index", 1)
+    conn.authorizer = guard
