@@ -36,7 +36,7 @@ from _plots import failover_timeline
 
 def _raftsql_timing() -> tuple[int, int]:
     """raftsql's node defaults (heartbeat, minimum election timeout, ms)."""
-    from raftsql.server import node
+    from raftsql.server import config as node
 
     return (node.DEFAULT_TICK_MS * node.DEFAULT_HEARTBEAT_TICKS,
             node.DEFAULT_TICK_MS * node.DEFAULT_ELECTION_TICKS)

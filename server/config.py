@@ -6,9 +6,83 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import dataclass, field
 from typing import Any
 
-from raftsql.server.node import NodeConfig
+# Defaults, chosen for failover within about 0.4 s on a loaded 2-core machine (see
+# server/DESIGN.md): a heartbeat every 50 ms, and an election after 200-400 ms without one. A
+# follower must miss four heartbeats in a row before it even asks for pre-votes; PreVote and
+# CheckQuorum keep one slow follower from disturbing a healthy leader.
+DEFAULT_TICK_MS = 25
+DEFAULT_HEARTBEAT_TICKS = 2
+DEFAULT_ELECTION_TICKS = 8
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    """Faults a test harness may switch on in a node process: the one seam through which tests
+    reach into a running node (raftsql/testing starts nodes with these variables set). Read
+    once, from the environment, by load(); all off unless a RAFTSQL_TEST_* variable is set."""
+
+    # RAFTSQL_TEST_BROKEN_READS=1: linearizable reads skip the ReadIndex round (the fault
+    # tests' checker must then find a stale read: tests/faults, --broken-reads).
+    broken_reads: bool = False
+    # RAFTSQL_TEST_CORRUPT_SNAPSHOTS=N: the first N snapshot transfers send a damaged chunk.
+    corrupt_snapshot_transfers: int = 0
+    # RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS: a pause between snapshot chunks (slow transfers).
+    snapshot_chunk_delay_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> TestHooks:
+        try:
+            return cls(
+                broken_reads=env.get("RAFTSQL_TEST_BROKEN_READS") == "1",
+                corrupt_snapshot_transfers=int(env.get("RAFTSQL_TEST_CORRUPT_SNAPSHOTS", "0")),
+                snapshot_chunk_delay_s=float(env.get("RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS", "0")) / 1000,
+            )
+        except ValueError as e:
+            raise ConfigError(f"a RAFTSQL_TEST_* variable is not a number: {e}") from None
+
+
+@dataclass
+class NodeConfig:
+    id: str
+    data_dir: str
+    listen: tuple[str, int]
+    peers: dict[str, tuple[str, int]]  # the other initial voters
+    certs_dir: str
+    tick_ms: int = DEFAULT_TICK_MS
+    heartbeat_ticks: int = DEFAULT_HEARTBEAT_TICKS
+    election_ticks: int = DEFAULT_ELECTION_TICKS
+    max_frame_size: int = 64 * 1024 * 1024
+    max_request_size: int = 4 * 1024 * 1024  # wire.DEFAULT_MAX_REQUEST_SIZE: see there
+    session_timeout_ms: int = 6 * 3600 * 1000
+    query_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0  # the longest a client request may wait
+    # Connections (server/transport.py, DESIGN.md "Connections"): client connections past the
+    # hello (node certificates are not counted), a client frame's first-to-last-byte limit,
+    # and an optional limit on a client connection's silence between requests (None: none).
+    max_client_connections: int = 1024
+    frame_timeout_s: float = 30.0
+    client_idle_timeout_s: float | None = None
+    advertise: str | None = None  # host:port clients should use; default: listen address
+    extra: dict[str, Any] = field(default_factory=dict)
+    # The cluster's first voters, the base every CONF_CHANGE applies to. Empty: id + peers.
+    # Set from DATA_DIR/membership.json (server/admin.py), so a joined node knows them too.
+    bootstrap_voters: tuple[str, ...] = ()
+    # Log compaction (server/snapshot.py): snapshot after this many entries or bytes of entry
+    # data, and compact only once this many more are applied after the snapshot.
+    snapshot_entries: int = 10_000
+    snapshot_bytes: int = 64 << 20
+    snapshot_trailing: int = 5_000
+    # Durable log entries the core keeps in memory; older ones are read back from the log store.
+    log_cache_bytes: int = 32 << 20
+    hooks: TestHooks = field(default_factory=TestHooks)  # off, unless a test harness sets them
+
+    def voters(self) -> tuple[str, ...]:
+        return tuple(sorted(self.bootstrap_voters or {self.id, *self.peers}))
+
+
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -86,7 +160,9 @@ def load(flags: dict[str, Any], config_file: str | None = None, env: dict[str, s
     for k, v in flags.items():
         if v is not None and v != () and v != {}:
             merged[k] = (v, f"--{k.replace('_', '-')}")
-    return _build(merged)
+    cfg = _build(merged)
+    cfg.hooks = TestHooks.from_env(env)
+    return cfg
 
 
 def _typed(key: str, value: Any, source: str) -> Any:

@@ -20,7 +20,6 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from raftsql.command import Command, Many
@@ -34,16 +33,10 @@ from raftsql.raft.types import (
     Ready,
     Role,
 )
+from raftsql.server.config import NodeConfig
 
 log = logging.getLogger("raftsql.node")
 
-# Defaults, chosen for failover within about 0.4 s on a loaded 2-core machine (see
-# server/DESIGN.md): a heartbeat every 50 ms, and an election after 200-400 ms without one. A
-# follower must miss four heartbeats in a row before it even asks for pre-votes; PreVote and
-# CheckQuorum keep one slow follower from disturbing a healthy leader.
-DEFAULT_TICK_MS = 25
-DEFAULT_HEARTBEAT_TICKS = 2
-DEFAULT_ELECTION_TICKS = 8
 # Committed batches up to this size apply in the Ready loop; larger ones in the apply thread.
 APPLY_INLINE_BYTES = 64 * 1024
 
@@ -69,44 +62,6 @@ class RequestError(Exception):
 
     def to_wire(self) -> dict[str, Any]:
         return {"kind": self.kind, "message": self.message, "leader": self.leader, "leader_addr": self.leader_addr}
-
-
-@dataclass
-class NodeConfig:
-    id: str
-    data_dir: str
-    listen: tuple[str, int]
-    peers: dict[str, tuple[str, int]]  # the other initial voters
-    certs_dir: str
-    tick_ms: int = DEFAULT_TICK_MS
-    heartbeat_ticks: int = DEFAULT_HEARTBEAT_TICKS
-    election_ticks: int = DEFAULT_ELECTION_TICKS
-    max_frame_size: int = 64 * 1024 * 1024
-    max_request_size: int = 4 * 1024 * 1024  # wire.DEFAULT_MAX_REQUEST_SIZE: see there
-    session_timeout_ms: int = 6 * 3600 * 1000
-    query_timeout_s: float = 10.0
-    request_timeout_s: float = 10.0  # the longest a client request may wait
-    # Connections (server/transport.py, DESIGN.md "Connections"): client connections past the
-    # hello (node certificates are not counted), a client frame's first-to-last-byte limit,
-    # and an optional limit on a client connection's silence between requests (None: none).
-    max_client_connections: int = 1024
-    frame_timeout_s: float = 30.0
-    client_idle_timeout_s: float | None = None
-    advertise: str | None = None  # host:port clients should use; default: listen address
-    extra: dict[str, Any] = field(default_factory=dict)
-    # The cluster's first voters, the base every CONF_CHANGE applies to. Empty: id + peers.
-    # Set from DATA_DIR/membership.json (server/admin.py), so a joined node knows them too.
-    bootstrap_voters: tuple[str, ...] = ()
-    # Log compaction (server/snapshot.py): snapshot after this many entries or bytes of entry
-    # data, and compact only once this many more are applied after the snapshot.
-    snapshot_entries: int = 10_000
-    snapshot_bytes: int = 64 << 20
-    snapshot_trailing: int = 5_000
-    # Durable log entries the core keeps in memory; older ones are read back from the log store.
-    log_cache_bytes: int = 32 << 20
-
-    def voters(self) -> tuple[str, ...]:
-        return tuple(sorted(self.bootstrap_voters or {self.id, *self.peers}))
 
 
 class _Waiter:
@@ -210,9 +165,9 @@ class Node:
         self.leader: str | None = None
         self.last_contact: dict[str, float] = {}
         self.transport = None  # set in start()
-        self._broken_reads = os.environ.get("RAFTSQL_TEST_BROKEN_READS") == "1"
+        self._broken_reads = cfg.hooks.broken_reads
         if self._broken_reads:
-            log.warning("%s: RAFTSQL_TEST_BROKEN_READS=1: linearizable reads are NOT linearizable", cfg.id)
+            log.warning("%s: test hook broken_reads: linearizable reads are NOT linearizable", cfg.id)
 
     def _core_log(self, line: str) -> None:
         log.info(line)
@@ -220,13 +175,8 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        import sys
 
         from raftsql.server.clients import ClientService
-
-        sw = os.environ.get("RAFTSQL_SWITCH")
-        if sw:
-            sys.setswitchinterval(float(sw))
         from raftsql.server.transport import Transport
 
         self.clients = ClientService(self)
@@ -248,8 +198,8 @@ class Node:
             snapshot_sink=self.snapshots.receiver,
             advertise=self.addresses[self.cfg.id],
             on_peer_hello=self._on_peer_hello,
-            corrupt_snapshot_transfers=int(os.environ.get("RAFTSQL_TEST_CORRUPT_SNAPSHOTS", "0")),
-            snapshot_chunk_delay=float(os.environ.get("RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS", "0")) / 1000,
+            corrupt_snapshot_transfers=self.cfg.hooks.corrupt_snapshot_transfers,
+            snapshot_chunk_delay=self.cfg.hooks.snapshot_chunk_delay_s,
         )
         self.transport.start()
         for name, target in (("ticker", self._ticker), ("ready", self._ready_loop), ("apply", self._apply_loop)):

@@ -10,8 +10,7 @@ from click.testing import CliRunner
 from raftsql.cli import main
 from raftsql.raft.types import ConfChange, ConfChangeType, Entry, EntryType
 from raftsql.server import admin
-from raftsql.server.config import ConfigError, load
-from raftsql.server.node import NodeConfig
+from raftsql.server.config import ConfigError, NodeConfig, load
 
 
 def test_membership_file_round_trip_and_validation(tmp_path):
