@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     """Why a request was not served. A str: it travels as its value ("NOT_LEADER")."""
 
     NOT_LEADER = "NOT_LEADER"  # not applied; resend anywhere (a leader hint where known)
@@ -30,9 +30,6 @@ class ErrorKind(str, enum.Enum):
     TXN_ABORTED = "TXN_ABORTED"  # the leader changed during a transaction: nothing applied
     BAD_REQUEST = "BAD_REQUEST"  # the request itself is malformed: resending will not help
     TOO_MANY_CURSORS = "TOO_MANY_CURSORS"  # too many unfinished streamed results: close some
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # raftsql's own SQL error names (the code is the closest SQLite result code; the driver maps

@@ -36,6 +36,8 @@ import threading
 import time
 from typing import Any
 
+from raftsql.clientconn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
+from raftsql.protocol import ErrorKind
 from raftsql.raft.types import ConfChange, ConfChangeType, EntryType, Role
 from raftsql.server.node import RequestError
 
@@ -272,8 +274,6 @@ def join_cluster(cfg, dsn_text: str, timeout: float = 60.0) -> dict[str, Any]:
     """`raftsql node --join DSN`: ask the cluster (with this node's own certificate) to add it
     as a learner, then record the cluster's bootstrap voters and members in the membership
     file. A data directory that already has the file has joined before: nothing is sent."""
-    from raftsql.driver._client import BadRequest, Client, Unavailable
-    from raftsql.driver._conn import DSN
     from raftsql.server.tls import node_client_context
 
     doc = read_membership(cfg.data_dir)
@@ -284,15 +284,13 @@ def join_cluster(cfg, dsn_text: str, timeout: float = 60.0) -> dict[str, Any]:
     host = _parse_addr(address)[0]
     if host in ("0.0.0.0", "::", ""):
         raise JoinError(f"--join needs an address the cluster can dial: set --advertise (listen is {address})")
-    dsn = DSN.parse(dsn_text)
-    client = Client(dsn.hosts, node_client_context(cfg.certs_dir, cfg.id), timeout=timeout)
     try:
-        result = client._call({"op": "cluster_join", "node_id": cfg.id, "address": address,
-                               "timeout_ms": int(min(timeout, 30.0) * 1000)}, timeout, None)
-    except (BadRequest, Unavailable) as e:
-        raise JoinError(f"the cluster did not add {cfg.id}: {e}") from None
-    finally:
-        client.close()
+        hosts = DSN.parse(dsn_text).hosts
+    except ValueError as e:
+        raise JoinError(f"--join: {e}") from None
+    result = _ask_cluster(hosts, node_client_context(cfg.certs_dir, cfg.id), timeout, {
+        "op": "cluster_join", "node_id": cfg.id, "address": address,
+        "timeout_ms": int(min(timeout, 30.0) * 1000)})
     voters = result.get("bootstrap_voters")
     members = result.get("members")
     if not (isinstance(voters, list) and voters and isinstance(members, dict)):
@@ -305,6 +303,46 @@ def join_cluster(cfg, dsn_text: str, timeout: float = 60.0) -> dict[str, Any]:
     log.info("%s joined as a learner at index %s; bootstrap voters %s, members %s", cfg.id,
              result.get("index"), voters, sorted(members))
     return read_membership(cfg.data_dir)
+
+
+def _ask_cluster(hosts: list[tuple[str, int]], ctx: Any, timeout: float,
+                 request: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the cluster's leader: try the hosts in turn, follow NOT_LEADER
+    hints, wait out elections, until `timeout`. A join is idempotent (the leader answers an
+    existing learner with its membership), so resending after a lost answer is safe."""
+    deadline = time.monotonic() + timeout
+    target: tuple[str, int] | None = None
+    last = "no answer"
+    turn = 0
+    while time.monotonic() < deadline:
+        addr = target or hosts[turn % len(hosts)]
+        target = None
+        remaining = deadline - time.monotonic()
+        try:
+            conn = NodeConnection(addr[0], addr[1], ctx, min(5.0, remaining))
+        except NodeUnreachable as e:
+            last, turn = str(e), turn + 1
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            continue
+        try:
+            resp = conn.request(request, remaining + 0.5)
+        except ConnectionLost as e:
+            last, turn = str(e), turn + 1
+            continue
+        finally:
+            conn.close()
+        if resp.get("ok"):
+            return resp["result"]
+        err = resp.get("error") or {}
+        last = f"{err.get('kind')}: {err.get('message')}"
+        if err.get("kind") == ErrorKind.BAD_REQUEST:
+            raise JoinError(f"the cluster did not add this node: {err.get('message')}")
+        if err.get("kind") == ErrorKind.NOT_LEADER and err.get("leader_addr"):
+            target = _parse_addr(err["leader_addr"])
+            continue
+        turn += 1
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    raise JoinError(f"the cluster did not add this node within {timeout:.0f} s: {last}")
 
 
 class JoinError(Exception):

@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from raftsql.driver._tls import InsecureKeyFileError, check_key_file, harden
+from raftsql.tlsconfig import InsecureKeyFileError, check_key_file, harden
 
 __all__ = [
     "CA_VALIDITY",

@@ -1,0 +1,136 @@
+"""One TLS connection to one node, speaking the client protocol (stdlib + msgpack only).
+
+The DB-API layer above decides where to send what and how to retry; this layer only moves a
+request and its response, and says precisely how a failure happened:
+
+  NodeUnreachable   nothing was sent (connect/handshake failed): safe to resend anywhere
+  ConnectionLost    the request may have been sent, and no response came: outcome unknown
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from raftsql import wire
+
+
+class NodeUnreachable(OSError):
+    """Raised when a node cannot be connected to; no request was sent."""
+
+
+class ConnectionLost(OSError):
+    """Raised when the connection failed after a request was (maybe) sent: outcome unknown."""
+
+
+@dataclass
+class DSN:
+    hosts: list[tuple[str, int]]
+    params: dict[str, str]
+
+    @classmethod
+    def parse(cls, dsn: str) -> DSN:
+        """raftsql://host1:port1,host2:port2/?certs=DIR&consistency=linearizable&timeout=10"""
+        parts = urlsplit(dsn)
+        if parts.scheme != "raftsql":
+            raise ValueError(f"DSN must start with raftsql://, got {dsn!r}")
+        hosts = []
+        for item in filter(None, parts.netloc.split(",")):
+            host, sep, port = item.rpartition(":")
+            if not sep or not port.isdigit() or not host:
+                raise ValueError(f"DSN host {item!r} must be host:port")
+            hosts.append((host.strip("[]"), int(port)))
+        if not hosts:
+            raise ValueError("DSN names no hosts")
+        params = {k: unquote(v[-1]) for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        return cls(hosts, params)
+
+
+class NodeConnection:
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float = 5.0):
+        self.address = (host, port)
+        # Streamed results still open on this connection (their cursors live on the node, per
+        # connection), and whether the Client has moved on to another connection meanwhile:
+        # then the last stream to finish closes this one (driver/_client.py, ResultStream).
+        self.streams = 0
+        self.detached = False
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._decoder = wire.FrameDecoder()
+        self._pending: list[tuple[wire.FrameKind, Any]] = []
+        try:
+            raw = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise NodeUnreachable(f"cannot connect to {host}:{port}: {e}") from None
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = context.wrap_socket(raw, server_hostname=host)
+            self._sock.sendall(wire.make_hello(None, "client"))
+        except (OSError, ssl.SSLError) as e:
+            raw.close()
+            raise NodeUnreachable(f"TLS handshake with {host}:{port} failed: {e}") from None
+        # The node's hello names the largest request it accepts: a bigger one is refused here,
+        # with a clear error, instead of being sent and cut off.
+        self.max_request = wire.DEFAULT_MAX_FRAME_SIZE
+        try:
+            self._sock.settimeout(timeout)
+            kind, hello = self._next_frame()
+            if kind == wire.FrameKind.ERROR:
+                raise NodeUnreachable(f"{host}:{port} refused the connection: {wire.parse_error(hello)}")
+            if kind != wire.FrameKind.HELLO:
+                raise NodeUnreachable(f"{host}:{port} sent {kind.name} instead of HELLO")
+            limit = wire.parse_hello(hello).max_request
+            if limit is not None:
+                self.max_request = limit
+        except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
+            self.close()
+            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
+        except NodeUnreachable:
+            self.close()
+            raise
+
+    def request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request and wait for its response (raises ConnectionLost on any failure
+        after the first byte may have left)."""
+        req_id = next(self._ids)
+        # Encoding errors (a value msgpack cannot pack, a frame over the size limit) are raised
+        # here, before anything is sent: they are the caller's, not the connection's.
+        frame = wire.encode_frame(wire.FrameKind.REQUEST, dict(payload, id=req_id))
+        if len(frame) - wire.HEADER_SIZE > self.max_request:
+            raise wire.FrameError(
+                f"request of {len(frame) - wire.HEADER_SIZE} bytes exceeds the node's limit of {self.max_request} "
+                "bytes (its max_request_size); split it into smaller batches"
+            )
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(frame)
+            while True:
+                kind, resp = self._next_frame()
+                if kind == wire.FrameKind.RESPONSE and isinstance(resp, dict) and resp.get("id") == req_id:
+                    return resp
+                if kind == wire.FrameKind.ERROR:
+                    raise ConnectionLost(f"node closed the connection: {wire.parse_error(resp)}")
+        except (OSError, ssl.SSLError, wire.FrameError) as e:
+            self.close()
+            if isinstance(e, ConnectionLost):
+                raise
+            raise ConnectionLost(f"connection to {self.address[0]}:{self.address[1]} lost: {e}") from None
+
+    def _next_frame(self) -> tuple[wire.FrameKind, Any]:
+        while not self._pending:
+            data = self._sock.recv(65536)
+            if not data:
+                raise ConnectionLost("connection closed by the node")
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
