@@ -159,7 +159,7 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 
 def raftsql_cluster(base: Path, nodes: int):
-    from raftsql.server.testing import LocalCluster
+    from raftsql.testing.cluster import LocalCluster
 
     c = LocalCluster(base, nodes)
     c.start()

@@ -4,7 +4,7 @@
     python benchmarks/faults.py --duration 60 --runs 5 --nemesis partitions --nodes 5
     python benchmarks/faults.py --runs 3 --broken-reads        # must report violations
 
-Each run starts a fresh cluster (server/faults.py), runs the workloads under a nemesis schedule
+Each run starts a fresh cluster (raftsql/testing/run.py), runs the workloads under a nemesis schedule
 that cycles through the chosen nemeses, heals, and checks the history. Prints one table row per
 run and a summary; writes every run's report to benchmarks/results/faults-<time>.json (updated
 after each run). A failed run keeps its directory (history.jsonl, node logs, report.json) and
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import click
 
-from raftsql.server.faults import NEMESES, NEMESIS_GROUPS, RunConfig, expand_nemeses, run
+from raftsql.testing.nemesis import NEMESES, NEMESIS_GROUPS, expand_nemeses
+from raftsql.testing.run import RunConfig, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

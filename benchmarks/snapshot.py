@@ -32,7 +32,7 @@ from _common import driver_connect, machine, md_table, summary_ms, tmpdir, write
 
 
 def _cluster(base, env: dict[str, str]):
-    from raftsql.server.testing import LocalCluster
+    from raftsql.testing.cluster import LocalCluster
 
     c = LocalCluster(base, 3, env=env)
     c.start()

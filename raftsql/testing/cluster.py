@@ -53,7 +53,7 @@ class LocalCluster:
 
     def add_node(self, nid: str) -> None:
         """A new node id with its own port and certificate (not started); start() runs it with
-        --join and the first nodes' DSN (a new id cannot use --peer: see DESIGN.md)."""
+        --join and the first nodes' DSN (a new id cannot use --peer: see server/DESIGN.md)."""
         if nid in self.ids:
             raise ValueError(f"{nid} exists")
         self.ports[nid] = free_port(self.host)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 
 def _cli(*args, check=True):

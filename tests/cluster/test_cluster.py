@@ -15,7 +15,7 @@ import pytest
 from raftsql import wire
 from raftsql.driver._tls import client_context
 from raftsql.raft.types import Message, MsgType
-from raftsql.server.testing import LocalCluster, free_port
+from raftsql.testing.cluster import LocalCluster, free_port
 
 
 @pytest.fixture

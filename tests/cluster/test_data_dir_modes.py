@@ -10,7 +10,7 @@ import stat
 import time
 from pathlib import Path
 
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 
 def modes(d: Path) -> dict[str, int]:

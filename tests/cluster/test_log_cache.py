@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 CACHE_ENV = {"RAFTSQL_LOG_CACHE_BYTES": "1"}
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from raftsql.driver._client import BadRequest, OutcomeUnknown, Unavailable
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import raftsql.driver as raftsql
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 
 def _damage(db_path, pages=(3, 4, 5, 6)):

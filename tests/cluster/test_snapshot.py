@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 WRITES = int(os.environ.get("RAFTSQL_SNAPSHOT_WRITES", "3000"))
 BATCH = 10  # rows per log entry (one executemany-style batch); see write_rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 
 def start_cluster(base_dir) -> LocalCluster:

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 import raftsql.driver as db
-from raftsql.server.testing import free_port
+from raftsql.testing.cluster import free_port
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import raftsql.driver as db
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 ROWS = 2000
 

@@ -1,4 +1,4 @@
-"""The linearizability checker (raftsql/checker.py) on handmade histories: known-bad ones must be
+"""The linearizability checker (raftsql/testing/checker.py) on handmade histories: known-bad ones must be
 reported, known-good ones must pass, and on random small histories it must agree with a
 brute-force search over every order."""
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from raftsql.checker import (
+from raftsql.testing.checker import (
     Op,
     RegisterModel,
     check_linearizable,

@@ -1,4 +1,4 @@
-"""Jepsen-style fault runs through the real driver client (server/faults.py): linearizable
+"""Jepsen-style fault runs through the real driver client (raftsql/testing/): linearizable
 registers, a set with no lost or duplicated inserts, read-your-writes on stale reads, under
 kill -9, SIGSTOP, partitions, clock offsets, leadership transfers and slow links.
 
@@ -18,18 +18,13 @@ import time
 
 import pytest
 
-from raftsql import checker
-from raftsql.server.faults import (
-    NEMESES,
-    Ctx,
-    FaultCluster,
-    History,
-    RegisterWorkload,
-    RunConfig,
-    SetWorkload,
-    clock_offset_env,
-    run,
-)
+from raftsql.testing import checker
+from raftsql.testing.clock import clock_offset_env
+from raftsql.testing.faultcluster import FaultCluster
+from raftsql.testing.history import Ctx, History
+from raftsql.testing.nemesis import NEMESES
+from raftsql.testing.run import RunConfig, run
+from raftsql.testing.workloads import RegisterWorkload, SetWorkload
 
 # Each run: ~2-5 s to start, DURATION of clients and faults, ~1 s to heal and check.
 DURATION = float(os.environ.get("RAFTSQL_FAULTS_CI_DURATION", "12"))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from raftsql.server.testing import LocalCluster
+from raftsql.testing.cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")

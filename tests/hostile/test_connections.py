@@ -23,8 +23,8 @@ from raftsql import wire
 from raftsql.driver._admin import context_for
 from raftsql.driver._conn import DSN, NodeConnection
 from raftsql.server import tls
-from raftsql.server.testing import LocalCluster
 from raftsql.server.transport import raise_fd_limit
+from raftsql.testing.cluster import LocalCluster
 
 CAP = 200
 HOLD = 2000
