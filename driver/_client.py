@@ -24,7 +24,9 @@ import time
 import uuid
 from typing import Any
 
+from raftsql.command import Many
 from raftsql.driver._conn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
+from raftsql.protocol import CloseCursor, Commit, ErrorKind, Execute, Fetch, TxnState
 
 Statement = tuple[str, Any]
 
@@ -91,8 +93,7 @@ class ResultStream:
                     "of this result was closed; run the query again"
                 )
             try:
-                resp = conn.request({"op": "fetch", "cursor": self._id, "max_bytes": FETCH_BYTES},
-                                    client.timeout + 0.5)
+                resp = conn.request(Fetch(self._id, FETCH_BYTES).to_wire(), client.timeout + 0.5)
             except ConnectionLost as e:
                 self._finish()
                 raise StreamLost(f"the rest of the result was lost: {e}; run the query again") from None
@@ -113,7 +114,7 @@ class ResultStream:
         with client._lock:
             if not self._conn.closed and not self._conn.detached:
                 try:
-                    self._conn.request({"op": "close_cursor", "cursor": self._id}, 2.0)
+                    self._conn.request(CloseCursor(self._id).to_wire(), 2.0)
                 except (ConnectionLost, OSError):
                     pass
             self._finish()
@@ -134,20 +135,6 @@ class ManyParams(tuple):
     statement prepared once on every node (not one statement per set)."""
 
     __slots__ = ()
-
-
-def _wire_params(p: Any) -> Any:
-    if p is None:
-        return []
-    if isinstance(p, tuple):
-        return list(p)
-    return p
-
-
-def _wire_statement(sql: str, p: Any) -> list:
-    if type(p) is ManyParams:
-        return [sql, [_wire_params(x) for x in p], 1]
-    return [sql, _wire_params(p)]
 
 
 class Client:
@@ -223,21 +210,18 @@ class Client:
         with self._lock:
             serial = serial if serial is not None else next(self._serials)
             consistency = consistency or self.consistency
-            req = {
-                "op": "execute",
-                "statements": [_wire_statement(sql, p) for sql, p in statements],
-                "client_id": self.client_id,
-                "serial": serial,
-                "consistency": consistency,
-            }
-            if consistency == "stale":
-                req["min_index"] = max(self.last_index, min_index or 0)
-            if reads:
-                req["reads"] = True
-            if commit is not None:
-                req["commit"] = commit
-            if stream:
-                req["chunk"] = FETCH_BYTES
+            req = Execute(
+                statements=[(sql, Many(tuple(p)) if type(p) is ManyParams else p)
+                            for sql, p in statements],
+                client_id=self.client_id,
+                serial=serial,
+                consistency=consistency,
+                min_index=max(self.last_index, min_index or 0),
+                reads=reads,
+                commit=None if commit is None else Commit(
+                    commit["read_index"], tuple(commit["reads"]), commit["last_ms"]),
+                chunk=FETCH_BYTES if stream else None,
+            ).to_wire()
             result = self._call(req, timeout or self.timeout, None if idempotent else serial)
             self.last_index = max(self.last_index, int(result.get("index") or 0))
             self._attach_stream(result)
@@ -261,20 +245,13 @@ class Client:
         transaction's snapshot index, read set and the leader time of its last statement
         (server/clients.py); consistency: of the transaction's first read."""
         with self._lock:
-            txn: dict[str, Any] = {"writes": [[s, _wire_params(p)] for s, p in writes],
-                                   "term": term, "reads": list(reads or ()),
-                                   "consistency": consistency or self.consistency}
-            if start_index is not None:
-                txn["start_index"] = start_index
-            if last_ms is not None:
-                txn["last_ms"] = last_ms
-            req = {
-                "op": "execute",
-                "statements": [[statement[0], _wire_params(statement[1])]],
-                "txn": txn,
-            }
-            if stream:
-                req["chunk"] = FETCH_BYTES
+            req = Execute(
+                statements=[statement],
+                txn=TxnState(writes=list(writes), term=term, start_index=start_index,
+                             reads=set(reads or ()), last_ms=last_ms,
+                             consistency=consistency or self.consistency),
+                chunk=FETCH_BYTES if stream else None,
+            ).to_wire()
             if term is not None and leader is not None:
                 pinned = _parse_addr(leader)
                 if self._leader != pinned:
@@ -361,18 +338,18 @@ class Client:
                         err = resp.get("error") or {}
                         kind, msg = err.get("kind"), err.get("message", "")
                         last_error = f"{kind}: {msg}"
-                        if kind == "BAD_REQUEST":
+                        if kind == ErrorKind.BAD_REQUEST:
                             raise BadRequest(msg)
-                        if kind == "TXN_ABORTED" or (kind == "NOT_LEADER" and pinned):
+                        if kind == ErrorKind.TXN_ABORTED or (kind == ErrorKind.NOT_LEADER and pinned):
                             self._follow(err.get("leader_addr"))
                             raise TxnAborted(msg)
-                        if kind == "NOT_LEADER":
+                        if kind == ErrorKind.NOT_LEADER:
                             hint = err.get("leader_addr")
                             self._follow(hint)
                             redirects += 1
                             if hint and redirects <= 2 * len(self.hosts) + 2:
                                 continue  # redirect at once, no backoff
-                        elif kind == "OUTCOME_UNKNOWN":
+                        elif kind == ErrorKind.OUTCOME_UNKNOWN:
                             maybe_sent = True
                             hint = err.get("leader_addr")
                             if hint and not pinned and redirects <= 2 * len(self.hosts) + 2:
@@ -391,24 +368,19 @@ class Client:
                                  f"(resend with serial {serial}): {last_error}", serial)
         raise Unavailable(f"no node served the request within {timeout:.1f}s: {last_error}")
 
-    def _answered_by_lagging_node(self, conn: NodeConnection, req: dict[str, Any],
+    @staticmethod
+    def _answered_by_lagging_node(conn: NodeConnection, req: dict[str, Any],
                                   result: dict[str, Any], remaining: float) -> bool:
-        """Workaround for the server validating statements before it checks leadership or waits
-        for min_index (server/node.py Node.execute): a node that has not applied a recent
-        CREATE TABLE answers "no such table" instead of NOT_LEADER (or instead of waiting). So
-        an SQL error from a normal execute is believed only from the leader, or, for a stale
-        read, from a node that has applied min_index; otherwise the request is sent again
-        (a write with the same serial, so this cannot apply it twice)."""
+        """A stale read's SQL error is believed only from a node that has applied min_index (a
+        node that has not may not know a table created a moment ago); the node waits for
+        min_index before it validates, so this only guards against an older node. Other SQL
+        errors need no check: a follower answers NOT_LEADER instead of an error from its own
+        possibly older state (server/node.py, Node.execute)."""
         if not result.get("error") or req.get("op") != "execute" or "txn" in req:
             return False
         if req.get("consistency") == "stale":
             return int(result.get("index") or 0) < req.get("min_index", 0)
-        resp = conn.request({"op": "status"}, min(remaining, 2.0) + 0.5)
-        st = resp.get("result") if resp.get("ok") else None
-        if not isinstance(st, dict) or st.get("role") == "leader":
-            return False
-        self._follow(st.get("leader_address"))
-        return True
+        return False
 
     def _connection(self, remaining: float) -> NodeConnection:
         if self._conn is not None:

@@ -131,3 +131,342 @@ class Result:
     @classmethod
     def decode(cls, data: bytes) -> Result:
         return cls.from_wire(msgpack.unpackb(data, raw=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors that refuse a request
+
+
+class RequestError(Exception):
+    """Raised when a request is not served (a node raises it; the driver reads it back from
+    the wire). `kind` says what the client may do (ErrorKind); `leader` and `leader_addr`
+    name the leader where known (NOT_LEADER)."""
+
+    def __init__(self, kind: ErrorKind, message: str, leader: str | None = None,
+                 leader_addr: str | None = None):
+        super().__init__(f"{kind.value}: {message}")
+        self.kind = kind
+        self.message = message
+        self.leader = leader
+        self.leader_addr = leader_addr
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "message": self.message, "leader": self.leader,
+                "leader_addr": self.leader_addr}
+
+
+def bad_request(message: str) -> RequestError:
+    return RequestError(ErrorKind.BAD_REQUEST, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests. Each has an `op`, to_wire() (what the driver sends, without the frame's "id" and
+# "timeout_ms" bookkeeping) and from_wire() (what the node accepts: anything else is refused
+# with BAD_REQUEST, never trusted). Statements travel as [sql, params] (params a list or a map)
+# or, for executemany, [sql, [params, ...], MANY_FLAG].
+
+CONSISTENCY = ("linearizable", "leader", "stale")
+Statement = tuple[str, Any]
+_MAX_INDEX = 1 << 63
+
+
+def _check(payload: Any, required: dict, optional: dict | None = None) -> dict[str, Any]:
+    from raftsql import wire  # the codec's validator (same rules as every frame)
+
+    try:
+        return wire.check_map(payload, required, optional)
+    except wire.FrameError as e:
+        raise bad_request(str(e)) from None
+
+
+def _index(value: int, what: str) -> int:
+    if value < 0 or value >= _MAX_INDEX:
+        raise bad_request(f"{what} must be a log index, got {value}")
+    return value
+
+
+def _consistency(value: Any) -> str:
+    if value not in CONSISTENCY:
+        raise bad_request(f"unknown consistency {value!r}")
+    return value
+
+
+def encode_params(p: Any) -> Any:
+    if p is None:
+        return []
+    if isinstance(p, tuple):
+        return list(p)
+    return p
+
+
+def encode_statements(statements: list[Statement]) -> list[list]:
+    """The wire form; a params value that is a Many (raftsql.command) is an executemany."""
+    from raftsql.command import MANY_FLAG, Many
+
+    out = []
+    for sql, p in statements:
+        if type(p) is Many:
+            out.append([sql, [encode_params(x) for x in p.sets], MANY_FLAG])
+        else:
+            out.append([sql, encode_params(p)])
+    return out
+
+
+def decode_statements(items: Any, *, many: bool = False) -> list[Statement]:
+    """[sql, params] items; with many=True also [sql, [params, ...], MANY_FLAG]."""
+    from raftsql.command import MANY_FLAG, Many
+
+    if type(items) is not list:
+        raise bad_request("statements must be a list")
+    statements: list[Statement] = []
+    for i, st in enumerate(items):
+        if (
+            many
+            and isinstance(st, list)
+            and len(st) == 3
+            and isinstance(st[0], str)
+            and type(st[2]) is int
+            and st[2] == MANY_FLAG
+        ):
+            sets = st[1]
+            if not isinstance(sets, list) or not sets:
+                raise bad_request(f"statement {i}: a many statement needs a list of params")
+            kinds = set(map(type, sets))  # C speed: a batch is usually all lists
+            if not kinds <= {list, dict}:
+                raise bad_request(f"statement {i}: params must be a list or a map")
+            if kinds == {list}:
+                out = tuple(map(tuple, sets))
+            else:
+                out = tuple(tuple(p) if type(p) is list else p for p in sets)
+            statements.append((st[0], Many(out)))
+            continue
+        if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):
+            raise bad_request(f"statement {i} must be [sql, params]")
+        sql, params = st
+        if params is None:
+            params = ()
+        if not isinstance(params, list | dict):
+            raise bad_request(f"statement {i}: params must be a list or a map")
+        statements.append((sql, tuple(params) if isinstance(params, list) else params))
+    return statements
+
+
+def _tables(items: Any) -> set[str]:
+    if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+        raise bad_request("reads must be a list of table names")
+    return set(items)
+
+
+def _timeout_ms(payload: dict[str, Any]) -> int | None:
+    """timeout_ms, if given, must be positive: a deadline already passed would report a write
+    that applies as OUTCOME_UNKNOWN."""
+    t = payload.get("timeout_ms")
+    if t is None:
+        return None
+    if type(t) is not int or t <= 0:
+        raise bad_request(f"timeout_ms must be a positive number of milliseconds, got {t!r}")
+    return t
+
+
+@dataclass
+class Commit:
+    """A transaction's commit: apply only if no table in `reads` changed after read_index."""
+
+    read_index: int
+    reads: tuple[str, ...]
+    last_ms: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"read_index": self.read_index, "reads": list(self.reads), "last_ms": self.last_ms}
+
+    @classmethod
+    def from_wire(cls, m: Any) -> Commit:
+        c = _check(m, {"read_index": int, "reads": list, "last_ms": int})
+        return cls(_index(max(0, c["read_index"]), "commit.read_index"),
+                   tuple(sorted(_tables(c["reads"]))), max(0, c["last_ms"]))
+
+
+@dataclass
+class TxnState:
+    """One statement of an open transaction, previewed on the leader: its earlier writes, the
+    leader term it is pinned to, its snapshot index, read set and last statement's time."""
+
+    writes: list[Statement]
+    term: int | None = None
+    start_index: int | None = None
+    reads: set[str] = field(default_factory=set)
+    last_ms: int | None = None
+    consistency: str = "linearizable"
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"writes": encode_statements(self.writes), "term": self.term,
+                               "reads": sorted(self.reads), "consistency": self.consistency}
+        if self.start_index is not None:
+            out["start_index"] = self.start_index
+        if self.last_ms is not None:
+            out["last_ms"] = self.last_ms
+        return out
+
+    @classmethod
+    def from_wire(cls, m: Any) -> TxnState:
+        t = _check(m, {"writes": list}, {"term": (int, type(None)), "start_index": (int, type(None)),
+                                         "reads": list, "last_ms": (int, type(None)),
+                                         "consistency": str})
+        start = t.get("start_index")
+        return cls(
+            writes=decode_statements(t["writes"]),
+            term=t.get("term"),
+            start_index=None if start is None else _index(start, "txn.start_index"),
+            reads=_tables(t.get("reads", [])),
+            last_ms=t.get("last_ms"),
+            consistency=_consistency(t.get("consistency", "linearizable")),
+        )
+
+
+@dataclass
+class Execute:
+    """Run statements: one, or an atomic batch. SQLite decides whether a single statement
+    only reads. `txn`: one statement of an open transaction (a preview on the leader);
+    `commit`: the statements are a transaction's writes; `reads`: a transaction's read before
+    its first write (the result lists the tables read); `chunk`: a read streams, about this
+    many bytes per chunk (the result carries a cursor id if more remain)."""
+
+    OP = "execute"
+    statements: list[Statement]
+    client_id: str = ""
+    serial: int = 0
+    consistency: str = "linearizable"
+    min_index: int = 0
+    timeout_ms: int | None = None
+    reads: bool = False
+    commit: Commit | None = None
+    chunk: int | None = None
+    txn: TxnState | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.OP, "statements": encode_statements(self.statements)}
+        if self.txn is not None:
+            out["txn"] = self.txn.to_wire()
+        else:
+            out.update(client_id=self.client_id, serial=self.serial, consistency=self.consistency)
+            if self.consistency == "stale":
+                out["min_index"] = self.min_index
+            if self.reads:
+                out["reads"] = True
+            if self.commit is not None:
+                out["commit"] = self.commit.to_wire()
+        if self.timeout_ms is not None:
+            out["timeout_ms"] = self.timeout_ms
+        if self.chunk is not None:
+            out["chunk"] = self.chunk
+        return out
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Execute:
+        if "txn" in m:
+            body = _check(m, {"statements": list, "txn": dict}, {"chunk": int})
+            statements = decode_statements(body["statements"])
+            if len(statements) != 1:
+                raise bad_request("a transaction statement is sent one at a time")
+            return cls(statements, timeout_ms=_timeout_ms(m), chunk=_chunk(body),
+                       txn=TxnState.from_wire(body["txn"]))
+        body = _check(m, {"statements": list}, {
+            "client_id": str, "serial": int, "consistency": str, "min_index": int,
+            "timeout_ms": int, "reads": bool, "commit": dict, "chunk": int})
+        commit = Commit.from_wire(body["commit"]) if "commit" in body else None
+        return cls(
+            statements=decode_statements(body["statements"], many=commit is None),
+            client_id=body.get("client_id", ""),
+            serial=body.get("serial", 0),
+            consistency=_consistency(body.get("consistency", "linearizable")),
+            min_index=_index(max(0, body.get("min_index", 0)), "min_index"),
+            timeout_ms=_timeout_ms(body),
+            reads=bool(body.get("reads")),
+            commit=commit,
+            chunk=_chunk(body),
+        )
+
+
+def _chunk(body: dict[str, Any]) -> int | None:
+    chunk = body.get("chunk")
+    if chunk is not None and (type(chunk) is not int or chunk <= 0):
+        raise bad_request(f"chunk must be a positive number of bytes, got {chunk!r}")
+    return chunk
+
+
+@dataclass
+class Fetch:
+    """The next rows of a streamed read (its cursor, on this connection)."""
+
+    OP = "fetch"
+    cursor: int
+    max_bytes: int = 1 << 20
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.OP, "cursor": self.cursor, "max_bytes": self.max_bytes}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> Fetch:
+        b = _check(m, {"cursor": int}, {"max_bytes": int})
+        max_bytes = b.get("max_bytes", 1 << 20)
+        if max_bytes <= 0:
+            raise bad_request(f"max_bytes must be positive, got {max_bytes}")
+        return cls(b["cursor"], max_bytes)
+
+
+@dataclass
+class CloseCursor:
+    """Give up the rest of a streamed read."""
+
+    OP = "close_cursor"
+    cursor: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.OP, "cursor": self.cursor}
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> CloseCursor:
+        return cls(_check(m, {"cursor": int})["cursor"])
+
+
+@dataclass
+class Simple:
+    """A request with no fields: status, ping, hash (applied index and content hash)."""
+
+    op: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op}
+
+
+SIMPLE_OPS = ("status", "ping", "hash")
+# Membership changes and backups (server/admin.py parses their fields; admins only later).
+ADMIN_OPS = ("cluster_add", "cluster_promote", "cluster_remove", "cluster_join",
+             "backup_begin", "backup_read", "backup_end")
+
+
+def parse_request(payload: Any) -> tuple[int | None, Any]:
+    """(the request id, the request) from a REQUEST frame's payload; raises RequestError
+    (BAD_REQUEST). Admin requests come back as their checked map (server/admin.py)."""
+    req_id = payload.get("id") if isinstance(payload, dict) else None
+    req = _check(payload, {"id": int, "op": str})
+    op = req["op"]
+    if op == Execute.OP:
+        return req_id, Execute.from_wire(req)
+    if op == Fetch.OP:
+        return req_id, Fetch.from_wire(req)
+    if op == CloseCursor.OP:
+        return req_id, CloseCursor.from_wire(req)
+    if op in SIMPLE_OPS:
+        return req_id, Simple(op)
+    if op in ADMIN_OPS:
+        return req_id, req
+    raise bad_request(f"unknown op {op!r}")
+
+
+def ok_response(req_id: int | None, result: Any) -> dict[str, Any]:
+    return {"id": req_id, "ok": True, "result": result}
+
+
+def error_response(req_id: int | None, error: RequestError) -> dict[str, Any]:
+    return {"id": req_id, "ok": False, "error": error.to_wire()}

@@ -37,9 +37,8 @@ import time
 from typing import Any
 
 from raftsql.clientconn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
-from raftsql.protocol import ErrorKind
+from raftsql.protocol import ErrorKind, RequestError
 from raftsql.raft.types import ConfChange, ConfChangeType, EntryType, Role
-from raftsql.server.node import RequestError
 
 log = logging.getLogger("raftsql.admin")
 
@@ -375,13 +374,13 @@ class AdminService:
             nid, addr = self._node_id(req), self._address(req)
             role, name = getattr(conn, "role", None), getattr(conn, "peer_name", None)
             if role != "node" or name != nid:
-                raise RequestError("BAD_REQUEST", f"only node {nid}'s own certificate may join it "
+                raise RequestError(ErrorKind.BAD_REQUEST, f"only node {nid}'s own certificate may join it "
                                    f"(this connection uses a {role} certificate named {name!r})")
             return self._join(nid, addr, deadline)
         if op == "cluster_promote":
             max_lag = req.get("max_lag", PROMOTE_MAX_LAG)
             if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 0:
-                raise RequestError("BAD_REQUEST", "max_lag must be a non-negative integer")
+                raise RequestError(ErrorKind.BAD_REQUEST, "max_lag must be a non-negative integer")
             return self._promote(self._node_id(req), max_lag, deadline)
         if op == "cluster_remove":
             return self._remove(self._node_id(req), deadline)
@@ -391,7 +390,7 @@ class AdminService:
             return self._backup_read(conn, req)
         if op == "backup_end":
             return self._backup_end(conn, req)
-        raise RequestError("BAD_REQUEST", f"unknown op {op!r}")
+        raise RequestError(ErrorKind.BAD_REQUEST, f"unknown op {op!r}")
 
     def close_conn(self, conn) -> None:
         with self._lock:
@@ -413,7 +412,7 @@ class AdminService:
 
         nid = req.get("node_id")
         if not isinstance(nid, str) or not _ID.match(nid):
-            raise RequestError("BAD_REQUEST", f"node_id {nid!r} is not a valid node id")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"node_id {nid!r} is not a valid node id")
         return nid
 
     @staticmethod
@@ -424,7 +423,7 @@ class AdminService:
                 raise ValueError(f"{addr!r} is not host:port")
             _parse_addr(addr)
         except ValueError as e:
-            raise RequestError("BAD_REQUEST", f"address: {e}") from None
+            raise RequestError(ErrorKind.BAD_REQUEST, f"address: {e}") from None
         return addr
 
     # -- membership ---------------------------------------------------------------------
@@ -446,12 +445,12 @@ class AdminService:
     def _add(self, nid: str, addr: str, deadline: float) -> dict[str, Any]:
         voters, learners = self._leader_view()
         if nid in voters:
-            raise RequestError("BAD_REQUEST", f"{nid} is already a voter")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is already a voter")
         if nid in learners:
             known = self.node.membership.addresses.get(nid)
             if known == addr:
                 return {"node_id": nid, "role": "learner", "index": None, "already": True, "members": self._members()}
-            raise RequestError("BAD_REQUEST", f"{nid} is already a learner at {known}; remove it first to change its address")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is already a learner at {known}; remove it first to change its address")
         index = self.node.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, nid, addr.encode()), deadline)
         return {"node_id": nid, "role": "learner", "index": index, "members": self._members()}
 
@@ -460,7 +459,7 @@ class AdminService:
         if nid in voters:
             # A voter that lost its data must not come back as the same voter: it would vote
             # without the entries it once acknowledged.
-            raise RequestError("BAD_REQUEST", f"{nid} is already a voter: remove it first (`raftsql cluster remove`), then join it with an empty data directory")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is already a voter: remove it first (`raftsql cluster remove`), then join it with an empty data directory")
         out = self._add(nid, addr, deadline)
         out["bootstrap_voters"] = list(self.node.cfg.voters())
         return out
@@ -472,7 +471,7 @@ class AdminService:
             if nid in voters:
                 return {"node_id": nid, "role": "voter", "index": None, "already": True, "members": self._members()}
             if nid not in learners:
-                raise RequestError("BAD_REQUEST", f"{nid} is not a learner; add it first (`raftsql cluster add` or `raftsql node --join`)")
+                raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is not a learner; add it first (`raftsql cluster add` or `raftsql node --join`)")
             with node._lock:
                 pr = node.core.progress.get(nid)
                 last = node.core.log.last_index()
@@ -481,7 +480,7 @@ class AdminService:
             if replicating and match >= last - max_lag:
                 break
             if time.monotonic() >= deadline:
-                raise RequestError("UNAVAILABLE", f"{nid} has not caught up yet (match index {match}, "
+                raise RequestError(ErrorKind.UNAVAILABLE, f"{nid} has not caught up yet (match index {match}, "
                                    f"leader's last index {last}); try again")
             time.sleep(0.05)
         index = node.propose_conf_change(ConfChange(ConfChangeType.PROMOTE, nid), deadline)
@@ -491,9 +490,9 @@ class AdminService:
         node = self.node
         voters, learners = self._leader_view()
         if nid not in voters | learners:
-            raise RequestError("BAD_REQUEST", f"{nid} is not a member (members: {', '.join(sorted(voters | learners))})")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is not a member (members: {', '.join(sorted(voters | learners))})")
         if voters == {nid}:
-            raise RequestError("BAD_REQUEST", f"{nid} is the last voter: a cluster cannot remove its last voter")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is the last voter: a cluster cannot remove its last voter")
         if nid == node.cfg.id:
             self._hand_over(deadline)  # raises NOT_LEADER naming the new leader, who removes us
         index = node.propose_conf_change(ConfChange(ConfChangeType.REMOVE, nid), deadline)
@@ -506,12 +505,12 @@ class AdminService:
         with node._lock:
             cands = [(p.match, v) for v, p in node.core.progress.items() if v != node.cfg.id and v in node.core.voters]
             if not cands:
-                raise RequestError("BAD_REQUEST", "no other voter to hand leadership to")
+                raise RequestError(ErrorKind.BAD_REQUEST, "no other voter to hand leadership to")
             target = max(cands)[1]
             try:
                 node.core.transfer_leadership(target)
             except ValueError as e:
-                raise RequestError("UNAVAILABLE", f"cannot transfer leadership: {e}") from None
+                raise RequestError(ErrorKind.UNAVAILABLE, f"cannot transfer leadership: {e}") from None
             node._wake.notify_all()
         limit = min(deadline, time.monotonic() + 2 * node.cfg.election_ticks * node.cfg.tick_ms / 1000.0)
         while time.monotonic() < limit:
@@ -524,9 +523,9 @@ class AdminService:
             with node._lock:
                 if node.core.role == Role.LEADER:
                     node.core.transfer_leadership(node.cfg.id)  # cancel: accept writes again
-            raise RequestError("UNAVAILABLE", f"could not hand leadership to {target} in time; try again")
+            raise RequestError(ErrorKind.UNAVAILABLE, f"could not hand leadership to {target} in time; try again")
         log.info("%s handed leadership to %s before its removal", node.cfg.id, target)
-        raise RequestError("NOT_LEADER", f"{node.cfg.id} handed leadership over before its removal",
+        raise RequestError(ErrorKind.NOT_LEADER, f"{node.cfg.id} handed leadership over before its removal",
                            leader, node.addresses.get(leader) if leader else None)
 
     # -- backups ------------------------------------------------------------------------
@@ -561,14 +560,14 @@ class AdminService:
         with self._lock:
             path = self._backups.get(id(conn), {}).get(token) if isinstance(token, str) else None
         if path is None:
-            raise RequestError("BAD_REQUEST", "unknown backup token (backups belong to the connection that began them)")
+            raise RequestError(ErrorKind.BAD_REQUEST, "unknown backup token (backups belong to the connection that began them)")
         return token, path
 
     def _backup_read(self, conn, req: dict[str, Any]) -> dict[str, Any]:
         _, path = self._backup_path(conn, req)
         offset, length = req.get("offset"), req.get("length", BACKUP_CHUNK_MAX)
         if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and 0 < length):
-            raise RequestError("BAD_REQUEST", "offset and length must be non-negative integers")
+            raise RequestError(ErrorKind.BAD_REQUEST, "offset and length must be non-negative integers")
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(min(length, BACKUP_CHUNK_MAX))

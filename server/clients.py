@@ -1,6 +1,7 @@
-"""Serves driver requests on a client connection: execute, status, ping.
+"""Serves driver requests on a client connection: execute, fetch, status, ping, hash, admin.
 
-Protocol (payloads of wire REQUEST/RESPONSE frames, msgpack maps with string keys):
+The request and response types are in raftsql/protocol.py (shared with the driver). On the wire
+(payloads of REQUEST/RESPONSE frames, msgpack maps with string keys):
 
   request  {"id": int, "op": "execute", "statements": [[sql, params], ...],
                 (an item may also be [sql, [params, ...], 1]: executemany, one DML statement
@@ -54,15 +55,22 @@ import time
 from typing import Any
 
 from raftsql import wire
-from raftsql.command import MANY_FLAG, Many
+from raftsql.protocol import (
+    CloseCursor,
+    ErrorKind,
+    Execute,
+    Fetch,
+    RequestError,
+    Simple,
+    bad_request,
+    error_response,
+    ok_response,
+    parse_request,
+)
 from raftsql.raft.types import Role
-from raftsql.server.admin import OPS as ADMIN_OPS
 from raftsql.server.admin import AdminService
-from raftsql.server.node import RequestError
 
 log = logging.getLogger("raftsql.clients")
-
-_CONSISTENCY = {"linearizable", "leader", "stale"}
 
 # Streamed reads (see the module docstring).
 MAX_CURSORS_PER_CONNECTION = 16
@@ -88,7 +96,7 @@ class _Cursors:
         if len(self._open) >= MAX_CURSORS_PER_CONNECTION:
             cursor.close()
             raise RequestError(
-                "TOO_MANY_CURSORS",
+                ErrorKind.TOO_MANY_CURSORS,
                 f"too many unfinished result sets on this connection (at most "
                 f"{MAX_CURSORS_PER_CONNECTION}): fetch them to the end or close their cursors",
             )
@@ -96,7 +104,7 @@ class _Cursors:
             if svc._cursor_count >= MAX_CURSORS:
                 cursor.close()
                 raise RequestError(
-                    "TOO_MANY_CURSORS",
+                    ErrorKind.TOO_MANY_CURSORS,
                     f"this node has {MAX_CURSORS} unfinished result sets open; fetch or close "
                     "some, or read smaller results",
                 )
@@ -106,13 +114,12 @@ class _Cursors:
         self._open[cid] = cursor
         return cid
 
-    def get(self, cid: Any) -> Any:
-        cursor = self._open.get(cid) if type(cid) is int else None
+    def get(self, cid: int) -> Any:
+        cursor = self._open.get(cid)
         if cursor is None:
-            raise RequestError(
-                "BAD_REQUEST",
+            raise bad_request(
                 f"no open cursor {cid!r} on this connection (it was read to the end, closed, "
-                f"or closed after {CURSOR_IDLE_S:g} s without a fetch)",
+                f"or closed after {CURSOR_IDLE_S:g} s without a fetch)"
             )
         return cursor
 
@@ -164,7 +171,7 @@ class ClientService:
                     # The first answer on a connection names the cluster's members, so a driver
                     # can still find the cluster after every node in its DSN was removed.
                     first = False
-                    resp["members"] = self._member_addresses()
+                    resp["members"] = self.node.member_addresses()
                 conn.send(wire.FrameKind.RESPONSE, resp)
                 if cursors:
                     cursors.expire()
@@ -175,78 +182,61 @@ class ClientService:
             self.admin.close_conn(conn)
             conn.close()
 
-    def _member_addresses(self) -> list[str]:
-        node = self.node
-        with node._lock:
-            members = set(node.core.voters) | set(node.core.learners)
-        return sorted(a for nid, a in node.addresses.items() if nid in members and a)
-
     def handle(self, payload: Any, conn: Any = None, cursors: _Cursors | None = None) -> dict[str, Any]:
         req_id = payload.get("id") if isinstance(payload, dict) else None
         try:
-            req = wire.check_map(payload, {"id": int, "op": str})
-            op = req["op"]
-            if op == "execute":
-                if "txn" in req:
-                    out = self._execute_txn(req, cursors)
-                else:
-                    out = self._execute(req, cursors)
-                return {"id": req_id, "ok": True, "result": out}
-            if op == "fetch":
-                return {"id": req_id, "ok": True, "result": self._fetch(req, cursors)}
-            if op == "close_cursor":
-                body = wire.check_map(req, {"cursor": int})
+            req_id, req = parse_request(payload)
+            if isinstance(req, Execute):
+                run = self._execute_txn if req.txn is not None else self._execute
+                return ok_response(req_id, run(req, cursors))
+            if isinstance(req, Fetch):
+                return ok_response(req_id, self._fetch(req, cursors))
+            if isinstance(req, CloseCursor):
                 if cursors is not None:
-                    cursors.close(body["cursor"])
-                return {"id": req_id, "ok": True, "result": {}}
-            if op == "status":
-                return {"id": req_id, "ok": True, "result": self.node.status()}
-            if op == "hash":
-                # Tests compare nodes by this; the hash and index are read under the apply lock.
-                index, digest = self.node.content_hash()
-                return {"id": req_id, "ok": True, "result": {"index": index, "hash": digest}}
-            if op in ADMIN_OPS:
-                return {"id": req_id, "ok": True, "result": self.admin.handle(op, req, conn)}
-            if op == "ping":
-                return {"id": req_id, "ok": True, "result": {"node": self.node.cfg.id}}
-            raise RequestError("BAD_REQUEST", f"unknown op {op!r}")
-        except wire.FrameError as e:
-            err = RequestError("BAD_REQUEST", str(e))
+                    cursors.close(req.cursor)
+                return ok_response(req_id, {})
+            if isinstance(req, Simple):
+                return ok_response(req_id, self._simple(req.op))
+            return ok_response(req_id, self.admin.handle(req["op"], req, conn))
         except RequestError as e:
             err = e
         except RecursionError:
-            err = RequestError("BAD_REQUEST", "the request is nested too deeply")
+            err = bad_request("the request is nested too deeply")
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the connection
             log.exception("request failed")
-            err = RequestError("UNAVAILABLE", f"internal error: {type(e).__name__}: {e}")
-        return {"id": req_id, "ok": False, "error": err.to_wire()}
+            err = RequestError(ErrorKind.UNAVAILABLE, f"internal error: {type(e).__name__}: {e}")
+        return error_response(req_id, err)
 
-    def _chunk(self, req: dict[str, Any], cursors: _Cursors | None) -> int | None:
-        chunk = req.get("chunk")
-        if chunk is None or cursors is None:
+    def _simple(self, op: str) -> dict[str, Any]:
+        if op == "status":
+            return self.node.status()
+        if op == "hash":
+            # Tests compare nodes by this; the hash and index are read under the apply lock.
+            index, digest = self.node.content_hash()
+            return {"index": index, "hash": digest}
+        return {"node": self.node.cfg.id}  # ping
+
+    # -- execute ----------------------------------------------------------------------------
+
+    def _chunk(self, req: Execute, cursors: _Cursors | None) -> int | None:
+        if req.chunk is None or cursors is None:
             return None
-        if type(chunk) is not int or chunk <= 0:
-            raise RequestError("BAD_REQUEST", f"chunk must be a positive number of bytes, got {chunk!r}")
-        return max(MIN_CHUNK, min(chunk, self.node.cfg.max_frame_size // 2))
+        return max(MIN_CHUNK, min(req.chunk, self.node.cfg.max_frame_size // 2))
 
-    def _streamed(self, result: Any, out: dict[str, Any], cursors: _Cursors | None) -> dict[str, Any]:
+    @staticmethod
+    def _streamed(result: Any, out: dict[str, Any], cursors: _Cursors | None) -> dict[str, Any]:
         if result.stream is not None and cursors is not None:
             out["cursor"] = cursors.add(result.stream)
         return out
 
-    def _fetch(self, req: dict[str, Any], cursors: _Cursors | None) -> dict[str, Any]:
-        body = wire.check_map(req, {"cursor": int}, {"max_bytes": int})
+    def _fetch(self, req: Fetch, cursors: _Cursors | None) -> dict[str, Any]:
         if cursors is None:
-            raise RequestError("BAD_REQUEST", "fetch needs a connection")
-        cid = body["cursor"]
-        cursor = cursors.get(cid)
-        max_bytes = body.get("max_bytes", 1 << 20)
-        if max_bytes <= 0:
-            raise RequestError("BAD_REQUEST", f"max_bytes must be positive, got {max_bytes}")
-        max_bytes = max(MIN_CHUNK, min(max_bytes, self.node.cfg.max_frame_size // 2))
+            raise bad_request("fetch needs a connection")
+        cursor = cursors.get(req.cursor)
+        max_bytes = max(MIN_CHUNK, min(req.max_bytes, self.node.cfg.max_frame_size // 2))
         rows, done = cursor.fetch(max_bytes)
         if done:
-            cursors.close(cid)
+            cursors.close(req.cursor)
         if rows is None:
             return {"rows": [], "more": False, "error": cursor.error, "index": cursor.index}
         out: dict[str, Any] = {"rows": rows, "more": not done, "error": None, "index": cursor.index}
@@ -254,33 +244,30 @@ class ClientService:
             out["bad_text"] = cursor.bad_text
         return out
 
-    def _execute_txn(self, req: dict[str, Any], cursors: _Cursors | None = None) -> dict[str, Any]:
-        body = wire.check_map(req, {"statements": list, "txn": dict})
-        statements = self._statements(body["statements"])
-        if len(statements) != 1:
-            raise RequestError("BAD_REQUEST", "a transaction statement is sent one at a time")
-        txn = wire.check_map(
-            body["txn"],
-            {"writes": list},
-            {
-                "term": (int, type(None)),
-                "start_index": (int, type(None)),
-                "reads": list,
-                "last_ms": (int, type(None)),
-                "consistency": str,
-            },
-        )
-        writes = self._statements(txn["writes"])
-        reads = self._tables(txn.get("reads", []))
-        consistency = txn.get("consistency", "linearizable")
-        if consistency not in _CONSISTENCY:
-            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
-        start_index = txn.get("start_index")
+    def _in_log(self, index: int, what: str) -> int:
+        """An index a client saw applied somewhere cannot be past the end of the leader's log
+        (every committed entry is in it: Leader Completeness). Checked on a leader only."""
+        node = self.node
+        with node._lock:
+            is_leader = node.core.role == Role.LEADER
+            last = node.core.log.last_index()
+        if is_leader and index > last:
+            raise bad_request(f"{what} {index} is past the end of the log ({last})")
+        return index
+
+    @staticmethod
+    def _timeout_s(req: Execute) -> float | None:
+        return None if req.timeout_ms is None else req.timeout_ms / 1000.0
+
+    def _execute_txn(self, req: Execute, cursors: _Cursors | None = None) -> dict[str, Any]:
+        txn = req.txn
+        start_index = txn.start_index
         if start_index is not None:
-            start_index = self._index(start_index, "txn.start_index", applied=True)
+            self._in_log(start_index, "txn.start_index")
+        reads = set(txn.reads)
         result, readonly, term, time_ms = self.node.execute_in_transaction(
-            statements[0], writes, txn.get("term"), consistency, start_index=start_index,
-            reads=reads, last_ms=txn.get("last_ms"), timeout_s=self._timeout(req),
+            req.statements[0], txn.writes, txn.term, txn.consistency, start_index=start_index,
+            reads=reads, last_ms=txn.last_ms, timeout_s=self._timeout_s(req),
             chunk=self._chunk(req, cursors))
         out = self._streamed(result, result.to_wire(), cursors)
         out["readonly"] = readonly
@@ -290,120 +277,22 @@ class ClientService:
         out["time_ms"] = time_ms
         return out
 
-    def _index(self, value: int, what: str, *, applied: bool = False) -> int:
-        """A log index from a client: not negative, and (applied=True, checked on a leader)
-        not past the end of the leader's log: the snapshot a client saw was applied somewhere,
-        and every committed entry is in the leader's log (Leader Completeness)."""
-        if value < 0 or value >= 1 << 63:
-            raise RequestError("BAD_REQUEST", f"{what} must be a log index, got {value}")
-        if applied:
-            node = self.node
-            with node._lock:
-                is_leader = node.core.role == Role.LEADER
-                last = node.core.log.last_index()
-            if is_leader and value > last:
-                raise RequestError(
-                    "BAD_REQUEST", f"{what} {value} is past the end of the log ({last})"
-                )
-        return value
-
-    @staticmethod
-    def _timeout(req: dict[str, Any]) -> float | None:
-        """timeout_ms, if given, must be positive: a deadline already passed would report a
-        write that applies as OUTCOME_UNKNOWN. None: the node's request_timeout_s."""
-        timeout_ms = req.get("timeout_ms")
-        if timeout_ms is None:
-            return None
-        if type(timeout_ms) is not int or timeout_ms <= 0:
-            raise RequestError(
-                "BAD_REQUEST", f"timeout_ms must be a positive number of milliseconds, got {timeout_ms!r}"
-            )
-        return timeout_ms / 1000.0
-
-    @staticmethod
-    def _tables(items: Any) -> set[str]:
-        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise RequestError("BAD_REQUEST", "reads must be a list of table names")
-        return set(items)
-
-    @staticmethod
-    def _statements(items: list, *, many: bool = False) -> list[tuple[str, Any]]:
-        """[sql, params] items; with many=True also [sql, [params, ...], 1] (executemany)."""
-        statements = []
-        for i, st in enumerate(items):
-            if (
-                many
-                and isinstance(st, list)
-                and len(st) == 3
-                and isinstance(st[0], str)
-                and type(st[2]) is int
-                and st[2] == MANY_FLAG
-            ):
-                sets = st[1]
-                if not isinstance(sets, list) or not sets:
-                    raise RequestError(
-                        "BAD_REQUEST", f"statement {i}: a many statement needs a list of params"
-                    )
-                kinds = set(map(type, sets))  # C speed: a batch is usually all lists
-                if not kinds <= {list, dict}:
-                    raise RequestError(
-                        "BAD_REQUEST", f"statement {i}: params must be a list or a map"
-                    )
-                if kinds == {list}:
-                    out = tuple(map(tuple, sets))
-                else:
-                    out = tuple(tuple(p) if type(p) is list else p for p in sets)
-                statements.append((st[0], Many(out)))
-                continue
-            if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):
-                raise RequestError("BAD_REQUEST", f"statement {i} must be [sql, params]")
-            sql, params = st
-            if params is None:
-                params = ()
-            if not isinstance(params, list | dict):
-                raise RequestError("BAD_REQUEST", f"statement {i}: params must be a list or a map")
-            statements.append((sql, tuple(params) if isinstance(params, list) else params))
-        return statements
-
-    def _execute(self, req: dict[str, Any], cursors: _Cursors | None = None):
-        body = wire.check_map(
-            req,
-            {"statements": list},
-            {
-                "client_id": str,
-                "serial": int,
-                "consistency": str,
-                "min_index": int,
-                "timeout_ms": int,
-                "reads": bool,
-                "commit": dict,
-                "chunk": int,
-            },
-        )
-        statements = self._statements(body["statements"], many="commit" not in body)
-        consistency = body.get("consistency", "linearizable")
-        if consistency not in _CONSISTENCY:
-            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
-        timeout_s = self._timeout(body)
+    def _execute(self, req: Execute, cursors: _Cursors | None = None) -> dict[str, Any]:
         commit = None
-        if "commit" in body:
-            c = wire.check_map(body["commit"], {"read_index": int, "reads": list, "last_ms": int})
-            commit = (
-                self._index(max(0, c["read_index"]), "commit.read_index", applied=True),
-                tuple(sorted(self._tables(c["reads"]))),
-                max(0, c["last_ms"]),
-            )
-        reads: set[str] | None = set() if body.get("reads") else None
+        if req.commit is not None:
+            c = req.commit
+            commit = (self._in_log(c.read_index, "commit.read_index"), c.reads, c.last_ms)
+        reads: set[str] | None = set() if req.reads else None
         result = self.node.execute(
-            statements,
-            client_id=body.get("client_id", ""),
-            serial=body.get("serial", 0),
-            consistency=consistency,
-            min_index=self._index(max(0, body.get("min_index", 0)), "min_index"),
-            timeout_s=timeout_s,
+            req.statements,
+            client_id=req.client_id,
+            serial=req.serial,
+            consistency=req.consistency,
+            min_index=req.min_index,
+            timeout_s=self._timeout_s(req),
             reads=reads,
             commit=commit,
-            chunk=self._chunk(body, cursors),
+            chunk=self._chunk(req, cursors),
         )
         out = self._streamed(result, result.to_wire(), cursors)
         if reads is not None:

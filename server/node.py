@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from raftsql.command import Command, Many
+from raftsql.protocol import ErrorKind, RequestError
 from raftsql.raft.core import Config, Raft
 from raftsql.raft.types import (
     ConfChange,
@@ -39,29 +40,6 @@ log = logging.getLogger("raftsql.node")
 
 # Committed batches up to this size apply in the Ready loop; larger ones in the apply thread.
 APPLY_INLINE_BYTES = 64 * 1024
-
-
-class RequestError(Exception):
-    """Raised to the client service when a request cannot be served.
-
-    kind is one of:
-      NOT_LEADER      not applied; resend anywhere (leader / leader_addr hint where known)
-      UNAVAILABLE     not applied; resend later (transfer in progress, shutting down, no quorum)
-      OUTCOME_UNKNOWN proposed, but no result: resend only with the same (client_id, serial)
-      TIMEOUT         a read did not complete in time (reads are always safe to resend)
-      TXN_ABORTED     the leader changed during a transaction: nothing applied, retry it all
-      BAD_REQUEST     the request itself is malformed; resending will not help
-    """
-
-    def __init__(self, kind: str, message: str, leader: str | None = None, leader_addr: str | None = None):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-        self.leader = leader
-        self.leader_addr = leader_addr
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "leader": self.leader, "leader_addr": self.leader_addr}
 
 
 class _Waiter:
@@ -217,7 +195,7 @@ class Node:
             self._stopping = True
             self._wake.notify_all()
             self._leader_known.notify_all()
-            self._fail_all("UNAVAILABLE", "node is shutting down; the request was not applied", proposals_unknown=True)
+            self._fail_all(ErrorKind.UNAVAILABLE, "node is shutting down; the request was not applied", proposals_unknown=True)
         with self._apply_cv:
             self._apply_cv.notify_all()
         for t in self._threads:
@@ -400,7 +378,7 @@ class Node:
         log.critical("%s: fatal error in the %s, stopping: %s", self.cfg.id, where, e, exc_info=True)
         with self._lock:
             self._stopping = True
-            self._fail_all("UNAVAILABLE", f"node failed: {e}", proposals_unknown=True)
+            self._fail_all(ErrorKind.UNAVAILABLE, f"node failed: {e}", proposals_unknown=True)
         os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
 
     def _handle_ready(self, rd: Ready) -> None:
@@ -462,7 +440,7 @@ class Node:
                     w.finish(result=res)
                 else:
                     # Another leader's entry took this index: ours can never commit.
-                    w.finish(error=RequestError("NOT_LEADER", "leadership changed before the write committed; it was not applied"))
+                    w.finish(error=RequestError(ErrorKind.NOT_LEADER, "leadership changed before the write committed; it was not applied"))
 
     def _apply_conf_change(self, cc: ConfChange) -> None:
         from raftsql.server import admin
@@ -480,23 +458,23 @@ class Node:
             if was_leader and ss.role != Role.LEADER:
                 # Entries we proposed may or may not commit under the next leader. Those already
                 # committed (queued for the apply thread) get their result from it.
-                self._fail_all("OUTCOME_UNKNOWN", "leadership was lost before the write was applied",
+                self._fail_all(ErrorKind.OUTCOME_UNKNOWN, "leadership was lost before the write was applied",
                                proposals_unknown=True, keep_upto=self._queued_to)
             elif old_leader != ss.leader and self._reads:
                 # Reads forwarded to a leader that is gone will never be answered.
                 for w in self._reads.values():
-                    w.finish(error=RequestError("NOT_LEADER", "the leader changed; retry the read", *self._leader_hint()))
+                    w.finish(error=RequestError(ErrorKind.NOT_LEADER, "the leader changed; retry the read", *self._leader_hint()))
                 self._reads.clear()
 
-    def _fail_all(self, kind: str, message: str, proposals_unknown: bool, keep_upto: int = 0) -> None:
+    def _fail_all(self, kind: ErrorKind, message: str, proposals_unknown: bool, keep_upto: int = 0) -> None:
         leader, addr = self._leader_hint()
         kept = {i: w for i, w in self._proposals.items() if i <= keep_upto}
         for i, w in self._proposals.items():
             if i not in kept:
-                w.finish(error=RequestError("OUTCOME_UNKNOWN" if proposals_unknown else kind, message, leader, addr))
+                w.finish(error=RequestError(ErrorKind.OUTCOME_UNKNOWN if proposals_unknown else kind, message, leader, addr))
         self._proposals = kept
         for w in self._reads.values():
-            w.finish(error=RequestError("NOT_LEADER" if kind == "OUTCOME_UNKNOWN" else kind, message, leader, addr))
+            w.finish(error=RequestError(ErrorKind.NOT_LEADER if kind == ErrorKind.OUTCOME_UNKNOWN else kind, message, leader, addr))
         self._reads.clear()
 
     def _leader_hint(self) -> tuple[str | None, str | None]:
@@ -507,7 +485,7 @@ class Node:
 
     def _not_leader(self, leader: str | None = None) -> RequestError:
         ld = leader if leader is not None else self.core.leader
-        return RequestError("NOT_LEADER", f"{self.cfg.id} is not the leader", ld, self.addresses.get(ld) if ld else None)
+        return RequestError(ErrorKind.NOT_LEADER, f"{self.cfg.id} is not the leader", ld, self.addresses.get(ld) if ld else None)
 
     # ---------------------------------------------------------------- client API
 
@@ -540,14 +518,14 @@ class Node:
             ld, addr = self._leader_hint()
             if ld is not None and ld != self.cfg.id:
                 # Stopping after handing leadership over: send the client to the new leader.
-                raise RequestError("NOT_LEADER", f"{self.cfg.id} is shutting down", ld, addr)
-            raise RequestError("UNAVAILABLE", "node is shutting down")
+                raise RequestError(ErrorKind.NOT_LEADER, f"{self.cfg.id} is shutting down", ld, addr)
+            raise RequestError(ErrorKind.UNAVAILABLE, "node is shutting down")
         timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
         deadline = time.monotonic() + timeout
         if not statements:
-            raise RequestError("BAD_REQUEST", "no statements")
+            raise RequestError(ErrorKind.BAD_REQUEST, "no statements")
         if consistency not in ("linearizable", "leader", "stale"):
-            raise RequestError("BAD_REQUEST", f"unknown consistency {consistency!r}")
+            raise RequestError(ErrorKind.BAD_REQUEST, f"unknown consistency {consistency!r}")
         # A lagging follower must not answer "no such table" for a table a client just created:
         # a stale read first waits for its min_index, and a follower that finds an SQL error
         # defers to the leader (NOT_LEADER) instead of answering from older state.
@@ -557,7 +535,7 @@ class Node:
             is_leader = self.core.role == Role.LEADER
         if consistency == "stale":
             if min_index > self.sm.applied_index and not self.sm.wait_applied(min_index, max(0.0, deadline - time.monotonic())):
-                raise RequestError("TIMEOUT", f"index {min_index} not applied on {self.cfg.id} in time")
+                raise RequestError(ErrorKind.TIMEOUT, f"index {min_index} not applied on {self.cfg.id} in time")
         elif not is_leader and (consistency == "leader" or len(statements) != 1):
             raise self._not_leader()
         try:
@@ -569,7 +547,7 @@ class Node:
         for (_, params), ro in zip(statements, readonly, strict=True):
             if ro and type(params) is Many:
                 raise RequestError(
-                    "BAD_REQUEST", "a many statement (executemany) can only execute DML statements"
+                    ErrorKind.BAD_REQUEST, "a many statement (executemany) can only execute DML statements"
                 )
         if commit is None and len(statements) == 1 and readonly[0]:
             sql, params = statements[0]
@@ -646,12 +624,12 @@ class Node:
         if not w.event.wait(max(0.0, min(limit, deadline - time.monotonic()))):
             with self._lock:
                 self._reads.pop(ctx, None)
-            raise RequestError("TIMEOUT", "leadership could not be confirmed in time (no quorum?)")
+            raise RequestError(ErrorKind.TIMEOUT, "leadership could not be confirmed in time (no quorum?)")
         if w.error is not None:
             raise w.error
         index = w.result
         if not self.sm.wait_applied(index, max(0.0, deadline - time.monotonic())):
-            raise RequestError("TIMEOUT", f"read index {index} not applied in time")
+            raise RequestError(ErrorKind.TIMEOUT, f"read index {index} not applied in time")
         return index
 
     def execute_in_transaction(
@@ -674,11 +652,11 @@ class Node:
                 raise self._not_leader()
             current = self.core.term
         if term is not None and term != current:
-            raise RequestError("TXN_ABORTED", f"leadership changed during the transaction (term {term} -> {current}); nothing was applied, retry it")
+            raise RequestError(ErrorKind.TXN_ABORTED, f"leadership changed during the transaction (term {term} -> {current}); nothing was applied, retry it")
         now_ms = max(int(time.time() * 1000), self.sm.last_time_ms)
         idle = self.sm.txn_idle_timeout_ms
         if last_ms is not None and now_ms - last_ms > idle:
-            raise RequestError("TXN_ABORTED", f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
+            raise RequestError(ErrorKind.TXN_ABORTED, f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
         if term is None and consistency == "linearizable" and not self._broken_reads:
             timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
             self._wait_read_index(time.monotonic() + timeout)
@@ -715,7 +693,7 @@ class Node:
             )
             data = cmd.encode()
         except CommandError as e:
-            raise RequestError("BAD_REQUEST", str(e)) from None
+            raise RequestError(ErrorKind.BAD_REQUEST, str(e)) from None
         with self._lock:
             if self.core.role != Role.LEADER:
                 raise self._not_leader()
@@ -734,7 +712,7 @@ class Node:
                         # way): wait for it, so the client gets a hint instead of a backoff.
                         self._await_leader(deadline)
                         raise self._not_leader() from None
-                raise RequestError("UNAVAILABLE", f"write not accepted now: {e}") from None
+                raise RequestError(ErrorKind.UNAVAILABLE, f"write not accepted now: {e}") from None
             w = self._track_proposal(index)
             w.data, w.cmd = data, cmd
         return self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
@@ -753,7 +731,7 @@ class Node:
             with self._lock:
                 self._proposals.pop(index, None)
             if not w.event.is_set():
-                raise RequestError("OUTCOME_UNKNOWN", late)
+                raise RequestError(ErrorKind.OUTCOME_UNKNOWN, late)
         if w.error is not None:
             raise w.error
         return w.result
@@ -770,12 +748,19 @@ class Node:
             except NotLeader as e:
                 raise self._not_leader(e.leader) from None
             except ProposalDropped as e:
-                raise RequestError("UNAVAILABLE", f"membership change not accepted now: {e}") from None
+                raise RequestError(ErrorKind.UNAVAILABLE, f"membership change not accepted now: {e}") from None
             except ValueError as e:
-                raise RequestError("BAD_REQUEST", str(e)) from None
+                raise RequestError(ErrorKind.BAD_REQUEST, str(e)) from None
             w = self._track_proposal(index)
         self._await_proposal(index, w, deadline, f"membership change at log index {index} not applied within the deadline")
         return index
+
+    def member_addresses(self) -> list[str]:
+        """The advertised addresses of the current members (the first answer on every client
+        connection names them, so a driver finds the cluster after its DSN hosts are gone)."""
+        with self._lock:
+            members = set(self.core.voters) | set(self.core.learners)
+        return sorted(a for nid, a in self.addresses.items() if nid in members and a)
 
     def content_hash(self) -> tuple[int, str]:
         with self.sm._lock:  # the apply lock: index and hash describe the same state

@@ -333,3 +333,18 @@ def test_large_batches_apply_in_order_with_small_writes(cluster):
     setup.close()
     hashes = cluster.hashes()
     assert len(set(hashes.values())) == 1, hashes
+
+
+def test_a_follower_defers_sql_errors_to_the_leader(cluster):
+    """A follower may not have applied a table a client just created: it answers NOT_LEADER
+    instead of an SQL error from its own state, so the driver believes SQL errors as they come
+    (no status round trip after an error). A stale read is served by the follower itself."""
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.ids if n != leader)
+    for stmt in ("INSERT INTO no_such_table VALUES (1)", "SELECT * FROM no_such_table"):
+        resp = cluster.node_request(follower, {"id": 1, "op": "execute", "statements": [[stmt, []]]})
+        assert not resp["ok"] and resp["error"]["kind"] == "NOT_LEADER", resp
+        assert resp["error"]["leader"] == leader
+    resp = cluster.node_request(follower, {"id": 1, "op": "execute", "consistency": "stale",
+                                           "statements": [["SELECT * FROM no_such_table", []]]})
+    assert resp["ok"] and "no such table" in resp["result"]["error"]["message"]
