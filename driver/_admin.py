@@ -12,6 +12,7 @@ from typing import Any
 
 from raftsql.driver._conn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
 from raftsql.driver._tls import client_context, default_paths
+from raftsql.protocol import ErrorKind
 
 
 def context_for(dsn: DSN):
@@ -130,7 +131,7 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
             if not resp.get("ok"):
                 err = resp.get("error") or {}
                 errors.append(f"{host}:{port}: {err.get('kind')}: {err.get('message')}")
-                if err.get("kind") == "BAD_REQUEST":
+                if err.get("kind") == ErrorKind.BAD_REQUEST:
                     raise AdminError(errors[-1])
                 time.sleep(0.1)
                 continue

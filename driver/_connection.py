@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftsql import wire
+from raftsql import protocol, wire
 from raftsql.driver import _client, _sql
 from raftsql.driver._conn import DSN
 from raftsql.driver._cursor import Cursor
@@ -548,7 +548,7 @@ class Connection:
 
 
 # Errors after which the open transaction cannot continue (nothing of it will be applied).
-_TXN_FATAL = frozenset({"RAFTSQL_SERIALIZATION", "RAFTSQL_TXN_TIMEOUT"})
+_TXN_FATAL = frozenset({protocol.SERIALIZATION, protocol.TXN_TIMEOUT})
 
 
 def _check_autocommit(value: Any) -> bool | int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raftsql import protocol
+
 
 class Warning(Exception):  # noqa: A001 - the DB-API name
     """Raised for important warnings (never raised by raftsql; exists for PEP 249)."""
@@ -249,16 +251,17 @@ _BY_PRIMARY_CODE: dict[int, type[Error]] = {
 # raftsql's own error names (server/DESIGN.md, "Result"): the class sqlite3 raises for the same
 # mistake, where there is one.
 _BY_RAFTSQL_NAME: dict[str, type[Error]] = {
-    "RAFTSQL_MULTIPLE_STATEMENTS": ProgrammingError,  # sqlite3: same class and message
-    "RAFTSQL_BINDINGS": ProgrammingError,  # sqlite3: "Incorrect number of bindings supplied..."
-    "RAFTSQL_PROGRAMMING": ProgrammingError,  # e.g. a NUL character in the SQL
-    "RAFTSQL_NOT_READONLY": OperationalError,
-    "RAFTSQL_STEP_LIMIT": OperationalError,  # like SQLITE_INTERRUPT
-    "RAFTSQL_TIMEOUT": OperationalError,  # like SQLITE_INTERRUPT
-    "RAFTSQL_STALE_SERIAL": InterfaceError,  # the driver reused an old serial: a driver bug
-    "RAFTSQL_MAX_ROWID": IntegrityError,
-    "RAFTSQL_SERIALIZATION": SerializationError,  # like SQLITE_BUSY_SNAPSHOT
-    "RAFTSQL_TXN_TIMEOUT": TransactionAborted,
+    protocol.MULTIPLE_STATEMENTS: ProgrammingError,  # sqlite3: same class and message
+    protocol.BINDINGS: ProgrammingError,  # sqlite3: "Incorrect number of bindings supplied..."
+    protocol.PROGRAMMING: ProgrammingError,  # e.g. a NUL character in the SQL
+    protocol.NOT_READONLY: OperationalError,
+    protocol.STEP_LIMIT: OperationalError,  # like SQLITE_INTERRUPT
+    protocol.TIMEOUT: OperationalError,  # like SQLITE_INTERRUPT
+    protocol.STALE_SERIAL: InterfaceError,  # the driver reused an old serial: a driver bug
+    protocol.MAX_ROWID: IntegrityError,
+    protocol.SERIALIZATION: SerializationError,  # like SQLITE_BUSY_SNAPSHOT
+    protocol.TXN_TIMEOUT: TransactionAborted,
+    protocol.RESULT_TOO_BIG: DataError,  # like SQLITE_TOOBIG
 }
 
 

@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from raftsql.command import Command, Many
-from raftsql.protocol import ErrorKind, RequestError
+from raftsql.protocol import NOT_READONLY, ErrorKind, RequestError
 from raftsql.raft.core import Config, Raft
 from raftsql.raft.types import (
     ConfChange,
@@ -666,7 +666,7 @@ class Node:
             sql, params = statement
             seen = set(before)
             result = self._read(sql, params, seen, start_index, chunk)
-            if (result.error or {}).get("name") != "RAFTSQL_NOT_READONLY":
+            if (result.error or {}).get("name") != NOT_READONLY:
                 if reads is not None:
                     reads |= seen
                 return result, True, current, now_ms
