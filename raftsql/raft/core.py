@@ -46,6 +46,14 @@ MUTATIONS: dict[str, str] = {
     "read_before_term_commit": "serve ReadIndex before committing an entry of the term (diss. 6.4 step 1)",
     "leader_ack_unpersisted": "leader counts its own entries before they are on its disk (diss. 10.2.1)",
     "no_check_quorum": "a leader that lost its majority keeps leading (diss. 6.2)",
+    "follower_commit_unverified": "a follower commits past the entries the append proved to match (§5.3)",
+    "heartbeat_commit_unclamped": "heartbeats carry the leader's commit index, not min(commit, match)",
+    "vote_by_length": "the election restriction compares log lengths, not last terms (§5.4.1)",
+    "read_quorum_minus_one": "a read is confirmed by one acknowledgement fewer than a majority (diss. 6.4)",
+    "conf_change_before_term_commit": "a new leader accepts a membership change before its term commits (diss. 4.1)",
+    "conf_change_while_pending": "accept a membership change while the previous one is uncommitted (diss. 4.1)",
+    "transfer_to_lagging": "send TimeoutNow before the transfer target holds the whole log (diss. 3.10)",
+    "append_on_every_ack": "answer every append acknowledgement with another append, even an empty one",
 }
 
 
@@ -295,6 +303,8 @@ class Raft:
         # diss. 4.1 (the single-server bug): no membership change until an entry of this term
         # commits; the no-op below is that entry.
         self.pending_conf_index = last + 1
+        if "conf_change_before_term_commit" in self._mut:
+            self.pending_conf_index = max((e.index for e in self.log.conf_changes(last)), default=0)
         self._logger(f"{self.id} became leader at term {self.term}")
         # §8: a new leader commits a no-op at once, which also commits earlier-term entries.
         self._append_local([Entry(self.term, last + 1, EntryType.NORMAL, b"")])
@@ -363,7 +373,8 @@ class Raft:
             raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
         if entry_type == EntryType.CONF_CHANGE:
             cc = ConfChange.decode(data)
-            if self.pending_conf_index > self.log.committed:
+            skip = "conf_change_while_pending" in self._mut and self._committed_in_term
+            if self.pending_conf_index > self.log.committed and not skip:
                 raise ProposalDropped("another membership change is not yet committed")
             if cc.type == ConfChangeType.REMOVE and cc.node_id not in self.voters | self.learners:
                 raise ValueError(f"{cc.node_id} is not a member")
@@ -407,7 +418,7 @@ class Raft:
         self.lead_transferee = to
         self._transfer_elapsed = 0
         self._logger(f"{self.id} transfers leadership to {to} at term {self.term}")
-        if self.progress[to].match == self.log.last_index():
+        if self.progress[to].match == self.log.last_index() or "transfer_to_lagging" in self._mut:
             self._send(Message(MsgType.TIMEOUT_NOW, to, self.id, self.term))
         else:
             self._send_append(to, send_if_empty=True)
@@ -612,6 +623,8 @@ class Raft:
         up_to_date = self.log.is_up_to_date(m.index, m.log_term) or (
             "no_election_restriction" in self._mut
         )
+        if "vote_by_length" in self._mut:
+            up_to_date = m.index >= self.log.last_index()
         if self.log.last_index() < self.vote_barrier:
             can_vote = False  # re-seeded and not caught up: see vote_barrier
         if can_vote and up_to_date:
@@ -781,7 +794,7 @@ class Raft:
                     self._recompute_config()
         last_new = m.index + len(entries)
         # Commit what the leader says is committed, but only as far as we know our log matches.
-        log.commit_to(min(m.commit, last_new))
+        log.commit_to(min(m.commit, last_new if "follower_commit_unverified" not in self._mut else log.last_index()))
         self._send(Message(MsgType.APPEND_RESP, m.sender, self.id, self.term, index=last_new))
 
     def _handle_snapshot(self, m: Message) -> None:
@@ -854,6 +867,8 @@ class Raft:
             pr.become_replicate()
         else:
             pr.free_to(m.index)
+        if "append_on_every_ack" in self._mut:
+            self._send_append(m.sender, send_if_empty=True)
         if updated and self._maybe_commit():
             self._need_bcast = True
         else:
@@ -915,6 +930,8 @@ class Raft:
             if pr is None:
                 continue
             commit = min(pr.match, self.log.committed)
+            if "heartbeat_commit_unclamped" in self._mut:
+                commit = self.log.committed
             self._send(Message(MsgType.HEARTBEAT, p, self.id, self.term, commit=commit, context=ctx))
 
     def _maybe_commit(self) -> bool:
@@ -970,7 +987,7 @@ class Raft:
             ),
             reverse=True,
         )
-        confirmed = rounds[self._quorum() - 1]
+        confirmed = rounds[self._quorum() - (2 if "read_quorum_minus_one" in self._mut else 1)]
         keep = []
         for r in self._pending_reads:
             if r.round <= confirmed:

@@ -43,6 +43,8 @@ from raftsql.raft.types import (
     SnapshotMeta,
 )
 from raftsql.sim.disk import MemDisk
+from raftsql.sim.invariants import Invariants
+from raftsql.sim.schedule import Schedule, Swarm
 
 TICK_UNITS = 10  # virtual time units per tick at normal clock speed
 # Raft(log_cache_bytes=...) choices: an entry here costs about 135 bytes (log.ENTRY_OVERHEAD
@@ -52,6 +54,10 @@ ELECTION_TICKS = 10
 FAULT_UNITS = 4000  # length of the faulty phase
 LIVENESS_TICKS = 300  # once faults stop, the cluster must converge within this many ticks
 READ_TIMEOUT = 100 * TICK_UNITS  # a client abandons a read (its message may have been dropped)
+# Budgets: a run that exceeds one is a liveness violation, never a run that does not end (a
+# message storm once grew one seed's in-flight queue to 160,000 messages and 1 GB).
+MAX_IN_FLIGHT = 20_000  # messages on the simulated network at once
+MAX_MESSAGES = 2_000_000  # messages sent in one seed
 
 # Broken snapshot paths in the simulated driving code (not in the core), switched on only by
 # tests to show that the invariants catch them (tests/raft/test_sim.py).
@@ -70,35 +76,7 @@ class Violation(Exception):
         self.detail = detail
 
 
-@dataclass
-class FaultMix:
-    drop: float
-    duplicate: float
-    max_latency: int
-    crash_rate: float  # per unit of time, per cluster
-    crash_in_sync: float  # chance a node loses power while an fsync is in flight
-    partition_rate: float
-    skew: bool
-    membership: bool
-    transfers: bool
-    propose_rate: float
-    read_rate: float
-
-    @classmethod
-    def from_rng(cls, rng: random.Random) -> FaultMix:
-        return cls(
-            drop=rng.choice([0.0, 0.02, 0.1, 0.25]),
-            duplicate=rng.choice([0.0, 0.02, 0.1]),
-            max_latency=rng.choice([2, 5, 15, 40]),
-            crash_rate=rng.choice([0.0, 0.0005, 0.002, 0.005]),
-            crash_in_sync=rng.choice([0.0, 0.0, 0.01, 0.05]),
-            partition_rate=rng.choice([0.0, 0.001, 0.004]),
-            skew=rng.random() < 0.4,
-            membership=rng.random() < 0.4,
-            transfers=rng.random() < 0.4,
-            propose_rate=rng.choice([0.02, 0.1, 0.3]),
-            read_rate=rng.choice([0.01, 0.05, 0.2]),
-        )
+FaultMix = Swarm  # the per-seed draw (schedule.py); the old name, for callers
 
 
 @dataclass
@@ -151,6 +129,7 @@ class SimNode:
     disk_done_at: int = 0
     applied: list[tuple[int, bytes]] = field(default_factory=list)
     restarts: int = 0
+    ticks: int = 0  # ticks of this node's clock since the run began (CheckQuorum's window)
     last_role: tuple[int, Role] | None = None
     checked_commit: int = 0
     # Durable: the state machine's snapshot files, index -> applied prefix up to index. Only
@@ -170,7 +149,7 @@ class Simulation:
     def __init__(
         self,
         seed: int,
-        nodes: int = 3,
+        nodes: int | None = None,
         mutations: frozenset[str] = frozenset(),
         snapshots: bool = True,
         sim_bugs: frozenset[str] = frozenset(),
@@ -182,7 +161,8 @@ class Simulation:
         self.rng = random.Random(seed)
         self.mutations = mutations
         self.sim_bugs = sim_bugs
-        self.mix = FaultMix.from_rng(self.rng)
+        # The seed's swarm draw: which faults are on and how hard, and the core's configuration.
+        self.mix = Swarm.draw(seed, nodes)
         # Every snapshot decision draws from srng, never from rng (see SnapshotMix).
         self.srng = random.Random(f"snapshots/{seed}")
         self.snap: SnapshotMix | None = SnapshotMix.from_rng(self.srng) if snapshots else None
@@ -191,9 +171,11 @@ class Simulation:
         self._snap_payload: dict[int, tuple[tuple, int]] = {}  # net seq -> (data, sender restarts)
         self._reports: list[tuple[int, int, str, int, str, bool]] = []  # (time, seq, leader, restarts, to, ok)
         self.conf_changes: dict[int, ConfChange] = {}  # committed CONF_CHANGE entries by index
-        self.initial_voters = tuple(f"n{i + 1}" for i in range(nodes))
-        spares = (f"n{nodes + 1}",) if self.mix.membership else ()
-        self.nodes = {nid: SimNode(nid) for nid in self.initial_voters + spares}
+        nv, nl = self.mix.voters, self.mix.learners
+        self.initial_voters = tuple(f"n{i + 1}" for i in range(nv))
+        self.initial_learners = tuple(f"n{i + 1}" for i in range(nv, nv + nl))
+        spares = tuple(f"n{i + 1}" for i in range(nv + nl, nv + nl + self.mix.spares))
+        self.nodes = {nid: SimNode(nid) for nid in self.initial_voters + self.initial_learners + spares}
         self.now = 0
         self.faulty = True
         self._net: list[tuple[int, int, Message]] = []
@@ -211,6 +193,9 @@ class Simulation:
         self.max_acked = 0
         self.reads: dict[bytes, Read] = {}
         self.counter = 0
+        self.messages = 0
+        self.schedule = Schedule(self)
+        self.inv = Invariants(self, ELECTION_TICKS)
         self.stats = {"acked": 0, "reads": 0, "crashes": 0, "partitions": 0, "elections": 0, "transfers": 0, "conf_changes": 0}
         if self.snap is not None:
             self.stats.update(
@@ -218,9 +203,7 @@ class Simulation:
                 snapshots_stale=0, snapshots_fast_forward=0, reports_ok=0,
                 reports_failed=0, reports_lost=0, restarts_from_snapshot=0, crash_between=0,
             )
-        for nid in self.initial_voters:
-            self._start(nid)
-        for nid in spares:
+        for nid in self.nodes:
             self._start(nid)
 
     # ---------------------------------------------------------------- node lifecycle
@@ -234,10 +217,13 @@ class Simulation:
         cfg = Config(
             id=nid,
             voters=self.initial_voters,
+            learners=self.initial_learners,
             election_ticks=ELECTION_TICKS,
             heartbeat_ticks=1,
-            max_inflight=8,
-            max_append_bytes=256,
+            max_inflight=self.mix.max_inflight,
+            max_append_bytes=self.mix.max_append_bytes,
+            pre_vote=self.mix.pre_vote,
+            check_quorum=self.mix.check_quorum,
             mutations=self.mutations,
             logger=self._log,
         )
@@ -295,8 +281,51 @@ class Simulation:
 
     # ---------------------------------------------------------------- network
 
+    # ---------------------------------------------------------------- calls into a core
+
+    def call(self, node: SimNode, fn, *args, read: bytes | None = None):
+        """Call into node's core, then check the beliefs it formed (invariants.py)."""
+        b = Invariants.before(node)
+        try:
+            return fn(*args)
+        finally:
+            if node.core is not None:
+                self.inv.after(node, b, read=read)
+
+    def propose(self, node: SimNode, value: bytes) -> None:
+        """A client's write, proposed to node (the client learns its fate when node applies it)."""
+        try:
+            idx = self.call(node, node.core.propose, value)
+            self.proposals[node.id].append(Proposal(value, node.id, idx, node.core.term))
+        except (NotLeader, ProposalDropped):
+            pass
+
+    def read(self, node: SimNode, ctx: bytes) -> None:
+        try:
+            self.call(node, node.core.read_index, ctx, read=ctx)
+            self.reads[ctx] = Read(node.id, ctx, self.max_acked, self.now)
+        except NotLeader:
+            pass
+
+    def _tick(self, node: SimNode) -> None:
+        node.ticks += 1
+        self.call(node, node.core.tick)
+        if node.core is not None:
+            self.inv.ticked(node)
+
+    # ---------------------------------------------------------------- network
+
     def _send(self, msgs: list[Message]) -> None:
+        self.messages += len(msgs)
+        if len(self._net) > MAX_IN_FLIGHT or self.messages > MAX_MESSAGES:
+            raise Violation(
+                "Liveness",
+                f"message budget exceeded: {len(self._net)} messages in flight, {self.messages} sent "
+                f"(budgets {MAX_IN_FLIGHT} / {MAX_MESSAGES})",
+            )
         for m in msgs:
+            if m.type == MsgType.VOTE_RESP:
+                self.inv.sent(m)
             if m.type == MsgType.SNAPSHOT:
                 self._send_snapshot(m)
                 continue
@@ -326,10 +355,12 @@ class Simulation:
                     self.stats["snapshots_stale"] += 1
                 elif m.term == node.core.term and log.match_term(m.index, m.log_term):
                     self.stats["snapshots_fast_forward"] += 1
+            b = Invariants.before(node)
             try:
                 node.core.step(m)
             except LogInvariantError as e:
                 raise Violation("Core invariant", str(e)) from None
+            self.inv.after(node, b, m)
             if payload is not None:
                 self._report(m, payload[1], ok=True)
         while self._reports and self._reports[0][0] <= self.now:
@@ -427,7 +458,7 @@ class Simulation:
 
     def _membership_at(self, index: int) -> tuple[set[str], set[str]]:
         """Ground truth: the membership after every committed change up to index."""
-        voters, learners = set(self.initial_voters), set()
+        voters, learners = set(self.initial_voters), set(self.initial_learners)
         for i in sorted(k for k in self.conf_changes if k <= index):
             cc = self.conf_changes[i]
             if cc.type == ConfChangeType.ADD_LEARNER:
@@ -495,7 +526,7 @@ class Simulation:
         if rd.hard_state is not None:
             node.disk.set_hard_state(rd.hard_state)
         if rd.must_sync:
-            node.disk_done_at = self.now + 1 + self.rng.randrange(3)
+            node.disk_done_at = self.now + self.schedule.fsync_delay(node)
         else:
             self._finish_ready(node)
 
@@ -512,7 +543,7 @@ class Simulation:
             if r is not None and r.node == node.id:
                 r.index = rs.index
         node.pending = None
-        core.advance(rd)
+        self.call(node, core.advance, rd)
         self._serve_reads(node)
 
     def _apply(self, node: SimNode, index: int, term: int, data: bytes) -> None:
@@ -564,113 +595,6 @@ class Simulation:
 
     def _leader_nodes(self) -> list[SimNode]:
         return [n for n in self.nodes.values() if n.alive and n.core.role == Role.LEADER]
-
-    def _client(self) -> None:
-        alive = [n for n in self.nodes.values() if n.alive]
-        if not alive:
-            return
-        if self.rng.random() < self.mix.propose_rate:
-            leaders = self._leader_nodes()
-            node = self.rng.choice(leaders if leaders and self.rng.random() < 0.9 else alive)
-            self.counter += 1
-            value = f"v{self.counter}".encode()
-            try:
-                idx = node.core.propose(value)
-                self.proposals[node.id].append(Proposal(value, node.id, idx, node.core.term))
-            except (NotLeader, ProposalDropped):
-                pass
-        if self.rng.random() < self.mix.read_rate:
-            node = self.rng.choice(alive)
-            self.counter += 1
-            ctx = f"r{self.counter}".encode()
-            try:
-                node.core.read_index(ctx)
-                self.reads[ctx] = Read(node.id, ctx, self.max_acked, self.now)
-            except NotLeader:
-                pass
-
-    def _faults(self) -> None:
-        rng, mix = self.rng, self.mix
-        ids = list(self.nodes)
-        if rng.random() < mix.crash_rate:
-            victim = rng.choice(ids)
-            if self.nodes[victim].alive:
-                self._crash(victim)
-        for n in self.nodes.values():
-            if not n.alive and rng.random() < 0.01:
-                self._log(f"RESTART {n.id}")
-                self._start(n.id)
-        if self.blocked and self.now >= self.partition_until:
-            self._log("HEAL")
-            self.blocked = set()
-        if not self.blocked and rng.random() < mix.partition_rate:
-            self._partition()
-        if mix.skew and rng.random() < 0.001:
-            n = self.nodes[rng.choice(ids)]
-            n.tick_period = rng.choice([5, 7, 10, 13, 20])
-            self._log(f"SKEW {n.id} tick every {n.tick_period}")
-        leaders = self._leader_nodes()
-        if mix.transfers and leaders and rng.random() < 0.002:
-            ld = rng.choice(leaders)
-            target = rng.choice(sorted(ld.core.voters))
-            try:
-                ld.core.transfer_leadership(target)
-                self.stats["transfers"] += 1
-            except (NotLeader, ValueError):
-                pass
-        if mix.membership and leaders and rng.random() < 0.002:
-            self._membership(rng.choice(leaders))
-
-    def _partition(self) -> None:
-        rng = self.rng
-        ids = list(self.nodes)
-        kind = rng.choice(["halves", "isolate_leader", "bridge", "one_way"])
-        blocked: set[tuple[str, str]] = set()
-        if kind == "halves":
-            rng.shuffle(ids)
-            cut = rng.randint(1, len(ids) - 1)
-            a, b = ids[:cut], ids[cut:]
-            blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
-        elif kind == "isolate_leader":
-            leaders = self._leader_nodes()
-            victim = leaders[0].id if leaders else rng.choice(ids)
-            blocked = {(victim, y) for y in ids if y != victim} | {(y, victim) for y in ids if y != victim}
-        elif kind == "bridge":
-            rng.shuffle(ids)
-            _bridge, rest = ids[0], ids[1:]
-            half = len(rest) // 2
-            a, b = rest[:half], rest[half:]
-            blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
-        else:
-            x = rng.choice(ids)
-            blocked = {(x, y) for y in ids if y != x} if rng.random() < 0.5 else {(y, x) for y in ids if y != x}
-        self.blocked = blocked
-        self.partition_until = self.now + rng.randrange(200, 2000)
-        self.stats["partitions"] += 1
-        self._log(f"PARTITION {kind} {sorted(blocked)}")
-
-    def _membership(self, leader: SimNode) -> None:
-        core = leader.core
-        members = core.voters | core.learners
-        spares = [n for n in self.nodes if n not in members]
-        options: list[ConfChange] = []
-        for s in spares:
-            options.append(ConfChange(ConfChangeType.ADD_LEARNER, s))
-        # Sorted: set order depends on PYTHONHASHSEED, and a seed must replay in any process.
-        for lr in sorted(core.learners):
-            options.append(ConfChange(ConfChangeType.PROMOTE, lr))
-        if len(core.voters) > len(self.initial_voters):
-            for v in sorted(core.voters):
-                options.append(ConfChange(ConfChangeType.REMOVE, v))
-        if not options:
-            return
-        cc = self.rng.choice(options)
-        try:
-            core.propose(cc.encode(), EntryType.CONF_CHANGE)
-            self.stats["conf_changes"] += 1
-            self._log(f"CONF {leader.id} proposes {cc.type.name} {cc.node_id}")
-        except (NotLeader, ProposalDropped, ValueError):
-            pass
 
     # ---------------------------------------------------------------- invariants
 
@@ -748,7 +672,7 @@ class Simulation:
 
     def _step(self) -> None:
         if self.faulty:
-            self._faults()
+            self.schedule.step()
         if self.snap is not None:
             self._compactions()
         self._deliver_due()
@@ -761,9 +685,9 @@ class Simulation:
         for node in self.nodes.values():
             if node.alive and self.now >= node.next_tick:
                 node.next_tick = self.now + node.tick_period
-                node.core.tick()
+                self._tick(node)
         if self.faulty:
-            self._client()
+            self.schedule.client()
         self._expire_reads()
         for node in self.nodes.values():
             if node.alive:
@@ -801,7 +725,7 @@ class Simulation:
             ld = max(leaders, key=lambda n: n.core.term)
             if marker_at is None or self.nodes[marker_at[0]].core.role != Role.LEADER:
                 try:
-                    idx = ld.core.propose(marker)
+                    idx = self.call(ld, ld.core.propose, marker)
                     marker_at = (ld.id, idx)
                     self.proposals[ld.id].append(Proposal(marker, ld.id, idx, ld.core.term))
                 except (NotLeader, ProposalDropped):

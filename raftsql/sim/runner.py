@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 from raftsql.raft.core import MUTATIONS
 from raftsql.sim.cluster import SIM_BUGS, Simulation, Violation
@@ -13,12 +13,13 @@ from raftsql.sim.cluster import SIM_BUGS, Simulation, Violation
 
 def run_seed(
     seed: int,
-    nodes: int = 3,
+    nodes: int | None = None,
     mutations: frozenset[str] = frozenset(),
     snapshots: bool = True,
     sim_bugs: frozenset[str] = frozenset(),
 ):
-    """Run one seed. Returns None, or (invariant, detail, trace tail) on a violation."""
+    """Run one seed. Returns None, or (invariant, detail, trace tail) on a violation.
+    nodes=None: the seed draws its cluster size (3 to 5 voters)."""
     return _run(seed, nodes, mutations, snapshots, sim_bugs)[0]
 
 
@@ -27,7 +28,8 @@ def _run(seed, nodes, mutations, snapshots, sim_bugs):
     try:
         sim.run()
     except Violation as v:
-        return (v.invariant, v.detail, list(sim.trace)), sim.stats
+        trace = [*sim.trace, f"swarm: {sim.mix.describe()}"]
+        return (v.invariant, v.detail, trace), sim.stats
     return None, sim.stats
 
 
@@ -40,25 +42,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raftsql.sim", description=__doc__)
     ap.add_argument("--seeds", type=int, default=300, help="how many seeds to run (default 300)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    ap.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    ap.add_argument("--nodes", type=int, choices=(3, 4, 5), default=None,
+                    help="voters in every seed (default: each seed draws 3 to 5)")
     ap.add_argument("--mutate", action="append", default=[], metavar="NAME",
                     help="switch off one Raft rule (repeatable); see --list-mutations")
     ap.add_argument("--list-mutations", action="store_true",
                     help="list the mutations, and the simulator bugs of --sim-bug")
     ap.add_argument("--no-snapshots", action="store_true",
-                    help="no log compaction or InstallSnapshot (the schedules from before issue 7)")
+                    help="no log compaction or InstallSnapshot")
     ap.add_argument("--sim-bug", action="append", default=[], metavar="NAME",
                     help="break the simulated snapshot path (repeatable; for tests); see --list-mutations")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="run every seed even after a violation (default: stop at the first)")
     ap.add_argument("--reports", type=int, default=3, help="violations to print in full (default 3)")
+    ap.add_argument("--check-mutations", action="store_true",
+                    help="run each mutation (or each --mutate) until a seed catches it; print the table")
     args = ap.parse_args(argv)
 
     if args.list_mutations:
         for name, text in MUTATIONS.items():
-            print(f"{name:26} {text}")
+            print(f"{name:30} {text}")
         print("# simulator bugs (--sim-bug), in the simulated driving code, not the core:")
         for name, text in SIM_BUGS.items():
-            print(f"{name:26} {text}")
+            print(f"{name:30} {text}")
         return 0
     bad = [m for m in args.mutate if m not in MUTATIONS]
     if bad:
@@ -68,44 +75,69 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown simulator bug {bad[0]!r}; see --list-mutations")
     if args.sim_bug and args.no_snapshots:
         ap.error("--sim-bug needs snapshots")
+    if args.check_mutations:
+        return check_mutations(args.mutate or list(MUTATIONS), args.seed, args.seeds, args.nodes)
     mutations = frozenset(args.mutate)
     seeds = range(args.seed, args.seed + args.seeds)
     work = [(s, args.nodes, mutations, not args.no_snapshots, frozenset(args.sim_bug)) for s in seeds]
     started = time.monotonic()
-    violations = 0
     totals: dict[str, int] = {}
     if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = pool.map(_run_one, work, chunksize=8)
-            violations = _report(results, args, mutations, totals)
+        # imap keeps results in seed order; at the first violation the pool is terminated, so a
+        # mutated run stops as soon as the lowest failing seed is known.
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            ran, violations = _report(pool.imap(_run_one, work, chunksize=1), args, mutations, totals)
+            pool.terminate()
     else:
-        violations = _report(map(_run_one, work), args, mutations, totals)
+        ran, violations = _report(map(_run_one, work), args, mutations, totals)
     took = time.monotonic() - started
-    print(f"# {args.seeds} seeds in {took:.1f}s", file=sys.stderr)
+    print(f"# {ran} seeds in {took:.1f}s", file=sys.stderr)
     if totals:
         print("# " + " ".join(f"{k}={v}" for k, v in totals.items()), file=sys.stderr)
-    print(f"seeds={args.seeds} violations={violations}")
+    print(f"seeds={ran} violations={violations}")
     return 1 if violations else 0
 
 
-def _report(results, args, mutations, totals: dict[str, int]) -> int:
-    violations = 0
+def _report(results, args, mutations, totals: dict[str, int]) -> tuple[int, int]:
+    violations = ran = 0
     for seed, res, stats in results:
+        ran += 1
         for k, v in stats.items():
             totals[k] = totals.get(k, 0) + v
         if res is None:
             continue
         violations += 1
-        if violations > args.reports:
-            continue
-        invariant, detail, trace = res
-        mut = "".join(f" --mutate {m}" for m in sorted(mutations))
-        mut += " --no-snapshots" if args.no_snapshots else ""
-        mut += "".join(f" --sim-bug {b}" for b in sorted(args.sim_bug))
-        print(f"VIOLATION seed={seed} invariant={invariant!r}")
-        print(f"  {detail}")
-        print("  trace tail:")
-        for line in trace[-25:]:
-            print(f"    {line}")
-        print(f"  replay: python -m raftsql.sim --seeds 1 --seed {seed} --nodes {args.nodes}{mut}")
-    return violations
+        if violations <= args.reports:
+            invariant, detail, trace = res
+            mut = "".join(f" --mutate {m}" for m in sorted(mutations))
+            mut += f" --nodes {args.nodes}" if args.nodes else ""
+            mut += " --no-snapshots" if args.no_snapshots else ""
+            mut += "".join(f" --sim-bug {b}" for b in sorted(args.sim_bug))
+            print(f"VIOLATION seed={seed} invariant={invariant!r}")
+            print(f"  {detail}")
+            print("  trace tail:")
+            for line in trace[-25:]:
+                print(f"    {line}")
+            print(f"  replay: python -m raftsql.sim --seeds 1 --seed {seed}{mut}", flush=True)
+        if not args.keep_going:
+            break
+    return ran, violations
+
+
+def check_mutations(names: list[str], first: int, seeds: int, nodes: int | None) -> int:
+    """Each mutation alone, seed after seed, until one catches it: the table in DESIGN.md."""
+    survived = 0
+    print(f"{'mutation':32} {'seed':>5} {'secs':>6}  invariant")
+    for name in names:
+        started = time.monotonic()
+        for seed in range(first, first + seeds):
+            res = run_seed(seed, nodes, frozenset({name}))
+            if res is not None:
+                took = time.monotonic() - started
+                print(f"{name:32} {seed:>5} {took:>6.1f}  {res[0]}: {res[1][:160]}", flush=True)
+                break
+        else:
+            survived += 1
+            print(f"{name:32} {'-':>5} {time.monotonic() - started:>6.1f}  SURVIVED {seeds} seeds", flush=True)
+    print(f"mutations={len(names)} survived={survived}")
+    return 1 if survived else 0
