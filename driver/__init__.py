@@ -14,6 +14,7 @@ standard library and msgpack (it never imports apsw or cryptography). See driver
 from raftsql.driver._connection import (
     CONSISTENCY_LEVELS,
     LEGACY_TRANSACTION_CONTROL,
+    LIMITS,
     Connection,
     connect,
 )
@@ -40,17 +41,23 @@ from raftsql.driver._types import (
     BINARY,
     DATETIME,
     NUMBER,
+    PARSE_COLNAMES,
+    PARSE_DECLTYPES,
     ROWID,
     STRING,
     Binary,
     Date,
     DateFromTicks,
+    PrepareProtocol,
     Time,
     TimeFromTicks,
     Timestamp,
     TimestampFromTicks,
+    adapt,
     adapters,
+    converters,
     register_adapter,
+    register_converter,
 )
 
 apilevel = "2.0"
@@ -61,6 +68,7 @@ threadsafety = 2
 paramstyle = "qmark"
 
 globals().update(RESULT_CODES)  # SQLITE_OK, SQLITE_CONSTRAINT_UNIQUE, ... as in sqlite3
+globals().update(LIMITS)  # SQLITE_LIMIT_LENGTH, ... (Connection.getlimit), as in sqlite3
 
 
 def complete_statement(statement: str) -> bool:
@@ -92,6 +100,9 @@ __all__ = [
     "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
+    "PARSE_COLNAMES",
+    "PARSE_DECLTYPES",
+    "PrepareProtocol",
     "ProgrammingError",
     "Row",
     "SerializationError",
@@ -102,11 +113,14 @@ __all__ = [
     "TransactionAborted",
     "Unavailable",
     "Warning",
+    "adapt",
     "adapters",
     "apilevel",
     "complete_statement",
     "connect",
+    "converters",
     "paramstyle",
     "register_adapter",
+    "register_converter",
     "threadsafety",
 ]

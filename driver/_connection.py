@@ -4,9 +4,14 @@ one serial sequence, one TLS connection at a time)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import ssl
+import tempfile
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +41,18 @@ Statement = tuple[str, Any]
 
 CONSISTENCY_LEVELS = ("linearizable", "leader", "stale")
 DEFAULT_TIMEOUT = 10.0
+# sqlite3 accepts timeout=0 (do not wait for locks). raftsql has no locks to wait for; its
+# timeout is the budget to find the leader and retry, and a request needs at least one round
+# trip: 0 (or less) gives it this much, so a healthy cluster answers and a failover fails fast.
+MIN_TIMEOUT = 0.5
+# sqlite3's SQLITE_LIMIT_* categories (getlimit/setlimit).
+LIMITS = {
+    "SQLITE_LIMIT_LENGTH": 0, "SQLITE_LIMIT_SQL_LENGTH": 1, "SQLITE_LIMIT_COLUMN": 2,
+    "SQLITE_LIMIT_EXPR_DEPTH": 3, "SQLITE_LIMIT_COMPOUND_SELECT": 4, "SQLITE_LIMIT_VDBE_OP": 5,
+    "SQLITE_LIMIT_FUNCTION_ARG": 6, "SQLITE_LIMIT_ATTACHED": 7,
+    "SQLITE_LIMIT_LIKE_PATTERN_LENGTH": 8, "SQLITE_LIMIT_VARIABLE_NUMBER": 9,
+    "SQLITE_LIMIT_TRIGGER_DEPTH": 10, "SQLITE_LIMIT_WORKER_THREADS": 11,
+}
 # autocommit's third value (Python 3.12's sqlite3 constant, the same -1): transactions are
 # controlled by isolation_level, as in sqlite3 before 3.12. The default.
 LEGACY_TRANSACTION_CONTROL = -1
@@ -67,6 +84,9 @@ class _Transaction:
     # An explicit transaction that failed (serialization, leader change, idle): every statement
     # raises this again until COMMIT (raises it too) or ROLLBACK ends the transaction.
     doomed: Error | None = None
+    # Cursors whose lastrowid came from a previewed INSERT: (position in writes, cursor);
+    # commit() gives them the rowid the committed entry assigned.
+    rowid_cursors: list[tuple[int, Any]] = field(default_factory=list)
 
 
 def _empty_result(rowcount: int = -1) -> dict[str, Any]:
@@ -98,8 +118,15 @@ class Connection:
     NotSupportedError = NotSupportedError
 
     def __init__(self, client: _client.Client, *, autocommit: bool | int = LEGACY_TRANSACTION_CONTROL,
-                 isolation_level: str | None = "", consistency: str = "linearizable"):
+                 isolation_level: str | None = "", consistency: str = "linearizable",
+                 detect_types: int = 0):
+        if not isinstance(detect_types, int):
+            raise TypeError(f"'{type(detect_types).__name__}' object cannot be interpreted as an integer")
         self._client = client
+        # As sqlite3's connect(detect_types=): PARSE_DECLTYPES | PARSE_COLNAMES pick converters.
+        self._detect_types = int(detect_types)
+        # Bumped by interrupt() (any thread, without the lock): results that arrived before it fail.
+        self._interrupts = 0
         # Serializes everything that touches the connection's state (threadsafety 2).
         self._lock = threading.RLock()
         self._closed = False
@@ -192,9 +219,7 @@ class Connection:
 
     @timeout.setter
     def timeout(self, value: float) -> None:
-        if not isinstance(value, int | float) or not value > 0:
-            raise ProgrammingError("timeout must be a positive number of seconds")
-        self._client.timeout = float(value)
+        self._client.timeout = _check_timeout(value)
 
     @property
     def in_transaction(self) -> bool:
@@ -259,6 +284,7 @@ class Connection:
             self._txn = _Transaction()
             if result.get("error"):
                 raise error_from_map(result["error"])
+            _committed_rowids(txn, result)
 
     def rollback(self) -> None:
         """Discard the open transaction (nothing of it was applied)."""
@@ -331,6 +357,134 @@ class Connection:
             except _client.ClientError as e:
                 raise Unavailable(str(e)) from None
 
+    # ------------------------------------------------------------------ more of sqlite3's surface
+
+    def interrupt(self) -> None:
+        """As sqlite3: results that are still being read (their cursors hold rows not fetched
+        yet, here or on the node) fail at their next fetch with OperationalError("interrupted").
+        A request already sent is not called back: a node has no way to stop a statement for a
+        client (its step limit stops runaway ones), and a write in the log is applied anyway.
+        Callable from any thread."""
+        self._check_open()
+        self._interrupts += 1
+
+    def getlimit(self, category: int, /) -> int:
+        """sqlite3's getlimit: the limit every node's SQLite applies to every statement.
+        Raises NotSupportedError while the nodes do not report their limits (see
+        driver/DESIGN.md, "Server changes wanted"); a bad category raises ProgrammingError."""
+        self._check_open()
+        name = _limit_name(category)
+        limits = (self.status() or {}).get("limits")
+        if not isinstance(limits, dict) or name not in limits:
+            raise NotSupportedError(f"getlimit: the nodes do not report {name}")
+        return int(limits[name])
+
+    def setlimit(self, category: int, limit: int, /) -> int:
+        """Not supported: a limit must be the same on every node, for every client (a statement
+        must give the same result everywhere), so one connection cannot change it."""
+        self._check_open()
+        _limit_name(category)
+        raise NotSupportedError(
+            "setlimit: the limits are the nodes' and must be equal on every node; "
+            "a connection cannot change them")
+
+    def backup(self, target: Any, *, pages: int = -1, progress: Callable | None = None,
+               name: str = "main", sleep: float = 0.250) -> None:
+        """As sqlite3's backup(): copy the replicated database into target, a local
+        sqlite3.Connection. The copy is one node's database at an index that holds every write
+        acknowledged before the call (a linearizable backup, as `raftsql backup`), without
+        raftsql's own tables; pages, progress and sleep work as in sqlite3 (they pace the copy
+        into target)."""
+        import sqlite3
+
+        if not isinstance(target, sqlite3.Connection):
+            raise TypeError(
+                f"backup() argument 'target' must be sqlite3.Connection, not {type(target).__name__}")
+        self._check_open()
+        if name != "main":
+            raise OperationalError(f"unknown database {name}")
+        with self._local_copy() as path:
+            src = sqlite3.connect(path)
+            try:
+                src.backup(target, pages=pages, progress=progress, sleep=sleep)
+            finally:
+                src.close()
+
+    def iterdump(self, *, filter: str | None = None) -> Iterator[str]:  # noqa: A002 - sqlite3's name
+        """As sqlite3's iterdump(): the database as SQL text, statement by statement, from a
+        consistent copy (see backup()). filter: a LIKE pattern of the tables to dump (Python
+        3.13's argument)."""
+        import sqlite3
+
+        self._check_open()
+        with self._local_copy() as path:
+            src = sqlite3.connect(path)
+            try:
+                dump = src.iterdump(filter=filter) if filter is not None else src.iterdump()
+                yield from dump
+            finally:
+                src.close()
+
+    @contextlib.contextmanager
+    def _local_copy(self) -> Iterator[str]:
+        """A private temporary file holding the database, without raftsql's own tables."""
+        fd, path = tempfile.mkstemp(prefix="raftsql-copy-", suffix=".db")
+        os.close(fd)
+        try:
+            _download_database(self._client.hosts, self._client.context, path, self.timeout)
+            _strip_internal_tables(path)
+            yield path
+        finally:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path + suffix)
+
+    def _unsupported(self, what: str) -> NotSupportedError:
+        self._check_open()
+        return NotSupportedError(
+            f"{what}: it would run in this process, while statements run on every node of the "
+            "cluster (driver/DESIGN.md)")
+
+    def create_function(self, name: str, narg: int, func: Any, *, deterministic: bool = False) -> None:
+        raise self._unsupported("create_function")
+
+    def create_aggregate(self, name: str, n_arg: int, aggregate_class: Any) -> None:
+        raise self._unsupported("create_aggregate")
+
+    def create_window_function(self, name: str, num_params: int, aggregate_class: Any, /) -> None:
+        raise self._unsupported("create_window_function")
+
+    def create_collation(self, name: str, callable: Any, /) -> None:  # noqa: A002 - sqlite3's name
+        raise self._unsupported("create_collation")
+
+    def set_authorizer(self, authorizer_callback: Any) -> None:
+        if authorizer_callback is not None:
+            raise self._unsupported("set_authorizer")
+
+    def set_progress_handler(self, progress_handler: Any, n: int) -> None:
+        if progress_handler is not None:
+            raise self._unsupported("set_progress_handler")
+
+    def set_trace_callback(self, trace_callback: Any) -> None:
+        if trace_callback is not None:
+            raise self._unsupported("set_trace_callback")
+
+    def enable_load_extension(self, enabled: bool, /) -> None:
+        raise self._unsupported("enable_load_extension")
+
+    def load_extension(self, path: str, /, *, entrypoint: str | None = None) -> None:
+        raise self._unsupported("load_extension")
+
+    def blobopen(self, table: str, column: str, row: int, /, *, readonly: bool = False,
+                 name: str = "main") -> Any:
+        raise self._unsupported("blobopen")
+
+    def serialize(self, *, name: str = "main") -> bytes:
+        raise self._unsupported("serialize")
+
+    def deserialize(self, data: bytes, /, *, name: str = "main") -> None:
+        raise self._unsupported("deserialize")
+
     # ------------------------------------------------------------------ internals (Cursor)
 
     def _send(self, statements: list[Statement], *, consistency: str | None = None,
@@ -374,12 +528,18 @@ class Connection:
             self._txn = _Transaction()
         return error
 
-    def _preview(self, statement: Statement, consistency: str | None = None) -> dict[str, Any]:
-        """One statement of the open transaction, previewed on its leader."""
+    def _preview(self, statement: Statement, consistency: str | None = None,
+                 before: list[Statement] | None = None) -> dict[str, Any]:
+        """One statement of the open transaction, previewed on its leader. `before`: more writes
+        of the transaction that run first, in the same preview (executemany's earlier parameter
+        sets); if one of them fails, the ones before it stay in the transaction, as sqlite3's
+        executemany leaves the sets before a failure applied."""
         txn = self._txn
+        before = before or []
         try:
             result, leader = self._client.execute_in_transaction(
-                statement, txn.writes, txn.term, leader=txn.leader, start_index=txn.start_index,
+                statement, txn.writes + before, txn.term, leader=txn.leader,
+                start_index=txn.start_index,
                 reads=sorted(txn.reads), last_ms=txn.last_ms,
                 consistency=consistency or self._consistency, stream=True)
         except _client.TxnAborted as e:
@@ -402,8 +562,22 @@ class Connection:
         txn.reads.update(result.get("reads") or ())
         if result.get("time_ms") is not None:
             txn.last_ms = result["time_ms"]
+        if err and before:
+            failed = err.get("statement")
+            failed = failed - len(txn.writes) if isinstance(failed, int) else len(before)
+            if failed >= 0:
+                txn.writes.extend(before[:failed])
+                err["statement"] = failed  # which parameter set failed
+                err["message"] = err.get("message", "").removeprefix(
+                    "an earlier statement of this transaction now fails: ")
         if not err and not result.get("readonly"):
+            txn.writes.extend(before)
             txn.writes.append(statement)
+            if result.get("lastrowid"):
+                # The rowid a previewed INSERT reports was read from the table as it was then;
+                # Cursor.lastrowid adds the table to the read set when it is looked at, so the
+                # commit applies only if the committed entry assigns the same rowids.
+                result["rowid_source"] = (txn, len(txn.writes) - 1, _insert_table(statement[0]))
         return result
 
     def _run_one(self, cursor: Cursor, sql: str, params: Any) -> dict[str, Any]:
@@ -527,6 +701,16 @@ class Connection:
                 if isinstance(err, dict) and isinstance(err.get("set"), int):
                     err["statement"] = err["set"]  # as for a batch: which parameter set failed
                 return result, _batch_rowcount(result)
+            self._check_transaction_size(sql, params_list)
+            if len(params_list) > 1 and _fixed_count_insert(sql):
+                # Every set inserts the same number of rows: preview them all at once (the
+                # earlier sets replayed as writes), one round trip and one replay instead of a
+                # preview per set, each replaying all the sets before it.
+                stmts = [(sql, p) for p in params_list]
+                result = self._preview(stmts[-1], before=stmts[:-1])
+                if result.get("error"):
+                    return result, -1
+                return result, max(0, int(result.get("rowcount", 0))) * len(params_list)
             total = 0
             result = _empty_result(0)
             for p in params_list:
@@ -535,6 +719,24 @@ class Connection:
                     return result, -1
                 total += max(0, int(result.get("rowcount", 0)))
             return result, total
+
+    def _check_transaction_size(self, sql: str, params_list: list[Any]) -> None:
+        """A transaction's writes are sent whole with every preview and at commit, so they must
+        fit in one request: refuse an executemany that cannot, before sending anything (else
+        it would run a preview per set and fail at the limit or at commit)."""
+        import msgpack
+
+        conn = getattr(self._client, "_conn", None)
+        limit = getattr(conn, "max_request", None) or wire.DEFAULT_MAX_REQUEST_SIZE
+        size = (len(sql.encode()) + 8) * len(params_list) + len(msgpack.packb(params_list))
+        size += sum(len(s.encode()) + 8 for s, _ in self._txn.writes)
+        if size > limit:
+            raise DataError(
+                f"a transaction's writes are sent as one request, and these would take about "
+                f"{size} bytes, over the node's limit of {limit} (max_request_size): commit in "
+                "smaller transactions, or load with executemany in autocommit mode "
+                "(autocommit=True or isolation_level=None; SQLAlchemy: AUTOCOMMIT), one entry "
+                "per call")
 
     def _run_script(self, script: str) -> tuple[dict[str, Any], int | None]:
         with self._lock:
@@ -674,13 +876,14 @@ def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | No
     if not ca or not cert:
         raise ProgrammingError("no certificates: add ?certs=DIR to the DSN, or pass "
                                "certs= or cafile= and certfile=")
-    raw_timeout = timeout if timeout is not None else params.get("timeout", DEFAULT_TIMEOUT)
-    try:
-        t = float(raw_timeout)
-    except (TypeError, ValueError):
-        raise ProgrammingError(f"timeout must be a number, not {raw_timeout!r}") from None
-    if not t > 0:
-        raise ProgrammingError("timeout must be positive")
+    if timeout is not None:
+        t = _check_timeout(timeout)
+    else:
+        raw = params.get("timeout", DEFAULT_TIMEOUT)
+        try:
+            t = _check_timeout(float(raw))
+        except ValueError:
+            raise ProgrammingError(f"timeout must be a number, not {raw!r}") from None
     ac = _parse_autocommit(autocommit if autocommit is not None
                            else params.get("autocommit", LEGACY_TRANSACTION_CONTROL))
     consistency_level = consistency or params.get("consistency") or "linearizable"
@@ -693,7 +896,8 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
             cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None,
             timeout: float | None = None, autocommit: bool | int | None = None,
             isolation_level: str | None = "", consistency: str | None = None,
-            discover: bool = True, factory: type[Connection] = Connection) -> Connection:
+            discover: bool = True, detect_types: int = 0,
+            factory: type[Connection] = Connection) -> Connection:
     """Open a connection to a raftsql cluster.
 
     dsn: ``raftsql://host1:port1,host2:port2,host3:port3/?certs=DIR&consistency=linearizable
@@ -723,4 +927,172 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
     client = _client.Client(s.hosts, context, timeout=s.timeout, consistency=s.consistency,
                             discover=discover)
     return factory(client, autocommit=s.autocommit, isolation_level=s.isolation_level,
-                   consistency=s.consistency)
+                   consistency=s.consistency, detect_types=detect_types)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_timeout(value: Any) -> float:
+    """sqlite3's rule (any real number: int, float, bool; else TypeError "must be real number,
+    not str"); 0, negative or tiny values get MIN_TIMEOUT (see there); NaN is refused."""
+    if not isinstance(value, int | float):
+        raise TypeError(f"must be real number, not {type(value).__name__}")
+    t = float(value)
+    if t != t:
+        raise ProgrammingError("timeout must be a number of seconds, not NaN")
+    return max(t, MIN_TIMEOUT)
+
+
+def _limit_name(category: Any) -> str:
+    if not isinstance(category, int):
+        raise TypeError(f"'{type(category).__name__}' object cannot be interpreted as an integer")
+    for name, value in LIMITS.items():
+        if value == category:
+            return name
+    raise ProgrammingError("'category' is out of bounds")
+
+
+_TOKEN = re.compile(
+    r"""\s+|--[^\n]*|/\*.*?(?:\*/|$)|"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\]|'(?:[^']|'')*'"""
+    r"""|[A-Za-z_\x80-\U0010ffff][\w$\x80-\U0010ffff]*|.""", re.S)
+
+
+def _unquote(name: str) -> str:
+    if name[:1] in "\"`'" and len(name) > 1:
+        return name[1:-1].replace(name[0] * 2, name[0])
+    if name[:1] == "[":
+        return name[1:-1]
+    return name
+
+
+def _insert_table(sql: str) -> str | None:
+    """The table an INSERT or REPLACE statement inserts into (lower case, as read sets name
+    tables), after a WITH clause if any; None for other statements or text it cannot follow."""
+    toks = [t for t in _TOKEN.findall(sql) if not t.isspace() and not t.startswith(("--", "/*"))]
+    depth, i, n = 0, 0, len(toks)
+    while i < n:
+        word = toks[i].upper()
+        if toks[i] == "(":
+            depth += 1
+        elif toks[i] == ")":
+            depth -= 1
+        elif depth == 0 and word in ("INSERT", "REPLACE"):
+            break
+        elif depth == 0 and i == 0 and word != "WITH":
+            return None
+        i += 1
+    else:
+        return None
+    i += 1
+    if i < n and toks[i].upper() == "OR":
+        i += 2
+    if i + 1 >= n or toks[i].upper() != "INTO":
+        return None
+    name = toks[i + 1]
+    if i + 3 < n and toks[i + 2] == ".":
+        name = toks[i + 3]  # schema.table
+    return _unquote(name).lower()
+
+
+_NOT_FIXED = frozenset({"SELECT", "RETURNING", "IGNORE", "CONFLICT"})
+
+
+def _fixed_count_insert(sql: str) -> bool:
+    """True for an INSERT/REPLACE ... VALUES whose every successful run changes the same number
+    of rows (no SELECT, OR IGNORE, ON CONFLICT or RETURNING): executemany's rowcount is then
+    the number of sets times one set's."""
+    toks = [t.upper() for t in _TOKEN.findall(sql) if t[:1].isalpha() or t[:1] == "_"]
+    return bool(toks) and toks[0] in ("INSERT", "REPLACE") and not _NOT_FIXED & set(toks)
+
+
+def _committed_rowids(txn: _Transaction, result: dict[str, Any]) -> None:
+    """After a commit: cursors whose lastrowid came from a preview get the rowid the committed
+    entry assigned (the same one when they looked at it: see Cursor.lastrowid)."""
+    results = result.get("results") or [result]  # one statement: its own result, no list
+    for pos, ref in txn.rowid_cursors:
+        cur = ref()
+        if cur is None or cur._rowid_source is None or cur._rowid_source[0] is not txn:
+            continue
+        if cur._rowid_source[1] == pos and pos < len(results):
+            rowid = results[pos].get("lastrowid") if isinstance(results[pos], dict) else None
+            if rowid:
+                cur._lastrowid = rowid
+        cur._rowid_source = None
+
+
+def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
+                       timeout: float) -> None:
+    """A linearizable copy of one node's database file into path (the backup_* requests of
+    `raftsql backup`, checked against the node's sha256)."""
+    import hashlib
+
+    from raftsql.driver._conn import ConnectionLost, NodeConnection, NodeUnreachable
+
+    deadline = time.monotonic() + max(timeout, 30.0)
+    errors: list[str] = []
+    attempt = 0
+    while time.monotonic() < deadline:
+        host, port = hosts[attempt % len(hosts)]
+        attempt += 1
+        remaining = max(1.0, deadline - time.monotonic())
+        try:
+            conn = NodeConnection(host, port, context, min(5.0, remaining))
+        except NodeUnreachable as e:
+            errors.append(str(e))
+            time.sleep(0.1)
+            continue
+        try:
+            resp = conn.request({"op": "backup_begin", "linearizable": True,
+                                 "timeout_ms": int(min(remaining, 30.0) * 1000)}, remaining)
+            if not resp.get("ok"):
+                err = resp.get("error") or {}
+                errors.append(f"{host}:{port}: {err.get('kind')}: {err.get('message')}")
+                time.sleep(0.1)
+                continue
+            info = resp["result"]
+            digest, offset, size = hashlib.sha256(), 0, int(info["size"])
+            with open(path, "wb") as f:
+                while offset < size:
+                    r = conn.request({"op": "backup_read", "token": info["token"], "offset": offset,
+                                      "length": int(info.get("chunk_max") or (1 << 20))},
+                                     max(1.0, deadline - time.monotonic()))
+                    data = (r.get("result") or {}).get("data") if r.get("ok") else None
+                    if not isinstance(data, bytes) or not data:
+                        raise ConnectionLost(f"the copy from {host}:{port} stopped at byte {offset}")
+                    f.write(data)
+                    digest.update(data)
+                    offset += len(data)
+            with contextlib.suppress(OSError):
+                conn.request({"op": "backup_end", "token": info["token"]}, 5.0)
+            if digest.hexdigest() != info["sha256"]:
+                raise ConnectionLost(f"the copy from {host}:{port} is damaged (sha256 mismatch)")
+            return
+        except ConnectionLost as e:
+            errors.append(str(e))
+        finally:
+            conn.close()
+    raise Unavailable("no node could copy the database: " + "; ".join(errors[-3:]))
+
+
+def _strip_internal_tables(path: str) -> None:
+    """Remove raftsql's own tables (sqlite_raftsql_*, and _raftsql_* of older versions) from a
+    local copy, so it holds what the application stored. SQLite refuses to DROP a table whose
+    name starts with sqlite_, so their schema rows are deleted with writable_schema and VACUUM
+    then rebuilds the file without their pages."""
+    import sqlite3
+
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        internal = ("tbl_name LIKE 'sqlite~_raftsql~_%' ESCAPE '~' "
+                    "OR tbl_name LIKE '~_raftsql~_%' ESCAPE '~'")
+        if db.execute(f"SELECT count(*) FROM sqlite_master WHERE {internal}").fetchone()[0]:
+            db.execute("PRAGMA writable_schema=ON")
+            db.execute(f"DELETE FROM sqlite_master WHERE {internal}")
+            db.execute("PRAGMA writable_schema=OFF")
+            db.close()
+            db = sqlite3.connect(path, isolation_level=None)
+            db.execute("VACUUM")
+        db.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        db.close()

@@ -10,13 +10,14 @@ cursors).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from raftsql.driver import _sql
 from raftsql.driver._client import ResultStream, StreamLost
 from raftsql.driver._exceptions import OperationalError, ProgrammingError, error_from_map
-from raftsql.driver._types import adapt_params
+from raftsql.driver._types import adapt_params, column_converter, column_name, convert_value
 
 if TYPE_CHECKING:
     from raftsql.driver._connection import Connection
@@ -41,7 +42,10 @@ class Cursor:
         self.min_index: int | None = None
         self._consistency: str | None = None
         self._closed = False
-        self.lastrowid: int | None = None
+        self._lastrowid: int | None = None
+        # (transaction, position in its writes, table) when lastrowid came from a previewed
+        # INSERT of the open transaction (see lastrowid).
+        self._rowid_source: tuple[Any, int, str | None] | None = None
         self._reset()
 
     # ------------------------------------------------------------------ attributes
@@ -56,6 +60,25 @@ class Cursor:
             raise ProgrammingError(f"consistency must be one of {', '.join(_CONSISTENCY)} or None")
         self._consistency = value
 
+    @property
+    def lastrowid(self) -> int | None:
+        """The rowid of the last row this cursor's statements inserted, None before any. Inside
+        a transaction it is the rowid the preview assigned; looking at it adds the table to the
+        transaction's read set, so the commit applies only if the committed entry assigns the
+        same rowid (another insert into that table first makes it a SerializationError). After
+        the commit it is the committed entry's rowid."""
+        source = self._rowid_source
+        if source is not None:
+            txn, _, table = source
+            if table and self.connection._txn is txn:
+                txn.reads.add(table)
+        return self._lastrowid
+
+    @lastrowid.setter
+    def lastrowid(self, value: int | None) -> None:
+        self._lastrowid = value
+        self._rowid_source = None
+
     def _reset(self) -> None:
         stream = getattr(self, "_stream", None)
         if stream is not None:
@@ -67,6 +90,10 @@ class Cursor:
         self._bad: dict[int, list[int]] = {}  # row position -> columns of TEXT that is not UTF-8
         self._pos = 0
         self._result: dict[str, Any] | None = None  # the last raw Result map (tests look at it)
+        # detect_types: a converter per column (None: none), or None when no column has one.
+        self._converters: list | None = None
+        # Connection.interrupt() calls seen when this result arrived: a later one aborts it.
+        self._interrupts = self.connection._interrupts
 
     def _check(self) -> None:
         if self._closed:
@@ -121,10 +148,15 @@ class Cursor:
         columns = result.get("columns") or []
         decltypes = result.get("decltypes") or []
         if columns:
+            detect = self.connection._detect_types
+            decl = [decltypes[i] if i < len(decltypes) else None for i in range(len(columns))]
             self.description = tuple(
-                (name, decltypes[i] if i < len(decltypes) else None, None, None, None, None, None)
+                (column_name(name, detect), decl[i], None, None, None, None, None)
                 for i, name in enumerate(columns)
             )
+            if detect:
+                convs = [column_converter(name, decl[i], detect) for i, name in enumerate(columns)]
+                self._converters = convs if any(c is not None for c in convs) else None
         self._set_chunk(result.get("rows") or [], result.get("bad_text"))
         self._stream = result.pop("stream", None)
         self.rowcount = rowcount if rowcount is not None else int(result.get("rowcount", -1))
@@ -132,6 +164,10 @@ class Cursor:
             # Every log entry starts with last_insert_rowid() = 0, so 0 means "this statement
             # inserted nothing": keep the previous value, as sqlite3's connection-level one.
             self.lastrowid = result["lastrowid"]
+            source = result.pop("rowid_source", None)
+            if source is not None:
+                self._rowid_source = source
+                source[0].rowid_cursors.append((source[1], weakref.ref(self)))
 
     # ------------------------------------------------------------------ fetch*
 
@@ -163,6 +199,13 @@ class Cursor:
     def _next_row(self) -> Any:
         """The next row made (row_factory, text_factory), or None at the end."""
         self._check()
+        if self._interrupts != self.connection._interrupts:
+            # Connection.interrupt() since this result arrived: as sqlite3, the statement that
+            # was still running fails once with "interrupted" and the cursor is reset.
+            self._interrupts = self.connection._interrupts
+            if self._pos < len(self._rows) or (self._stream is not None and not self._stream.done):
+                self._reset()
+                raise OperationalError("interrupted")
         if self._pos >= len(self._rows) and not self._more():
             return None
         pos = self._pos
@@ -171,7 +214,10 @@ class Cursor:
 
     def _make(self, row: list, bad: list[int] | None = None) -> Any:
         tf = self.connection.text_factory
-        if bad is not None or tf is not str:
+        convs = self._converters
+        if convs is not None:
+            row = self._convert(row, convs, bad or (), tf)
+        elif bad is not None or tf is not str:
             row = self._texts(row, bad or (), tf)
         else:
             row = tuple(row)
@@ -195,6 +241,15 @@ class Cursor:
                 b = v.encode("utf-8")
                 out[i] = b if tf is bytes else tf(b)
         return tuple(out)
+
+    def _convert(self, row: list, convs: list, bad: Any, tf: Any) -> tuple:
+        """detect_types: a column with a converter gets it (from the value's bytes, text_factory
+        not applied, as sqlite3); the others get text_factory."""
+        plain = [v if convs[i] is None else None for i, v in enumerate(row)]
+        if bad or tf is not str:
+            plain = list(self._texts(plain, [i for i in bad if convs[i] is None], tf))
+        return tuple(convert_value(v, conv) if conv is not None else plain[i]
+                     for i, (v, conv) in enumerate(zip(row, convs, strict=True)))
 
     def fetchone(self) -> Any:
         return self._next_row()

@@ -12,11 +12,14 @@ Values sent to the server: None, int (signed 64-bit), float, str, bytes. Adapted
                                adapter for time; we add one so Time() values can be bound)
   int/str/float subclasses  -> the base type (IntEnum, StrEnum...)
   anything registered with register_adapter(type, callable) -> callable(value), checked first
+  an object with __conform__(protocol) -> its answer for PrepareProtocol, if not None (PEP 246,
+                               as sqlite3), checked after the registered adapters
 
 Anything else raises ProgrammingError("Error binding parameter ...: type '...' is not supported"),
 and an int outside 64 bits raises OverflowError, both as sqlite3 does. Results come back as
-None, int, float, str or bytes: there are no converters (SQLite has no date type; parse the ISO
-strings with datetime.fromisoformat).
+None, int, float, str or bytes, unless the connection was opened with detect_types: then
+converters (register_converter) turn the values of the columns they name into anything, from
+the bytes sqlite3 would give them (see convert_value).
 """
 
 from __future__ import annotations
@@ -124,20 +127,82 @@ ROWID = DBAPITypeObject("ROWID", lambda t: t.strip().upper() == "INTEGER")
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 
+
+class PrepareProtocol:
+    """The adaptation protocol of sqlite3 (PEP 246): register_adapter() keys adapters by
+    (type, PrepareProtocol), and an object's __conform__(protocol) is called with this class."""
+
+
+class _Adapters(dict):
+    """sqlite3.adapters: {(type, PrepareProtocol): callable}. A bare type is accepted as a key
+    too (this driver's older form)."""
+
+    @staticmethod
+    def _key(key: Any) -> Any:
+        return key if isinstance(key, tuple) else (key, PrepareProtocol)
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._key(key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(self._key(key), value)
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(self._key(key))
+
+    def __contains__(self, key: Any) -> bool:
+        return super().__contains__(self._key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+
 # User adapters, by exact type (as sqlite3's register_adapter).
-adapters: dict[type, Callable[[Any], Any]] = {}
+adapters: dict[Any, Callable[[Any], Any]] = _Adapters()
+_MISSING = object()
 
 
 def register_adapter(type_: type, adapter: Callable[[Any], Any], /) -> None:
     """Register callable(value) -> None/int/float/str/bytes to bind values of exactly type_."""
-    adapters[type_] = adapter
+    adapters[(type_, PrepareProtocol)] = adapter
+
+
+def adapt(obj: Any, proto: Any = PrepareProtocol, alt: Any = _MISSING, /) -> Any:
+    """sqlite3.adapt(): the registered adapter for (type(obj), proto), else proto.__adapt__(obj),
+    else obj.__conform__(proto) (the first answer that is not None), else alt, else
+    ProgrammingError("can't adapt")."""
+    adapter = adapters.get((type(obj), proto))
+    if adapter is not None:
+        return adapter(obj)
+    for hook, arg in ((getattr(proto, "__adapt__", None), obj), (getattr(obj, "__conform__", None), proto)):
+        if hook is not None:
+            try:
+                adapted = hook(arg)
+            except TypeError:
+                adapted = None
+            if adapted is not None:
+                return adapted
+    if alt is not _MISSING:
+        return alt
+    raise ProgrammingError("can't adapt")
 
 
 def _adapt(value: Any, where: str) -> Any:
     t = type(value)
-    if t in adapters:
-        value = adapters[t](value)
+    adapter = adapters.get((t, PrepareProtocol)) if adapters else None
+    if adapter is not None:
+        value = adapter(value)
         t = type(value)
+    elif t not in _PLAIN:
+        conform = getattr(value, "__conform__", None)
+        if conform is not None:
+            try:
+                adapted = conform(PrepareProtocol)
+            except TypeError:
+                adapted = None
+            if adapted is not None:
+                value = adapted
+                t = type(value)
     if value is None or t is str or t is float or t is bytes:
         return value
     if t is int or (isinstance(value, int) and not isinstance(value, bool)):
@@ -163,6 +228,9 @@ def _adapt(value: Any, where: str) -> Any:
     raise ProgrammingError(f"Error binding parameter {where}: type '{t.__name__}' is not supported")
 
 
+_PLAIN = frozenset({int, float, str, bytes, type(None)})
+
+
 def adapt_params(params: Any) -> list[Any] | dict[str, Any]:
     """sqlite3's parameter rules: a mapping binds named parameters (:name, @name, $name), any
     other sequence binds positional ones (?, ?NNN). Returns what goes on the wire."""
@@ -180,3 +248,103 @@ def adapt_params(params: Any) -> list[Any] | dict[str, Any]:
             return list(params)
         return [_adapt(v, str(i)) for i, v in enumerate(params, 1)]
     raise ProgrammingError("parameters are of unsupported type")
+
+
+# --------------------------------------------------------------------------- converters
+
+PARSE_DECLTYPES = 1
+PARSE_COLNAMES = 2
+
+# sqlite3.converters: {UPPER-CASE NAME: callable(bytes)}.
+converters: dict[str, Callable[[bytes], Any]] = {}
+
+
+def register_converter(typename: str, converter: Callable[[bytes], Any], /) -> None:
+    """As sqlite3: with detect_types, values of columns declared (PARSE_DECLTYPES) or named
+    "name [typename]" (PARSE_COLNAMES) as typename are passed, as bytes, to converter.
+    Names are case-insensitive."""
+    if not isinstance(typename, str):
+        raise TypeError(f"register_converter() argument 1 must be str, not {type(typename).__name__}")
+    converters[typename.upper()] = converter
+
+
+def _convert_date(val: bytes) -> datetime.date:
+    return datetime.date(*map(int, val.split(b"-")))
+
+
+def _convert_timestamp(val: bytes) -> datetime.datetime:
+    datepart, timepart = val.split(b" ")
+    year, month, day = map(int, datepart.split(b"-"))
+    clock, _, fraction = timepart.partition(b".")
+    hours, minutes, seconds = map(int, clock.split(b":"))
+    micro = int(f"{fraction.decode():0<6.6}") if fraction else 0
+    return datetime.datetime(year, month, day, hours, minutes, seconds, micro)
+
+
+# sqlite3's default converters (deprecated in Python 3.12, still registered there).
+register_converter("date", _convert_date)
+register_converter("timestamp", _convert_timestamp)
+
+
+def column_converter(name: str, decltype: str | None, detect_types: int) -> Callable[[bytes], Any] | None:
+    """The converter sqlite3 picks for a result column (CPython's _pysqlite_build_row_cast_map):
+    PARSE_COLNAMES first, the text between the first '[' of the column's name and the next ']';
+    then PARSE_DECLTYPES, the declared type up to its first blank or '('."""
+    if detect_types & PARSE_COLNAMES:
+        start = name.find("[")
+        if start >= 0:
+            end = name.find("]", start + 1)
+            if end >= 0:
+                conv = converters.get(name[start + 1:end].upper())
+                if conv is not None:
+                    return conv
+    if detect_types & PARSE_DECLTYPES and decltype:
+        cut = len(decltype)
+        for stop in (" ", "("):
+            i = decltype.find(stop)
+            if 0 <= i < cut:
+                cut = i
+        return converters.get(decltype[:cut].upper())
+    return None
+
+
+def column_name(name: str, detect_types: int) -> str:
+    """A result column's name in description: with PARSE_COLNAMES, cut before its first '['
+    (and one blank before it), as sqlite3 does."""
+    if detect_types & PARSE_COLNAMES:
+        i = name.find("[")
+        if i >= 0:
+            return name[:i - 1] if i > 0 and name[i - 1] == " " else name[:i]
+    return name
+
+
+def _real_text(v: float) -> bytes:
+    """A REAL as SQLite renders it as text ("%!.15g": 1.0, 1.0e+20, 0.1, Inf)."""
+    if v != v:
+        return b""  # SQLite stores NaN as NULL; never reached for a stored value
+    if v in (float("inf"), float("-inf")):
+        return b"Inf" if v > 0 else b"-Inf"
+    s = f"{v:.15g}"
+    mantissa, e, exp = s.partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return (mantissa + e + exp).encode()
+
+
+def convert_value(value: Any, converter: Callable[[bytes], Any]) -> Any:
+    """What sqlite3 passes a converter: the value's bytes as sqlite3_column_blob gives them
+    (an INTEGER or REAL as its text, TEXT as UTF-8); NULL stays None and is not converted."""
+    if value is None:
+        return None
+    t = type(value)
+    if t is bytes:
+        raw = value
+    elif t is str:
+        raw = value.encode("utf-8")
+    elif t is int:
+        raw = str(value).encode()
+    elif t is float:
+        raw = _real_text(value)
+    else:
+        raw = bytes(value)
+    return converter(raw)

@@ -105,7 +105,6 @@ def test_dsn_parameters_and_keyword_overrides():
     ("raftsql://h:1/?certs=c&consitency=stale", {}),
     ("raftsql://h:1/", {}),
     ("raftsql://h:1/?certs=c&timeout=soon", {}),
-    ("raftsql://h:1/?certs=c", {"timeout": 0}),
     ("raftsql://h:1/?certs=c&consistency=eventual", {}),
     ("raftsql://h:1/?certs=c&autocommit=maybe", {}),
     ("raftsql://h:1/?certs=c", {"hosts": ["nohost"]}),
