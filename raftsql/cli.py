@@ -27,7 +27,7 @@ USER_ERRORS = [
     "raftsql.server.config:ConfigError",
     "raftsql.server.logstore:LogCorruptError",
     "raftsql.server.logstore:LogLockedError",
-    "raftsql.server.admin:JoinError",
+    "raftsql.server.membership:JoinError",
     "raftsql.server.reseed:ReseedError",
     "raftsql.server.statemachine:DatabaseDamagedError",
     "raftsql.driver._admin:AdminError",
@@ -304,7 +304,7 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         click.echo(f"Re-seeding {cfg.data_dir}: moved {', '.join(done['moved'])} to "
                    f"{done['moved_to']}; catching up from the leader.", err=True)
     if cfg.extra.get("join"):
-        from raftsql.server.admin import join_cluster
+        from raftsql.server.membership import join_cluster
 
         join_cluster(cfg, cfg.extra["join"])
     n = Node(cfg)

@@ -68,7 +68,7 @@ class NodeConfig:
     advertise: str | None = None  # host:port clients should use; default: listen address
     extra: dict[str, Any] = field(default_factory=dict)
     # The cluster's first voters, the base every CONF_CHANGE applies to. Empty: id + peers.
-    # Set from DATA_DIR/membership.json (server/admin.py), so a joined node knows them too.
+    # Set from DATA_DIR/membership.json (server/membership.py), so a joined node knows them too.
     bootstrap_voters: tuple[str, ...] = ()
     # Log compaction (server/snapshot.py): snapshot after this many entries or bytes of entry
     # data, and compact only once this many more are applied after the snapshot.
@@ -85,6 +85,11 @@ class NodeConfig:
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def valid_node_id(text: str) -> bool:
+    """Letters, digits, '-' and '_', at most 63, not starting with '-' or '_'."""
+    return bool(_ID.match(text))
 
 # setting -> (type, environment variable)
 SETTINGS: dict[str, tuple[type, str]] = {
@@ -111,7 +116,7 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
     "snapshot_trailing": (int, "RAFTSQL_SNAPSHOT_TRAILING"),
     "log_cache_bytes": (int, "RAFTSQL_LOG_CACHE_BYTES"),  # server/DESIGN.md, "Bounded log memory"
-    # DSN of a running cluster to join as a learner (first start only; see server/admin.py)
+    # DSN of a running cluster to join as a learner (first start only; see server/membership.py)
     "join": (str, "RAFTSQL_JOIN"),
 }
 

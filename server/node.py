@@ -1,10 +1,17 @@
 """A raftsql node: drives the pure Raft core with real time, real disks and real sockets.
 
+The node owns its parts, each with a narrow interface: the log store (server/logstore.py), the
+Raft core, the state machine (server/statemachine.py), snapshots (server/snapshot.py),
+membership (server/membership.py), the applier and the waiting clients (server/applier.py),
+the transport (server/transport.py) and the client service (server/clients.py).
+
 Threads:
 - ticker: calls core.tick() every tick_ms;
 - ready loop: takes a Ready, sends the leader's early messages, appends + fsyncs (one fsync for
   every proposal that arrived meanwhile: group commit), sends the rest, applies committed
-  entries to SQLite (the apply path; inline, see DESIGN.md), wakes waiting clients, advances;
+  entries (small batches inline, large ones in the apply thread), wakes waiting clients,
+  advances;
+- apply: large committed batches (server/applier.py);
 - transport: per-peer senders and per-connection readers (server/transport.py);
 - one thread per client connection (server/clients.py) calling execute()/status().
 
@@ -13,7 +20,6 @@ Every touch of the core happens under self._lock; the slow work (fsync, SQLite) 
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import random
@@ -22,7 +28,9 @@ import time
 import uuid
 from typing import Any
 
-from raftsql.command import Command, Many
+import apsw
+
+from raftsql.command import Command, CommandError, CommandKind, Many
 from raftsql.protocol import NOT_READONLY, ErrorKind, RequestError
 from raftsql.raft.core import Config, Raft
 from raftsql.raft.types import (
@@ -33,42 +41,28 @@ from raftsql.raft.types import (
     ProposalDropped,
     Ready,
     Role,
+    SnapshotMeta,
 )
+from raftsql.server import reseed
+from raftsql.server.applier import Applier, Waiter, Waiters
+from raftsql.server.clients import ClientService
 from raftsql.server.config import NodeConfig
+from raftsql.server.fileperms import secure_data_dir
+from raftsql.server.logstore import LogStore
+from raftsql.server.membership import Membership
+from raftsql.server.snapshot import Snapshots
+from raftsql.server.sqlerrors import damaged
+from raftsql.server.statemachine import Result, SQLError, StateMachine
+from raftsql.server.transport import Transport
 
 log = logging.getLogger("raftsql.node")
-
-# Committed batches up to this size apply in the Ready loop; larger ones in the apply thread.
-APPLY_INLINE_BYTES = 64 * 1024
-
-
-class _Waiter:
-    __slots__ = ("term", "event", "result", "error", "data", "cmd")
-
-    def __init__(self, term: int):
-        self.term = term
-        self.event = threading.Event()
-        self.result = None
-        self.error: RequestError | None = None
-        # The proposed bytes and the Command they encode: applying our own entry skips the
-        # decode (Command(...) == Command.decode(encode()), tests/unit/test_command.py).
-        self.data: bytes | None = None
-        self.cmd: Command | None = None
-
-    def finish(self, result=None, error: RequestError | None = None) -> None:
-        self.result, self.error = result, error
-        self.event.set()
 
 
 def _explain(e: BaseException, db_path: str) -> BaseException:
     """A raw SQLite corruption error on this node's own database (read at start, or by any
     internal statement) becomes DatabaseDamagedError, whose message says how to recover."""
-    import apsw
-
-    from raftsql.server.sqlerrors import damaged as _damaged
-
     if isinstance(e, apsw.CorruptError | apsw.NotADBError):
-        return _damaged(db_path, f"reading it failed: {type(e).__name__}: {e}", str(e))
+        return damaged(db_path, f"reading it failed: {type(e).__name__}: {e}", str(e))
     return e
 
 
@@ -82,36 +76,30 @@ class Node:
                 raise
             raise explained from e
 
-    def _init(self, cfg: NodeConfig):
-        from raftsql.server.fileperms import secure_data_dir
-        from raftsql.server.logstore import LogStore
-        from raftsql.server.statemachine import StateMachine
-
+    def _init(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         secure_data_dir(cfg.data_dir)  # dir 0700, files 0600, umask 077 (server/fileperms.py)
-        self.addresses: dict[str, str] = {pid: f"{h}:{p}" for pid, (h, p) in cfg.peers.items()}
-        self.addresses[cfg.id] = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
         self.store = LogStore(os.path.join(cfg.data_dir, "raft-log"))
         hs, snap, stored = self.store.initial_state()  # terms and conf changes, no entry data
-        from raftsql.server import snapshot
-
-        # Sets self.snapshots; restores db.sqlite from the snapshot file if it is behind the log.
-        self.sm: StateMachine = snapshot.open_state_machine(self, snap.index)
-        from raftsql.server import admin
-
-        admin.init_membership(self, stored.conf_changes)  # bootstrap voters + address book (DESIGN.md, Membership)
+        self.snapshots = Snapshots(
+            cfg.data_dir, os.path.join(cfg.data_dir, "db.sqlite"), entries=cfg.snapshot_entries,
+            max_bytes=cfg.snapshot_bytes, trailing=cfg.snapshot_trailing, node_id=cfg.id,
+        )
+        # Restores db.sqlite from the snapshot file if it is behind the log.
+        self.sm: StateMachine = self.snapshots.open_state_machine(snap.index, self._new_state_machine)
+        # Bootstrap voters and the address book (server/membership.py).
+        self.membership = Membership.open(cfg, self.sm.members(), stored.conf_changes,
+                                          self.sm.applied_index)
         rcfg = Config(
             id=cfg.id,
             voters=cfg.voters(),
             election_ticks=cfg.election_ticks,
             heartbeat_ticks=cfg.heartbeat_ticks,
-            logger=self._core_log,
+            logger=log.info,
         )
         # The core's randomness (election timeouts) comes from the OS, seeded once.
         self.core = Raft(rcfg, random.Random(os.urandom(16)), hs, snap, stored, applied=self.sm.applied_index,
                          storage=self.store, log_cache_bytes=cfg.log_cache_bytes)  # DESIGN.md, "Bounded log memory"
-        from raftsql.server import reseed
-
         # After `--reseed`: no vote until the log is back to where it was (server/reseed.py).
         self._vote_barrier = reseed.vote_barrier(cfg.data_dir)
         self.core.vote_barrier = self._vote_barrier
@@ -125,46 +113,45 @@ class Node:
         self._leader_known = threading.Condition(self._lock)
         self._stopping = False
         self._stopped = threading.Event()
-        self._proposals: dict[int, _Waiter] = {}
-        self._reads: dict[bytes, _Waiter] = {}
+        self._waiters = Waiters(self._lock)
+        self._applier = Applier(lambda: self.sm, self._waiters, self._apply_conf_change,
+                                self._applied, self.sm.applied_index)
+        # Bytes the applier finished since the Ready loop last looked (under _lock): the Ready
+        # loop, the log store's only writer, then takes snapshots and compacts.
+        self._applied_bytes = 0
         self._rng = random.SystemRandom()
         self._threads: list[threading.Thread] = []
         self._fatal: BaseException | None = None
-        # The apply thread's queue of committed entry batches (server/DESIGN.md, "Large
-        # batches apply in their own thread"). _apply_cv guards _apply_q and _applying; _queued_to (under
-        # _lock) is the last index handed over; _applied_bytes (under _lock) is what the
-        # apply thread finished since the Ready loop last looked (for snapshots).
-        self._apply_q: collections.deque[list] = collections.deque()
-        self._apply_cv = threading.Condition(threading.Lock())
-        self._applying = False
-        self._queued_to = self.sm.applied_index
-        self._applied_bytes = 0
         self.role = Role.FOLLOWER
         self.leader: str | None = None
         self.last_contact: dict[str, float] = {}
-        self.transport = None  # set in start()
+        self.clients = ClientService(self)
+        self.transport: Transport | None = None  # set in start()
         self._broken_reads = cfg.hooks.broken_reads
         if self._broken_reads:
             log.warning("%s: test hook broken_reads: linearizable reads are NOT linearizable", cfg.id)
 
-    def _core_log(self, line: str) -> None:
-        log.info(line)
+    def _new_state_machine(self, path: str) -> StateMachine:
+        return StateMachine(path, session_timeout_ms=self.cfg.session_timeout_ms,
+                            query_timeout_s=self.cfg.query_timeout_s)
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Where each node is (the membership's dial addresses; ours as advertised)."""
+        return self.membership.addresses
+
+    def database_path(self) -> str:
+        return self.sm.path
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-
-        from raftsql.server.clients import ClientService
-        from raftsql.server.transport import Transport
-
-        self.clients = ClientService(self)
-        from raftsql.server import admin
-
-        peers = admin.transport_peers(self)
+        with self._lock:
+            members = set(self.core.voters) | set(self.core.learners)
         self.transport = Transport(
             self.cfg.id,
             self.cfg.listen,
-            peers,
+            self.membership.dial_list(members),
             self.cfg.certs_dir,
             on_raft=self._on_raft,
             on_client=self.clients.serve,
@@ -190,14 +177,18 @@ class Node:
         """Stop the node. A graceful stop of a leader first hands leadership to the most
         up-to-date voter, so clients see a pause of one round trip instead of an election."""
         if graceful:
-            self._transfer_before_exit(timeout)
+            try:
+                leader = self.hand_over_leadership(time.monotonic() + timeout, wait_for_name=True)
+                if leader is not None:
+                    log.info("%s handed leadership to %s before exiting", self.cfg.id, leader)
+            except RequestError as e:
+                log.warning("%s could not hand over leadership: %s", self.cfg.id, e.message)
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
             self._leader_known.notify_all()
             self._fail_all(ErrorKind.UNAVAILABLE, "node is shutting down; the request was not applied", proposals_unknown=True)
-        with self._apply_cv:
-            self._apply_cv.notify_all()
+        self._applier.stop()
         for t in self._threads:
             t.join(timeout)
         if self.transport is not None:
@@ -207,30 +198,38 @@ class Node:
         self.sm.close()
         self._stopped.set()
 
-    def _transfer_before_exit(self, timeout: float) -> None:
+    def hand_over_leadership(self, deadline: float, wait_for_name: bool = False) -> str | None:
+        """Transfer leadership to the most up-to-date voter and wait (at most until deadline,
+        and about two election timeouts) until it leads; returns its id. None if this node is
+        not the leader or the only voter. Raises UNAVAILABLE if it did not happen in time (the
+        transfer is then cancelled, so this node accepts writes again). wait_for_name: also
+        wait (up to 0.2 s) until the new leader's first append names it, so that requests
+        arriving meanwhile are redirected to it, not into a backoff."""
         with self._lock:
             if self.core.role != Role.LEADER or len(self.core.voters) < 2:
-                return
-            cands = [(p.match, nid) for nid, p in self.core.progress.items() if nid != self.cfg.id and nid in self.core.voters]
+                return None
+            cands = [(p.match, nid) for nid, p in self.core.progress.items()
+                     if nid != self.cfg.id and nid in self.core.voters]
             if not cands:
-                return
-            _, target = max(cands)
+                return None
+            target = max(cands)[1]
             try:
                 self.core.transfer_leadership(target)
-            except (NotLeader, ValueError):
-                return
+            except (NotLeader, ValueError) as e:
+                raise RequestError(ErrorKind.UNAVAILABLE, f"cannot transfer leadership: {e}") from None
             self._wake.notify_all()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        limit = min(deadline, time.monotonic() + 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0)
+        while time.monotonic() < limit:
             with self._lock:
                 if self.core.role != Role.LEADER:
-                    log.info("%s handed leadership to %s before exiting", self.cfg.id, target)
-                    # Stay until the new leader's first append names it (a few ms), so that
-                    # requests arriving meanwhile are redirected to it, not into a backoff.
-                    self._await_leader(min(deadline, time.monotonic() + 0.2))
-                    return
+                    if wait_for_name:
+                        self._await_leader(min(limit, time.monotonic() + 0.2))
+                    return self.core.leader or target
             time.sleep(0.005)
-        log.warning("%s could not hand over leadership within %.1fs", self.cfg.id, timeout)
+        with self._lock:
+            if self.core.role == Role.LEADER:
+                self.core.transfer_leadership(self.cfg.id)  # cancel: accept writes again
+        raise RequestError(ErrorKind.UNAVAILABLE, f"could not hand leadership to {target} in time; try again")
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -238,13 +237,11 @@ class Node:
     # ---------------------------------------------------------------- inputs
 
     def _on_raft(self, msgs: list[Message]) -> None:
-        from raftsql.server import snapshot
-
         now = time.monotonic()
         with self._lock:
             for m in msgs:
                 self.last_contact[m.sender] = now
-                if snapshot.accept(self, m):  # a SNAPSHOT only with its data received
+                if self.snapshots.accept(m):  # a SNAPSHOT only with its data received
                     self.core.step(m)
             self._wake.notify()
 
@@ -258,10 +255,8 @@ class Node:
         core sends to it, and the core sends only to members."""
         if self.transport is None or nid in self.transport.peer_status():
             return
-        host, _, port = address.rpartition(":")
         log.info("%s: learned %s's address %s from its hello", self.cfg.id, nid, address)
-        self.addresses.setdefault(nid, address)
-        self.transport.add_peer(nid, (host.strip("[]"), int(port)))
+        self.transport.add_peer(nid, self.membership.learned(nid, address))
 
     def _ticker(self) -> None:
         period = self.cfg.tick_ms / 1000.0
@@ -282,8 +277,6 @@ class Node:
     # ---------------------------------------------------------------- the Ready loop
 
     def _ready_loop(self) -> None:
-        from raftsql.server import snapshot
-
         try:
             while True:
                 with self._lock:
@@ -302,13 +295,29 @@ class Node:
                         self._lift_vote_barrier()
                 if applied_bytes:
                     # Snapshots and compaction stay in this thread (the log store's writer).
-                    snapshot.after_apply(self, applied_bytes)
+                    self.snapshots.after_apply(applied_bytes, self.sm.applied_index,
+                                               self._compact_core, self.store, self._wake_ready)
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._die(e, "Ready loop")
 
-    def _lift_vote_barrier(self) -> None:
-        from raftsql.server import reseed
+    def _wake_ready(self) -> None:
+        with self._lock:
+            self._wake.notify()
 
+    def _compact_core(self, index: int) -> SnapshotMeta | None:
+        with self._lock:
+            try:
+                return self.core.compact(index)
+            except ValueError as e:  # not yet stable: try again after the next batch
+                log.debug("%s: compaction to %d deferred: %s", self.cfg.id, index, e)
+                return None
+
+    def _report_snapshot(self, to: str, ok: bool) -> None:
+        with self._lock:
+            self.core.report_snapshot(to, ok)
+            self._wake.notify()
+
+    def _lift_vote_barrier(self) -> None:
         reseed.lift(self.cfg.data_dir)
         with self._lock:
             self.core.vote_barrier = 0
@@ -317,60 +326,16 @@ class Node:
         self._vote_barrier = 0
 
     def _apply_loop(self) -> None:
-        """Applies committed entries in order, off the Ready loop, so that a long apply (a
-        1,000,000-row executemany takes seconds) never holds up heartbeats, votes and appends."""
         try:
-            while True:
-                with self._apply_cv:
-                    while not self._apply_q and not self._stopping:
-                        self._apply_cv.wait(0.5)
-                    if self._stopping:
-                        return  # what is queued is in the log: replayed after a restart
-                    # Everything queued, in one SQLite transaction (apply_many).
-                    entries = self._apply_q.popleft()
-                    while self._apply_q:
-                        entries = entries + self._apply_q.popleft()
-                    self._applying = True
-                self._apply_claimed(entries, sum(len(e.data) for e in entries))
+            self._applier.run()
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._die(e, "apply thread")
 
-    def _apply_claimed(self, entries: list, nbytes: int) -> None:
-        """Apply entries after setting _applying (under _apply_cv); then clear it and tell the
-        Ready loop how much was applied (snapshots)."""
-        try:
-            self._apply(entries)
-        finally:
-            with self._apply_cv:
-                self._applying = False
-                self._apply_cv.notify_all()
+    def _applied(self, nbytes: int) -> None:
+        """The applier finished a batch: the Ready loop takes snapshots and compacts."""
         with self._lock:
-            self._applied_bytes += max(1, nbytes)
+            self._applied_bytes += nbytes
             self._wake.notify()
-
-    def _apply_committed(self, entries: list) -> None:
-        """Small batches apply right here, as long as nothing is queued (the Ready loop being
-        busy meanwhile is what batches the next proposals into one fsync: 64 clients got half
-        the writes/s with every batch handed over). Large ones go to the apply thread, so a
-        long apply cannot hold up heartbeats."""
-        with self._lock:
-            self._queued_to = entries[-1].index
-        nbytes = sum(len(e.data) for e in entries)
-        with self._apply_cv:
-            inline = nbytes <= APPLY_INLINE_BYTES and not self._apply_q and not self._applying
-            if not inline:
-                self._apply_q.append(entries)
-                self._apply_cv.notify()
-                return
-            self._applying = True
-        self._apply_claimed(entries, nbytes)
-
-    def _drain_apply(self) -> None:
-        """Wait until the apply thread has applied everything queued (before a snapshot
-        replaces the database)."""
-        with self._apply_cv:
-            while (self._apply_q or self._applying) and not self._stopping:
-                self._apply_cv.wait(0.5)
 
     def _die(self, e: BaseException, where: str) -> None:
         self._fatal = e
@@ -382,16 +347,19 @@ class Node:
         os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
 
     def _handle_ready(self, rd: Ready) -> None:
-        from raftsql.server import snapshot
-
         # 0. A snapshot from the leader replaces the database and the log (server/snapshot.py).
         if rd.snapshot is not None:
-            self._drain_apply()
-            snapshot.install(self, rd.snapshot)
+            self._applier.drain()
+            self.sm = self.snapshots.install(rd.snapshot, self.store, self.sm, self._new_state_machine)
+            with self._lock:
+                members = set(self.core.voters) | set(self.core.learners)
+            # Membership changes inside the snapshot were never applied here one by one.
+            self._update_transport(self.membership.adopt(self.sm.members(), members))
         # 1. The leader's appends/heartbeats leave now, in parallel with its own disk write.
         #    SNAPSHOT messages go with their file (the transport streams it).
         if rd.messages:
-            self.transport.send(snapshot.send(self, rd.messages))
+            self.transport.send(self.snapshots.outgoing(rd.messages, self.transport.send_snapshot,
+                                                        self._report_snapshot))
         # 2. Persist, one fsync for the whole batch.
         if rd.entries:
             self.store.append(rd.entries)
@@ -404,48 +372,29 @@ class Node:
             self.transport.send(rd.persisted_messages)
         # 4. Apply (here, or in the apply thread for large batches); it answers the clients.
         if rd.committed_entries:
-            self._apply_committed(rd.committed_entries)
+            self._applier.apply_committed(rd.committed_entries)
         if rd.soft_state is not None:
             self._on_soft_state(rd)
         for rs in rd.read_states:
             with self._lock:
-                w = self._reads.pop(rs.context, None)
+                w = self._waiters.reads.pop(rs.context, None)
             if w is not None:
                 w.finish(result=rs.index)
 
-    def _apply(self, entries: list) -> None:
-        batch = []
-        proposals = self._proposals
-        for e in entries:
-            if e.type == EntryType.CONF_CHANGE:
-                from raftsql.server import admin
-
-                cc = ConfChange.decode(e.data)
-                self._apply_conf_change(cc)
-                # The state machine keeps the address book, so snapshots carry it.
-                batch.append((e.index, admin.member_change(cc)))
-            else:
-                w = proposals.get(e.index)  # atomic; an entry we proposed carries its Command
-                if w is not None and w.data is e.data and w.cmd is not None:
-                    batch.append((e.index, w.cmd))
-                else:
-                    batch.append((e.index, e.data))
-        results = self.sm.apply_many(batch)
-        with self._lock:
-            for e, res in zip(entries, results, strict=True):
-                w = self._proposals.pop(e.index, None)
-                if w is None:
-                    continue
-                if e.term == w.term:
-                    w.finish(result=res)
-                else:
-                    # Another leader's entry took this index: ours can never commit.
-                    w.finish(error=RequestError(ErrorKind.NOT_LEADER, "leadership changed before the write committed; it was not applied"))
-
     def _apply_conf_change(self, cc: ConfChange) -> None:
-        from raftsql.server import admin
+        """A committed membership change, in log order (the applier, before applying it)."""
+        change = self.membership.apply(cc)  # the address book, fsynced
+        if change is not None:
+            self._update_transport([change])
 
-        admin.apply_conf_change(self, cc)  # address book (fsynced) and transport peers
+    def _update_transport(self, changes: list[tuple[str, str, Any]]) -> None:
+        if self.transport is None:
+            return
+        for what, nid, addr in changes:
+            if what == "add":
+                self.transport.add_peer(nid, addr)
+            else:
+                self.transport.remove_peer(nid)
 
     def _on_soft_state(self, rd: Ready) -> None:
         ss = rd.soft_state
@@ -459,23 +408,15 @@ class Node:
                 # Entries we proposed may or may not commit under the next leader. Those already
                 # committed (queued for the apply thread) get their result from it.
                 self._fail_all(ErrorKind.OUTCOME_UNKNOWN, "leadership was lost before the write was applied",
-                               proposals_unknown=True, keep_upto=self._queued_to)
-            elif old_leader != ss.leader and self._reads:
+                               proposals_unknown=True, keep_upto=self._applier.queued_to)
+            elif old_leader != ss.leader and self._waiters.reads:
                 # Reads forwarded to a leader that is gone will never be answered.
-                for w in self._reads.values():
-                    w.finish(error=RequestError(ErrorKind.NOT_LEADER, "the leader changed; retry the read", *self._leader_hint()))
-                self._reads.clear()
+                self._waiters.fail_reads(ErrorKind.NOT_LEADER, "the leader changed; retry the read",
+                                         self._leader_hint())
 
     def _fail_all(self, kind: ErrorKind, message: str, proposals_unknown: bool, keep_upto: int = 0) -> None:
-        leader, addr = self._leader_hint()
-        kept = {i: w for i, w in self._proposals.items() if i <= keep_upto}
-        for i, w in self._proposals.items():
-            if i not in kept:
-                w.finish(error=RequestError(ErrorKind.OUTCOME_UNKNOWN if proposals_unknown else kind, message, leader, addr))
-        self._proposals = kept
-        for w in self._reads.values():
-            w.finish(error=RequestError(ErrorKind.NOT_LEADER if kind == ErrorKind.OUTCOME_UNKNOWN else kind, message, leader, addr))
-        self._reads.clear()
+        """Called with the lock held: fail every waiting request (server/applier.py)."""
+        self._waiters.fail(kind, message, self._leader_hint(), proposals_unknown, keep_upto)
 
     def _leader_hint(self) -> tuple[str | None, str | None]:
         ld = self.core.leader
@@ -512,8 +453,6 @@ class Node:
         applied only if the check passes (see DESIGN.md, "Serializable transactions").
         chunk: a read returns about this many bytes of rows, and the rest in Result.stream
         (the client fetches it); None: the whole result, up to statemachine.MAX_RESULT_BYTES."""
-        from raftsql.server.statemachine import Result, SQLError
-
         if self._stopping:
             ld, addr = self._leader_hint()
             if ld is not None and ld != self.cfg.id:
@@ -552,7 +491,7 @@ class Node:
         if commit is None and len(statements) == 1 and readonly[0]:
             sql, params = statements[0]
             if consistency == "linearizable" and not self._broken_reads:
-                self._wait_read_index(deadline)  # on a follower, through the leader
+                self.wait_read_index(deadline)  # on a follower, through the leader
             elif consistency == "leader":
                 with self._lock:
                     if self.core.role != Role.LEADER:
@@ -605,7 +544,7 @@ class Node:
         silent = time.monotonic() - self.last_contact.get(ld, 0.0)
         return silent > 4 * self.cfg.heartbeat_ticks * self.cfg.tick_ms / 1000.0
 
-    def _wait_read_index(self, deadline: float) -> int:
+    def wait_read_index(self, deadline: float) -> int:
         """ReadIndex (diss. 6.4): confirm with a quorum that the leader's commit index is
         current, then wait until this node has applied it. Works on followers too (the core
         forwards the request to the leader)."""
@@ -615,15 +554,15 @@ class Node:
                 self.core.read_index(ctx)
             except NotLeader:
                 raise self._not_leader() from None
-            w = _Waiter(self.core.term)
-            self._reads[ctx] = w
+            w = Waiter(self.core.term)
+            self._waiters.reads[ctx] = w
             self._wake.notify()
         # A leader that does not confirm within two election timeouts is probably gone: give up
         # early so the client retries elsewhere instead of waiting out its whole deadline.
         limit = 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0
         if not w.event.wait(max(0.0, min(limit, deadline - time.monotonic()))):
             with self._lock:
-                self._reads.pop(ctx, None)
+                self._waiters.reads.pop(ctx, None)
             raise RequestError(ErrorKind.TIMEOUT, "leadership could not be confirmed in time (no quorum?)")
         if w.error is not None:
             raise w.error
@@ -659,7 +598,7 @@ class Node:
             raise RequestError(ErrorKind.TXN_ABORTED, f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
         if term is None and consistency == "linearizable" and not self._broken_reads:
             timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
-            self._wait_read_index(time.monotonic() + timeout)
+            self.wait_read_index(time.monotonic() + timeout)
         before = set(reads or ())
         if not writes:
             # No writes yet: a read runs on a reader connection, concurrently with apply.
@@ -677,8 +616,6 @@ class Node:
         return result, readonly, current, now_ms
 
     def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None):
-        from raftsql.command import CommandError, CommandKind
-
         txn: dict[str, Any] = {}
         if commit is not None:
             txn = {"kind": CommandKind.TXN, "read_index": commit[0], "read_set": commit[1], "last_ms": commit[2]}
@@ -717,19 +654,19 @@ class Node:
             w.data, w.cmd = data, cmd
         return self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
 
-    def _track_proposal(self, index: int) -> _Waiter:
+    def _track_proposal(self, index: int) -> Waiter:
         """Called with the lock held, right after proposing at `index`."""
-        w = _Waiter(self.core.term)
-        self._proposals[index] = w
+        w = Waiter(self.core.term)
+        self._waiters.proposals[index] = w
         self._wake.notify()
         return w
 
-    def _await_proposal(self, index: int, w: _Waiter, deadline: float, late: str):
+    def _await_proposal(self, index: int, w: Waiter, deadline: float, late: str):
         """The result of the entry proposed at `index`, or its error; OUTCOME_UNKNOWN (`late`)
         if it was not applied by the deadline."""
         if not w.event.wait(max(0.0, deadline - time.monotonic())):
             with self._lock:
-                self._proposals.pop(index, None)
+                self._waiters.proposals.pop(index, None)
             if not w.event.is_set():
                 raise RequestError(ErrorKind.OUTCOME_UNKNOWN, late)
         if w.error is not None:
@@ -754,6 +691,26 @@ class Node:
             w = self._track_proposal(index)
         self._await_proposal(index, w, deadline, f"membership change at log index {index} not applied within the deadline")
         return index
+
+    # ---------------------------------------------------------------- for admin requests
+
+    def configuration(self) -> tuple[set[str], set[str]]:
+        """(voters, learners) as this node sees them."""
+        with self._lock:
+            return set(self.core.voters), set(self.core.learners)
+
+    def leader_view(self) -> tuple[set[str], set[str]]:
+        """(voters, learners) as the leader sees them; NOT_LEADER elsewhere."""
+        with self._lock:
+            if self.core.role != Role.LEADER:
+                raise self._not_leader()
+            return set(self.core.voters), set(self.core.learners)
+
+    def follower_progress(self, nid: str) -> tuple[int, int, bool]:
+        """(match index, our last index, whether appends stream to it) for a member (leader)."""
+        with self._lock:
+            match, replicating = self.core.progress_of(nid)
+            return match, self.core.log.last_index(), replicating
 
     def member_addresses(self) -> list[str]:
         """The advertised addresses of the current members (the first answer on every client

@@ -28,10 +28,14 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from raftsql import wire
-from raftsql.server.logstore import _fsync_dir
+from raftsql.raft.types import Message, MsgType, SnapshotMeta
+from raftsql.server.logstore import LogStore, _fsync_dir
+
+if TYPE_CHECKING:
+    from raftsql.server.statemachine import StateMachine
 
 log = logging.getLogger("raftsql.snapshot")
 
@@ -373,6 +377,125 @@ class Snapshots:
             st["taking"] = self._taking is not None
         return st
 
+    # ------------------------------------------------------------------ the node's side
+    # Called by server/node.py at fixed points of its startup and Ready handling, so that the
+    # snapshot rules live in one file. Nothing here holds the node: what it needs is passed in.
+
+    def open_state_machine(self, log_snapshot_index: int,
+                           make_sm: Callable[[str], StateMachine]) -> StateMachine:
+        """Startup: recover the snapshot files, then open the StateMachine, restored from the
+        current snapshot file first if restore_needed()."""
+        db_path = self.db_path
+        current = self.recover(log_snapshot_index)
+        _unlink(db_path + ".install-tmp")
+        if not os.path.exists(_marker(db_path)):
+            sm = make_sm(db_path)
+            if not self.restore_needed(sm.applied_index, log_snapshot_index):
+                return sm
+            log.warning(
+                "%s: the database is at %d, behind the log's snapshot at %d: restoring the snapshot",
+                self.node_id, sm.applied_index, log_snapshot_index,
+            )
+            sm.close()
+        else:
+            log.warning("%s: an interrupted database replacement: restoring the snapshot", self.node_id)
+        if current is None:
+            raise SnapshotError(
+                f"{db_path} must be restored from the snapshot at {log_snapshot_index}, "
+                f"but {self.dir} holds no such file"
+            )
+        replace_database(current, db_path)
+        sm = make_sm(db_path)
+        if sm.applied_index != current.index:
+            sm.close()
+            raise SnapshotError(f"snapshot {current.path} holds index {sm.applied_index}, not {current.index}")
+        return sm
+
+    def install(self, meta: SnapshotMeta, store: LogStore, sm: StateMachine,
+                make_sm: Callable[[str], StateMachine]) -> StateMachine:
+        """Ready.snapshot on a follower (before the Ready's entries are persisted): replace the
+        database with the received snapshot and return the new StateMachine. Crash-safe order:
+          1. the verified received file becomes a durable snap- file;
+          2. the log store records the install (INSTALL record, fsync): from here a restart
+             finds the database behind the log's snapshot and restores it from that file;
+          3. the database file is replaced (replace_database) and reopened at exactly
+             meta.index.
+        Raises (and the node stops) if anything is missing: the core has already moved on."""
+        with self.busy:  # no snapshot is being copied from the file we replace
+            f = self.adopt_received(meta.index)
+            store.install(meta)
+            store.sync()
+            sm.close()
+            replace_database(f, sm.path)
+            new = make_sm(sm.path)
+            if new.applied_index != meta.index:
+                raise SnapshotError(f"installed snapshot holds index {new.applied_index}, not {meta.index}")
+        self.installed(f)
+        sm.wake_waiters()  # readers still waiting on the old one: time out, do not hang
+        log.info("%s: installed snapshot at %d (term %d, %d bytes)", self.node_id, meta.index,
+                 meta.term, f.size)
+        return new
+
+    def after_apply(self, nbytes: int, applied: int,
+                    compact_core: Callable[[int], SnapshotMeta | None], store: LogStore,
+                    on_taken: Callable[[], None]) -> None:
+        """After each applied batch (in the log store's writer thread): maybe start taking a
+        snapshot in the background; compact the log to a pending snapshot once `trailing`
+        entries are applied past it. compact_core(index) compacts the core and returns the
+        meta, or None if it cannot yet (not stable: try after the next batch)."""
+        self.note_applied(nbytes)
+        self.maybe_take(applied, on_taken)
+        due = self.compaction_due(applied)
+        if due is None:
+            return
+        meta = compact_core(due.index)
+        if meta is None:
+            return
+        # The core may now name this snapshot in SNAPSHOT messages; they are sent only after
+        # this returns (same thread), and the file is `current` by then.
+        store.compact(meta)  # durable on return; only then can the older file go
+        self.promote(due)
+        log.info("%s: compacted the log to %d", self.node_id, meta.index)
+
+    def outgoing(self, msgs: list[Message],
+                 send_snapshot: Callable[[Message, BinaryIO, int, bytes, Callable[[bool], None]], None],
+                 report: Callable[[str, bool], None]) -> list[Message]:
+        """Leader, Ready step 1: hand each SNAPSHOT message with its file to the transport
+        (send_snapshot); returns the other messages. report(peer, ok): the outcome."""
+        if not any(m.type == MsgType.SNAPSHOT for m in msgs):
+            return msgs
+        rest = []
+        for m in msgs:
+            if m.type != MsgType.SNAPSHOT:
+                rest.append(m)
+                continue
+            f = self.current
+            if f is None or f.index != m.index:
+                log.error("%s: no snapshot file at %d for %s", self.node_id, m.index, m.to)
+                report(m.to, False)
+                continue
+            try:
+                file = f.open()
+            except OSError as e:
+                log.error("%s: cannot open snapshot %s: %s", self.node_id, f.path, e)
+                report(m.to, False)
+                continue
+            send_snapshot(m, file, f.size, bytes.fromhex(f.digest),
+                          lambda ok, to=m.to: report(to, ok))
+        return rest
+
+    def accept(self, m: Message) -> bool:
+        """May this message from the network be stepped? A SNAPSHOT only once its data arrived
+        and was verified (the same connection carried it just before)."""
+        if m.type != MsgType.SNAPSHOT:
+            return True
+        if self.has_received(m.index):
+            return True
+        log.warning("%s: dropping SNAPSHOT at %d from %s: its data did not arrive intact",
+                    self.node_id, m.index, m.sender)
+        return False
+
+
 
 class Receiver:
     """Receives one connection's SNAPSHOT frames into a temp file, checking each chunk's crc
@@ -492,166 +615,3 @@ def replace_database(snapshot: SnapshotFile, db_path: str) -> None:
     _fsync_dir(directory)
     os.unlink(marker)
     _fsync_dir(directory)
-
-
-# ---------------------------------------------------------------------- the node's side
-#
-# Called from server/node.py at fixed points of its Ready loop and startup; kept here so the
-# snapshot rules live in one file. `node` is a raftsql.server.node.Node.
-
-
-def open_state_machine(node: Any, log_snapshot_index: int) -> Any:
-    """Startup: the node's Snapshots (recovered), then its StateMachine, restored from the
-    current snapshot file first if restore_needed(). Returns the StateMachine."""
-    cfg = node.cfg
-    db_path = os.path.join(cfg.data_dir, "db.sqlite")
-    snaps = Snapshots(
-        cfg.data_dir,
-        db_path,
-        entries=cfg.snapshot_entries,
-        max_bytes=cfg.snapshot_bytes,
-        trailing=cfg.snapshot_trailing,
-        node_id=cfg.id,
-    )
-    node.snapshots = snaps
-    current = snaps.recover(log_snapshot_index)
-    _unlink(db_path + ".install-tmp")
-    sm = None
-    if not os.path.exists(_marker(db_path)):
-        sm = _new_state_machine(node, db_path)
-        if not snaps.restore_needed(sm.applied_index, log_snapshot_index):
-            return sm
-        log.warning(
-            "%s: the database is at %d, behind the log's snapshot at %d: restoring the snapshot",
-            cfg.id, sm.applied_index, log_snapshot_index,
-        )
-        sm.close()
-    else:
-        log.warning("%s: an interrupted database replacement: restoring the snapshot", cfg.id)
-    if current is None:
-        raise SnapshotError(
-            f"{db_path} must be restored from the snapshot at {log_snapshot_index}, "
-            f"but {snaps.dir} holds no such file"
-        )
-    replace_database(current, db_path)
-    sm = _new_state_machine(node, db_path)
-    if sm.applied_index != current.index:
-        sm.close()
-        raise SnapshotError(f"snapshot {current.path} holds index {sm.applied_index}, not {current.index}")
-    return sm
-
-
-def _new_state_machine(node: Any, db_path: str) -> Any:
-    from raftsql.server.statemachine import StateMachine
-
-    return StateMachine(
-        db_path,
-        session_timeout_ms=node.cfg.session_timeout_ms,
-        query_timeout_s=node.cfg.query_timeout_s,
-    )
-
-
-def install(node: Any, meta: Any) -> None:
-    """Ready.snapshot on a follower (Ready loop, before persisting the Ready's entries):
-    replace the database with the received snapshot. Crash-safe order:
-      1. the verified received file becomes a durable snap- file;
-      2. the log store records the install (INSTALL record, fsync): from here a restart finds
-         the database behind the log's snapshot and restores it from that file;
-      3. the database file is replaced (replace_database) and reopened at exactly meta.index.
-    Raises (and the node stops) if anything is missing: the core has already moved on."""
-    snaps: Snapshots = node.snapshots
-    with snaps.busy:  # no snapshot is being copied from the file we replace
-        f = snaps.adopt_received(meta.index)
-        node.store.install(meta)
-        node.store.sync()
-        old = node.sm
-        old.close()
-        replace_database(f, old.path)
-        sm = _new_state_machine(node, old.path)
-        if sm.applied_index != meta.index:
-            raise SnapshotError(f"installed snapshot holds index {sm.applied_index}, not {meta.index}")
-        node.sm = sm
-    snaps.installed(f)
-    from raftsql.server import admin
-
-    # Membership changes inside the snapshot were never applied here one by one.
-    admin.adopt_members(node)
-    with old._applied_cond:  # readers still waiting on the old one: time out, do not hang
-        old._applied_cond.notify_all()
-    log.info("%s: installed snapshot at %d (term %d, %d bytes)", node.cfg.id, meta.index, meta.term, f.size)
-
-
-def after_apply(node: Any, nbytes: int) -> None:
-    """After each applied batch (Ready loop): maybe start taking a snapshot in the background;
-    compact the log to a pending snapshot once `trailing` entries are applied past it."""
-    snaps: Snapshots = node.snapshots
-    snaps.note_applied(nbytes)
-    applied = node.sm.applied_index
-    snaps.maybe_take(applied, lambda: _wake(node))
-    due = snaps.compaction_due(applied)
-    if due is None:
-        return
-    with node._lock:
-        try:
-            meta = node.core.compact(due.index)
-        except ValueError as e:  # not yet stable: try again after the next batch
-            log.debug("%s: compaction to %d deferred: %s", node.cfg.id, due.index, e)
-            return
-    # The core may now name this snapshot in SNAPSHOT messages; the Ready loop (this thread)
-    # sends them only after we return, and the file is `current` by then.
-    node.store.compact(meta)  # durable on return; only then can the older file go
-    snaps.promote(due)
-    log.info("%s: compacted the log to %d", node.cfg.id, meta.index)
-
-
-def send(node: Any, msgs: list) -> list:
-    """Leader, Ready step 1: hand each SNAPSHOT message with its file to the transport;
-    returns the other messages."""
-    from raftsql.raft.types import MsgType
-
-    if not any(m.type == MsgType.SNAPSHOT for m in msgs):
-        return msgs
-    rest = []
-    for m in msgs:
-        if m.type != MsgType.SNAPSHOT:
-            rest.append(m)
-            continue
-        f = node.snapshots.current
-        if f is None or f.index != m.index:
-            log.error("%s: no snapshot file at %d for %s", node.cfg.id, m.index, m.to)
-            _report(node, m.to, False)
-            continue
-        try:
-            file = f.open()
-        except OSError as e:
-            log.error("%s: cannot open snapshot %s: %s", node.cfg.id, f.path, e)
-            _report(node, m.to, False)
-            continue
-        node.transport.send_snapshot(
-            m, file, f.size, bytes.fromhex(f.digest), lambda ok, to=m.to: _report(node, to, ok)
-        )
-    return rest
-
-
-def _wake(node: Any) -> None:
-    with node._lock:
-        node._wake.notify()
-
-
-def _report(node: Any, to: str, ok: bool) -> None:
-    with node._lock:
-        node.core.report_snapshot(to, ok)
-        node._wake.notify()
-
-
-def accept(node: Any, m: Any) -> bool:
-    """May this message from the network be stepped? A SNAPSHOT only once its data arrived and
-    was verified (the same connection carried it just before)."""
-    from raftsql.raft.types import MsgType
-
-    if m.type != MsgType.SNAPSHOT:
-        return True
-    if node.snapshots.has_received(m.index):
-        return True
-    log.warning("%s: dropping SNAPSHOT at %d from %s: its data did not arrive intact", node.cfg.id, m.index, m.sender)
-    return False

@@ -293,6 +293,11 @@ class StateMachine(ManyStatements):
         stamped earlier than this runs at this time (see DESIGN-statemachine.md)."""
         return self._time_ms
 
+    def wake_waiters(self) -> None:
+        """Wake every wait_applied() (this state machine was replaced: they time out)."""
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+
     def wait_applied(self, index: int, timeout_s: float | None = None) -> bool:
         """Block until applied_index >= index; False if timeout_s passed first."""
         with self._applied_cond:

@@ -462,6 +462,14 @@ class Raft:
         pr.become_probe()
         pr.paused = True  # wait for the follower's answer (or the next heartbeat)
 
+    def progress_of(self, nid: str) -> tuple[int, bool]:
+        """A leader's view of follower nid: (match index, whether appends stream to it
+        (REPLICATE) rather than probing or waiting for a snapshot). (0, False) if unknown."""
+        pr = self.progress.get(nid)
+        if pr is None:
+            return 0, False
+        return pr.match, pr.state == _ProgressState.REPLICATE
+
     def status(self) -> dict:
         return {
             "id": self.id,

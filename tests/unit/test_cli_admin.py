@@ -2,72 +2,63 @@
 --join setting, and the CLI's help and argument errors."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from raftsql.cli import main
 from raftsql.raft.types import ConfChange, ConfChangeType, Entry, EntryType
-from raftsql.server import admin
+from raftsql.server import admin, membership
 from raftsql.server.config import ConfigError, NodeConfig, load
 
 
 def test_membership_file_round_trip_and_validation(tmp_path):
-    assert admin.read_membership(str(tmp_path)) is None
-    admin.write_membership(str(tmp_path), ["n2", "n1"], {"n1": "h:1", "n2": "h:2"})
-    doc = admin.read_membership(str(tmp_path))
+    assert membership.read_membership(str(tmp_path)) is None
+    membership.write_membership(str(tmp_path), ["n2", "n1"], {"n1": "h:1", "n2": "h:2"})
+    doc = membership.read_membership(str(tmp_path))
     assert doc["bootstrap_voters"] == ["n1", "n2"] and doc["addresses"] == {"n1": "h:1", "n2": "h:2"}
-    (tmp_path / admin.MEMBERSHIP_FILE).write_text(json.dumps({"version": 1, "bootstrap_voters": []}))
+    (tmp_path / membership.MEMBERSHIP_FILE).write_text(json.dumps({"version": 1, "bootstrap_voters": []}))
     with pytest.raises(ValueError, match="malformed"):
-        admin.read_membership(str(tmp_path))
+        membership.read_membership(str(tmp_path))
+
+
+def _cfg(tmp_path, nid="n1", peers=None):
+    peers = {"n2": ("h", 2), "n3": ("h", 3)} if peers is None else peers
+    return NodeConfig(id=nid, data_dir=str(tmp_path), listen=("h", 1), peers=peers, certs_dir=str(tmp_path))
 
 
 def test_address_book_follows_changes_and_ignores_garbage(tmp_path):
-    m = admin.Membership(str(tmp_path), ("n1",), {"n1": "h:1"})
-    assert m.apply(ConfChange(ConfChangeType.ADD_LEARNER, "n2", b"h:2"))
-    assert not m.apply(ConfChange(ConfChangeType.PROMOTE, "n2"))  # keeps the address
-    assert not m.apply(ConfChange(ConfChangeType.ADD_LEARNER, "n3", b"\xff not an address"))
-    assert m.addresses == {"n1": "h:1", "n2": "h:2"}
-    assert m.apply(ConfChange(ConfChangeType.REMOVE, "n1"))
-    assert m.addresses == {"n2": "h:2"}
-
-
-class _SM:
-    def __init__(self, applied):
-        self.applied_index = applied
-
-    def members(self):
-        return {}
-
-
-def _node(tmp_path, nid="n1", peers=None, applied=0):
-    peers = {"n2": ("h", 2), "n3": ("h", 3)} if peers is None else peers
-    cfg = NodeConfig(id=nid, data_dir=str(tmp_path), listen=("h", 1), peers=peers, certs_dir=str(tmp_path))
-    addresses = {p: f"{h}:{port}" for p, (h, port) in peers.items()}
-    addresses[nid] = "h:1"
-    return SimpleNamespace(cfg=cfg, addresses=addresses, sm=_SM(applied))
+    m = membership.Membership(_cfg(tmp_path, peers={}), ("n1",), {"n1": "h:1"})
+    assert m.record(ConfChange(ConfChangeType.ADD_LEARNER, "n2", b"h:2"))
+    assert not m.record(ConfChange(ConfChangeType.PROMOTE, "n2"))  # keeps the address
+    assert not m.record(ConfChange(ConfChangeType.ADD_LEARNER, "n3", b"\xff not an address"))
+    assert m.book == {"n1": "h:1", "n2": "h:2"}
+    assert m.record(ConfChange(ConfChangeType.REMOVE, "n1"))
+    assert m.book == {"n2": "h:2"}
+    # What the transport is told: dial a new member, forget a removed one.
+    assert m.apply(ConfChange(ConfChangeType.ADD_LEARNER, "n4", b"h:4")) == ("add", "n4", ("h", 4))
+    assert m.apply(ConfChange(ConfChangeType.REMOVE, "n4")) == ("remove", "n4", None)
 
 
 def test_first_start_records_the_bootstrap_voters_and_later_starts_keep_them(tmp_path):
-    node = _node(tmp_path)
-    admin.init_membership(node, [])
-    assert node.cfg.voters() == ("n1", "n2", "n3")
+    cfg = _cfg(tmp_path)
+    membership.Membership.open(cfg, {}, [], 0)
+    assert cfg.voters() == ("n1", "n2", "n3")
     # Restarted with one more --peer (say, an operator listing a node added later): the
     # bootstrap voters do not change, so the log replays onto the same base.
-    node = _node(tmp_path, peers={"n2": ("h", 2), "n3": ("h", 3), "n4": ("h", 4)})
-    admin.init_membership(node, [])
-    assert node.cfg.voters() == ("n1", "n2", "n3")
+    cfg = _cfg(tmp_path, peers={"n2": ("h", 2), "n3": ("h", 3), "n4": ("h", 4)})
+    membership.Membership.open(cfg, {}, [], 0)
+    assert cfg.voters() == ("n1", "n2", "n3")
 
 
 def test_applied_changes_missing_from_the_book_are_recovered_from_the_log(tmp_path):
-    node = _node(tmp_path, applied=2)
+    cfg = _cfg(tmp_path)
     add4 = Entry(1, 2, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n4", b"h:4").encode())
     add5 = Entry(1, 3, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n5", b"h:5").encode())
-    admin.init_membership(node, [Entry(1, 1), add4, add5])
-    assert node.membership.addresses == {"n1": "h:1", "n2": "h:2", "n3": "h:3", "n4": "h:4"}
-    assert admin.read_membership(str(tmp_path))["addresses"]["n4"] == "h:4"  # and saved
-    assert node.addresses["n4"] == "h:4"  # n5's change is not applied yet: applying it adds it
+    m = membership.Membership.open(cfg, {}, [Entry(1, 1), add4, add5], 2)
+    assert m.book == {"n1": "h:1", "n2": "h:2", "n3": "h:3", "n4": "h:4"}
+    assert membership.read_membership(str(tmp_path))["addresses"]["n4"] == "h:4"  # and saved
+    assert m.addresses["n4"] == "h:4"  # n5's change is not applied yet: applying it adds it
 
 
 def test_join_setting():
