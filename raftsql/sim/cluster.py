@@ -324,7 +324,7 @@ class Simulation:
                 f"(budgets {MAX_IN_FLIGHT} / {MAX_MESSAGES})",
             )
         for m in msgs:
-            if m.type == MsgType.VOTE_RESP:
+            if m.type in (MsgType.VOTE_RESP, MsgType.APPEND_RESP):
                 self.inv.sent(m)
             if m.type == MsgType.SNAPSHOT:
                 self._send_snapshot(m)

@@ -15,6 +15,8 @@ message was processed.
 - Follower commit: a follower's new commit index covers only entries equal to its leader's.
 - Vote restriction: a granted vote (or pre-vote) is never for a candidate whose log is less up
   to date than the voter's; one vote per term, whatever crashes came between (checked on send).
+- Vote and append durability: a vote leaves a node only once its synced hard state holds it,
+  an append acknowledgement only once its synced log reaches the acknowledged index.
 - Read confirmation: a released read was confirmed by acknowledgements from a majority that
   processed the leader's heartbeat after the read arrived; no leader of a higher term had been
   elected when it arrived; its index covers every index committed anywhere when it arrived.
@@ -256,12 +258,29 @@ class Invariants:
             )
 
     def sent(self, m: Message) -> None:
+        """A message leaves the node: what it promises about the sender's disk must be on it."""
         if m.type == MsgType.VOTE_RESP and not m.reject:
+            hs = self.sim.nodes[m.sender].disk.hard_state
+            # A later term on disk keeps the promise too: the node never goes back to m.term.
+            if hs.term < m.term or (hs.term == m.term and hs.vote != m.to):
+                self.fail(
+                    "Vote durability",
+                    f"{m.sender} sends its vote for {m.to} in term {m.term}, but its synced hard "
+                    f"state is term {hs.term} vote {hs.vote}",
+                )
             prev = self.votes.setdefault((m.sender, m.term), m.to)
             if prev != m.to:
                 self.fail(
                     "Election Safety",
                     f"{m.sender} granted its vote in term {m.term} to {prev} and then to {m.to}",
+                )
+        elif m.type == MsgType.APPEND_RESP and not m.reject and m.index:
+            term, last = self._disk_last(m.sender)
+            if last < m.index:
+                self.fail(
+                    "Append durability",
+                    f"{m.sender} acknowledges entries up to {m.index} to {m.to} (term {m.term}), "
+                    f"but its synced log ends at {last}:{term}",
                 )
 
     # ------------------------------------------------------------ CheckQuorum

@@ -73,6 +73,7 @@ class Swarm:
     minority_leader: float  # per unit: cut the leader off with a minority, feed it, kill it
     churn_after_conf: float  # chance a membership change is followed at once by an election
     conf_on_election: float  # chance a new leader is asked for a membership change at once
+    new_leader_dies: float  # chance a new leader gets the minority_leader treatment at once
     # Leader fuzz: legal choices of the leader.
     next_back: float  # per unit and leader: move a follower's next index back
     short_batch: float  # per unit and leader: appends carry one entry
@@ -108,7 +109,8 @@ class Swarm:
             minority_leader=rng.choice((0.002, 0.006)) if _on(rng) else 0.0,
             churn_after_conf=rng.choice((0.3, 1.0)) if _on(rng) else 0.0,
             conf_on_election=rng.choice((0.5, 1.0)) if _on(rng) else 0.0,
-            next_back=rng.choice((0.01, 0.05)) if _on(rng, 0.4) else 0.0,
+            new_leader_dies=rng.choice((0.2, 0.5)) if _on(rng, 0.3) else 0.0,
+            next_back=rng.choice((0.02, 0.1)) if _on(rng) else 0.0,
             short_batch=rng.choice((0.2, 0.7)) if _on(rng, 0.4) else 0.0,
         )
 
@@ -175,6 +177,19 @@ class Schedule:
                 # A new leader's first moments: a membership change before its term commits.
                 if sw.membership and sw.conf_on_election and rng.random() < sw.conf_on_election:
                     self.membership(ld)
+                # Figure 8's chain: each new leader appends to itself alone, then dies, so the
+                # cluster fills with uncommitted tails of different terms.
+                if sw.new_leader_dies and not sim.blocked and rng.random() < sw.new_leader_dies:
+                    self._minority_leader(ld)
+                # A new leader may start any follower's next index anywhere after its match:
+                # from far back, short appends match a prefix of a follower's log while that
+                # follower still holds a stale suffix after it.
+                if sw.next_back:
+                    core = ld.core
+                    for p in sorted(core.progress):
+                        pr = core.progress[p]
+                        if p != core.id and pr.state != 2 and pr.next > pr.match + 1 and rng.random() < 0.5:
+                            self._move_next_back(core, pr)
         if sw.transfers and leaders and rng.random() < sw.transfers:
             self.transfer(rng.choice(leaders))
         if sw.membership and leaders and rng.random() < sw.membership:
@@ -193,15 +208,22 @@ class Schedule:
             core = ld.core
             if sw.short_batch:
                 core.cfg.max_append_bytes = 1 if rng.random() < sw.short_batch else sw.max_append_bytes
-            if sw.next_back and rng.random() < sw.next_back:
-                peers = sorted(p for p in core.progress if p != core.id)
-                if not peers:
+            if not sw.next_back:
+                continue
+            # Most often while probing (the leader is looking for where the logs match, and
+            # the follower may hold a stale suffix), now and then while replicating.
+            for p in sorted(core.progress):
+                pr = core.progress[p]
+                if p == core.id or pr.state == 2 or pr.next <= pr.match + 1:  # 2: snapshot
                     continue
-                pr = core.progress[rng.choice(peers)]
-                if pr.state == 2 or pr.next <= pr.match + 1:  # 2: a snapshot is on its way
-                    continue
-                pr.become_probe()
-                pr.next = rng.randint(pr.match + 1, pr.next)
+                if rng.random() < (4 * sw.next_back if pr.state == 0 else sw.next_back / 4):
+                    self._move_next_back(core, pr)
+
+    def _move_next_back(self, core, pr) -> None:
+        lo = max(pr.match + 1, core.log.first_index())
+        if lo < pr.next:
+            pr.become_probe()
+            pr.next = self.sim.rng.randint(lo, pr.next)
 
     # ------------------------------------------------------------ partitions
 
