@@ -53,6 +53,7 @@ MUTATIONS: dict[str, str] = {
     "conf_change_before_term_commit": "a new leader accepts a membership change before its term commits (diss. 4.1)",
     "conf_change_while_pending": "accept a membership change while the previous one is uncommitted (diss. 4.1)",
     "transfer_to_lagging": "send TimeoutNow before the transfer target holds the whole log (diss. 3.10)",
+    "ack_before_persist": "a follower acknowledges entries before they are on its disk (Figure 2)",
     "append_on_every_ack": "answer every append acknowledgement with another append, even an empty one",
 }
 
@@ -548,10 +549,11 @@ class Raft:
         rd.must_sync = rd.must_sync or bool(rd.entries)
         rd.messages, self._msgs = self._msgs, []
         rd.persisted_messages, self._msgs_after = self._msgs_after, []
-        if "vote_before_persist" in self._mut:
-            early = [m for m in rd.persisted_messages if m.type == MsgType.VOTE_RESP]
-            rd.persisted_messages = [m for m in rd.persisted_messages if m.type != MsgType.VOTE_RESP]
-            rd.messages.extend(early)
+        for name, mtype in (("vote_before_persist", MsgType.VOTE_RESP), ("ack_before_persist", MsgType.APPEND_RESP)):
+            if name in self._mut:
+                early = [m for m in rd.persisted_messages if m.type == mtype]
+                rd.persisted_messages = [m for m in rd.persisted_messages if m.type != mtype]
+                rd.messages.extend(early)
         if self.log.committed > self._applying_to:
             rd.committed_entries = self.log.slice(
                 self._applying_to + 1, self.log.committed + 1, self.cfg.max_committed_bytes

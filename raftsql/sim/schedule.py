@@ -130,6 +130,7 @@ class Schedule:
         self.crash_at: list[tuple[int, str, int]] = []  # (time, node, restarts): a planned death
         self.seen_leader: dict[str, int] = {}  # node -> the last term the schedule saw it lead
         self.slow: set[str] = set()  # nodes whose disks are slow in this seed
+        self.held: set[str] = set()  # crashed nodes the schedule must not restart (tests)
         rng = random.Random(f"disks/{sim.seed}")
         if self.swarm.slow_disk:
             ids = sorted(sim.nodes)
@@ -155,7 +156,7 @@ class Schedule:
             if sim.nodes[nid].alive and sim.nodes[nid].restarts == restarts:
                 sim._crash(nid)
         for n in sim.nodes.values():
-            if not n.alive and rng.random() < 0.01:
+            if not n.alive and rng.random() < 0.01 and n.id not in self.held:
                 sim._log(f"RESTART {n.id}")
                 sim._start(n.id)
         if sim.blocked and sim.now >= sim.partition_until:
