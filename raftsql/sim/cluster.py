@@ -1,10 +1,10 @@
 """A seeded, single-threaded cluster simulator that owns time, the network and the disks.
 
-One seed = one run: the seed picks the fault mix (drops, duplicates, reordering, delays,
-partitions, crashes that lose unsynced writes, clock skew, membership changes, leadership
-transfers, log compaction at random moments and InstallSnapshot), then a liveness phase heals
-everything. Safety invariants are checked after every step of virtual time; the first
-violation ends the run with the trace's tail.
+One seed = one run: the seed draws its cluster, its core configuration and its fault mix
+(schedule.py: swarm testing, targeted patterns, leader fuzz), then a liveness phase heals
+everything. Safety invariants are checked after every step of virtual time (here) and right
+after every call into a core (invariants.py, the moment a belief forms); the first violation
+ends the run with the trace's tail. A message budget turns a storm into a liveness violation.
 
 Snapshots. Each node's state machine is the list of (index, data) it applied. Compacting at
 index i writes the state machine's prefix up to i as a durable snapshot file (node.snapshots)
