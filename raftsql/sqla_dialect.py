@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import exc, pool
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
 # The oldest SQLite a raftsql node can run (apsw>=3.45 in pyproject.toml). SQLiteDialect reads
 # dbapi.sqlite_version_info when it is created, before any connection exists; initialize()
@@ -240,4 +240,4 @@ def resend(connection: Any, error: BaseException) -> Any:
 
 dialect = RaftSQLDialect
 
-__all__ = ["RaftSQLDialect", "dialect", "make_url", "resend", "sqlalchemy_url"]
+__all__ = ["RaftSQLDialect", "dialect", "resend", "sqlalchemy_url"]
