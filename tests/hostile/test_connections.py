@@ -23,7 +23,7 @@ from raftsql import wire
 from raftsql.driver._admin import context_for
 from raftsql.driver._conn import DSN, NodeConnection
 from raftsql.server import tls
-from raftsql.server.transport import raise_fd_limit
+from raftsql.server.sockets import raise_fd_limit
 from raftsql.testing.cluster import LocalCluster
 
 CAP = 200

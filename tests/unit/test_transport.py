@@ -753,7 +753,7 @@ def test_client_cap_is_clamped_below_the_connection_limit(make, logs):
 def test_fd_soft_limit_is_raised_to_the_hard_limit():
     import resource
 
-    from raftsql.server.transport import raise_fd_limit
+    from raftsql.server.sockets import raise_fd_limit
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2:
