@@ -128,9 +128,9 @@ def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
     works; --split moves each key into its own directory, keeping the CA and certificates
     (nodes started with --certs CERTS_DIR keep working; clients then use CERTS_DIR/client).
     """
-    from raftsql.server import tls
+    from raftsql.server import certs as pki
 
-    tree = tls.CertsTree(certs_dir)
+    tree = pki.CertsTree(certs_dir)
     if split:
         moved = tree.split()
         for line in moved:
@@ -140,7 +140,7 @@ def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
     ca, client = tree.init(force=force, exist_ok=not force)
     if ca.created:
         click.echo(
-            f"Created CA {ca.cert_path} (valid until {tls.describe_cert(ca.cert_path)['not after']})"
+            f"Created CA {ca.cert_path} (valid until {pki.describe_cert(ca.cert_path)['not after']})"
         )
     else:
         click.echo(f"CA already exists at {ca.cert_path}")
@@ -182,9 +182,10 @@ def certs_node(certs_dir: Path, name: str, hosts: tuple[str, ...], force: bool) 
     The certificate names every --host (IPs as IP addresses) and the node name, and carries the
     node role. If a certificate from this CA already covers these hosts, it is kept.
     """
-    from raftsql.server import tls
 
-    tree = tls.CertsTree(certs_dir)
+    from raftsql.server import certs as pki
+
+    tree = pki.CertsTree(certs_dir)
     _warn_flat(tree)
     issued = tree.node(name, hosts, force=force, exist_ok=not force)
     if issued.created:
@@ -205,9 +206,10 @@ def certs_client(certs_dir: Path, name: str, force: bool) -> None:
 
     Signed by the CA in CERTS_DIR/ca. The client connects with ?certs=CERTS_DIR/NAME.
     """
-    from raftsql.server import tls
 
-    tree = tls.CertsTree(certs_dir)
+    from raftsql.server import certs as pki
+
+    tree = pki.CertsTree(certs_dir)
     _warn_flat(tree)
     issued = tree.client(name, force=force, exist_ok=not force)
     if issued.created:
@@ -223,9 +225,10 @@ def certs_client(certs_dir: Path, name: str, force: bool) -> None:
 @human_errors
 def certs_show(cert_file: Path) -> None:
     """Print a certificate's name, role, addresses and validity."""
-    from raftsql.server import tls
 
-    for key, value in tls.describe_cert(cert_file).items():
+    from raftsql.server import certs as pki
+
+    for key, value in pki.describe_cert(cert_file).items():
         click.echo(f"{key + ':':<12} {value}")
 
 

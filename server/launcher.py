@@ -61,9 +61,9 @@ def make_certs(certs: Path, nodes: list[dict]) -> tuple[Path, dict[str, Path], l
 
     Returns (the client's directory, {node id: its --certs directory}, what was moved out of an
     old flat `certs`)."""
-    from raftsql.server import tls
+    from raftsql.server import certs as pki
 
-    tree = tls.CertsTree(certs)
+    tree = pki.CertsTree(certs)
     moved = tree.split()
     _, client = tree.init(exist_ok=True)
     node_dirs = {}

@@ -32,13 +32,13 @@ def free_port(host: str) -> int:
 class LocalCluster:
     def __init__(self, base_dir: str | os.PathLike, nodes: int = 3, *, host: str | None = None,
                  node_args: list[str] | None = None, env: dict[str, str] | None = None):
-        from raftsql.server import tls
+        from raftsql.server import certs as pki
 
         self.dir = Path(base_dir)
         self.host = host or f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}"
         self.ids = [f"n{i + 1}" for i in range(nodes)]
         self.ports = {nid: free_port(self.host) for nid in self.ids}
-        self.tree = tls.CertsTree(self.dir / "certs")
+        self.tree = pki.CertsTree(self.dir / "certs")
         self.tree.split()  # a directory made before the tree layout
         ca, client = self.tree.init(exist_ok=True)
         self.ca_dir = ca.cert_path.parent

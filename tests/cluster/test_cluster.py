@@ -150,11 +150,11 @@ def test_client_certificate_cannot_send_raft_messages(cluster):
 
 
 def test_foreign_ca_certificate_is_refused(cluster, tmp_path):
-    from raftsql.server import tls
+    from raftsql.server import certs as pki
 
     foreign = tmp_path / "foreign"
-    tls.make_ca(foreign)
-    tls.make_client_cert(foreign, "client")
+    pki.make_ca(foreign)
+    pki.make_client_cert(foreign, "client")
     with pytest.raises((ssl.SSLError, OSError)):
         s = _raw_tls(cluster, str(foreign / "client.crt"), str(foreign / "client.key"))
         s.sendall(wire.make_hello(None, "client"))

@@ -18,7 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from raftsql.server import launcher, tls
+from raftsql.server import certs as pki
+from raftsql.server import launcher
 
 
 class Output:
@@ -168,10 +169,10 @@ def test_reused_cluster_dir_with_flat_certs_is_split(tmp_path):
     certs = tmp_path / "cluster-data" / "certs"
     nodes = [{"id": f"n{i}", "address": f"127.0.0.1:{4000 + i}", "data_dir": str(tmp_path / f"n{i}")}
              for i in (1, 2, 3)]
-    tls.make_ca(certs)
-    tls.make_client_cert(certs, "client")
+    pki.make_ca(certs)
+    pki.make_client_cert(certs, "client")
     for n in nodes:
-        tls.make_node_cert(certs, n["id"], ["127.0.0.1"])
+        pki.make_node_cert(certs, n["id"], ["127.0.0.1"])
     ca = (certs / "ca.crt").read_bytes()
     client_dir, node_dirs, moved = launcher.make_certs(certs, nodes)
     assert moved and any("ca.key" in line for line in moved)

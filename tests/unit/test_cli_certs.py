@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from cryptography import x509
 
 from raftsql.cli import main
+from raftsql.server import certs as pki
 
 
 def run(*args: str):
@@ -274,12 +275,11 @@ def test_show_node_and_ca(tmp_path):
 
 def _flat(d: Path) -> Path:
     """A certs directory as `raftsql certs` made it before the CA key was kept apart."""
-    from raftsql.server import tls
 
-    tls.make_ca(d)
-    tls.make_client_cert(d, "client")
-    tls.make_client_cert(d, "alice")
-    tls.make_node_cert(d, "n1", ["127.0.0.1"])
+    pki.make_ca(d)
+    pki.make_client_cert(d, "client")
+    pki.make_client_cert(d, "alice")
+    pki.make_node_cert(d, "n1", ["127.0.0.1"])
     return d
 
 
@@ -319,7 +319,7 @@ def test_split_moves_every_key_into_its_own_directory(tmp_path):
     tls.server_context(d, "n1")  # a node still started with --certs DIR keeps working
     driver_tls.client_context(*driver_tls.default_paths(d / "alice"))
     assert "nothing to split" in ok("certs", "init", d, "--split").output
-    assert not tls.CertsTree(d).legacy
+    assert not pki.CertsTree(d).legacy
 
 
 def test_a_node_warns_about_a_ca_key_in_its_certs_dir(tmp_path, caplog):

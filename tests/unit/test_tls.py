@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from raftsql.driver import _tls as driver_tls
+from raftsql.server import certs as pki
 from raftsql.server import tls
 
 TIMEOUT = 5.0
@@ -24,10 +25,10 @@ TIMEOUT = 5.0
 
 
 def _make_cluster(d: Path) -> Path:
-    tls.make_ca(d)
-    tls.make_node_cert(d, "n1", ["127.0.0.1", "::1", "localhost"])
-    tls.make_node_cert(d, "n2", ["127.0.0.1"])
-    tls.make_client_cert(d)
+    pki.make_ca(d)
+    pki.make_node_cert(d, "n1", ["127.0.0.1", "::1", "localhost"])
+    pki.make_node_cert(d, "n2", ["127.0.0.1"])
+    pki.make_client_cert(d)
     return d
 
 
@@ -230,12 +231,12 @@ def test_client_without_certificate_is_refused(certs):
 
 def test_roleless_certificate_gets_no_role(certs, tmp_path):
     d = tmp_path / "c"
-    tls.make_ca(d)
-    tls.make_node_cert(d, "n1", ["127.0.0.1"])
-    ca_cert, ca_key = tls._load_ca(d)
-    key = tls._new_key()
-    cert = tls._build_leaf(ca_cert, ca_key, key, "anon", None, [])
-    tls._write_pair(d / "anon.crt", d / "anon.key", cert, key, overwrite=False)
+    pki.make_ca(d)
+    pki.make_node_cert(d, "n1", ["127.0.0.1"])
+    ca_cert, ca_key = pki._load_ca(d)
+    key = pki._new_key()
+    cert = pki._build_leaf(ca_cert, ca_key, key, "anon", None, [])
+    pki._write_pair(d / "anon.crt", d / "anon.key", cert, key, overwrite=False)
     ctx = driver_tls.client_context(d / "ca.crt", d / "anon.crt", d / "anon.key")
     r = handshake(tls.server_context(d, "n1"), ctx)
     assert r.get("client_received") == b"ok", r  # a valid chain: handshake succeeds ...
@@ -375,8 +376,8 @@ def test_file_modes(certs):
 def test_key_modes_ignore_a_permissive_umask(tmp_path):
     old = os.umask(0)
     try:
-        tls.make_ca(tmp_path / "d")
-        tls.make_node_cert(tmp_path / "d", "n1", ["127.0.0.1"])
+        pki.make_ca(tmp_path / "d")
+        pki.make_node_cert(tmp_path / "d", "n1", ["127.0.0.1"])
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
@@ -388,72 +389,72 @@ def test_key_modes_ignore_a_permissive_umask(tmp_path):
 
 
 def test_make_ca_refuses_to_overwrite(tmp_path):
-    first = tls.make_ca(tmp_path)
+    first = pki.make_ca(tmp_path)
     original = first.cert_path.read_bytes()
-    with pytest.raises(tls.CertificateExistsError):
-        tls.make_ca(tmp_path)
-    kept = tls.make_ca(tmp_path, exist_ok=True)
+    with pytest.raises(pki.CertificateExistsError):
+        pki.make_ca(tmp_path)
+    kept = pki.make_ca(tmp_path, exist_ok=True)
     assert kept.created is False
     assert first.cert_path.read_bytes() == original
-    assert tls.make_ca(tmp_path, force=True).created
+    assert pki.make_ca(tmp_path, force=True).created
     assert first.cert_path.read_bytes() != original
 
 
 def test_make_ca_refuses_orphan_key(tmp_path):
-    tls.make_ca(tmp_path)
+    pki.make_ca(tmp_path)
     (tmp_path / "ca.crt").unlink()
-    with pytest.raises(tls.CertificateExistsError, match="ca.key"):
-        tls.make_ca(tmp_path, exist_ok=True)
+    with pytest.raises(pki.CertificateExistsError, match="ca.key"):
+        pki.make_ca(tmp_path, exist_ok=True)
 
 
 def test_node_reissue_rules(tmp_path, foreign):
-    tls.make_ca(tmp_path)
-    tls.make_node_cert(tmp_path, "n1", ["127.0.0.1", "10.0.0.1"])
-    assert not tls.make_node_cert(tmp_path, "n1", ["10.0.0.1"], exist_ok=True).created
-    with pytest.raises(tls.CertificateExistsError, match="10.0.0.2"):
-        tls.make_node_cert(tmp_path, "n1", ["10.0.0.2"], exist_ok=True)
-    with pytest.raises(tls.CertificateExistsError):
-        tls.make_node_cert(tmp_path, "n1", ["127.0.0.1"])
-    assert tls.make_node_cert(tmp_path, "n1", ["10.0.0.2"], force=True).created
+    pki.make_ca(tmp_path)
+    pki.make_node_cert(tmp_path, "n1", ["127.0.0.1", "10.0.0.1"])
+    assert not pki.make_node_cert(tmp_path, "n1", ["10.0.0.1"], exist_ok=True).created
+    with pytest.raises(pki.CertificateExistsError, match="10.0.0.2"):
+        pki.make_node_cert(tmp_path, "n1", ["10.0.0.2"], exist_ok=True)
+    with pytest.raises(pki.CertificateExistsError):
+        pki.make_node_cert(tmp_path, "n1", ["127.0.0.1"])
+    assert pki.make_node_cert(tmp_path, "n1", ["10.0.0.2"], force=True).created
     # A certificate from another CA is not "already there".
     (tmp_path / "n2.crt").write_bytes((foreign / "n2.crt").read_bytes())
     (tmp_path / "n2.key").write_bytes((foreign / "n2.key").read_bytes())
     os.chmod(tmp_path / "n2.key", 0o600)
-    with pytest.raises(tls.CertificateExistsError, match="not issued by the CA"):
-        tls.make_node_cert(tmp_path, "n2", ["127.0.0.1"], exist_ok=True)
+    with pytest.raises(pki.CertificateExistsError, match="not issued by the CA"):
+        pki.make_node_cert(tmp_path, "n2", ["127.0.0.1"], exist_ok=True)
     # A name already used by a client certificate cannot become a node.
-    tls.make_client_cert(tmp_path, "alice")
-    with pytest.raises(tls.CertificateExistsError, match="client certificate"):
-        tls.make_node_cert(tmp_path, "alice", ["127.0.0.1"], exist_ok=True)
+    pki.make_client_cert(tmp_path, "alice")
+    with pytest.raises(pki.CertificateExistsError, match="client certificate"):
+        pki.make_node_cert(tmp_path, "alice", ["127.0.0.1"], exist_ok=True)
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../x", "-n1", "n1-", "ca", "CA", "x" * 64, "a.b"])
 def test_invalid_names_are_refused(tmp_path, name):
-    tls.make_ca(tmp_path)
-    with pytest.raises(tls.TLSConfigError):
-        tls.make_node_cert(tmp_path, name, ["127.0.0.1"])
+    pki.make_ca(tmp_path)
+    with pytest.raises(pki.TLSConfigError):
+        pki.make_node_cert(tmp_path, name, ["127.0.0.1"])
 
 
 @pytest.mark.parametrize(
     "host", ["", "bad host", "a..b", "-x.com", "300.1.1.1", "1.2.3", "a_b.com"]
 )
 def test_invalid_hosts_are_refused(tmp_path, host):
-    tls.make_ca(tmp_path)
-    with pytest.raises(tls.TLSConfigError, match="invalid host"):
-        tls.make_node_cert(tmp_path, "n1", [host])
+    pki.make_ca(tmp_path)
+    with pytest.raises(pki.TLSConfigError, match="invalid host"):
+        pki.make_node_cert(tmp_path, "n1", [host])
 
 
 def test_node_needs_a_host(tmp_path):
-    tls.make_ca(tmp_path)
-    with pytest.raises(tls.TLSConfigError, match="at least one host"):
-        tls.make_node_cert(tmp_path, "n1", [])
+    pki.make_ca(tmp_path)
+    with pytest.raises(pki.TLSConfigError, match="at least one host"):
+        pki.make_node_cert(tmp_path, "n1", [])
 
 
 def test_missing_ca_is_a_clear_error(tmp_path):
-    with pytest.raises(tls.TLSConfigError, match="does not exist"):
-        tls.make_node_cert(tmp_path / "nope", "n1", ["127.0.0.1"])
-    with pytest.raises(tls.TLSConfigError, match="certs init"):
-        tls.make_node_cert(tmp_path, "n1", ["127.0.0.1"])
+    with pytest.raises(pki.TLSConfigError, match="does not exist"):
+        pki.make_node_cert(tmp_path / "nope", "n1", ["127.0.0.1"])
+    with pytest.raises(pki.TLSConfigError, match="certs init"):
+        pki.make_node_cert(tmp_path, "n1", ["127.0.0.1"])
 
 
 # --------------------------------------------------------------------------- loading contexts
@@ -471,12 +472,12 @@ def test_server_context_refuses_insecure_key(tmp_path):
 
 def test_contexts_report_missing_files(tmp_path):
     d = _make_cluster(tmp_path / "c")
-    with pytest.raises(tls.TLSConfigError, match="certs node"):
+    with pytest.raises(pki.TLSConfigError, match="certs node"):
         tls.server_context(d, "n9")
     (d / "n2.key").unlink()
-    with pytest.raises(tls.TLSConfigError, match="n2.key"):
+    with pytest.raises(pki.TLSConfigError, match="n2.key"):
         tls.node_client_context(d, "n2")
-    with pytest.raises(tls.TLSConfigError, match="does not exist"):
+    with pytest.raises(pki.TLSConfigError, match="does not exist"):
         tls.server_context(tmp_path / "nope", "n1")
     with pytest.raises(FileNotFoundError, match="CA certificate"):
         driver_tls.client_context(tmp_path / "nope.crt", d / "client.crt", d / "client.key")
@@ -487,7 +488,7 @@ def test_contexts_report_missing_files(tmp_path):
 def test_mismatched_key_is_a_clear_error(tmp_path):
     d = _make_cluster(tmp_path / "c")
     (d / "n1.key").write_bytes((d / "n2.key").read_bytes())
-    with pytest.raises(tls.TLSConfigError, match="n1.crt"):
+    with pytest.raises(pki.TLSConfigError, match="n1.crt"):
         tls.server_context(d, "n1")
 
 

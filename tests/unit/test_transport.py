@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from raftsql import wire
 from raftsql.driver import _tls as driver_tls
 from raftsql.raft.types import Entry, EntryType, Message, MsgType
+from raftsql.server import certs as pki
 from raftsql.server import tls
 from raftsql.server.transport import ClientConn, Transport
 
@@ -35,15 +36,15 @@ TIMEOUT = 5.0
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("certs")
-    tls.make_ca(d)
+    pki.make_ca(d)
     for name in ("n1", "n2", "n3"):
-        tls.make_node_cert(d, name, ["127.0.0.1"])
-    tls.make_client_cert(d, "client")
+        pki.make_node_cert(d, name, ["127.0.0.1"])
+    pki.make_client_cert(d, "client")
     # A certificate from the right CA that carries no role at all.
-    ca_cert, ca_key = tls._load_ca(d)
-    key = tls._new_key()
-    cert = tls._build_leaf(ca_cert, ca_key, key, "anon", None, [])
-    tls._write_pair(d / "anon.crt", d / "anon.key", cert, key, overwrite=False)
+    ca_cert, ca_key = pki._load_ca(d)
+    key = pki._new_key()
+    cert = pki._build_leaf(ca_cert, ca_key, key, "anon", None, [])
+    pki._write_pair(d / "anon.crt", d / "anon.key", cert, key, overwrite=False)
     return d
 
 
@@ -51,8 +52,8 @@ def certs(tmp_path_factory) -> Path:
 def foreign(tmp_path_factory) -> Path:
     """Another cluster: the same names under a different CA."""
     d = tmp_path_factory.mktemp("foreign")
-    tls.make_ca(d)
-    tls.make_node_cert(d, "n3", ["127.0.0.1"])
+    pki.make_ca(d)
+    pki.make_node_cert(d, "n3", ["127.0.0.1"])
     return d
 
 
