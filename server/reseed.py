@@ -25,7 +25,8 @@ import shutil
 import time
 
 from raftsql.raft.types import HardState
-from raftsql.server.logstore import LogStore, _fsync_dir
+from raftsql.server.logformat import _fsync_dir
+from raftsql.server.logstore import LogStore
 
 log = logging.getLogger("raftsql.reseed")
 

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from raftsql import wire
 from raftsql.raft.types import Message, MsgType, SnapshotMeta
-from raftsql.server.logstore import LogStore, _fsync_dir
+from raftsql.server.logformat import _fsync_dir
+from raftsql.server.logstore import LogStore
 
 if TYPE_CHECKING:
     from raftsql.server.statemachine import StateMachine
