@@ -2,7 +2,7 @@
 huge result, and while many large entries are written.
 
     python benchmarks/memory.py --quick     # 200 MB result, 20 entries of 3.9 MB (~1 minute)
-    python benchmarks/memory.py             # 2 GB result, 100 entries of 3.9 MB (the run)
+    python benchmarks/memory.py             # 2 GB result, 100 entries of 3.9 MB
 
 Read: one client iterates `SELECT x, zeroblob(ROW) FROM <N rows>` through raftsql.driver
 (fetchmany), in rows of 1 MB and, separately, 8 rows of 50 MB (the hostile-client repro). A

@@ -3,7 +3,7 @@ catches up through InstallSnapshot after missing many writes.
 
     python benchmarks/snapshot.py --quick                     # under 2 minutes
     python benchmarks/snapshot.py                             # full: 100 MB database
-    python benchmarks/snapshot.py --catch-up-writes 100000    # the 100,000-write run
+    python benchmarks/snapshot.py --catch-up-writes 100000    # a node catching up over 100,000 writes
 
 Latency: a 3-node cluster, a prefilled database (so a snapshot copies real megabytes), then one
 client doing sequential single-row INSERTs while every node snapshots every --snapshot-entries

@@ -52,7 +52,7 @@ _MACHINE_CODES = frozenset(
 # made SQLite say so": apply checks its own database (PRAGMA quick_check) to tell which.
 _SUSPECT_CODES = frozenset({apsw.SQLITE_CORRUPT, apsw.SQLITE_INTERNAL, apsw.SQLITE_MISUSE})
 # Extended codes that a virtual table (fts3/4/5, rtree, geopoly) reports about its own content:
-# deterministic, given the same database, so always a result value (issue: fts5's
+# deterministic, given the same database, so always a result value (fts5's
 # 'integrity-check' on an external-content table reports SQLITE_CORRUPT_VTAB).
 _VTAB_CODES = frozenset(
     {apsw.SQLITE_CORRUPT_VTAB, apsw.SQLITE_LOCKED_VTAB, apsw.SQLITE_CONSTRAINT_VTAB}

@@ -290,7 +290,7 @@ class StateMachine(ManyStatements):
     @property
     def last_time_ms(self) -> int:
         """The clock of the last applied entry. Entry time never goes backwards: an entry
-        stamped earlier than this runs at this time (see DESIGN-statemachine.md)."""
+        stamped earlier than this runs at this time (server/DESIGN.md, "Determinism of SQL")."""
         return self._time_ms
 
     def wake_waiters(self) -> None:

@@ -1,4 +1,4 @@
-"""Bounded log memory with real node processes (issue 12): with a log cache of one byte, every
+"""Bounded log memory with real node processes: with a log cache of one byte, every
 durable entry leaves memory at once, so a follower that was down catches up entirely from the
 leader's segment files, and a restart of every node boots from the log's index alone."""
 

@@ -3,7 +3,7 @@ SQLite: a node that was down while the log was compacted catches up through a sn
 ends with the leader's content hash; interrupted and corrupted transfers; restarts after
 compaction and after an install.
 
-The issue's "100,000 writes" run is `benchmarks/snapshot.py --catch-up-writes 100000`, or this
+The long "100,000 writes" run is `benchmarks/snapshot.py --catch-up-writes 100000`, or this
 file with RAFTSQL_SNAPSHOT_WRITES=100000 (CI runs a few thousand with a tiny threshold)."""
 
 from __future__ import annotations

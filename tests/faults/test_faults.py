@@ -59,7 +59,7 @@ def test_fault_run_is_linearizable_and_loses_nothing(nodes, nemeses):
 
 
 def test_bank_transfers_keep_the_total_while_the_leader_is_killed():
-    """The bank workload (must-show 1 of issue 8): 4 clients run read-then-write transfers in
+    """The bank workload (serializable transactions): 4 clients run read-then-write transfers in
     serializable transactions while the leader is kill -9'd again and again. Every read sees
     the same total, no transfer is applied twice, acknowledged ones are all there, failed ones
     are not, and the final balances are exactly the initial ones plus the logged transfers."""

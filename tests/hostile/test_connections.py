@@ -1,4 +1,4 @@
-"""Hostile client, connections (issue 12, section 3): a client holding an ordinary client
+"""Hostile client, connections: a client holding an ordinary client
 certificate opens thousands of idle connections to the leader. Those over the node's client cap
 get an ERROR frame naming the limit and the setting; peers, already-open connections and the
 Raft heartbeats carry on; once the idle connections close (all at once: that used to cause an
@@ -186,7 +186,7 @@ def test_2000_idle_connections_to_the_leader(cluster, guard):
 def test_default_cap_refuses_the_1025th_client_and_closing_all_keeps_the_term(cluster, guard):
     leader = cluster.wait_leader()
     # Started with a soft limit of 1024: without raising it the node could not even hold
-    # 1,024 connections (the issue's repro failed at ~1,021).
+    # 1,024 connections (before the cap, the leader ran out of descriptors at about 1,021).
     assert soft_fd_limit(cluster.procs[leader].pid) > NODE_SOFT_LIMIT
     with guard():
         held, refused = open_idle(cluster, leader, DEFAULT_CAP + 50)

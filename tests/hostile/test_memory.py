@@ -1,6 +1,5 @@
 """Hostile client, memory: a read of any size streams with bounded memory on the node and in the
-driver, every chunk from one snapshot; a value too large for a frame is a clear error (issue "No
-client can take the cluster down", section 2). Real 3-node cluster, through raftsql.driver."""
+driver, every chunk from one snapshot; a value too large for a frame is a clear error. Real 3-node cluster, through raftsql.driver."""
 
 import resource
 import threading
@@ -52,7 +51,7 @@ def conn(cluster):
     c.close()
 
 
-def test_the_issue_repro_streams_instead_of_failing(cluster, conn, guard):
+def test_eight_rows_of_50_mb_stream_instead_of_failing(cluster, conn, guard):
     # 8 rows of 50 MB: built whole on every node and refused at the frame limit before.
     q = ("SELECT x, zeroblob(50000000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
          "SELECT x+1 FROM c WHERE x < 8) SELECT x FROM c)")

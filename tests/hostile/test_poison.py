@@ -1,6 +1,5 @@
 """Hostile client, poison statements: whatever a committed write's statements do, every node
-applies it to the same result and keeps running (issue "No client can take the cluster down",
-section 1). Each test runs on a real 3-node cluster through raftsql.driver and checks, after the
+applies it to the same result and keeps running. Each test runs on a real 3-node cluster through raftsql.driver and checks, after the
 attack, that every node is alive, that no election happened and that all databases hash equal
 (the `guard` fixture, tests/hostile/conftest.py)."""
 

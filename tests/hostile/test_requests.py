@@ -1,6 +1,6 @@
-"""Hostile client, malformed or out-of-range requests sent straight to the leader (issue "No
-client can take the cluster down", section 4): each gets a clear BAD_REQUEST, nothing is applied
-by mistake, and the cluster stays whole (`guard`, tests/hostile/conftest.py)."""
+"""Hostile client, malformed or out-of-range requests sent straight to the leader: each gets a
+clear BAD_REQUEST, nothing is applied by mistake, and the cluster stays whole (`guard`,
+tests/hostile/conftest.py)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Bounded log memory (issue 12): the core keeps the terms of every entry but the data of only
+"""Bounded log memory: the core keeps the terms of every entry but the data of only
 the unstable entries and a bounded cache of durable ones; older entries come back through the
 LogReader (raftsql/raft/storage.py), here the simulator's MemDisk or a counting double."""
 

@@ -1,6 +1,7 @@
 """What a committed entry's statements can do to a node: every failure of a user statement ends
 in a result value that is the same on every node (its writes rolled back, stored in the session
-row), and only a fault of the node's own machine stops it (issue: "poison entries").
+row), and only a fault of the node's own machine stops it (server/DESIGN.md, "What a statement
+can do to a node").
 
 Each test applies the same entries to two state machines in different directories and requires
 identical results and content hashes, as replication does."""
