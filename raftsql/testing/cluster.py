@@ -23,10 +23,15 @@ from typing import Any
 from raftsql.server.fileperms import open_private_log, private_dir
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str, avoid: set[int] | frozenset[int] = frozenset()) -> int:
+    """A port free on host now, not one of `avoid` (ports already handed to other nodes: the
+    kernel may give the same free port twice)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 class LocalCluster:
@@ -37,7 +42,9 @@ class LocalCluster:
         self.dir = Path(base_dir)
         self.host = host or f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}"
         self.ids = [f"n{i + 1}" for i in range(nodes)]
-        self.ports = {nid: free_port(self.host) for nid in self.ids}
+        self.ports: dict[str, int] = {}
+        for nid in self.ids:
+            self.ports[nid] = free_port(self.host, set(self.ports.values()))
         self.tree = pki.CertsTree(self.dir / "certs")
         self.tree.split()  # a directory made before the tree layout
         ca, client = self.tree.init(exist_ok=True)
@@ -56,7 +63,7 @@ class LocalCluster:
         --join and the first nodes' DSN (a new id cannot use --peer: see server/DESIGN.md)."""
         if nid in self.ids:
             raise ValueError(f"{nid} exists")
-        self.ports[nid] = free_port(self.host)
+        self.ports[nid] = free_port(self.host, set(self.ports.values()))
         self.tree.node(nid, [self.host], exist_ok=True)
         self.ids.append(nid)
         self.joining.add(nid)

@@ -54,7 +54,7 @@ class FaultCluster(LocalCluster):
                 for a in self.ids:
                     for b in self.ids:
                         if a != b:
-                            self.net.add_link(a, b, self.ports[b])
+                            self.net.add_link(a, b, self.ports[b], frozenset(self.ports.values()))
                             self.address_map[self.net.address(a, b)] = self.address(b)
             except BaseException:
                 self.net.close()

@@ -65,14 +65,23 @@ class ProxyNet:
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout)
 
-    def add_link(self, src: str, dst: str, target_port: int) -> int:
-        """Listen for src's connections to dst; returns the proxy's port."""
+    def add_link(self, src: str, dst: str, target_port: int, avoid: frozenset[int] = frozenset()) -> int:
+        """Listen for src's connections to dst; returns the proxy's port. `avoid`: ports the
+        cluster's nodes will bind (chosen earlier, free for now): the kernel may hand one of
+        them out again, and the node would then fail with "address already in use"."""
         link = _Link(src, dst, (self.host, target_port))
 
         async def start():
-            link.server = await asyncio.start_server(
-                lambda r, w: self._serve(link, r, w), self.host, 0, reuse_address=True)
-            return link.server.sockets[0].getsockname()[1]
+            for _ in range(50):
+                server = await asyncio.start_server(
+                    lambda r, w: self._serve(link, r, w), self.host, 0, reuse_address=True)
+                port = server.sockets[0].getsockname()[1]
+                if port not in avoid:
+                    link.server = server
+                    return port
+                server.close()
+                await server.wait_closed()
+            raise OSError(f"no free port on {self.host} outside the nodes' ports")
 
         link.port = self._run(start)
         self.links[(src, dst)] = link
