@@ -310,6 +310,9 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         from raftsql.server.membership import join_cluster
 
         join_cluster(cfg, cfg.extra["join"])
+    from raftsql.server.threadnames import name_os_threads
+
+    name_os_threads(cfg.id)  # so /proc, top -H and perf show which thread is which
     n = Node(cfg)
     n.start()
     done = threading.Event()
