@@ -439,7 +439,7 @@ class Simple:
         return {"op": self.op}
 
 
-SIMPLE_OPS = ("status", "ping", "hash")
+SIMPLE_OPS = ("status", "ping", "hash", "trace")
 # Membership changes and backups (server/admin.py parses their fields; admins only later).
 ADMIN_OPS = ("cluster_add", "cluster_promote", "cluster_remove", "cluster_join",
              "backup_begin", "backup_read", "backup_end")

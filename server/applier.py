@@ -3,10 +3,11 @@ runtime").
 
 - Waiters: the writes proposed here and the reads waiting for a ReadIndex, each with the
   client thread blocked on it; finished with a result, or failed when leadership moves.
-- Applier: hands committed entries to the state machine, in order, and answers their waiters.
-  Small batches apply in the thread that has them (the Ready loop); large ones in the apply
-  thread, so a long apply (a 1,000,000-row executemany takes seconds) cannot hold up
-  heartbeats, votes and appends.
+- Applier: the apply thread. The Ready driver hands it committed entries (enqueue, which never
+  blocks); it applies them in log order, one SQLite transaction per turn, and answers their
+  waiters. Every entry is applied here, never in a thread that drives Raft: a small entry can
+  do heavy work (a recursive CTE, a 400 MB zeroblob, a DROP of millions of rows), and
+  heartbeats, votes, appends and fsyncs must keep flowing meanwhile.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from raftsql.server.membership import member_change
 from raftsql.server.statemachine import StateMachine
 
 log = logging.getLogger("raftsql.node")
-
-# Committed batches up to this size apply in the Ready loop; larger ones in the apply thread.
-APPLY_INLINE_BYTES = 64 * 1024
 
 
 class Waiter:
@@ -82,17 +80,18 @@ class Waiters:
 class Applier:
     """Applies committed entries to the state machine in log order and answers their waiters.
 
-    apply_committed() is called by the Ready loop; it applies inline or queues for the apply
-    thread (run()). on_conf_change(cc) runs for each membership change, in log order, before
-    the batch holding it is applied; on_applied(nbytes) after each batch (snapshots)."""
+    enqueue() is called by the Ready driver; run() is the apply thread. on_conf_change(cc)
+    runs for each membership change, in log order, before the batch holding it is applied;
+    on_applied(nbytes) after each batch (snapshots)."""
 
     def __init__(self, sm: Callable[[], StateMachine], waiters: Waiters,
                  on_conf_change: Callable[[ConfChange], None],
-                 on_applied: Callable[[int], None], applied_index: int):
+                 on_applied: Callable[[int], None], applied_index: int, trace: Any = None):
         self._sm = sm
         self._waiters = waiters
         self._on_conf_change = on_conf_change
         self._on_applied = on_applied
+        self._trace = trace
         # The apply thread's queue of committed batches. _cv guards _queue and _applying;
         # queued_to (under the node lock) is the last index handed over.
         self._queue: collections.deque[list[Entry]] = collections.deque()
@@ -101,37 +100,35 @@ class Applier:
         self._stopping = False
         self.queued_to = applied_index
 
-    def apply_committed(self, entries: list[Entry]) -> None:
-        """Small batches apply right here, as long as nothing is queued (the Ready loop being
-        busy meanwhile is what batches the next proposals into one fsync: 64 clients got half
-        the writes/s with every batch handed over). Large ones go to the apply thread, so a
-        long apply cannot hold up heartbeats."""
+    def enqueue(self, entries: list[Entry]) -> None:
+        """Hand committed entries (in log order, after those handed before) to the apply
+        thread."""
         with self._waiters.lock:
             self.queued_to = entries[-1].index
-        nbytes = sum(len(e.data) for e in entries)
         with self._cv:
-            inline = nbytes <= APPLY_INLINE_BYTES and not self._queue and not self._applying
-            if not inline:
-                self._queue.append(entries)
+            self._queue.append(entries)
+            if not self._applying:
                 self._cv.notify()
-                return
-            self._applying = True
-        self._apply_claimed(entries, nbytes)
 
     def run(self) -> None:
         """The apply thread: applies everything queued, in one SQLite transaction per turn.
         Raises what apply raises (the node stops)."""
+        cv = self._cv
+        queue = self._queue
         while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait(0.5)
+            with cv:
+                self._applying = False
+                cv.notify_all()  # drain()
+                while not queue and not self._stopping:
+                    cv.wait(0.5)
                 if self._stopping:
                     return  # what is queued is in the log: replayed after a restart
-                entries = self._queue.popleft()
-                while self._queue:
-                    entries = entries + self._queue.popleft()
+                entries = queue.popleft()
+                while queue:
+                    entries = entries + queue.popleft()
                 self._applying = True
-            self._apply_claimed(entries, sum(len(e.data) for e in entries))
+            self._apply(entries)
+            self._on_applied(max(1, sum(len(e.data) for e in entries)))
 
     def drain(self) -> None:
         """Wait until everything queued is applied (before a snapshot replaces the database)."""
@@ -143,15 +140,6 @@ class Applier:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-
-    def _apply_claimed(self, entries: list[Entry], nbytes: int) -> None:
-        try:
-            self._apply(entries)
-        finally:
-            with self._cv:
-                self._applying = False
-                self._cv.notify_all()
-        self._on_applied(max(1, nbytes))
 
     def _apply(self, entries: list[Entry]) -> None:
         batch: list[tuple[int, Any]] = []
@@ -169,6 +157,8 @@ class Applier:
                 else:
                     batch.append((e.index, e.data))
         results = self._sm().apply_many(batch)
+        if self._trace is not None:
+            self._trace.mark_entries(entries, "apply")
         with self._waiters.lock:
             proposals = self._waiters.proposals
             for e, res in zip(entries, results, strict=True):

@@ -163,6 +163,9 @@ class ClientService:
                 if frame is None:
                     return
                 kind, payload = frame
+                trace = self.node.trace
+                if trace is not None:
+                    trace.request_received()
                 if kind != wire.FrameKind.REQUEST:
                     conn.send(wire.FrameKind.ERROR, {"message": f"unexpected {kind.name} frame on a client connection"})
                     return
@@ -173,6 +176,8 @@ class ClientService:
                     first = False
                     resp["members"] = self.node.member_addresses()
                 conn.send(wire.FrameKind.RESPONSE, resp)
+                if trace is not None:
+                    trace.replied()
                 if cursors:
                     cursors.expire()
         except (OSError, wire.FrameError) as e:
@@ -208,6 +213,11 @@ class ClientService:
         return error_response(req_id, err)
 
     def _simple(self, op: str) -> dict[str, Any]:
+        if op == "trace":
+            trace = self.node.trace
+            if trace is None:
+                raise bad_request("this node does not trace (start it with trace = true or RAFTSQL_TRACE=1)")
+            return {"node": self.node.cfg.id, "records": trace.records()}
         if op == "status":
             return self.node.status()
         if op == "hash":

@@ -77,6 +77,8 @@ class NodeConfig:
     snapshot_trailing: int = 5_000
     # Durable log entries the core keeps in memory; older ones are read back from the log store.
     log_cache_bytes: int = 32 << 20
+    # Record when each write passes each stage (raftsql/trace.py; benchmarks/breakdown.py).
+    trace: bool = False
     hooks: TestHooks = field(default_factory=TestHooks)  # off, unless a test harness sets them
 
     def voters(self) -> tuple[str, ...]:
@@ -116,6 +118,8 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
     "snapshot_trailing": (int, "RAFTSQL_SNAPSHOT_TRAILING"),
     "log_cache_bytes": (int, "RAFTSQL_LOG_CACHE_BYTES"),  # server/DESIGN.md, "Bounded log memory"
+    # Per-stage timing of writes, fetched with the "trace" request (raftsql/trace.py)
+    "trace": (bool, "RAFTSQL_TRACE"),
     # DSN of a running cluster to join as a learner (first start only; see server/membership.py)
     "join": (str, "RAFTSQL_JOIN"),
 }
@@ -172,6 +176,15 @@ def load(flags: dict[str, Any], config_file: str | None = None, env: dict[str, s
 
 def _typed(key: str, value: Any, source: str) -> Any:
     typ = SETTINGS[key][0]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if typ is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of ID = \"HOST:PORT\"")
@@ -209,7 +222,8 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
     kw = {k: vals[k] for k in ("tick_ms", "heartbeat_ticks", "election_ticks", "max_frame_size", "max_request_size",
                                "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
                                "max_client_connections", "frame_timeout_s", "client_idle_timeout_s",
-                               "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes") if k in vals}
+                               "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes",
+                               "trace") if k in vals}
     cfg = NodeConfig(id=vals["id"], data_dir=vals["data_dir"], listen=listen, peers=peers, certs_dir=vals["certs"], **kw)
     if cfg.election_ticks <= cfg.heartbeat_ticks:
         raise ConfigError("election_ticks must be greater than heartbeat_ticks")

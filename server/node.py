@@ -1,18 +1,26 @@
 """A raftsql node: drives the pure Raft core with real time, real disks and real sockets.
 
 The node owns its parts, each with a narrow interface: the log store (server/logstore.py), the
-Raft core, the state machine (server/statemachine.py), snapshots (server/snapshot.py),
-membership (server/membership.py), the applier and the waiting clients (server/applier.py),
-the transport (server/transport.py) and the client service (server/clients.py).
+Raft core, the Ready driver (server/ready.py), the state machine (server/statemachine.py),
+snapshots (server/snapshot.py), membership (server/membership.py), the applier and the waiting
+clients (server/applier.py), the transport (server/transport.py) and the client service
+(server/clients.py).
+
+Runtime (server/DESIGN.md, "Node runtime"): the thread that changes the core drives it. A
+client thread that proposes, a peer connection's reader that steps a message, the ticker
+that ticks: each then takes the driver role (if free) and carries out the Ready itself:
+writes the messages on the peer sockets, appends and fsyncs, hands committed entries to the
+apply thread. Whatever arrives meanwhile waits in the core and goes out with the next Ready
+(group commit). A thread drives at most INLINE_ROUNDS Readies, then leaves the rest to the
+ready thread, so that no client waits behind others' work and no reader stops reading.
 
 Threads:
-- ticker: calls core.tick() every tick_ms;
-- ready loop: takes a Ready, sends the leader's early messages, appends + fsyncs (one fsync for
-  every proposal that arrived meanwhile: group commit), sends the rest, applies committed
-  entries (small batches inline, large ones in the apply thread), wakes waiting clients,
-  advances;
-- apply: large committed batches (server/applier.py);
-- transport: per-peer senders and per-connection readers (server/transport.py);
+- ticker: calls core.tick() every tick_ms, then drives;
+- ready: drives whenever work is left that no other thread took on (and snapshots/compaction);
+- apply: applies every committed entry (server/applier.py); never drives Raft, so SQLite work
+  of any length never holds up heartbeats, votes, appends or fsyncs;
+- transport: per-connection readers (they step and drive) and per-peer senders, which write
+  only what a direct write could not (server/transport.py);
 - one thread per client connection (server/clients.py) calling execute()/status().
 
 Every touch of the core happens under self._lock; the slow work (fsync, SQLite) never does.
@@ -37,6 +45,7 @@ from raftsql.raft.types import (
     ConfChange,
     EntryType,
     Message,
+    MsgType,
     NotLeader,
     ProposalDropped,
     Ready,
@@ -50,12 +59,17 @@ from raftsql.server.config import NodeConfig
 from raftsql.server.fileperms import secure_data_dir
 from raftsql.server.logstore import LogStore
 from raftsql.server.membership import Membership
+from raftsql.server.ready import ReadyDriver
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
 from raftsql.server.transport import Transport
+from raftsql.trace import Trace
 
 log = logging.getLogger("raftsql.node")
+
+# Readies a client, reader or ticker thread drives before it leaves the rest to the ready thread.
+INLINE_ROUNDS = 2
 
 
 def _explain(e: BaseException, db_path: str) -> BaseException:
@@ -107,18 +121,26 @@ class Node:
             log.warning("%s was re-seeded: it will not vote until its log reaches index %d",
                         cfg.id, self._vote_barrier)
         self._lock = threading.Lock()
+        # The ready thread waits on _wake for work nobody else drives.
         self._wake = threading.Condition(self._lock)
         # Separate from _wake so that requests waiting for an election never take a
-        # notification meant for the Ready loop.
+        # notification meant for the ready thread.
         self._leader_known = threading.Condition(self._lock)
+        # stop() waits on _idle until no thread drives.
+        self._idle = threading.Condition(self._lock)
+        self._driving = False  # the driver role (under _lock): one thread drives at a time
         self._stopping = False
         self._stopped = threading.Event()
+        self.trace = Trace() if cfg.trace else None  # raftsql/trace.py
         self._waiters = Waiters(self._lock)
         self._applier = Applier(lambda: self.sm, self._waiters, self._apply_conf_change,
-                                self._applied, self.sm.applied_index)
-        # Bytes the applier finished since the Ready loop last looked (under _lock): the Ready
-        # loop, the log store's only writer, then takes snapshots and compacts.
-        self._applied_bytes = 0
+                                self._applied, self.sm.applied_index, self.trace)
+        self.driver = ReadyDriver(self.core, self.store, send=self._send, install=self._install,
+                                  apply=self._applier.enqueue, done=self._after_ready,
+                                  call=self._locked, trace=self.trace)
+        # Snapshot work is due (under _lock): taking one, or compacting the log to one. The
+        # driver role holder does it (the log store has one writer at a time).
+        self._snapshot_work = False
         self._rng = random.SystemRandom()
         self._threads: list[threading.Thread] = []
         self._fatal: BaseException | None = None
@@ -171,6 +193,7 @@ class Node:
             t = threading.Thread(target=target, name=f"{self.cfg.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._kick()  # a restarted node may have committed entries to apply
         log.info("%s listening on %s:%s (peers: %s)", self.cfg.id, *self.cfg.listen, self.addresses)
 
     def stop(self, graceful: bool = True, timeout: float = 3.0) -> None:
@@ -188,9 +211,14 @@ class Node:
             self._wake.notify_all()
             self._leader_known.notify_all()
             self._fail_all(ErrorKind.UNAVAILABLE, "node is shutting down; the request was not applied", proposals_unknown=True)
+            # A thread in the middle of a Ready finishes it (its fsync) before the store closes.
+            limit = time.monotonic() + timeout
+            while self._driving and time.monotonic() < limit:
+                self._idle.wait(0.1)
         self._applier.stop()
+        end = time.monotonic() + timeout  # one budget for all of them, not one each
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, end - time.monotonic()))
         if self.transport is not None:
             self.transport.stop()
         self.snapshots.wait_idle(5.0)
@@ -217,7 +245,7 @@ class Node:
                 self.core.transfer_leadership(target)
             except (NotLeader, ValueError) as e:
                 raise RequestError(ErrorKind.UNAVAILABLE, f"cannot transfer leadership: {e}") from None
-            self._wake.notify_all()
+        self._drive()
         limit = min(deadline, time.monotonic() + 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0)
         while time.monotonic() < limit:
             with self._lock:
@@ -229,6 +257,7 @@ class Node:
         with self._lock:
             if self.core.role == Role.LEADER:
                 self.core.transfer_leadership(self.cfg.id)  # cancel: accept writes again
+        self._drive()
         raise RequestError(ErrorKind.UNAVAILABLE, f"could not hand leadership to {target} in time; try again")
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
@@ -237,13 +266,23 @@ class Node:
     # ---------------------------------------------------------------- inputs
 
     def _on_raft(self, msgs: list[Message]) -> None:
+        """Messages from a peer (its connection's reader thread): step them, then drive."""
         now = time.monotonic()
         with self._lock:
             for m in msgs:
                 self.last_contact[m.sender] = now
                 if self.snapshots.accept(m):  # a SNAPSHOT only with its data received
                     self.core.step(m)
-            self._wake.notify()
+        if self.trace is not None:
+            self._trace_received(msgs)
+        self._drive()
+
+    def _trace_received(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            if m.type == MsgType.APPEND and m.entries:
+                self.trace.mark_entries(m.entries, "recv")
+            elif m.type == MsgType.APPEND_RESP and not m.reject:
+                self.trace.mark(m.index, "ack:" + m.sender)
 
     def _on_peer_hello(self, nid: str, address: str) -> None:
         """A node (authenticated by its node certificate) dialed us and named its address. If
@@ -272,36 +311,106 @@ class Node:
                 if self._stopping:
                     return
                 self.core.tick()
-                self._wake.notify()
+            self._drive()
 
-    # ---------------------------------------------------------------- the Ready loop
+    # ---------------------------------------------------------------- driving the core
+
+    def _has_work(self) -> bool:
+        """Called with the lock held."""
+        return self._snapshot_work or self.core.has_ready()
+
+    def _drive(self, rounds: int = INLINE_ROUNDS) -> None:
+        """Carry out what the core wants, in this thread, if no other thread is at it: at most
+        `rounds` Readies, then the ready thread takes over what is left. Called without the
+        lock by every thread that changed the core. A failure (a disk, a corrupt entry) stops
+        the node."""
+        lock = self._lock
+        try:
+            with lock:
+                if self._driving or self._stopping or not self._has_work():
+                    return
+                self._driving = True
+            n = 0
+            while True:
+                if self._snapshot_work:
+                    self._snapshot_housekeeping()
+                rd = self.driver.begin()
+                if rd is not None:
+                    self.driver.finish(rd)
+                    if self._vote_barrier:
+                        self._check_vote_barrier()
+                n += 1
+                with lock:
+                    if self._stopping or not self._has_work():
+                        self._driving = False
+                        if self._stopping:
+                            self._idle.notify_all()
+                        return
+                    if n >= rounds:
+                        self._driving = False
+                        self._wake.notify()  # more than our share: the ready thread goes on
+                        return
+        except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
+            self._die(e, "Ready driver")
+
+    def _kick(self) -> None:
+        """Let the ready thread drive (from a thread that must not: a sender, the applier)."""
+        with self._lock:
+            self._wake.notify()
 
     def _ready_loop(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    while not self._stopping and not self.core.has_ready() and not self._applied_bytes:
-                        self._wake.wait(0.5)
-                    if self._stopping:
-                        return
-                    applied_bytes, self._applied_bytes = self._applied_bytes, 0
-                    rd = self.core.ready() if self.core.has_ready() else None
-                if rd is not None:
-                    self._handle_ready(rd)
-                    with self._lock:
-                        self.core.advance(rd)
-                        durable = self.core.log.stable
-                    if self._vote_barrier and durable >= self._vote_barrier:
-                        self._lift_vote_barrier()
-                if applied_bytes:
-                    # Snapshots and compaction stay in this thread (the log store's writer).
-                    self.snapshots.after_apply(applied_bytes, self.sm.applied_index,
-                                               self._compact_core, self.store, self._wake_ready)
-        except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
-            self._die(e, "Ready loop")
+        """Drives whatever no other thread did: the rest after a thread's INLINE_ROUNDS,
+        snapshot work, a snapshot transfer's outcome."""
+        lock = self._lock
+        while True:
+            with lock:
+                while not self._stopping and (self._driving or not self._has_work()):
+                    self._wake.wait(0.5)
+                if self._stopping:
+                    return
+            self._drive(rounds=1 << 62)
 
-    def _wake_ready(self) -> None:
+    def _locked(self, fn: Any, *args: Any) -> Any:
         with self._lock:
+            return fn(*args)
+
+    def _send(self, msgs: list[Message]) -> None:
+        """The driver's network: SNAPSHOT messages go with their file (the transport streams
+        it), the rest are written on the peer sockets."""
+        self.transport.send(self.snapshots.outgoing(msgs, self.transport.send_snapshot,
+                                                    self._report_snapshot))
+
+    def _install(self, meta: SnapshotMeta) -> None:
+        """A snapshot from the leader replaces the database and the log (server/snapshot.py),
+        once everything committed before it is applied."""
+        self._applier.drain()
+        self.sm = self.snapshots.install(meta, self.store, self.sm, self._new_state_machine)
+        with self._lock:
+            members = set(self.core.voters) | set(self.core.learners)
+        # Membership changes inside the snapshot were never applied here one by one.
+        self._update_transport(self.membership.adopt(self.sm.members(), members))
+
+    def _after_ready(self, rd: Ready) -> None:
+        if rd.soft_state is not None:
+            self._on_soft_state(rd)
+        if rd.read_states:
+            with self._lock:
+                found = [(self._waiters.reads.pop(rs.context, None), rs.index) for rs in rd.read_states]
+            for w, index in found:
+                if w is not None:
+                    w.finish(result=index)
+
+    def _snapshot_housekeeping(self) -> None:
+        """With the driver role (the log store's writer): maybe start taking a snapshot,
+        compact the log to a taken one."""
+        with self._lock:
+            self._snapshot_work = False
+        self.snapshots.after_apply(self.sm.applied_index, self._compact_core, self.store,
+                                   self._snapshot_taken)
+
+    def _snapshot_taken(self) -> None:
+        with self._lock:
+            self._snapshot_work = True
             self._wake.notify()
 
     def _compact_core(self, index: int) -> SnapshotMeta | None:
@@ -317,13 +426,16 @@ class Node:
             self.core.report_snapshot(to, ok)
             self._wake.notify()
 
-    def _lift_vote_barrier(self) -> None:
-        reseed.lift(self.cfg.data_dir)
+    def _check_vote_barrier(self) -> None:
         with self._lock:
-            self.core.vote_barrier = 0
-        log.warning("%s: the re-seeded log reached index %d: voting again", self.cfg.id,
-                    self._vote_barrier)
-        self._vote_barrier = 0
+            durable = self.core.log.stable
+        if durable >= self._vote_barrier:
+            reseed.lift(self.cfg.data_dir)
+            with self._lock:
+                self.core.vote_barrier = 0
+            log.warning("%s: the re-seeded log reached index %d: voting again", self.cfg.id,
+                        self._vote_barrier)
+            self._vote_barrier = 0
 
     def _apply_loop(self) -> None:
         try:
@@ -332,10 +444,10 @@ class Node:
             self._die(e, "apply thread")
 
     def _applied(self, nbytes: int) -> None:
-        """The applier finished a batch: the Ready loop takes snapshots and compacts."""
-        with self._lock:
-            self._applied_bytes += nbytes
-            self._wake.notify()
+        """The apply thread finished a batch: if that makes snapshot work due, the ready thread
+        does it (no wake-up otherwise)."""
+        if self.snapshots.note_applied(nbytes, self.sm.applied_index):
+            self._snapshot_taken()
 
     def _die(self, e: BaseException, where: str) -> None:
         self._fatal = e
@@ -345,41 +457,6 @@ class Node:
             self._stopping = True
             self._fail_all(ErrorKind.UNAVAILABLE, f"node failed: {e}", proposals_unknown=True)
         os._exit(70)  # EX_SOFTWARE: never keep serving with a state we cannot trust
-
-    def _handle_ready(self, rd: Ready) -> None:
-        # 0. A snapshot from the leader replaces the database and the log (server/snapshot.py).
-        if rd.snapshot is not None:
-            self._applier.drain()
-            self.sm = self.snapshots.install(rd.snapshot, self.store, self.sm, self._new_state_machine)
-            with self._lock:
-                members = set(self.core.voters) | set(self.core.learners)
-            # Membership changes inside the snapshot were never applied here one by one.
-            self._update_transport(self.membership.adopt(self.sm.members(), members))
-        # 1. The leader's appends/heartbeats leave now, in parallel with its own disk write.
-        #    SNAPSHOT messages go with their file (the transport streams it).
-        if rd.messages:
-            self.transport.send(self.snapshots.outgoing(rd.messages, self.transport.send_snapshot,
-                                                        self._report_snapshot))
-        # 2. Persist, one fsync for the whole batch.
-        if rd.entries:
-            self.store.append(rd.entries)
-        if rd.hard_state is not None:
-            self.store.set_hard_state(rd.hard_state)
-        if rd.must_sync:
-            self.store.sync()
-        # 3. Messages that promise something about our disk (votes, acks).
-        if rd.persisted_messages:
-            self.transport.send(rd.persisted_messages)
-        # 4. Apply (here, or in the apply thread for large batches); it answers the clients.
-        if rd.committed_entries:
-            self._applier.apply_committed(rd.committed_entries)
-        if rd.soft_state is not None:
-            self._on_soft_state(rd)
-        for rs in rd.read_states:
-            with self._lock:
-                w = self._waiters.reads.pop(rs.context, None)
-            if w is not None:
-                w.finish(result=rs.index)
 
     def _apply_conf_change(self, cc: ConfChange) -> None:
         """A committed membership change, in log order (the applier, before applying it)."""
@@ -556,7 +633,7 @@ class Node:
                 raise self._not_leader() from None
             w = Waiter(self.core.term)
             self._waiters.reads[ctx] = w
-            self._wake.notify()
+        self._drive()
         # A leader that does not confirm within two election timeouts is probably gone: give up
         # early so the client retries elsewhere instead of waiting out its whole deadline.
         limit = 2 * self.cfg.election_ticks * self.cfg.tick_ms / 1000.0
@@ -652,18 +729,21 @@ class Node:
                 raise RequestError(ErrorKind.UNAVAILABLE, f"write not accepted now: {e}") from None
             w = self._track_proposal(index)
             w.data, w.cmd = data, cmd
+        if self.trace is not None:
+            self.trace.proposed(index)
         return self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
 
     def _track_proposal(self, index: int) -> Waiter:
         """Called with the lock held, right after proposing at `index`."""
         w = Waiter(self.core.term)
         self._waiters.proposals[index] = w
-        self._wake.notify()
         return w
 
     def _await_proposal(self, index: int, w: Waiter, deadline: float, late: str):
-        """The result of the entry proposed at `index`, or its error; OUTCOME_UNKNOWN (`late`)
+        """Drive the proposal out (this thread appends, sends and fsyncs it unless another
+        thread is at it), then wait for its result, or its error; OUTCOME_UNKNOWN (`late`)
         if it was not applied by the deadline."""
+        self._drive()
         if not w.event.wait(max(0.0, deadline - time.monotonic())):
             with self._lock:
                 self._waiters.proposals.pop(index, None)

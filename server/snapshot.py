@@ -230,8 +230,26 @@ class Snapshots:
 
     # ------------------------------------------------------------------ taking
 
-    def note_applied(self, nbytes: int) -> None:
-        self._bytes_since += nbytes
+    def note_applied(self, nbytes: int, applied: int) -> bool:
+        """The apply thread applied nbytes more, up to `applied`. True if that makes snapshot
+        work due (taking one, or compacting to a taken one): the caller has it done in the
+        log store's writer thread (after_apply)."""
+        with self._lock:
+            self._bytes_since += nbytes
+            if self._taking is not None:
+                return False
+            if self.pending is not None:
+                return applied >= self.pending.index + self.trailing
+        return self._threshold_passed(applied)
+
+    def _threshold_passed(self, applied: int) -> bool:
+        # Each node's threshold is offset by 0-44% (from its id), so the nodes of a cluster
+        # drift apart and do not all copy their databases at the same moment.
+        stagger = 1 + (zlib.crc32(self.node_id.encode()) % 8) / 16
+        return applied > self._taken_from and (
+            applied - self._taken_from >= self.entries * stagger
+            or self._bytes_since >= self.max_bytes * stagger
+        )
 
     def maybe_take(self, applied: int, on_done: Callable[[], None]) -> bool:
         """Start taking a snapshot in the background if the log grew past a threshold since the
@@ -240,15 +258,7 @@ class Snapshots:
         with self._lock:
             if self._taking is not None or self.pending is not None:
                 return False
-            # Each node's threshold is offset by 0-44% (from its id), so the nodes of a cluster
-            # drift apart and do not all copy their databases at the same moment.
-            stagger = 1 + (zlib.crc32(self.node_id.encode()) % 8) / 16
-            if (
-                applied - self._taken_from < self.entries * stagger
-                and self._bytes_since < self.max_bytes * stagger
-            ):
-                return False
-            if applied <= self._taken_from:
+            if not self._threshold_passed(applied):
                 return False
             self._bytes_since = 0
             self._taken_from = applied  # do not retry at every entry if taking fails
@@ -437,14 +447,14 @@ class Snapshots:
                  meta.term, f.size)
         return new
 
-    def after_apply(self, nbytes: int, applied: int,
+    def after_apply(self, applied: int,
                     compact_core: Callable[[int], SnapshotMeta | None], store: LogStore,
                     on_taken: Callable[[], None]) -> None:
-        """After each applied batch (in the log store's writer thread): maybe start taking a
-        snapshot in the background; compact the log to a pending snapshot once `trailing`
-        entries are applied past it. compact_core(index) compacts the core and returns the
-        meta, or None if it cannot yet (not stable: try after the next batch)."""
-        self.note_applied(nbytes)
+        """When note_applied() said work is due (in the log store's writer thread): maybe
+        start taking a snapshot in the background; compact the log to a pending snapshot once
+        `trailing` entries are applied past it. compact_core(index) compacts the core and
+        returns the meta, or None if it cannot yet (not stable: the apply thread asks again
+        after its next batch)."""
         self.maybe_take(applied, on_taken)
         due = self.compaction_due(applied)
         if due is None:

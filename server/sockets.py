@@ -20,6 +20,9 @@ HELLO_MAX_FRAME_SIZE = 64 * 1024
 # A sender writes at most this much per RAFT frame (more is split over several frames).
 BATCH_MAX_MESSAGES = 512
 BATCH_MAX_BYTES = 1 << 20
+# Transport.send writes batches up to this many bytes of entries on the socket itself; larger
+# ones go to the peer's sender thread (encrypting megabytes would hold up the Raft driver).
+DIRECT_MAX_BYTES = 64 << 10
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
 CONNECT_TIMEOUT = 5.0

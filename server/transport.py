@@ -70,6 +70,7 @@ from raftsql.server.sockets import (
     BATCH_MAX_BYTES,
     BATCH_MAX_MESSAGES,
     CONNECT_TIMEOUT,
+    DIRECT_MAX_BYTES,
     FRAME_TIMEOUT,
     HELLO_MAX_FRAME_SIZE,
     IDLE_CHECK,
@@ -143,6 +144,15 @@ class _Peer:
         self.failures = 0  # consecutive failed connections (for log levels and backoff)
         self.snapshot: _SnapshotJob | None = None  # set by send_snapshot, cleared by the sender
         self.snapshot_lock = threading.Lock()
+        # Direct writes (Transport.send): whoever holds write_lock may write on `live`, the
+        # connected socket (non-blocking; None while not connected). A write that would block
+        # leaves its whole frame in `pending`: TLS must retry exactly that write, and the
+        # sender thread does, before anything else. Nothing is written directly while the
+        # queue, `pending` or a snapshot job holds something older: one stream, one order.
+        self.write_lock = threading.Lock()
+        self.live: ssl.SSLSocket | None = None
+        self.pending: bytes | None = None
+        self.broken: str | None = None  # a direct write failed: the sender redials
 
     def take_snapshot_job(self, job: _SnapshotJob | None = None) -> _SnapshotJob | None:
         """Clear the job slot (only if it still holds `job`, when given); return what it held."""
@@ -411,29 +421,77 @@ class Transport(Listener):
     # ----------------------------------------------------------------- outbound
 
     def send(self, msgs: list[Message]) -> None:
-        """Queue each message for its `to` peer; never blocks. A full queue drops (and counts)
-        the message. The bound is approximate under concurrent senders (check, then append)."""
+        """Send each message to its `to` peer; never blocks. While a peer's stream is idle (no
+        queued messages, no half-written frame, no snapshot on its way) the messages are
+        written on its socket right here, by the calling thread: no thread wake-up on the
+        write path. Otherwise, or if a write would block, they go on the peer's bounded queue
+        and its sender thread writes them; a full queue drops (and counts) the message. The
+        bound is approximate under concurrent senders (check, then append)."""
         peers = self._peers
-        limit = self.queue_size
-        woken: list[_Peer] = []
+        by_peer: dict[str, list[Message]] = {}
         for m in msgs:
-            p = peers.get(m.to)
+            batch = by_peer.get(m.to)
+            if batch is None:
+                by_peer[m.to] = [m]
+            else:
+                batch.append(m)
+        for to, batch in by_peer.items():
+            p = peers.get(to)
             if p is None:
-                self._unknown_dropped += 1
-                self.log.debug(
-                    "%s: dropping %s to unknown peer %s", self.node_id, m.type.name, m.to
-                )
+                self._unknown_dropped += len(batch)
+                self.log.debug("%s: dropping %d messages to unknown peer %s", self.node_id, len(batch), to)
                 continue
-            if len(p.queue) >= limit:
+            if not self._write_direct(p, batch):
+                self._enqueue(p, batch)
+
+    def _write_direct(self, p: _Peer, batch: list[Message]) -> bool:
+        """Write batch on p's socket now if its stream is idle and the write lock free; False
+        if it must go through the queue instead. A write the socket cannot take at once stays
+        in p.pending for the sender thread (True: it is in the stream)."""
+        if p.live is None or p.queue or p.snapshot is not None or p.pending is not None:
+            return False
+        size = 0
+        for m in batch:
+            if m.entries:
+                size += _entries_size(m)
+        if size > DIRECT_MAX_BYTES or len(batch) > BATCH_MAX_MESSAGES:
+            return False  # encrypting megabytes is the sender thread's job, not the caller's
+        if not p.write_lock.acquire(blocking=False):
+            return False
+        try:
+            sock = p.live
+            if sock is None or p.queue or p.snapshot is not None or p.pending is not None:
+                return False
+            try:
+                frame = wire.encode_raft_batch(batch, self.max_frame_size)
+            except (wire.FrameError, TypeError, ValueError, OverflowError):
+                return False  # the sender thread splits it or reports it
+            try:
+                sock.send(frame)
+            except (ssl.SSLWantWriteError, BlockingIOError):
+                p.pending = frame  # TLS: the same write is retried, whole, by the sender
+                p.wake.set()
+            except OSError as e:
+                # The sender finds out (and redials); Raft retransmits what is lost.
+                p.broken = _why(e)
+                p.live = None
+                p.wake.set()
+            p.last_sent = time.monotonic()
+            return True
+        finally:
+            p.write_lock.release()
+
+    def _enqueue(self, p: _Peer, batch: list[Message]) -> None:
+        limit = self.queue_size
+        q = p.queue
+        for m in batch:
+            if len(q) >= limit:
                 p.count_drop(1)
                 continue
-            p.queue.append(m)
-            if not woken or woken[-1] is not p:
-                woken.append(p)
-        for p in woken:
-            # The sender clears `wake` *before* checking the queue, so this cannot be missed.
-            if not p.wake.is_set():
-                p.wake.set()
+            q.append(m)
+        # The sender clears `wake` *before* checking the queue, so this cannot be missed.
+        if not p.wake.is_set():
+            p.wake.set()
 
     def send_snapshot(
         self,
@@ -582,7 +640,7 @@ class Transport(Listener):
                 raise _Refused(
                     f"it says it is {hello.role} {hello.node_id!r}, expected node {p.id!r}"
                 )
-            sock.settimeout(SEND_TIMEOUT)
+            sock.settimeout(0)  # non-blocking from here: see _Peer.write_lock
             return sock
         except BaseException:
             p.set_sock(None)
@@ -593,45 +651,90 @@ class Transport(Listener):
 
     def _pump(self, p: _Peer, sock: ssl.SSLSocket, carry: list[Message]) -> list[Message]:
         """Write batches until stopped (returns []) or until the peer closes before a write
-        (returns the unwritten batch). Raises on a failed write (the batch is lost)."""
+        (returns the unwritten batch). Raises on a failed write (the batch is lost). While
+        this runs, other threads may write on the socket directly (send()); p.write_lock
+        orders the two."""
         # The peer never writes on this connection after its hello: readable means it closed
         # (or sent an ERROR). Checking before each write saves the batch from a dead socket.
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         q = p.queue
-        while True:
-            if carry:
-                batch, carry = carry, []
-            else:
-                batch = []
-                while not q and p.snapshot is None:
-                    p.wake.clear()
+        if not carry:
+            p.live = sock  # direct writes may start
+        try:
+            while True:
+                if not carry:
+                    while not q and p.snapshot is None and p.pending is None:
+                        p.wake.clear()
+                        if p.stopped.is_set():
+                            return []
+                        if p.broken is not None:
+                            raise _Closed(p.broken)
+                        if q or p.snapshot is not None or p.pending is not None:
+                            break
+                        if not p.wake.wait(IDLE_CHECK) and poller.poll(0):
+                            with p.write_lock:
+                                why = self._peer_closed(sock)
+                            if why is not None:
+                                raise _Closed(why)
                     if p.stopped.is_set():
                         return []
-                    if q or p.snapshot is not None:
-                        break
-                    if not p.wake.wait(IDLE_CHECK) and poller.poll(0):
-                        why = self._peer_closed(sock)
-                        if why is not None:
-                            raise _Closed(why)
-                if p.stopped.is_set():
-                    return []
-                if p.snapshot is not None:
+                    if p.broken is not None:
+                        raise _Closed(p.broken)
+                if p.snapshot is not None and not carry and p.pending is None:
                     self._stream_snapshot(p, sock)
                     continue
-                size = 0
-                while q and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
-                    m = q.popleft()
-                    batch.append(m)
-                    if m.entries:
-                        size += _entries_size(m)
-            if poller.poll(0):
-                why = self._peer_closed(sock)
-                if why is not None:
-                    self.log.debug("%s: %s closed the connection: %s", self.node_id, p.id, why)
-                    return batch
-            self._write_batch(p, sock, batch)
-            p.last_sent = time.monotonic()
+                with p.write_lock:
+                    if p.pending is not None:
+                        frame, p.pending = p.pending, None
+                        self._write_frame(p, sock, frame)
+                    if carry:
+                        batch, carry = carry, []
+                    else:
+                        batch = []
+                        size = 0
+                        while q and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
+                            m = q.popleft()
+                            batch.append(m)
+                            if m.entries:
+                                size += _entries_size(m)
+                    if batch:
+                        if poller.poll(0):
+                            why = self._peer_closed(sock)
+                            if why is not None:
+                                self.log.debug("%s: %s closed the connection: %s", self.node_id, p.id, why)
+                                return batch
+                        self._write_batch(p, sock, batch)
+                    p.live = sock  # after a carried batch is written, direct writes may resume
+                p.last_sent = time.monotonic()
+        finally:
+            p.live = None
+            with p.write_lock:  # no direct write is under way on the socket we close
+                p.pending = None
+                p.broken = None
+
+    def _write_frame(self, p: _Peer, sock: ssl.SSLSocket, frame: bytes) -> None:
+        """Write a whole frame on the non-blocking socket (caller holds p.write_lock). A peer
+        that takes nothing for SEND_TIMEOUT is treated as dead."""
+        deadline = time.monotonic() + SEND_TIMEOUT
+        poller = None
+        while True:
+            try:
+                sock.send(frame)
+                return
+            except (ssl.SSLWantWriteError, BlockingIOError):
+                pass
+            except ssl.SSLWantReadError:
+                pass  # TLS 1.3 may want a read mid-write (a key update): wait, retry
+            if p.stopped.is_set():
+                raise _Stopped
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{p.id} took nothing for {SEND_TIMEOUT:g} s")
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT | select.POLLIN)
+            poller.poll(min(remaining, 0.1) * 1000)
 
     def _stream_snapshot(self, p: _Peer, sock: ssl.SSLSocket) -> None:
         """Write p's snapshot job: chunks with the Raft messages queued meanwhile between them,
@@ -661,20 +764,22 @@ class Transport(Listener):
                 if corrupt and n == (1 if job.size > SNAPSHOT_CHUNK else 0):
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 chunk = wire.SnapshotChunk(m.index, m.log_term, offset, data, crc)
-                sock.sendall(wire.encode_snapshot_chunk(chunk, self.max_frame_size))
-                offset += len(data)
-                n += 1
-                p.last_sent = time.monotonic()
-                batch: list[Message] = []
-                while q and len(batch) < BATCH_MAX_MESSAGES:
-                    batch.append(q.popleft())
-                if batch:
-                    self._write_batch(p, sock, batch)
+                with p.write_lock:
+                    self._write_frame(p, sock, wire.encode_snapshot_chunk(chunk, self.max_frame_size))
+                    offset += len(data)
+                    n += 1
+                    p.last_sent = time.monotonic()
+                    batch: list[Message] = []
+                    while q and len(batch) < BATCH_MAX_MESSAGES:
+                        batch.append(q.popleft())
+                    if batch:
+                        self._write_batch(p, sock, batch)
                 if self._snapshot_chunk_delay:
                     p.stopped.wait(self._snapshot_chunk_delay)
             final = wire.SnapshotChunk(m.index, m.log_term, offset, b"", 0, job.digest)
-            sock.sendall(wire.encode_snapshot_chunk(final, self.max_frame_size))
-            self._write_batch(p, sock, [m])
+            with p.write_lock:
+                self._write_frame(p, sock, wire.encode_snapshot_chunk(final, self.max_frame_size))
+                self._write_batch(p, sock, [m])
             p.last_sent = time.monotonic()
             ok = True
             self.log.info("%s: sent snapshot at %d to %s", self.node_id, m.index, p.id)
@@ -683,6 +788,8 @@ class Transport(Listener):
                 job.finish(ok)
 
     def _write_batch(self, p: _Peer, sock: ssl.SSLSocket, batch: list[Message]) -> None:
+        """Encode and write a batch (caller holds p.write_lock); one too large for a frame is
+        split, a single message too large for one is dropped."""
         try:
             frame = wire.encode_raft_batch(batch, self.max_frame_size)
         except wire.FrameError:
@@ -704,19 +811,16 @@ class Transport(Listener):
             p.count_drop(len(batch))
             self.log.error("%s: cannot encode a batch for %s: %r", self.node_id, p.id, e)
             return
-        sock.sendall(frame)
+        self._write_frame(p, sock, frame)
 
     @staticmethod
     def _peer_closed(sock: ssl.SSLSocket) -> str | None:
         """Why the peer closed this write-only connection (it was found readable), or None if
-        it is still open (only TLS protocol records arrived, e.g. a session ticket)."""
+        it is still open (only TLS protocol records arrived, e.g. a session ticket). The
+        caller holds the peer's write lock (a TLS read must not run beside a TLS write)."""
         try:
-            sock.settimeout(0)
-            try:
-                data = sock.recv(HELLO_MAX_FRAME_SIZE)
-            finally:
-                sock.settimeout(SEND_TIMEOUT)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            data = sock.recv(HELLO_MAX_FRAME_SIZE)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             return None
         except Exception as e:  # noqa: BLE001
             return _why(e)

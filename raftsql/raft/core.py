@@ -134,6 +134,11 @@ class Config:
     # A snapshot neither reported (report_snapshot) nor acknowledged within this many ticks is
     # presumed lost and sent again. The driving code normally reports long before.
     snapshot_timeout_ticks: int = 200
+    # A leader whose commit index advanced does not send empty appends at once to tell the
+    # followers: the next append (every proposal sends one), the next heartbeat or, at the
+    # latest, the next tick carries it. With one write at a time this halves the messages per
+    # write (no empty append and no acknowledgement of it); followers apply one write later.
+    lazy_commit: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.mutations) - set(MUTATIONS)
@@ -209,6 +214,7 @@ class Raft:
         self._read_round = 0
         self._need_round = False
         self._need_bcast = False
+        self._commit_unsent = False  # lazy_commit: the followers have not been sent the commit
         self._prev_hs = HardState(self.term, self.vote, self.log.committed)
         self._prev_ss = SoftState(None, Role.FOLLOWER)
         self._outstanding: Ready | None = None
@@ -266,6 +272,7 @@ class Raft:
         self._reads_awaiting_commit = []
         self._need_round = False
         self._need_bcast = False
+        self._commit_unsent = False
         self._committed_in_term = False
 
     def _become_follower(self, term: int, leader: str | None) -> None:
@@ -329,6 +336,8 @@ class Raft:
     def _tick_leader(self) -> None:
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
+        if self._commit_unsent:
+            self._need_bcast = True  # sent at the next ready(); clears _commit_unsent
         for pr in self.progress.values():
             if pr.state == _ProgressState.SNAPSHOT:
                 pr.snapshot_elapsed += 1
@@ -506,6 +515,7 @@ class Raft:
                 self._bcast_heartbeat()
             if self._need_bcast:
                 self._need_bcast = False
+                self._commit_unsent = False
                 self._bcast_append()
 
     def has_ready(self) -> bool:
@@ -576,7 +586,7 @@ class Raft:
                 if self.log.stable > me.match:
                     me.match = self.log.stable
                     if self._maybe_commit():
-                        self._need_bcast = True
+                        self._commit_advanced()
         if rd.committed_entries:
             self.log.applied = max(self.log.applied, rd.committed_entries[-1].index)
 
@@ -879,10 +889,15 @@ class Raft:
             pr.free_to(m.index)
         if "append_on_every_ack" in self._mut:
             self._send_append(m.sender, send_if_empty=True)
-        if updated and self._maybe_commit():
+        committed = updated and self._maybe_commit()
+        if committed and not self.cfg.lazy_commit:
             self._need_bcast = True
         else:
-            while self._send_append(m.sender, send_if_empty=False):
+            if committed:
+                self._commit_unsent = True  # lazy_commit: see Config
+            # (A commit may have removed the sender, or this leader: nothing more to send.)
+            while self.role == Role.LEADER and m.sender in self.progress and self._send_append(
+                    m.sender, send_if_empty=False):
                 pass
         if m.sender == self.lead_transferee and pr.match == self.log.last_index():
             self._send(Message(MsgType.TIMEOUT_NOW, m.sender, self.id, self.term))
@@ -927,6 +942,12 @@ class Raft:
         else:
             pr.paused = True
         return bool(entries)
+
+    def _commit_advanced(self) -> None:
+        if self.cfg.lazy_commit:
+            self._commit_unsent = True
+        else:
+            self._need_bcast = True
 
     def _bcast_append(self) -> None:
         for p in self._peers():

@@ -42,6 +42,7 @@ from raftsql.raft.types import (
     Role,
     SnapshotMeta,
 )
+from raftsql.server.ready import DRIVER_BUGS, ReadyDriver
 from raftsql.sim.disk import MemDisk
 from raftsql.sim.invariants import Invariants
 from raftsql.sim.schedule import Schedule, Swarm
@@ -66,6 +67,8 @@ SIM_BUGS: dict[str, str] = {
     "snapshot_short_by_one": "the transport ships the leader's state machine at meta.index - 1",
     "snapshot_of_current_state": "the transport ships the leader's current state machine, not the one at meta.index",
     "snapshot_file_after_log": "fsync the state machine's snapshot file only after the log store's compact/install",
+    # The Ready driver's own rules (server/ready.py, the node's driver, which the simulator runs).
+    **DRIVER_BUGS,
 }
 
 
@@ -125,6 +128,7 @@ class SimNode:
     core: Raft | None = None
     tick_period: int = TICK_UNITS
     next_tick: int = 0
+    driver: ReadyDriver | None = None  # the node's Ready driver (server/ready.py) around core
     pending: Ready | None = None
     disk_done_at: int = 0
     applied: list[tuple[int, bytes]] = field(default_factory=list)
@@ -137,6 +141,7 @@ class SimNode:
     snapshots: dict[int, tuple[tuple[int, bytes], ...]] = field(default_factory=dict)
     # Volatile: snapshot data that arrived with SNAPSHOT messages since the last ready().
     inbox: dict[tuple[int, int], tuple[tuple[int, bytes], ...]] = field(default_factory=dict)
+    installing: dict[tuple[int, int], tuple[tuple[int, bytes], ...]] = field(default_factory=dict)
     compact_at: int = 0  # compact once applied - snapshot.index reaches this
     deferred: list[int] = field(default_factory=list)  # unsynced snapshot files (sim bug snapshot_file_after_log)
 
@@ -253,6 +258,15 @@ class Simulation:
             cfg, node_rng, hs, snap, stored, applied=snap.index,
             storage=node.disk, log_cache_bytes=self.cache_bytes,
         )
+        node.driver = ReadyDriver(
+            node.core, node.disk,
+            send=self._send,
+            install=lambda meta, node=node: self._install(node, meta, node.installing),
+            apply=lambda entries, node=node: self._apply_entries(node, entries),
+            done=lambda rd, node=node: self._read_states(node, rd),
+            call=lambda fn, *args, node=node: self.call(node, fn, *args),
+            bugs=self.sim_bugs & DRIVER_BUGS.keys(),
+        )
         node.pending = None
         node.inbox = {}
         node.deferred = []
@@ -271,6 +285,7 @@ class Simulation:
             node.snapshots.pop(index, None)
         self._log(f"CRASH {nid} (lost {lost} unsynced writes)")
         node.core = None
+        node.driver = None
         node.pending = None
         node.restarts += 1
         self.proposals[nid] = []
@@ -506,45 +521,57 @@ class Simulation:
     # ---------------------------------------------------------------- Ready loop
 
     def _start_ready(self, node: SimNode) -> None:
-        core = node.core
-        if node.pending is not None or not core.has_ready():
+        """The first half of a Ready, by the node's own driver (server/ready.py); the second
+        half (after the fsync) when virtual time reaches disk_done_at."""
+        if node.pending is not None or not node.core.has_ready():
             return
-        rd = core.ready()
-        node.pending = rd
-        inbox, node.inbox = node.inbox, {}  # anything not installed now was ignored by the core
-        self._send(rd.messages)  # may leave before the disk write
-        # Snapshot files older than the log store's durable meta are never needed again: a
-        # restart loads that meta's file, and any SNAPSHOT the core sends from now on is at
-        # its own meta, which is never older.
+        # Snapshot data that arrived since the last Ready: what the core accepted is installed
+        # now; the rest was ignored by the core.
+        node.installing, node.inbox = node.inbox, {}
         durable = node.disk.snapshot.index
+        rd = node.driver.begin()  # sends the messages that may leave now (SNAPSHOTs with data)
+        node.installing = {}
+        if rd is None or not node.alive:
+            return
+        # Snapshot files older than the log store's durable meta (before this Ready) are never
+        # needed again: a restart loads that meta's file, and any SNAPSHOT the core sends from
+        # now on is at its own meta, which is never older.
         if node.snapshots and min(node.snapshots) < durable:
             node.snapshots = {i: d for i, d in node.snapshots.items() if i >= durable}
-        if rd.snapshot is not None:
-            self._install(node, rd.snapshot, inbox)
-        if rd.entries:
-            node.disk.append(rd.entries)
-        if rd.hard_state is not None:
-            node.disk.set_hard_state(rd.hard_state)
+        node.pending = rd
         if rd.must_sync:
             node.disk_done_at = self.now + self.schedule.fsync_delay(node)
         else:
             self._finish_ready(node)
 
     def _finish_ready(self, node: SimNode) -> None:
-        rd, core = node.pending, node.core
-        if rd.must_sync:
-            node.disk.sync()
-            node.deferred = []
-        self._send(rd.persisted_messages)
-        for e in rd.committed_entries:
+        rd = node.pending
+        node.pending = None
+        synced = node.disk.syncs
+        node.driver.finish(rd)
+        if node.disk.syncs != synced:
+            node.deferred = []  # the snapshot files written before the sync are durable now
+        if node.alive:
+            self._serve_reads(node)
+
+    def _apply_entries(self, node: SimNode, entries: list) -> None:
+        # Apply after persist: SQLite's apply survives a crash that loses the log's unsynced
+        # tail, so a node must apply only what its own log holds durably (or what a snapshot
+        # covers); otherwise it restarts with its state machine ahead of its log.
+        durable = node.disk.snapshot.index + len(node.disk.entries)
+        for e in entries:
+            if e.index > durable:
+                raise Violation(
+                    "Apply after persist",
+                    f"{node.id} applies {e.index} but its durable log ends at {durable}",
+                )
             self._apply(node, e.index, e.term, e.data)
+
+    def _read_states(self, node: SimNode, rd: Ready) -> None:
         for rs in rd.read_states:
             r = self.reads.get(rs.context)
             if r is not None and r.node == node.id:
                 r.index = rs.index
-        node.pending = None
-        self.call(node, core.advance, rd)
-        self._serve_reads(node)
 
     def _apply(self, node: SimNode, index: int, term: int, data: bytes) -> None:
         want = self.committed.get(index)

@@ -288,9 +288,9 @@ def test_requests_over_the_nodes_limit_fail_clearly_and_change_nothing(tmp_path)
 
 
 def test_large_batches_apply_in_order_with_small_writes(cluster):
-    """Batches over APPLY_INLINE_BYTES go to the apply thread, small ones apply in the Ready
-    loop when nothing is queued: interleaved from several clients they still apply in log order,
-    every write exactly once, and every node ends with the same database."""
+    """Large executemany entries (seconds of SQLite work each) and small writes from several
+    clients, interleaved: the apply thread still applies them in log order, every write
+    exactly once, and every node ends with the same database."""
     import threading
 
     import raftsql.driver as driver

@@ -439,8 +439,9 @@ def test_leader_start_replication():
 
 def test_leader_commit_entry():
     """§5.3: an entry is committed once the leader replicated it on a majority; the leader then
-    applies it and tells followers the new commit index in its next appends."""
-    r = new_raft(pre_vote=False)
+    applies it and tells followers the new commit index in its next appends. Eagerly (the
+    paper, etcd): empty appends at once."""
+    r = new_raft(pre_vote=False, lazy_commit=False)
     make_replicating_leader(r)
     idx = r.propose(b"x")
     drain(r)
@@ -450,6 +451,32 @@ def test_leader_commit_entry():
     assert r.log.committed == idx
     assert [e.data for e in rd.committed_entries] == [b"x"]
     assert {m.to: m.commit for m in of_type(rd.messages, MsgType.APPEND)} == {"n2": idx, "n3": idx}
+
+
+def test_lazy_commit_rides_on_the_next_append_or_tick():
+    """lazy_commit (the default): no empty appends when the commit index advances; the next
+    proposal's appends carry it, and without one the next tick sends it."""
+    r = new_raft(pre_vote=False)
+    make_replicating_leader(r)
+    idx = r.propose(b"x")
+    drain(r)
+    r.step(msg(MsgType.APPEND_RESP, "n2", "n1", 1, index=idx))
+    rd = ready(r)
+    assert r.log.committed == idx
+    assert [e.data for e in rd.committed_entries] == [b"x"]
+    assert of_type(rd.messages, MsgType.APPEND) == []
+    nxt = r.propose(b"y")
+    rd = ready(r)
+    apps = of_type(rd.messages, MsgType.APPEND)
+    assert {m.to: (m.commit, [e.index for e in m.entries]) for m in apps} == {
+        "n2": (idx, [nxt]), "n3": (idx, [nxt])}
+    # Without a proposal: the tick sends it (n3 never acknowledged: it gets the entries again).
+    r.step(msg(MsgType.APPEND_RESP, "n2", "n1", 1, index=nxt))
+    rd = ready(r)
+    assert r.log.committed == nxt and of_type(rd.messages, MsgType.APPEND) == []
+    r.tick()
+    rd = ready(r)
+    assert {m.to: m.commit for m in of_type(rd.messages, MsgType.APPEND)} == {"n2": nxt, "n3": nxt}
 
 
 @pytest.mark.parametrize(
@@ -711,9 +738,11 @@ def test_proposals_between_two_readies_share_one_append():
 
 
 def test_max_append_bytes_caps_an_append():
-    """Each append stops before exceeding max_append_bytes; the rest follow as acks arrive."""
+    """Each append stops before exceeding max_append_bytes; the rest follow as acks arrive.
+    (Eager commit: an ack that commits sends one append per follower, the commit's; lazily,
+    the leader pipelines the rest at once, each append still under the cap.)"""
     size = Entry(1, 1, EntryType.NORMAL, b"dddd").size()  # 20
-    r = new_raft(pre_vote=False, max_append_bytes=3 * size)
+    r = new_raft(pre_vote=False, max_append_bytes=3 * size, lazy_commit=False)
     make_replicating_leader(r)
     for _ in range(7):
         r.propose(b"dddd")
@@ -728,6 +757,16 @@ def test_max_append_bytes_caps_an_append():
         r.step(msg(MsgType.APPEND_RESP, "n2", "n1", 1, index=m.entries[-1].index))
         pending = [x for x in of_type(drain(r), MsgType.APPEND) if x.to == "n2" and x.entries]
     assert sent == [[2, 3, 4], [5, 6, 7], [8]]
+    r = new_raft(pre_vote=False, max_append_bytes=3 * size)
+    make_replicating_leader(r)
+    for _ in range(7):
+        r.propose(b"dddd")
+    rd = ready(r)
+    first = [m for m in of_type(rd.messages, MsgType.APPEND) if m.to == "n2"]
+    assert [[e.index for e in m.entries] for m in first] == [[2, 3, 4]]
+    r.step(msg(MsgType.APPEND_RESP, "n2", "n1", 1, index=4))
+    rest = [m for m in of_type(drain(r), MsgType.APPEND) if m.to == "n2" and m.entries]
+    assert [[e.index for e in m.entries] for m in rest] == [[5, 6, 7], [8]]
 
 
 def test_append_carries_one_entry_even_if_larger_than_the_cap():
