@@ -29,6 +29,11 @@ from raftsql.server.sockets import (
 )
 from raftsql.server.tls import peer_name, peer_role
 
+# After a protocol violation's ERROR, how long and how much of the peer's input is read and
+# thrown away before the socket closes (see ClientConn._linger).
+LINGER_S = 1.0
+LINGER_BYTES = 4 << 20
+
 
 class ClientConn:
     """A framed TLS connection: recv() whole frames, send() whole frames from any thread.
@@ -252,8 +257,39 @@ class ClientConn:
         """Server side: answer a protocol violation with ERROR, log one line, close."""
         assert self._on_violation is not None
         self._on_violation(self, why)
+        self._linger()
         self.close()
         return None
+
+    def _linger(self) -> None:
+        """After the ERROR answer: end our side (the peer reads the ERROR, then end of stream)
+        and read what the peer still sends, for up to LINGER_S or LINGER_BYTES, before closing.
+        Closing a socket with unread bytes makes the kernel reset the connection, and a reset
+        destroys the ERROR in the peer's receive buffer before it is read: a client still
+        sending an oversized frame would see only "connection reset", not why."""
+        sock = self._sock
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+            fd = sock.fileno()
+        except (OSError, ValueError):
+            return
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        end = time.monotonic() + LINGER_S
+        got = 0
+        while got < LINGER_BYTES:
+            left = end - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return
+            try:  # raw bytes below TLS: they are thrown away unread
+                data = socket.socket.recv(sock, 65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            got += len(data)
 
     def _wait(self, events: int, until: float | None, hot: bool = False) -> bool:
         """recv()'s wait: until the socket has `events` or the monotonic time `until`; True
