@@ -11,6 +11,7 @@ Set RAFTSQL_DEBUG=1 to see the traceback anyway.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import click
 
+# A node whose stop takes longer than this prints every thread's stack (to its log).
+STOP_STACKS_AFTER_S = 10.0
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 # "module:Class" names of exceptions whose message is written for humans. Looked up in
@@ -320,7 +323,10 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
     signal.signal(signal.SIGINT, lambda *_: done.set())
     while not done.wait(0.5):
         pass
+    # A stop that takes longer than it should leaves every thread's stack in the log.
+    faulthandler.dump_traceback_later(STOP_STACKS_AFTER_S, exit=False)
     n.stop(graceful=True)
+    faulthandler.cancel_dump_traceback_later()
 
 
 # --------------------------------------------------------------------------- cluster

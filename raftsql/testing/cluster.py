@@ -127,7 +127,14 @@ class LocalCluster:
         if p is not None and p.poll() is None:
             p.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM):
-                p.wait(15)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    tail = (self.dir / nid / "node.log").read_text(errors="replace").splitlines()[-80:]
+                    raise AssertionError(f"{nid} did not exit within 15 s of signal {sig}; the end of "
+                                         "its log:\n" + "\n".join(tail)) from None
 
     def pause(self, nid: str) -> None:
         self.kill(nid, signal.SIGSTOP)
