@@ -29,6 +29,7 @@ from raftsql.driver._exceptions import (
     NotSupportedError,
     OperationalError,
     OutcomeUnknown,
+    PermissionDenied,
     ProgrammingError,
     TransactionAborted,
     Unavailable,
@@ -354,6 +355,8 @@ class Connection:
             self._check_open()
             try:
                 return self._client.status(min(3.0, self.timeout))
+            except _client.Forbidden as e:
+                raise PermissionDenied(str(e)) from None
             except _client.ClientError as e:
                 raise Unavailable(str(e)) from None
 
@@ -512,6 +515,8 @@ class Connection:
                                  client_id=client.client_id, commit=commit) from None
         except _client.Unavailable as e:
             raise Unavailable(str(e)) from None
+        except _client.Forbidden as e:
+            raise PermissionDenied(str(e)) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
         except wire.FrameError as e:
@@ -547,6 +552,8 @@ class Connection:
                 f"transaction aborted, nothing was applied; run it again: {e}")) from None
         except _client.Unavailable as e:
             raise Unavailable(str(e)) from None
+        except _client.Forbidden as e:
+            raise self._abort(PermissionDenied(str(e))) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
         except wire.FrameError as e:
@@ -1039,6 +1046,8 @@ def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
         try:
             conn = NodeConnection(host, port, context, min(5.0, remaining))
         except NodeUnreachable as e:
+            if e.forbidden:
+                raise PermissionDenied(str(e)) from None
             errors.append(str(e))
             time.sleep(0.1)
             continue
@@ -1047,6 +1056,8 @@ def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
                                  "timeout_ms": int(min(remaining, 30.0) * 1000)}, remaining)
             if not resp.get("ok"):
                 err = resp.get("error") or {}
+                if err.get("kind") == "FORBIDDEN":
+                    raise PermissionDenied(str(err.get("message")))
                 errors.append(f"{host}:{port}: {err.get('kind')}: {err.get('message')}")
                 time.sleep(0.1)
                 continue
@@ -1068,7 +1079,9 @@ def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
             if digest.hexdigest() != info["sha256"]:
                 raise ConnectionLost(f"the copy from {host}:{port} is damaged (sha256 mismatch)")
             return
-        except ConnectionLost as e:
+        except (ConnectionLost, NodeUnreachable) as e:
+            if e.forbidden:
+                raise PermissionDenied(str(e)) from None
             errors.append(str(e))
         finally:
             conn.close()

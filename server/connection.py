@@ -27,7 +27,7 @@ from raftsql.server.sockets import (
     _tune,
     _why,
 )
-from raftsql.server.tls import peer_name, peer_role
+from raftsql.server.tls import peer_client_role, peer_name, peer_role, peer_serial
 
 # After a protocol violation's ERROR, how long and how much of the peer's input is read and
 # thrown away before the socket closes (see ClientConn._linger).
@@ -63,6 +63,9 @@ class ClientConn:
     ):
         self.role: str | None = peer_role(sock)
         self.peer_name: str | None = peer_name(sock)
+        # What the certificate allows (read, write, admin; server/access.py) and its serial.
+        self.client_role: str | None = peer_client_role(sock) if self.role == "client" else None
+        self.peer_serial: str | None = peer_serial(sock)
         self.hello = hello
         self.address = address
         self.max_frame_size = max_frame_size

@@ -346,7 +346,7 @@ def test_extended_key_usage_per_role(certs):
     assert eku("n1") == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert eku("client") == {ExtendedKeyUsageOID.CLIENT_AUTH}
     assert _sans(certs / "client.crt").get_values_for_type(x509.UniformResourceIdentifier) == [
-        "urn:raftsql:role:client"
+        "urn:raftsql:role:client", "urn:raftsql:client-role:write"
     ]
 
 
