@@ -397,7 +397,8 @@ class Connection:
         sqlite3.Connection. The copy is one node's database at an index that holds every write
         acknowledged before the call (a linearizable backup, as `raftsql backup`), without
         raftsql's own tables; pages, progress and sleep work as in sqlite3 (they pace the copy
-        into target)."""
+        into target). It uses the backup requests, so it needs an admin certificate
+        (PermissionDenied otherwise), and every node's audit trail records it."""
         import sqlite3
 
         if not isinstance(target, sqlite3.Connection):
@@ -415,8 +416,8 @@ class Connection:
 
     def iterdump(self, *, filter: str | None = None) -> Iterator[str]:  # noqa: A002 - sqlite3's name
         """As sqlite3's iterdump(): the database as SQL text, statement by statement, from a
-        consistent copy (see backup()). filter: a LIKE pattern of the tables to dump (Python
-        3.13's argument)."""
+        consistent copy (see backup(): an admin certificate). filter: a LIKE pattern of the
+        tables to dump (Python 3.13's argument)."""
         import sqlite3
 
         self._check_open()

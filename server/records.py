@@ -93,24 +93,29 @@ class Records:
     )
 
     def __init__(self, internal: Callable[..., list[tuple]]):
+        # The state machine's write connection: only ever used from the thread that holds the
+        # state machine's lock (open, apply). Other threads read `revoked` and `revocations`.
         self._internal = internal
         self.pending: list[AuditEntry] = []  # applied in the open transaction
         self.revoked: frozenset[str] = frozenset()
+        self._revocations: tuple[dict[str, Any], ...] = ()
         self.reload()
 
     def reload(self) -> None:
-        self.revoked = frozenset(r[0] for r in self._internal("SELECT target FROM sqlite_raftsql_revoked"))
+        rows = self._internal(
+            "SELECT target, entry_index, time_ms, by_name, by_serial FROM sqlite_raftsql_revoked "
+            "ORDER BY entry_index, target")
+        self._revocations = tuple({"target": t, "index": i, "time_ms": ms, "by": b, "by_serial": s}
+                                  for t, i, ms, b, s in rows)
+        self.revoked = frozenset(r["target"] for r in self._revocations)
 
     def is_revoked(self, name: str | None, serial: str | None) -> bool:
         revoked = self.revoked
         return bool(revoked) and (f"name:{name}" in revoked or f"serial:{serial}" in revoked)
 
     def revocations(self) -> list[dict[str, Any]]:
-        rows = self._internal(
-            "SELECT target, entry_index, time_ms, by_name, by_serial FROM sqlite_raftsql_revoked "
-            "ORDER BY entry_index, target")
-        return [{"target": t, "index": i, "time_ms": ms, "by": b, "by_serial": s}
-                for t, i, ms, b, s in rows]
+        """The deny list with who revoked each entry and when (any thread)."""
+        return [dict(r) for r in self._revocations]
 
     # -- apply (inside the entry's transaction) ----------------------------------------------
 
