@@ -102,12 +102,12 @@ class NodeConnection:
             limit = wire.parse_hello(hello).max_request
             if limit is not None:
                 self.max_request = limit
-        except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
-            self.close()
-            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
         except NodeUnreachable:
             self.close()
             raise
+        except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
+            self.close()
+            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
 
     def request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request and wait for its response (raises ConnectionLost on any failure

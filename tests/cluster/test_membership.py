@@ -193,7 +193,6 @@ def test_errors(cluster, tmp_path):
     _wait_membership(cluster, ["n1", "n2", "n3"])
     # Joining needs the joining node's own certificate: a client certificate cannot.
     from raftsql.driver._admin import _admin_call
-
     from raftsql.driver._client import Forbidden
 
     for dsn in (cluster.dsn, cluster.admin_dsn):  # not even an admin's
