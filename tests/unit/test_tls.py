@@ -73,6 +73,8 @@ def handshake(
             with server_ctx.wrap_socket(conn, server_side=True) as s:
                 result["server_saw_role"] = tls.peer_role(s)
                 result["server_saw_name"] = tls.peer_name(s)
+                result["server_saw_client_role"] = tls.peer_client_role(s)
+                result["server_saw_serial"] = tls.peer_serial(s)
                 result["version"] = s.version()
                 s.sendall(b"ok")
                 try:
@@ -527,3 +529,49 @@ def test_default_paths(tmp_path):
         str(tmp_path / "client.key"),
     )
     assert driver_tls.default_paths(tmp_path, "alice")[1] == str(tmp_path / "alice.crt")
+
+
+# --------------------------------------------------------------------------- client roles
+
+
+@pytest.mark.parametrize("role", ["read", "write", "admin"])
+def test_the_server_reads_the_client_role_and_serial_from_the_certificate(tmp_path, certs, role):
+    issued = pki.make_client_cert(certs, f"app-{role}", role=role)
+    client_ctx = driver_tls.client_context(certs / "ca.crt", issued.cert_path, issued.key_path)
+    r = handshake(tls.server_context(certs, "n1"), client_ctx)
+    assert r["server_saw_role"] == "client" and r["server_saw_name"] == f"app-{role}"
+    assert r["server_saw_client_role"] == role
+    assert r["server_saw_serial"] == tls.describe_cert(issued.cert_path)["serial"]
+    assert tls.describe_cert(issued.cert_path)["role"] == f"client ({role})"
+
+
+def test_a_client_certificate_without_a_client_role_counts_as_write(tmp_path):
+    """Certificates made before client roles existed keep reading and writing (no admin)."""
+    d = tmp_path / "old"
+    pki.make_ca(d)
+    ca_cert, ca_key = pki._load_ca(d)
+    key = pki._new_key()
+    cert = pki._build_leaf(ca_cert, ca_key, key, "old", pki.ROLE_CLIENT, [])
+    pki._write_pair(d / "old.crt", d / "old.key", cert, key, overwrite=False)
+    assert pki.client_role_of(pki._cert_uris(cert)) == "write"
+    assert tls.describe_cert(d / "old.crt")["role"] == "client (write)"
+
+
+def test_client_role_uris():
+    p = pki.CLIENT_ROLE_URI_PREFIX
+    assert pki.client_role_of([]) == "write"
+    assert pki.client_role_of(["urn:raftsql:role:client", p + "read"]) == "read"
+    assert pki.client_role_of([p + "admin", p + "admin"]) == "admin"
+    assert pki.client_role_of([p + "read", p + "admin"]) is None  # conflicting: no privileges
+    assert pki.client_role_of([p + "root"]) is None  # unknown
+
+
+def test_a_kept_client_certificate_must_have_the_asked_role(tmp_path):
+    tree = pki.CertsTree(tmp_path / "c")
+    tree.init()
+    assert tree.client("app", role="read").created
+    assert tree.client("app", role="read", exist_ok=True).created is False
+    with pytest.raises(pki.CertificateExistsError, match="has the client role read, not admin"):
+        tree.client("app", role="admin", exist_ok=True)
+    with pytest.raises(pki.TLSConfigError, match="unknown client role 'root'"):
+        tree.client("other", role="root")
