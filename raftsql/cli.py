@@ -361,13 +361,14 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
 
     name_os_threads(cfg.id)  # so /proc, top -H and perf show which thread is which
     n = Node(cfg)
-    n.start()
     scrapes = None
     if cfg.metrics_listen is not None:
+        # Bound before the node starts: a port in use stops it with a one-line error.
         scrapes = metrics_http.MetricsServer(
             n, cfg.metrics_listen, cfg.certs_dir, cfg.id,
             lambda name, serial: n.sm.records.is_revoked(name, serial))
         scrapes.start()
+    n.start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -224,3 +224,21 @@ def test_status_shows_the_refusals(clusters):
     assert "metrics" in p.stdout and "refused" in p.stdout
     rows = _admin.cluster_status(main.dsn)
     assert sum(r["metrics"]["raftsql_client_refusals_total"].get("permission", 0) for r in rows) > 0
+
+
+def test_a_backup_served_by_a_follower_is_recorded_by_the_leader(clusters, tmp_path):
+    main, _ = clusters
+    leader = main.wait_leader()
+    follower = next(n for n in main.ids if n != leader)
+    dsn = f"raftsql://{main.address(follower)}/?certs={main.admin_certs}"
+    r = _admin.backup(dsn, str(tmp_path / "f.db"), timeout=30)
+    assert r["node"] == follower
+    main.hashes()  # every node has applied the record
+    for nid in main.ids:
+        c = db.connect(main.admin_dsn, hosts=[main.address(nid)], consistency="stale", timeout=20)
+        rows = c.execute("SELECT by_name, detail FROM sqlite_raftsql_audit WHERE operation = 'backup' "
+                         "AND detail LIKE ?", (f'%"node": "{follower}"%',)).fetchall()
+        c.close()
+        assert rows and rows[-1][0] == "admin", (nid, rows)
+    log = (main.data_dir(leader) / "node.log").read_text()
+    assert "op=backup by=admin" in log and f"node={follower}" in log
