@@ -31,7 +31,7 @@ from raftsql.server.sockets import (
     _why,
     raise_fd_limit,
 )
-from raftsql.server.tls import peer_client_role, peer_name, peer_role, peer_serial
+from raftsql.server.tls import PeerIdentity, peer_identity
 
 if TYPE_CHECKING:
     from raftsql.server.snapshot import Receiver
@@ -184,7 +184,7 @@ class Listener:
             accepted = self._accept_hello(sock, rec, who)
             if accepted is None:
                 return
-            hello, who = accepted
+            hello, who, identity = accepted
             if hello.role == "node":
                 if hello.address is not None and self.on_peer_hello is not None:
                     self.on_peer_hello(hello.node_id, hello.address)
@@ -201,6 +201,7 @@ class Listener:
                 _on_violation=lambda c, why: self._client_violation(c, who, why),
                 _on_idle=lambda c, why: self._client_violation(c, who, why, logging.INFO),
                 _parker=self._parker,
+                identity=identity,
             )
             rec.set(conn)
             try:
@@ -228,21 +229,23 @@ class Listener:
 
     def _accept_hello(
         self, sock: ssl.SSLSocket, rec: _Inbound, who: str
-    ) -> tuple[wire.Hello, str] | None:
+    ) -> tuple[wire.Hello, str, PeerIdentity] | None:
         """TLS handshake, the peer's HELLO, checks, our HELLO; within handshake_timeout.
-        Returns (hello, who) if accepted; else logs one line, sends ERROR if possible, None."""
+        Returns (hello, who, the certificate's identity) if accepted; else logs one line, sends
+        ERROR if possible, None."""
         deadline = time.monotonic() + self.handshake_timeout
         try:
             sock.do_handshake()
         except (OSError, ssl.SSLError) as e:
             self._conn_log(rec, "TLS handshake with %s failed: %s", who, _why(e))
             return None
-        role, name, serial = peer_role(sock), peer_name(sock), peer_serial(sock)
+        identity = peer_identity(sock)
+        role, name, serial = identity.role, identity.name, identity.serial
         who = f"{name or '?'} ({who})"
         if role is None:
             self._refuse(rec, sock, who, "the certificate has no raftsql role")
             return None
-        if role == "client" and peer_client_role(sock) is None:
+        if role == "client" and identity.client_role is None:
             self._refuse(rec, sock, who, "the certificate has conflicting client roles")
             return None
         # Identity first, then the deny list: a revocation applied in between is then either
@@ -295,7 +298,7 @@ class Listener:
                 return None
         limit = self.max_request_size if hello.role == "client" else None
         sock.sendall(wire.make_hello(self.node_id, "node", max_request=limit))
-        return hello, who
+        return hello, who, identity
 
     def _conn_log(
         self, rec: _Inbound, fmt: str, *args: Any, sock: Any = None, error: Any = None,

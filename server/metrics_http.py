@@ -26,7 +26,7 @@ from typing import Any
 
 from raftsql.server import metrics
 from raftsql.server.config import ConfigError
-from raftsql.server.tls import peer_client_role, peer_name, peer_role, peer_serial, server_context
+from raftsql.server.tls import peer_identity, server_context
 
 try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
@@ -265,11 +265,11 @@ class MetricsServer:
             self._slots.release()
 
     def _refusal(self, tls: ssl.SSLSocket) -> str | None:
-        role, name, serial = peer_role(tls), peer_name(tls), peer_serial(tls)
-        if role is None:
+        who = peer_identity(tls)
+        if who.role is None:
             return "the certificate has no raftsql role"
-        if role == "client" and peer_client_role(tls) is None:
+        if who.role == "client" and who.client_role is None:
             return "the certificate has conflicting client roles"
-        if self._is_revoked(name, serial):
-            return f"certificate {name!r} (serial {serial}) is revoked"
+        if self._is_revoked(who.name, who.serial):
+            return f"certificate {who.name!r} (serial {who.serial}) is revoked"
         return None

@@ -11,6 +11,7 @@ dialled address.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import ssl
@@ -37,7 +38,8 @@ from raftsql.tlsconfig import InsecureKeyFileError, check_key_file, harden
 # The errors a context builder raises, importable from here too.
 __all__ = [
     "InsecureKeyFileError", "PeerRejectedError", "TLSConfigError", "describe_cert", "node_client_context",
-    "peer_client_role", "peer_name", "peer_role", "peer_serial", "require_peer",
+    "PeerIdentity", "peer_client_role", "peer_identity", "peer_name", "peer_role", "peer_serial",
+    "require_peer",
     "role_from_cert", "server_context",
 ]
 
@@ -160,6 +162,33 @@ def peer_name(sock: ssl.SSLSocket) -> str | None:
             if key == "commonName":
                 return value
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerIdentity:
+    """What a verified peer certificate says, read once: its role ("node", "client" or None),
+    client role (clients only; None if conflicting), name (CN) and serial (serial_text)."""
+
+    role: str | None
+    client_role: str | None
+    name: str | None
+    serial: str | None
+
+
+def peer_identity(sock: ssl.SSLSocket) -> PeerIdentity:
+    """The verified peer's identity from one getpeercert() (each call decodes the whole
+    certificate: a connection pays for it once)."""
+    cert = _peercert(sock)
+    if not cert:
+        return PeerIdentity(None, None, None, None)
+    role = role_from_cert(cert)
+    uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+    name = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
+    try:
+        serial = serial_text(cert["serialNumber"]) if isinstance(cert.get("serialNumber"), str) else None
+    except ValueError:
+        serial = None
+    return PeerIdentity(role, client_role_of(uris) if role == "client" else None, name, serial)
 
 
 def peer_client_role(sock: ssl.SSLSocket) -> str | None:

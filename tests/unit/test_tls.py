@@ -75,6 +75,7 @@ def handshake(
                 result["server_saw_name"] = tls.peer_name(s)
                 result["server_saw_client_role"] = tls.peer_client_role(s)
                 result["server_saw_serial"] = tls.peer_serial(s)
+                result["server_saw_identity"] = tls.peer_identity(s)
                 result["version"] = s.version()
                 s.sendall(b"ok")
                 try:
@@ -123,6 +124,8 @@ def test_node_to_node_handshake_gives_node_role(certs):
     assert r.get("client_received") == b"ok", r
     assert r["server_saw_role"] == "node"
     assert r["server_saw_name"] == "n2"
+    assert r["server_saw_identity"] == tls.PeerIdentity("node", None, "n2", r["server_saw_serial"])
+    assert r["server_saw_serial"] is not None
     assert r["client_saw_role"] == "node"
     assert r["client_saw_name"] == "n1"
     assert r["version"] == "TLSv1.3"
@@ -319,6 +322,7 @@ def test_peer_role_of_unconnected_socket_is_none(certs):
     ):
         assert tls.peer_role(s) is None
         assert tls.peer_name(s) is None
+        assert tls.peer_identity(s) == tls.PeerIdentity(None, None, None, None)
 
 
 # --------------------------------------------------------------------------- certificate contents
@@ -543,6 +547,10 @@ def test_the_server_reads_the_client_role_and_serial_from_the_certificate(tmp_pa
     assert r["server_saw_client_role"] == role
     assert r["server_saw_serial"] == tls.describe_cert(issued.cert_path)["serial"]
     assert tls.describe_cert(issued.cert_path)["role"] == f"client ({role})"
+    # The listener reads all of it from one getpeercert(): the same answers.
+    assert r["server_saw_identity"] == tls.PeerIdentity(
+        "client", role, f"app-{role}", r["server_saw_serial"]
+    )
 
 
 def test_a_client_certificate_without_a_client_role_counts_as_write(tmp_path):
