@@ -13,13 +13,12 @@ import socket
 import ssl
 import time
 
+import prometheus_client.parser as prometheus_parser  # the test extra has it: missing is a failure
 import pytest
 
 import raftsql.driver as db
 from raftsql.driver._tls import client_context, default_paths
 from raftsql.testing.cluster import LocalCluster, free_port
-
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 
 @pytest.fixture
