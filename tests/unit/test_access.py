@@ -30,7 +30,7 @@ def client(role: str | None, name: str = "app") -> Principal:
 
 
 @pytest.mark.parametrize("op,needed", [
-    ("execute", "read"), ("fetch", "read"), ("status", "read"), ("ping", "read"),
+    ("execute", "read"), ("fetch", "read"), ("status", "read"), ("ping", "read"), ("trace", "read"),
     ("hash", "admin"), ("cluster_add", "admin"), ("cluster_promote", "admin"),
     ("cluster_remove", "admin"), ("backup_begin", "admin"), ("backup_read", "admin"),
     ("restore_begin", "admin"), ("revoke", "admin"),
@@ -47,6 +47,19 @@ def test_each_request_needs_a_role(op, needed):
             assert info.value.kind == ErrorKind.FORBIDDEN
             assert f"client 'app' (role {role})" in info.value.message
             assert f"it needs the {needed} role" in info.value.message
+
+
+def test_every_request_of_the_protocol_has_a_decision_and_a_new_one_is_for_admins_only():
+    from raftsql.protocol import ADMIN_OPS, SIMPLE_OPS, CloseCursor, Execute, Fetch
+    from raftsql.server.access import NEEDS, NODE_OPS
+
+    ops = {*SIMPLE_OPS, *ADMIN_OPS, Execute.OP, Fetch.OP, CloseCursor.OP}
+    assert ops - NEEDS.keys() - NODE_OPS == set()
+    # A request the protocol might gain later, before anyone decides who may send it.
+    for role in ("read", "write"):
+        with pytest.raises(RequestError, match="may not run future_op: it needs the admin role"):
+            client(role).check("future_op")
+    client("admin").check("future_op")
 
 
 def test_only_a_node_certificate_joins_or_forwards_audit_records_and_it_sends_no_sql():
