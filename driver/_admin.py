@@ -1,6 +1,7 @@
 """Administrative calls used by the CLI, on top of the low-level connection: status,
-membership changes (cluster add / promote / remove), backup and restore. The server side is
-server/admin.py; stdlib + msgpack only, as the rest of the driver."""
+membership changes (cluster add / promote / remove), backup, restore and revocation. The server
+side is server/admin.py; all but status need an admin client certificate (server/access.py).
+stdlib + msgpack only, as the rest of the driver."""
 
 from __future__ import annotations
 
@@ -97,6 +98,42 @@ def cluster_remove(dsn_text: str, node_id: str, timeout: float = 30.0) -> dict[s
     return _admin_call(dsn_text, {"op": "cluster_remove", "node_id": node_id}, timeout)
 
 
+# --------------------------------------------------------------------------- revocation
+
+
+def revocation_target(text: str) -> str:
+    """NAME-or-SERIAL as the node takes it: "name:NAME" or "serial:HEX" (lower-case, no leading
+    zeros). A value of hex digits (colons allowed) with at least 16 of them is a serial (what
+    `raftsql certs show` prints; certificate serials have about 40); anything else is a name.
+    An explicit "name:" or "serial:" prefix decides."""
+    text = text.strip()
+    kind, sep, value = text.partition(":")
+    if sep and kind in ("name", "serial"):
+        explicit, text = kind, value.strip()
+    else:
+        explicit = None
+    digits = text.replace(":", "")
+    is_hex = bool(digits) and all(c in "0123456789abcdefABCDEF" for c in digits)
+    if explicit == "serial" or (explicit is None and is_hex and len(digits) >= 16):
+        if not is_hex:
+            raise AdminError(f"{text!r} is not a hexadecimal serial number")
+        value = int(digits, 16)
+        if value <= 0:
+            raise AdminError("a certificate serial number is positive")
+        return f"serial:{value:x}"
+    if not text or len(text) > 64:
+        raise AdminError(f"{text!r} is not a certificate name")
+    return f"name:{text}"
+
+
+def revoke(dsn_text: str, name_or_serial: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Put a certificate on the cluster's deny list (replicated through the log): every node
+    refuses it at its hello and closes the connections it has. Returns {"target", "index",
+    "already"}."""
+    target = revocation_target(name_or_serial)
+    return _admin_call(dsn_text, {"op": "revoke", "target": target}, timeout)
+
+
 # --------------------------------------------------------------------------- backup
 
 
@@ -121,6 +158,8 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
         try:
             conn = NodeConnection(host, port, ctx, min(5.0, remaining))
         except NodeUnreachable as e:
+            if e.forbidden:
+                raise AdminError(str(e)) from None
             errors.append(str(e))
             time.sleep(0.1)
             continue
@@ -131,8 +170,9 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
             if not resp.get("ok"):
                 err = resp.get("error") or {}
                 errors.append(f"{host}:{port}: {err.get('kind')}: {err.get('message')}")
-                if err.get("kind") == ErrorKind.BAD_REQUEST:
-                    raise AdminError(errors[-1])
+                if err.get("kind") in (ErrorKind.BAD_REQUEST, ErrorKind.FORBIDDEN):
+                    raise AdminError(errors[-1] if err.get("kind") == ErrorKind.BAD_REQUEST
+                                     else str(err.get("message")))
                 time.sleep(0.1)
                 continue
             info = resp["result"]
@@ -166,7 +206,9 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
                 os.close(dfd)
             return {"index": info["index"], "size": size, "sha256": info["sha256"], "node": info["node"],
                     "path": out_path}
-        except ConnectionLost as e:
+        except (ConnectionLost, NodeUnreachable) as e:
+            if e.forbidden:
+                raise AdminError(str(e)) from None
             errors.append(str(e))
         finally:
             if fd >= 0:
@@ -235,6 +277,9 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
         if existing["rows"]:
             raise AdminError("the cluster is not empty (it has " + ", ".join(r[0] for r in existing["rows"][:5])
                              + "): restore seeds a new, empty cluster")
+        # Admins only, and recorded in the audit trail (before any write; server/admin.py).
+        client._call({"op": "restore_begin", "source": os.path.basename(in_path),
+                      "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
         user = [row for row in schema if not row[2].startswith(_INTERNAL) and not row[1].startswith(_INTERNAL)]
         tables = [r for r in user if r[0] == "table"]
         for r in tables:
@@ -278,6 +323,8 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
                 pragmas.append((f"PRAGMA {p} = {int(v)}", []))
         if pragmas:
             run(pragmas)
+        client._call({"op": "restore_end", "source": os.path.basename(in_path), "tables": len(tables),
+                      "rows": rows_total, "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
         return {"tables": len(tables), "rows": rows_total, "index": last_index}
     finally:
         client.close()

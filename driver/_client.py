@@ -52,6 +52,11 @@ class BadRequest(ClientError):
     """Raised when the node refused the request as malformed; resending will not help."""
 
 
+class Forbidden(ClientError):
+    """Raised when the certificate may not do this (its role), or is revoked: the request was
+    not applied, and resending it will not help."""
+
+
 class TxnAborted(ClientError):
     """Raised when a transaction's leader changed or became unreachable: nothing was applied."""
 
@@ -94,7 +99,7 @@ class ResultStream:
                 )
             try:
                 resp = conn.request(Fetch(self._id, FETCH_BYTES).to_wire(), client.timeout + 0.5)
-            except ConnectionLost as e:
+            except (ConnectionLost, NodeUnreachable) as e:
                 self._finish()
                 raise StreamLost(f"the rest of the result was lost: {e}; run the query again") from None
             if not resp.get("ok"):
@@ -297,6 +302,9 @@ class Client:
             try:
                 conn = self._connection(remaining)
             except NodeUnreachable as e:
+                if e.forbidden:
+                    self._forget_node()
+                    raise self._refused(str(e), maybe_sent, serial) from None
                 self._unreachable += 1
                 if pinned:
                     self._forget_node()
@@ -308,9 +316,18 @@ class Client:
                     req["timeout_ms"] = max(1, int(min(remaining, attempt_wait) * 1000))
                 try:
                     resp = conn.request(req, remaining + 0.5)
+                except NodeUnreachable as e:
+                    # The node had closed this idle connection: nothing was sent. Reconnect.
+                    self._drop_conn()
+                    if e.forbidden:
+                        raise self._refused(str(e), maybe_sent, serial) from None
+                    last_error = str(e)
                 except ConnectionLost as e:
                     maybe_sent = True
                     last_error = str(e)
+                    if e.forbidden:
+                        self._forget_node()
+                        raise self._refused(str(e), maybe_sent, serial) from None
                     if pinned:
                         self._drop_conn()  # the same leader, reconnected; the term decides
                     else:
@@ -340,6 +357,8 @@ class Client:
                         last_error = f"{kind}: {msg}"
                         if kind == ErrorKind.BAD_REQUEST:
                             raise BadRequest(msg)
+                        if kind == ErrorKind.FORBIDDEN:
+                            raise self._refused(msg, maybe_sent, serial)
                         if kind == ErrorKind.TXN_ABORTED or (kind == ErrorKind.NOT_LEADER and pinned):
                             self._follow(err.get("leader_addr"))
                             raise TxnAborted(msg)
@@ -367,6 +386,14 @@ class Client:
             raise OutcomeUnknown(f"no result within {timeout:.1f}s; the write may have been applied "
                                  f"(resend with serial {serial}): {last_error}", serial)
         raise Unavailable(f"no node served the request within {timeout:.1f}s: {last_error}")
+
+    @staticmethod
+    def _refused(message: str, maybe_sent: bool, serial: int | None) -> ClientError:
+        """Forbidden; but OutcomeUnknown for a write an earlier attempt may have applied."""
+        if maybe_sent and serial is not None:
+            return OutcomeUnknown(f"{message}; an earlier attempt of this write may have been "
+                                  f"applied (serial {serial})", serial)
+        return Forbidden(message)
 
     @staticmethod
     def _answered_by_lagging_node(conn: NodeConnection, req: dict[str, Any],

@@ -29,6 +29,7 @@ from raftsql.driver._exceptions import (
     NotSupportedError,
     OperationalError,
     OutcomeUnknown,
+    PermissionDenied,
     ProgrammingError,
     TransactionAborted,
     Unavailable,
@@ -354,6 +355,8 @@ class Connection:
             self._check_open()
             try:
                 return self._client.status(min(3.0, self.timeout))
+            except _client.Forbidden as e:
+                raise PermissionDenied(str(e)) from None
             except _client.ClientError as e:
                 raise Unavailable(str(e)) from None
 
@@ -394,7 +397,8 @@ class Connection:
         sqlite3.Connection. The copy is one node's database at an index that holds every write
         acknowledged before the call (a linearizable backup, as `raftsql backup`), without
         raftsql's own tables; pages, progress and sleep work as in sqlite3 (they pace the copy
-        into target)."""
+        into target). It uses the backup requests, so it needs an admin certificate
+        (PermissionDenied otherwise), and every node's audit trail records it."""
         import sqlite3
 
         if not isinstance(target, sqlite3.Connection):
@@ -412,8 +416,8 @@ class Connection:
 
     def iterdump(self, *, filter: str | None = None) -> Iterator[str]:  # noqa: A002 - sqlite3's name
         """As sqlite3's iterdump(): the database as SQL text, statement by statement, from a
-        consistent copy (see backup()). filter: a LIKE pattern of the tables to dump (Python
-        3.13's argument)."""
+        consistent copy (see backup(): an admin certificate). filter: a LIKE pattern of the
+        tables to dump (Python 3.13's argument)."""
         import sqlite3
 
         self._check_open()
@@ -512,6 +516,8 @@ class Connection:
                                  client_id=client.client_id, commit=commit) from None
         except _client.Unavailable as e:
             raise Unavailable(str(e)) from None
+        except _client.Forbidden as e:
+            raise PermissionDenied(str(e)) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
         except wire.FrameError as e:
@@ -547,6 +553,8 @@ class Connection:
                 f"transaction aborted, nothing was applied; run it again: {e}")) from None
         except _client.Unavailable as e:
             raise Unavailable(str(e)) from None
+        except _client.Forbidden as e:
+            raise self._abort(PermissionDenied(str(e))) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
         except wire.FrameError as e:
@@ -1039,6 +1047,8 @@ def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
         try:
             conn = NodeConnection(host, port, context, min(5.0, remaining))
         except NodeUnreachable as e:
+            if e.forbidden:
+                raise PermissionDenied(str(e)) from None
             errors.append(str(e))
             time.sleep(0.1)
             continue
@@ -1047,6 +1057,8 @@ def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
                                  "timeout_ms": int(min(remaining, 30.0) * 1000)}, remaining)
             if not resp.get("ok"):
                 err = resp.get("error") or {}
+                if err.get("kind") == "FORBIDDEN":
+                    raise PermissionDenied(str(err.get("message")))
                 errors.append(f"{host}:{port}: {err.get('kind')}: {err.get('message')}")
                 time.sleep(0.1)
                 continue
@@ -1068,7 +1080,9 @@ def _download_database(hosts: list[tuple[str, int]], context: Any, path: str,
             if digest.hexdigest() != info["sha256"]:
                 raise ConnectionLost(f"the copy from {host}:{port} is damaged (sha256 mismatch)")
             return
-        except ConnectionLost as e:
+        except (ConnectionLost, NodeUnreachable) as e:
+            if e.forbidden:
+                raise PermissionDenied(str(e)) from None
             errors.append(str(e))
         finally:
             conn.close()

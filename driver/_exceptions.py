@@ -90,6 +90,12 @@ class OutcomeUnknown(OperationalError):
         self.commit = commit  # a transaction's commit check, resent with it
 
 
+class PermissionDenied(OperationalError):
+    """Raised when the connection's certificate may not do this (its role: read, write or
+    admin) or has been revoked: nothing was applied, and running it again will not help. The
+    message names the certificate, its role and the operation."""
+
+
 class TransactionAborted(OperationalError):
     """Raised when the leader changed during a transaction, or the transaction was idle longer
     than the idle timeout: nothing of it was applied; run it again from the start."""

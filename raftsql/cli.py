@@ -94,11 +94,13 @@ def certs() -> None:
     \b
     A typical local cluster:
       raftsql certs init ./certs            CA in ./certs/ca (stays there), ./certs/client
+                                            (role write) and ./certs/admin (role admin)
       raftsql certs node ./certs --name n1 --host 127.0.0.1      ./certs/n1
       raftsql certs node ./certs --name n2 --host 127.0.0.1      ./certs/n2
+      raftsql certs client ./certs --name reports --role read    ./certs/reports
     Give each node only its own directory (--certs ./certs/n1) and clients only theirs
     (?certs=./certs/client). ./certs/ca holds the CA's private key: keep it where you run
-    `raftsql certs`.
+    `raftsql certs`. A leaked client key is shut out with `raftsql certs revoke`.
     """
 
 
@@ -119,11 +121,13 @@ def _warn_flat(tree) -> None:
 )
 @human_errors
 def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
-    """Create CERTS_DIR (mode 0700) with a cluster CA and a client certificate.
+    """Create CERTS_DIR (mode 0700) with a cluster CA and two client certificates.
 
     \b
     CERTS_DIR/ca      ca.crt, ca.key: the CA; only `raftsql certs` needs it
-    CERTS_DIR/client  ca.crt, client.crt, client.key: pass it to clients as ?certs=
+    CERTS_DIR/client  ca.crt, client.crt, client.key (role write): ?certs= for applications
+    CERTS_DIR/admin   the same files, role admin: ?certs= for membership changes, backup,
+                      restore and revocation
 
     Safe to repeat: if CERTS_DIR already has a CA, it is kept and nothing is changed (a missing
     client certificate is issued from it). Keys are EC P-256, mode 0600; the CA is valid for 10
@@ -132,6 +136,7 @@ def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
     (nodes started with --certs CERTS_DIR keep working; clients then use CERTS_DIR/client).
     """
     from raftsql.server import certs as pki
+    from raftsql.server import tls
 
     tree = pki.CertsTree(certs_dir)
     if split:
@@ -143,7 +148,7 @@ def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
     ca, client = tree.init(force=force, exist_ok=not force)
     if ca.created:
         click.echo(
-            f"Created CA {ca.cert_path} (valid until {pki.describe_cert(ca.cert_path)['not after']})"
+            f"Created CA {ca.cert_path} (valid until {tls.describe_cert(ca.cert_path)['not after']})"
         )
     else:
         click.echo(f"CA already exists at {ca.cert_path}")
@@ -164,6 +169,7 @@ def certs_init(certs_dir: Path, force: bool, split: bool) -> None:
     _warn_flat(tree)
     if not tree.legacy:
         click.echo(f"Clients: ?certs={client.cert_path.parent}   (the CA key stays in {ca.cert_path.parent})")
+        click.echo(f"Admins:  ?certs={tree.admin_dir}")
 
 
 @certs.command("node")
@@ -202,25 +208,57 @@ def certs_node(certs_dir: Path, name: str, hosts: tuple[str, ...], force: bool) 
 @certs.command("client")
 @click.argument("certs_dir", type=CertsDir)
 @click.option("--name", default="client", show_default=True, help="Client name (CN and directory).")
+@click.option("--role", type=click.Choice(["read", "write", "admin"]), default="write",
+              show_default=True,
+              help="read: reads only. write: reads and writes. admin: also membership changes, "
+                   "backup, restore, hash and revocation.")
 @click.option("--force", is_flag=True, help="Reissue even if a certificate exists.")
 @human_errors
-def certs_client(certs_dir: Path, name: str, force: bool) -> None:
+def certs_client(certs_dir: Path, name: str, role: str, force: bool) -> None:
     """Issue a client certificate into CERTS_DIR/NAME (ca.crt, client.crt, client.key).
 
-    Signed by the CA in CERTS_DIR/ca. The client connects with ?certs=CERTS_DIR/NAME.
+    Signed by the CA in CERTS_DIR/ca; the role is in the certificate, and every node enforces
+    it. The client connects with ?certs=CERTS_DIR/NAME.
     """
 
     from raftsql.server import certs as pki
+    from raftsql.server import tls
 
     tree = pki.CertsTree(certs_dir)
     _warn_flat(tree)
-    issued = tree.client(name, force=force, exist_ok=not force)
+    issued = tree.client(name, role=role, force=force, exist_ok=not force)
+    serial = tls.describe_cert(issued.cert_path)["serial"]
     if issued.created:
-        click.echo(f"Created client certificate {issued.cert_path} and key {issued.key_path}")
+        click.echo(f"Created client certificate {issued.cert_path} (role {role}, serial {serial}) "
+                   f"and key {issued.key_path}")
     else:
-        click.echo(f"Client certificate {issued.cert_path} already exists")
+        click.echo(f"Client certificate {issued.cert_path} (role {role}) already exists")
     if not tree.legacy:
         click.echo(f"Clients: ?certs={issued.cert_path.parent}")
+
+
+@certs.command("revoke")
+@click.argument("dsn")
+@click.argument("name_or_serial", metavar="NAME-or-SERIAL")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to keep trying.")
+@human_errors
+def certs_revoke(dsn: str, name_or_serial: str, timeout: float) -> None:
+    """Revoke a certificate on a running cluster (needs an admin certificate in the DSN).
+
+    \b
+    NAME revokes every certificate with that name (CN); SERIAL (hex, as `raftsql certs show`
+    prints it; at least 16 digits) only that one. Prefix with name: or serial: to decide.
+    The deny list is replicated through the log: every node, and every node that joins later,
+    refuses the certificate at its hello and closes its open connections. It cannot be
+    undone: issue a certificate with a new name instead.
+    """
+    from raftsql.driver._admin import revoke
+
+    r = revoke(dsn, name_or_serial, timeout=timeout)
+    if r.get("already"):
+        click.echo(f"{r['target']} was already revoked; nothing changed")
+    else:
+        click.echo(f"revoked {r['target']} (log index {r['index']})")
 
 
 @certs.command("show")
@@ -229,9 +267,9 @@ def certs_client(certs_dir: Path, name: str, force: bool) -> None:
 def certs_show(cert_file: Path) -> None:
     """Print a certificate's name, role, addresses and validity."""
 
-    from raftsql.server import certs as pki
+    from raftsql.server import tls
 
-    for key, value in pki.describe_cert(cert_file).items():
+    for key, value in tls.describe_cert(cert_file).items():
         click.echo(f"{key + ':':<12} {value}")
 
 
@@ -263,6 +301,8 @@ def certs_show(cert_file: Path) -> None:
               help="Close a client connection silent this long between requests (default: never).")
 @click.option("--join", "join_dsn", metavar="DSN",
               help="Join the running cluster at DSN as a learner (first start; uses the node certificate).")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics over HTTPS at https://HOST:PORT/metrics (off unless set).")
 @click.option("--reseed", is_flag=True,
               help="This node's database is damaged: move it (and the node's log and snapshots) "
                    "aside, then catch up from the leader (README, Recovery).")
@@ -270,7 +310,7 @@ def certs_show(cert_file: Path) -> None:
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
          election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, max_client_connections,
-         frame_timeout_s, client_idle_timeout_s, join_dsn, reseed, log_level) -> None:
+         frame_timeout_s, client_idle_timeout_s, join_dsn, metrics_listen, reseed, log_level) -> None:
     """Run one node in the foreground (SIGTERM: hand over leadership, then exit).
 
     Settings come from flags, then $RAFTSQL_* variables, then the --config TOML file.
@@ -280,7 +320,7 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
       raftsql certs node ./certs --name n4 --host 127.0.0.1
       raftsql node --id n4 --data-dir d4 --listen 127.0.0.1:4004 --certs ./certs/n4 \\
           --join 'raftsql://127.0.0.1:4001/'
-      raftsql cluster promote 'raftsql://127.0.0.1:4001/?certs=./certs/client' n4
+      raftsql cluster promote 'raftsql://127.0.0.1:4001/?certs=./certs/admin' n4
     It is added as a learner, learns the cluster's members, and remembers them in its data
     directory (later starts do not ask again).
     """
@@ -299,9 +339,13 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         "snapshot_entries": snapshot_entries, "snapshot_bytes": snapshot_bytes,
         "snapshot_trailing": snapshot_trailing,
         "max_client_connections": max_client_connections, "frame_timeout_s": frame_timeout_s,
-        "client_idle_timeout_s": client_idle_timeout_s,
+        "client_idle_timeout_s": client_idle_timeout_s, "metrics_listen": metrics_listen,
     }
     cfg = nodeconfig.load(flags, config_file)
+    if cfg.metrics_listen is not None:
+        from raftsql.server import metrics_http
+
+        metrics_http.check_available()  # prometheus-client, before the node starts
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if reseed:
         from raftsql.server.reseed import reseed as reseed_data_dir
@@ -317,6 +361,13 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
 
     name_os_threads(cfg.id)  # so /proc, top -H and perf show which thread is which
     n = Node(cfg)
+    scrapes = None
+    if cfg.metrics_listen is not None:
+        # Bound before the node starts: a port in use stops it with a one-line error.
+        scrapes = metrics_http.MetricsServer(
+            n, cfg.metrics_listen, cfg.certs_dir, cfg.id,
+            lambda name, serial: n.sm.records.is_revoked(name, serial))
+        scrapes.start()
     n.start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -325,6 +376,8 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         pass
     # A stop that takes longer than it should leaves every thread's stack in the log.
     faulthandler.dump_traceback_later(STOP_STACKS_AFTER_S, exit=False)
+    if scrapes is not None:
+        scrapes.stop()
     n.stop(graceful=True)
     faulthandler.cancel_dump_traceback_later()
 
@@ -357,8 +410,9 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, ope
     """Start NODES node processes on loopback, making certificates if missing.
 
     Writes DATA_DIR/cluster.json with the DSN. Certificates go to DATA_DIR/certs: the CA (and
-    its key) in DATA_DIR/certs/ca, the client's in DATA_DIR/certs/client (the DSN's ?certs=),
-    each node's in DATA_DIR/certs/ID. If a node exits, the others keep running and the command
+    its key) in DATA_DIR/certs/ca, the client's in DATA_DIR/certs/client (the DSN's ?certs=,
+    role write), an admin's in DATA_DIR/certs/admin (the admin DSN's), each node's in
+    DATA_DIR/certs/ID. If a node exits, the others keep running and the command
     that restarts it is printed. Ctrl-C or SIGTERM stops every node this command started;
     starting again with the same --data-dir reuses the data.
     """
@@ -376,8 +430,10 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, ope
     for line in moved:
         click.echo(f"certificates: {line}")
     dsn = launcher.dsn_for(plan, client_certs)
+    admin = launcher.admin_dir(data_dir / "certs")
+    admin_dsn = launcher.dsn_for(plan, admin) if admin is not None else None
     procs = launcher.start(data_dir, plan, node_certs)
-    launcher.write_cluster_json(data_dir, plan, procs, dsn)
+    launcher.write_cluster_json(data_dir, plan, procs, dsn, admin_dsn)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     if not open_shell:
@@ -400,6 +456,8 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, ope
         click.echo(f"started {nodes} nodes: " + ", ".join(f"{n['id']}={n['address']}" for n in plan))
         click.echo(f"logs: {data_dir}/<id>/node.log   cluster file: {data_dir / 'cluster.json'}")
         click.echo(f"DSN: {dsn}")
+        if admin_dsn is not None:
+            click.echo(f"admin DSN (membership, backup, restore, revoke): {admin_dsn}")
         click.echo(f"status: raftsql status '{dsn}'")
         if open_shell:
             from raftsql.shell import run_shell
@@ -527,7 +585,8 @@ def restore(in_file: Path, dsn: str, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
 @human_errors
 def status(dsn: str, as_json: bool) -> None:
-    """Show every node's role, term, leader, commit/applied index and peers."""
+    """Show every node's role, term, leader, commit/applied index and peers, its core metrics
+    (the figures /metrics serves) and the revoked certificates."""
     import json
 
     from raftsql.driver._admin import cluster_status
@@ -545,10 +604,54 @@ def status(dsn: str, as_json: bool) -> None:
         click.echo(f"{r['id']:6} {r['address']:22} {role:10} {r['term']:>5} {str(r['leader']):7} "
                    f"{r['commit_index']:>8} {r['applied_index']:>8}")
     views = [r for r in rows if "error" not in r]
-    if views:
-        best = max(views, key=lambda r: (r["term"], r["role"] == "leader"))
-        click.echo(f"voters: {', '.join(best['voters'])}   learners: {', '.join(best['learners']) or '-'}"
-                   f"   (as {best['id']} sees them)")
+    if not views:
+        return
+    best = max(views, key=lambda r: (r["term"], r["role"] == "leader"))
+    click.echo(f"voters: {', '.join(best['voters'])}   learners: {', '.join(best['learners']) or '-'}"
+               f"   (as {best['id']} sees them)")
+    with_metrics = [r for r in views if isinstance(r.get("metrics"), dict)]
+    if with_metrics:
+        click.echo("")
+        click.echo(_metrics_table(with_metrics))
+    revoked = best.get("revoked")
+    if isinstance(revoked, list):
+        click.echo("")
+        if not revoked:
+            click.echo("revoked certificates: none")
+        else:
+            click.echo(f"revoked certificates ({len(revoked)}, as {best['id']} has them):")
+            for rv in revoked:
+                click.echo(f"  {rv['target']:48} at index {rv['index']:<8} by {rv.get('by') or '?'} "
+                           f"(serial {rv.get('by_serial') or '?'})")
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def _metrics_table(rows: list[dict]) -> str:
+    """The core figures of each node (README, "Monitoring"): what /metrics serves, in a table."""
+    lines = [
+        "metrics      leader    propo-   writes  write ms     fsync ms      apply ms    log   "
+        "clients refused  snapshots   peer lag",
+        "node         changes    sals            mean  p99<=  mean  p99<=  mean  p99<=    MiB   "
+        "        (p/r/c)  taken/inst  (entries)",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        w, f, a = m["raftsql_write_seconds"], m["raftsql_fsync_seconds"], m["raftsql_apply_seconds"]
+        ref = m.get("raftsql_client_refusals_total") or {}
+        snap = r.get("snapshot") or {}
+        lag = ", ".join(f"{k}={v}" for k, v in sorted((m.get("peer_lag_entries") or {}).items())) or "-"
+        lines.append(
+            f"{r['id']:10} {m['raftsql_leader_changes_seen_total']:>9} {m['raftsql_proposals_total']:>8} "
+            f"{w['count']:>8} {_ms(w['mean_s']):>5} {_ms(w['p99_le_s']):>6} "
+            f"{_ms(f['mean_s']):>5} {_ms(f['p99_le_s']):>6} {_ms(a['mean_s']):>5} {_ms(a['p99_le_s']):>6} "
+            f"{m['log_bytes'] / (1 << 20):>6.1f} {m['client_connections']:>7} "
+            f"{ref.get('permission', 0)}/{ref.get('revoked', 0)}/{ref.get('connection_limit', 0):<5} "
+            f"{snap.get('taken', 0):>5}/{snap.get('installed', 0):<5} {lag}"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- shell

@@ -3,13 +3,18 @@
 The DB-API layer above decides where to send what and how to retry; this layer only moves a
 request and its response, and says precisely how a failure happened:
 
-  NodeUnreachable   nothing was sent (connect/handshake failed): safe to resend anywhere
+  NodeUnreachable   nothing was sent (connect/handshake failed, or the node had closed the
+                    connection while it was idle): safe to resend anywhere
   ConnectionLost    the request may have been sent, and no response came: outcome unknown
+
+Either has `forbidden` set when the node said why with an ERROR frame of kind FORBIDDEN: the
+certificate is revoked, so no node will serve it.
 """
 
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import ssl
 from dataclasses import dataclass
@@ -22,9 +27,20 @@ from raftsql import wire
 class NodeUnreachable(OSError):
     """Raised when a node cannot be connected to; no request was sent."""
 
+    forbidden = False  # the node refused the certificate (revoked)
+
 
 class ConnectionLost(OSError):
     """Raised when the connection failed after a request was (maybe) sent: outcome unknown."""
+
+    forbidden = False  # the node closed it because the certificate was revoked
+
+
+def _refused(cls: type[OSError], message: str, payload: object) -> OSError:
+    """cls(message + the ERROR frame's reason), forbidden if its kind says so."""
+    e = cls(f"{message}: {wire.parse_error(payload)}")
+    e.forbidden = wire.parse_error_kind(payload) == "FORBIDDEN"  # type: ignore[attr-defined]
+    return e
 
 
 @dataclass
@@ -80,18 +96,18 @@ class NodeConnection:
             self._sock.settimeout(timeout)
             kind, hello = self._next_frame()
             if kind == wire.FrameKind.ERROR:
-                raise NodeUnreachable(f"{host}:{port} refused the connection: {wire.parse_error(hello)}")
+                raise _refused(NodeUnreachable, f"{host}:{port} refused the connection", hello)
             if kind != wire.FrameKind.HELLO:
                 raise NodeUnreachable(f"{host}:{port} sent {kind.name} instead of HELLO")
             limit = wire.parse_hello(hello).max_request
             if limit is not None:
                 self.max_request = limit
-        except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
-            self.close()
-            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
         except NodeUnreachable:
             self.close()
             raise
+        except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
+            self.close()
+            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
 
     def request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request and wait for its response (raises ConnectionLost on any failure
@@ -105,6 +121,7 @@ class NodeConnection:
                 f"request of {len(frame) - wire.HEADER_SIZE} bytes exceeds the node's limit of {self.max_request} "
                 "bytes (its max_request_size); split it into smaller batches"
             )
+        self._closed_while_idle()
         try:
             self._sock.settimeout(timeout)
             self._sock.sendall(frame)
@@ -113,12 +130,51 @@ class NodeConnection:
                 if kind == wire.FrameKind.RESPONSE and isinstance(resp, dict) and resp.get("id") == req_id:
                     return resp
                 if kind == wire.FrameKind.ERROR:
-                    raise ConnectionLost(f"node closed the connection: {wire.parse_error(resp)}")
+                    raise _refused(ConnectionLost, "node closed the connection", resp)
         except (OSError, ssl.SSLError, wire.FrameError) as e:
             self.close()
             if isinstance(e, ConnectionLost):
                 raise
             raise ConnectionLost(f"connection to {self.address[0]}:{self.address[1]} lost: {e}") from None
+
+    def _closed_while_idle(self) -> None:
+        """Before sending on a connection that sat idle: if the node has closed it meanwhile
+        (an idle timeout, its shutdown, a revoked certificate), say so as NodeUnreachable,
+        since nothing was sent. A connection with nothing to read costs one poll."""
+        if self._pending or self._sock.pending():
+            return
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return
+        if not readable:
+            return
+        try:
+            self._sock.setblocking(False)
+            try:
+                data = self._sock.recv(65536)
+            finally:
+                self._sock.setblocking(True)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return  # a TLS record that carried no data
+        except (OSError, ssl.SSLError) as e:
+            self.close()
+            raise NodeUnreachable(f"connection to {self.address[0]}:{self.address[1]} was closed "
+                                  f"while idle: {e}") from None
+        if not data:
+            self.close()
+            raise NodeUnreachable(f"{self.address[0]}:{self.address[1]} closed the idle connection")
+        try:
+            frames = list(self._decoder.feed(data))
+        except wire.FrameError as e:
+            self.close()
+            raise NodeUnreachable(f"{self.address[0]}:{self.address[1]} sent garbage: {e}") from None
+        for kind, payload in frames:
+            if kind == wire.FrameKind.ERROR:
+                self.close()
+                raise _refused(NodeUnreachable, f"{self.address[0]}:{self.address[1]} closed the "
+                               "idle connection", payload)
+            self._pending.append((kind, payload))
 
     def _next_frame(self) -> tuple[wire.FrameKind, Any]:
         while not self._pending:

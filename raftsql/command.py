@@ -12,6 +12,7 @@ the wire format; never reorder, only append under a new version.
         [read_index, [table, ...], last_ms]]
     [3, kind WRITE, client_id, serial, [[sql, params] | [sql, [params, ...], 1], ...],
         leader_time_ms, seed]
+    [4, kind ADMIN, client_id, serial, [], leader_time_ms, seed, {key: value, ...}]
 
 Version 2 appends one field, the transaction check of a TXN command (the commit of an
 interactive transaction, see server/DESIGN.md "Serializable transactions"): apply runs the
@@ -27,6 +28,11 @@ without one are still version 1.
 
 params is an array (positional ? / ?NNN placeholders) or a map str -> value (named :x @x $x).
 Values are None, int (signed 64-bit), float, str or bytes: exactly what SQLite can bind.
+
+Version 4 is an ADMIN command: no statements, and a record of what an administrator did (a
+revocation, a backup, a restore), who did it (the client certificate's name and serial) and its
+details, as a map of str keys to str, int or nil values. Applying it stores the record in
+raftsql's own tables (server/audit.py), so every node, and every snapshot, has it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ import msgpack
 VERSION = 1  # WRITE commands
 TXN_VERSION = 2  # TXN commands: VERSION's fields plus the transaction check
 MANY_VERSION = 3  # WRITE commands with at least one "many" statement (executemany)
-_VERSIONS = (VERSION, TXN_VERSION, MANY_VERSION)
+ADMIN_VERSION = 4  # ADMIN commands: an administrator's record, no statements
+_VERSIONS = (VERSION, TXN_VERSION, MANY_VERSION, ADMIN_VERSION)
+MAX_RECORD_KEYS = 32
+MAX_RECORD_TEXT = 4096  # characters per str value of an ADMIN record
 MANY_FLAG = 1  # the third element of a "many" statement on the wire
 MAX_CLIENT_ID_CHARS = 128
 INT64_MIN = -(1 << 63)
@@ -73,9 +82,31 @@ class CommandKind(IntEnum):
 
     WRITE = 1  # the statements run atomically, in one SQLite transaction
     TXN = 2  # like WRITE, but only if the transaction check passes (a transaction's commit)
+    ADMIN = 3  # no statements: an administrator's record (revocation, backup, restore)
 
 
-_VERSION_OF_KIND = {CommandKind.WRITE: VERSION, CommandKind.TXN: TXN_VERSION}
+_VERSION_OF_KIND = {CommandKind.WRITE: VERSION, CommandKind.TXN: TXN_VERSION,
+                    CommandKind.ADMIN: ADMIN_VERSION}
+
+
+def _check_record(record: Any) -> dict[str, Any]:
+    if type(record) is not dict:
+        raise CommandError(f"an ADMIN record must be a map, not {type(record).__name__}")
+    if len(record) > MAX_RECORD_KEYS:
+        raise CommandError(f"an ADMIN record has at most {MAX_RECORD_KEYS} keys")
+    for k, v in record.items():
+        if type(k) is not str:
+            raise CommandError(f"ADMIN record keys must be str, not {type(k).__name__}")
+        if type(v) is str:
+            if len(v) > MAX_RECORD_TEXT:
+                raise CommandError(f"ADMIN record value {k!r} is over {MAX_RECORD_TEXT} characters")
+        elif type(v) is int:
+            _check_int(f"ADMIN record value {k!r}", v, INT64_MIN, INT64_MAX)
+        elif v is not None:
+            raise CommandError(f"ADMIN record value {k!r} must be str, int or nil, not {type(v).__name__}")
+    if type(record.get("op")) is not str or not record["op"]:
+        raise CommandError("an ADMIN record needs an 'op' (str)")
+    return record
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
@@ -208,6 +239,8 @@ class Command:
     read_index: int = 0
     read_set: tuple[str, ...] = ()
     last_ms: int = 0
+    # ADMIN only: what was done, by whom (see the module docstring).
+    record: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.version is not None and (type(self.version) is not int
@@ -253,8 +286,14 @@ class Command:
             if type(name) is not str:
                 raise CommandError(f"read_set names must be str, not {type(name).__name__}")
         object.__setattr__(self, "read_set", tuple(sorted(set(rs))))
-        if self.kind is CommandKind.WRITE and (self.read_index or self.read_set or self.last_ms):
+        if self.kind is not CommandKind.TXN and (self.read_index or self.read_set or self.last_ms):
             raise CommandError("read_index, read_set and last_ms belong to TXN commands")
+        if self.kind is CommandKind.ADMIN:
+            _check_record(self.record)
+            if self.statements:
+                raise CommandError("an ADMIN command has no statements")
+        elif self.record is not None:
+            raise CommandError("a record belongs to ADMIN commands")
 
     @property
     def dedup(self) -> bool:
@@ -280,6 +319,8 @@ class Command:
         ]
         if self.version == TXN_VERSION:
             fields.append([self.read_index, self.read_set, self.last_ms])
+        elif self.version == ADMIN_VERSION:
+            fields.append(self.record)
         try:
             return msgpack.packb(fields, use_bin_type=True)
         except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate in a str
@@ -307,12 +348,14 @@ class Command:
             version == MANY_VERSION and kind == CommandKind.WRITE
         ):
             raise CommandError(f"unsupported command version {version} for kind {kind}")
-        want = 8 if version == TXN_VERSION else 7
+        want = 8 if version in (TXN_VERSION, ADMIN_VERSION) else 7
         if len(fields) != want:
             raise CommandError(f"command array has {len(fields)} fields, expected {want}")
         client_id, serial, statements, leader_time_ms, seed = fields[2:7]
         txn: dict[str, Any] = {}
-        if version == TXN_VERSION:
+        if version == ADMIN_VERSION:
+            txn = {"record": fields[7]}
+        elif version == TXN_VERSION:
             check = fields[7]
             if type(check) is not tuple or len(check) != 3 or type(check[1]) is not tuple:
                 raise CommandError("the transaction check must be [read_index, [table, ...], last_ms]")

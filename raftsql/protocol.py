@@ -30,6 +30,9 @@ class ErrorKind(enum.StrEnum):
     TXN_ABORTED = "TXN_ABORTED"  # the leader changed during a transaction: nothing applied
     BAD_REQUEST = "BAD_REQUEST"  # the request itself is malformed: resending will not help
     TOO_MANY_CURSORS = "TOO_MANY_CURSORS"  # too many unfinished streamed results: close some
+    # Not applied: the certificate's role does not allow the operation, or the certificate is
+    # revoked (also the "kind" of the ERROR frame that refuses or closes its connection).
+    FORBIDDEN = "FORBIDDEN"
 
 
 # raftsql's own SQL error names (the code is the closest SQLite result code; the driver maps
@@ -440,9 +443,11 @@ class Simple:
 
 
 SIMPLE_OPS = ("status", "ping", "hash", "trace")
-# Membership changes and backups (server/admin.py parses their fields; admins only later).
+# Membership changes, backups, restores and revocation (server/admin.py parses their fields;
+# server/access.py says which certificate may send each).
 ADMIN_OPS = ("cluster_add", "cluster_promote", "cluster_remove", "cluster_join",
-             "backup_begin", "backup_read", "backup_end")
+             "backup_begin", "backup_read", "backup_end", "restore_begin", "restore_end",
+             "revoke", "audit")
 
 
 def parse_request(payload: Any) -> tuple[int | None, Any]:

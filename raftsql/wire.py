@@ -404,14 +404,26 @@ def parse_hello(payload: Any) -> Hello:
     return Hello(version, node_id, role, address, max_request)
 
 
-def make_error(message: str) -> bytes:
-    """A whole ERROR frame: the reason this side is about to close the connection."""
-    return encode_frame(FrameKind.ERROR, {"message": str(message)})
+def make_error(message: str, kind: str | None = None) -> bytes:
+    """A whole ERROR frame: the reason this side is about to close the connection, and
+    optionally its kind (a protocol ErrorKind value: "FORBIDDEN" for a revoked certificate)."""
+    doc = {"message": str(message)}
+    if kind is not None:
+        doc["kind"] = kind
+    return encode_frame(FrameKind.ERROR, doc)
 
 
 def parse_error(payload: Any) -> str:
     """The reason carried by an ERROR frame."""
     return check_map(payload, {"message": str})["message"]
+
+
+def parse_error_kind(payload: Any) -> str | None:
+    """The kind carried by an ERROR frame, or None (most carry none)."""
+    try:
+        return check_map(payload, {"message": str}, {"kind": str}).get("kind")
+    except DecodeError:
+        return None
 
 
 # --- Raft codec -----------------------------------------------------------------------------

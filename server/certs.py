@@ -26,6 +26,11 @@ The role of a leaf is encoded *in the certificate*, in two places:
 - ExtendedKeyUsage: nodes serverAuth + clientAuth, clients clientAuth only. OpenSSL enforces this
   during verification, so a client certificate cannot serve as a node's server certificate.
 
+A client certificate also carries what its holder may do: a URI ``urn:raftsql:client-role:read``,
+``...:write`` or ``...:admin`` (`client_role_of`). A client certificate without one was made
+before client roles existed and counts as ``write``; one with two different client roles has
+none and is refused.
+
 Key files are 0600 from the moment they exist (mkstemp) and appear under their final name
 atomically (link or rename), so a crash never leaves a truncated key or a world-readable one. A
 certificate is written after its key: a ``.crt`` present means the pair is complete.
@@ -60,6 +65,11 @@ ROLE_NODE = "node"
 ROLE_CLIENT = "client"
 ROLES = frozenset({ROLE_NODE, ROLE_CLIENT})
 ROLE_URI_PREFIX = "urn:raftsql:role:"
+# What a client certificate allows: read < write < admin (server/access.py enforces it).
+CLIENT_ROLE_URI_PREFIX = "urn:raftsql:client-role:"
+CLIENT_ROLES = ("read", "write", "admin")
+DEFAULT_CLIENT_ROLE = "write"  # `raftsql certs client`, and client certificates without the URI
+ADMIN_STEM = "admin"  # `raftsql certs init` makes ROOT/admin, an admin client, next to ROOT/client
 
 CA_VALIDITY = _dt.timedelta(days=3650)  # 10 years
 LEAF_VALIDITY = _dt.timedelta(days=1826)  # 5 years, never beyond the CA's own expiry
@@ -321,8 +331,10 @@ def _build_leaf(
     name: str,
     role: str | None,
     sans: Sequence[x509.GeneralName],
+    client_role: str | None = None,
 ) -> x509.Certificate:
-    """Issue a leaf for `name`. role=None builds a role-less certificate (tests only)."""
+    """Issue a leaf for `name`. role=None builds a role-less certificate (tests only);
+    client_role (role client only) adds the client-role URI."""
     now = _now()
     not_after = min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
     eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -331,6 +343,8 @@ def _build_leaf(
     general_names: list[x509.GeneralName] = list(sans)
     if role is not None:
         general_names.append(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role))
+    if client_role is not None:
+        general_names.append(x509.UniformResourceIdentifier(CLIENT_ROLE_URI_PREFIX + client_role))
     builder = (
         x509.CertificateBuilder()
         .subject_name(
@@ -373,16 +387,34 @@ def _build_leaf(
 
 
 def _cert_role(cert: x509.Certificate) -> str | None:
+    roles = {u[len(ROLE_URI_PREFIX):] for u in _cert_uris(cert) if u.startswith(ROLE_URI_PREFIX)}
+    return roles.pop() if len(roles) == 1 and roles <= ROLES else None
+
+
+def client_role_of(uris: Iterable[str]) -> str | None:
+    """A client certificate's client role from its URI subjectAltNames: the one client-role URI,
+    DEFAULT_CLIENT_ROLE when there is none (made before client roles existed), None when there
+    are several different ones or an unknown one (no privileges)."""
+    roles = {u[len(CLIENT_ROLE_URI_PREFIX):] for u in uris if u.startswith(CLIENT_ROLE_URI_PREFIX)}
+    if not roles:
+        return DEFAULT_CLIENT_ROLE
+    return roles.pop() if len(roles) == 1 and roles <= set(CLIENT_ROLES) else None
+
+
+def _cert_uris(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return None
-    roles = {
-        uri[len(ROLE_URI_PREFIX) :]
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
-        if uri.startswith(ROLE_URI_PREFIX)
-    }
-    return roles.pop() if len(roles) == 1 and roles <= ROLES else None
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def check_client_role(client_role: str) -> str:
+    if client_role not in CLIENT_ROLES:
+        raise TLSConfigError(
+            f"unknown client role {client_role!r}: use one of {', '.join(CLIENT_ROLES)}"
+        )
+    return client_role
 
 
 def _existing_leaf_problem(
@@ -393,6 +425,7 @@ def _existing_leaf_problem(
     sans: Sequence[x509.GeneralName],
     ca_cert: x509.Certificate,
     ca_dir: Path,
+    client_role: str | None = None,
 ) -> str | None:
     """Why the existing certificate/key pair does not fit the request, or None if it does."""
     if not cert_path.exists():
@@ -407,6 +440,13 @@ def _existing_leaf_problem(
         return (
             f"{cert_path} is a {actual_role or 'role-less'} certificate, not a {role} certificate"
         )
+    if client_role is not None:
+        actual_client_role = client_role_of(_cert_uris(cert))
+        if actual_client_role != client_role:
+            return (
+                f"{cert_path} has the client role {actual_client_role or '(conflicting)'}, "
+                f"not {client_role}"
+            )
     names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if names != [name]:
         return f"{cert_path} is the certificate of {', '.join(map(str, names)) or 'nobody'}, not {name}"
@@ -496,6 +536,7 @@ def _make_leaf(
     stem: str,
     force: bool,
     exist_ok: bool,
+    client_role: str | None = None,
 ) -> Issued:
     _check_name(name)
     d = Path(certs_dir)
@@ -506,7 +547,9 @@ def _make_leaf(
     if own_dir:
         _check_own_dir(out, cert_path)
     if not force and (cert_path.exists() or key_path.exists()):
-        problem = _existing_leaf_problem(cert_path, key_path, name, role, sans, ca_cert, d)
+        problem = _existing_leaf_problem(
+            cert_path, key_path, name, role, sans, ca_cert, d, client_role
+        )
         if exist_ok and problem is None:
             if own_dir:
                 _write_ca_copy(out, ca_cert)  # an interrupted run may have missed it
@@ -515,7 +558,7 @@ def _make_leaf(
             f"{problem or f'{cert_path} already exists'}; use --force to reissue it"
         )
     key = _new_key()
-    cert = _build_leaf(ca_cert, ca_key, key, name, role, sans)
+    cert = _build_leaf(ca_cert, ca_key, key, name, role, sans, client_role)
     if own_dir:
         _private_dir(out)
         _write_ca_copy(out, ca_cert)  # first: the leaf's .crt marks a complete directory
@@ -559,18 +602,23 @@ def make_client_cert(
     certs_dir: str | os.PathLike[str],
     name: str = "client",
     *,
+    role: str = DEFAULT_CLIENT_ROLE,
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     exist_ok: bool = False,
 ) -> Issued:
-    """Issue a certificate for driver client `name`: role URI ``urn:raftsql:role:client``, EKU
-    clientAuth only (it cannot act as a server). exist_ok as for `make_node_cert`.
+    """Issue a certificate for driver client `name`: role URI ``urn:raftsql:role:client`` and
+    the client role ``urn:raftsql:client-role:ROLE`` (read, write or admin), EKU clientAuth only
+    (it cannot act as a server). exist_ok as for `make_node_cert` (an existing certificate with
+    another client role does not fit).
 
     Flat (no `out_dir`): NAME.crt/NAME.key in `certs_dir`. With `out_dir`, the client's own
     directory: client.crt/client.key and a copy of ca.crt, what ``?certs=OUT_DIR`` reads."""
+    check_client_role(role)
     stem = name if out_dir is None else CLIENT_STEM
     return _make_leaf(
-        certs_dir, name, ROLE_CLIENT, [], out_dir=out_dir, stem=stem, force=force, exist_ok=exist_ok
+        certs_dir, name, ROLE_CLIENT, [], out_dir=out_dir, stem=stem, force=force,
+        exist_ok=exist_ok, client_role=role,
     )
 
 
@@ -638,11 +686,13 @@ class CertsTree:
         return ca_dir
 
     def init(self, *, force: bool = False, exist_ok: bool = False) -> tuple[Issued, Issued]:
-        """ROOT (0700) with the CA in ROOT/ca and the client directory ROOT/client.
+        """ROOT (0700) with the CA in ROOT/ca, the client directory ROOT/client (client role
+        write) and the operator's ROOT/admin (client role admin).
 
-        A flat ROOT keeps its CA (with exist_ok) and gets its client pair next to it, as before.
+        A flat ROOT keeps its CA (with exist_ok) and gets its client pair next to it, as before
+        (no admin: a flat directory cannot name it in ?certs=; split it first).
         force makes a new CA in ROOT/ca (and removes a flat CA): every certificate it signed
-        is then untrusted. Returns (CA, client)."""
+        is then untrusted. Returns (CA, client); `admin_dir` is the admin's directory."""
         if self.root.exists() and not self.root.is_dir():
             raise TLSConfigError(f"{self.root} exists and is not a directory")
         _private_dir(self.root)
@@ -653,7 +703,14 @@ class CertsTree:
         else:
             ca = make_ca(self.ca_dir, force=force, exist_ok=exist_ok)
         client = self.client(CLIENT_STEM, force=force, exist_ok=exist_ok)
+        if not self.legacy:
+            self.client(ADMIN_STEM, role="admin", force=force, exist_ok=exist_ok)
         return ca, client
+
+    @property
+    def admin_dir(self) -> Path:
+        """The admin client's directory (``?certs=`` for membership, backups, revocation)."""
+        return self.root / ADMIN_STEM
 
     def node(
         self, name: str, hosts: Iterable[str], *, force: bool = False, exist_ok: bool = False
@@ -663,12 +720,13 @@ class CertsTree:
         out = None if self.legacy else self.own_dir(name)
         return make_node_cert(ca_dir, name, hosts, out_dir=out, force=force, exist_ok=exist_ok)
 
-    def client(self, name: str = CLIENT_STEM, *, force: bool = False, exist_ok: bool = False) -> Issued:
-        """Client `name`'s certificate in its own directory ROOT/NAME (client.crt, client.key,
-        ca.crt): the directory to pass as ``?certs=``."""
+    def client(self, name: str = CLIENT_STEM, *, role: str = DEFAULT_CLIENT_ROLE,
+               force: bool = False, exist_ok: bool = False) -> Issued:
+        """Client `name`'s certificate, with client role `role`, in its own directory ROOT/NAME
+        (client.crt, client.key, ca.crt): the directory to pass as ``?certs=``."""
         ca_dir = self._require_ca()
         out = None if self.legacy else self.own_dir(name)
-        return make_client_cert(ca_dir, name, out_dir=out, force=force, exist_ok=exist_ok)
+        return make_client_cert(ca_dir, name, role=role, out_dir=out, force=force, exist_ok=exist_ok)
 
     def split(self) -> list[str]:
         """Move a flat ROOT into the tree: ca.key and ca.crt into ROOT/ca, each NAME.crt/NAME.key
@@ -723,31 +781,3 @@ class CertsTree:
             _fsync_dir(r)
             done.append(f"removed {top_cert} (each directory has its copy)")
         return done
-
-
-_SAN_LABELS = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
-
-
-def describe_cert(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Human-readable summary of a PEM certificate (for `raftsql certs show`)."""
-    cert = _read_cert(Path(path), "certificate")
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = ", ".join(f"{_SAN_LABELS.get(type(n), type(n).__name__)}:{n.value}" for n in san)
-    except x509.ExtensionNotFound:
-        sans = ""
-    try:
-        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        ca = False
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
-        "role": "ca" if ca else (_cert_role(cert) or "none"),
-        "san": sans,
-        "serial": f"{cert.serial_number:x}",
-        "not before": f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
-        "not after": f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
-    }
-
-

@@ -30,12 +30,19 @@ The request and response types are in raftsql/protocol.py (shared with the drive
            {"id": int, "op": "status"}      {"id": int, "op": "ping"}
            {"id": int, "op": "hash"}        (applied index + hash of every table, for tests)
            {"id": int, "op": "cluster_add" | "cluster_promote" | "cluster_remove" |
-            "cluster_join" | "backup_begin" | "backup_read" | "backup_end", ...}
-                (membership changes and backups: server/admin.py)
+            "cluster_join" | "backup_begin" | "backup_read" | "backup_end" | "restore_begin" |
+            "restore_end" | "revoke" | "audit", ...}
+                (membership changes, backups, restores, revocation: server/admin.py)
   response {"id": int, "ok": true, "result": {...}}   (Result.to_wire(), SQL errors inside)
            {"id": int, "ok": false, "error": {"kind", "message", "leader", "leader_addr"}}
 
 A connection carries one request at a time (the driver serializes per connection).
+
+Every request is checked against the connection's certificate (server/access.py): its role
+(read, write, admin, or a node's) and the deny list. A refused request is answered FORBIDDEN;
+a certificate revoked while its connection is open gets an ERROR frame of kind FORBIDDEN and
+the connection is closed (at once when the revocation is applied here, else at its next
+request).
 
 Streamed reads: an execute may carry "chunk": N (bytes). A read then answers with about N bytes
 of rows and, if more remain, "cursor": an id on this connection; "fetch" returns the next rows
@@ -68,6 +75,8 @@ from raftsql.protocol import (
     parse_request,
 )
 from raftsql.raft.types import Role
+from raftsql.server import metrics
+from raftsql.server.access import Principal
 from raftsql.server.admin import AdminService
 
 log = logging.getLogger("raftsql.clients")
@@ -148,10 +157,35 @@ class ClientService:
         self._cursor_lock = threading.Lock()
         self._cursor_count = 0
 
+    def on_admin(self, sm: Any, entries: list) -> None:
+        """The state machine applied audit records (or opened with its deny list): close the
+        open connections of every certificate it now revokes."""
+        transport = getattr(self.node, "transport", None)
+        if transport is None or not sm.records.revoked:
+            return
+        if not entries or any(e.op == "revoke" for e in entries):
+            transport.close_revoked(sm.records.is_revoked)
+
+    def _revoked(self, who: Principal, conn) -> bool:
+        """Is the connection's certificate revoked now (the deny list of the current database:
+        one a snapshot brought, or one applied while its connection was opening)? If so, tell
+        the client and close."""
+        if not self.node.sm.records.is_revoked(who.name, who.serial):
+            return False
+        metrics.REFUSALS.inc("revoked")
+        log.warning("closing the connection of %s: its certificate is revoked", who.who)
+        try:
+            conn.send(wire.FrameKind.ERROR, {"message": f"certificate {who.name!r} (serial "
+                                             f"{who.serial}) was revoked", "kind": "FORBIDDEN"})
+        except OSError:
+            pass
+        return True
+
     def serve(self, conn) -> None:
         """Run one client connection's request loop (in the transport's connection thread)."""
         first = True
         cursors = _Cursors(self)
+        who = Principal.of(conn)
         try:
             while True:
                 try:
@@ -169,7 +203,9 @@ class ClientService:
                 if kind != wire.FrameKind.REQUEST:
                     conn.send(wire.FrameKind.ERROR, {"message": f"unexpected {kind.name} frame on a client connection"})
                     return
-                resp = self.handle(payload, conn, cursors)
+                if self._revoked(who, conn):
+                    return
+                resp = self.handle(payload, conn, cursors, who)
                 if first:
                     # The first answer on a connection names the cluster's members, so a driver
                     # can still find the cluster after every node in its DSN was removed.
@@ -187,24 +223,36 @@ class ClientService:
             self.admin.close_conn(conn)
             conn.close()
 
-    def handle(self, payload: Any, conn: Any = None, cursors: _Cursors | None = None) -> dict[str, Any]:
+    def handle(self, payload: Any, conn: Any = None, cursors: _Cursors | None = None,
+               who: Principal | None = None) -> dict[str, Any]:
+        """One request from `conn`, checked against `who` (its certificate; by default read
+        from conn: no connection, no privileges)."""
         req_id = payload.get("id") if isinstance(payload, dict) else None
+        who = who if who is not None else Principal.of(conn)
         try:
             req_id, req = parse_request(payload)
+            if isinstance(req, Simple):
+                who.check(req.op)
+                return ok_response(req_id, self._simple(req.op))
+            if isinstance(req, dict):
+                who.check(req["op"])
+                return ok_response(req_id, self.admin.handle(req["op"], req, conn, who))
+            who.check(req.OP)
             if isinstance(req, Execute):
                 run = self._execute_txn if req.txn is not None else self._execute
-                return ok_response(req_id, run(req, cursors))
+                return ok_response(req_id, run(req, cursors, who))
             if isinstance(req, Fetch):
                 return ok_response(req_id, self._fetch(req, cursors))
             if isinstance(req, CloseCursor):
                 if cursors is not None:
                     cursors.close(req.cursor)
                 return ok_response(req_id, {})
-            if isinstance(req, Simple):
-                return ok_response(req_id, self._simple(req.op))
-            return ok_response(req_id, self.admin.handle(req["op"], req, conn))
+            raise bad_request(f"unknown request {req!r}")
         except RequestError as e:
             err = e
+            if e.kind == ErrorKind.FORBIDDEN:
+                metrics.REFUSALS.inc("permission")
+                log.debug("refused a request of %s: %s", who.who, e.message)
         except RecursionError:
             err = bad_request("the request is nested too deeply")
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the connection
@@ -219,7 +267,10 @@ class ClientService:
                 raise bad_request("this node does not trace (start it with trace = true or RAFTSQL_TRACE=1)")
             return {"node": self.node.cfg.id, "records": trace.records()}
         if op == "status":
-            return self.node.status()
+            st = self.node.status()
+            st["revoked"] = self.node.sm.records.revocations()
+            st["metrics"] = metrics.figures(self.node, st)
+            return st
         if op == "hash":
             # Tests compare nodes by this; the hash and index are read under the apply lock.
             index, digest = self.node.content_hash()
@@ -269,8 +320,11 @@ class ClientService:
     def _timeout_s(req: Execute) -> float | None:
         return None if req.timeout_ms is None else req.timeout_ms / 1000.0
 
-    def _execute_txn(self, req: Execute, cursors: _Cursors | None = None) -> dict[str, Any]:
+    def _execute_txn(self, req: Execute, cursors: _Cursors | None, who: Principal) -> dict[str, Any]:
         txn = req.txn
+        refuse = who.refuse_write(req.statements)
+        if refuse is not None and txn.writes:
+            raise who.refuse_write(txn.writes)  # a transaction it could never have written
         start_index = txn.start_index
         if start_index is not None:
             self._in_log(start_index, "txn.start_index")
@@ -278,7 +332,7 @@ class ClientService:
         result, readonly, term, time_ms = self.node.execute_in_transaction(
             req.statements[0], txn.writes, txn.term, txn.consistency, start_index=start_index,
             reads=reads, last_ms=txn.last_ms, timeout_s=self._timeout_s(req),
-            chunk=self._chunk(req, cursors))
+            chunk=self._chunk(req, cursors), refuse_write=refuse)
         out = self._streamed(result, result.to_wire(), cursors)
         out["readonly"] = readonly
         out["term"] = term
@@ -287,7 +341,7 @@ class ClientService:
         out["time_ms"] = time_ms
         return out
 
-    def _execute(self, req: Execute, cursors: _Cursors | None = None) -> dict[str, Any]:
+    def _execute(self, req: Execute, cursors: _Cursors | None, who: Principal) -> dict[str, Any]:
         commit = None
         if req.commit is not None:
             c = req.commit
@@ -303,6 +357,7 @@ class ClientService:
             reads=reads,
             commit=commit,
             chunk=self._chunk(req, cursors),
+            refuse_write=who.refuse_write(req.statements),
         )
         out = self._streamed(result, result.to_wire(), cursors)
         if reads is not None:

@@ -79,6 +79,9 @@ class NodeConfig:
     log_cache_bytes: int = 32 << 20
     # Record when each write passes each stage (raftsql/trace.py; benchmarks/breakdown.py).
     trace: bool = False
+    # Where Prometheus scrapes this node's metrics over HTTPS (server/metrics_http.py); None:
+    # no metrics server at all (nothing listens).
+    metrics_listen: tuple[str, int] | None = None
     hooks: TestHooks = field(default_factory=TestHooks)  # off, unless a test harness sets them
 
     def voters(self) -> tuple[str, ...]:
@@ -122,6 +125,8 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "trace": (bool, "RAFTSQL_TRACE"),
     # DSN of a running cluster to join as a learner (first start only; see server/membership.py)
     "join": (str, "RAFTSQL_JOIN"),
+    # HOST:PORT of the opt-in metrics endpoint (README, "Monitoring")
+    "metrics_listen": (str, "RAFTSQL_METRICS_LISTEN"),
 }
 
 
@@ -224,6 +229,10 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
                                "max_client_connections", "frame_timeout_s", "client_idle_timeout_s",
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes",
                                "trace") if k in vals}
+    if "metrics_listen" in vals:
+        kw["metrics_listen"] = parse_address(vals["metrics_listen"], "metrics_listen")
+        if kw["metrics_listen"] == listen:
+            raise ConfigError("metrics_listen must differ from listen")
     cfg = NodeConfig(id=vals["id"], data_dir=vals["data_dir"], listen=listen, peers=peers, certs_dir=vals["certs"], **kw)
     if cfg.election_ticks <= cfg.heartbeat_ticks:
         raise ConfigError("election_ticks must be greater than heartbeat_ticks")

@@ -27,7 +27,7 @@ from raftsql.server.sockets import (
     _tune,
     _why,
 )
-from raftsql.server.tls import peer_name, peer_role
+from raftsql.server.tls import PeerIdentity, peer_identity
 
 # After a protocol violation's ERROR, how long and how much of the peer's input is read and
 # thrown away before the socket closes (see ClientConn._linger).
@@ -60,9 +60,14 @@ class ClientConn:
         idle_timeout: float | None = None,
         _parker: _Parker | None = None,
         _on_idle: Callable[[ClientConn, str], None] | None = None,
+        identity: PeerIdentity | None = None,
     ):
-        self.role: str | None = peer_role(sock)
-        self.peer_name: str | None = peer_name(sock)
+        who = identity or peer_identity(sock)
+        self.role: str | None = who.role
+        self.peer_name: str | None = who.name
+        # What the certificate allows (read, write, admin; server/access.py) and its serial.
+        self.client_role: str | None = who.client_role
+        self.peer_serial: str | None = who.serial
         self.hello = hello
         self.address = address
         self.max_frame_size = max_frame_size

@@ -1,6 +1,7 @@
 """raftsql's own tables in every node's database (server/DESIGN.md, "raftsql's own tables"):
 the applied index and entry clocks (sqlite_raftsql_meta), exactly-once sessions (_sessions), the
-last index that wrote each table (_tables, for transactions) and the address book (_members).
+last index that wrote each table (_tables, for transactions), the address book (_members), the
+audit trail (_audit) and the revoked certificates (_revoked) (server/records.py).
 They carry SQLite's reserved sqlite_ prefix, so no user can create, drop or alter them and
 listings skip them; creating them needs the writable schema, which the caller switches on."""
 
@@ -59,5 +60,18 @@ def create_internal_tables(internal: Callable[..., list[Any]]) -> None:
     internal(
         "CREATE TABLE IF NOT EXISTS sqlite_raftsql_members("
         "node_id TEXT PRIMARY KEY, address TEXT NOT NULL) WITHOUT ROWID"
+    )
+    # Membership changes, backups, restores and revocations: who (certificate name and
+    # serial), when (the entry's leader time) and what (JSON), keyed by log index.
+    internal(
+        "CREATE TABLE IF NOT EXISTS sqlite_raftsql_audit("
+        "entry_index INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, operation TEXT NOT NULL, "
+        "by_name TEXT, by_serial TEXT, detail TEXT NOT NULL)"
+    )
+    # The deny list: "name:CN" or "serial:HEX"; refused at the hello on every node.
+    internal(
+        "CREATE TABLE IF NOT EXISTS sqlite_raftsql_revoked("
+        "target TEXT PRIMARY KEY, entry_index INTEGER NOT NULL, time_ms INTEGER NOT NULL, "
+        "by_name TEXT, by_serial TEXT) WITHOUT ROWID"
     )
     internal("COMMIT")

@@ -1,10 +1,12 @@
 """`raftsql cluster up`: N node processes on loopback, certificates made if missing.
 
-D/cluster.json records {"dsn", "nodes": [{"id", "address", "pid", "data_dir"}]}; started again
-with the same D, the same ids, ports and data are reused.
+D/cluster.json records {"dsn", "admin_dsn", "nodes": [{"id", "address", "pid", "data_dir"}]};
+started again with the same D, the same ids, ports and data are reused.
 
 Certificates live in D/certs (a `CertsTree`): D/certs/ca holds the CA and its key, D/certs/client
-is what the printed DSN names (ca.crt and the client pair only), D/certs/nN is node nN's --certs.
+is what the printed DSN names (ca.crt and a client pair of role write), D/certs/admin what the
+admin DSN names (role admin: membership, backup, restore, revocation), D/certs/nN is node nN's
+--certs.
 A D/certs from before that layout (ca.key beside every key) is split into it on the next start.
 
 A node that exits is reported with the command that restarts it; the others keep running.
@@ -73,6 +75,14 @@ def make_certs(certs: Path, nodes: list[dict]) -> tuple[Path, dict[str, Path], l
     return client.cert_path.parent, node_dirs, moved
 
 
+def admin_dir(certs: Path) -> Path | None:
+    """The admin client's directory made by make_certs (None for a flat, unsplit layout)."""
+    from raftsql.server import certs as pki
+
+    d = pki.CertsTree(certs).admin_dir
+    return d if (d / "client.crt").exists() else None
+
+
 def dsn_for(nodes: list[dict], client_certs: Path) -> str:
     return "raftsql://" + ",".join(n["address"] for n in nodes) + f"/?certs={client_certs.resolve()}"
 
@@ -102,9 +112,11 @@ def start(data_dir: Path, nodes: list[dict], node_certs: dict[str, Path],
     return [start_node(n, nodes, node_certs[n["id"]], extra_args) for n in nodes]
 
 
-def write_cluster_json(data_dir: Path, nodes: list[dict], procs: list[subprocess.Popen], dsn: str) -> None:
+def write_cluster_json(data_dir: Path, nodes: list[dict], procs: list[subprocess.Popen], dsn: str,
+                       admin_dsn: str | None = None) -> None:
     doc = {
         "dsn": dsn,
+        "admin_dsn": admin_dsn,
         "nodes": [{**n, "pid": p.pid} for n, p in zip(nodes, procs, strict=True)],
     }
     tmp = data_dir / "cluster.json.tmp"

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from raftsql import wire
+from raftsql.server import metrics
 from raftsql.server.connection import ClientConn
 from raftsql.server.sockets import (
     _EOF_ERRORS,
@@ -30,22 +31,25 @@ from raftsql.server.sockets import (
     _why,
     raise_fd_limit,
 )
-from raftsql.server.tls import peer_name, peer_role
+from raftsql.server.tls import PeerIdentity, peer_identity
 
 if TYPE_CHECKING:
     from raftsql.server.snapshot import Receiver
 
 
 class _Inbound:
-    """An accepted connection as stop() sees it: the socket (or ClientConn) to shut down."""
+    """An accepted connection as stop() sees it: the socket (or ClientConn) to shut down, and
+    its certificate's name and serial once the handshake is done (close_revoked)."""
 
-    __slots__ = ("lock", "target", "aborted", "client")
+    __slots__ = ("lock", "target", "aborted", "client", "name", "serial")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.target: Any = None
         self.aborted = False
         self.client = False  # counted in Transport._clients
+        self.name: str | None = None
+        self.serial: str | None = None
 
     def set(self, target: Any) -> None:
         with self.lock:
@@ -92,6 +96,29 @@ class Listener:
     def client_connections(self) -> int:
         """Client connections open now (past their hello)."""
         return self._clients
+
+    def node_serials(self) -> set[str]:
+        """The certificate serials of the peers connected to us now."""
+        with self._lock:
+            return {r.serial for r in self._inbound.values() if r.serial}
+
+    def close_revoked(self, is_revoked: Any) -> int:
+        """Close every connection whose certificate is_revoked(name, serial) says is revoked
+        (a client gets an ERROR frame of kind FORBIDDEN first). Returns how many."""
+        with self._lock:
+            doomed = [r for r in self._conns if r.name is not None and is_revoked(r.name, r.serial)]
+        for rec in doomed:
+            why = f"certificate {rec.name!r} (serial {rec.serial}) was revoked"
+            self.log.warning("%s: closing the connection of %s: it was revoked", self.node_id, rec.name)
+            target = rec.target
+            if isinstance(target, ClientConn):
+                try:
+                    target.send_raw(wire.make_error(why, "FORBIDDEN"), timeout=0)
+                except (OSError, ssl.SSLError):
+                    pass
+            rec.abort()
+            metrics.REFUSALS.inc("revoked")
+        return len(doomed)
 
     def _accept_loop(self) -> None:
         listener = self._listener
@@ -157,7 +184,7 @@ class Listener:
             accepted = self._accept_hello(sock, rec, who)
             if accepted is None:
                 return
-            hello, who = accepted
+            hello, who, identity = accepted
             if hello.role == "node":
                 if hello.address is not None and self.on_peer_hello is not None:
                     self.on_peer_hello(hello.node_id, hello.address)
@@ -174,6 +201,7 @@ class Listener:
                 _on_violation=lambda c, why: self._client_violation(c, who, why),
                 _on_idle=lambda c, why: self._client_violation(c, who, why, logging.INFO),
                 _parker=self._parker,
+                identity=identity,
             )
             rec.set(conn)
             try:
@@ -201,19 +229,33 @@ class Listener:
 
     def _accept_hello(
         self, sock: ssl.SSLSocket, rec: _Inbound, who: str
-    ) -> tuple[wire.Hello, str] | None:
+    ) -> tuple[wire.Hello, str, PeerIdentity] | None:
         """TLS handshake, the peer's HELLO, checks, our HELLO; within handshake_timeout.
-        Returns (hello, who) if accepted; else logs one line, sends ERROR if possible, None."""
+        Returns (hello, who, the certificate's identity) if accepted; else logs one line, sends
+        ERROR if possible, None."""
         deadline = time.monotonic() + self.handshake_timeout
         try:
             sock.do_handshake()
         except (OSError, ssl.SSLError) as e:
             self._conn_log(rec, "TLS handshake with %s failed: %s", who, _why(e))
             return None
-        role, name = peer_role(sock), peer_name(sock)
+        identity = peer_identity(sock)
+        role, name, serial = identity.role, identity.name, identity.serial
         who = f"{name or '?'} ({who})"
         if role is None:
             self._refuse(rec, sock, who, "the certificate has no raftsql role")
+            return None
+        if role == "client" and identity.client_role is None:
+            self._refuse(rec, sock, who, "the certificate has conflicting client roles")
+            return None
+        # Identity first, then the deny list: a revocation applied in between is then either
+        # seen here or finds this connection in close_revoked (both under the same order).
+        with self._lock:
+            rec.name, rec.serial = name, serial
+        if self.is_revoked is not None and self.is_revoked(name, serial):
+            metrics.REFUSALS.inc("revoked")
+            self._refuse(rec, sock, who, f"certificate {name!r} (serial {serial}) is revoked",
+                         kind="FORBIDDEN")
             return None
         try:
             kind, payload = _recv_first_frame(sock, deadline)
@@ -256,10 +298,11 @@ class Listener:
                 return None
         limit = self.max_request_size if hello.role == "client" else None
         sock.sendall(wire.make_hello(self.node_id, "node", max_request=limit))
-        return hello, who
+        return hello, who, identity
 
     def _conn_log(
-        self, rec: _Inbound, fmt: str, *args: Any, sock: Any = None, error: Any = None
+        self, rec: _Inbound, fmt: str, *args: Any, sock: Any = None, error: Any = None,
+        kind: str | None = None,
     ) -> None:
         """One warning line per failed connection (debug when we closed it ourselves), then,
         if `error` is given, an ERROR frame telling the peer why. Logged first: the peer may
@@ -269,13 +312,15 @@ class Listener:
         if error is not None and sock is not None and not rec.aborted:
             try:  # best effort: the peer may well be gone
                 sock.settimeout(0.2)
-                sock.sendall(wire.make_error(str(error)))
+                sock.sendall(wire.make_error(str(error), kind))
             except Exception:  # noqa: BLE001, S110
                 pass
 
-    def _refuse(self, rec: _Inbound, sock: ssl.SSLSocket, who: str, why: str) -> None:
+    def _refuse(self, rec: _Inbound, sock: ssl.SSLSocket, who: str, why: str,
+                kind: str | None = None) -> None:
         """Log one line and send one ERROR frame; the caller closes."""
-        self._conn_log(rec, "refusing the connection from %s: %s", who, why, sock=sock, error=why)
+        self._conn_log(rec, "refusing the connection from %s: %s", who, why, sock=sock, error=why,
+                       kind=kind)
 
     def _refuse_client(self, sock: ssl.SSLSocket, who: str) -> None:
         """The client cap is reached: an ERROR frame naming the limit and how to raise it."""
@@ -284,6 +329,7 @@ class Listener:
             f"(max_client_connections; raise it with --max-client-connections, "
             f"$RAFTSQL_MAX_CLIENT_CONNECTIONS or max_client_connections in the config file)"
         )
+        metrics.REFUSALS.inc("connection_limit")
         try:  # best effort: the client may well be gone
             sock.settimeout(0.2)
             sock.sendall(wire.make_error(why))

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import msgpack
 
 from raftsql.raft.storage import StoredLog
 from raftsql.raft.types import Entry, EntryType, HardState, SnapshotMeta
+from raftsql.server import metrics
 from raftsql.server.logformat import (
     _HDR,
     _MAGIC,
@@ -233,15 +235,23 @@ class LogStore:
                 self._write(HARD_STATE, self._packer.pack(_pack_hs(hs)))
             self._hs = hs
 
+    def disk_bytes(self) -> int:
+        """Bytes in the log's segment files (including records buffered for the next sync)."""
+        with self._mu:
+            return sum(seg.size for seg in self._segments)
+
     def sync(self) -> None:
         self._check()
+        started = time.monotonic()
         cur = self._segments[-1]
         segs = self._rolled + [cur] if self._rolled else [cur]
         self._rolled = []
+        wrote = False
         try:
             for seg in segs:
                 if not seg.buf:
                     continue
+                wrote = True
                 if seg.fd is None:
                     # Directory entries in sequence order: a later segment's name must never be
                     # durable while an earlier one's is not (a hole reads as a lost segment).
@@ -272,6 +282,8 @@ class LogStore:
         except OSError as e:
             self._failed = e
             raise
+        if wrote:
+            metrics.FSYNC.observe(time.monotonic() - started)
 
     def compact(self, meta: SnapshotMeta) -> None:
         """Durable on return (it syncs): the SNAPSHOT_META record must be on disk before any

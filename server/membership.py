@@ -22,11 +22,13 @@ import tempfile
 import time
 from typing import Any
 
+import msgpack
+
 from raftsql.clientconn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
 from raftsql.protocol import ErrorKind
 from raftsql.raft.types import ConfChange, ConfChangeType, Entry, EntryType
 from raftsql.server.config import NodeConfig
-from raftsql.server.statemachine import MemberChange
+from raftsql.server.records import MemberChange
 from raftsql.server.tls import node_client_context
 
 log = logging.getLogger("raftsql.membership")
@@ -234,24 +236,73 @@ class Membership:
 
 
 def member_change(cc: ConfChange) -> MemberChange:
-    """What the state machine records for a committed change (its replicated address book)."""
+    """What the state machine records for a committed change (its replicated address book,
+    and the audit trail)."""
+    address, audit = _context(cc)
     if cc.type == ConfChangeType.REMOVE:
-        return MemberChange(cc.node_id, removed=True)
-    return MemberChange(cc.node_id, address=_context_address(cc))
+        return MemberChange(cc.node_id, removed=True, audit=audit)
+    return MemberChange(cc.node_id, address=address, audit=audit)
+
+
+# A change's context: the member's "host:port" in ASCII (as it has always been), or, for a
+# change an administrator asked for, a msgpack map {"address"?, "op", "by", "by_serial"}: who
+# asked, for the audit trail (server/records.py). A map starts with a byte no address can.
+_AUDIT_KEYS = ("op", "by", "by_serial")
+
+
+def change_context(address: str | None, audit: dict[str, Any] | None) -> bytes:
+    """The context to propose with a change (see above)."""
+    if audit is None:
+        return address.encode("ascii") if address else b""
+    doc = {k: audit[k] for k in _AUDIT_KEYS if isinstance(audit.get(k), str)}
+    if address:
+        doc["address"] = address
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _context(cc: ConfChange) -> tuple[str | None, dict[str, Any] | None]:
+    """(host:port or None, audit map or None) of a change's context. The context comes from
+    the log (from the network, originally): anything malformed is ignored, never interpreted."""
+    ctx = cc.context
+    if not ctx:
+        return None, None
+    audit: dict[str, Any] | None = None
+    text: Any = None
+    malformed = False
+    if 0x80 <= ctx[0] <= 0x8F or ctx[0] in (0xDE, 0xDF):  # a msgpack map
+        try:
+            doc = msgpack.unpackb(ctx, raw=False, strict_map_key=True)
+        except Exception:  # noqa: BLE001 - malformed: ignored, like a bad address
+            doc = None
+        if isinstance(doc, dict):
+            audit = {k: doc[k] for k in _AUDIT_KEYS if isinstance(doc.get(k), str)} or None
+            text = doc.get("address")
+        else:
+            malformed = True
+    else:
+        try:
+            text = ctx.decode("ascii")
+        except UnicodeDecodeError:
+            malformed = True
+    if text is not None and not _is_addr(text):
+        malformed, text = True, None
+    if malformed:
+        log.warning("ignoring malformed address in the membership change for %s: %r",
+                    cc.node_id, ctx[:80])
+    return text, audit
+
+
+def _is_addr(text: Any) -> bool:
+    try:
+        parse_addr(text)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def _context_address(cc: ConfChange) -> str | None:
-    """The host:port in a change's context, or None. The context comes from the log (from the
-    network, originally): anything that is not host:port is ignored, never interpreted."""
-    if not cc.context:
-        return None
-    try:
-        text = cc.context.decode("ascii")
-        parse_addr(text)
-    except (UnicodeDecodeError, ValueError):
-        log.warning("ignoring malformed address in the membership change for %s: %r", cc.node_id, cc.context[:80])
-        return None
-    return text
+    """The host:port in a change's context, or None."""
+    return _context(cc)[0]
 
 
 

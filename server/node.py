@@ -52,7 +52,7 @@ from raftsql.raft.types import (
     Role,
     SnapshotMeta,
 )
-from raftsql.server import reseed
+from raftsql.server import metrics, reseed
 from raftsql.server.applier import Applier, Waiter, Waiters
 from raftsql.server.clients import ClientService
 from raftsql.server.config import NodeConfig
@@ -155,7 +155,13 @@ class Node:
 
     def _new_state_machine(self, path: str) -> StateMachine:
         return StateMachine(path, session_timeout_ms=self.cfg.session_timeout_ms,
-                            query_timeout_s=self.cfg.query_timeout_s)
+                            query_timeout_s=self.cfg.query_timeout_s, on_admin=self._on_admin)
+
+    def _on_admin(self, sm: StateMachine, entries: list) -> None:
+        """Audit records were applied (a revocation: close its connections; server/clients.py)."""
+        clients = getattr(self, "clients", None)  # None while the first database opens
+        if clients is not None:
+            clients.on_admin(sm, entries)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -187,6 +193,7 @@ class Node:
             on_peer_hello=self._on_peer_hello,
             corrupt_snapshot_transfers=self.cfg.hooks.corrupt_snapshot_transfers,
             snapshot_chunk_delay=self.cfg.hooks.snapshot_chunk_delay_s,
+            is_revoked=lambda name, serial: self.sm.records.is_revoked(name, serial),
         )
         self.transport.start()
         for name, target in (("ticker", self._ticker), ("ready", self._ready_loop), ("apply", self._apply_loop)):
@@ -479,6 +486,7 @@ class Node:
             was_leader = self.role == Role.LEADER
             old_leader = self.leader
             self.role, self.leader = ss.role, ss.leader
+            metrics.leader_changed(old_leader, ss.leader)
             if ss.leader is not None:
                 self._leader_known.notify_all()
             if was_leader and ss.role != Role.LEADER:
@@ -519,6 +527,7 @@ class Node:
         reads: set[str] | None = None,
         commit: tuple[int, tuple[str, ...], int] | None = None,
         chunk: int | None = None,
+        refuse_write: RequestError | None = None,
     ):
         """Run statements (one, or an atomic batch). SQLite decides if they only read: a single
         read-only statement is served as a read at the requested consistency; anything else
@@ -529,7 +538,8 @@ class Node:
         commit: (read_index, read_set, last_ms) makes the entry a transaction's commit (TXN),
         applied only if the check passes (see DESIGN.md, "Serializable transactions").
         chunk: a read returns about this many bytes of rows, and the rest in Result.stream
-        (the client fetches it); None: the whole result, up to statemachine.MAX_RESULT_BYTES."""
+        (the client fetches it); None: the whole result, up to statemachine.MAX_RESULT_BYTES.
+        refuse_write: raised instead of proposing a write (the certificate may only read)."""
         if self._stopping:
             ld, addr = self._leader_hint()
             if ld is not None and ld != self.cfg.id:
@@ -576,6 +586,8 @@ class Node:
             return self._read(sql, params, reads, None, chunk)
         if not is_leader:
             raise self._not_leader()
+        if refuse_write is not None:
+            raise refuse_write  # server/access.py: nothing was proposed
         return self._write(statements, client_id, serial, deadline, commit)
 
     def _read(self, sql, params, reads, start_index, chunk):
@@ -652,7 +664,7 @@ class Node:
         self, statement: tuple[str, Any], writes: list[tuple[str, Any]], term: int | None,
         consistency: str = "linearizable", *, start_index: int | None = None,
         reads: set[str] | None = None, last_ms: int | None = None, timeout_s: float | None = None,
-        chunk: int | None = None,
+        chunk: int | None = None, refuse_write: RequestError | None = None,
     ):
         """One statement of a driver transaction: run on the leader against the applied state
         plus the transaction's earlier writes, then rolled back (see DESIGN.md). Returns
@@ -662,7 +674,8 @@ class Node:
         transaction), as it does when it was idle (last_ms, the leader time of its previous
         statement) for longer than the idle timeout. start_index: the transaction's snapshot;
         the statement fails with RAFTSQL_SERIALIZATION if what it read changed since. The
-        first statement (term None) at linearizable consistency waits for a ReadIndex first."""
+        first statement (term None) at linearizable consistency waits for a ReadIndex first.
+        refuse_write: raised if the statement writes (previewed, rolled back: nothing applied)."""
         with self._lock:
             if self.core.role != Role.LEADER:
                 raise self._not_leader()
@@ -688,14 +701,20 @@ class Node:
                 return result, True, current, now_ms
         seen = set(before)
         result, readonly = self.sm.preview(writes, statement, start_index=start_index, reads=seen)
+        if refuse_write is not None and not readonly:
+            raise refuse_write
         if reads is not None:
             reads |= seen
         return result, readonly, current, now_ms
 
-    def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None):
+    def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None,
+               record: dict[str, Any] | None = None):
+        started = time.monotonic()
         txn: dict[str, Any] = {}
         if commit is not None:
             txn = {"kind": CommandKind.TXN, "read_index": commit[0], "read_set": commit[1], "last_ms": commit[2]}
+        elif record is not None:
+            txn = {"kind": CommandKind.ADMIN, "record": record}
         try:
             cmd = Command(
                 client_id=client_id,
@@ -731,12 +750,23 @@ class Node:
             w.data, w.cmd = data, cmd
         if self.trace is not None:
             self.trace.proposed(index)
-        return self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
+        result = self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
+        metrics.WRITES.observe(time.monotonic() - started)
+        return result
+
+    def propose_admin(self, record: dict[str, Any], deadline: float):
+        """Propose an ADMIN command (raftsql/command.py: an administrator's record) on the
+        leader and wait until it is applied; its Result. NOT_LEADER elsewhere."""
+        with self._lock:
+            if self.core.role != Role.LEADER:
+                raise self._not_leader()
+        return self._write((), "", 0, deadline, record=record)
 
     def _track_proposal(self, index: int) -> Waiter:
         """Called with the lock held, right after proposing at `index`."""
         w = Waiter(self.core.term)
         self._waiters.proposals[index] = w
+        metrics.PROPOSALS.inc()
         return w
 
     def _await_proposal(self, index: int, w: Waiter, deadline: float, late: str):

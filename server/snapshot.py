@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from raftsql import wire
 from raftsql.raft.types import Message, MsgType, SnapshotMeta
+from raftsql.server import metrics
 from raftsql.server.logformat import _fsync_dir
 from raftsql.server.logstore import LogStore
 
@@ -291,6 +292,7 @@ class Snapshots:
                     last_taken_ms=ms,
                     last_size=size,
                 )
+            metrics.SNAPSHOT_TAKE.observe(ms / 1000)
             log.info("%s: took snapshot at %d (%d bytes, %.1f ms)", self.node_id, index, size, ms)
         except Exception as e:  # noqa: BLE001 - a failed snapshot is retried at the next threshold
             _unlink(tmp)
@@ -432,6 +434,7 @@ class Snapshots:
           3. the database file is replaced (replace_database) and reopened at exactly
              meta.index.
         Raises (and the node stops) if anything is missing: the core has already moved on."""
+        started = time.monotonic()
         with self.busy:  # no snapshot is being copied from the file we replace
             f = self.adopt_received(meta.index)
             store.install(meta)
@@ -442,6 +445,7 @@ class Snapshots:
             if new.applied_index != meta.index:
                 raise SnapshotError(f"installed snapshot holds index {new.applied_index}, not {meta.index}")
         self.installed(f)
+        metrics.SNAPSHOT_INSTALL.observe(time.monotonic() - started)
         sm.wake_waiters()  # readers still waiting on the old one: time out, do not hang
         log.info("%s: installed snapshot at %d (term %d, %d bytes)", self.node_id, meta.index,
                  meta.term, f.size)

@@ -24,8 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apsw
@@ -39,11 +38,13 @@ from raftsql.protocol import (
     Result,
     sql_error,
 )
+from raftsql.server import metrics
 from raftsql.server.dbhash import content_hash
 from raftsql.server.determinism import EntryClock, EntryRandom, ensure_utc
 from raftsql.server.internal_tables import create_internal_tables
 from raftsql.server.many import ManyStatements
 from raftsql.server.reads import ReadCursor, Reads
+from raftsql.server.records import AuditEntry, MemberChange, Records
 from raftsql.server.sandbox import (
     PROGRESS_STEPS,
     SCHEMA,
@@ -77,7 +78,7 @@ from raftsql.server.transactions import DEFAULT_TXN_IDLE_TIMEOUT_MS, modified_af
 from raftsql.sqltext import first_keyword
 
 __all__ = [
-    "MAX_RESULT_BYTES", "SCHEMA", "CorruptEntryError", "DatabaseDamagedError", "MemberChange",
+    "MAX_RESULT_BYTES", "SCHEMA", "AuditEntry", "CorruptEntryError", "DatabaseDamagedError", "MemberChange",
     "ReadCursor", "Result", "SQLError", "StateMachine", "StateMachineError",
 ]
 
@@ -131,18 +132,6 @@ class _TransactionLost(Exception):
         self.result = result
 
 
-@dataclass(frozen=True)
-class MemberChange:
-    """A committed membership change as the state machine records it: the member's advertised
-    address (None: leave it as is), or its removal. Kept in `sqlite_raftsql_members`, so the address
-    book travels inside snapshots and every node holds the same one at the same index."""
-
-    node_id: str
-    address: str | None = None
-    removed: bool = False
-
-
-
 # What apply_many takes per entry: its data (a Command's bytes; b"" for a no-op), or what that
 # data decodes to: the leader's own proposal as a Command, a membership change as a MemberChange.
 Applicable = bytes | Command | MemberChange
@@ -165,6 +154,7 @@ class StateMachine(ManyStatements):
         apply_vm_step_limit: int = DEFAULT_APPLY_VM_STEP_LIMIT,
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
         txn_idle_timeout_ms: int = DEFAULT_TXN_IDLE_TIMEOUT_MS,
+        on_admin: Callable[[StateMachine, list[AuditEntry]], None] | None = None,
     ):
         if session_timeout_ms <= 0 or apply_vm_step_limit <= 0 or query_timeout_s <= 0:
             raise ValueError("timeouts and limits must be positive")
@@ -208,11 +198,9 @@ class StateMachine(ManyStatements):
             "INSERT INTO sqlite_raftsql_tables(name, modified_index) VALUES(?,?) "
             "ON CONFLICT(name) DO UPDATE SET modified_index=excluded.modified_index"
         )
-        self._sql_member_put = (
-            "INSERT INTO sqlite_raftsql_members(node_id, address) VALUES(?,?) "
-            "ON CONFLICT(node_id) DO UPDATE SET address=excluded.address"
-        )
-        self._sql_member_del = "DELETE FROM sqlite_raftsql_members WHERE node_id=?"
+        # Called (sm, records) after a batch with audit records committed, and (sm, []) once
+        # open: the deny list may have changed (server/records.py, server/clients.py).
+        self.on_admin = on_admin
 
         self._verified_at = -VERIFY_INTERVAL_S  # monotonic time of the last clean quick_check
 
@@ -262,6 +250,9 @@ class StateMachine(ManyStatements):
             "SELECT applied_index, time_ms, gc_ms, format, session_ms FROM sqlite_raftsql_meta"
         )[0]
         self._finish_open(row)
+        self.records = Records(self._internal)  # membership, audit and revocation records
+        if self.on_admin is not None:
+            self.on_admin(self, [])
 
     def _finish_open(self, row: tuple) -> None:
         conn = self._conn
@@ -339,6 +330,7 @@ class StateMachine(ManyStatements):
                 expected = index
             if not todo:
                 return results
+            started = time.monotonic()
             forced: dict[int, Result] = {}
             retried_memory: set[int] = set()
             while True:
@@ -365,8 +357,13 @@ class StateMachine(ManyStatements):
                     forced[problem.index] = Result(index=problem.index, error=problem.error)
             for pos, result in done:
                 results[pos] = result
+            audited = self.records.committed()
+            metrics.APPLY.observe(time.monotonic() - started)
+            metrics.APPLIED_ENTRIES.inc(len(todo))
         with self._applied_cond:
             self._applied_cond.notify_all()
+        if audited and self.on_admin is not None:
+            self.on_admin(self, audited)
         return results
 
     def _verify_database(self, problem: NodeProblem) -> None:
@@ -391,14 +388,12 @@ class StateMachine(ManyStatements):
         applied, time_ms, gc_ms = self._applied_index, self._time_ms, self._gc_ms
         session_ms = self._session_ms
         done: list[tuple[int, Result | None]] = []
+        self.records.pending.clear()
         self._internal("BEGIN IMMEDIATE")
         try:
             for pos, index, cmd in todo:
                 if isinstance(cmd, MemberChange):
-                    if cmd.removed:
-                        self._internal(self._sql_member_del, (cmd.node_id,))
-                    elif cmd.address is not None:
-                        self._internal(self._sql_member_put, (cmd.node_id, cmd.address))
+                    self.records.member(index, time_ms, cmd)
                     cmd = None
                 if cmd is not None:
                     step = max(cmd.leader_time_ms - time_ms, 0)
@@ -521,6 +516,8 @@ class StateMachine(ManyStatements):
         self, index: int, cmd: Command, time_ms: int, session_ms: int, forced: Result | None
     ) -> Result:
         self._conn.set_last_insert_rowid(0)
+        if cmd.record is not None:  # an ADMIN command: an administrator's record
+            return self.records.admin(index, time_ms, cmd.record)
         if cmd.dedup:
             rows = self._internal(self._sql_session_get, (cmd.client_id,))
             if rows and rows[0][2] >= session_ms - self.session_timeout_ms:

@@ -11,26 +11,36 @@ dialled address.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+
 from raftsql.server.certs import (
     CA_CERT,
     CA_KEY,
+    ROLE_CLIENT,
     ROLE_URI_PREFIX,
     ROLES,
     TLSConfigError,
+    _cert_role,
+    _cert_uris,
     _check_name,
+    _read_cert,
+    client_role_of,
     leaf_paths,
 )
 from raftsql.tlsconfig import InsecureKeyFileError, check_key_file, harden
 
 # The errors a context builder raises, importable from here too.
 __all__ = [
-    "InsecureKeyFileError", "PeerRejectedError", "TLSConfigError", "node_client_context",
-    "peer_name", "peer_role", "require_peer", "role_from_cert", "server_context",
+    "InsecureKeyFileError", "PeerRejectedError", "TLSConfigError", "describe_cert", "node_client_context",
+    "PeerIdentity", "peer_client_role", "peer_identity", "peer_name", "peer_role", "peer_serial",
+    "require_peer",
+    "role_from_cert", "server_context",
 ]
 
 log = logging.getLogger("raftsql.tls")
@@ -154,6 +164,60 @@ def peer_name(sock: ssl.SSLSocket) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class PeerIdentity:
+    """What a verified peer certificate says, read once: its role ("node", "client" or None),
+    client role (clients only; None if conflicting), name (CN) and serial (serial_text)."""
+
+    role: str | None
+    client_role: str | None
+    name: str | None
+    serial: str | None
+
+
+def peer_identity(sock: ssl.SSLSocket) -> PeerIdentity:
+    """The verified peer's identity from one getpeercert() (each call decodes the whole
+    certificate: a connection pays for it once)."""
+    cert = _peercert(sock)
+    if not cert:
+        return PeerIdentity(None, None, None, None)
+    role = role_from_cert(cert)
+    uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+    name = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
+    try:
+        serial = serial_text(cert["serialNumber"]) if isinstance(cert.get("serialNumber"), str) else None
+    except ValueError:
+        serial = None
+    return PeerIdentity(role, client_role_of(uris) if role == "client" else None, name, serial)
+
+
+def peer_client_role(sock: ssl.SSLSocket) -> str | None:
+    """A verified client certificate's client role ("read", "write" or "admin"; "write" for a
+    certificate made before client roles existed), or None (conflicting client roles)."""
+    cert = _peercert(sock)
+    if not cert:
+        return None
+    return client_role_of(value for kind, value in cert.get("subjectAltName", ()) if kind == "URI")
+
+
+def serial_text(serial: int | str) -> str:
+    """A certificate serial as raftsql writes it: lower-case hex without leading zeros (what
+    `raftsql certs show` prints). Accepts an int or hex text (colons allowed)."""
+    if isinstance(serial, int):
+        return f"{serial:x}"
+    return f"{int(serial.replace(':', ''), 16):x}"
+
+
+def peer_serial(sock: ssl.SSLSocket) -> str | None:
+    """The verified peer certificate's serial number (serial_text), or None."""
+    cert = _peercert(sock)
+    value = cert.get("serialNumber") if cert else None
+    try:
+        return serial_text(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def require_peer(sock: ssl.SSLSocket, role: str, name: str | None = None) -> str:
     """Return the peer's name if it has `role` (and is called `name`); else PeerRejectedError."""
     actual_role, actual_name = peer_role(sock), peer_name(sock)
@@ -164,3 +228,35 @@ def require_peer(sock: ssl.SSLSocket, role: str, name: str | None = None) -> str
     if actual_name is None or (name is not None and actual_name != name):
         raise PeerRejectedError(f"peer is {actual_name or 'unnamed'}, expected {name}")
     return actual_name
+
+
+# --------------------------------------------------------------------------- certificate files
+
+_SAN_LABELS = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
+
+
+def describe_cert(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Human-readable summary of a PEM certificate (for `raftsql certs show`): its role is
+    "ca", "node", "client (read|write|admin)" or "none"."""
+    cert = _read_cert(Path(path), "certificate")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = ", ".join(f"{_SAN_LABELS.get(type(n), type(n).__name__)}:{n.value}" for n in san)
+    except x509.ExtensionNotFound:
+        sans = ""
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    role = "ca" if ca else (_cert_role(cert) or "none")
+    if role == ROLE_CLIENT:
+        role = f"client ({client_role_of(_cert_uris(cert)) or 'conflicting client roles'})"
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "role": role,
+        "san": sans,
+        "serial": f"{cert.serial_number:x}",
+        "not before": f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
+        "not after": f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+    }

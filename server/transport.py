@@ -28,7 +28,8 @@ the client certificate after the client's handshake has returned) and accepted o
 Privilege rule: only a connection whose *certificate* has role "node", whose hello says role
 "node" and whose hello node_id equals the certificate's CN can deliver Raft messages, and only
 messages with sender == that node id and to == our id. Everything else from the socket is
-hostile until validated (raftsql/wire.py).
+hostile until validated (raftsql/wire.py). A revoked certificate (is_revoked) is refused at its
+hello, and close_revoked() closes the connections it already has.
 
 Snapshots (InstallSnapshot) travel on the same outbound stream as the Raft messages to that
 peer: send_snapshot() hands the sender thread an open file, which it writes as SNAPSHOT frames of
@@ -212,8 +213,11 @@ class Transport(Listener):
         advertise: str | None = None,
         on_peer_hello: Callable[[str, str], None] | None = None,
         max_request_size: int = wire.DEFAULT_MAX_REQUEST_SIZE,
+        is_revoked: Callable[[str | None, str | None], bool] | None = None,
     ):
         self.node_id = node_id
+        # is_revoked(name, serial): a revoked certificate is refused at its hello.
+        self.is_revoked = is_revoked
         # The largest REQUEST frame a client may send (told to it in our hello).
         self.max_request_size = min(max_request_size, max_frame_size)
         # Sent in our hello when we dial a peer; a peer's address from its hello goes to

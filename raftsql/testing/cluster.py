@@ -4,8 +4,9 @@ fault tests (like hashicorp/raft's testing.go and rqlite's system_test helpers).
 Each cluster binds 127.0.0.X (X chosen at random) on ports chosen at run time, keeps its data and
 certificates in one directory, and kills every process it started by pid on close().
 Certificates are laid out as `raftsql cluster up` lays them out (a `CertsTree` in DIR/certs):
-`certs` is the client's directory (what `dsn` names: no CA or node key in it),
-`node_certs(nid)` a node's --certs, `ca_dir` the CA.
+`certs` is the client's directory (what `dsn` names: role write, no CA or node key in it),
+`admin_certs` the admin's (what `admin_dsn` names: membership, backups, `hash`),
+`node_certs(nid)` a node's --certs, `ca_dir` the CA; `client_certs(name, role)` makes more.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class LocalCluster:
         ca, client = self.tree.init(exist_ok=True)
         self.ca_dir = ca.cert_path.parent
         self.certs = client.cert_path.parent  # the client's directory: ?certs= in `dsn`
+        self.admin_certs = self.tree.admin_dir  # role admin: ?certs= in `admin_dsn`
         for nid in self.ids:
             self.tree.node(nid, [self.host], exist_ok=True)
         self.node_args = node_args or []
@@ -69,10 +71,14 @@ class LocalCluster:
         self.joining.add(nid)
 
     def admin(self, fn: str, *args, **kw):
-        """Call raftsql.driver._admin.<fn>(dsn, *args, **kw)."""
+        """Call raftsql.driver._admin.<fn>(admin_dsn, *args, **kw)."""
         from raftsql.driver import _admin
 
-        return getattr(_admin, fn)(self.dsn, *args, **kw)
+        return getattr(_admin, fn)(self.admin_dsn, *args, **kw)
+
+    def client_certs(self, name: str, role: str = "write") -> Path:
+        """A client certificate `name` with client role `role` (made once): its directory."""
+        return self.tree.client(name, role=role, exist_ok=True).cert_path.parent
 
     # ---------------------------------------------------------------- addresses
 
@@ -81,7 +87,15 @@ class LocalCluster:
 
     @property
     def dsn(self) -> str:
-        return "raftsql://" + ",".join(self.address(n) for n in self.ids) + f"/?certs={self.certs}"
+        return self.dsn_for(self.certs)
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.dsn_for(self.admin_certs)
+
+    def dsn_for(self, certs: str | os.PathLike) -> str:
+        """Every node, with the client certificate in directory `certs`."""
+        return "raftsql://" + ",".join(self.address(n) for n in self.ids) + f"/?certs={certs}"
 
     def data_dir(self, nid: str) -> Path:
         return self.dir / nid
@@ -168,16 +182,18 @@ class LocalCluster:
 
     # ---------------------------------------------------------------- talking to nodes
 
-    def client(self, **kw):
+    def client(self, certs: str | os.PathLike | None = None, **kw):
+        """A driver Client with the client certificate (or the one in directory `certs`)."""
         from raftsql.driver._client import Client
 
-        return Client.from_dsn(self.dsn, **kw)
+        return Client.from_dsn(self.dsn_for(certs or self.certs), **kw)
 
     def node_request(self, nid: str, req: dict[str, Any], timeout: float = 3.0) -> dict[str, Any]:
+        """One request to node nid, with the admin certificate (it may send any request)."""
         from raftsql.driver._admin import context_for
         from raftsql.driver._conn import DSN, NodeConnection
 
-        ctx = context_for(DSN.parse(self.dsn))
+        ctx = context_for(DSN.parse(self.admin_dsn))
         conn = NodeConnection(self.host, self.ports[nid], ctx, timeout)
         try:
             return conn.request(req, timeout)

@@ -109,12 +109,12 @@ class FaultCluster(LocalCluster):
         """Nodes that are running and not paused."""
         return [n for n in self.ids if self.alive(n) and n not in self.paused]
 
-    def client(self, **kw):
+    def client(self, certs=None, **kw):
         from raftsql.driver._admin import context_for
         from raftsql.driver._conn import DSN
 
         cls = _translating_client_class()
-        d = DSN.parse(self.dsn)
+        d = DSN.parse(self.dsn_for(certs or self.certs))
         c = cls(d.hosts, context_for(d), **kw)
         c.address_map = dict(self.address_map)
         return c

@@ -264,7 +264,7 @@ class TransferNemesis(Nemesis):
 def _admin(cl: FaultCluster, op: str, node_id: str, timeout: float, **extra: Any) -> dict[str, Any]:
     """One membership request (server/admin.py) through a driver client that follows the
     leader's redirects; BadRequest/Unavailable from the driver when it cannot be done."""
-    c = cl.client(timeout=timeout)
+    c = cl.client(certs=cl.admin_certs, timeout=timeout)
     try:
         req = {"op": op, "node_id": node_id, "timeout_ms": int(timeout * 500), **extra}
         return c._call(req, timeout, None)

@@ -62,7 +62,7 @@ def test_backup_of_a_live_cluster_matches_its_content_at_its_index(cluster, tmp_
         assert started.wait(60)
         before = dict(acked)  # acknowledged before the backup began: all must be in it
         out = tmp_path / "out.db"
-        p = _cli("backup", cluster.dsn, str(out))
+        p = _cli("backup", cluster.admin_dsn, str(out))
         after = len(acked)
     finally:
         stop.set()
@@ -94,9 +94,9 @@ def test_backup_of_a_live_cluster_matches_its_content_at_its_index(cluster, tmp_
 
 
 def test_backup_errors(cluster, tmp_path):
-    p = _cli("backup", cluster.dsn, str(tmp_path), check=False)
+    p = _cli("backup", cluster.admin_dsn, str(tmp_path), check=False)
     assert p.returncode == 2 and "is a directory" in p.stderr
-    p = _cli("backup", cluster.dsn, str(tmp_path / "missing" / "out.db"), check=False)
+    p = _cli("backup", cluster.admin_dsn, str(tmp_path / "missing" / "out.db"), check=False)
     assert p.returncode == 1 and "No such file or directory" in p.stderr, p.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "a"]  # no temp file left behind
 
@@ -137,7 +137,7 @@ def test_restore_round_trip(cluster, tmp_path):
         c.execute([("INSERT INTO auto (x) VALUES (?)", [i])])
     c.close()
     backup = tmp_path / "b.db"
-    _cli("backup", cluster.dsn, str(backup))
+    _cli("backup", cluster.admin_dsn, str(backup))
     src = sqlite3.connect(backup)
     want = _content(lambda sql: src.execute(sql).fetchall())
     src.close()
@@ -146,7 +146,7 @@ def test_restore_round_trip(cluster, tmp_path):
     with LocalCluster(tmp_path / "b", 3) as new:
         new.start()
         new.wait_leader()
-        p = _cli("restore", str(backup), new.dsn)
+        p = _cli("restore", str(backup), new.admin_dsn)
         assert "restored 4 tables, 670 rows" in p.stdout, p.stdout
         nc = new.client(timeout=20)
         got = _content(lambda sql: [tuple(r) for r in nc.execute([(sql, [])])["rows"]])
@@ -156,7 +156,7 @@ def test_restore_round_trip(cluster, tmp_path):
         assert nc.execute([("SELECT count(*) FROM log", [])])["rows"] == [[301]]
         nc.close()
         # A second restore into a cluster with tables is refused.
-        p = _cli("restore", str(backup), new.dsn, check=False)
+        p = _cli("restore", str(backup), new.admin_dsn, check=False)
         assert p.returncode == 1 and "not empty" in p.stderr
         # Every node, and a node that joins later, holds the same database.
         new.add_node("n4")
@@ -168,5 +168,5 @@ def test_restore_round_trip(cluster, tmp_path):
 def test_restore_refuses_what_is_not_a_database(cluster, tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database" * 100)
-    p = _cli("restore", str(junk), cluster.dsn, check=False)
+    p = _cli("restore", str(junk), cluster.admin_dsn, check=False)
     assert p.returncode == 1 and "not a readable SQLite database" in p.stderr, p.stderr

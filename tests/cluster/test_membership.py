@@ -193,9 +193,11 @@ def test_errors(cluster, tmp_path):
     _wait_membership(cluster, ["n1", "n2", "n3"])
     # Joining needs the joining node's own certificate: a client certificate cannot.
     from raftsql.driver._admin import _admin_call
+    from raftsql.driver._client import Forbidden
 
-    with pytest.raises(BadRequest, match="only node n7's own certificate may join it"):
-        _admin_call(cluster.dsn, {"op": "cluster_join", "node_id": "n7", "address": "127.0.0.1:1"}, 10)
+    for dsn in (cluster.dsn, cluster.admin_dsn):  # not even an admin's
+        with pytest.raises(Forbidden, match="may not run cluster join: only a node's own certificate may"):
+            _admin_call(dsn, {"op": "cluster_join", "node_id": "n7", "address": "127.0.0.1:1"}, 10)
 
 
 def test_cannot_remove_the_last_voter(tmp_path):
@@ -228,13 +230,13 @@ def test_cli_commands(cluster):
         return subprocess.run([sys.executable, "-m", "raftsql.cli", *args], capture_output=True, text=True, timeout=120)
 
     cluster.add_node("n4")  # not started: a learner that cannot catch up
-    p = cli("cluster", "add", cluster.dsn, "n4", cluster.address("n4"))
+    p = cli("cluster", "add", cluster.admin_dsn, "n4", cluster.address("n4"))
     assert p.returncode == 0 and "added n4" in p.stdout and "n4=" in p.stdout, p.stdout + p.stderr
     p = cli("status", cluster.dsn)
     assert p.returncode == 0 and "voters: n1, n2, n3   learners: n4" in p.stdout, p.stdout + p.stderr
-    p = cli("cluster", "promote", cluster.dsn, "n4", "--timeout", "2")
+    p = cli("cluster", "promote", cluster.admin_dsn, "n4", "--timeout", "2")
     assert p.returncode == 1 and "n4 has not caught up" in p.stderr, p.stdout + p.stderr
-    p = cli("cluster", "remove", cluster.dsn, "n4")
+    p = cli("cluster", "remove", cluster.admin_dsn, "n4")
     assert p.returncode == 0 and "removed n4" in p.stdout, p.stdout + p.stderr
-    p = cli("cluster", "remove", cluster.dsn, "n4")
+    p = cli("cluster", "remove", cluster.admin_dsn, "n4")
     assert p.returncode == 1 and "Error: n4 is not a member" in p.stderr, p.stdout + p.stderr

@@ -34,6 +34,7 @@ def connect(request, tmp_path):
             return raftsql.driver.connect(dsn, timeout=20, **kw)
         module = raftsql.driver
         _open.dsn = dsn
+        _open.admin_dsn = request.getfixturevalue("cluster").admin_dsn  # backups need admin
 
     def _connect(**kw):
         c = _open(**kw)
@@ -42,6 +43,7 @@ def connect(request, tmp_path):
 
     _connect.db = module
     _connect.dsn = getattr(_open, "dsn", None)
+    _connect.admin_dsn = getattr(_open, "admin_dsn", None)
     yield _connect
     for c in opened:
         c.close()
@@ -327,7 +329,7 @@ def test_raftsqls_own_tables_stay_out_of_listings_dumps_and_backups(connect, tab
         import sys
 
         out = tmp_path / "backup.db"
-        subprocess.run([sys.executable, "-m", "raftsql.cli", "backup", connect.dsn, str(out)],
+        subprocess.run([sys.executable, "-m", "raftsql.cli", "backup", connect.admin_dsn, str(out)],
                        check=True, capture_output=True, timeout=60)
         dump = list(sqlite3.connect(out).iterdump())
     assert not [line for line in dump if "raftsql" in line]

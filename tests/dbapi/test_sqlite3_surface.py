@@ -23,15 +23,16 @@ def connect(request, tmp_path):
     if request.param == "sqlite3":
         path = tmp_path / "surface.db"
 
-        def _open(**kw):
+        def _open(admin=False, **kw):
             return sqlite3.connect(path, **kw)
         module = sqlite3
     else:
-        dsn = request.getfixturevalue("cluster").dsn
+        cluster = request.getfixturevalue("cluster")
 
-        def _open(**kw):
+        def _open(admin=False, **kw):
+            # admin: backup() and iterdump() copy the database, which needs an admin certificate
             kw.setdefault("timeout", 20)
-            return raftsql.connect(dsn, **kw)
+            return raftsql.connect(cluster.admin_dsn if admin else cluster.dsn, **kw)
         module = raftsql
 
     def _connect(**kw):
@@ -135,7 +136,7 @@ def test_conform_protocol_and_adapt(connect):
 
 
 def test_backup_into_a_local_sqlite3_database(connect, table, tmp_path):
-    conn = connect(isolation_level=None)
+    conn = connect(isolation_level=None, admin=True)
     conn.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)")
     conn.execute(f"CREATE INDEX {table}_v ON {table} (v)")
     conn.executemany(f"INSERT INTO {table} (v) VALUES (?)", [(f"v{i}",) for i in range(300)])
@@ -154,7 +155,7 @@ def test_backup_into_a_local_sqlite3_database(connect, table, tmp_path):
 
 
 def test_iterdump_matches_sqlite3(connect, table):
-    conn = connect(isolation_level=None)
+    conn = connect(isolation_level=None, admin=True)
     conn.executescript(f"""
         CREATE TABLE {table} (id INTEGER PRIMARY KEY, v TEXT, b BLOB, r REAL);
         INSERT INTO {table} VALUES (1, 'it''s', x'00ff', 1.5), (2, NULL, NULL, -2.0);

@@ -58,12 +58,20 @@ def test_init_keeps_the_ca_key_apart_from_the_client_directory(tmp_path):
     assert "Created CA" in result.output
     assert "Created client certificate" in result.output
     assert f"?certs={d / 'client'}" in result.output
-    assert tree(d) == ["ca/ca.crt", "ca/ca.key", "client/ca.crt", "client/client.crt", "client/client.key"]
+    assert f"Admins:  ?certs={d / 'admin'}" in result.output
+    assert tree(d) == ["admin/ca.crt", "admin/client.crt", "admin/client.key", "ca/ca.crt",
+                       "ca/ca.key", "client/ca.crt", "client/client.crt", "client/client.key"]
     assert (d / "client" / "ca.crt").read_bytes() == (d / "ca" / "ca.crt").read_bytes()
-    for sub in (d, d / "ca", d / "client"):
+    for sub in (d, d / "ca", d / "client", d / "admin"):
         assert mode(sub) == 0o700
     assert mode(d / "ca" / "ca.key") == 0o600
     assert mode(d / "client" / "client.key") == 0o600
+    assert mode(d / "admin" / "client.key") == 0o600
+    # The application's certificate may write; the operator's is an admin.
+    from raftsql.server.tls import describe_cert
+
+    assert describe_cert(d / "client" / "client.crt")["role"] == "client (write)"
+    assert describe_cert(d / "admin" / "client.crt")["role"] == "client (admin)"
 
 
 def test_init_twice_is_harmless(tmp_path):
@@ -307,6 +315,7 @@ def test_split_moves_every_key_into_its_own_directory(tmp_path):
     result = ok("certs", "init", d, "--split")
     assert "moved" in result.output and "old flat layout" not in result.output
     assert tree(d) == [
+        "admin/ca.crt", "admin/client.crt", "admin/client.key",
         "alice/ca.crt", "alice/client.crt", "alice/client.key",
         "ca/ca.crt", "ca/ca.key",
         "client/ca.crt", "client/client.crt", "client/client.key",

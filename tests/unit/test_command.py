@@ -99,7 +99,7 @@ def test_stamped_sets_time_and_seed():
         (dict(seed=2**63), "out of range"),
         (dict(leader_time_ms=-1), "out of range"),
         (dict(leader_time_ms=1.5), "must be an int"),
-        (dict(kind=3), "unknown command kind"),
+        (dict(kind=9), "unknown command kind"),
         (dict(version=2), "unsupported command version"),
     ],
 )

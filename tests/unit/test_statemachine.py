@@ -504,8 +504,9 @@ def test_legacy_internal_tables_are_renamed_on_open(tmp_path):
     try:
         assert sm.applied_index == 1
         names = sorted(r[0] for r in sm.query("SELECT name FROM sqlite_schema").rows)
-        assert names == ["sqlite_raftsql_members", "sqlite_raftsql_meta",
-                         "sqlite_raftsql_sessions", "sqlite_raftsql_tables", "t"]
+        assert names == ["sqlite_raftsql_audit", "sqlite_raftsql_members", "sqlite_raftsql_meta",
+                         "sqlite_raftsql_revoked", "sqlite_raftsql_sessions",
+                         "sqlite_raftsql_tables", "t"]
     finally:
         sm.close()
 

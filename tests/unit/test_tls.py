@@ -73,6 +73,9 @@ def handshake(
             with server_ctx.wrap_socket(conn, server_side=True) as s:
                 result["server_saw_role"] = tls.peer_role(s)
                 result["server_saw_name"] = tls.peer_name(s)
+                result["server_saw_client_role"] = tls.peer_client_role(s)
+                result["server_saw_serial"] = tls.peer_serial(s)
+                result["server_saw_identity"] = tls.peer_identity(s)
                 result["version"] = s.version()
                 s.sendall(b"ok")
                 try:
@@ -121,6 +124,8 @@ def test_node_to_node_handshake_gives_node_role(certs):
     assert r.get("client_received") == b"ok", r
     assert r["server_saw_role"] == "node"
     assert r["server_saw_name"] == "n2"
+    assert r["server_saw_identity"] == tls.PeerIdentity("node", None, "n2", r["server_saw_serial"])
+    assert r["server_saw_serial"] is not None
     assert r["client_saw_role"] == "node"
     assert r["client_saw_name"] == "n1"
     assert r["version"] == "TLSv1.3"
@@ -317,6 +322,7 @@ def test_peer_role_of_unconnected_socket_is_none(certs):
     ):
         assert tls.peer_role(s) is None
         assert tls.peer_name(s) is None
+        assert tls.peer_identity(s) == tls.PeerIdentity(None, None, None, None)
 
 
 # --------------------------------------------------------------------------- certificate contents
@@ -346,7 +352,7 @@ def test_extended_key_usage_per_role(certs):
     assert eku("n1") == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert eku("client") == {ExtendedKeyUsageOID.CLIENT_AUTH}
     assert _sans(certs / "client.crt").get_values_for_type(x509.UniformResourceIdentifier) == [
-        "urn:raftsql:role:client"
+        "urn:raftsql:role:client", "urn:raftsql:client-role:write"
     ]
 
 
@@ -527,3 +533,53 @@ def test_default_paths(tmp_path):
         str(tmp_path / "client.key"),
     )
     assert driver_tls.default_paths(tmp_path, "alice")[1] == str(tmp_path / "alice.crt")
+
+
+# --------------------------------------------------------------------------- client roles
+
+
+@pytest.mark.parametrize("role", ["read", "write", "admin"])
+def test_the_server_reads_the_client_role_and_serial_from_the_certificate(tmp_path, certs, role):
+    issued = pki.make_client_cert(certs, f"app-{role}", role=role)
+    client_ctx = driver_tls.client_context(certs / "ca.crt", issued.cert_path, issued.key_path)
+    r = handshake(tls.server_context(certs, "n1"), client_ctx)
+    assert r["server_saw_role"] == "client" and r["server_saw_name"] == f"app-{role}"
+    assert r["server_saw_client_role"] == role
+    assert r["server_saw_serial"] == tls.describe_cert(issued.cert_path)["serial"]
+    assert tls.describe_cert(issued.cert_path)["role"] == f"client ({role})"
+    # The listener reads all of it from one getpeercert(): the same answers.
+    assert r["server_saw_identity"] == tls.PeerIdentity(
+        "client", role, f"app-{role}", r["server_saw_serial"]
+    )
+
+
+def test_a_client_certificate_without_a_client_role_counts_as_write(tmp_path):
+    """Certificates made before client roles existed keep reading and writing (no admin)."""
+    d = tmp_path / "old"
+    pki.make_ca(d)
+    ca_cert, ca_key = pki._load_ca(d)
+    key = pki._new_key()
+    cert = pki._build_leaf(ca_cert, ca_key, key, "old", pki.ROLE_CLIENT, [])
+    pki._write_pair(d / "old.crt", d / "old.key", cert, key, overwrite=False)
+    assert pki.client_role_of(pki._cert_uris(cert)) == "write"
+    assert tls.describe_cert(d / "old.crt")["role"] == "client (write)"
+
+
+def test_client_role_uris():
+    p = pki.CLIENT_ROLE_URI_PREFIX
+    assert pki.client_role_of([]) == "write"
+    assert pki.client_role_of(["urn:raftsql:role:client", p + "read"]) == "read"
+    assert pki.client_role_of([p + "admin", p + "admin"]) == "admin"
+    assert pki.client_role_of([p + "read", p + "admin"]) is None  # conflicting: no privileges
+    assert pki.client_role_of([p + "root"]) is None  # unknown
+
+
+def test_a_kept_client_certificate_must_have_the_asked_role(tmp_path):
+    tree = pki.CertsTree(tmp_path / "c")
+    tree.init()
+    assert tree.client("app", role="read").created
+    assert tree.client("app", role="read", exist_ok=True).created is False
+    with pytest.raises(pki.CertificateExistsError, match="has the client role read, not admin"):
+        tree.client("app", role="admin", exist_ok=True)
+    with pytest.raises(pki.TLSConfigError, match="unknown client role 'root'"):
+        tree.client("other", role="root")
