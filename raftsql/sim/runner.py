@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-snapshots", action="store_true",
                     help="no log compaction or InstallSnapshot")
     ap.add_argument("--sim-bug", action="append", default=[], metavar="NAME",
-                    help="break the simulated snapshot path (repeatable; for tests); see --list-mutations")
+                    help="break the simulated snapshot path or the Ready driver (repeatable; for tests); see --list-mutations")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     ap.add_argument("--keep-going", action="store_true",
                     help="run every seed even after a violation (default: stop at the first)")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_mutations:
         for name, text in MUTATIONS.items():
             print(f"{name:30} {text}")
-        print("# simulator bugs (--sim-bug), in the simulated driving code, not the core:")
+        print("# simulator bugs (--sim-bug), in the driving code (snapshot paths, the Ready driver), not the core:")
         for name, text in SIM_BUGS.items():
             print(f"{name:30} {text}")
         return 0
