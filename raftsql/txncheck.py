@@ -1,0 +1,161 @@
+"""What a transaction's client observed, as its commit entry carries it: one check per statement.
+
+A transaction commits by replaying its statements in the log (server/DESIGN.md, "Serializable
+transactions"): every node re-runs them at the commit entry's position and compares each
+statement's outcome with what the client saw when it ran the statement. Equal everywhere: the
+transaction applies, as if it had run alone at that position. Different anywhere it matters:
+nothing applies and the commit fails with a serialization error. The driver builds the checks
+from the results it received; the node recomputes them while applying. Both use this module, so
+the digest is the same function on both sides.
+
+Only the standard library and msgpack: the driver ships this module.
+
+A check is one of
+  None                                      not checked (the statement just runs)
+  (OK, rowcount, nrows, complete, digest, lastrowid)
+      the statement succeeded; rowcount (None: not checked) and lastrowid (None: not checked)
+      must be equal; digest is DIGEST_SIZE bytes over the column names and the first nrows
+      rows; complete: the client saw the end of the result (so there must be no row after
+      them); otherwise rows after the first nrows were never seen and are not compared.
+  (FAILED, name)
+      the statement failed with the SQL error `name` (e.g. SQLITE_CONSTRAINT_UNIQUE); it must
+      fail the same way again, and its statement-level effects are rolled back, as they were.
+
+A control is (position, op, depth): before statement `position` (len(statements): after the
+last), the savepoint at stack depth `depth` is opened (SAVEPOINT), released (RELEASE: it and
+every savepoint above it) or rolled back to (ROLLBACK_TO: it stays open). It replays the
+application's SAVEPOINT / RELEASE / ROLLBACK TO at the same place among its statements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+
+OK = 0
+FAILED = 1
+DIGEST_SIZE = 16
+
+SAVEPOINT = 1
+RELEASE = 2
+ROLLBACK_TO = 3
+CONTROL_OPS = (SAVEPOINT, RELEASE, ROLLBACK_TO)
+MAX_SAVEPOINT_DEPTH = 1000
+
+
+class RowDigest:
+    """A running digest of a result: its column names, then its rows in order. The values are
+    those on the wire (None, int, float, str, bytes), so the driver can digest what it received
+    and a node what it computed, and get the same bytes."""
+
+    __slots__ = ("_h", "_pack", "rows")
+
+    def __init__(self, columns: Sequence[str]):
+        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self._h.update(self._pack(list(columns)))
+        self.rows = 0
+
+    def add(self, row: Sequence[Any]) -> None:
+        self._h.update(self._pack(row))
+        self.rows += 1
+
+    def add_all(self, rows: Iterable[Sequence[Any]]) -> None:
+        update, pack = self._h.update, self._pack
+        n = 0
+        for row in rows:
+            update(pack(row))
+            n += 1
+        self.rows += n
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+def ok_check(rowcount: int | None, digest: RowDigest, complete: bool,
+             lastrowid: int | None) -> tuple:
+    return (OK, rowcount, digest.rows, bool(complete), digest.digest(), lastrowid)
+
+
+def failed_check(name: str) -> tuple:
+    return (FAILED, name)
+
+
+def normalize_check(i: int, check: Any) -> tuple | None:
+    """A check as a tuple, validated; raises ValueError naming statement i otherwise."""
+    if check is None:
+        return None
+    if type(check) not in (tuple, list) or not check or type(check[0]) is not int:
+        raise ValueError(f"check {i} must be an array starting with its kind")
+    if check[0] == OK:
+        if len(check) != 6:
+            raise ValueError(f"check {i} must be [0, rowcount, nrows, complete, digest, lastrowid]")
+        _, rowcount, nrows, complete, digest, lastrowid = check
+        if rowcount is not None and type(rowcount) is not int:
+            raise ValueError(f"check {i}: rowcount must be an int or nil")
+        if type(nrows) is not int or nrows < 0:
+            raise ValueError(f"check {i}: nrows must be a non-negative int")
+        if type(complete) is not bool:
+            raise ValueError(f"check {i}: complete must be a bool")
+        if type(digest) is not bytes or len(digest) != DIGEST_SIZE:
+            raise ValueError(f"check {i}: digest must be {DIGEST_SIZE} bytes")
+        if lastrowid is not None and type(lastrowid) is not int:
+            raise ValueError(f"check {i}: lastrowid must be an int or nil")
+        return (OK, rowcount, nrows, complete, digest, lastrowid)
+    if check[0] == FAILED:
+        if len(check) != 2 or type(check[1]) is not str or not check[1]:
+            raise ValueError(f"check {i} must be [1, error name]")
+        return (FAILED, check[1])
+    raise ValueError(f"check {i}: unknown kind {check[0]}")
+
+
+def normalize_controls(controls: Any, statements: int) -> tuple[tuple[int, int, int], ...]:
+    """Controls as tuples, validated: positions in order and within the statements, and every
+    RELEASE / ROLLBACK TO naming a savepoint that is open at that point (so replaying them can
+    never fail). Raises ValueError otherwise."""
+    if type(controls) not in (tuple, list):
+        raise ValueError("controls must be an array")
+    out = []
+    depth = 0
+    last = 0
+    for n, c in enumerate(controls):
+        if type(c) not in (tuple, list) or len(c) != 3 or not all(type(x) is int for x in c):
+            raise ValueError(f"control {n} must be [position, op, depth]")
+        pos, op, d = c
+        if not last <= pos <= statements:
+            raise ValueError(f"control {n}: position {pos} out of order or past the statements")
+        if op == SAVEPOINT:
+            if d != depth or depth >= MAX_SAVEPOINT_DEPTH:
+                raise ValueError(f"control {n}: a savepoint opens at depth {depth}, not {d}")
+            depth += 1
+        elif op == RELEASE:
+            if not 0 <= d < depth:
+                raise ValueError(f"control {n}: no savepoint open at depth {d}")
+            depth = d
+        elif op == ROLLBACK_TO:
+            if not 0 <= d < depth:
+                raise ValueError(f"control {n}: no savepoint open at depth {d}")
+            depth = d + 1
+        else:
+            raise ValueError(f"control {n}: unknown op {op}")
+        last = pos
+        out.append((pos, op, d))
+    return tuple(out)
+
+
+def describe(check: tuple | None) -> str:
+    """What a check expects, for error messages."""
+    if check is None:
+        return "anything"
+    if check[0] == FAILED:
+        return f"to fail with {check[1]}"
+    _, rowcount, nrows, complete, _, lastrowid = check
+    parts = [f"{nrows}{'' if complete else '+'} row(s)"]
+    if rowcount is not None and rowcount >= 0:
+        parts.append(f"{rowcount} change(s)")
+    if lastrowid is not None:
+        parts.append(f"lastrowid {lastrowid}")
+    return "success with " + ", ".join(parts)
