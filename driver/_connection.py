@@ -83,8 +83,7 @@ class _Step:
     def check(self) -> tuple:
         if self.error is not None:
             return txncheck.failed_check(self.error)
-        digest = self.digest if self.digest is not None else txncheck.RowDigest(())
-        return txncheck.ok_check(self.rowcount, digest, self.complete,
+        return txncheck.ok_check(self.rowcount, self.digest, self.complete,
                                  self.lastrowid if self.rowid_seen else None)
 
 
@@ -121,8 +120,11 @@ class _Transaction:
         if err:
             step = _Step(sql, params, error=str(err.get("name") or "SQLITE_ERROR"))
         else:
-            digest = txncheck.RowDigest(result.get("columns") or [])
-            digest.add_all(result.get("rows") or [])
+            columns, rows = result.get("columns"), result.get("rows")
+            digest = None  # no columns and no rows (txncheck.EMPTY_DIGEST)
+            if columns or rows:
+                digest = txncheck.RowDigest(columns or [])
+                digest.add_all(rows or [])
             rowcount = result.get("rowcount", -1)
             step = _Step(sql, params, digest=digest, complete=result.get("stream") is None,
                          rowcount=rowcount if isinstance(rowcount, int) else None,
@@ -620,7 +622,7 @@ class Connection:
                 # node kept them too).
                 done = (sql, _client.ManyParams(params[:j]))
                 txn.writes.append(done)
-                txn.steps.append(_Step(sql, done[1], digest=txncheck.RowDigest(())))
+                txn.steps.append(_Step(sql, done[1]))
             err["statement"] = j  # which parameter set failed
             txn.record((sql, params[j]), result)
             return result

@@ -30,6 +30,7 @@ application's SAVEPOINT / RELEASE / ROLLBACK TO at the same place among its stat
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,25 +47,33 @@ CONTROL_OPS = (SAVEPOINT, RELEASE, ROLLBACK_TO)
 MAX_SAVEPOINT_DEPTH = 1000
 
 
+_local = threading.local()
+
+
+def _packer() -> Any:
+    pack = getattr(_local, "pack", None)
+    if pack is None:
+        pack = _local.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+    return pack
+
+
 class RowDigest:
     """A running digest of a result: its column names, then its rows in order. The values are
     those on the wire (None, int, float, str, bytes), so the driver can digest what it received
-    and a node what it computed, and get the same bytes."""
+    and a node what it computed, and get the same bytes. One thread at a time."""
 
-    __slots__ = ("_h", "_pack", "rows")
+    __slots__ = ("_h", "rows")
 
     def __init__(self, columns: Sequence[str]):
-        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self._h.update(self._pack(list(columns)))
+        self._h = hashlib.blake2b(_packer()(list(columns)), digest_size=DIGEST_SIZE)
         self.rows = 0
 
     def add(self, row: Sequence[Any]) -> None:
-        self._h.update(self._pack(row))
+        self._h.update(_packer()(row))
         self.rows += 1
 
     def add_all(self, rows: Iterable[Sequence[Any]]) -> None:
-        update, pack = self._h.update, self._pack
+        update, pack = self._h.update, _packer()
         n = 0
         for row in rows:
             update(pack(row))
@@ -75,8 +84,14 @@ class RowDigest:
         return self._h.digest()
 
 
-def ok_check(rowcount: int | None, digest: RowDigest, complete: bool,
+EMPTY_DIGEST = RowDigest(()).digest()  # no columns, no rows: what a plain write returns
+
+
+def ok_check(rowcount: int | None, digest: RowDigest | None, complete: bool,
              lastrowid: int | None) -> tuple:
+    """The check of a statement that succeeded; digest None: no columns and no rows."""
+    if digest is None:
+        return (OK, rowcount, 0, bool(complete), EMPTY_DIGEST, lastrowid)
     return (OK, rowcount, digest.rows, bool(complete), digest.digest(), lastrowid)
 
 

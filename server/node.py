@@ -62,7 +62,8 @@ from raftsql.server.membership import Membership
 from raftsql.server.ready import ReadyDriver
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import damaged
-from raftsql.server.statemachine import Result, SQLError, StateMachine, TxnGone
+from raftsql.server.statemachine import Result, SQLError, StateMachine
+from raftsql.server.transactions import TxnGone, may_read
 from raftsql.server.transport import Transport
 from raftsql.trace import Trace
 
@@ -690,7 +691,7 @@ class Node:
             raise RequestError(ErrorKind.TXN_ABORTED, f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
         gone = RequestError(ErrorKind.TXN_ABORTED, "this leader no longer holds the transaction's uncommitted writes (idle, dropped for room, or out of step); nothing was applied, retry it")
         sql, params = statement
-        if txn.base == 0 and type(params) is not Many:
+        if txn.base == 0 and type(params) is not Many and may_read(sql):
             # No writes yet: a read runs on a reader connection, concurrently with apply.
             result = self._read(sql, params, None, None, chunk)
             if (result.error or {}).get("name") != NOT_READONLY:
@@ -726,10 +727,13 @@ class Node:
                 self._await_leader(deadline)
             if self.core.role != Role.LEADER:
                 raise self._not_leader()
-        self.sm.txn_end(commit.txn)
         fields = {"kind": CommandKind.TXN, "last_ms": commit.last_ms, "checks": commit.checks,
                   "controls": commit.controls}
-        return self._write(statements, client_id, serial, deadline, fields)
+        self.sm.txn_ending(commit.txn)
+        try:
+            return self._write(statements, client_id, serial, deadline, fields)
+        finally:
+            self.sm.txn_end(commit.txn)
 
     def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None,
                record: dict[str, Any] | None = None):

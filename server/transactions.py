@@ -39,6 +39,7 @@ from raftsql.server.sqlerrors import (
     NodeProblem,
     StatementFailed,
 )
+from raftsql.sqltext import first_keyword
 
 if TYPE_CHECKING:
     from raftsql.server.statemachine import ApplyContext
@@ -57,6 +58,15 @@ _SAVEPOINT_SQL = {
     txncheck.RELEASE: "RELEASE raftsql_sp{}",
     txncheck.ROLLBACK_TO: "ROLLBACK TO raftsql_sp{}",
 }
+
+
+_READ_KEYWORDS = frozenset({"SELECT", "VALUES", "WITH", "PRAGMA", "EXPLAIN"})
+
+
+def may_read(sql: str) -> bool:
+    """Whether a statement can be a read by its first keyword (a transaction without writes
+    tries these on a reader connection first; anything else goes straight to a preview)."""
+    return first_keyword(sql) in _READ_KEYWORDS
 
 
 class TxnGone(Exception):
@@ -153,7 +163,9 @@ class PreviewTxn:
     no_changeset: bool = False  # its changes cannot travel as a changeset (schema change, ...)
     last_rowid: int = 0  # last_insert_rowid() as the transaction left it
     last_used: float = 0.0
+    writes_size: int = 0  # about the bytes of `writes`
     size: int = 0  # bytes of writes and changeset (for the node-wide bound)
+    ending: bool = False  # its commit is being proposed: parking it keeps nothing
 
 
 class OpenTransactions:
@@ -199,8 +211,11 @@ class OpenTransactions:
             if self._by_client.get(txn.client_id) == txn.id:
                 del self._by_client[txn.client_id]
 
-    def resize(self, txn: PreviewTxn) -> None:
-        size = sum(_statement_size(s, p) for s, p in txn.writes) + len(txn.changeset or b"")
+    def resize(self, txn: PreviewTxn, recount: bool = False) -> None:
+        """Account for txn's writes and changeset; recount: its writes were cut short."""
+        if recount:
+            txn.writes_size = sum(_statement_size(s, p) for s, p in txn.writes)
+        size = txn.writes_size + len(txn.changeset or b"")
         self.bytes += size - txn.size
         txn.size = size
 
@@ -266,13 +281,20 @@ class TransactionPreviews:
             return txn
 
     def txn_end(self, txn_id: str | None) -> None:
-        """Forget a transaction's preview state (it commits, or rolled back)."""
+        """Forget a transaction's preview state (it committed, or rolled back)."""
         if not txn_id:
             return
         with self._lock:
             txn = self.open_txns.get(txn_id)
             if txn is not None:
                 self._drop_txn(txn)
+
+    def txn_ending(self, txn_id: str | None) -> None:
+        """Its commit is being proposed: the apply that parks it need not keep its changes
+        (txn_end forgets it afterwards). No lock: a flag the apply thread reads under it."""
+        txn = self.open_txns._by_id.get(txn_id) if txn_id else None
+        if txn is not None:
+            txn.ending = True
 
     def _sweep(self, keep: PreviewTxn | None) -> None:
         for txn in self.open_txns.victims(keep, self.txn_idle_timeout_ms / 1000.0):
@@ -295,7 +317,7 @@ class TransactionPreviews:
         txn, session = self._live, self._live_session
         self._live = self._live_session = None
         try:
-            if keep_changes and txn is not None:
+            if keep_changes and txn is not None and not txn.ending:
                 txn.changeset = None
                 if not txn.no_changeset and session is not None:
                     guard = self._guard
@@ -425,6 +447,7 @@ class TransactionPreviews:
                     self._end_live(keep_changes=False)
                 del txn.writes[base:]
                 txn.changeset = None
+                self.open_txns.resize(txn, recount=True)
             failed = self._make_live(txn)
             if failed is not None:
                 self._drop_txn(txn)
@@ -451,10 +474,13 @@ class TransactionPreviews:
                 j = failed.error.get("set")
                 if many and isinstance(j, int) and j > 0:
                     # sqlite3's executemany keeps the parameter sets before the failing one.
-                    txn.writes.append((sql, Many(params.sets[:j])))
+                    kept = Many(params.sets[:j])
+                    txn.writes.append((sql, kept))
+                    txn.writes_size += _statement_size(sql, kept)
             else:
                 if not readonly:
                     txn.writes.append(statement)
+                    txn.writes_size += _statement_size(sql, params)
             finally:
                 self._guard.writes = None
                 self._end_preview()
