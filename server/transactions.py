@@ -53,6 +53,7 @@ DEFAULT_TXN_IDLE_TIMEOUT_MS = 60_000
 MAX_OPEN_TRANSACTIONS = 1024
 MAX_OPEN_TRANSACTION_BYTES = 256 << 20
 _SQL_TABLE_GET = "SELECT modified_index FROM sqlite_raftsql_tables WHERE name=?"
+_SQL_ANY_TRIGGER = "SELECT 1 FROM sqlite_schema WHERE type='trigger' LIMIT 1"
 _SAVEPOINT_SQL = {
     txncheck.SAVEPOINT: "SAVEPOINT raftsql_sp{}",
     txncheck.RELEASE: "RELEASE raftsql_sp{}",
@@ -377,15 +378,19 @@ class TransactionPreviews:
 
         conn, guard = self._conn, self._guard
         outer, guard.internal = guard.internal, True
-        # The changeset holds what triggers did too: they must not fire again.
-        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+        # The changeset holds what triggers did too: they must not fire again. Switching them
+        # off expires every prepared statement, so only when the database has a trigger.
+        triggers = bool(conn.execute(self._tag + _SQL_ANY_TRIGGER).fetchall())
+        if triggers:
+            conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
         try:
             apsw.Changeset.apply(changeset, conn, conflict=conflict)
             return True
         except apsw.Error:
             return None if conflicts else False
         finally:
-            conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1)
+            if triggers:
+                conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 1)
             guard.internal = outer
 
     def _replay(self, txn: PreviewTxn) -> dict[str, Any] | None:
