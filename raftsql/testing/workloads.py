@@ -462,6 +462,10 @@ class BankWorkload(Workload):
             except db.OutcomeUnknown as e:
                 error = e
                 continue
+            except db.Unavailable:
+                # This resend reached no node: it says nothing about the first attempt.
+                time.sleep(0.1)
+                continue
             except db.Error as e:  # the stored or a new outcome: not applied
                 h.record(process=process, type="fail", workload=self.name, f="transfer", value=tid,
                          stage="resend", error=f"{type(e).__name__}: {e}")
@@ -630,7 +634,11 @@ class AppendWorkload(Workload):
             except db.OutcomeUnknown as e:
                 error = e
                 continue
-            except db.Error as e:
+            except db.Unavailable:
+                # This resend reached no node: it says nothing about the first attempt.
+                time.sleep(0.1)
+                continue
+            except db.Error as e:  # the stored or a new outcome: not applied
                 return h.record(process=process, type="fail", workload=self.name, f="txn", value=done,
                                 stage="resend", error=f"{type(e).__name__}: {e}")
             return h.record(process=process, type="ok", workload=self.name, f="txn", value=done,
