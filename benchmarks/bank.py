@@ -18,7 +18,9 @@ be caught there (counted) and the total kept.
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import shutil
 import sys
 import threading
@@ -114,19 +116,50 @@ def _autocommit_writes(dsn: str, threads: int, seconds: float, lats: list[float]
     errors[0] += errs
 
 
-def _interleaved(dsn: str, threads: int, seconds: float, slices: int, accounts: int) -> tuple[dict, dict]:
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU time (user + system) used so far by the node processes and by this client process."""
+    nodes = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            nodes += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return nodes, me.ru_utime + me.ru_stime
+
+
+def _interleaved(dsn: str, threads: int, seconds: float, slices: int, accounts: int,
+                 pids: list[int]) -> tuple[dict, dict]:
     """Transfers and autocommit writes in `slices` alternating slices, seconds/slices each."""
     t_lats: list[float] = []
     t_counts = {"committed": 0, "conflicts": 0, "aborted": 0, "errors": 0, "seconds": 0.0}
     w_lats: list[float] = []
     w_errors = [0]
+    cpu = {"bank": [0.0, 0.0], "plain": [0.0, 0.0]}  # [nodes, client] seconds
+
+    def timed(kind: str, fn, *args) -> None:
+        n0, c0 = _cpu_seconds(pids)
+        fn(*args)
+        n1, c1 = _cpu_seconds(pids)
+        cpu[kind][0] += n1 - n0
+        cpu[kind][1] += c1 - c0
+
     part = seconds / slices
     for _ in range(slices):
-        _transfers(dsn, threads, part, accounts, t_lats, t_counts)
-        _autocommit_writes(dsn, threads, part, w_lats, w_errors)
+        timed("bank", _transfers, dsn, threads, part, accounts, t_lats, t_counts)
+        timed("plain", _autocommit_writes, dsn, threads, part, w_lats, w_errors)
     bank = _summary_transfers(threads, t_lats, t_counts)
     plain = {"threads": threads, "writes_per_s": round(len(w_lats) / seconds, 1), "errors": w_errors[0],
              "p50_ms": round(pct(w_lats, 50) * 1000, 2), "p99_ms": round(pct(w_lats, 99) * 1000, 2)}
+    # CPU per committed operation (the start delays included: a small overestimate for both).
+    ops = {"bank": bank["committed"], "plain": len(w_lats)}
+    for kind, out in (("bank", bank), ("plain", plain)):
+        n = max(ops[kind], 1)
+        out["node_cpu_ms_per_op"] = round(cpu[kind][0] / n * 1000, 3)
+        out["client_cpu_ms_per_op"] = round(cpu[kind][1] / n * 1000, 3)
     return bank, plain
 
 
@@ -151,6 +184,7 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
     base = tmpdir("raftsql-bench-bank-")
     cluster = raftsql_cluster(base / "cluster", 3)
     rows_out = []
+    cpu_rows = []
     runs = []
     try:
         setup = driver_connect(cluster.dsn, timeout=20)
@@ -162,7 +196,8 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
         if hot_accounts:
             plan.append((hot_threads, hot_accounts))
         for n, among in plan:
-            bank, plain = _interleaved(cluster.dsn, n, seconds, slices, among)
+            pids = [p.pid for p in cluster.procs.values()]
+            bank, plain = _interleaved(cluster.dsn, n, seconds, slices, among, pids)
             total = setup.execute("SELECT sum(bal) FROM acct").fetchone()[0]
             ratio = bank["transfers_per_s"] / plain["writes_per_s"] if plain["writes_per_s"] else float("nan")
             run = {"threads": n, "accounts": among, "bank": bank, "autocommit": plain,
@@ -173,6 +208,9 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
                              f"{bank['conflicts'] / attempts:.0%}" if attempts else "-",
                              bank["aborted"] + bank["errors"], plain["writes_per_s"], plain["p50_ms"],
                              f"{ratio:.2f}", "yes" if run["total_ok"] else "NO"])
+            nb, nw = bank["node_cpu_ms_per_op"], plain["node_cpu_ms_per_op"]
+            cpu_rows.append([among, n, nb, nw, f"{nb / nw:.2f}" if nw else "-",
+                             bank["client_cpu_ms_per_op"], plain["client_cpu_ms_per_op"]])
             print(f"{n} threads over {among} accounts: {bank['transfers_per_s']} transfers/s "
                   f"({bank['conflicts']} conflicts) vs {plain['writes_per_s']} autocommit writes/s: "
                   f"ratio {ratio:.2f}", file=sys.stderr)
@@ -193,7 +231,15 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
             "replays its statements and compares what they return); the run over "
             f"{hot_accounts} accounts is the contended one, where nearly every overlap is a real "
             "conflict.")
-    write_report(name, doc, table + note)
+    cpu_table = md_table(["accounts", "threads", "node CPU ms per transfer", "node CPU ms per write",
+                          "transfer / write", "client CPU ms per transfer", "client CPU ms per write"],
+                         cpu_rows)
+    cpu_note = ("\n\nCPU time (user + system) of the three node processes, and of the benchmark's "
+                "client process, per committed operation in the same slices. A transfer is six "
+                "requests to the leader (five statements and the commit), an autocommit write one: "
+                "when the machine's cores are the limit, transfers/s over writes/s cannot exceed "
+                "the inverse of this CPU ratio.")
+    write_report(name, doc, table + note + "\n\n" + cpu_table + cpu_note)
     click.echo(table)
 
 
