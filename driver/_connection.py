@@ -75,6 +75,7 @@ class _Step:
     rowcount: int | None = None
     lastrowid: int | None = None
     rowid_seen: bool = False  # the application looked at the rowid it inserted
+    env: tuple[int, int] | None = None  # the leader's (seed, now_ms) for random() and 'now'
 
     def add_rows(self, rows: list) -> None:
         if self.digest is not None:
@@ -84,7 +85,7 @@ class _Step:
         if self.error is not None:
             return txncheck.failed_check(self.error)
         return txncheck.ok_check(self.rowcount, self.digest, self.complete,
-                                 self.lastrowid if self.rowid_seen else None)
+                                 self.lastrowid if self.rowid_seen else None, self.env)
 
 
 @dataclass
@@ -126,9 +127,11 @@ class _Transaction:
                 digest = txncheck.RowDigest(columns or [])
                 digest.add_all(rows or [])
             rowcount = result.get("rowcount", -1)
+            seed, now_ms = result.get("seed"), result.get("time_ms")
+            env = (seed, now_ms) if type(seed) is int and type(now_ms) is int else None
             step = _Step(sql, params, digest=digest, complete=result.get("stream") is None,
                          rowcount=rowcount if isinstance(rowcount, int) else None,
-                         lastrowid=result.get("lastrowid"))
+                         lastrowid=result.get("lastrowid"), env=env)
         self.steps.append(step)
         return step
 
@@ -676,10 +679,13 @@ class Connection:
                 # Outside any transaction: its own write, or a read at the cursor's consistency.
                 return self._send([stmt], consistency=cursor.consistency,
                                   min_index=cursor.min_index, idempotent=reads_only, stream=True)
-            if not txn.explicit and not txn.writes and reads_only:
+            if (not txn.explicit and not txn.writes and reads_only
+                    and not txncheck.may_be_nondeterministic(sql)):
                 # An implicit transaction's read before its first write: the normal read path
                 # (any node, the cursor's consistency). If the transaction writes later, its
-                # commit checks this read too.
+                # commit checks this read too. A read that may use random() or the clock runs
+                # on the leader like the transaction's other statements, so that its commit
+                # can reproduce them.
                 result = self._send([stmt], consistency=cursor.consistency,
                                     min_index=cursor.min_index, idempotent=True, stream=True)
                 result["txn_step"] = txn.record(stmt, result)

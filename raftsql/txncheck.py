@@ -12,11 +12,15 @@ Only the standard library and msgpack: the driver ships this module.
 
 A check is one of
   None                                      not checked (the statement just runs)
-  (OK, rowcount, nrows, complete, digest, lastrowid)
+  (OK, rowcount, nrows, complete, digest, lastrowid, env)
       the statement succeeded; rowcount (None: not checked) and lastrowid (None: not checked)
       must be equal; digest is DIGEST_SIZE bytes over the column names and the first nrows
       rows; complete: the client saw the end of the result (so there must be no row after
       them); otherwise rows after the first nrows were never seen and are not compared.
+      env: None, or (seed, now_ms), the randomness and clock the leader ran the statement
+      with; the commit runs it with the same ones, so random() and 'now' give again what the
+      client saw (now_ms is clamped to the commit entry's time window; see server/DESIGN.md).
+      A check of six items (no env) is accepted.
   (FAILED, name)
       the statement failed with the SQL error `name` (e.g. SQLITE_CONSTRAINT_UNIQUE); it must
       fail the same way again, and its statement-level effects are rolled back, as they were.
@@ -30,6 +34,7 @@ application's SAVEPOINT / RELEASE / ROLLBACK TO at the same place among its stat
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -88,11 +93,28 @@ EMPTY_DIGEST = RowDigest(()).digest()  # no columns, no rows: what a plain write
 
 
 def ok_check(rowcount: int | None, digest: RowDigest | None, complete: bool,
-             lastrowid: int | None) -> tuple:
+             lastrowid: int | None, env: tuple[int, int] | None = None) -> tuple:
     """The check of a statement that succeeded; digest None: no columns and no rows."""
+    env = None if env is None else (env[0], env[1])
     if digest is None:
-        return (OK, rowcount, 0, bool(complete), EMPTY_DIGEST, lastrowid)
-    return (OK, rowcount, digest.rows, bool(complete), digest.digest(), lastrowid)
+        return (OK, rowcount, 0, bool(complete), EMPTY_DIGEST, lastrowid, env)
+    return (OK, rowcount, digest.rows, bool(complete), digest.digest(), lastrowid, env)
+
+
+# random(), randomblob(), 'now', CURRENT_TIMESTAMP and the date functions (which read the clock
+# when called without a time value).
+_NONDETERMINISTIC = re.compile(
+    r"random|\bnow\b|current_(?:time|date|timestamp)"
+    r"|\b(?:date|time|datetime|julianday|unixepoch|strftime|timediff)\s*\(", re.IGNORECASE)
+
+
+def may_be_nondeterministic(sql: str) -> bool:
+    """Whether a statement's text may use randomness or the clock. A transaction runs such a
+    statement on the leader's apply connection, whose randomness and clock come back to the
+    client and travel in the statement's check (env), so its commit reproduces them; a read
+    elsewhere could not be reproduced. A text test: a view or trigger that calls random() is
+    not seen (its transaction then fails at commit with a serialization error)."""
+    return _NONDETERMINISTIC.search(sql) is not None
 
 
 def failed_check(name: str) -> tuple:
@@ -106,9 +128,15 @@ def normalize_check(i: int, check: Any) -> tuple | None:
     if type(check) not in (tuple, list) or not check or type(check[0]) is not int:
         raise ValueError(f"check {i} must be an array starting with its kind")
     if check[0] == OK:
-        if len(check) != 6:
-            raise ValueError(f"check {i} must be [0, rowcount, nrows, complete, digest, lastrowid]")
-        _, rowcount, nrows, complete, digest, lastrowid = check
+        if len(check) not in (6, 7):
+            raise ValueError(f"check {i} must be [0, rowcount, nrows, complete, digest, lastrowid, env]")
+        _, rowcount, nrows, complete, digest, lastrowid = check[:6]
+        env = check[6] if len(check) == 7 else None
+        if env is not None:
+            if (type(env) not in (tuple, list) or len(env) != 2 or type(env[0]) is not int
+                    or type(env[1]) is not int or not 0 <= env[0] < 1 << 63 or env[1] < 0):
+                raise ValueError(f"check {i}: env must be nil or [seed, now_ms], non-negative ints")
+            env = (env[0], env[1])
         if rowcount is not None and type(rowcount) is not int:
             raise ValueError(f"check {i}: rowcount must be an int or nil")
         if type(nrows) is not int or nrows < 0:
@@ -119,7 +147,7 @@ def normalize_check(i: int, check: Any) -> tuple | None:
             raise ValueError(f"check {i}: digest must be {DIGEST_SIZE} bytes")
         if lastrowid is not None and type(lastrowid) is not int:
             raise ValueError(f"check {i}: lastrowid must be an int or nil")
-        return (OK, rowcount, nrows, complete, digest, lastrowid)
+        return (OK, rowcount, nrows, complete, digest, lastrowid, env)
     if check[0] == FAILED:
         if len(check) != 2 or type(check[1]) is not str or not check[1]:
             raise ValueError(f"check {i} must be [1, error name]")
@@ -167,7 +195,7 @@ def describe(check: tuple | None) -> str:
         return "anything"
     if check[0] == FAILED:
         return f"to fail with {check[1]}"
-    _, rowcount, nrows, complete, _, lastrowid = check
+    _, rowcount, nrows, complete, _, lastrowid = check[:6]
     parts = [f"{nrows}{'' if complete else '+'} row(s)"]
     if rowcount is not None and rowcount >= 0:
         parts.append(f"{rowcount} change(s)")

@@ -25,9 +25,10 @@ The request and response types are in raftsql/protocol.py (shared with the drive
                 (one statement of an open driver transaction, on the leader, against its
                  applied state plus the transaction's first `base` writes (held by the leader
                  under "id"); the result adds "readonly", "term", "time_ms" (the leader's
-                 clock, for the idle timeout), "txn" (the id, once it has writes) and "lost"
-                 (the statement rolled the whole transaction back, as SQLite's ON CONFLICT
-                 ROLLBACK does))
+                 clock, for the idle timeout), "txn" (the id, once it has writes), "seed"
+                 (a preview's random() seed: with time_ms, the env its check echoes) and
+                 "lost" (the statement rolled the whole transaction back, as SQLite's ON
+                 CONFLICT ROLLBACK does))
            {"id": int, "op": "fetch", "cursor": int, "max_bytes": int}
                 (the next rows of a streamed read: {"rows", "bad_text", "more"}; see below)
            {"id": int, "op": "close_cursor", "cursor": int}
@@ -327,7 +328,7 @@ class ClientService:
 
     def _execute_txn(self, req: Execute, cursors: _Cursors | None, who: Principal) -> dict[str, Any]:
         refuse = who.refuse_write(req.statements)
-        result, readonly, term, time_ms, txn_id, lost = self.node.execute_in_transaction(
+        result, readonly, term, time_ms, txn_id, lost, seed = self.node.execute_in_transaction(
             req.statements[0], req.txn, timeout_s=self._timeout_s(req),
             chunk=self._chunk(req, cursors), refuse_write=refuse)
         out = self._streamed(result, result.to_wire(), cursors)
@@ -335,6 +336,8 @@ class ClientService:
         out["term"] = term
         out["time_ms"] = time_ms
         out["txn"] = txn_id
+        if seed is not None:
+            out["seed"] = seed  # with time_ms: the statement's env (raftsql/txncheck.py)
         if lost:
             out["lost"] = True
         return out

@@ -63,7 +63,7 @@ from raftsql.server.ready import ReadyDriver
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
-from raftsql.server.transactions import TxnGone, may_read
+from raftsql.server.transactions import TxnGone, may_read, new_env
 from raftsql.server.transport import Transport
 from raftsql.trace import Trace
 
@@ -667,9 +667,11 @@ class Node:
                                refuse_write: RequestError | None = None):
         """One statement of a driver transaction (txn: a protocol.TxnState), run on the leader
         against its applied state plus the transaction's own earlier writes, never applied
-        (server/transactions.py). Returns (Result, readonly, term, time_ms, txn id, lost): the
-        id of the leader's preview state (None while the transaction has no writes), and lost
-        if the statement rolled the whole transaction back (as SQLite's ON CONFLICT ROLLBACK).
+        (server/transactions.py). Returns (Result, readonly, term, time_ms, txn id, lost, seed):
+        the id of the leader's preview state (None while the transaction has no writes), lost
+        if the statement rolled the whole transaction back (as SQLite's ON CONFLICT ROLLBACK),
+        and the seed of random() in a preview (None for a read on a reader connection): with
+        time_ms, the env the client's check echoes so the commit reproduces them.
         refuse_write: raised if the statement writes (previewed, then dropped: nothing applied).
 
         No ReadIndex: the statement reads the leader's applied state as it is. Whatever it saw
@@ -695,7 +697,7 @@ class Node:
             # No writes yet: a read runs on a reader connection, concurrently with apply.
             result = self._read(sql, params, None, None, chunk)
             if (result.error or {}).get("name") != NOT_READONLY:
-                return result, True, current, now_ms, txn.id, False
+                return result, True, current, now_ms, txn.id, False, None
         try:
             if txn.id is not None:
                 state = self.sm.txn_get(txn.id, current)
@@ -703,13 +705,14 @@ class Node:
                 raise gone
             else:
                 state = self.sm.txn_begin(txn.client_id, current)
-            result, readonly, lost = self.sm.txn_preview(state, statement, txn.base)
+            env = new_env(now_ms)
+            result, readonly, lost = self.sm.txn_preview(state, statement, txn.base, env)
         except TxnGone:
             raise gone from None
         if refuse_write is not None and not readonly:
             self.sm.txn_end(state.id)
             raise refuse_write
-        return result, readonly, current, now_ms, None if lost else state.id, lost
+        return result, readonly, current, now_ms, None if lost else state.id, lost, env[0]
 
     def commit_transaction(self, statements: list[tuple[str, Any]], commit: Any, *,
                            client_id: str, serial: int, timeout_s: float | None = None):

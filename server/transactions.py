@@ -65,9 +65,17 @@ _READ_KEYWORDS = frozenset({"SELECT", "VALUES", "WITH", "PRAGMA", "EXPLAIN"})
 
 
 def may_read(sql: str) -> bool:
-    """Whether a statement can be a read by its first keyword (a transaction without writes
-    tries these on a reader connection first; anything else goes straight to a preview)."""
-    return first_keyword(sql) in _READ_KEYWORDS
+    """Whether a statement can be a read by its first keyword and may run on a reader
+    connection (a transaction without writes tries these there first; anything else goes
+    straight to a preview). Not a statement that may use randomness or the clock: only a
+    preview's can be reproduced by the commit (txncheck.may_be_nondeterministic)."""
+    return first_keyword(sql) in _READ_KEYWORDS and not txncheck.may_be_nondeterministic(sql)
+
+
+def new_env(now_ms: int) -> tuple[int, int]:
+    """A preview's randomness and clock: (seed, now_ms). The client gets both back and its
+    commit check carries them, so the commit runs the statement with the same ones."""
+    return secrets.randbits(63), now_ms
 
 
 class TxnGone(Exception):
@@ -160,6 +168,7 @@ class PreviewTxn:
     client_id: str
     term: int
     writes: list[tuple[str, Any]] = field(default_factory=list)
+    envs: list[tuple[int, int] | None] = field(default_factory=list)  # each write's (seed, now_ms)
     changeset: bytes | None = None  # None with writes: rebuild them by replaying the SQL
     no_changeset: bool = False  # its changes cannot travel as a changeset (schema change, ...)
     last_rowid: int = 0  # last_insert_rowid() as the transaction left it
@@ -398,7 +407,11 @@ class TransactionPreviews:
         self._begin_preview()
         try:
             for i, (sql, params) in enumerate(txn.writes):
-                self._rand.stmt_no = i
+                env = txn.envs[i] if i < len(txn.envs) else None
+                if env is not None:
+                    # As it first ran (and as its commit will run it).
+                    self._rand.seed, self._vfs.now_ms = env
+                self._rand.stmt_no = 0 if env is not None else i
                 self._rand.rng = None
                 written: set[str] = set()
                 self._guard.writes = written
@@ -419,9 +432,10 @@ class TransactionPreviews:
             self._end_preview()
         return None
 
-    def _begin_preview(self) -> None:
-        self._rand.seed = secrets.randbits(63)
-        self._vfs.now_ms = max(int(time.time() * 1000), self._time_ms)
+    def _begin_preview(self, env: tuple[int, int] | None = None) -> None:
+        if env is None:
+            env = new_env(max(int(time.time() * 1000), self._time_ms))
+        self._rand.seed, self._vfs.now_ms = env
         self._ctx.result_budget = MAX_RESULT_BYTES
 
     def _end_preview(self) -> None:
@@ -430,14 +444,16 @@ class TransactionPreviews:
 
     # -- one statement ----------------------------------------------------------------------
 
-    def txn_preview(self, txn: PreviewTxn, statement: tuple[str, Any],
-                    base: int) -> tuple[Result, bool, bool]:
+    def txn_preview(self, txn: PreviewTxn, statement: tuple[str, Any], base: int,
+                    env: tuple[int, int] | None = None) -> tuple[Result, bool, bool]:
         """Run one statement of txn against the applied state plus its earlier writes (the
         first `base` of them: the client may have rolled back to a savepoint, or resent a
         statement whose answer it lost). Returns (Result, readonly, lost): lost means the
         statement rolled the whole transaction back (ON CONFLICT ROLLBACK, RAISE(ROLLBACK), an
         interrupted write), as in SQLite; its preview state is then gone. The writes only
-        become real when the commit entry applies them. random() and 'now' are previews too."""
+        become real when the commit entry applies them. env: the (seed, now_ms) that random()
+        and 'now' use (new_env); the client echoes it in the statement's check, so the commit
+        runs the statement with the same ones. None: fresh ones nobody can reproduce."""
         sql, params = statement
         with self._lock:
             self._check_open()
@@ -451,6 +467,7 @@ class TransactionPreviews:
                 if self._live is txn:
                     self._end_live(keep_changes=False)
                 del txn.writes[base:]
+                del txn.envs[base:]
                 txn.changeset = None
                 self.open_txns.resize(txn, recount=True)
             failed = self._make_live(txn)
@@ -458,8 +475,8 @@ class TransactionPreviews:
                 self._drop_txn(txn)
                 return Result(index=self._applied_index, error=failed), False, False
             self._conn.set_last_insert_rowid(txn.last_rowid)
-            self._begin_preview()
-            self._rand.stmt_no = len(txn.writes)
+            self._begin_preview(env)
+            self._rand.stmt_no = 0 if env is not None else len(txn.writes)
             self._rand.rng = None
             self._ctx.readonly = False
             written: set[str] = set()
@@ -481,10 +498,12 @@ class TransactionPreviews:
                     # sqlite3's executemany keeps the parameter sets before the failing one.
                     kept = Many(params.sets[:j])
                     txn.writes.append((sql, kept))
+                    txn.envs.append(env)
                     txn.writes_size += _statement_size(sql, kept)
             else:
                 if not readonly:
                     txn.writes.append(statement)
+                    txn.envs.append(env)
                     txn.writes_size += _statement_size(sql, params)
             finally:
                 self._guard.writes = None
@@ -519,6 +538,10 @@ class CheckedTransactions:
         statements, checks, controls = cmd.statements, cmd.checks, cmd.controls
         assert checks is not None
         self._rand.seed = cmd.seed
+        entry_ms = self._vfs.now_ms
+        # A statement's own clock (its check's env) may not lie outside the time the
+        # transaction can have been open: clamped, identically on every node.
+        oldest_ms = entry_ms - self.txn_idle_timeout_ms * (len(statements) + 1)
         self._ctx.result_budget = MAX_RESULT_BYTES
         self._internal("SAVEPOINT raftsql_entry")
         per: list[Result] = []
@@ -532,10 +555,17 @@ class CheckedTransactions:
                     _, op, depth = controls[c]
                     self._internal(_SAVEPOINT_SQL[op].format(depth))
                     c += 1
-                self._rand.stmt_no = i
+                check = checks[i]
+                env = check[6] if check is not None and check[0] == txncheck.OK else None
+                if env is not None:
+                    self._rand.seed, self._rand.stmt_no = env[0], 0
+                    self._vfs.now_ms = min(max(env[1], oldest_ms), entry_ms)
+                else:
+                    self._rand.seed, self._rand.stmt_no = cmd.seed, i
+                    self._vfs.now_ms = entry_ms
                 self._rand.rng = None
                 try:
-                    result, what = self._run_checked(sql, params, checks[i])
+                    result, what = self._run_checked(sql, params, check)
                 except (StatementFailed, NodeProblem) as failed:
                     # A statement that did not fail before fails now: the entry fails with
                     # its error, as a WRITE entry does.
@@ -554,6 +584,8 @@ class CheckedTransactions:
                     self._internal(_SAVEPOINT_SQL[op].format(depth))
         finally:
             self._guard.writes = None
+            self._rand.seed = cmd.seed
+            self._vfs.now_ms = entry_ms
         if conflict is not None:
             if not self._conn.in_transaction:
                 raise StatementFailed(conflict)
@@ -602,7 +634,7 @@ class CheckedTransactions:
                     and result.rowcount != check[1]):
                 return result, f"changed {check[1]} row(s) and now changes {result.rowcount}"
             return result, None
-        _, rowcount, nrows, complete, digest, lastrowid = check
+        _, rowcount, nrows, complete, digest, lastrowid = check[:6]
         state: dict[str, Any] = {"digest": None}
         ctx = self._ctx
 

@@ -486,5 +486,25 @@ def test_outcome_unknown_commit_is_resent_with_its_check():
     assert first == again == [("UPDATE acct SET bal = 1", [])]
     check = kw1["commit"]
     assert kw2["commit"] == check and check["last_ms"] == 123 and check["txn"] == "t1"
-    assert check["checks"] == [(0, 1, 0, True, check["checks"][0][4], None)]
+    assert check["checks"] == [(0, 1, 0, True, check["checks"][0][4], None, None)]
     assert kw1["serial"] == kw2["serial"] == 7
+
+
+def test_transactions_that_see_random_and_now_commit(connect, table):
+    """What random(), a randomblob() default and 'now' gave inside a transaction is what its
+    commit stores, in explicit transactions and in sqlite3's legacy mode (where a read before
+    the first write could otherwise run on any node)."""
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, u BLOB DEFAULT (randomblob(8)), "
+                 "ts TEXT, r INTEGER)")
+    c = connect()
+    c.execute("BEGIN")
+    (r,) = c.execute("SELECT random()").fetchone()
+    (u,) = c.execute(f"INSERT INTO {table} (id, r) VALUES (1, ?) RETURNING u", (r,)).fetchone()
+    c.execute("COMMIT")
+    assert auto.execute(f"SELECT u, r FROM {table} WHERE id = 1").fetchone() == (u, r)
+    legacy = connect()  # sqlite3's defaults: the SELECT runs before any transaction is open
+    (ts,) = legacy.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").fetchone()
+    legacy.execute(f"INSERT INTO {table} (id, ts) VALUES (2, ?)", (ts,))
+    legacy.commit()
+    assert auto.execute(f"SELECT ts FROM {table} WHERE id = 2").fetchone() == (ts,)

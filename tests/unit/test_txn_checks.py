@@ -44,11 +44,11 @@ class Txn:
         self.steps: list[tuple[tuple, tuple]] = []
         self.controls: list[tuple[int, int, int]] = []
 
-    def run(self, sql, params=(), base=None):
+    def run(self, sql, params=(), base=None, env=None):
         if self.state is None:
             self.state = self.sm.txn_begin(self.client_id, self.term)
         result, readonly, lost = self.sm.txn_preview(
-            self.state, (sql, params), self.writes if base is None else base)
+            self.state, (sql, params), self.writes if base is None else base, env)
         if lost:
             return result, lost
         self.writes = len(self.state.writes)  # the driver derives the same count
@@ -57,7 +57,7 @@ class Txn:
         else:
             d = txncheck.RowDigest(result.columns)
             d.add_all(result.rows)
-            check = txncheck.ok_check(result.rowcount, d, True, None)
+            check = txncheck.ok_check(result.rowcount, d, True, None, env)
         self.steps.append(((sql, params), check))
         return result, lost
 
@@ -405,3 +405,43 @@ def test_broken_validation_hook_applies_what_it_should_refuse(tmp_path):
         assert n.rows("SELECT bal FROM acct ORDER BY id") == [[90], [110]]
     finally:
         n.sm.close()
+
+
+# --------------------------------------------------------------------------- randomness and time
+
+
+def test_random_and_now_the_client_saw_are_reproduced_by_the_commit(pair):
+    """random(), randomblob() defaults and 'now' run with the leader's (seed, now_ms), which the
+    client echoes in each statement's check: the commit gives the same values on every node."""
+    pair.write("CREATE TABLE t (id INTEGER PRIMARY KEY, u BLOB DEFAULT (randomblob(8)), "
+               "ts TEXT DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')))")
+    t = Txn(pair.a.sm)
+    (r,), = t.run("SELECT random()", env=(11, T0 - 500))[0].rows
+    row = t.run("INSERT INTO t (id) VALUES (1) RETURNING u, ts", env=(12, T0 - 400))[0].rows[0]
+    (now,), = t.run("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')", env=(13, T0 - 300))[0].rows
+    assert now.endswith(".700") and row[1].endswith(".600")
+    assert pair.commit(t, t=T0).error is None
+    for n in (pair.a, pair.b):
+        assert [tuple(x) for x in n.rows("SELECT u, ts FROM t")] == [tuple(row)]
+    t2 = Txn(pair.a.sm, client_id="d")
+    assert t2.run("SELECT random()", env=(11, T0))[0].rows == [[r]]  # same seed, same value
+
+
+def test_a_statement_clock_outside_the_transaction_window_is_clamped(pair):
+    """A check's now_ms later than the commit entry's time (or earlier than the transaction can
+    have been open) is clamped on every node: 'now' then differs and the commit fails."""
+    t = Txn(pair.a.sm)
+    t.run("SELECT strftime('%s', 'now') * 1000", env=(1, T0 + 3_600_000))
+    t.run("UPDATE acct SET bal = 0 WHERE id = 1", env=(2, T0))
+    r = pair.commit(t, t=T0)
+    assert r.error and r.error["name"] == "RAFTSQL_SERIALIZATION", r.error
+    assert pair.a.rows("SELECT bal FROM acct WHERE id = 1") == [[100]]
+
+
+def test_a_check_without_env_is_accepted():
+    d = txncheck.RowDigest(["x"])
+    six = txncheck.ok_check(1, d, True, None)[:6]
+    assert txncheck.normalize_check(0, six) == (*six, None)
+    assert txncheck.normalize_check(0, [*six, [5, 7]]) == (*six, (5, 7))
+    with pytest.raises(ValueError, match="env"):
+        txncheck.normalize_check(0, [*six, [-1, 7]])
