@@ -236,7 +236,7 @@ class Command:
     table check, 4 for a TXN with statement checks (`checks` not None; None picks the version);
     a version 2 TXN holds no Many statement; read_index, read_set and last_ms are used by TXN
     only and must keep their defaults for WRITE; read_index and read_set belong to version 2,
-    checks and controls to version 4 (one check per statement, controls as txncheck says).
+    checks and controls to version 5 (one check per statement, controls as txncheck says).
     read_set is normalised to a sorted tuple of distinct names (apply checks it in that order,
     so the error names the same table on every node)."""
 

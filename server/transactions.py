@@ -10,7 +10,7 @@ Two halves, both mixins of StateMachine (they run on its apply connection, under
   SQLite transaction is rolled back; resuming applies the changeset again (C speed, no SQL).
   A transaction whose changes a changeset cannot hold (a schema change, or a changeset that
   fails to apply) resumes by replaying its writes as SQL instead.
-- Commit (every node): a TXN entry of command version 4 replays every statement the
+- Commit (every node): a TXN entry of command version 5 replays every statement the
   transaction ran at the entry's position and compares each outcome with what the client saw
   (raftsql/txncheck.py); any difference rolls the whole entry back with a serialization error.
   Version 2 entries (a table read set checked against sqlite_raftsql_tables, which records the
@@ -531,7 +531,7 @@ class CheckedTransactions:
     broken_txn_validation = False
 
     def _execute_checked(self, index: int, cmd: Command) -> Result:
-        """Apply a version 4 TXN entry: its statements in order with their controls, each
+        """Apply a version 5 TXN entry: its statements in order with their controls, each
         checked against what the client saw. Any difference: nothing applies and the result is
         a serialization error naming the statement. Raises StatementFailed (with the result)
         if a statement rolled the whole SQLite transaction back."""

@@ -1,7 +1,7 @@
-"""Version 2 transaction commits in the state machine (entries written before version 4):
+"""Version 2 transaction commits in the state machine (entries written before version 5):
 per-table "last modified at" bookkeeping on apply, read sets collected by readers, and the table
 commit check of TXN entries (deterministic on every node, stored in the session row so a resend
-gets the same outcome). Version 4 commits and previews: test_txn_checks.py."""
+gets the same outcome). Version 5 commits and previews: test_txn_checks.py."""
 
 import pytest
 

@@ -1,5 +1,5 @@
 """Transactions in the state machine: previews of an open transaction's statements (its writes
-kept live, parked as a changeset, or replayed), and version 4 commits that replay every
+kept live, parked as a changeset, or replayed), and version 5 commits that replay every
 statement with what the client saw and apply only if each does the same again, identically on
 every node (server/transactions.py, raftsql/txncheck.py)."""
 
@@ -91,7 +91,7 @@ def test_command_v4_round_trip_and_validation():
                 statements=[("SELECT bal FROM acct", ()), ("INSERT INTO t VALUES (?)", Many(((1,), (2,))))],
                 checks=[txncheck.ok_check(-1, d, False, None), txncheck.failed_check("SQLITE_CONSTRAINT_UNIQUE")],
                 controls=[(0, txncheck.SAVEPOINT, 0), (2, txncheck.ROLLBACK_TO, 0)])
-    assert c.version == 4
+    assert c.version == 5
     assert Command.decode(c.encode()) == c
     with pytest.raises(CommandError, match="checks for"):
         Command(kind=CommandKind.TXN, statements=[("x", ())], checks=[])
