@@ -208,8 +208,9 @@ class Client:
         inside it ("error"); transport/leadership trouble is retried until the deadline.
         idempotent=True says the caller knows this is a read: a lost response then raises
         Unavailable, never OutcomeUnknown. reads=True: a transaction's read; the result's
-        "reads" lists the tables it read. commit: {"read_index", "reads", "last_ms"} makes the
-        statements a transaction's commit, applied only if nothing it read has changed.
+        "reads" lists the tables it read. commit: {"last_ms", "checks", "controls", "txn"}
+        makes the statements a transaction's commit: applied only if each statement does what
+        its check says the client saw (raftsql/txncheck.py).
         stream=True: a read's rows come in chunks; if more remain, result["stream"] is the
         ResultStream that fetches them."""
         with self._lock:
@@ -224,7 +225,8 @@ class Client:
                 min_index=max(self.last_index, min_index or 0),
                 reads=reads,
                 commit=None if commit is None else Commit(
-                    commit["read_index"], tuple(commit["reads"]), commit["last_ms"]),
+                    last_ms=commit["last_ms"], checks=tuple(commit["checks"]),
+                    controls=tuple(commit["controls"]), txn=commit.get("txn")),
                 chunk=FETCH_BYTES if stream else None,
             ).to_wire()
             result = self._call(req, timeout or self.timeout, None if idempotent else serial)
@@ -237,24 +239,23 @@ class Client:
         if cid is not None and self._conn is not None:
             result["stream"] = ResultStream(self, self._conn, cid, int(result.get("index") or 0))
 
-    def execute_in_transaction(self, statement: Statement, writes: list[Statement],
-                               term: int | None, *, leader: str | None = None,
-                               timeout: float | None = None, start_index: int | None = None,
-                               reads: list[str] | None = None, last_ms: int | None = None,
-                               consistency: str | None = None,
+    def execute_in_transaction(self, statement: Statement, term: int | None, *,
+                               leader: str | None = None, txn_id: str | None = None,
+                               base: int = 0, last_ms: int | None = None,
+                               timeout: float | None = None,
                                stream: bool = False) -> tuple[dict[str, Any], str]:
-        """One statement of an open transaction, previewed on the leader against the applied
-        state plus `writes` (nothing is applied). Returns (result, "host:port" that served it).
-        With `term` set (not the transaction's first leader request), the request goes only to
-        `leader`, and a leadership change raises TxnAborted. start_index, reads, last_ms: the
-        transaction's snapshot index, read set and the leader time of its last statement
-        (server/clients.py); consistency: of the transaction's first read."""
+        """One statement of an open transaction, run on the leader against its applied state
+        plus the transaction's first `base` writes, which the leader holds under `txn_id`
+        (nothing is applied). Returns (result, "host:port" that served it). With `term` set
+        (not the transaction's first leader request), the request goes only to `leader`, and
+        a leadership change raises TxnAborted. last_ms: the leader time of the transaction's
+        last statement (server/clients.py)."""
         with self._lock:
+            sql, params = statement
             req = Execute(
-                statements=[statement],
-                txn=TxnState(writes=list(writes), term=term, start_index=start_index,
-                             reads=set(reads or ()), last_ms=last_ms,
-                             consistency=consistency or self.consistency),
+                statements=[(sql, Many(tuple(params)) if type(params) is ManyParams else params)],
+                txn=TxnState(term=term, id=txn_id, base=base, client_id=self.client_id,
+                             last_ms=last_ms),
                 chunk=FETCH_BYTES if stream else None,
             ).to_wire()
             if term is not None and leader is not None:
@@ -266,7 +267,7 @@ class Client:
             self.last_index = max(self.last_index, int(result.get("index") or 0))
             self._attach_stream(result)
             host, port = self.served_by
-            self._leader = (host, port)  # only a leader serves previews: cache it
+            self._leader = (host, port)  # only a leader serves transaction statements: cache it
             return result, f"{host}:{port}"
 
     def status(self, timeout: float = 3.0) -> dict[str, Any]:

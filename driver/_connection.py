@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import ssl
 import tempfile
 import threading
@@ -15,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftsql import protocol, wire
+from raftsql import protocol, txncheck, wire
 from raftsql.driver import _client, _sql
 from raftsql.driver._conn import DSN
 from raftsql.driver._cursor import Cursor
@@ -63,19 +62,45 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+@dataclass(eq=False)
+class _Step:
+    """One statement the open transaction ran, and what it saw: the commit replays it and
+    applies the transaction only if it does the same again (raftsql/txncheck.py)."""
+
+    sql: str
+    params: Any
+    error: str | None = None  # the SQL error name it failed with
+    digest: txncheck.RowDigest | None = None  # its columns and the rows received so far
+    complete: bool = True  # every row of its result was received
+    rowcount: int | None = None
+    lastrowid: int | None = None
+    rowid_seen: bool = False  # the application looked at the rowid it inserted
+    env: tuple[int, int] | None = None  # the leader's (seed, now_ms) for random() and 'now'
+
+    def add_rows(self, rows: list) -> None:
+        if self.digest is not None:
+            self.digest.add_all(rows)
+
+    def check(self) -> tuple:
+        if self.error is not None:
+            return txncheck.failed_check(self.error)
+        return txncheck.ok_check(self.rowcount, self.digest, self.complete,
+                                 self.lastrowid if self.rowid_seen else None, self.env)
+
+
 @dataclass
 class _Transaction:
-    """The open transaction: implicit (autocommit=False) or explicit (BEGIN or SAVEPOINT sent
-    through execute). See driver/DESIGN.md, "Transactions"."""
+    """The open transaction: implicit (opened by the transaction mode) or explicit (BEGIN or
+    SAVEPOINT sent through execute). See driver/DESIGN.md, "Transactions"."""
 
-    writes: list[Statement] = field(default_factory=list)  # non-readonly statements, in order
-    term: int | None = None  # the leader's term at the first previewed statement
-    leader: str | None = None  # "host:port" of that leader; later previews go only there
-    # The applied index the transaction's first statement saw: its snapshot. commit() asks the
-    # log to apply the writes only if no table in `reads` was modified after it.
-    start_index: int | None = None
-    reads: set[str] = field(default_factory=set)  # tables read (lower case), for the check
-    last_ms: int | None = None  # the leader's clock at the last previewed statement (idle timeout)
+    steps: list[_Step] = field(default_factory=list)  # every statement it ran, in order
+    # Savepoint operations among the steps: (position in steps, txncheck op, depth).
+    controls: list[tuple[int, int, int]] = field(default_factory=list)
+    writes: list[Statement] = field(default_factory=list)  # the statements that changed something
+    term: int | None = None  # the leader's term at the first statement run there
+    leader: str | None = None  # "host:port" of that leader; later statements go only there
+    txn_id: str | None = None  # the leader's preview state of its writes
+    last_ms: int | None = None  # the leader's clock at the last statement (idle timeout)
     explicit: bool = False  # opened by BEGIN or SAVEPOINT through execute()
     # Legacy transaction control: begun by an INSERT/UPDATE/DELETE/REPLACE (even one that failed,
     # as sqlite3's implicit BEGIN stays open); from then on every statement joins it.
@@ -85,9 +110,30 @@ class _Transaction:
     # An explicit transaction that failed (serialization, leader change, idle): every statement
     # raises this again until COMMIT (raises it too) or ROLLBACK ends the transaction.
     doomed: Error | None = None
-    # Cursors whose lastrowid came from a previewed INSERT: (position in writes, cursor);
-    # commit() gives them the rowid the committed entry assigned.
+    # Cursors whose lastrowid came from a statement of this transaction: (position in steps,
+    # cursor); commit() gives them the rowid the committed entry assigned.
     rowid_cursors: list[tuple[int, Any]] = field(default_factory=list)
+
+    def record(self, statement: Statement, result: dict[str, Any]) -> _Step:
+        """Add a statement's outcome to the steps (the result map as received)."""
+        sql, params = statement
+        err = result.get("error")
+        if err:
+            step = _Step(sql, params, error=str(err.get("name") or "SQLITE_ERROR"))
+        else:
+            columns, rows = result.get("columns"), result.get("rows")
+            digest = None  # no columns and no rows (txncheck.EMPTY_DIGEST)
+            if columns or rows:
+                digest = txncheck.RowDigest(columns or [])
+                digest.add_all(rows or [])
+            rowcount = result.get("rowcount", -1)
+            seed, now_ms = result.get("seed"), result.get("time_ms")
+            env = (seed, now_ms) if type(seed) is int and type(now_ms) is int else None
+            step = _Step(sql, params, digest=digest, complete=result.get("stream") is None,
+                         rowcount=rowcount if isinstance(rowcount, int) else None,
+                         lastrowid=result.get("lastrowid"), env=env)
+        self.steps.append(step)
+        return step
 
 
 def _empty_result(rowcount: int = -1) -> dict[str, Any]:
@@ -258,25 +304,27 @@ class Connection:
         return cur
 
     def commit(self) -> None:
-        """Apply the transaction's writes as ONE log entry, exactly once, if nothing the
-        transaction read was modified since its snapshot; otherwise nothing is applied and
-        SerializationError is raised. Nothing to send for a transaction without writes. If the
-        entry fails (an SQL error) nothing is applied, the error is raised and the transaction is
-        discarded. On Unavailable the transaction stays open (call commit() again); on
-        OutcomeUnknown it is discarded and the error can be passed to resend()."""
+        """Apply the transaction as ONE log entry, exactly once, if every statement it ran
+        still gives what it gave (rows read, rows changed, errors): the entry replays them at
+        its place in the log on every node. Otherwise nothing is applied and SerializationError
+        is raised. Nothing is sent for a transaction that ran nothing, or an implicit one that
+        only read. If the entry fails (an SQL error) nothing is applied, the error is raised
+        and the transaction is discarded. On Unavailable the transaction stays open (call
+        commit() again); on OutcomeUnknown it is discarded and the error can be passed to
+        resend()."""
         with self._lock:
             self._check_open()
             txn = self._txn
             if txn.doomed is not None:
                 self._txn = _Transaction()
                 raise _again(txn.doomed)
-            if not txn.writes:
+            if not txn.writes and not (txn.explicit and txn.steps):
                 self._txn = _Transaction()
                 return
-            check = {"read_index": txn.start_index or 0, "reads": sorted(txn.reads),
-                     "last_ms": txn.last_ms or 0}
+            check = {"last_ms": txn.last_ms or 0, "checks": [st.check() for st in txn.steps],
+                     "controls": list(txn.controls), "txn": txn.txn_id}
             try:
-                result = self._send(list(txn.writes), commit=check)
+                result = self._send([(st.sql, st.params) for st in txn.steps], commit=check)
             except Unavailable:
                 raise
             except BaseException:
@@ -534,20 +582,14 @@ class Connection:
             self._txn = _Transaction()
         return error
 
-    def _preview(self, statement: Statement, consistency: str | None = None,
-                 before: list[Statement] | None = None) -> dict[str, Any]:
-        """One statement of the open transaction, previewed on its leader. `before`: more writes
-        of the transaction that run first, in the same preview (executemany's earlier parameter
-        sets); if one of them fails, the ones before it stay in the transaction, as sqlite3's
-        executemany leaves the sets before a failure applied."""
+    def _preview(self, statement: Statement) -> dict[str, Any]:
+        """One statement of the open transaction, run on its leader against the committed
+        state plus the transaction's earlier writes, and recorded as a step."""
         txn = self._txn
-        before = before or []
         try:
             result, leader = self._client.execute_in_transaction(
-                statement, txn.writes + before, txn.term, leader=txn.leader,
-                start_index=txn.start_index,
-                reads=sorted(txn.reads), last_ms=txn.last_ms,
-                consistency=consistency or self._consistency, stream=True)
+                statement, txn.term, leader=txn.leader, txn_id=txn.txn_id, base=len(txn.writes),
+                last_ms=txn.last_ms, stream=True)
         except _client.TxnAborted as e:
             raise self._abort(TransactionAborted(
                 f"transaction aborted, nothing was applied; run it again: {e}")) from None
@@ -560,32 +602,42 @@ class Connection:
         except wire.FrameError as e:
             raise DataError(str(e)) from None
         err = result.get("error")
+        if result.get("lost"):
+            # The statement rolled the whole transaction back (ON CONFLICT ROLLBACK,
+            # RAISE(ROLLBACK)): as in SQLite, no transaction is open any more.
+            self._txn = _Transaction()
+            return result
         if err and err.get("name") in _TXN_FATAL:
             raise self._abort(error_from_map(err))
         if txn.term is None:
             txn.term = result.get("term")
             txn.leader = leader
-        if txn.start_index is None:
-            txn.start_index = result.get("start_index", result.get("index"))
-        txn.reads.update(result.get("reads") or ())
+        if result.get("txn"):
+            txn.txn_id = result["txn"]
         if result.get("time_ms") is not None:
             txn.last_ms = result["time_ms"]
-        if err and before:
-            failed = err.get("statement")
-            failed = failed - len(txn.writes) if isinstance(failed, int) else len(before)
-            if failed >= 0:
-                txn.writes.extend(before[:failed])
-                err["statement"] = failed  # which parameter set failed
-                err["message"] = err.get("message", "").removeprefix(
-                    "an earlier statement of this transaction now fails: ")
+        sql, params = statement
+        if err and type(params) is _client.ManyParams:
+            j = err.get("set")
+            j = j if isinstance(j, int) and 0 <= j < len(params) else 0
+            if j > 0:
+                # sqlite3's executemany keeps the parameter sets before the failing one (the
+                # node kept them too).
+                done = (sql, _client.ManyParams(params[:j]))
+                txn.writes.append(done)
+                txn.steps.append(_Step(sql, done[1]))
+            err["statement"] = j  # which parameter set failed
+            txn.record((sql, params[j]), result)
+            return result
+        step = txn.record(statement, result)
+        result["txn_step"] = step
         if not err and not result.get("readonly"):
-            txn.writes.extend(before)
             txn.writes.append(statement)
             if result.get("lastrowid"):
-                # The rowid a previewed INSERT reports was read from the table as it was then;
-                # Cursor.lastrowid adds the table to the read set when it is looked at, so the
-                # commit applies only if the committed entry assigns the same rowids.
-                result["rowid_source"] = (txn, len(txn.writes) - 1, _insert_table(statement[0]))
+                # The rowid a previewed INSERT reports is the one it got then; Cursor.lastrowid
+                # makes it part of the commit check when it is looked at, so the commit applies
+                # only if the committed entry assigns the same rowid.
+                result["rowid_source"] = (txn, len(txn.steps) - 1)
         return result
 
     def _run_one(self, cursor: Cursor, sql: str, params: Any) -> dict[str, Any]:
@@ -627,20 +679,18 @@ class Connection:
                 # Outside any transaction: its own write, or a read at the cursor's consistency.
                 return self._send([stmt], consistency=cursor.consistency,
                                   min_index=cursor.min_index, idempotent=reads_only, stream=True)
-            if not txn.explicit and not txn.writes and reads_only:
+            if (not txn.explicit and not txn.writes and reads_only
+                    and not txncheck.may_be_nondeterministic(sql)):
                 # An implicit transaction's read before its first write: the normal read path
-                # (any node, the cursor's consistency), collecting the tables it read.
+                # (any node, the cursor's consistency). If the transaction writes later, its
+                # commit checks this read too. A read that may use random() or the clock runs
+                # on the leader like the transaction's other statements, so that its commit
+                # can reproduce them.
                 result = self._send([stmt], consistency=cursor.consistency,
-                                    min_index=cursor.min_index, idempotent=True, reads=True,
-                                    stream=True)
-                if not result.get("error"):
-                    txn.reads.update(result.get("reads") or ())
-                    # The snapshot is the OLDEST one any of its reads saw (a "leader" read after
-                    # a leader change may see an older one): the commit check then covers all.
-                    index = int(result.get("index") or 0)
-                    txn.start_index = index if txn.start_index is None else min(txn.start_index, index)
+                                    min_index=cursor.min_index, idempotent=True, stream=True)
+                result["txn_step"] = txn.record(stmt, result)
                 return result
-            return self._preview(stmt, cursor.consistency)
+            return self._preview(stmt)
 
     def _control(self, kind: str, arg: str | None) -> None:
         """BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE and ROLLBACK TO sent through execute(),
@@ -669,6 +719,7 @@ class Connection:
                     self._txn = txn = _Transaction(explicit=True, by_savepoint=True)
                 elif not txn.explicit:
                     txn.explicit = True  # sqlite3 (autocommit=False) is always in a transaction
+            txn.controls.append((len(txn.steps), txncheck.SAVEPOINT, len(txn.savepoints)))
             txn.savepoints.append((arg, len(txn.writes)))
         else:  # RELEASE, ROLLBACK_TO
             keys = [_sql.savepoint_key(name) for name, _ in txn.savepoints]
@@ -677,10 +728,14 @@ class Connection:
                 raise OperationalError(f"no such savepoint: {arg}")
             pos = len(keys) - 1 - keys[::-1].index(key)
             if kind == "RELEASE":
+                txn.controls.append((len(txn.steps), txncheck.RELEASE, pos))
                 del txn.savepoints[pos:]
                 if not txn.savepoints and txn.by_savepoint:
                     self.commit()
             else:
+                # The steps stay: the commit replays them and rolls back to the savepoint at
+                # the same place, so what they saw is checked where they saw it.
+                txn.controls.append((len(txn.steps), txncheck.ROLLBACK_TO, pos))
                 if txn.doomed is None:
                     del txn.writes[txn.savepoints[pos][1]:]
                 del txn.savepoints[pos + 1:]
@@ -710,34 +765,22 @@ class Connection:
                     err["statement"] = err["set"]  # as for a batch: which parameter set failed
                 return result, _batch_rowcount(result)
             self._check_transaction_size(sql, params_list)
-            if len(params_list) > 1 and _fixed_count_insert(sql):
-                # Every set inserts the same number of rows: preview them all at once (the
-                # earlier sets replayed as writes), one round trip and one replay instead of a
-                # preview per set, each replaying all the sets before it.
-                stmts = [(sql, p) for p in params_list]
-                result = self._preview(stmts[-1], before=stmts[:-1])
-                if result.get("error"):
-                    return result, -1
-                return result, max(0, int(result.get("rowcount", 0))) * len(params_list)
-            total = 0
-            result = _empty_result(0)
-            for p in params_list:
-                result = self._preview((sql, p))
-                if result.get("error"):
-                    return result, -1
-                total += max(0, int(result.get("rowcount", 0)))
-            return result, total
+            # One statement of the transaction, one round trip: the leader runs every set.
+            result = self._preview((sql, _client.ManyParams(params_list)))
+            if result.get("error"):
+                return result, -1
+            return result, max(0, int(result.get("rowcount", 0)))
 
     def _check_transaction_size(self, sql: str, params_list: list[Any]) -> None:
-        """A transaction's writes are sent whole with every preview and at commit, so they must
-        fit in one request: refuse an executemany that cannot, before sending anything (else
-        it would run a preview per set and fail at the limit or at commit)."""
+        """A transaction's statements are sent whole at commit, so they must fit in one request:
+        refuse an executemany that cannot, before sending anything (else it would fail only at
+        commit)."""
         import msgpack
 
         conn = getattr(self._client, "_conn", None)
         limit = getattr(conn, "max_request", None) or wire.DEFAULT_MAX_REQUEST_SIZE
-        size = (len(sql.encode()) + 8) * len(params_list) + len(msgpack.packb(params_list))
-        size += sum(len(s.encode()) + 8 for s, _ in self._txn.writes)
+        size = len(sql.encode()) + 8 + len(msgpack.packb(params_list))
+        size += sum(len(st.sql.encode()) + 40 for st in self._txn.steps)
         if size > limit:
             raise DataError(
                 f"a transaction's writes are sent as one request, and these would take about "
@@ -961,62 +1004,10 @@ def _limit_name(category: Any) -> str:
     raise ProgrammingError("'category' is out of bounds")
 
 
-_TOKEN = re.compile(
-    r"""\s+|--[^\n]*|/\*.*?(?:\*/|$)|"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\]|'(?:[^']|'')*'"""
-    r"""|[A-Za-z_\x80-\U0010ffff][\w$\x80-\U0010ffff]*|.""", re.S)
-
-
-def _unquote(name: str) -> str:
-    if name[:1] in "\"`'" and len(name) > 1:
-        return name[1:-1].replace(name[0] * 2, name[0])
-    if name[:1] == "[":
-        return name[1:-1]
-    return name
-
-
-def _insert_table(sql: str) -> str | None:
-    """The table an INSERT or REPLACE statement inserts into (lower case, as read sets name
-    tables), after a WITH clause if any; None for other statements or text it cannot follow."""
-    toks = [t for t in _TOKEN.findall(sql) if not t.isspace() and not t.startswith(("--", "/*"))]
-    depth, i, n = 0, 0, len(toks)
-    while i < n:
-        word = toks[i].upper()
-        if toks[i] == "(":
-            depth += 1
-        elif toks[i] == ")":
-            depth -= 1
-        elif depth == 0 and word in ("INSERT", "REPLACE"):
-            break
-        elif depth == 0 and i == 0 and word != "WITH":
-            return None
-        i += 1
-    else:
-        return None
-    i += 1
-    if i < n and toks[i].upper() == "OR":
-        i += 2
-    if i + 1 >= n or toks[i].upper() != "INTO":
-        return None
-    name = toks[i + 1]
-    if i + 3 < n and toks[i + 2] == ".":
-        name = toks[i + 3]  # schema.table
-    return _unquote(name).lower()
-
-
-_NOT_FIXED = frozenset({"SELECT", "RETURNING", "IGNORE", "CONFLICT"})
-
-
-def _fixed_count_insert(sql: str) -> bool:
-    """True for an INSERT/REPLACE ... VALUES whose every successful run changes the same number
-    of rows (no SELECT, OR IGNORE, ON CONFLICT or RETURNING): executemany's rowcount is then
-    the number of sets times one set's."""
-    toks = [t.upper() for t in _TOKEN.findall(sql) if t[:1].isalpha() or t[:1] == "_"]
-    return bool(toks) and toks[0] in ("INSERT", "REPLACE") and not _NOT_FIXED & set(toks)
-
-
 def _committed_rowids(txn: _Transaction, result: dict[str, Any]) -> None:
-    """After a commit: cursors whose lastrowid came from a preview get the rowid the committed
-    entry assigned (the same one when they looked at it: see Cursor.lastrowid)."""
+    """After a commit: cursors whose lastrowid came from a statement of the transaction get
+    the rowid the committed entry assigned (the same one when they looked at it: see
+    Cursor.lastrowid)."""
     results = result.get("results") or [result]  # one statement: its own result, no list
     for pos, ref in txn.rowid_cursors:
         cur = ref()

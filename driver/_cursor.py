@@ -43,9 +43,9 @@ class Cursor:
         self._consistency: str | None = None
         self._closed = False
         self._lastrowid: int | None = None
-        # (transaction, position in its writes, table) when lastrowid came from a previewed
-        # INSERT of the open transaction (see lastrowid).
-        self._rowid_source: tuple[Any, int, str | None] | None = None
+        # (transaction, position in its steps) when lastrowid came from an INSERT of the open
+        # transaction (see lastrowid).
+        self._rowid_source: tuple[Any, int] | None = None
         self._reset()
 
     # ------------------------------------------------------------------ attributes
@@ -63,15 +63,15 @@ class Cursor:
     @property
     def lastrowid(self) -> int | None:
         """The rowid of the last row this cursor's statements inserted, None before any. Inside
-        a transaction it is the rowid the preview assigned; looking at it adds the table to the
-        transaction's read set, so the commit applies only if the committed entry assigns the
-        same rowid (another insert into that table first makes it a SerializationError). After
-        the commit it is the committed entry's rowid."""
+        a transaction it is the rowid the statement got when it ran; looking at it makes that
+        rowid part of the commit check, so the commit applies only if the committed entry
+        assigns the same one (else SerializationError). After the commit it is the committed
+        entry's rowid."""
         source = self._rowid_source
         if source is not None:
-            txn, _, table = source
-            if table and self.connection._txn is txn:
-                txn.reads.add(table)
+            txn, pos = source
+            if self.connection._txn is txn and pos < len(txn.steps):
+                txn.steps[pos].rowid_seen = True
         return self._lastrowid
 
     @lastrowid.setter
@@ -84,6 +84,8 @@ class Cursor:
         if stream is not None:
             stream.close()  # the rest of the previous result is not wanted
         self._stream: ResultStream | None = None
+        # The transaction step this result belongs to: later chunks join its commit check.
+        self._txn_step: Any = None
         self.description: tuple | None = None
         self.rowcount = -1
         self._rows: list[list] = []
@@ -159,6 +161,7 @@ class Cursor:
                 self._converters = convs if any(c is not None for c in convs) else None
         self._set_chunk(result.get("rows") or [], result.get("bad_text"))
         self._stream = result.pop("stream", None)
+        self._txn_step = result.pop("txn_step", None)
         self.rowcount = rowcount if rowcount is not None else int(result.get("rowcount", -1))
         if result.get("lastrowid"):
             # Every log entry starts with last_insert_rowid() = 0, so 0 means "this statement
@@ -191,6 +194,11 @@ class Cursor:
                 self._stream = None
                 raise error_from_map(err)
             self._set_chunk(rows, bad)
+            step = self._txn_step
+            if step is not None:
+                step.add_rows(rows)
+                if stream.done:
+                    step.complete = True
             if rows:
                 return True
         self._stream = None

@@ -13,6 +13,8 @@ the wire format; never reorder, only append under a new version.
     [3, kind WRITE, client_id, serial, [[sql, params] | [sql, [params, ...], 1], ...],
         leader_time_ms, seed]
     [4, kind ADMIN, client_id, serial, [], leader_time_ms, seed, {key: value, ...}]
+    [5, kind TXN,   client_id, serial, [[sql, params] | [sql, [params, ...], 1], ...],
+        leader_time_ms, seed, [last_ms, [check, ...], [[position, op, depth], ...]]]
 
 Version 2 appends one field, the transaction check of a TXN command (the commit of an
 interactive transaction, see server/DESIGN.md "Serializable transactions"): apply runs the
@@ -25,6 +27,12 @@ Version 3 is a WRITE whose statement list holds at least one "many" statement (e
 batch then carries its SQL text once and applies in a few milliseconds instead of preparing
 1,000 statements. In Python such a statement is (sql, Many((params, ...))). WRITE commands
 without one are still version 1.
+
+Version 5 is a TXN whose commit is checked statement by statement (raftsql/txncheck.py): the
+statements are every statement the transaction ran (reads and failed ones included, "many"
+statements allowed), each with the outcome the client saw, and the savepoint controls between
+them. Apply replays them at the entry's position and applies the writes only if every outcome
+is the same again. Version 2 is still decoded and applied (entries from before version 5).
 
 params is an array (positional ? / ?NNN placeholders) or a map str -> value (named :x @x $x).
 Values are None, int (signed 64-bit), float, str or bytes: exactly what SQLite can bind.
@@ -45,11 +53,14 @@ from typing import Any, Union
 
 import msgpack
 
+from raftsql import txncheck
+
 VERSION = 1  # WRITE commands
 TXN_VERSION = 2  # TXN commands: VERSION's fields plus the transaction check
 MANY_VERSION = 3  # WRITE commands with at least one "many" statement (executemany)
 ADMIN_VERSION = 4  # ADMIN commands: an administrator's record, no statements
-_VERSIONS = (VERSION, TXN_VERSION, MANY_VERSION, ADMIN_VERSION)
+CHECKED_VERSION = 5  # TXN commands checked statement by statement (raftsql/txncheck.py)
+_VERSIONS = (VERSION, TXN_VERSION, MANY_VERSION, ADMIN_VERSION, CHECKED_VERSION)
 MAX_RECORD_KEYS = 32
 MAX_RECORD_TEXT = 4096  # characters per str value of an ADMIN record
 MANY_FLAG = 1  # the third element of a "many" statement on the wire
@@ -221,9 +232,11 @@ class Command:
 
     Invariant: serial > 0 implies client_id != "" (dedup needs both; (client_id "", serial 0) or
     serial 0 alone means "do not deduplicate").
-    Invariant: version == 1 for WRITE, 3 for WRITE with a Many statement, 2 for TXN (None
-    picks it); TXN commands hold no Many statement; read_index,
-    read_set and last_ms are used by TXN only and must keep their defaults for WRITE.
+    Invariant: version == 1 for WRITE, 3 for WRITE with a Many statement, 2 for a TXN with a
+    table check, 4 for a TXN with statement checks (`checks` not None; None picks the version);
+    a version 2 TXN holds no Many statement; read_index, read_set and last_ms are used by TXN
+    only and must keep their defaults for WRITE; read_index and read_set belong to version 2,
+    checks and controls to version 5 (one check per statement, controls as txncheck says).
     read_set is normalised to a sorted tuple of distinct names (apply checks it in that order,
     so the error names the same table on every node)."""
 
@@ -241,6 +254,10 @@ class Command:
     last_ms: int = 0
     # ADMIN only: what was done, by whom (see the module docstring).
     record: dict[str, Any] | None = None
+    # TXN version 5 only: per statement, what the client saw (raftsql/txncheck.py), and the
+    # savepoint controls between the statements.
+    checks: tuple[tuple | None, ...] | None = None
+    controls: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.version is not None and (type(self.version) is not int
@@ -255,9 +272,17 @@ class Command:
             object.__setattr__(self, "kind", _KINDS[kind])
         object.__setattr__(self, "statements", _check_statements(self.statements))
         expected = _VERSION_OF_KIND[self.kind]
-        if _has_many(self.statements):
+        if self.checks is not None:
+            if self.kind is not CommandKind.TXN:
+                raise CommandError("statement checks belong to TXN commands")
+            expected = CHECKED_VERSION
+            self._normalize_checks()
+        elif self.controls:
+            raise CommandError("controls belong to TXN commands with statement checks")
+        if _has_many(self.statements) and expected != CHECKED_VERSION:
             if self.kind is not CommandKind.WRITE:
-                raise CommandError("a many statement (executemany) belongs to a WRITE command")
+                raise CommandError("a many statement (executemany) belongs to a WRITE command "
+                                   "or a checked TXN")
             expected = MANY_VERSION
         if self.version is None:
             object.__setattr__(self, "version", expected)
@@ -294,6 +319,22 @@ class Command:
                 raise CommandError("an ADMIN command has no statements")
         elif self.record is not None:
             raise CommandError("a record belongs to ADMIN commands")
+        if self.checks is not None and (self.read_index or self.read_set):
+            raise CommandError("read_index and read_set belong to version 2 TXN commands")
+
+    def _normalize_checks(self) -> None:
+        checks = self.checks
+        if type(checks) is not tuple and type(checks) is not list:
+            raise CommandError(f"checks must be a tuple or list, not {type(checks).__name__}")
+        if len(checks) != len(self.statements):
+            raise CommandError(f"{len(checks)} checks for {len(self.statements)} statements")
+        try:
+            norm = tuple(txncheck.normalize_check(i, c) for i, c in enumerate(checks))
+            controls = txncheck.normalize_controls(self.controls, len(self.statements))
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        object.__setattr__(self, "checks", norm)
+        object.__setattr__(self, "controls", controls)
 
     @property
     def dedup(self) -> bool:
@@ -312,7 +353,7 @@ class Command:
             self.serial,
             # tuples pack as arrays, dicts as maps
             [(q, p.sets, MANY_FLAG) if type(p) is Many else (q, p) for q, p in self.statements]
-            if self.version == MANY_VERSION
+            if self.version in (MANY_VERSION, CHECKED_VERSION)
             else self.statements,
             self.leader_time_ms,
             self.seed,
@@ -321,6 +362,8 @@ class Command:
             fields.append([self.read_index, self.read_set, self.last_ms])
         elif self.version == ADMIN_VERSION:
             fields.append(self.record)
+        elif self.version == CHECKED_VERSION:
+            fields.append([self.last_ms, self.checks, self.controls])
         try:
             return msgpack.packb(fields, use_bin_type=True)
         except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate in a str
@@ -346,9 +389,9 @@ class Command:
             raise CommandError(f"kind must be an int, not {type(kind).__name__}")
         if kind in _KINDS and _VERSION_OF_KIND[_KINDS[kind]] != version and not (
             version == MANY_VERSION and kind == CommandKind.WRITE
-        ):
+        ) and not (version == CHECKED_VERSION and kind == CommandKind.TXN):
             raise CommandError(f"unsupported command version {version} for kind {kind}")
-        want = 8 if version in (TXN_VERSION, ADMIN_VERSION) else 7
+        want = 8 if version in (TXN_VERSION, ADMIN_VERSION, CHECKED_VERSION) else 7
         if len(fields) != want:
             raise CommandError(f"command array has {len(fields)} fields, expected {want}")
         client_id, serial, statements, leader_time_ms, seed = fields[2:7]
@@ -360,15 +403,23 @@ class Command:
             if type(check) is not tuple or len(check) != 3 or type(check[1]) is not tuple:
                 raise CommandError("the transaction check must be [read_index, [table, ...], last_ms]")
             txn = {"read_index": check[0], "read_set": check[1], "last_ms": check[2]}
+        elif version == CHECKED_VERSION:
+            check = fields[7]
+            if (type(check) is not tuple or len(check) != 3 or type(check[1]) is not tuple
+                    or type(check[2]) is not tuple):
+                raise CommandError(
+                    "the transaction check must be [last_ms, [check, ...], [control, ...]]")
+            txn = {"last_ms": check[0], "checks": check[1], "controls": check[2]}
         if type(statements) is not tuple:
             raise CommandError("statements must be an array")
         many = 0
-        if version == MANY_VERSION:
+        many_allowed = version in (MANY_VERSION, CHECKED_VERSION)
+        if many_allowed:
             statements = list(statements)
         for i, item in enumerate(statements):
             # Positional params arrive as arrays; a map stays a dict. Reject other shapes here
             # so the error names the wire problem rather than a constructor argument.
-            if version == MANY_VERSION and type(item) is tuple and len(item) == 3:
+            if many_allowed and type(item) is tuple and len(item) == 3:
                 if item[2] != MANY_FLAG or type(item[2]) is not int or type(item[1]) is not tuple:
                     raise CommandError(f"statement {i} must be a [sql, [params, ...], 1] array")
                 for params in item[1]:

@@ -273,17 +273,43 @@ def _timeout_ms(payload: dict[str, Any]) -> int | None:
 
 @dataclass
 class Commit:
-    """A transaction's commit: apply only if no table in `reads` changed after read_index."""
+    """A transaction's commit. Checked (the driver's form): `checks` holds, per statement of
+    the transaction, what the client saw (raftsql/txncheck.py), and `controls` its savepoint
+    operations; the entry applies only if every statement does the same again at the entry's
+    place in the log. `txn`: the leader's preview state of the transaction, dropped now. The
+    older form, a table read set checked against read_index, is still accepted."""
 
-    read_index: int
-    reads: tuple[str, ...]
-    last_ms: int
+    read_index: int = 0
+    reads: tuple[str, ...] = ()
+    last_ms: int = 0
+    checks: tuple | None = None
+    controls: tuple = ()
+    txn: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"read_index": self.read_index, "reads": list(self.reads), "last_ms": self.last_ms}
+        if self.checks is None:
+            return {"read_index": self.read_index, "reads": list(self.reads),
+                    "last_ms": self.last_ms}
+        out: dict[str, Any] = {"last_ms": self.last_ms, "checks": list(self.checks),
+                               "controls": list(self.controls)}
+        if self.txn is not None:
+            out["txn"] = self.txn
+        return out
 
     @classmethod
     def from_wire(cls, m: Any) -> Commit:
+        from raftsql import txncheck
+
+        if isinstance(m, dict) and "checks" in m:
+            c = _check(m, {"last_ms": int, "checks": list, "controls": list},
+                       {"txn": (str, type(None))})
+            try:
+                checks = tuple(txncheck.normalize_check(i, x) for i, x in enumerate(c["checks"]))
+            except ValueError as e:
+                raise bad_request(f"commit: {e}") from None
+            return cls(last_ms=max(0, c["last_ms"]), checks=checks,
+                       controls=tuple(tuple(x) if isinstance(x, list) else x for x in c["controls"]),
+                       txn=c.get("txn"))
         c = _check(m, {"read_index": int, "reads": list, "last_ms": int})
         return cls(_index(max(0, c["read_index"]), "commit.read_index"),
                    tuple(sorted(_tables(c["reads"]))), max(0, c["last_ms"]))
@@ -291,39 +317,38 @@ class Commit:
 
 @dataclass
 class TxnState:
-    """One statement of an open transaction, previewed on the leader: its earlier writes, the
-    leader term it is pinned to, its snapshot index, read set and last statement's time."""
+    """One statement of an open transaction, run on its leader: the term it is pinned to, the
+    leader's preview state for it (`id`, None until its first write), how many writes the
+    client has (`base`: fewer than the leader's after a rollback to a savepoint or a resend),
+    the client (a client runs one transaction at a time) and its last statement's time."""
 
-    writes: list[Statement]
     term: int | None = None
-    start_index: int | None = None
-    reads: set[str] = field(default_factory=set)
+    id: str | None = None
+    base: int = 0
+    client_id: str = ""
     last_ms: int | None = None
-    consistency: str = "linearizable"
 
     def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"writes": encode_statements(self.writes), "term": self.term,
-                               "reads": sorted(self.reads), "consistency": self.consistency}
-        if self.start_index is not None:
-            out["start_index"] = self.start_index
+        out: dict[str, Any] = {"term": self.term, "base": self.base, "client_id": self.client_id}
+        if self.id is not None:
+            out["id"] = self.id
         if self.last_ms is not None:
             out["last_ms"] = self.last_ms
         return out
 
     @classmethod
     def from_wire(cls, m: Any) -> TxnState:
-        t = _check(m, {"writes": list}, {"term": (int, type(None)), "start_index": (int, type(None)),
-                                         "reads": list, "last_ms": (int, type(None)),
-                                         "consistency": str})
-        start = t.get("start_index")
-        return cls(
-            writes=decode_statements(t["writes"]),
-            term=t.get("term"),
-            start_index=None if start is None else _index(start, "txn.start_index"),
-            reads=_tables(t.get("reads", [])),
-            last_ms=t.get("last_ms"),
-            consistency=_consistency(t.get("consistency", "linearizable")),
-        )
+        t = _check(m, {}, {"term": (int, type(None)), "id": (str, type(None)), "base": int,
+                           "client_id": str, "last_ms": (int, type(None)), "writes": list})
+        if t.get("writes"):
+            raise bad_request("this driver sends a transaction's earlier writes with every "
+                              "statement, which this node no longer reads: use the driver of "
+                              "the node's version")
+        base = t.get("base", 0)
+        if base < 0:
+            raise bad_request(f"txn.base must not be negative, got {base}")
+        return cls(term=t.get("term"), id=t.get("id"), base=base,
+                   client_id=t.get("client_id", ""), last_ms=t.get("last_ms"))
 
 
 @dataclass
@@ -368,7 +393,7 @@ class Execute:
     def from_wire(cls, m: dict[str, Any]) -> Execute:
         if "txn" in m:
             body = _check(m, {"statements": list, "txn": dict}, {"chunk": int})
-            statements = decode_statements(body["statements"])
+            statements = decode_statements(body["statements"], many=True)
             if len(statements) != 1:
                 raise bad_request("a transaction statement is sent one at a time")
             return cls(statements, timeout_ms=_timeout_ms(m), chunk=_chunk(body),
@@ -378,7 +403,8 @@ class Execute:
             "timeout_ms": int, "reads": bool, "commit": dict, "chunk": int})
         commit = Commit.from_wire(body["commit"]) if "commit" in body else None
         return cls(
-            statements=decode_statements(body["statements"], many=commit is None),
+            statements=decode_statements(
+                body["statements"], many=commit is None or commit.checks is not None),
             client_id=body.get("client_id", ""),
             serial=body.get("serial", 0),
             consistency=_consistency(body.get("consistency", "linearizable")),

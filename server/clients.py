@@ -9,21 +9,26 @@ The request and response types are in raftsql/protocol.py (shared with the drive
                  rowcount and no per-set results; not with "commit")
             "client_id": str, "serial": int, "consistency": "linearizable"|"leader"|"stale",
             "min_index": int, "timeout_ms": int,
-            "reads": true,          (optional: a transaction's read before its first write;
-                                     the result adds "reads", the tables it read)
-            "commit": {"read_index": int, "reads": [table, ...], "last_ms": int}}
-                                    (optional: the statements are a transaction's writes; the
-                                     entry is a TXN command, applied only if nothing in
-                                     "reads" changed after read_index, else the result's
-                                     error is RAFTSQL_SERIALIZATION)
-           {"id": int, "op": "execute", "statements": [[sql, params]],
-            "txn": {"writes": [[sql, params], ...], "term": int | None,
-                    "start_index": int | None, "reads": [table, ...], "last_ms": int | None,
-                    "consistency": str}, "timeout_ms": int}
-                (one statement of an open driver transaction, on the leader; the result adds
-                 "readonly", "term", "reads" (the transaction's read set including this
-                 statement's), "start_index" (the snapshot: the given one, or this
-                 statement's index) and "time_ms" (the leader's clock, for the idle timeout))
+            "reads": true,          (optional: the result adds "reads", the tables read)
+            "commit": {"last_ms": int, "checks": [check, ...], "controls": [[pos, op, depth]],
+                       "txn": str | None}}
+                                    (optional: the statements are every statement of a
+                                     transaction, each with what the client saw (a check,
+                                     raftsql/txncheck.py); the entry is a TXN command applied
+                                     only if each does the same again, else the result's
+                                     error is RAFTSQL_SERIALIZATION naming the statement.
+                                     The older {"read_index", "reads", "last_ms"} form checks
+                                     a table read set instead)
+           {"id": int, "op": "execute", "statements": [[sql, params] | [sql, [params...], 1]],
+            "txn": {"term": int | None, "id": str | None, "base": int, "client_id": str,
+                    "last_ms": int | None}, "timeout_ms": int}
+                (one statement of an open driver transaction, on the leader, against its
+                 applied state plus the transaction's first `base` writes (held by the leader
+                 under "id"); the result adds "readonly", "term", "time_ms" (the leader's
+                 clock, for the idle timeout), "txn" (the id, once it has writes), "seed"
+                 (a preview's random() seed: with time_ms, the env its check echoes) and
+                 "lost" (the statement rolled the whole transaction back, as SQLite's ON
+                 CONFLICT ROLLBACK does))
            {"id": int, "op": "fetch", "cursor": int, "max_bytes": int}
                 (the next rows of a streamed read: {"rows", "bad_text", "more"}; see below)
            {"id": int, "op": "close_cursor", "cursor": int}
@@ -78,6 +83,7 @@ from raftsql.raft.types import Role
 from raftsql.server import metrics
 from raftsql.server.access import Principal
 from raftsql.server.admin import AdminService
+from raftsql.sqltext import first_keyword
 
 log = logging.getLogger("raftsql.clients")
 
@@ -321,28 +327,35 @@ class ClientService:
         return None if req.timeout_ms is None else req.timeout_ms / 1000.0
 
     def _execute_txn(self, req: Execute, cursors: _Cursors | None, who: Principal) -> dict[str, Any]:
-        txn = req.txn
         refuse = who.refuse_write(req.statements)
-        if refuse is not None and txn.writes:
-            raise who.refuse_write(txn.writes)  # a transaction it could never have written
-        start_index = txn.start_index
-        if start_index is not None:
-            self._in_log(start_index, "txn.start_index")
-        reads = set(txn.reads)
-        result, readonly, term, time_ms = self.node.execute_in_transaction(
-            req.statements[0], txn.writes, txn.term, txn.consistency, start_index=start_index,
-            reads=reads, last_ms=txn.last_ms, timeout_s=self._timeout_s(req),
+        result, readonly, term, time_ms, txn_id, lost, seed = self.node.execute_in_transaction(
+            req.statements[0], req.txn, timeout_s=self._timeout_s(req),
             chunk=self._chunk(req, cursors), refuse_write=refuse)
         out = self._streamed(result, result.to_wire(), cursors)
         out["readonly"] = readonly
         out["term"] = term
-        out["reads"] = sorted(reads)
-        out["start_index"] = result.index if start_index is None else start_index
         out["time_ms"] = time_ms
+        out["txn"] = txn_id
+        if seed is not None:
+            out["seed"] = seed  # with time_ms: the statement's env (raftsql/txncheck.py)
+        if lost:
+            out["lost"] = True
         return out
 
     def _execute(self, req: Execute, cursors: _Cursors | None, who: Principal) -> dict[str, Any]:
         commit = None
+        if req.commit is not None and req.commit.checks is not None:
+            if len(req.commit.checks) != len(req.statements):
+                raise bad_request(f"commit: {len(req.commit.checks)} checks for "
+                                  f"{len(req.statements)} statements")
+            refuse = who.refuse_write(req.statements)
+            if refuse is not None and not all(first_keyword(sql) in ("SELECT", "VALUES")
+                                              for sql, _ in req.statements):
+                raise refuse  # a commit of anything but plain reads would write
+            result = self.node.commit_transaction(
+                req.statements, req.commit, client_id=req.client_id, serial=req.serial,
+                timeout_s=self._timeout_s(req))
+            return result.to_wire()
         if req.commit is not None:
             c = req.commit
             commit = (self._in_log(c.read_index, "commit.read_index"), c.reads, c.last_ms)

@@ -31,6 +31,11 @@ class TestHooks:
     corrupt_snapshot_transfers: int = 0
     # RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS: a pause between snapshot chunks (slow transfers).
     snapshot_chunk_delay_s: float = 0.0
+    # RAFTSQL_TEST_BROKEN_TXN_VALIDATION=1: a transaction's commit applies without comparing
+    # its statements' outcomes with what the client saw (the fault tests' transaction checker
+    # must then find anomalies: tests/faults, benchmarks/faults.py --broken-txn-validation).
+    # Every node of a cluster must have it, or their databases diverge.
+    broken_txn_validation: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> TestHooks:
@@ -39,6 +44,7 @@ class TestHooks:
                 broken_reads=env.get("RAFTSQL_TEST_BROKEN_READS") == "1",
                 corrupt_snapshot_transfers=int(env.get("RAFTSQL_TEST_CORRUPT_SNAPSHOTS", "0")),
                 snapshot_chunk_delay_s=float(env.get("RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS", "0")) / 1000,
+                broken_txn_validation=env.get("RAFTSQL_TEST_BROKEN_TXN_VALIDATION") == "1",
             )
         except ValueError as e:
             raise ConfigError(f"a RAFTSQL_TEST_* variable is not a number: {e}") from None

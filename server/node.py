@@ -63,6 +63,7 @@ from raftsql.server.ready import ReadyDriver
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
+from raftsql.server.transactions import TxnGone, may_read, new_env
 from raftsql.server.transport import Transport
 from raftsql.trace import Trace
 
@@ -155,7 +156,8 @@ class Node:
 
     def _new_state_machine(self, path: str) -> StateMachine:
         return StateMachine(path, session_timeout_ms=self.cfg.session_timeout_ms,
-                            query_timeout_s=self.cfg.query_timeout_s, on_admin=self._on_admin)
+                            query_timeout_s=self.cfg.query_timeout_s, on_admin=self._on_admin,
+                            broken_txn_validation=self.cfg.hooks.broken_txn_validation)
 
     def _on_admin(self, sm: StateMachine, entries: list) -> None:
         """Audit records were applied (a revocation: close its connections; server/clients.py)."""
@@ -660,58 +662,89 @@ class Node:
             raise RequestError(ErrorKind.TIMEOUT, f"read index {index} not applied in time")
         return index
 
-    def execute_in_transaction(
-        self, statement: tuple[str, Any], writes: list[tuple[str, Any]], term: int | None,
-        consistency: str = "linearizable", *, start_index: int | None = None,
-        reads: set[str] | None = None, last_ms: int | None = None, timeout_s: float | None = None,
-        chunk: int | None = None, refuse_write: RequestError | None = None,
-    ):
-        """One statement of a driver transaction: run on the leader against the applied state
-        plus the transaction's earlier writes, then rolled back (see DESIGN.md). Returns
-        (Result, readonly, term, time_ms); the tables the statement read are added to `reads`.
-        The term pins the transaction to one leader: if leadership changed since its first
-        statement, it fails with TXN_ABORTED (nothing was applied; retry the whole
-        transaction), as it does when it was idle (last_ms, the leader time of its previous
-        statement) for longer than the idle timeout. start_index: the transaction's snapshot;
-        the statement fails with RAFTSQL_SERIALIZATION if what it read changed since. The
-        first statement (term None) at linearizable consistency waits for a ReadIndex first.
-        refuse_write: raised if the statement writes (previewed, rolled back: nothing applied)."""
+    def execute_in_transaction(self, statement: tuple[str, Any], txn: Any, *,
+                               timeout_s: float | None = None, chunk: int | None = None,
+                               refuse_write: RequestError | None = None):
+        """One statement of a driver transaction (txn: a protocol.TxnState), run on the leader
+        against its applied state plus the transaction's own earlier writes, never applied
+        (server/transactions.py). Returns (Result, readonly, term, time_ms, txn id, lost, seed):
+        the id of the leader's preview state (None while the transaction has no writes), lost
+        if the statement rolled the whole transaction back (as SQLite's ON CONFLICT ROLLBACK),
+        and the seed of random() in a preview (None for a read on a reader connection): with
+        time_ms, the env the client's check echoes so the commit reproduces them.
+        refuse_write: raised if the statement writes (previewed, then dropped: nothing applied).
+
+        No ReadIndex: the statement reads the leader's applied state as it is. Whatever it saw
+        is checked again by the commit entry at its place in the log, on every node, so a stale
+        or deposed leader can only make the commit fail (DESIGN.md, "Serializable
+        transactions"). The term pins the transaction to one leader: if leadership changed
+        since its first statement, or the leader no longer holds its preview state, it fails
+        with TXN_ABORTED (nothing was applied; retry the whole transaction), as it does when
+        it was idle (last_ms, the leader time of its previous statement) too long."""
         with self._lock:
             if self.core.role != Role.LEADER:
                 raise self._not_leader()
             current = self.core.term
-        if term is not None and term != current:
-            raise RequestError(ErrorKind.TXN_ABORTED, f"leadership changed during the transaction (term {term} -> {current}); nothing was applied, retry it")
+        if txn.term is not None and txn.term != current:
+            raise RequestError(ErrorKind.TXN_ABORTED, f"leadership changed during the transaction (term {txn.term} -> {current}); nothing was applied, retry it")
         now_ms = max(int(time.time() * 1000), self.sm.last_time_ms)
         idle = self.sm.txn_idle_timeout_ms
-        if last_ms is not None and now_ms - last_ms > idle:
+        if txn.last_ms is not None and now_ms - txn.last_ms > idle:
             raise RequestError(ErrorKind.TXN_ABORTED, f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
-        if term is None and consistency == "linearizable" and not self._broken_reads:
-            timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
-            self.wait_read_index(time.monotonic() + timeout)
-        before = set(reads or ())
-        if not writes:
+        gone = RequestError(ErrorKind.TXN_ABORTED, "this leader no longer holds the transaction's uncommitted writes (idle, dropped for room, or out of step); nothing was applied, retry it")
+        sql, params = statement
+        if txn.base == 0 and type(params) is not Many and may_read(sql):
             # No writes yet: a read runs on a reader connection, concurrently with apply.
-            sql, params = statement
-            seen = set(before)
-            result = self._read(sql, params, seen, start_index, chunk)
+            result = self._read(sql, params, None, None, chunk)
             if (result.error or {}).get("name") != NOT_READONLY:
-                if reads is not None:
-                    reads |= seen
-                return result, True, current, now_ms
-        seen = set(before)
-        result, readonly = self.sm.preview(writes, statement, start_index=start_index, reads=seen)
+                return result, True, current, now_ms, txn.id, False, None
+        try:
+            if txn.id is not None:
+                state = self.sm.txn_get(txn.id, current)
+            elif txn.base:
+                raise gone
+            else:
+                state = self.sm.txn_begin(txn.client_id, current)
+            env = new_env(now_ms)
+            result, readonly, lost = self.sm.txn_preview(state, statement, txn.base, env)
+        except TxnGone:
+            raise gone from None
         if refuse_write is not None and not readonly:
+            self.sm.txn_end(state.id)
             raise refuse_write
-        if reads is not None:
-            reads |= seen
-        return result, readonly, current, now_ms
+        return result, readonly, current, now_ms, None if lost else state.id, lost, env[0]
+
+    def commit_transaction(self, statements: list[tuple[str, Any]], commit: Any, *,
+                           client_id: str, serial: int, timeout_s: float | None = None):
+        """A driver transaction's commit (commit: a checked protocol.Commit): one TXN entry
+        holding every statement it ran with what the client saw, applied only if each
+        statement does the same again at the entry's place in the log. Exactly once like any
+        write. The statements are not validated first: they ran as previews, and one that now
+        fails is the commit check's business (a serialization error), not a refusal."""
+        if self._stopping:
+            raise RequestError(ErrorKind.UNAVAILABLE, "node is shutting down")
+        timeout = min(timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._leader_unsure():
+                self._await_leader(deadline)
+            if self.core.role != Role.LEADER:
+                raise self._not_leader()
+        fields = {"kind": CommandKind.TXN, "last_ms": commit.last_ms, "checks": commit.checks,
+                  "controls": commit.controls}
+        self.sm.txn_ending(commit.txn)
+        try:
+            return self._write(statements, client_id, serial, deadline, fields)
+        finally:
+            self.sm.txn_end(commit.txn)
 
     def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None,
                record: dict[str, Any] | None = None):
         started = time.monotonic()
         txn: dict[str, Any] = {}
-        if commit is not None:
+        if isinstance(commit, dict):
+            txn = commit  # Command fields of a checked commit (commit_transaction)
+        elif commit is not None:
             txn = {"kind": CommandKind.TXN, "read_index": commit[0], "read_set": commit[1], "last_ms": commit[2]}
         elif record is not None:
             txn = {"kind": CommandKind.ADMIN, "record": record}

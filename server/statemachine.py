@@ -9,9 +9,9 @@ database byte-for-byte equivalent and return the same Result. The jobs are split
 - server/sqlerrors.py and raftsql/protocol.py: results and error values, and the line between a
   statement's failure (a value) and this node's (stop);
 - server/reads.py: reads, streamed reads and validation on reader connections;
-- server/transactions.py: the commit-time serializability check;
-- this module: applying entries with sessions and the applied index in one SQLite transaction,
-  and previews of a transaction's statements.
+- server/transactions.py: previews of an open transaction's statements, and the commit-time
+  serializability check;
+- this module: applying entries with sessions and the applied index in one SQLite transaction.
 
 See server/DESIGN.md, "The state machine", for the reasons behind each choice.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -74,12 +73,18 @@ from raftsql.server.sqlerrors import (
     result_too_big_error,
     value_size,
 )
-from raftsql.server.transactions import DEFAULT_TXN_IDLE_TIMEOUT_MS, modified_after, txn_refusal
+from raftsql.server.transactions import (
+    DEFAULT_TXN_IDLE_TIMEOUT_MS,
+    CheckedTransactions,
+    TransactionPreviews,
+    TxnGone,
+    txn_refusal,
+)
 from raftsql.sqltext import first_keyword
 
 __all__ = [
     "MAX_RESULT_BYTES", "SCHEMA", "AuditEntry", "CorruptEntryError", "DatabaseDamagedError", "MemberChange",
-    "ReadCursor", "Result", "SQLError", "StateMachine", "StateMachineError",
+    "ReadCursor", "Result", "SQLError", "StateMachine", "StateMachineError", "TxnGone",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,7 +142,7 @@ class _TransactionLost(Exception):
 Applicable = bytes | Command | MemberChange
 
 
-class StateMachine(ManyStatements):
+class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
     """SQLite at `path` (a file; WAL, synchronous=NORMAL) driven by committed log entries.
 
     Threads: apply/apply_many/content_hash are serialized by an internal lock (one apply thread
@@ -155,12 +160,17 @@ class StateMachine(ManyStatements):
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
         txn_idle_timeout_ms: int = DEFAULT_TXN_IDLE_TIMEOUT_MS,
         on_admin: Callable[[StateMachine, list[AuditEntry]], None] | None = None,
+        broken_txn_validation: bool = False,
     ):
         if session_timeout_ms <= 0 or apply_vm_step_limit <= 0 or query_timeout_s <= 0:
             raise ValueError("timeouts and limits must be positive")
         if txn_idle_timeout_ms <= 0:
             raise ValueError("timeouts and limits must be positive")
         self.txn_idle_timeout_ms = txn_idle_timeout_ms
+        self.broken_txn_validation = broken_txn_validation
+        if broken_txn_validation:
+            log.warning("test hook broken_txn_validation: transactions are NOT serializable")
+        self._init_previews()
         ensure_utc()
         self.path = os.fspath(path)
         self.session_timeout_ms = session_timeout_ms
@@ -309,6 +319,7 @@ class StateMachine(ManyStatements):
         results: list[Result | None] = [None] * len(entries)
         with self._lock:
             self._check_open()
+            self._park()
             todo: list[tuple[int, int, Command | None]] = []
             expected = self._applied_index
             for pos, (index, data) in enumerate(entries):
@@ -440,61 +451,6 @@ class StateMachine(ManyStatements):
         self._vfs.now_ms = time_ms
         return done
 
-    def preview(
-        self,
-        writes: Sequence[tuple[str, Any]],
-        statement: tuple[str, Any],
-        *,
-        start_index: int | None = None,
-        reads: set[str] | None = None,
-    ) -> tuple[Result, bool]:
-        """Run an open transaction's earlier `writes`, then `statement`, against the applied
-        state, in a SQLite transaction that is always rolled back. Returns the statement's
-        Result and whether it was read-only. This is how a driver transaction reads its own
-        uncommitted writes; the writes only become real when commit() replicates them as one
-        entry. random() and 'now' here are previews: the committed entry is re-stamped.
-
-        reads: if not None, the tables `statement` reads are added to it. start_index: if not
-        None, the statement fails with RAFTSQL_SERIALIZATION when a table of `reads` (after
-        adding the statement's) was modified after that index (the transaction's snapshot)."""
-        with self._lock:
-            self._check_open()
-            applied = self._applied_index
-            self._conn.set_last_insert_rowid(0)
-            self._rand.seed = secrets.randbits(63)
-            self._vfs.now_ms = max(int(time.time() * 1000), self._time_ms)
-            self._ctx.result_budget = MAX_RESULT_BYTES
-            self._internal("BEGIN IMMEDIATE")
-            try:
-                for i, (sql, params) in enumerate([*writes, statement]):
-                    self._rand.stmt_no = i
-                    self._rand.rng = None
-                    self._ctx.readonly = False
-                    self._guard.reads = reads if i == len(writes) else None
-                    try:
-                        result = self._run_statement(sql, params)
-                    except NodeProblem as problem:
-                        # Not replicated: report it; the commit, if any, is decided by apply.
-                        return Result(index=applied, error=problem.error), False
-                    except StatementFailed as failed:
-                        if i < len(writes):
-                            failed.error["statement"] = i
-                            failed.error["message"] = (
-                                "an earlier statement of this transaction now fails: "
-                                + failed.error["message"]
-                            )
-                        return Result(index=applied, error=failed.error), False
-                    finally:
-                        self._guard.reads = None
-                if start_index is not None and reads:
-                    conflict = modified_after(self._conn, self._guard, self._tag, reads, start_index)
-                    if conflict is not None:
-                        return Result(index=applied, error=conflict), self._ctx.readonly
-                result.index = applied
-                return result, self._ctx.readonly
-            finally:
-                self._abandon()
-
     def _abandon(self) -> None:
         self._vfs.now_ms = self._time_ms
         self._ctx.budget_on = False
@@ -540,7 +496,9 @@ class StateMachine(ManyStatements):
         if forced is not None:
             result = forced
         else:
-            result = txn_refusal(self._conn, self._guard, self._tag, index, cmd, time_ms, self.txn_idle_timeout_ms) or self._execute(index, cmd)
+            result = (txn_refusal(self._conn, self._guard, self._tag, index, cmd, time_ms,
+                                  self.txn_idle_timeout_ms)
+                      or self._execute(index, cmd))
         if cmd.dedup:
             self._internal(
                 self._sql_session_put, (cmd.client_id, cmd.serial, result.encode(), session_ms)
@@ -548,6 +506,13 @@ class StateMachine(ManyStatements):
         return result
 
     def _execute(self, index: int, cmd: Command) -> Result:
+        if cmd.checks is not None:
+            try:
+                return self._execute_checked(index, cmd)
+            except StatementFailed as failed:
+                # The SQLite transaction is gone (ON CONFLICT ROLLBACK, an interrupted write):
+                # apply_many redoes the batch with this entry's result forced.
+                raise _TransactionLost(index, Result(index=index, error=failed.error)) from None
         conn = self._conn
         statements = cmd.statements
         self._rand.seed = cmd.seed
@@ -599,7 +564,10 @@ class StateMachine(ManyStatements):
         result.index = index
         return result
 
-    def _run_statement(self, sql: str, params: Any) -> Result:
+    def _run_statement(self, sql: str, params: Any, sink: Any = None) -> Result:
+        """Run one user statement on the apply connection with every check. Its rows go into
+        the Result (bounded by the entry's result budget), or, with `sink`, to sink(row),
+        which returns False to stop reading (the statement is then abandoned)."""
         conn = self._conn
         self._guard.denied = None
         self._guard.sequence_written = False
@@ -616,18 +584,27 @@ class StateMachine(ManyStatements):
             # sets) runs only at prepare.
             cursor = self._cursor.execute(sql, params, can_cache=False)
             budget = self._ctx.result_budget
-            for row in cursor:
-                budget -= sum(map(value_size, row)) + 5
-                if budget < 0:
-                    break
-                rows.append(list(row))
+            stopped = False
+            if sink is not None:
+                for row in cursor:
+                    if not sink(row):
+                        stopped = True
+                        break
             else:
-                budget -= sum(4 * len(d[0]) + 4 * len(d[1] or "") + 10 for d in self._ctx.description)
+                for row in cursor:
+                    budget -= sum(map(value_size, row)) + 5
+                    if budget < 0:
+                        break
+                    rows.append(list(row))
+                else:
+                    budget -= sum(4 * len(d[0]) + 4 * len(d[1] or "") + 10 for d in self._ctx.description)
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
             raise StatementFailed(self._statement_error(e)) from None
         finally:
             self._ctx.budget_on = False
-        if budget < 0:
+        if stopped:
+            self._reset_apply_cursor()  # the sink has seen enough: abandon the rest
+        elif budget < 0:
             self._reset_apply_cursor()
             raise StatementFailed(result_too_big_error())
         self._ctx.result_budget = budget
@@ -759,6 +736,7 @@ class StateMachine(ManyStatements):
         including raftsql's own tables: equal on two nodes at the same applied index."""
         with self._lock:
             self._check_open()
+            self._park()
             self._guard.internal = True
             try:
                 return content_hash(self._conn, self._tag)
@@ -769,6 +747,7 @@ class StateMachine(ManyStatements):
         """The replicated address book: node id -> advertised host:port."""
         with self._lock:
             self._check_open()
+            self._park()
             return dict(self._internal("SELECT node_id, address FROM sqlite_raftsql_members"))
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -782,6 +761,8 @@ class StateMachine(ManyStatements):
             if self._closed:
                 return
             self._closed = True
+            for txn in self.open_txns:
+                self._drop_txn(txn)
             self.reads.close()
             self._conn.close()  # the last connection: checkpoints and removes the WAL
             self._vfs.unregister()

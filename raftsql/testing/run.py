@@ -32,6 +32,7 @@ from raftsql.testing.faultcluster import FaultCluster
 from raftsql.testing.history import Ctx, History
 from raftsql.testing.nemesis import NEMESES, Schedule, expand_nemeses
 from raftsql.testing.workloads import (
+    AppendWorkload,
     BankWorkload,
     ReadYourWritesWorkload,
     RegisterWorkload,
@@ -115,6 +116,8 @@ def run(cfg: RunConfig) -> RunReport:
             workloads.append(ReadYourWritesWorkload(threads=threads))
         elif wname == "bank":
             workloads.append(BankWorkload(threads=threads))
+        elif wname == "append":
+            workloads.append(AppendWorkload(threads=threads))
         else:
             raise ValueError(f"unknown workload {wname!r}")
     results: dict[str, dict[str, Any]] = {}

@@ -1,7 +1,8 @@
 """The fault runs' client workloads: each runs concurrent clients that record every operation in
-the History, reads the final state after healing and checks it (raftsql.testing.checker):
-registers (linearizable), set (no lost or doubled insert), ryw (read-your-writes on stale reads)
-and bank (serializable transfers keep the total)."""
+the History, reads the final state after healing and checks it (raftsql.testing.checker,
+raftsql.testing.elle): registers (linearizable), set (no lost or doubled insert), ryw
+(read-your-writes on stale reads), bank (serializable transfers keep the total) and append
+(Elle's list-append: transactions checked for every isolation anomaly)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from raftsql.testing import checker
+from raftsql.testing import checker, elle
 from raftsql.testing.history import Ctx
 
 
@@ -461,6 +462,10 @@ class BankWorkload(Workload):
             except db.OutcomeUnknown as e:
                 error = e
                 continue
+            except db.Unavailable:
+                # This resend reached no node: it says nothing about the first attempt.
+                time.sleep(0.1)
+                continue
             except db.Error as e:  # the stored or a new outcome: not applied
                 h.record(process=process, type="fail", workload=self.name, f="transfer", value=tid,
                          stage="resend", error=f"{type(e).__name__}: {e}")
@@ -525,9 +530,156 @@ class BankWorkload(Workload):
                 "conflicts": conflicts}
 
 
+class AppendWorkload(Workload):
+    """Jepsen Elle's list-append workload through the DB-API driver: each transaction (BEGIN ...
+    COMMIT) runs 1 to max_ops micro-operations on a few hot keys, each a read of a key's list
+    or an append of a value unique to that key. After healing one transaction reads every key,
+    and elle.check looks for every isolation anomaly (G0, G1a-c, G-single, G2, and with
+    realtime=True the ones only real time reveals: strict serializability).
+
+    A list is a TEXT of comma-separated values in `lists`; an append is an upsert that extends
+    it, so it reads nothing the client sees (its rowcount is always 1). Keys rotate: `active`
+    are in use at once and each retires after max_appends appends, which keeps lists short."""
+
+    name = "append"
+
+    def __init__(self, threads: int = 4, active: int = 6, max_ops: int = 4,
+                 max_appends: int = 64, realtime: bool = True):
+        self.threads = threads
+        self.active = active
+        self.max_ops = max_ops
+        self.max_appends = max_appends
+        self.realtime = realtime
+        self._lock = threading.Lock()
+        self._keys: list[int] = list(range(active))
+        self._next_key = active
+        self._appends: dict[int, int] = {}
+        self._next_value = 0
+        self.all_keys: set[int] = set(self._keys)
+
+    def setup(self, ctx: Ctx, client) -> None:
+        r = client.execute([("CREATE TABLE IF NOT EXISTS lists (k INTEGER PRIMARY KEY, v TEXT NOT NULL)", [])])
+        assert r.get("error") is None, r
+
+    def _ops(self, rng: random.Random) -> list[list[Any]]:
+        with self._lock:
+            ops = []
+            for _ in range(rng.randint(1, self.max_ops)):
+                k = rng.choice(self._keys)
+                if rng.random() < 0.5:
+                    ops.append(["r", k, None])
+                    continue
+                self._next_value += 1
+                ops.append(["append", k, self._next_value])
+                self._appends[k] = self._appends.get(k, 0) + 1
+                if self._appends[k] >= self.max_appends and k in self._keys:
+                    self._keys.remove(k)
+                    self._keys.append(self._next_key)
+                    self.all_keys.add(self._next_key)
+                    self._next_key += 1
+            return ops
+
+    def worker(self, ctx: Ctx, process: int, rng: random.Random) -> None:
+        from raftsql.driver import _connection
+
+        conn = _connection.Connection(ctx.cluster.client(timeout=ctx.timeout_for(process)), autocommit=True)
+        try:
+            while not ctx.stop.is_set():
+                self.transaction(ctx, conn, process, self._ops(rng))
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _read(conn, k: int) -> list[int]:
+        row = conn.execute("SELECT v FROM lists WHERE k = ?", (k,)).fetchone()
+        return [int(x) for x in row[0].split(",")] if row else []
+
+    def transaction(self, ctx: Ctx, conn, process: Any, ops: list[list[Any]]) -> dict[str, Any]:
+        import raftsql.driver as db
+
+        h = ctx.history
+        h.record(process=process, type="invoke", workload=self.name, f="txn", value=ops)
+        done: list[list[Any]] = []
+        try:
+            conn.execute("BEGIN")
+            for f, k, v in ops:
+                if f == "r":
+                    done.append(["r", k, self._read(conn, k)])
+                else:
+                    conn.execute("INSERT INTO lists (k, v) VALUES (?, ?) ON CONFLICT (k) "
+                                 "DO UPDATE SET v = v || ',' || excluded.v", (k, str(v)))
+                    done.append(["append", k, v])
+            conn.execute("COMMIT")
+        except db.OutcomeUnknown as e:
+            return self._resend(ctx, conn, process, done, e)
+        except Exception as e:  # noqa: BLE001
+            # SerializationError, TransactionAborted, Unavailable, an SQL error: nothing of it
+            # was applied (a transaction applies only as its one commit entry).
+            kind = "fail" if isinstance(e, db.Error) and not isinstance(e, db.InterfaceError) else "info"
+            conn.rollback()
+            return h.record(process=process, type=kind, workload=self.name, f="txn", value=ops,
+                            error=f"{type(e).__name__}: {e}")
+        return h.record(process=process, type="ok", workload=self.name, f="txn", value=done,
+                        index=conn.last_index)
+
+    def _resend(self, ctx: Ctx, conn, process: Any, done: list[list[Any]], error) -> dict[str, Any]:
+        """The commit's outcome is unknown: resend it with its serial (and its checks) until
+        the cluster answers; the session table says whether the first attempt applied."""
+        import raftsql.driver as db
+
+        h = ctx.history
+        for _ in range(20):
+            try:
+                conn.resend(error)
+            except db.OutcomeUnknown as e:
+                error = e
+                continue
+            except db.Unavailable:
+                # This resend reached no node: it says nothing about the first attempt.
+                time.sleep(0.1)
+                continue
+            except db.Error as e:  # the stored or a new outcome: not applied
+                return h.record(process=process, type="fail", workload=self.name, f="txn", value=done,
+                                stage="resend", error=f"{type(e).__name__}: {e}")
+            return h.record(process=process, type="ok", workload=self.name, f="txn", value=done,
+                            stage="resend")
+        return h.record(process=process, type="info", workload=self.name, f="txn", value=done,
+                        error=str(error))
+
+    def final(self, ctx: Ctx) -> None:
+        from raftsql.driver import _connection
+
+        conn = _connection.Connection(ctx.cluster.client(timeout=10), autocommit=True)
+        keys = sorted(self.all_keys)
+        try:
+            def read():
+                ev = self.transaction(ctx, conn, "final-append", [["r", k, None] for k in keys])
+                if ev["type"] != "ok":
+                    raise RuntimeError(ev.get("error"))
+                return ev
+
+            self._retrying(ctx, read)
+        finally:
+            conn.close()
+
+    def check(self, ctx: Ctx) -> dict[str, Any]:
+        events = [e for e in ctx.history.events if e.get("workload") == self.name]
+        txns = elle.from_events(events)
+        t0 = time.monotonic()
+        res = elle.check(txns, realtime=self.realtime)
+        elapsed = time.monotonic() - t0
+        counts = _count_types(events)
+        summary = (f"append: {counts} transactions, {res.committed} committed, edges {res.edges}; "
+                   f"anomalies {res.counts or 'none'}; checked in {elapsed:.2f}s")
+        return {"valid": res.valid, "summary": summary, "explain": "" if res.valid else res.explain(),
+                "counts": counts, "anomalies": res.counts, "edges": res.edges,
+                "check_s": round(elapsed, 3)}
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "register": RegisterWorkload,
     "set": SetWorkload,
     "ryw": ReadYourWritesWorkload,
     "bank": BankWorkload,
+    "append": AppendWorkload,
 }

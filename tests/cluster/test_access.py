@@ -177,6 +177,24 @@ def test_a_read_only_transaction_is_refused_at_its_first_write(clusters):
         conn.close()
 
 
+def test_a_read_only_certificate_commits_reads_but_no_forged_write(clusters):
+    """An explicit transaction that only read commits (its reads are checked in the log); a
+    commit that carries a write it never previewed is refused before the log."""
+    main, _ = clusters
+    conn = db.connect(main.dsn_for(_certs(main, "read")), timeout=20, autocommit=True)
+    try:
+        conn.execute("BEGIN")
+        assert conn.execute("SELECT v FROM t WHERE id = 1").fetchone() == ("first",)
+        conn.execute("COMMIT")
+        before = main.hashes()
+        with pytest.raises(db.PermissionDenied, match="may not write"):
+            conn._send([("DELETE FROM t", ())],
+                       commit={"last_ms": 0, "checks": [None], "controls": [], "txn": None})
+        assert main.hashes() == before
+    finally:
+        conn.close()
+
+
 def test_refusals_are_one_line_in_the_cli_and_the_shell(clusters, tmp_path):
     main, _ = clusters
     dsn = main.dsn  # the client certificate `certs init` made: role write

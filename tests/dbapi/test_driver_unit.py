@@ -243,7 +243,7 @@ class _StubClient:
     last_index = 0
 
     def __init__(self):
-        self.sent: list = []  # ("execute", statements, serial) / ("txn", statement, writes, term)
+        self.sent: list = []  # ("execute", statements, serial) / ("txn", statement, base, term, leader)
         self.previews: list[dict] = []  # results to return from execute_in_transaction
         self.results: list[dict] = []  # results to return from execute
         self.kw: list[dict] = []  # the other keyword arguments of each call
@@ -259,7 +259,7 @@ class _StubClient:
     def execute(self, statements, *, consistency=None, min_index=None, serial=None,
                 idempotent=False, timeout=None, stream=False, **kw):
         self.sent.append(("execute", list(statements), serial))
-        self.kw.append(kw)  # reads=True / commit={...} (serializable transactions)
+        self.kw.append(kw)  # commit={...} (serializable transactions)
         self.idempotent.append(idempotent)
         if self.lose_responses:  # sent, no answer by the deadline
             if idempotent:
@@ -267,9 +267,9 @@ class _StubClient:
             raise _client.OutcomeUnknown("the write may have been applied", serial)
         return self.results.pop(0) if self.results else _result()
 
-    def execute_in_transaction(self, statement, writes, term, *, leader=None, timeout=None,
+    def execute_in_transaction(self, statement, term, *, leader=None, base=0, timeout=None,
                                stream=False, **kw):
-        self.sent.append(("txn", statement, list(writes), term, leader))
+        self.sent.append(("txn", statement, base, term, leader))
         self.kw.append(kw)
         res = self.previews.pop(0)
         if isinstance(res, Exception):
@@ -503,19 +503,24 @@ def test_transaction_protocol_with_a_stub_client():
         _result(readonly=False, term=3, error={"code": 19, "name": "SQLITE_CONSTRAINT", "message": "no"}),
     ]
     conn.execute("CREATE TABLE t (x)")
-    assert client.sent[-1] == ("txn", ("CREATE TABLE t (x)", []), [], None, None)
+    assert client.sent[-1] == ("txn", ("CREATE TABLE t (x)", []), 0, None, None)
     conn.execute("INSERT INTO t VALUES (?)", (1,))
-    assert client.sent[-1] == ("txn", ("INSERT INTO t VALUES (?)", [1]),
-                               [("CREATE TABLE t (x)", [])], 3, "127.0.0.1:4001")
+    assert client.sent[-1] == ("txn", ("INSERT INTO t VALUES (?)", [1]), 1, 3, "127.0.0.1:4001")
     assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
     with pytest.raises(db.IntegrityError):
         conn.execute("INSERT INTO t VALUES (2)")
-    assert conn.in_transaction and conn._txn.start_index == 5
-    assert len(conn._txn.writes) == 2  # neither the read nor the failed insert
+    assert conn.in_transaction
+    assert len(conn._txn.writes) == 2  # neither the reads nor the failed insert
     n = len(client.sent)
     conn.commit()
-    assert client.sent[n:] == [("execute", [("CREATE TABLE t (x)", []),
-                                            ("INSERT INTO t VALUES (?)", [1])], 2)]
+    # Every statement it ran goes with the commit, each with what it saw.
+    assert client.sent[n:] == [("execute", [("SELECT 1", []), ("CREATE TABLE t (x)", []),
+                                            ("INSERT INTO t VALUES (?)", [1]),
+                                            ("SELECT x FROM t", []),
+                                            ("INSERT INTO t VALUES (2)", [])], 2)]
+    checks = client.kw[-1]["commit"]["checks"]
+    assert [c[0] for c in checks] == [0, 0, 0, 0, 1] and checks[4][1] == "SQLITE_CONSTRAINT"
+    assert [c[1] for c in checks[:4]] == [-1, -1, 1, -1] and checks[3][2] == 1  # rowcount, rows
     assert not conn.in_transaction
     conn.commit()  # empty: nothing sent
     assert len(client.sent) == n + 1
@@ -526,14 +531,14 @@ def test_legacy_transaction_control_with_a_stub_client():
     opens before INSERT/UPDATE/DELETE/REPLACE; anything else outside one is its own write."""
     client = _StubClient()
     conn = Connection(client)
-    conn.execute("SELECT 1")  # a read, in the read set of the transaction to come
-    assert client.sent[-1][0] == "execute" and client.kw[-1] == {"reads": True}
-    assert not conn.in_transaction and conn._txn.start_index == 5
+    conn.execute("SELECT 1")  # a read, checked by the commit of the transaction to come
+    assert client.sent[-1][0] == "execute" and client.kw[-1] == {}
+    assert not conn.in_transaction and len(conn._txn.steps) == 1
     conn.execute("CREATE TABLE IF NOT EXISTS t (x)")  # outside any transaction: applied now
     assert client.sent[-1][:2] == ("execute", [("CREATE TABLE IF NOT EXISTS t (x)", [])])
     assert client.kw[-1] == {} and not client.idempotent[-1]
-    # It ended the window of the earlier reads (they would conflict with the DDL itself).
-    assert conn._txn.start_index is None and not conn.in_transaction
+    # It ended the window of the earlier reads (they were in no transaction in sqlite3).
+    assert not conn._txn.steps and not conn.in_transaction
     client.previews += [
         _result(readonly=False, term=3, error={"code": 19, "name": "SQLITE_CONSTRAINT",
                                                "message": "no"}),
@@ -555,12 +560,11 @@ def test_legacy_transaction_control_with_a_stub_client():
     conn.execute("PRAGMA user_version = 3")
     conn.execute("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")  # not DML to sqlite3
     assert [c[0] for c in client.sent[n:]] == ["execute", "execute"] and not conn.in_transaction
-    client.previews += [_result(readonly=False, term=3, rowcount=1)] * 2
-    conn.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
-    assert client.sent[-1][0] == "txn" and conn.in_transaction
+    client.previews += [_result(readonly=False, term=3, rowcount=2)]
+    cur = conn.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
+    assert client.sent[-1][0] == "txn" and conn.in_transaction and cur.rowcount == 2
     conn.isolation_level = None  # commits the pending writes first, as sqlite3
-    assert client.sent[-1][:2] == ("execute", [("INSERT INTO t VALUES (?)", [1]),
-                                               ("INSERT INTO t VALUES (?)", [2])])
+    assert client.sent[-1][:2] == ("execute", [("INSERT INTO t VALUES (?)", ([1], [2]))])
     assert not conn.in_transaction
     conn.execute("INSERT INTO t VALUES (3)")  # autocommit now
     assert client.sent[-1][:2] == ("execute", [("INSERT INTO t VALUES (3)", [])])
@@ -605,7 +609,7 @@ def test_a_lost_response_to_a_read_is_unavailable_even_after_with():
     conn = Connection(client)
     client.lose_responses = False
     conn.execute("WITH x(a) AS (SELECT 1) SELECT a FROM x")
-    assert client.sent[-1][0] == "execute" and client.kw[-1] == {"reads": True}
+    assert client.sent[-1][0] == "execute" and client.idempotent[-1]
     with pytest.raises(db.ProgrammingError, match="can only execute DML"):
         conn.executemany("WITH x(a) AS (SELECT ?) SELECT a FROM x", [(1,)])
 
@@ -735,18 +739,17 @@ def test_client_keeps_unavailable_apart_from_outcome_unknown(fake_nodes):
 
 def test_client_transaction_statements_are_pinned_to_their_leader(fake_nodes):
     c = _client.Client([("a", 1), ("b", 2)], None, timeout=2)
-    fake_nodes.script += [_err("NOT_LEADER", "b:2"), _ok(readonly=False, term=4)]
-    res, leader = c.execute_in_transaction(("INSERT INTO t VALUES (1)", ()), [], None)
+    fake_nodes.script += [_err("NOT_LEADER", "b:2"), _ok(readonly=False, term=4, txn="x")]
+    res, leader = c.execute_in_transaction(("INSERT INTO t VALUES (1)", ()), None)
     assert leader == "b:2" and res["term"] == 4  # the first statement may follow redirects
     fake_nodes.script += [ConnectionLost("blip"), _ok(readonly=True, term=4)]
-    c.execute_in_transaction(("SELECT 1", ()), [("INSERT INTO t VALUES (1)", ())], 4, leader="b:2")
+    c.execute_in_transaction(("SELECT 1", ()), 4, leader="b:2", txn_id="x", base=1)
     assert [e[0] for e in fake_nodes.log[-2:]] == [("b", 2), ("b", 2)]  # retried on its leader
     for failure in (_err("NOT_LEADER", "a:1"), _err("TXN_ABORTED"), NodeUnreachable("down")):
         c.close()
         fake_nodes.script[:] = [failure]
         with pytest.raises(_client.TxnAborted):
-            c.execute_in_transaction(("SELECT 1", ()), [("INSERT INTO t VALUES (1)", ())], 4,
-                                     leader="b:2")
+            c.execute_in_transaction(("SELECT 1", ()), 4, leader="b:2", txn_id="x", base=1)
 
 
 def test_client_believes_sql_errors_without_a_status_round_trip(fake_nodes):

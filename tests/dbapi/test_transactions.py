@@ -1,7 +1,8 @@
 """Serializable interactive transactions, end to end (real 3-node cluster, TLS, the real
-driver): lost updates prevented, reads of one's own uncommitted writes, isolation from other
-connections, explicit BEGIN/COMMIT/ROLLBACK/SAVEPOINT/RELEASE as sqlite3 runs them, read-only and
-write-only transactions, and concurrent read-then-write transfers that keep the total."""
+driver): lost updates and write skew prevented, conflicts only on the rows really read,
+reads of one's own uncommitted writes, isolation from other connections, explicit
+BEGIN/COMMIT/ROLLBACK/SAVEPOINT/RELEASE as sqlite3 runs them, read-only and write-only
+transactions, and concurrent read-then-write transfers that keep the total."""
 
 from __future__ import annotations
 
@@ -69,16 +70,151 @@ def test_lost_update_is_prevented_one_commits_the_other_gets_a_serialization_err
     assert _bal(auto, table, 0) == 130
 
 
-def test_a_conflict_is_reported_early_by_the_next_statement(connect, table):
+def test_only_rows_really_read_conflict(connect, table):
+    """A change to a row the transaction did not read is no conflict, even in the same table;
+    a change to a row it read is, reported by commit()."""
     auto = connect(autocommit=True)
-    _accounts(auto, table)
+    _accounts(auto, table, n=3)
     c = connect()
-    c.execute(f"UPDATE {table} SET bal = bal - 1 WHERE id = 0")  # reads and writes the table
-    auto.execute(f"UPDATE {table} SET bal = 0 WHERE id = 1")  # someone else changes it
+    c.execute(f"UPDATE {table} SET bal = bal - 1 WHERE id = 0")  # reads and writes row 0
+    auto.execute(f"UPDATE {table} SET bal = 0 WHERE id = 1")  # someone else changes row 1
+    assert _bal(c, table, 1) == 0  # the latest committed state, plus its own writes
+    assert _bal(c, table, 0) == 99
+    c.commit()  # nothing it saw has changed since
+    assert [_bal(auto, table, i) for i in range(3)] == [99, 0, 100]
+
+    # A write that shows nothing of what it read (bal - 1) is re-run by the commit on the
+    # newest value: no conflict, and no lost update.
+    c.execute(f"UPDATE {table} SET bal = bal - 1 WHERE id = 0")
+    auto.execute(f"UPDATE {table} SET bal = 50 WHERE id = 0")
+    c.commit()
+    assert _bal(auto, table, 0) == 49
+
+    bal = _bal(c, table, 0)  # the application sees the balance...
+    c.execute(f"UPDATE {table} SET bal = ? WHERE id = 0", (bal - 1,))  # ...and writes from it
+    auto.execute(f"UPDATE {table} SET bal = 50 WHERE id = 0")
+    c.execute(f"SELECT bal FROM {table} WHERE id = 2").fetchall()
+    with pytest.raises(db.SerializationError) as info:
+        c.commit()
+    assert "statement 0" in str(info.value)
+    assert not c.in_transaction
+    assert [_bal(auto, table, i) for i in range(3)] == [50, 0, 100]
+
+
+def test_write_skew_two_doctors_on_call_is_refused(connect, table):
+    """Each doctor checks that the other is on call, then goes off call. Run concurrently, both
+    would commit under snapshot isolation and leave nobody on call; here the second commit
+    fails, because the row it checked (the other doctor) changed before it committed."""
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (name TEXT PRIMARY KEY, on_call INTEGER NOT NULL)")
+    auto.executemany(f"INSERT INTO {table} VALUES (?, 1)", [("alice",), ("bob",)])
+    alice, bob = connect(), connect()
+    for me, conn in (("alice", alice), ("bob", bob)):
+        conn.execute("BEGIN")
+        (others,) = conn.execute(f"SELECT count(*) FROM {table} WHERE on_call = 1 AND name != ?",
+                                 (me,)).fetchone()
+        assert others == 1
+        conn.execute(f"UPDATE {table} SET on_call = 0 WHERE name = ?", (me,))
+    alice.execute("COMMIT")
     with pytest.raises(db.SerializationError):
-        c.execute(f"SELECT bal FROM {table} WHERE id = 1")
-    assert not c.in_transaction  # an implicit transaction is reset, as on TransactionAborted
-    assert _bal(c, table, 0) == 100 and _bal(auto, table, 1) == 0
+        bob.execute("COMMIT")
+    assert auto.execute(f"SELECT name FROM {table} WHERE on_call = 1").fetchall() == [("bob",)]
+    # Run again, bob now sees that alice is off call and stays on.
+    bob.execute("BEGIN")
+    assert bob.execute(f"SELECT count(*) FROM {table} WHERE on_call = 1 AND name != 'bob'"
+                       ).fetchone() == (0,)
+    bob.execute("COMMIT")
+
+
+def test_transfers_between_different_accounts_do_not_conflict(connect, table):
+    """Read-then-write transactions on one table that touch different rows all commit,
+    however they interleave."""
+    auto = connect(autocommit=True)
+    _accounts(auto, table, n=4)
+    a, b = connect(), connect()
+    for conn, (src, dst) in ((a, (0, 1)), (b, (2, 3))):
+        conn.execute("BEGIN")
+        s_bal, d_bal = _bal(conn, table, src), _bal(conn, table, dst)
+        conn.execute(f"UPDATE {table} SET bal = ? WHERE id = ?", (s_bal - 5, src))
+        conn.execute(f"UPDATE {table} SET bal = ? WHERE id = ?", (d_bal + 5, dst))
+    a.execute("COMMIT")
+    b.execute("COMMIT")
+    assert [_bal(auto, table, i) for i in range(4)] == [95, 105, 95, 105]
+
+
+def test_a_statement_that_rolls_back_ends_the_transaction_as_in_sqlite3(connect, table, tmp_path):
+    lite = sqlite3.connect(tmp_path / "ref.db")
+    got = connect()
+    for c in (lite, got):
+        c.execute(f"CREATE TABLE {table} (v INTEGER UNIQUE)")
+        c.commit()
+        c.execute(f"INSERT INTO {table} VALUES (1)")
+        assert c.in_transaction
+        with pytest.raises(Exception) as info:  # noqa: PT011 - compared below
+            c.execute(f"INSERT OR ROLLBACK INTO {table} VALUES (1)")
+        assert type(info.value).__name__ == "IntegrityError"
+        assert not c.in_transaction  # the whole transaction was rolled back
+        c.execute(f"INSERT INTO {table} VALUES (2)")
+        c.commit()
+        assert c.execute(f"SELECT v FROM {table}").fetchall() == [(2,)]
+    lite.close()
+
+
+def test_rollback_to_savepoint_replays_reads_where_they_ran(connect, table):
+    """Reads made after a savepoint saw the writes later rolled back to it; the commit checks
+    them at the same place (with those writes), so they do not make it fail."""
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (v INTEGER)")
+    c = connect(autocommit=True)
+    c.execute("BEGIN")
+    c.execute(f"INSERT INTO {table} VALUES (1)")
+    c.execute("SAVEPOINT a")
+    c.execute(f"INSERT INTO {table} VALUES (2)")
+    assert c.execute(f"SELECT count(*) FROM {table}").fetchone() == (2,)
+    c.execute("ROLLBACK TO a")
+    assert c.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+    c.execute(f"INSERT INTO {table} VALUES (3)")
+    c.execute("COMMIT")
+    assert sorted(auto.execute(f"SELECT v FROM {table}").fetchall()) == [(1,), (3,)]
+
+
+def test_executemany_in_a_transaction_is_one_round_trip(connect, table):
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (v INTEGER UNIQUE)")
+    c = connect()
+    calls = []
+    inner = c._client._call
+
+    def counting(req, *a, **kw):
+        calls.append(req.get("op"))
+        return inner(req, *a, **kw)
+
+    c._client._call = counting
+    cur = c.executemany(f"INSERT INTO {table} VALUES (?)", [(i,) for i in range(500)])
+    assert cur.rowcount == 500 and calls == ["execute"]
+    assert c.execute(f"SELECT count(*) FROM {table}").fetchone() == (500,)
+    with pytest.raises(db.IntegrityError) as info:  # set 3 fails; sqlite3 keeps sets 0-2
+        c.executemany(f"INSERT INTO {table} VALUES (?)", [(1000,), (1001,), (1002,), (7,), (1003,)])
+    assert info.value.statement == 3
+    c.commit()
+    assert auto.execute(f"SELECT count(*), max(v) FROM {table}").fetchone() == (503, 1002)
+
+
+def test_a_rowid_looked_at_is_checked_at_commit(connect, table):
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, v TEXT)")
+    c = connect()
+    cur = c.execute(f"INSERT INTO {table} (v) VALUES ('mine')")
+    seen = cur.lastrowid
+    auto.execute(f"INSERT INTO {table} (v) VALUES ('theirs')")  # takes that rowid first
+    with pytest.raises(db.SerializationError):
+        c.commit()
+    # Not looked at: the committed entry simply assigns the next rowid, and lastrowid says it.
+    cur = c.execute(f"INSERT INTO {table} (v) VALUES ('mine')")
+    auto.execute(f"INSERT INTO {table} (v) VALUES ('theirs again')")
+    c.commit()
+    assert cur.lastrowid == seen + 2
+    assert auto.execute(f"SELECT v FROM {table} WHERE id = ?", (seen + 2,)).fetchone() == ("mine",)
 
 
 # --------------------------------------------------------------------------- must-show 3
@@ -109,7 +245,7 @@ def test_transaction_sees_its_own_writes_and_nobody_else_does_before_commit(clus
 # --------------------------------------------------------------------------- read-only / write-only
 
 
-def test_read_only_explicit_transaction_sees_one_snapshot_or_fails(connect, table):
+def test_read_only_explicit_transaction_is_checked_at_commit(connect, table):
     auto = connect(autocommit=True)
     _accounts(auto, table)
     r = connect(autocommit=True)
@@ -117,16 +253,23 @@ def test_read_only_explicit_transaction_sees_one_snapshot_or_fails(connect, tabl
     assert r.in_transaction
     assert _bal(r, table, 0) == 100
     auto.execute(f"UPDATE {table} SET bal = 50 WHERE id = 1")
-    with pytest.raises(db.SerializationError):
-        _bal(r, table, 1)  # would mix two snapshots
-    with pytest.raises(db.SerializationError):  # doomed until the transaction ends
-        r.execute("SELECT 1")
-    assert r.in_transaction
-    r.execute("ROLLBACK")
+    assert _bal(r, table, 1) == 50  # row 0 did not change: both reads hold at commit
+    r.execute("COMMIT")
     assert not r.in_transaction
     r.execute("BEGIN")
-    assert (_bal(r, table, 0), _bal(r, table, 1)) == (100, 50)
-    r.execute("COMMIT")  # nothing to apply: no entry, no error
+    assert _bal(r, table, 0) == 100
+    # One transaction moves 10 from row 0 to row 1: r's two reads now mix two states.
+    auto.execute("BEGIN")
+    auto.execute(f"UPDATE {table} SET bal = 90 WHERE id = 0")
+    auto.execute(f"UPDATE {table} SET bal = 60 WHERE id = 1")
+    auto.execute("COMMIT")
+    assert _bal(r, table, 1) == 60
+    with pytest.raises(db.SerializationError):
+        r.execute("COMMIT")
+    assert not r.in_transaction
+    r.execute("BEGIN")
+    assert (_bal(r, table, 0), _bal(r, table, 1)) == (90, 60)
+    r.execute("COMMIT")
 
 
 def test_write_only_transactions_do_not_conflict(connect, table):
@@ -322,16 +465,16 @@ def test_outcome_unknown_commit_is_resent_with_its_check():
             return 7
 
         def execute(self, statements, **kw):
-            self.calls.append(kw)
+            self.calls.append((statements, kw))
             if self.fail:
                 self.fail = False
                 from raftsql.driver import _client
                 raise _client.OutcomeUnknown("lost", kw["serial"])
             return {"columns": [], "rows": [], "rowcount": 1, "index": 9, "error": None}
 
-        def execute_in_transaction(self, statement, writes, term, **kw):
-            return {"readonly": False, "term": 1, "index": 4, "start_index": 4, "reads": ["acct"],
-                    "time_ms": 123, "rowcount": 1, "error": None}, "h:1"
+        def execute_in_transaction(self, statement, term, **kw):
+            return {"readonly": False, "term": 1, "index": 4, "txn": "t1", "time_ms": 123,
+                    "rowcount": 1, "error": None, "columns": [], "rows": []}, "h:1"
 
     stub = Stub()
     conn = _connection.Connection(stub)
@@ -339,6 +482,29 @@ def test_outcome_unknown_commit_is_resent_with_its_check():
     with pytest.raises(db.OutcomeUnknown) as info:
         conn.commit()
     conn.resend(info.value)
-    check = {"read_index": 4, "reads": ["acct"], "last_ms": 123}
-    assert stub.calls[0]["commit"] == check and stub.calls[1]["commit"] == check
-    assert stub.calls[0]["serial"] == stub.calls[1]["serial"] == 7
+    (first, kw1), (again, kw2) = stub.calls
+    assert first == again == [("UPDATE acct SET bal = 1", [])]
+    check = kw1["commit"]
+    assert kw2["commit"] == check and check["last_ms"] == 123 and check["txn"] == "t1"
+    assert check["checks"] == [(0, 1, 0, True, check["checks"][0][4], None, None)]
+    assert kw1["serial"] == kw2["serial"] == 7
+
+
+def test_transactions_that_see_random_and_now_commit(connect, table):
+    """What random(), a randomblob() default and 'now' gave inside a transaction is what its
+    commit stores, in explicit transactions and in sqlite3's legacy mode (where a read before
+    the first write could otherwise run on any node)."""
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, u BLOB DEFAULT (randomblob(8)), "
+                 "ts TEXT, r INTEGER)")
+    c = connect()
+    c.execute("BEGIN")
+    (r,) = c.execute("SELECT random()").fetchone()
+    (u,) = c.execute(f"INSERT INTO {table} (id, r) VALUES (1, ?) RETURNING u", (r,)).fetchone()
+    c.execute("COMMIT")
+    assert auto.execute(f"SELECT u, r FROM {table} WHERE id = 1").fetchone() == (u, r)
+    legacy = connect()  # sqlite3's defaults: the SELECT runs before any transaction is open
+    (ts,) = legacy.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").fetchone()
+    legacy.execute(f"INSERT INTO {table} (id, ts) VALUES (2, ?)", (ts,))
+    legacy.commit()
+    assert auto.execute(f"SELECT ts FROM {table} WHERE id = 2").fetchone() == (ts,)

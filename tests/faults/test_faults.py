@@ -1,10 +1,12 @@
 """Jepsen-style fault runs through the real driver client (raftsql/testing/): linearizable
-registers, a set with no lost or duplicated inserts, read-your-writes on stale reads, under
-kill -9, SIGSTOP, partitions, clock offsets, leadership transfers and slow links.
+registers, a set with no lost or duplicated inserts, read-your-writes on stale reads, and
+transactions with no isolation anomaly (Elle's list-append), under kill -9, SIGSTOP,
+partitions, clock offsets, leadership transfers and slow links.
 
 The CI slice: five short randomized runs that together apply every nemesis; a scripted
 broken-read run that the checker must reject, and the same script on a correct build, which it
-must accept; a randomized broken-read run that must fail; the jetcd case (retried writes while
+must accept; a randomized broken-read run that must fail; a list-append run under faults and
+a broken-validation run the transaction checker must reject; the jetcd case (retried writes while
 the leader is killed); and a leader clock jump across which a resent write still applies once.
 Long runs: `python benchmarks/faults.py --duration 60 --runs 30`. See DESIGN.md.
 """
@@ -70,6 +72,38 @@ def test_bank_transfers_keep_the_total_while_the_leader_is_killed():
     bank = report.workloads["bank"]
     assert bank["counts"]["ok"] > 20 and bank["reads"] > 10, report.explain()
     print(report.explain())
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+def test_append_transactions_have_no_anomalies_under_kill_pause_and_partitions():
+    """Elle's list-append workload (raftsql/testing/elle.py): transactions of reads and appends
+    on a few hot keys, through the DB-API driver, while nodes are killed, paused and cut off.
+    The dependency graph of the committed transactions (ww, wr, rw and real-time edges) must
+    have no cycle and no aborted or intermediate read: strict serializability."""
+    report = run(RunConfig(nodes=3, duration=DURATION, workloads={"append": 6}, min_faults=3,
+                           nemeses=["kill", "pause", "partition-halves", "partition-leader"],
+                           quiet=(0.5, 1.0), hold=(1.5, 2.5)))
+    assert report.ok, report.explain()
+    append = report.workloads["append"]
+    assert append["counts"]["ok"] > 100 and not append["anomalies"], report.explain()
+    assert append["edges"].get("rw", 0) > 50 and append["edges"].get("wr", 0) > 50, report.explain()
+    print(report.explain())
+
+
+def test_broken_transaction_validation_is_caught():
+    """With RAFTSQL_TEST_BROKEN_TXN_VALIDATION=1 every commit applies without comparing what its
+    statements see now with what the client saw: the checker must find the anomalies."""
+    report = run(RunConfig(nodes=3, duration=6, nemeses=["none"], workloads={"append": 6},
+                           env={"RAFTSQL_TEST_BROKEN_TXN_VALIDATION": "1"}))
+    try:
+        assert not report.ok, report.explain()
+        found = report.workloads["append"]["anomalies"]
+        assert {"G-single", "G2"} & set(found), report.explain()
+    finally:
+        if report.dir:
+            shutil.rmtree(report.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- broken reads

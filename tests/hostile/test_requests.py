@@ -56,11 +56,11 @@ def test_a_write_with_a_bad_timeout_is_refused_before_the_log(cluster, guard, ti
     assert _count(cluster) == [[0]]  # refused, so not applied (it was OUTCOME_UNKNOWN and applied)
 
 
-@pytest.mark.parametrize("field", ["start_index", "min_index", "read_index"])
+@pytest.mark.parametrize("field", ["base", "min_index", "read_index"])
 def test_indexes_out_of_range_are_refused(cluster, guard, field):
-    if field == "start_index":
+    if field == "base":
         req = {"statements": [["SELECT * FROM r", []]],
-               "txn": {"writes": [], "start_index": 2**64 - 1}}
+               "txn": {"term": None, "base": -1, "client_id": "b"}}
     elif field == "min_index":
         req = {"statements": [["SELECT * FROM r", []]], "consistency": "stale",
                "min_index": 2**64 - 1}
@@ -71,11 +71,12 @@ def test_indexes_out_of_range_are_refused(cluster, guard, field):
         r = _request(cluster, req)
         assert not r["ok"] and r["error"]["kind"] == "BAD_REQUEST", r
         assert field in r["error"]["message"]
-    # A start index past the end of the leader's log is refused too.
+    # A transaction statement that claims more earlier writes than the leader holds for it
+    # has nothing to build on: refused (run the transaction again), nothing applied.
     with guard():
-        r = _request(cluster, {"statements": [["SELECT * FROM r", []]],
-                               "txn": {"writes": [], "start_index": 10**12}})
-        assert not r["ok"] and "past the end of the log" in r["error"]["message"]
+        r = _request(cluster, {"statements": [["INSERT INTO r VALUES(3)", []]],
+                               "txn": {"term": None, "base": 2**63, "client_id": "b"}})
+        assert not r["ok"] and r["error"]["kind"] == "TXN_ABORTED", r
     assert _count(cluster) == [[0]]
 
 
