@@ -569,6 +569,13 @@ class Node:
         try:
             readonly = self.sm.validate(statements)
         except SQLError as e:
+            if serial and client_id:
+                # A resend of a write this node already applied (its first attempt created
+                # the table it now fails to prepare against): the stored result, as apply
+                # would give for a duplicate.
+                stored = self.sm.reads.stored_result(client_id, serial)
+                if stored is not None:
+                    return stored
             if not is_leader and consistency != "stale":
                 raise self._not_leader() from None
             return Result(error=e.error, index=self.sm.applied_index)

@@ -324,6 +324,28 @@ class Reads:
                 flags.append(flag)
         return flags
 
+    def stored_result(self, client_id: str, serial: int) -> Result | None:
+        """The result stored for (client_id, serial) if this node has applied that write, else
+        None. A resent write can fail to prepare only because its first attempt was applied
+        (CREATE TABLE: "already exists"); the stored result is then its answer."""
+        self._sm._check_open()
+        with self._validate_lock:
+            if self._vreader is None:
+                self._vreader = self.open_reader(write_rules=True)
+            reader = self._vreader
+            reader.guard.internal = True
+            try:
+                rows = reader.conn.execute(
+                    self.tag + "SELECT serial, result FROM sqlite_raftsql_sessions WHERE client_id=?",
+                    (client_id,)).fetchall()
+            finally:
+                reader.guard.internal = False
+        if not rows or rows[0][0] != serial:
+            return None
+        result = Result.decode(rows[0][1])
+        result.duplicate = True
+        return result
+
     def _prepare_only(self, reader: Reader, sql: str, params: Any) -> bool:
         seen: dict[str, Any] = {}
 

@@ -292,6 +292,30 @@ def test_a_lost_response_to_a_with_select_is_unavailable_and_to_a_write_unknown(
         proxy.close()
 
 
+def test_a_resent_ddl_whose_first_attempt_applied_gets_its_stored_result(cluster, table):
+    """A resend of CREATE TABLE or DROP TABLE after a lost response would fail to prepare
+    ("already exists", "no such table") against the state its first attempt made: the node
+    answers with the stored result of that attempt instead, as for any other duplicate."""
+    leader = cluster.wait_leader()
+    proxy = _CuttingProxy(cluster.host, (cluster.host, cluster.ports[leader]))
+    conn = db.connect(cluster.dsn, hosts=[proxy.address], autocommit=True, timeout=20,
+                      discover=False)
+    try:
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # connected through the proxy
+        for sql in (f"CREATE TABLE {table} (x)", f"DROP TABLE {table}"):
+            proxy.cut, conn.timeout = True, 1.0
+            with pytest.raises(db.OutcomeUnknown) as info:
+                conn.execute(sql)
+            proxy.cut, conn.timeout = False, 20
+            cur = conn.resend(info.value)
+            assert cur._result["duplicate"] is True, sql
+        with pytest.raises(db.OperationalError, match="no such table"):
+            conn.execute(f"SELECT * FROM {table}")
+    finally:
+        conn.close()
+        proxy.close()
+
+
 # --------------------------------------------------------------------------- values and types
 
 
