@@ -172,6 +172,8 @@ class Client:
         self._learned: list[tuple[str, int]] = []  # members named by the cluster (fallback)
         self._unreachable = 0  # connections refused in a row
         self.last_index = 0  # highest log index this client wrote or read (read-your-writes)
+        # (index, term) of the last write answered at durability "leader" not yet seen applied
+        self.early_write: tuple[int, int] | None = None
         self.served_by: tuple[str, int] | None = None  # the node that answered the last request
         # Connections given up for requests but kept for the streamed results still open on
         # them (closed when the last one finishes, or with the client).
@@ -203,7 +205,8 @@ class Client:
     def execute(self, statements: list[Statement], *, consistency: str | None = None,
                 min_index: int | None = None, timeout: float | None = None,
                 serial: int | None = None, idempotent: bool = False, reads: bool = False,
-                commit: dict[str, Any] | None = None, stream: bool = False) -> dict[str, Any]:
+                commit: dict[str, Any] | None = None, stream: bool = False,
+                durability: str = "quorum") -> dict[str, Any]:
         """Run statements (one, or an atomic batch); returns the Result map. SQL errors come back
         inside it ("error"); transport/leadership trouble is retried until the deadline.
         idempotent=True says the caller knows this is a read: a lost response then raises
@@ -216,13 +219,18 @@ class Client:
         with self._lock:
             serial = serial if serial is not None else next(self._serials)
             consistency = consistency or self.consistency
+            # Our last write answered at durability "leader" may not be committed yet: reads
+            # wait for it while its leader's term lasts (read-your-writes).
+            early_index, early_term = self.early_write or (0, 0)
             req = Execute(
                 statements=[(sql, Many(tuple(p)) if type(p) is ManyParams else p)
                             for sql, p in statements],
                 client_id=self.client_id,
                 serial=serial,
                 consistency=consistency,
-                min_index=max(self.last_index, min_index or 0),
+                min_index=max(self.last_index, min_index or 0, early_index),
+                min_term=early_term,
+                durability=durability,
                 reads=reads,
                 commit=None if commit is None else Commit(
                     last_ms=commit["last_ms"], checks=tuple(commit["checks"]),
@@ -230,7 +238,13 @@ class Client:
                 chunk=FETCH_BYTES if stream else None,
             ).to_wire()
             result = self._call(req, timeout or self.timeout, None if idempotent else serial)
-            self.last_index = max(self.last_index, int(result.get("index") or 0))
+            index = int(result.get("index") or 0)
+            if result.get("early_term"):
+                self.early_write = (index, int(result["early_term"]))
+            else:
+                self.last_index = max(self.last_index, index)
+                if index >= early_index:
+                    self.early_write = None
             self._attach_stream(result)
             return result
 
@@ -251,6 +265,12 @@ class Client:
         a leadership change raises TxnAborted. last_ms: the leader time of the transaction's
         last statement (server/clients.py)."""
         with self._lock:
+            if self.early_write is not None and term is None:
+                # A transaction's statements run on the leader's applied state: first let our
+                # last write answered at durability "leader" be applied (or its term end).
+                self.execute([("SELECT 1", ())], consistency="linearizable", idempotent=True,
+                             timeout=timeout)
+                self.early_write = None
             sql, params = statement
             req = Execute(
                 statements=[(sql, Many(tuple(params)) if type(params) is ManyParams else params)],

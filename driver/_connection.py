@@ -57,7 +57,9 @@ LIMITS = {
 # controlled by isolation_level, as in sqlite3 before 3.12. The default.
 LEGACY_TRANSACTION_CONTROL = -1
 _ISOLATION_LEVELS = ("", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
-_DSN_PARAMS = frozenset({"certs", "cafile", "certfile", "keyfile", "timeout", "autocommit", "consistency"})
+_DSN_PARAMS = frozenset({"certs", "cafile", "certfile", "keyfile", "timeout", "autocommit", "consistency",
+                         "durability"})
+DURABILITY_LEVELS = ("quorum", "leader")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -166,7 +168,7 @@ class Connection:
 
     def __init__(self, client: _client.Client, *, autocommit: bool | int = LEGACY_TRANSACTION_CONTROL,
                  isolation_level: str | None = "", consistency: str = "linearizable",
-                 detect_types: int = 0):
+                 detect_types: int = 0, durability: str = "quorum"):
         if not isinstance(detect_types, int):
             raise TypeError(f"'{type(detect_types).__name__}' object cannot be interpreted as an integer")
         self._client = client
@@ -181,6 +183,8 @@ class Connection:
         self._isolation_level = _check_isolation_level(isolation_level)
         self._consistency = "linearizable"
         self.consistency = consistency
+        self._durability = "quorum"
+        self.durability = durability
         self.row_factory = None
         # As sqlite3: what TEXT values become (str; bytes; or a callable given the UTF-8 bytes).
         # Applied when rows are fetched. With str, TEXT that is not valid UTF-8 raises
@@ -258,6 +262,22 @@ class Connection:
         if value not in CONSISTENCY_LEVELS:
             raise ProgrammingError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
         self._consistency = value
+
+    @property
+    def durability(self) -> str:
+        """When a write outside a transaction is answered: "quorum" (the default: a majority
+        holds it and it is applied; no failure loses it) or "leader" (the leader's disk holds
+        it: faster, but a leader crash can lose it, at most the leader's
+        max_unreplicated_writes of them; the cursor then shows rowcount -1 and lastrowid None,
+        and an error at apply goes unreported). A transaction's COMMIT always waits for the
+        quorum. README, "Guarantees"."""
+        return self._durability
+
+    @durability.setter
+    def durability(self, value: str) -> None:
+        if value not in DURABILITY_LEVELS:
+            raise ProgrammingError(f"durability must be one of {', '.join(DURABILITY_LEVELS)}")
+        self._durability = value
 
     @property
     def timeout(self) -> float:
@@ -542,7 +562,8 @@ class Connection:
     def _send(self, statements: list[Statement], *, consistency: str | None = None,
               min_index: int | None = None, serial: int | None = None,
               idempotent: bool = False, reads: bool = False,
-              commit: dict[str, Any] | None = None, stream: bool = False) -> dict[str, Any]:
+              commit: dict[str, Any] | None = None, stream: bool = False,
+              durability: str | None = None) -> dict[str, Any]:
         """A normal execute: one statement or an atomic batch (a transaction's commit with
         `commit`; a transaction's read before its first write with reads=True). stream=True:
         a read's rows may come in chunks (result["stream"] fetches the rest)."""
@@ -557,6 +578,8 @@ class Connection:
                 kw["commit"] = commit
             if stream:
                 kw["stream"] = True
+            if durability is not None and durability != "quorum" and not idempotent:
+                kw["durability"] = durability
             return client.execute(statements, consistency=consistency or self._consistency,
                                   min_index=min_index, serial=serial, idempotent=idempotent, **kw)
         except _client.OutcomeUnknown as e:
@@ -674,11 +697,13 @@ class Connection:
                     # which were in no transaction either (and a DDL would make them conflict).
                     self._txn = _Transaction()
                     return self._send([stmt], consistency=cursor.consistency,
-                                      min_index=cursor.min_index, stream=True)
+                                      min_index=cursor.min_index, stream=True,
+                                      durability=cursor.durability or self._durability)
             if mode == "auto" and not txn.explicit:
                 # Outside any transaction: its own write, or a read at the cursor's consistency.
                 return self._send([stmt], consistency=cursor.consistency,
-                                  min_index=cursor.min_index, idempotent=reads_only, stream=True)
+                                  min_index=cursor.min_index, idempotent=reads_only, stream=True,
+                                  durability=cursor.durability or self._durability)
             if (not txn.explicit and not txn.writes and reads_only
                     and not txncheck.may_be_nondeterministic(sql)):
                 # An implicit transaction's read before its first write: the normal read path
@@ -759,7 +784,8 @@ class Connection:
                     outside = True
             if outside:
                 # One "many" statement: the server prepares it once per node, not once per set.
-                result = self._send([(sql, _client.ManyParams(params_list))])
+                result = self._send([(sql, _client.ManyParams(params_list))],
+                                    durability=cursor.durability or self._durability)
                 err = result.get("error")
                 if isinstance(err, dict) and isinstance(err.get("set"), int):
                     err["statement"] = err["set"]  # as for a batch: which parameter set failed
@@ -892,13 +918,14 @@ class Settings:
     autocommit: bool | int
     consistency: str
     isolation_level: str | None = ""
+    durability: str = "quorum"
 
 
 def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
                    cafile: str | None = None, certfile: str | None = None,
                    keyfile: str | None = None, timeout: float | None = None,
                    autocommit: bool | int | None = None, consistency: str | None = None,
-                   isolation_level: str | None = "") -> Settings:
+                   isolation_level: str | None = "", durability: str | None = None) -> Settings:
     """Resolve connect()'s arguments (keyword arguments override the DSN's parameters).
     Raises ProgrammingError for anything malformed or missing; a bad isolation_level raises
     sqlite3's TypeError or ValueError."""
@@ -940,7 +967,10 @@ def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | No
     consistency_level = consistency or params.get("consistency") or "linearizable"
     if consistency_level not in CONSISTENCY_LEVELS:
         raise ProgrammingError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
-    return Settings(host_list, ca, cert, key, t, ac, consistency_level, level)
+    durability_level = durability or params.get("durability") or "quorum"
+    if durability_level not in DURABILITY_LEVELS:
+        raise ProgrammingError(f"durability must be one of {', '.join(DURABILITY_LEVELS)}")
+    return Settings(host_list, ca, cert, key, t, ac, consistency_level, level, durability_level)
 
 
 def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = None,
@@ -948,19 +978,20 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
             timeout: float | None = None, autocommit: bool | int | None = None,
             isolation_level: str | None = "", consistency: str | None = None,
             discover: bool = True, detect_types: int = 0,
-            factory: type[Connection] = Connection) -> Connection:
+            factory: type[Connection] = Connection, durability: str | None = None) -> Connection:
     """Open a connection to a raftsql cluster.
 
     dsn: ``raftsql://host1:port1,host2:port2,host3:port3/?certs=DIR&consistency=linearizable
     &timeout=10`` (query parameters: certs, cafile, certfile, keyfile, timeout, autocommit,
-    consistency). Keyword arguments override the DSN. hosts: "h:p,h:p", or a list of "h:p" or
+    consistency, durability). Keyword arguments override the DSN. hosts: "h:p,h:p", or a list of "h:p" or
     (host, port). certs: a directory made by `raftsql certs init` (ca.crt, client.crt,
     client.key); cafile/certfile/keyfile override its files one by one. timeout (default 10):
     seconds one operation may spend finding the leader and retrying. autocommit (default
     LEGACY_TRANSACTION_CONTROL; DSN: true, false or legacy) and isolation_level (default "",
     None for autocommit), as in sqlite3: see Connection.autocommit and
     Connection.isolation_level. consistency (default linearizable): see
-    Connection.consistency. discover (default True): remember the members the cluster names
+    Connection.consistency. durability (default quorum): see Connection.durability.
+    discover (default True): remember the members the cluster names
     and try them once every configured host refused a connection (so the client survives the
     removal of every node in its DSN); False uses only the configured hosts (e.g. a proxy).
 
@@ -970,7 +1001,8 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
     """
     s = parse_settings(dsn, hosts=hosts, certs=certs, cafile=cafile, certfile=certfile,
                        keyfile=keyfile, timeout=timeout, autocommit=autocommit,
-                       consistency=consistency, isolation_level=isolation_level)
+                       consistency=consistency, isolation_level=isolation_level,
+                       durability=durability)
     try:
         context = client_context(s.cafile, s.certfile, s.keyfile)
     except (OSError, ssl.SSLError) as e:
@@ -978,7 +1010,8 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
     client = _client.Client(s.hosts, context, timeout=s.timeout, consistency=s.consistency,
                             discover=discover)
     return factory(client, autocommit=s.autocommit, isolation_level=s.isolation_level,
-                   consistency=s.consistency, detect_types=detect_types)
+                   consistency=s.consistency, detect_types=detect_types,
+                   durability=s.durability)
 
 
 # --------------------------------------------------------------------------- helpers

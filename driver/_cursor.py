@@ -33,6 +33,8 @@ class Cursor:
     min_index    None or a log index: stale reads wait until the node has applied it (for
                  causality across connections: set it to another connection's last_index); the
                  connection's own last_index is always included (read-your-writes)
+    durability   None (use the connection's) or "quorum" | "leader": when this cursor's writes
+                 outside a transaction are answered (Connection.durability)
     """
 
     def __init__(self, connection: Connection, /):
@@ -41,6 +43,7 @@ class Cursor:
         self.row_factory = connection.row_factory
         self.min_index: int | None = None
         self._consistency: str | None = None
+        self._durability: str | None = None
         self._closed = False
         self._lastrowid: int | None = None
         # (transaction, position in its steps) when lastrowid came from an INSERT of the open
@@ -59,6 +62,16 @@ class Cursor:
         if value is not None and value not in _CONSISTENCY:
             raise ProgrammingError(f"consistency must be one of {', '.join(_CONSISTENCY)} or None")
         self._consistency = value
+
+    @property
+    def durability(self) -> str | None:
+        return self._durability
+
+    @durability.setter
+    def durability(self, value: str | None) -> None:
+        if value is not None and value not in ("quorum", "leader"):
+            raise ProgrammingError("durability must be one of quorum, leader or None")
+        self._durability = value
 
     @property
     def lastrowid(self) -> int | None:

@@ -303,6 +303,9 @@ def certs_show(cert_file: Path) -> None:
               help="Join the running cluster at DSN as a learner (first start; uses the node certificate).")
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics over HTTPS at https://HOST:PORT/metrics (off unless set).")
+@click.option("--max-unreplicated-writes", type=click.IntRange(0),
+              help="durability='leader' writes answered before their quorum and not yet committed, "
+                   "at most: what a leader crash can lose (default 64; 0: off).")
 @click.option("--reseed", is_flag=True,
               help="This node's database is damaged: move it (and the node's log and snapshots) "
                    "aside, then catch up from the leader (README, Recovery).")
@@ -310,7 +313,8 @@ def certs_show(cert_file: Path) -> None:
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
          election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, max_client_connections,
-         frame_timeout_s, client_idle_timeout_s, join_dsn, metrics_listen, reseed, log_level) -> None:
+         frame_timeout_s, client_idle_timeout_s, join_dsn, metrics_listen, max_unreplicated_writes,
+         reseed, log_level) -> None:
     """Run one node in the foreground (SIGTERM: hand over leadership, then exit).
 
     Settings come from flags, then $RAFTSQL_* variables, then the --config TOML file.
@@ -340,6 +344,7 @@ def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_m
         "snapshot_trailing": snapshot_trailing,
         "max_client_connections": max_client_connections, "frame_timeout_s": frame_timeout_s,
         "client_idle_timeout_s": client_idle_timeout_s, "metrics_listen": metrics_listen,
+        "max_unreplicated_writes": max_unreplicated_writes,
     }
     cfg = nodeconfig.load(flags, config_file)
     if cfg.metrics_listen is not None:

@@ -86,6 +86,10 @@ class Result:
     # Reads only: [row, column] of TEXT values that are not valid UTF-8, sent as bytes (the
     # driver applies its text_factory, as sqlite3 does); None when there are none.
     bad_text: list[list[int]] | None = None
+    # Writes at durability "leader" answered before their quorum: the entry's term (with index,
+    # where it sits in the leader's log); 0 for every other result. Such a result carries no
+    # rows, rowcount -1 and lastrowid None: the entry is not applied yet.
+    early_term: int = 0
     # Reads only, on the node, never sent: what streams the rest of the rows (a ReadCursor).
     stream: Any = field(default=None, repr=False, compare=False)
 
@@ -103,6 +107,8 @@ class Result:
         }
         if self.bad_text:
             out["bad_text"] = self.bad_text
+        if self.early_term:
+            out["early_term"] = self.early_term
         return out
 
     @classmethod
@@ -124,6 +130,7 @@ class Result:
                 duplicate=bool(m.get("duplicate", False)),
                 results=None if results is None else [cls.from_wire(r) for r in results],
                 bad_text=m.get("bad_text"),
+                early_term=int(m.get("early_term", 0)),
             )
         except (TypeError, KeyError) as e:
             raise ValueError(f"malformed Result map: {e}") from None
@@ -169,6 +176,10 @@ def bad_request(message: str) -> RequestError:
 # or, for executemany, [sql, [params, ...], MANY_FLAG].
 
 CONSISTENCY = ("linearizable", "leader", "stale")
+# When a write is answered: once a majority holds it and it is applied ("quorum"), or once the
+# leader's own disk holds it ("leader": it may be lost with the leader, within the leader's
+# max_unreplicated_writes; server/DESIGN.md, "Leader durability").
+DURABILITY = ("quorum", "leader")
 Statement = tuple[str, Any]
 _MAX_INDEX = 1 << 63
 
@@ -185,6 +196,12 @@ def _check(payload: Any, required: dict, optional: dict | None = None) -> dict[s
 def _index(value: int, what: str) -> int:
     if value < 0 or value >= _MAX_INDEX:
         raise bad_request(f"{what} must be a log index, got {value}")
+    return value
+
+
+def _durability(value: Any) -> str:
+    if value not in DURABILITY:
+        raise bad_request(f"unknown durability {value!r} (one of: {', '.join(DURABILITY)})")
     return value
 
 
@@ -365,6 +382,10 @@ class Execute:
     serial: int = 0
     consistency: str = "linearizable"
     min_index: int = 0
+    # With min_index: the term of the client's last write answered at durability "leader"; a
+    # read waits for min_index to be applied while that term lasts (read-your-writes).
+    min_term: int = 0
+    durability: str = "quorum"
     timeout_ms: int | None = None
     reads: bool = False
     commit: Commit | None = None
@@ -377,8 +398,12 @@ class Execute:
             out["txn"] = self.txn.to_wire()
         else:
             out.update(client_id=self.client_id, serial=self.serial, consistency=self.consistency)
-            if self.consistency == "stale":
+            if self.consistency == "stale" or self.min_term:
                 out["min_index"] = self.min_index
+            if self.min_term:
+                out["min_term"] = self.min_term
+            if self.durability != "quorum":
+                out["durability"] = self.durability
             if self.reads:
                 out["reads"] = True
             if self.commit is not None:
@@ -400,6 +425,7 @@ class Execute:
                        txn=TxnState.from_wire(body["txn"]))
         body = _check(m, {"statements": list}, {
             "client_id": str, "serial": int, "consistency": str, "min_index": int,
+            "min_term": int, "durability": str,
             "timeout_ms": int, "reads": bool, "commit": dict, "chunk": int})
         commit = Commit.from_wire(body["commit"]) if "commit" in body else None
         return cls(
@@ -409,6 +435,8 @@ class Execute:
             serial=body.get("serial", 0),
             consistency=_consistency(body.get("consistency", "linearizable")),
             min_index=_index(max(0, body.get("min_index", 0)), "min_index"),
+            min_term=_index(max(0, body.get("min_term", 0)), "min_term"),
+            durability=_durability(body.get("durability", "quorum")),
             timeout_ms=_timeout_ms(body),
             reads=bool(body.get("reads")),
             commit=commit,

@@ -9,6 +9,12 @@ The request and response types are in raftsql/protocol.py (shared with the drive
                  rowcount and no per-set results; not with "commit")
             "client_id": str, "serial": int, "consistency": "linearizable"|"leader"|"stale",
             "min_index": int, "timeout_ms": int,
+            "durability": "quorum"|"leader",
+                                    (optional, default "quorum": "leader" answers a write once
+                                     the leader's disk holds it, the result then has
+                                     "early_term" and no rows; server/DESIGN.md)
+            "min_term": int,        (optional, with min_index: a read waits for min_index
+                                     while that term lasts)
             "reads": true,          (optional: the result adds "reads", the tables read)
             "commit": {"last_ms": int, "checks": [check, ...], "controls": [[pos, op, depth]],
                        "txn": str | None}}
@@ -371,6 +377,8 @@ class ClientService:
             commit=commit,
             chunk=self._chunk(req, cursors),
             refuse_write=who.refuse_write(req.statements),
+            durability=req.durability,
+            min_term=req.min_term,
         )
         out = self._streamed(result, result.to_wire(), cursors)
         if reads is not None:

@@ -83,6 +83,10 @@ class NodeConfig:
     snapshot_trailing: int = 5_000
     # Durable log entries the core keeps in memory; older ones are read back from the log store.
     log_cache_bytes: int = 32 << 20
+    # Writes at durability "leader" answered before their quorum and not yet known committed,
+    # at most (server/DESIGN.md, "Leader durability"): what a leader crash can lose. 0: every
+    # write waits for its quorum.
+    max_unreplicated_writes: int = 64
     # Record when each write passes each stage (raftsql/trace.py; benchmarks/breakdown.py).
     trace: bool = False
     # Where Prometheus scrapes this node's metrics over HTTPS (server/metrics_http.py); None:
@@ -127,6 +131,8 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
     "snapshot_trailing": (int, "RAFTSQL_SNAPSHOT_TRAILING"),
     "log_cache_bytes": (int, "RAFTSQL_LOG_CACHE_BYTES"),  # server/DESIGN.md, "Bounded log memory"
+    # Early answers to durability="leader" writes (server/DESIGN.md, "Leader durability"); 0: off
+    "max_unreplicated_writes": (int, "RAFTSQL_MAX_UNREPLICATED_WRITES"),
     # Per-stage timing of writes, fetched with the "trace" request (raftsql/trace.py)
     "trace": (bool, "RAFTSQL_TRACE"),
     # DSN of a running cluster to join as a learner (first start only; see server/membership.py)
@@ -134,6 +140,10 @@ SETTINGS: dict[str, tuple[type, str]] = {
     # HOST:PORT of the opt-in metrics endpoint (README, "Monitoring")
     "metrics_listen": (str, "RAFTSQL_METRICS_LISTEN"),
 }
+
+
+# Numeric settings for which 0 means "off" (the others must be positive).
+ZERO_ALLOWED = {"max_unreplicated_writes"}
 
 
 class ConfigError(ValueError):
@@ -206,7 +216,9 @@ def _typed(key: str, value: Any, source: str) -> Any:
         v = typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r}") from None
-    if typ in (int, float) and v <= 0:
+    if typ in (int, float) and (v < 0 if key in ZERO_ALLOWED else v <= 0):
+        if key in ZERO_ALLOWED:
+            raise ConfigError(f"{source}: {key} must be 0 or more, got {value!r}")
         raise ConfigError(f"{source}: {key} must be positive, got {value!r}")
     return v
 
@@ -234,7 +246,7 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
                                "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
                                "max_client_connections", "frame_timeout_s", "client_idle_timeout_s",
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes",
-                               "trace") if k in vals}
+                               "trace", "max_unreplicated_writes") if k in vals}
     if "metrics_listen" in vals:
         kw["metrics_listen"] = parse_address(vals["metrics_listen"], "metrics_listen")
         if kw["metrics_listen"] == listen:

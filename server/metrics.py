@@ -105,6 +105,10 @@ APPLIED_ENTRIES = Counter("raftsql_applied_entries_total", "Entries applied to S
 WRITES = Histogram("raftsql_write_seconds",
                    "On the leader: a write from its request to its result (propose, replicate, "
                    "fsync, commit, apply).")
+EARLY_ACKS = Counter("raftsql_early_acks_total",
+                     "On the leader: durability='leader' writes answered once its own disk held "
+                     "them, before their quorum (the rest of such writes waited for it: the "
+                     "max_unreplicated_writes window was full).")
 PROPOSALS = Counter("raftsql_proposals_total",
                     "Entries this node proposed as leader (writes, membership changes, admin "
                     "records).")

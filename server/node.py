@@ -59,7 +59,7 @@ from raftsql.server.config import NodeConfig
 from raftsql.server.fileperms import secure_data_dir
 from raftsql.server.logstore import LogStore
 from raftsql.server.membership import Membership
-from raftsql.server.ready import ReadyDriver
+from raftsql.server.ready import EarlyAcks, ReadyDriver
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
@@ -136,9 +136,10 @@ class Node:
         self._waiters = Waiters(self._lock)
         self._applier = Applier(lambda: self.sm, self._waiters, self._apply_conf_change,
                                 self._applied, self.sm.applied_index, self.trace)
+        self.early = EarlyAcks(cfg.max_unreplicated_writes, self._answer_early)
         self.driver = ReadyDriver(self.core, self.store, send=self._send, install=self._install,
                                   apply=self._applier.enqueue, done=self._after_ready,
-                                  call=self._locked, trace=self.trace)
+                                  call=self._locked, trace=self.trace, early=self.early)
         # Snapshot work is due (under _lock): taking one, or compacting the log to one. The
         # driver role holder does it (the log store has one writer at a time).
         self._snapshot_work = False
@@ -362,6 +363,13 @@ class Node:
         except BaseException as e:  # noqa: BLE001 - a failed disk or corrupt entry stops the node
             self._die(e, "Ready driver")
 
+    @staticmethod
+    def _answer_early(index: int, term: int, w: Waiter) -> None:
+        """A durability="leader" write whose entry this leader's disk now holds (EarlyAcks):
+        answered now. Its apply later finishes the waiter again, unseen."""
+        metrics.EARLY_ACKS.inc()
+        w.finish(result=Result(index=index, early_term=term))
+
     def _kick(self) -> None:
         """Let the ready thread drive (from a thread that must not: a sender, the applier)."""
         with self._lock:
@@ -530,6 +538,8 @@ class Node:
         commit: tuple[int, tuple[str, ...], int] | None = None,
         chunk: int | None = None,
         refuse_write: RequestError | None = None,
+        durability: str = "quorum",
+        min_term: int = 0,
     ):
         """Run statements (one, or an atomic batch). SQLite decides if they only read: a single
         read-only statement is served as a read at the requested consistency; anything else
@@ -541,7 +551,11 @@ class Node:
         applied only if the check passes (see DESIGN.md, "Serializable transactions").
         chunk: a read returns about this many bytes of rows, and the rest in Result.stream
         (the client fetches it); None: the whole result, up to statemachine.MAX_RESULT_BYTES.
-        refuse_write: raised instead of proposing a write (the certificate may only read)."""
+        refuse_write: raised instead of proposing a write (the certificate may only read).
+        durability: "leader" answers a write (outside a transaction, returning no rows) once
+        the leader's disk holds it, within max_unreplicated_writes (DESIGN.md, "Leader
+        durability"). min_term: a read waits for min_index while that term lasts (the client's
+        own write answered at durability "leader")."""
         if self._stopping:
             ld, addr = self._leader_hint()
             if ld is not None and ld != self.cfg.id:
@@ -561,13 +575,22 @@ class Node:
             if consistency != "stale" and self._leader_unsure():
                 self._await_leader(deadline)
             is_leader = self.core.role == Role.LEADER
-        if consistency == "stale":
-            if min_index > self.sm.applied_index and not self.sm.wait_applied(min_index, max(0.0, deadline - time.monotonic())):
-                raise RequestError(ErrorKind.TIMEOUT, f"index {min_index} not applied on {self.cfg.id} in time")
+        if consistency == "stale" and min_index > self.sm.applied_index:
+            self._await_own_write(min_index, min_term, deadline)
         elif not is_leader and (consistency == "leader" or len(statements) != 1):
             raise self._not_leader()
+        returns_rows: list[bool] = []
         try:
-            readonly = self.sm.validate(statements)
+            try:
+                readonly = self.sm.validate(statements, returns_rows)
+            except SQLError:
+                if not (min_term and min_index > self.sm.applied_index):
+                    raise
+                # It may need the client's own write answered at durability "leader" (a table
+                # it created): prepare again once that is applied, or its term is over.
+                self._await_own_write(min_index, min_term, deadline)
+                returns_rows.clear()
+                readonly = self.sm.validate(statements, returns_rows)
         except SQLError as e:
             if serial and client_id:
                 # A resend of a write this node already applied (its first attempt created
@@ -592,12 +615,32 @@ class Node:
                 with self._lock:
                     if self.core.role != Role.LEADER:
                         raise self._not_leader()
+            if min_term and consistency != "stale" and min_index > self.sm.applied_index:
+                self._await_own_write(min_index, min_term, deadline)
             return self._read(sql, params, reads, None, chunk)
         if not is_leader:
             raise self._not_leader()
         if refuse_write is not None:
             raise refuse_write  # server/access.py: nothing was proposed
-        return self._write(statements, client_id, serial, deadline, commit)
+        early = (durability == "leader" and commit is None and self.early.window > 0
+                 and not any(returns_rows))
+        return self._write(statements, client_id, serial, deadline, commit, early=early)
+
+    def _await_own_write(self, index: int, term: int, deadline: float) -> None:
+        """Wait until `index` is applied here (a stale read's min_index, or the client's own
+        write answered at durability "leader"). With `term` (that write's): only while this
+        node's term is still that one; after a leader change the write may have been lost,
+        and the read then shows whatever the new leader committed."""
+        while self.sm.applied_index < index:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestError(ErrorKind.TIMEOUT, f"index {index} not applied on {self.cfg.id} in time")
+            if term:
+                with self._lock:
+                    if self.core.term != term:
+                        return
+            if self.sm.wait_applied(index, min(left, 0.05 if term else left)):
+                return
 
     def _read(self, sql, params, reads, start_index, chunk):
         if chunk is None:
@@ -746,7 +789,7 @@ class Node:
             self.sm.txn_end(commit.txn)
 
     def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None,
-               record: dict[str, Any] | None = None):
+               record: dict[str, Any] | None = None, early: bool = False):
         started = time.monotonic()
         txn: dict[str, Any] = {}
         if isinstance(commit, dict):
@@ -788,6 +831,8 @@ class Node:
                 raise RequestError(ErrorKind.UNAVAILABLE, f"write not accepted now: {e}") from None
             w = self._track_proposal(index)
             w.data, w.cmd = data, cmd
+            if early:
+                self.early.expect(index, w.term, w)
         if self.trace is not None:
             self.trace.proposed(index)
         result = self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")

@@ -271,8 +271,11 @@ class Reads:
         self._vreader: Reader | None = None
         self.closed = False
 
-    def validate(self, statements: Sequence[tuple[str, Any]]) -> list[bool]:
+    def validate(self, statements: Sequence[tuple[str, Any]],
+                 returns_rows: list[bool] | None = None) -> list[bool]:
         """Prepare each (sql, params) without running it and return its read-only flag.
+        returns_rows: if given, gets one flag per statement: does it return rows (a SELECT,
+        RETURNING)?
 
         Raises SQLError for what apply would refuse or fail to compile: syntax errors, unknown
         tables (unless an earlier statement of the batch changes the schema: then the check is
@@ -294,13 +297,14 @@ class Reads:
                 reader.guard.internal = False
             # An executemany batch repeats one statement with new values: preparing and binding
             # depend only on the text and the parameters' shape, so check each shape once.
-            seen: dict[tuple, bool] = {}
+            seen: dict[tuple, tuple[bool, bool]] = {}
             for i, item in enumerate(statements):
                 if isinstance(item, str):
                     sql, params = item, ()
                 else:
                     sql, params = item
                 flag = True
+                rows = False
                 if type(params) is not Many:
                     group: Sequence[Any] = (params,)
                 elif set(map(type, params.sets)) == {tuple}:
@@ -320,8 +324,11 @@ class Reads:
                         except SQLError as e:
                             e.statement = i
                             raise
-                    flag = flag and seen[key]
+                    flag = flag and seen[key][0]
+                    rows = rows or seen[key][1]
                 flags.append(flag)
+                if returns_rows is not None:
+                    returns_rows.append(rows)
         return flags
 
     def stored_result(self, client_id: str, serial: int) -> Result | None:
@@ -346,7 +353,8 @@ class Reads:
         result.duplicate = True
         return result
 
-    def _prepare_only(self, reader: Reader, sql: str, params: Any) -> bool:
+    def _prepare_only(self, reader: Reader, sql: str, params: Any) -> tuple[bool, bool]:
+        """(read-only, returns rows) of one statement, prepared and bound, never stepped."""
         seen: dict[str, Any] = {}
 
         def tracer(cursor: apsw.Cursor, first: str, bindings: Any) -> bool:
@@ -354,6 +362,7 @@ class Reads:
                 return True
             seen["sql"] = first
             seen["readonly"] = cursor.is_readonly
+            seen["rows"] = bool(cursor.description)
             return False  # abort: prepared and bound, never stepped
 
         guard = reader.guard
@@ -380,10 +389,10 @@ class Reads:
                 and "unrecognized token" not in msg
             ):
                 # e.g. INSERT into a table created earlier in this batch: apply decides.
-                return False
+                return False, True
             raise SQLError(err["code"], err["name"], msg) from None
         if "sql" not in seen:
-            return True  # only comments: a no-op
+            return True, False  # only comments: a no-op
         first = seen["sql"]
         # The first statement's text is normally a prefix of sql; if blank pieces came first,
         # find where it ends.
@@ -394,7 +403,7 @@ class Reads:
             )
         if not seen["readonly"] and first_keyword(sql) == "VACUUM":
             raise SQLError(SQLITE_AUTH, "SQLITE_AUTH", "not authorized: VACUUM is not allowed")
-        return bool(seen["readonly"])
+        return bool(seen["readonly"]), seen["rows"]
 
     def query(
         self,

@@ -37,21 +37,99 @@ must be caught): "ack_before_sync" sends the persisted messages before the sync,
 
 `trace` (optional, raftsql/trace.py) records when each entry was sent, persisted, acknowledged
 and handed to apply.
+
+`early` (optional, EarlyAcks) answers writes proposed at durability "leader" once the leader's
+own fsync of their entry is done, before a majority holds it, as long as at most `window` such
+answers are outstanding (answered, not yet known committed); past that a write waits for its
+quorum like any other. A leader that crashes or is deposed can therefore lose at most `window`
+writes it acknowledged early, and none it acknowledged at quorum (see server/DESIGN.md,
+"Leader durability"). The driver bug "early_ack_unbounded" ignores the window.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from raftsql.raft.core import Raft
-from raftsql.raft.types import Entry, HardState, Message, Ready, SnapshotMeta
+from raftsql.raft.types import Entry, HardState, Message, Ready, Role, SnapshotMeta
 
 DRIVER_BUGS = {
     "ack_before_sync": "send votes and append acknowledgements before the fsync",
     "apply_before_sync": "apply committed entries before the fsync of the same Ready",
     "skip_sync": "never fsync (a crash loses what was acknowledged)",
+    "early_ack_unbounded": "answer every leader-durability write early, ignoring the window",
 }
+
+
+class EarlyAcks:
+    """The leader's early answers to writes at durability "leader" (see the module text).
+
+    expect(index, term, token) right after proposing such a write (token: what on_ack gets);
+    the driver calls persisted(entries) after the fsync that made entries durable here,
+    committed(index) when it hands committed entries to apply, and reset() when this node
+    stops leading. on_ack(index, term, token) answers one write early. Thread-safe: expect()
+    comes from client threads, the rest from the thread driving the core."""
+
+    def __init__(self, window: int, on_ack: Callable[[int, int, Any], None],
+                 bugs: frozenset[str] = frozenset()):
+        if window < 0:
+            raise ValueError("the early-acknowledgement window cannot be negative")
+        self.window = window
+        self._on_ack = on_ack
+        self._unbounded = "early_ack_unbounded" in bugs
+        self._lock = threading.Lock()
+        self._expected: dict[int, tuple[int, Any]] = {}  # index -> (term, token)
+        self._outstanding: collections.deque[int] = collections.deque()  # answered early
+        self._committed = 0
+        self.acked = 0  # writes answered early
+        self.fell_back = 0  # writes that waited for their quorum because the window was full
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    def expect(self, index: int, term: int, token: Any) -> None:
+        with self._lock:
+            if index > self._committed:
+                self._expected[index] = (term, token)
+
+    def persisted(self, entries: list[Entry]) -> None:
+        acks = []
+        with self._lock:
+            if not self._expected:
+                return
+            for e in entries:
+                want = self._expected.pop(e.index, None)
+                if want is None or want[0] != e.term or e.index <= self._committed:
+                    continue
+                if len(self._outstanding) >= self.window and not self._unbounded:
+                    self.fell_back += 1
+                    continue  # answered by apply, at quorum
+                self._outstanding.append(e.index)
+                self.acked += 1
+                acks.append((e.index, e.term, want[1]))
+        for index, term, token in acks:
+            self._on_ack(index, term, token)
+
+    def committed(self, index: int) -> None:
+        with self._lock:
+            if index <= self._committed:
+                return
+            self._committed = index
+            out = self._outstanding
+            while out and out[0] <= index:
+                out.popleft()
+            if self._expected:
+                for i in [i for i in self._expected if i <= index]:
+                    del self._expected[i]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._expected.clear()
+            self._outstanding.clear()
 
 
 class DurableLog(Protocol):
@@ -77,6 +155,7 @@ class ReadyDriver:
         call: Callable[..., Any] = _direct,
         bugs: frozenset[str] = frozenset(),
         trace: Any = None,
+        early: EarlyAcks | None = None,
     ):
         unknown = set(bugs) - set(DRIVER_BUGS)
         if unknown:
@@ -90,6 +169,7 @@ class ReadyDriver:
         self._call = call
         self._bugs = bugs
         self.trace = trace
+        self.early = early
         self._early = 0  # committed entries of the outstanding Ready handed over by begin()
 
     def _take(self) -> Ready | None:
@@ -132,6 +212,8 @@ class ReadyDriver:
                 if tr is not None:
                     tr.mark_entries(early, "commit")
                 self._apply(early)
+                if self.early is not None:
+                    self.early.committed(early[-1].index)
         self._early = durable if committed else 0  # finish() hands over the rest
         return rd
 
@@ -147,11 +229,19 @@ class ReadyDriver:
             self._send(rd.persisted_messages)
             if tr is not None:
                 tr.mark_acks(rd.persisted_messages)
+        early = self.early
+        if early is not None:
+            if rd.soft_state is not None and rd.soft_state.role != Role.LEADER:
+                early.reset()  # before this Ready's entries: they may overwrite ours
+            elif rd.entries:
+                early.persisted(rd.entries)
         if len(rd.committed_entries) > self._early:
             rest = rd.committed_entries[self._early:] if self._early else rd.committed_entries
             if tr is not None:
                 tr.mark_entries(rest, "commit")
             self._apply(rest)
+            if early is not None:
+                early.committed(rest[-1].index)
         if self._done is not None:
             self._done(rd)
         self._call(self.core.advance, rd)

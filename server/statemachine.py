@@ -715,9 +715,10 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
 
     # -- inspection -----------------------------------------------------------------------
 
-    def validate(self, statements: Sequence[tuple[str, Any]]) -> list[bool]:
+    def validate(self, statements: Sequence[tuple[str, Any]],
+                 returns_rows: list[bool] | None = None) -> list[bool]:
         """See Reads.validate: prepare without running; the read-only flag of each."""
-        return self.reads.validate(statements)
+        return self.reads.validate(statements, returns_rows)
 
     def query(self, sql: str, params: Any = (), **kw: Any) -> Result:
         """See Reads.query: one read, its whole result (bounded)."""

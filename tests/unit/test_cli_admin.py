@@ -79,6 +79,17 @@ def test_max_request_size_setting():
         load({**base, "max_request_size": 0}, env={})
 
 
+def test_max_unreplicated_writes_setting():
+    base = {"id": "n4", "data_dir": "/tmp/x", "listen": "127.0.0.1:1", "certs": "/"}
+    assert load(base, env={}).max_unreplicated_writes == 64
+    assert load(base, env={"RAFTSQL_MAX_UNREPLICATED_WRITES": "0"}).max_unreplicated_writes == 0
+    assert load({**base, "max_unreplicated_writes": 5}, env={}).max_unreplicated_writes == 5
+    with pytest.raises(ConfigError, match="must be 0 or more"):
+        load({**base, "max_unreplicated_writes": -1}, env={})
+    with pytest.raises(ConfigError, match="must be int"):
+        load(base, env={"RAFTSQL_MAX_UNREPLICATED_WRITES": "lots"})
+
+
 def test_cli_help_and_argument_errors(tmp_path):
     r = CliRunner()
     for cmd in (["cluster", "--help"], ["cluster", "add", "--help"], ["cluster", "promote", "--help"],
