@@ -42,7 +42,7 @@ from raftsql.raft.types import (
     Role,
     SnapshotMeta,
 )
-from raftsql.server.ready import DRIVER_BUGS, ReadyDriver
+from raftsql.server.ready import DRIVER_BUGS, EarlyAcks, ReadyDriver
 from raftsql.sim.disk import MemDisk
 from raftsql.sim.invariants import Invariants
 from raftsql.sim.schedule import Schedule, Swarm
@@ -144,6 +144,7 @@ class SimNode:
     installing: dict[tuple[int, int], tuple[tuple[int, bytes], ...]] = field(default_factory=dict)
     compact_at: int = 0  # compact once applied - snapshot.index reaches this
     deferred: list[int] = field(default_factory=list)  # unsynced snapshot files (sim bug snapshot_file_after_log)
+    early: EarlyAcks | None = None  # the node's early answers to durability "leader" writes
 
     @property
     def alive(self) -> bool:
@@ -202,6 +203,19 @@ class Simulation:
         self.schedule = Schedule(self)
         self.inv = Invariants(self, ELECTION_TICKS)
         self.stats = {"acked": 0, "reads": 0, "crashes": 0, "partitions": 0, "elections": 0, "transfers": 0, "conf_changes": 0}
+        # Durability "leader" (server/ready.py, EarlyAcks): the seed draws the window (0: off)
+        # and the share of writes that ask for it, from a stream of its own, so the schedule
+        # of every seed is the same as without it. A write answered early may be lost with
+        # its leader, at most `window` of them per term: the invariant "Leader durability
+        # bound" counts them as their indices commit to something else.
+        self._erng = random.Random(f"early/{seed}")
+        self.early_window = self._erng.choice((0, 1, 2, 4))
+        if self.early_window == 0 and "early_ack_unbounded" in sim_bugs:
+            self.early_window = 1
+        self.early_share = self._erng.choice((0.5, 1.0))
+        self.early_acked: dict[int, list[tuple[int, bytes]]] = {}  # index -> [(term, value)]
+        self.early_lost: dict[int, int] = {}  # term -> writes answered early, then lost
+        self.stats.update(early_acked=0, early_lost=0)
         if self.snap is not None:
             self.stats.update(
                 compactions=0, snapshots_sent=0, installs=0, learner_installs=0,
@@ -258,8 +272,13 @@ class Simulation:
             cfg, node_rng, hs, snap, stored, applied=snap.index,
             storage=node.disk, log_cache_bytes=self.cache_bytes,
         )
+        node.early = (EarlyAcks(self.early_window,
+                                lambda i, t, v, node=node: self._early_ack(node, i, t, v),
+                                bugs=self.sim_bugs & DRIVER_BUGS.keys())
+                      if self.early_window else None)
         node.driver = ReadyDriver(
             node.core, node.disk,
+            early=node.early,
             send=self._send,
             install=lambda meta, node=node: self._install(node, meta, node.installing),
             apply=lambda entries, node=node: self._apply_entries(node, entries),
@@ -286,6 +305,7 @@ class Simulation:
         self._log(f"CRASH {nid} (lost {lost} unsynced writes)")
         node.core = None
         node.driver = None
+        node.early = None
         node.pending = None
         node.restarts += 1
         self.proposals[nid] = []
@@ -312,6 +332,8 @@ class Simulation:
         try:
             idx = self.call(node, node.core.propose, value)
             self.proposals[node.id].append(Proposal(value, node.id, idx, node.core.term))
+            if node.early is not None and self._erng.random() < self.early_share:
+                node.early.expect(idx, node.core.term, value)
         except (NotLeader, ProposalDropped):
             pass
 
@@ -567,6 +589,38 @@ class Simulation:
                 )
             self._apply(node, e.index, e.term, e.data)
 
+    def _early_ack(self, node: SimNode, index: int, term: int, value: bytes) -> None:
+        """node answered a durability "leader" write early (its disk holds it)."""
+        base = node.disk.snapshot.index
+        if index > base + len(node.disk.entries) or (
+                index > base and node.disk.entries[index - base - 1].term != term):
+            raise Violation("Leader durability bound",
+                            f"{node.id} answered {index}:{term} early before its own disk held it")
+        self.stats["early_acked"] += 1
+        self._log(f"EARLY-ACK {value!r} at {index}:{term} via {node.id}")
+        want = self.committed.get(index)
+        if want is None:
+            self.early_acked.setdefault(index, []).append((term, value))
+        elif want != (term, value):  # committed already (a leader's slow disk), as something else
+            self._early_loss(index, term, value)
+
+    def _early_settled(self, index: int, term: int, data: bytes) -> None:
+        """Index committed as (term, data): early answers for anything else there are lost."""
+        for t, value in self.early_acked.pop(index, ()):
+            if (t, value) != (term, data):
+                self._early_loss(index, t, value)
+
+    def _early_loss(self, index: int, term: int, value: bytes) -> None:
+        lost = self.early_lost[term] = self.early_lost.get(term, 0) + 1
+        self.stats["early_lost"] += 1
+        self._log(f"EARLY-LOST {value!r} at {index}:{term}")
+        if lost > self.early_window:
+            raise Violation(
+                "Leader durability bound",
+                f"{lost} writes answered early in term {term} were lost (window "
+                f"{self.early_window}); the last: {value!r} at {index}",
+            )
+
     def _read_states(self, node: SimNode, rd: Ready) -> None:
         for rs in rd.read_states:
             r = self.reads.get(rs.context)
@@ -675,7 +729,11 @@ class Simulation:
                 node.checked_commit = log.committed  # restarted with an older persisted commit
             for idx in range(max(node.checked_commit + 1, log.first_index()), log.committed + 1):
                 e = log.entry(idx)
-                want = self.committed.setdefault(idx, (e.term, e.data))
+                want = self.committed.get(idx)
+                if want is None:
+                    want = self.committed[idx] = (e.term, e.data)
+                    if self.early_acked:
+                        self._early_settled(idx, e.term, e.data)
                 if e.type == EntryType.CONF_CHANGE and idx not in self.conf_changes:
                     self.conf_changes[idx] = ConfChange.decode(e.data)
                 if want != (e.term, e.data):
@@ -777,6 +835,10 @@ class Simulation:
         )
 
     def _final_checks(self, leader: SimNode) -> None:
+        # Early answers at indices no leader ever committed: lost too.
+        for index in sorted(self.early_acked):
+            for term, value in self.early_acked.pop(index):
+                self._early_loss(index, term, value)
         # Every acknowledged write is in every member's applied state, at its index.
         for m in sorted(leader.core.voters | leader.core.learners):
             applied = dict(self.nodes[m].applied)

@@ -49,6 +49,8 @@ SIM_BUGS_CAUGHT = {
     "ack_before_sync": "Vote durability",  # a crash in the fsync forgets a vote already sent
     "apply_before_sync": "Apply after persist",
     "skip_sync": "Vote durability",
+    # Durability "leader": every such write answered early, past max_unreplicated_writes.
+    "early_ack_unbounded": "Leader durability bound",
 }
 
 
@@ -71,6 +73,9 @@ def test_300_seeds_without_violations(capsys):
         "compactions", "snapshots_sent", "installs", "learner_installs", "snapshots_stale",
         "snapshots_fast_forward", "reports_ok",
         "reports_failed", "reports_lost", "restarts_from_snapshot", "crash_between", "conf_changes",
+        # Durability "leader": writes answered early, and some of them lost with their leader
+        # (each term within its window: the invariant "Leader durability bound").
+        "early_acked", "early_lost",
     ):
         assert t[key] > 0, (key, t)
 
