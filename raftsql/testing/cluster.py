@@ -11,6 +11,7 @@ Certificates are laid out as `raftsql cluster up` lays them out (a `CertsTree` i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +248,16 @@ class LocalCluster:
                 return last
             time.sleep(0.1)
         raise TimeoutError(f"nodes did not converge: {last}")
+
+
+@contextlib.contextmanager
+def running(base_dir: str | os.PathLike, nodes: int = 3, **kw: Any) -> Iterator[LocalCluster]:
+    """A started LocalCluster with a leader (kw: LocalCluster's), closed on the way out: the
+    body of the test fixtures that need one cluster."""
+    c = LocalCluster(base_dir, nodes, **kw)
+    c.start()
+    try:
+        c.wait_leader()
+        yield c
+    finally:
+        c.close()

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from raftsql.testing.cluster import LocalCluster
+from raftsql.testing.cluster import LocalCluster, running
 
 
 def _cli(*args, check=True):
@@ -22,13 +22,8 @@ def _cli(*args, check=True):
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = LocalCluster(tmp_path / "a", 3)
-    c.start()
-    try:
-        c.wait_leader()
+    with running(tmp_path / "a", 3) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_backup_of_a_live_cluster_matches_its_content_at_its_index(cluster, tmp_path):

@@ -9,18 +9,13 @@ from collections import Counter
 import pytest
 
 from raftsql.driver._client import BadRequest, OutcomeUnknown, Unavailable
-from raftsql.testing.cluster import LocalCluster
+from raftsql.testing.cluster import LocalCluster, running
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = LocalCluster(tmp_path / "c", 3)
-    c.start()
-    try:
-        c.wait_leader()
+    with running(tmp_path / "c", 3) as c:
         yield c
-    finally:
-        c.close()
 
 
 class Writer(threading.Thread):

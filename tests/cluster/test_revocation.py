@@ -18,7 +18,7 @@ from raftsql import wire
 from raftsql.driver._admin import context_for
 from raftsql.driver._conn import DSN, NodeConnection, NodeUnreachable
 from raftsql.server.tls import describe_cert
-from raftsql.testing.cluster import LocalCluster
+from raftsql.testing.cluster import LocalCluster, running
 
 
 def _cli(*args):
@@ -29,14 +29,9 @@ def _cli(*args):
 @pytest.fixture
 def cluster(tmp_path):
     # Small snapshot thresholds: the log is compacted past the revocation before n4 joins.
-    c = LocalCluster(tmp_path / "c", 3, node_args=["--snapshot-entries", "40",
-                                                   "--snapshot-trailing", "10"])
-    c.start()
-    try:
-        c.wait_leader()
+    with running(tmp_path / "c", 3, node_args=["--snapshot-entries", "40",
+                                               "--snapshot-trailing", "10"]) as c:
         yield c
-    finally:
-        c.close()
 
 
 def _open(cluster: LocalCluster, nid: str, certs) -> NodeConnection:

@@ -13,18 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from raftsql.testing.cluster import LocalCluster
+from raftsql.testing.cluster import LocalCluster, running
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("hostile"), 3)
-    c.start()
-    try:
-        c.wait_leader()
+    with running(tmp_path_factory.mktemp("hostile"), 3) as c:
         yield c
-    finally:
-        c.close()
 
 
 def terms(cluster: LocalCluster) -> dict[str, int]:
