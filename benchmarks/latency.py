@@ -1,6 +1,7 @@
 """Write latency: one client, sequential single-row INSERTs through the driver, on clusters of
 1, 3 and 5 nodes, next to a local SQLite file (synchronous=FULL) and a 3-member etcd, all in
-the same invocation and measured the same way.
+the same invocation and measured the same way. With 3 nodes it also measures writes at
+durability="leader" (answered once the leader's disk holds them: raftsql_3_leader).
 
     python benchmarks/latency.py --quick     # under a minute
     python benchmarks/latency.py --writes 2000
@@ -30,15 +31,17 @@ from _common import (
 from _plots import latency_cdf
 
 
-def bench_raftsql(nodes: int, writes: int, warmup: int) -> list[float]:
+def bench_raftsql(nodes: int, writes: int, warmup: int, durability: str = "quorum") -> list[float]:
     base = tmpdir(f"raftsql-lat{nodes}-")
     c = raftsql_cluster(base, nodes)
     try:
         conn = driver_connect(c.dsn)
+        conn.durability = durability
         cur = conn.cursor()
         cur.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
         lat = []
-        with click.progressbar(range(warmup + writes), label=f"raftsql {nodes} node(s)", file=sys.stderr) as bar:
+        label = f"raftsql {nodes} node(s)" + (f", durability={durability}" if durability != "quorum" else "")
+        with click.progressbar(range(warmup + writes), label=label, file=sys.stderr) as bar:
             for i in bar:
                 t0 = time.perf_counter()
                 cur.execute("INSERT INTO t (v) VALUES (?)", (f"value {i}",))
@@ -115,6 +118,9 @@ def main(quick: bool, writes: int, node_counts: tuple[int, ...], name: str) -> N
     for n in node_counts:
         raw[f"raftsql_{n}"] = bench_raftsql(n, writes, warmup)
         res[f"raftsql_{n}"] = summary_ms(raw[f"raftsql_{n}"])
+        if n == 3:
+            raw["raftsql_3_leader"] = bench_raftsql(3, writes, warmup, durability="leader")
+            res["raftsql_3_leader"] = summary_ms(raw["raftsql_3_leader"])
     base_etcd = res["etcd_3"] if isinstance(res["etcd_3"], dict) else None
     base_sqlite = res["sqlite_full"]
     rows = []
@@ -127,12 +133,25 @@ def main(quick: bool, writes: int, node_counts: tuple[int, ...], name: str) -> N
         rows.append([key, s["p50_ms"], s["p95_ms"], s["p99_ms"], s["max_ms"], *vs_etcd, vs_sqlite])
     table = md_table(["system", "p50 ms", "p95 ms", "p99 ms", "max ms", "p50 vs etcd", "p99 vs etcd",
                       "p50 vs sqlite FULL"], rows)
-    notes = claim_3_vs_5(res) + targets(res)
+    notes = claim_3_vs_5(res) + targets(res) + leader_durability(res)
     doc["findings"] = notes
     table += "\n\n" + "\n".join(f"- {line}" for line in notes)
     click.echo(table)
     write_report(name, doc, table)
     latency_cdf(name, {k.replace("_", " "): v for k, v in raw.items()}, doc["machine"])
+
+
+def leader_durability(res: dict) -> list[str]:
+    lead, quorum, etcd = res.get("raftsql_3_leader"), res.get("raftsql_3"), res.get("etcd_3")
+    if not isinstance(lead, dict) or not isinstance(quorum, dict):
+        return []
+    line = (f"3 nodes, durability=leader: p50 {lead['p50_ms']} ms, p99 {lead['p99_ms']} ms = "
+            f"{lead['p50_ms'] / quorum['p50_ms']:.2f}x / {lead['p99_ms'] / quorum['p99_ms']:.2f}x "
+            "of durability=quorum")
+    if isinstance(etcd, dict):
+        line += (f", {lead['p50_ms'] / etcd['p50_ms']:.2f}x / {lead['p99_ms'] / etcd['p99_ms']:.2f}x "
+                 "of etcd")
+    return [line + " (p50 / p99)."]
 
 
 def claim_3_vs_5(res: dict) -> list[str]:
