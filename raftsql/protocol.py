@@ -19,6 +19,8 @@ from typing import Any
 
 import msgpack
 
+from raftsql.wire import gc_paused
+
 
 class ErrorKind(enum.StrEnum):
     """Why a request was not served. A str: it travels as its value ("NOT_LEADER")."""
@@ -232,6 +234,9 @@ def encode_statements(statements: list[Statement]) -> list[list]:
     return out
 
 
+_SETS_CHUNK = 20_000  # executemany parameter sets converted per slice (decode_statements)
+
+
 def decode_statements(items: Any, *, many: bool = False) -> list[Statement]:
     """[sql, params] items; with many=True also [sql, [params, ...], MANY_FLAG]."""
     from raftsql.command import MANY_FLAG, Many
@@ -254,10 +259,19 @@ def decode_statements(items: Any, *, many: bool = False) -> list[Statement]:
             kinds = set(map(type, sets))  # C speed: a batch is usually all lists
             if not kinds <= {list, dict}:
                 raise bad_request(f"statement {i}: params must be a list or a map")
-            if kinds == {list}:
+            if kinds != {list}:
+                out = tuple(tuple(p) if type(p) is list else p for p in sets)
+            elif len(sets) <= _SETS_CHUNK:
                 out = tuple(map(tuple, sets))
             else:
-                out = tuple(tuple(p) if type(p) is list else p for p in sets)
+                # A million sets: in slices, so no single C call holds the GIL for long, and
+                # without cyclic collection while the lists and their tuples are all alive.
+                with gc_paused():
+                    parts: list[tuple] = []
+                    for k in range(0, len(sets), _SETS_CHUNK):
+                        parts.extend(map(tuple, sets[k:k + _SETS_CHUNK]))
+                    out = tuple(parts)
+                    del parts
             statements.append((st[0], Many(out)))
             continue
         if not (isinstance(st, list) and len(st) == 2 and isinstance(st[0], str)):

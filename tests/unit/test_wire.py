@@ -716,3 +716,56 @@ def test_bad_snapshot_chunk_shapes():
             wire.decode_snapshot_chunk(bad)
     with pytest.raises(wire.DecodeError, match="final chunk"):  # a final chunk carries no data
         wire.decode_snapshot_chunk([7, 2, 3, b"abc", 0, b"d" * 32])
+
+
+# ------------------------------------------------------------------ big frames, piece by piece
+
+_json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=5)
+    | st.binary(max_size=5) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=40) | st.dictionaries(st.text(max_size=4), inner, max_size=20),
+    max_leaves=200,
+)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=_json_like)
+def test_a_big_frame_decodes_piece_by_piece_to_what_unpackb_gives(obj):
+    # Padding pushes the frame past INCREMENTAL_BYTES; the object rides next to it.
+    payload = {"pad": b"\0" * wire.INCREMENTAL_BYTES, "obj": obj, "rows": [[i, "x"] for i in range(40)]}
+    frame = wire.encode_frame(wire.FrameKind.REQUEST, payload, max_frame_size=64 << 20)
+    [(kind, got)] = wire.FrameDecoder(64 << 20).feed(frame)
+    assert kind == wire.FrameKind.REQUEST
+    assert got == msgpack.unpackb(frame[wire.HEADER_SIZE:], raw=False)[1]
+
+
+def test_a_big_frame_keeps_the_limits_and_errors_of_a_small_one():
+    pad = b"\0" * wire.INCREMENTAL_BYTES
+    cases = {
+        "int is not allowed for map key": msgpack.packb([1, {1: 2, "pad": pad}]),
+        "extra data": msgpack.packb([1, {"pad": pad}]) + b"\x01",
+        # An array header claiming 2**32-1 elements in a frame of a few hundred KB.
+        "exceeds max_array_len": b"\x92\x01\xdd\xff\xff\xff\xff" + pad,
+        "exceeds max_map_len": b"\x92\x01\xdf\x7f\xff\xff\xff" + pad,
+    }
+    for message, body in cases.items():
+        with pytest.raises(wire.FrameError, match=message):
+            wire.FrameDecoder(64 << 20).feed(struct.pack(">I", len(body)) + body)
+
+
+def test_gc_paused_nests_and_restores_the_collector():
+    import gc
+
+    assert gc.isenabled()
+    with wire.gc_paused():
+        with wire.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with wire.gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off: left off
+    finally:
+        gc.enable()
