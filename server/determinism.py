@@ -36,17 +36,59 @@ def ensure_utc() -> None:
 class EntryClock(apsw.VFS):
     """The default VFS with SQLite's clock replaced: 'now', CURRENT_TIME/DATE/TIMESTAMP and
     column DEFAULTs read now_ms, which apply sets to the entry's time. SQLite caches the time
-    per statement, so this runs at most once per statement that asks."""
+    per statement, so this runs at most once per statement that asks.
+
+    Being a Python VFS, every file operation passes through apsw with the GIL held, and apsw
+    holds it across the base VFS's call too: an fsync of a WAL holding 400 MB froze the whole
+    node for seconds (no tick, no heartbeat: an election). So its files (_GilFreeSyncFile) sync
+    first with os.fsync, which lets the GIL go, and only then through the base VFS, which finds
+    nothing left to write (and still syncs the directory of a new file, as SQLite wants)."""
 
     def __init__(self, name: str, now_ms: int):
         self.now_ms = now_ms
         super().__init__(name, "")
+
+    def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:  # noqa: N802 - SQLite's name
+        return _GilFreeSyncFile(name, flags)
 
     def xCurrentTimeInt64(self) -> int:  # noqa: N802 - SQLite's name
         return self.now_ms + UNIX_EPOCH_JULIAN_MS
 
     def xCurrentTime(self) -> float:  # noqa: N802
         return (self.now_ms + UNIX_EPOCH_JULIAN_MS) / 86400000.0
+
+
+class _GilFreeSyncFile(apsw.VFSFile):
+    """A default-VFS file whose xSync does the slow part (os.fsync) without the GIL."""
+
+    def __init__(self, name: Any, flags: list[int]):
+        super().__init__("", name, flags)
+        if isinstance(name, apsw.URIFilename):
+            name = name.filename()
+        self._path: str | None = name or None  # None: a temporary file SQLite names itself
+        self._fd: int | None = None
+
+    def xSync(self, flags: int) -> None:  # noqa: N802 - SQLite's name
+        if self._path is not None:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                elif os.fstat(self._fd).st_ino != os.stat(self._path).st_ino:
+                    os.close(self._fd)  # the file was replaced: sync the new one
+                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                os.fsync(self._fd)
+            except OSError:
+                pass  # the base xSync below does the sync that counts, and reports its error
+        super().xSync(flags)
+
+    def xClose(self) -> None:  # noqa: N802 - SQLite's name
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        super().xClose()
 
 
 def as_int(value: Any) -> int:
