@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +100,9 @@ class Applier:
         self._applying = False
         self._stopping = False
         self.queued_to = applied_index
+        # When the batch being applied began (None: idle); read without a lock by the node's
+        # busy-disk check (Node._disk_busy).
+        self.busy_since: float | None = None
 
     def enqueue(self, entries: list[Entry]) -> None:
         """Hand committed entries (in log order, after those handed before) to the apply
@@ -127,7 +131,11 @@ class Applier:
                 while queue:
                     entries = entries + queue.popleft()
                 self._applying = True
-            self._apply(entries)
+            self.busy_since = time.monotonic()
+            try:
+                self._apply(entries)
+            finally:
+                self.busy_since = None
             self._on_applied(max(1, sum(len(e.data) for e in entries)))
 
     def drain(self) -> None:

@@ -71,6 +71,9 @@ log = logging.getLogger("raftsql.node")
 
 # Readies a client, reader or ticker thread drives before it leaves the rest to the ready thread.
 INLINE_ROUNDS = 2
+# A Ready's fsync or an apply batch this long means a busy disk: the ticker and the peer readers
+# then leave every Ready to the ready thread (Node._disk_busy).
+SLOW_DISK_S = 0.05
 
 
 def _explain(e: BaseException, db_path: str) -> BaseException:
@@ -285,7 +288,7 @@ class Node:
                     self.core.step(m)
         if self.trace is not None:
             self._trace_received(msgs)
-        self._drive()
+        self._drive(responsive=True)
 
     def _trace_received(self, msgs: list[Message]) -> None:
         for m in msgs:
@@ -321,7 +324,7 @@ class Node:
                 if self._stopping:
                     return
                 self.core.tick()
-            self._drive()
+            self._drive(responsive=True)
 
     # ---------------------------------------------------------------- driving the core
 
@@ -329,7 +332,16 @@ class Node:
         """Called with the lock held."""
         return self._snapshot_work or self.core.has_ready()
 
-    def _drive(self, rounds: int = INLINE_ROUNDS) -> None:
+    def _disk_busy(self) -> bool:
+        """Is an fsync likely to take long now? The last one did, or the apply thread has been
+        writing one batch for a while (a 400 MB entry: every node's log fsync then waits
+        behind that data on the same disk, for seconds)."""
+        if self.driver.last_sync_s > SLOW_DISK_S:
+            return True
+        since = self._applier.busy_since
+        return since is not None and time.monotonic() - since > SLOW_DISK_S
+
+    def _drive(self, rounds: int = INLINE_ROUNDS, responsive: bool = False) -> None:
         """Carry out what the core wants, in this thread, if no other thread is at it: at most
         `rounds` Readies, then the ready thread takes over what is left. Called without the
         lock by every thread that changed the core. A failure (a disk, a corrupt entry) stops
@@ -337,9 +349,23 @@ class Node:
         lock = self._lock
         try:
             with lock:
-                if self._driving or self._stopping or not self._has_work():
+                if self._stopping:
                     return
-                self._driving = True
+                early = self._driving
+                if not early and responsive and self._disk_busy():
+                    # A ticker or peer reader must not sit in a long fsync: heartbeats and
+                    # their responses leave from here, the ready thread does the rest.
+                    early = True
+                    self._wake.notify()
+                if not early:
+                    if not self._has_work():
+                        return
+                    self._driving = True
+            if early:
+                # Another thread carries out a Ready, maybe in a long fsync: what may leave at
+                # once (heartbeats, their responses, a leader's appends) leaves now, from here.
+                self.driver.send_early()
+                return
             n = 0
             while True:
                 if self._snapshot_work:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -170,6 +171,7 @@ class ReadyDriver:
         self._bugs = bugs
         self.trace = trace
         self.early = early
+        self.last_sync_s = 0.0  # how long the last fsync took (the node's busy-disk check)
         self._early = 0  # committed entries of the outstanding Ready handed over by begin()
 
     def _take(self) -> Ready | None:
@@ -222,7 +224,9 @@ class ReadyDriver:
         remaining committed entries over, report, advance the core."""
         tr = self.trace
         if rd.must_sync and "skip_sync" not in self._bugs:
+            started = time.monotonic()
             self.storage.sync()
+            self.last_sync_s = time.monotonic() - started
             if tr is not None and rd.entries:
                 tr.mark_entries(rd.entries, "persist")
         if rd.persisted_messages:
@@ -245,6 +249,21 @@ class ReadyDriver:
         if self._done is not None:
             self._done(rd)
         self._call(self.core.advance, rd)
+
+    def send_early(self) -> bool:
+        """Send the heartbeats and heartbeat responses the core has ready (Raft.take_messages),
+        without the rest of a Ready: while another call carries one out (its fsync may take
+        long), or instead of driving one from a thread that must not wait for a disk. True if
+        anything was sent."""
+        msgs = self._call(self.core.take_messages)
+        if not msgs:
+            return False
+        self._send(msgs)
+        if self.trace is not None:
+            for m in msgs:
+                if m.entries:
+                    self.trace.mark_entries(m.entries, "send")
+        return True
 
     def run_once(self) -> bool:
         """One whole Ready; False if the core had none."""

@@ -216,6 +216,10 @@ class Raft:
         self._need_bcast = False
         self._commit_unsent = False  # lazy_commit: the followers have not been sent the commit
         self._prev_hs = HardState(self.term, self.vote, self.log.committed)
+        # (term, vote) as synced to disk: loaded from it, then each Ready's hard state once
+        # advanced. A follower's heartbeat response may leave before a Ready's fsync only
+        # while its current (term, vote) is this (_send).
+        self._durable_tv = (self.term, self.vote)
         self._prev_ss = SoftState(None, Role.FOLLOWER)
         self._outstanding: Ready | None = None
         self._pending_install: SnapshotMeta | None = None  # received, not yet handed out
@@ -573,11 +577,25 @@ class Raft:
         self._outstanding = rd
         return rd
 
+    def take_messages(self) -> list[Message]:
+        """The heartbeats and heartbeat responses among the messages that may leave at once,
+        for the driver to send now rather than with the next Ready, even while one is
+        outstanding (its fsync may take long: a disk busy with a 400 MB apply): a slow disk
+        must not look like a dead node. Appends stay for the next Ready (they batch there)."""
+        if not self._msgs:
+            return []
+        now = [m for m in self._msgs if m.type in _LIVENESS]
+        if now:
+            self._msgs = [m for m in self._msgs if m.type not in _LIVENESS]
+        return now
+
     def advance(self, rd: Ready) -> None:
         """The Ready was carried out: entries/hard state synced, messages sent, entries applied."""
         if rd is not self._outstanding:
             raise RuntimeError("advance() with a Ready that is not the outstanding one")
         self._outstanding = None
+        if rd.hard_state is not None:
+            self._durable_tv = (rd.hard_state.term, rd.hard_state.vote)
         if rd.entries:
             last = rd.entries[-1]
             self.log.stable_to(last.index, last.term)
@@ -1038,7 +1056,8 @@ class Raft:
         # Ready contract: a leader's appends, heartbeats and read answers depend on nothing
         # unsynced (its term was synced before it asked for votes; it counts its own entries
         # only once synced), so they may leave before the disk write (diss. 10.2.1).
-        # Everything else (votes, append acks, a candidate's requests) waits for the fsync.
+        # Everything else (votes, append acks, a candidate's requests) waits for the fsync, but
+        # a heartbeat response when our term and vote are durable.
         if self.role == Role.LEADER and m.type in (
             MsgType.APPEND,
             MsgType.SNAPSHOT,
@@ -1047,8 +1066,16 @@ class Raft:
             MsgType.READ_INDEX_RESP,
         ):
             self._msgs.append(m)
+        elif m.type == MsgType.HEARTBEAT_RESP and (self.term, self.vote) == self._durable_tv:
+            # It promises nothing about our log, only that we are at this term (and the vote
+            # we cast in it), which a crash cannot take back: already on disk.
+            self._msgs.append(m)
         else:
             self._msgs_after.append(m)
+
+
+# What Raft.take_messages lets leave while a Ready is outstanding.
+_LIVENESS = frozenset((MsgType.HEARTBEAT, MsgType.HEARTBEAT_RESP))
 
 
 def _apply_conf_change(voters: set[str], learners: set[str], cc: ConfChange) -> None:

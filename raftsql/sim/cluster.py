@@ -776,7 +776,12 @@ class Simulation:
         self._expire_reads()
         for node in self.nodes.values():
             if node.alive:
-                self._start_ready(node)
+                if node.pending is not None:
+                    # Its fsync is in flight: heartbeats and their responses leave now, as
+                    # the node's driving threads send them (ReadyDriver.send_early).
+                    node.driver.send_early()
+                else:
+                    self._start_ready(node)
         self._check()
         self.now += 1
 

@@ -812,3 +812,54 @@ def test_a_reseeded_node_does_not_vote_until_it_holds_what_it_acknowledged(barri
     net["n1"].transfer_leadership("n2")
     net.deliver()
     assert net["n2"].role == Role.LEADER
+
+
+# ------------------------------------------------------------------ a long fsync (take_messages)
+
+
+def test_heartbeats_and_their_responses_leave_while_a_ready_is_being_persisted():
+    net = SyncNet(["a", "b", "c"])
+    net.elect("a")
+    net.propose("a", b"x")
+    a, b = net["a"], net["b"]
+    # b is in the middle of a Ready (its fsync is slow) when the next heartbeat comes.
+    a.propose(b"y")
+    net.process("a")
+    app = [m for m in net.take("a") if m.to == "b" and m.type == MsgType.APPEND][0]
+    b.step(app)
+    rd = b.ready()  # outstanding: entries to persist, an append ack for after the fsync
+    assert rd.entries and [m.type for m in rd.persisted_messages] == [MsgType.APPEND_RESP]
+    a.tick()  # the leader's heartbeat timeout: heartbeats go out though a's own Ready waits
+    hb = [m for m in a.take_messages() + (a.ready().messages if a.has_ready() else [])
+          if m.type == MsgType.HEARTBEAT and m.to == "b"]
+    assert hb
+    b.step(hb[0])
+    early = b.take_messages()
+    assert [m.type for m in early] == [MsgType.HEARTBEAT_RESP]  # now, not after the fsync
+    assert b.take_messages() == []
+    net.disks["b"].append(rd.entries)
+    net.disks["b"].sync()
+    b.advance(rd)
+    assert not b.has_ready() or all(m.type != MsgType.HEARTBEAT_RESP for m in b.ready().persisted_messages)
+
+
+def test_a_heartbeat_response_waits_for_the_fsync_when_it_carries_a_new_term():
+    net = SyncNet(["a", "b", "c"])
+    net.elect("a")
+    b = net["b"]
+    term = b.term
+    hb = Message(MsgType.HEARTBEAT, "c", "b", term + 1, commit=0)
+    b.step(hb)  # a higher term: b's new term is in the next Ready's hard state
+    rd = b.ready()
+    assert rd.hard_state is not None and rd.hard_state.term == term + 1 and rd.must_sync
+    assert [m.type for m in rd.persisted_messages] == [MsgType.HEARTBEAT_RESP]
+    assert not any(m.type == MsgType.HEARTBEAT_RESP for m in rd.messages)
+    b.step(Message(MsgType.HEARTBEAT, "c", "b", term + 1, commit=0))
+    assert b.take_messages() == []  # term + 1 is not durable yet: after the fsync
+    net.disks["b"].set_hard_state(rd.hard_state)
+    net.disks["b"].sync()
+    b.advance(rd)
+    b.step(Message(MsgType.HEARTBEAT, "c", "b", term + 1, commit=0))
+    rd2 = b.ready()
+    assert [m.type for m in rd2.persisted_messages] == [MsgType.HEARTBEAT_RESP]  # the one before
+    assert [m.type for m in rd2.messages] == [MsgType.HEARTBEAT_RESP]  # durable now: early
