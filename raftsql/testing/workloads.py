@@ -63,6 +63,17 @@ class Workload:
                 time.sleep(0.2)
         raise RuntimeError(f"{self.name}: final read did not succeed within {deadline_s}s: {last!r}")
 
+    def _until_ok(self, ctx: Ctx, op: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A recorded final operation, repeated until one ends "ok" (the failed ones stay in
+        the history too)."""
+        def once() -> dict[str, Any]:
+            ev = op()
+            if ev["type"] != "ok":
+                raise RuntimeError(ev.get("error"))
+            return ev
+
+        return self._retrying(ctx, once)
+
 
 def _sql_error(result: dict[str, Any]) -> str | None:
     err = result.get("error")
@@ -162,14 +173,7 @@ class RegisterWorkload(Workload):
         c = ctx.cluster.client(timeout=10)
         try:
             for key in self.keys:
-                def read(key=key):
-                    # Ops that fail are recorded too; only an "ok" one ends the retry loop.
-                    ev = self.op(ctx, c, "final-register", "read", key, None)
-                    if ev["type"] != "ok":
-                        raise RuntimeError(ev.get("error"))
-                    return ev
-
-                self._retrying(ctx, read)
+                self._until_ok(ctx, lambda key=key: self.op(ctx, c, "final-register", "read", key, None))
         finally:
             c.close()
 
@@ -652,13 +656,8 @@ class AppendWorkload(Workload):
         conn = _connection.Connection(ctx.cluster.client(timeout=10), autocommit=True)
         keys = sorted(self.all_keys)
         try:
-            def read():
-                ev = self.transaction(ctx, conn, "final-append", [["r", k, None] for k in keys])
-                if ev["type"] != "ok":
-                    raise RuntimeError(ev.get("error"))
-                return ev
-
-            self._retrying(ctx, read)
+            self._until_ok(ctx, lambda: self.transaction(ctx, conn, "final-append",
+                                                         [["r", k, None] for k in keys]))
         finally:
             conn.close()
 
