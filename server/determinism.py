@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from typing import Any
 
@@ -58,6 +59,35 @@ class EntryClock(apsw.VFS):
         return (self.now_ms + UNIX_EPOCH_JULIAN_MS) / 86400000.0
 
 
+# path -> (fd, inode) of the descriptors _GilFreeSyncFile fsyncs through. Never closed while the
+# file lives: closing any descriptor of a file drops every POSIX lock this process holds on it
+# (SQLite's own connections' locks included), which SQLite's unix VFS takes care never to do.
+_sync_fds: dict[str, tuple[int, int]] = {}
+_sync_fds_lock = threading.Lock()
+
+
+def _sync_fd(path: str) -> int:
+    """A read-only descriptor of the file now at `path` (reopened if the file was replaced;
+    only then is the old one closed: its inode is no longer this file)."""
+    try:
+        ino = os.stat(path).st_ino
+    except FileNotFoundError:
+        with _sync_fds_lock:
+            gone = _sync_fds.pop(path, None)
+        if gone is not None:
+            os.close(gone[0])  # the file is gone: its locks with it
+        raise
+    with _sync_fds_lock:
+        known = _sync_fds.get(path)
+        if known is not None and known[1] == ino:
+            return known[0]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        _sync_fds[path] = (fd, os.fstat(fd).st_ino)
+        if known is not None:
+            os.close(known[0])
+        return fd
+
+
 class _GilFreeSyncFile(apsw.VFSFile):
     """A default-VFS file whose xSync does the slow part (os.fsync) without the GIL."""
 
@@ -66,29 +96,14 @@ class _GilFreeSyncFile(apsw.VFSFile):
         if isinstance(name, apsw.URIFilename):
             name = name.filename()
         self._path: str | None = name or None  # None: a temporary file SQLite names itself
-        self._fd: int | None = None
 
     def xSync(self, flags: int) -> None:  # noqa: N802 - SQLite's name
         if self._path is not None:
             try:
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-                elif os.fstat(self._fd).st_ino != os.stat(self._path).st_ino:
-                    os.close(self._fd)  # the file was replaced: sync the new one
-                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-                os.fsync(self._fd)
+                os.fsync(_sync_fd(self._path))
             except OSError:
                 pass  # the base xSync below does the sync that counts, and reports its error
         super().xSync(flags)
-
-    def xClose(self) -> None:  # noqa: N802 - SQLite's name
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
-        super().xClose()
 
 
 def as_int(value: Any) -> int:
