@@ -362,8 +362,8 @@ class Node:
                         return
                     self._driving = True
             if early:
-                # Another thread carries out a Ready, maybe in a long fsync: what may leave at
-                # once (heartbeats, their responses, a leader's appends) leaves now, from here.
+                # Another thread carries out a Ready, maybe in a long fsync (or the disk is
+                # busy): heartbeats and heartbeat responses leave now, from here.
                 self.driver.send_early()
                 return
             n = 0
