@@ -59,7 +59,7 @@ LEGACY_TRANSACTION_CONTROL = -1
 _ISOLATION_LEVELS = ("", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
 _DSN_PARAMS = frozenset({"certs", "cafile", "certfile", "keyfile", "timeout", "autocommit", "consistency",
                          "durability"})
-DURABILITY_LEVELS = ("quorum", "leader")
+DURABILITY_LEVELS = protocol.DURABILITY  # what a node accepts
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

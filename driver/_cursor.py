@@ -18,6 +18,7 @@ from raftsql.driver import _sql
 from raftsql.driver._client import ResultStream, StreamLost
 from raftsql.driver._exceptions import OperationalError, ProgrammingError, error_from_map
 from raftsql.driver._types import adapt_params, column_converter, column_name, convert_value
+from raftsql.protocol import DURABILITY
 
 if TYPE_CHECKING:
     from raftsql.driver._connection import Connection
@@ -69,8 +70,8 @@ class Cursor:
 
     @durability.setter
     def durability(self, value: str | None) -> None:
-        if value is not None and value not in ("quorum", "leader"):
-            raise ProgrammingError("durability must be one of quorum, leader or None")
+        if value is not None and value not in DURABILITY:
+            raise ProgrammingError(f"durability must be one of {', '.join(DURABILITY)} or None")
         self._durability = value
 
     @property

@@ -283,9 +283,7 @@ class Reads:
         self._sm._check_open()
         flags: list[bool] = []
         with self._validate_lock:
-            if self._vreader is None:
-                self._vreader = self.open_reader(write_rules=True)
-            reader = self._vreader
+            reader = self._validation_reader()
             reader.guard.schema_change = False
             # Preparing never checks the schema cookie, so this connection could still hold the
             # schema from before a CREATE TRIGGER (and call "DROP TRIGGER IF EXISTS" a no-op,
@@ -331,15 +329,20 @@ class Reads:
                     returns_rows.append(rows)
         return flags
 
+    def _validation_reader(self) -> Reader:
+        """The connection validate() and stored_result() use (write-path sandbox, never
+        stepped for user SQL); called with _validate_lock held."""
+        if self._vreader is None:
+            self._vreader = self.open_reader(write_rules=True)
+        return self._vreader
+
     def stored_result(self, client_id: str, serial: int) -> Result | None:
         """The result stored for (client_id, serial) if this node has applied that write, else
         None. A resent write can fail to prepare only because its first attempt was applied
         (CREATE TABLE: "already exists"); the stored result is then its answer."""
         self._sm._check_open()
         with self._validate_lock:
-            if self._vreader is None:
-                self._vreader = self.open_reader(write_rules=True)
-            reader = self._vreader
+            reader = self._validation_reader()
             reader.guard.internal = True
             try:
                 rows = reader.conn.execute(

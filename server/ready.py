@@ -85,12 +85,6 @@ class EarlyAcks:
         self._expected: dict[int, tuple[int, Any]] = {}  # index -> (term, token)
         self._outstanding: collections.deque[int] = collections.deque()  # answered early
         self._committed = 0
-        self.acked = 0  # writes answered early
-        self.fell_back = 0  # writes that waited for their quorum because the window was full
-
-    @property
-    def outstanding(self) -> int:
-        return len(self._outstanding)
 
     def expect(self, index: int, term: int, token: Any) -> None:
         with self._lock:
@@ -107,10 +101,8 @@ class EarlyAcks:
                 if want is None or want[0] != e.term or e.index <= self._committed:
                     continue
                 if len(self._outstanding) >= self.window and not self._unbounded:
-                    self.fell_back += 1
                     continue  # answered by apply, at quorum
                 self._outstanding.append(e.index)
-                self.acked += 1
                 acks.append((e.index, e.term, want[1]))
         for index, term, token in acks:
             self._on_ack(index, term, token)
@@ -256,14 +248,9 @@ class ReadyDriver:
         long), or instead of driving one from a thread that must not wait for a disk. True if
         anything was sent."""
         msgs = self._call(self.core.take_messages)
-        if not msgs:
-            return False
-        self._send(msgs)
-        if self.trace is not None:
-            for m in msgs:
-                if m.entries:
-                    self.trace.mark_entries(m.entries, "send")
-        return True
+        if msgs:
+            self._send(msgs)  # heartbeats carry no entries: nothing for the trace
+        return bool(msgs)
 
     def run_once(self) -> bool:
         """One whole Ready; False if the core had none."""
