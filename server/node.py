@@ -351,6 +351,8 @@ class Node:
             with lock:
                 if self._stopping:
                     return
+                if self._driving and not responsive:
+                    return  # a client thread: the driving thread carries its proposal out
                 early = self._driving
                 if not early and responsive and self._disk_busy():
                     # A ticker or peer reader must not sit in a long fsync: heartbeats and
@@ -362,8 +364,8 @@ class Node:
                         return
                     self._driving = True
             if early:
-                # Another thread carries out a Ready, maybe in a long fsync (or the disk is
-                # busy): heartbeats and heartbeat responses leave now, from here.
+                # A ticker or peer reader while another thread carries out a Ready, maybe in a
+                # long fsync (or the disk is busy): heartbeats and their responses leave now.
                 self.driver.send_early()
                 return
             n = 0

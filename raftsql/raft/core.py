@@ -207,6 +207,7 @@ class Raft:
         self._committed_in_term = False
 
         self._msgs: list[Message] = []  # may leave before persistence (the leader's appends)
+        self._liveness_queued = False  # _msgs holds a heartbeat or heartbeat response
         self._msgs_after: list[Message] = []  # only after the Ready's entries/hard state are synced
         self._read_states: list[ReadState] = []
         self._pending_reads: list[_PendingRead] = []
@@ -562,6 +563,7 @@ class Raft:
         rd.entries = self.log.unstable()
         rd.must_sync = rd.must_sync or bool(rd.entries)
         rd.messages, self._msgs = self._msgs, []
+        self._liveness_queued = False
         rd.persisted_messages, self._msgs_after = self._msgs_after, []
         for name, mtype in (("vote_before_persist", MsgType.VOTE_RESP), ("ack_before_persist", MsgType.APPEND_RESP)):
             if name in self._mut:
@@ -582,11 +584,11 @@ class Raft:
         for the driver to send now rather than with the next Ready, even while one is
         outstanding (its fsync may take long: a disk busy with a 400 MB apply): a slow disk
         must not look like a dead node. Appends stay for the next Ready (they batch there)."""
-        if not self._msgs:
-            return []
+        if not self._liveness_queued:
+            return []  # the common case, and O(1): nothing to scan for
+        self._liveness_queued = False
         now = [m for m in self._msgs if m.type in _LIVENESS]
-        if now:
-            self._msgs = [m for m in self._msgs if m.type not in _LIVENESS]
+        self._msgs = [m for m in self._msgs if m.type not in _LIVENESS]
         return now
 
     def advance(self, rd: Ready) -> None:
@@ -1066,10 +1068,13 @@ class Raft:
             MsgType.READ_INDEX_RESP,
         ):
             self._msgs.append(m)
+            if m.type == MsgType.HEARTBEAT:
+                self._liveness_queued = True
         elif m.type == MsgType.HEARTBEAT_RESP and (self.term, self.vote) == self._durable_tv:
             # It promises nothing about our log, only that we are at this term (and the vote
             # we cast in it), which a crash cannot take back: already on disk.
             self._msgs.append(m)
+            self._liveness_queued = True
         else:
             self._msgs_after.append(m)
 
