@@ -7,12 +7,14 @@ everywhere: EntryClock serves SQLite's clock from the entry, EntryRandom its PRN
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import random
 import threading
 import time
+import weakref
 from typing import Any
 
 import apsw
@@ -39,15 +41,93 @@ class EntryClock(apsw.VFS):
     column DEFAULTs read now_ms, which apply sets to the entry's time. SQLite caches the time
     per statement, so this runs at most once per statement that asks.
 
-    Being a Python VFS, every file operation passes through apsw with the GIL held, and apsw
-    holds it across the base VFS's call too: an fsync of a WAL holding 400 MB froze the whole
-    node for seconds (no tick, no heartbeat: an election). So its files (_GilFreeSyncFile) sync
-    first with os.fsync, which lets the GIL go, and only then through the base VFS, which finds
-    nothing left to write (and still syncs the directory of a new file, as SQLite wants)."""
+    File I/O must not pass through Python. A Python VFS's files do (apsw holds the GIL across
+    every read, write, lock and sync of the base VFS): each apply paid a Python call per page
+    and per lock, and a write that the kernel throttled (dirty pages of a 400 MB statement)
+    froze every other thread of the node, ticks and heartbeats included: an election. So once
+    apsw has registered this VFS, `_go_native` rewrites its sqlite3_vfs in place: every method
+    and field becomes the base unix VFS's own (files opened through it are SQLite's C unix
+    files, the GIL never taken) except the two clock methods, which become ctypes callbacks that
+    read now_ms. apsw exposes no pointer to the struct, so it is found with
+    SQLITE_FCNTL_VFS_POINTER on a throwaway :memory: connection and checked against
+    apsw.vfs_details() (name, clock method, app data) before anything is written; the original
+    values (all but the list link) are put back before apsw unregisters and frees it. Where any check fails (another
+    platform, another apsw), the VFS stays a Python one whose files sync without the GIL
+    (_GilFreeSyncFile) and a warning says so."""
 
     def __init__(self, name: str, now_ms: int):
         self.now_ms = now_ms
         super().__init__(name, "")
+        self.native = False
+        self._struct: _VfsStruct | None = None
+        self._saved = b""
+        self._callbacks: tuple[Any, ...] = ()
+        try:
+            self._go_native(name)
+        except Exception as e:  # noqa: BLE001 - any surprise: keep the Python VFS, say so
+            log.warning("clock VFS: SQLite file I/O goes through Python (slower; a big write "
+                        "holds the GIL): %s", e)
+
+    def _go_native(self, name: str) -> None:
+        details = {d["zName"]: d for d in apsw.vfs_details()}
+        mine, base = details.get(name), details.get("unix")
+        if mine is None or base is None or apsw.vfs_names()[0] != "unix":
+            raise RuntimeError("the default VFS is not SQLite's unix VFS")
+        probe = apsw.Connection(":memory:", vfs=name)
+        try:
+            out = ctypes.c_void_p(0)
+            probe.file_control("main", apsw.SQLITE_FCNTL_VFS_POINTER, ctypes.addressof(out))
+            addr = out.value
+        finally:
+            probe.close()
+        if not addr:
+            raise RuntimeError("SQLITE_FCNTL_VFS_POINTER gave no pointer")
+        st = _VfsStruct.from_address(addr)
+        if (not st.zName or ctypes.string_at(st.zName) != name.encode() or st.pAppData != mine["pAppData"]
+                or st.xCurrentTimeInt64 != mine["xCurrentTimeInt64"] or st.iVersion < 2
+                or base["iVersion"] < 2):
+            raise RuntimeError("the sqlite3_vfs found does not match apsw.vfs_details()")
+        clock = weakref.ref(self)
+
+        def now_int64(_vfs: int, out: Any) -> int:
+            me = clock()
+            out[0] = (me.now_ms if me is not None else 0) + UNIX_EPOCH_JULIAN_MS
+            return 0
+
+        def now_double(_vfs: int, out: Any) -> int:
+            me = clock()
+            out[0] = ((me.now_ms if me is not None else 0) + UNIX_EPOCH_JULIAN_MS) / 86400000.0
+            return 0
+
+        cb64, cbd = _TIME_INT64(now_int64), _TIME_DOUBLE(now_double)
+        self._callbacks = (cb64, cbd)
+        self._saved = ctypes.string_at(addr, ctypes.sizeof(_VfsStruct))
+        self._struct = st
+        # Nothing uses this VFS yet: the struct can be rewritten field by field.
+        st.iVersion = min(base["iVersion"], 3)
+        st.szOsFile, st.mxPathname, st.pAppData = base["szOsFile"], base["mxPathname"], base["pAppData"]
+        for f in _VFS_METHODS:
+            setattr(st, f, base.get(f) or None)
+        st.xCurrentTimeInt64 = ctypes.cast(cb64, ctypes.c_void_p).value
+        st.xCurrentTime = ctypes.cast(cbd, ctypes.c_void_p).value
+        self.native = True
+
+    def _restore(self) -> None:
+        """Put apsw's own values back, all but pNext: SQLite relinks the VFS list through it
+        when a VFS registered after this one is unregistered."""
+        st, self._struct = self._struct, None
+        if st is not None:
+            saved = _VfsStruct.from_buffer_copy(self._saved)
+            for f, _ in _VfsStruct._fields_:
+                if f not in ("pNext", "zName"):  # zName is never changed
+                    setattr(st, f, getattr(saved, f))
+
+    def unregister(self) -> None:
+        self._restore()
+        super().unregister()
+
+    def __del__(self) -> None:  # collected without unregister(): apsw unregisters it itself
+        self._restore()
 
     def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:  # noqa: N802 - SQLite's name
         return _GilFreeSyncFile(name, flags)
@@ -57,6 +137,23 @@ class EntryClock(apsw.VFS):
 
     def xCurrentTime(self) -> float:  # noqa: N802
         return (self.now_ms + UNIX_EPOCH_JULIAN_MS) / 86400000.0
+
+
+# sqlite3_vfs (sqlite3.h, iVersion 3): the methods _go_native copies from the unix VFS, in order
+# after the fields, and the struct itself.
+_VFS_METHODS = ("xOpen", "xDelete", "xAccess", "xFullPathname", "xDlOpen", "xDlError", "xDlSym",
+                "xDlClose", "xRandomness", "xSleep", "xCurrentTime", "xGetLastError",
+                "xCurrentTimeInt64", "xSetSystemCall", "xGetSystemCall", "xNextSystemCall")
+
+
+class _VfsStruct(ctypes.Structure):
+    _fields_ = [("iVersion", ctypes.c_int), ("szOsFile", ctypes.c_int), ("mxPathname", ctypes.c_int),
+                ("pNext", ctypes.c_void_p), ("zName", ctypes.c_void_p), ("pAppData", ctypes.c_void_p),
+                *[(f, ctypes.c_void_p) for f in _VFS_METHODS]]
+
+
+_TIME_INT64 = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64))
+_TIME_DOUBLE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double))
 
 
 # path -> (fd, inode) of the descriptors _GilFreeSyncFile fsyncs through. Never closed while the
