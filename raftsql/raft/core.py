@@ -263,6 +263,15 @@ class Raft:
 
     def _reset(self, term: int) -> None:
         if term != self.term:
+            if self._msgs_after:
+                # Append acknowledgements of the term we leave, still waiting for the next
+                # Ready's fsync, promise entries that this new term may truncate in that same
+                # Ready (a new leader's conflicting append): the fsync would then make the
+                # truncation durable, not the entries. Their leader is deposed for us; it
+                # hears from us in the new term. (Found by a long simulator run: seeds 927
+                # and 1518, tests/raft/test_sim.py.)
+                self._msgs_after = [m for m in self._msgs_after
+                                    if m.type != MsgType.APPEND_RESP or m.reject]
             self.term = term
             self.vote = None
         self.leader = None
