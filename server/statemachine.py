@@ -75,6 +75,7 @@ from raftsql.server.sqlerrors import (
 )
 from raftsql.server.transactions import (
     DEFAULT_TXN_IDLE_TIMEOUT_MS,
+    MAX_LIVE_SESSION_BYTES,
     CheckedTransactions,
     TransactionPreviews,
     TxnGone,
@@ -676,6 +677,9 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
     def _progress(self) -> bool:
         if not self._ctx.budget_on:
             return False
+        session = self._live_session  # a transaction preview: bound what its delete costs
+        if session is not None and session.memory_used > MAX_LIVE_SESSION_BYTES:
+            self._cap_live_session()
         self._ctx.progress_calls += 1
         if self._ctx.progress_calls > self._ctx.max_progress_calls:
             self._ctx.step_limit_hit = True

@@ -52,6 +52,12 @@ DEFAULT_TXN_IDLE_TIMEOUT_MS = 60_000
 # next statement fails with TXN_ABORTED: run it again).
 MAX_OPEN_TRANSACTIONS = 1024
 MAX_OPEN_TRANSACTION_BYTES = 256 << 20
+# A live transaction's SQLite session stops recording past this much memory: the transaction
+# is then parked without a changeset and rebuilt by replaying its statements. apsw deletes a
+# session holding the GIL, about 50 ns per recorded row: a runaway preview's session (about 7
+# million rows before the step limit) froze the leader's other threads for 0.24 s, an election.
+# At 32 MiB the delete takes about 35 ms.
+MAX_LIVE_SESSION_BYTES = 32 << 20
 _SQL_TABLE_GET = "SELECT modified_index FROM sqlite_raftsql_tables WHERE name=?"
 _SQL_ANY_TRIGGER = "SELECT 1 FROM sqlite_schema WHERE type='trigger' LIMIT 1"
 _SAVEPOINT_SQL = {
@@ -322,6 +328,15 @@ class TransactionPreviews:
         (or, if a changeset cannot hold them, it will be replayed) and are rolled back."""
         if self._live is not None:
             self._end_live(keep_changes=True)
+
+    def _cap_live_session(self) -> None:
+        """From the progress handler: the live session has grown past MAX_LIVE_SESSION_BYTES.
+        It stops recording (it stays attached until the transaction is parked) and the
+        transaction's changes will be rebuilt by replay."""
+        session, txn = self._live_session, self._live
+        if session is not None and txn is not None and session.enabled:
+            session.enabled = False
+            txn.no_changeset = True
 
     def _end_live(self, keep_changes: bool) -> None:
         txn, session = self._live, self._live_session

@@ -173,6 +173,26 @@ def test_a_schema_change_in_a_transaction_is_replayed(node):
     assert node.rows("SELECT v FROM n") == [[1]]
 
 
+def test_a_big_transaction_stops_recording_its_session_and_is_replayed(node, monkeypatch):
+    # Deleting a session holds the GIL ~50 ns per row it recorded: past the cap it stops
+    # recording (the delete stays short) and the transaction resumes by replay instead.
+    monkeypatch.setattr("raftsql.server.statemachine.MAX_LIVE_SESSION_BYTES", 64 << 10)
+    node.write("CREATE TABLE big (v)")
+    t = Txn(node.sm)
+    r, _ = t.run("INSERT INTO big WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 "
+                 "FROM c WHERE x < 20000) SELECT x FROM c")
+    assert r.rowcount == 20000
+    assert t.state.no_changeset and not node.sm._live_session.enabled
+    t.run("UPDATE acct SET bal = 1 WHERE id = 1")
+    node.write("UPDATE acct SET bal = 7 WHERE id = 2")  # parks it: no changeset was kept
+    assert t.state.changeset is None
+    assert t.run("SELECT count(*), sum(v) FROM big")[0].rows == [[20000, 200010000]]
+    assert t.run("SELECT bal FROM acct ORDER BY id")[0].rows == [[1], [7], [100]]
+    assert commit(node, t).error is None
+    assert node.rows("SELECT count(*) FROM big") == [[20000]]
+    assert node.rows("SELECT bal FROM acct ORDER BY id") == [[1], [7], [100]]
+
+
 def test_rollback_to_a_savepoint_rebuilds_from_the_writes_kept(node):
     t = Txn(node.sm)
     t.run("UPDATE acct SET bal = 1 WHERE id = 1")
