@@ -127,7 +127,10 @@ class EntryClock(apsw.VFS):
         super().unregister()
 
     def __del__(self) -> None:  # collected without unregister(): apsw unregisters it itself
-        self._restore()
+        try:
+            self._restore()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing left to restore for
+            pass
 
     def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:  # noqa: N802 - SQLite's name
         return _GilFreeSyncFile(name, flags)
