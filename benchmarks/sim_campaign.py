@@ -2,6 +2,7 @@
 
     python benchmarks/sim_campaign.py                      # seeds 0..99,999, 2 workers
     python benchmarks/sim_campaign.py --quick              # 40 seeds into a temp file (CI)
+    python benchmarks/sim_campaign.py --report             # only rewrite the .md summary
     nice -n 19 python benchmarks/sim_campaign.py &         # in the background, over sessions
 
 The seeds run in chunks (`python -m raftsql.sim --keep-going`, one process per chunk), and each
@@ -122,7 +123,9 @@ def summary(doc: dict, fp: str, target: int) -> str:
     ]
     other = [c for c in doc["chunks"] if c["fingerprint"] != fp]
     if other:
-        lines.append(f"{len(other)} chunks ran on other code (another fingerprint) and are not counted.\n")
+        lines.append(f"{len(other)} chunks ({sum(c['seeds'] for c in other):,} seeds) ran on other code (another "
+                     f"fingerprint) and are not counted; they had {sum(c['violations'] for c in other)} "
+                     "violation(s), listed in the JSON.\n")
     bad = [r for c in counted for r in c["reports"]]
     if bad:
         lines += ["Violations:", "", *[f"    {r}" for r in bad], ""]
@@ -135,9 +138,10 @@ def summary(doc: dict, fp: str, target: int) -> str:
 @click.option("--jobs", default=2, show_default=True, help="simulator worker processes")
 @click.option("--hours", type=float, default=None, help="stop after the chunk that passes this many hours")
 @click.option("--quick", is_flag=True, help="40 seeds in chunks of 20, recorded in a temp file (CI)")
+@click.option("--report", is_flag=True, help="run nothing: write the .md summary of what is recorded")
 @click.option("--results", type=click.Path(path_type=Path), default=None,
               help="record file (default benchmarks/results/sim-campaign.json)")
-def main(seeds, chunk, jobs, hours, quick, results):
+def main(seeds, chunk, jobs, hours, quick, report, results):
     tmp = None
     if quick:
         seeds, chunk = 40, 20
@@ -150,7 +154,7 @@ def main(seeds, chunk, jobs, hours, quick, results):
     deadline = time.time() + hours * 3600 if hours else None
     click.echo(f"fingerprint {fp[:16]}; {covered(doc, fp):,} of {seeds:,} seeds already covered")
     try:
-        while (start := covered(doc, fp)) < seeds:
+        while not report and (start := covered(doc, fp)) < seeds:
             n = min(chunk, seeds - start)
             rec = run_chunk(start, n, jobs)
             if fingerprint()[0] != fp:
