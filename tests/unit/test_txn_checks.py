@@ -154,6 +154,42 @@ def test_earlier_writes_are_not_run_again(node):
     assert t.run("SELECT v FROM r")[0].rows == [[v]]
 
 
+def test_a_small_transaction_parks_without_a_changeset_and_replays_its_writes(node, monkeypatch):
+    """Few fast writes, each with its env: parking keeps no changeset; resuming runs them
+    again with the same env, so random() and 'now' give what the client saw."""
+    # The first run of a statement includes compiling it: not "fast" on a loaded machine.
+    monkeypatch.setattr("raftsql.server.transactions.REPLAY_MAX_SECONDS", 1.0)
+    node.write("CREATE TABLE r (v INTEGER, t TEXT)")
+    t = Txn(node.sm)
+    t.run("INSERT INTO r VALUES (random(), datetime('now'))", env=(7, T0 - 5000))
+    t.run("UPDATE acct SET bal = bal - 1 WHERE id = 1", env=(8, T0 - 5000))
+    seen = t.run("SELECT v, t FROM r")[0].rows
+    node.write("UPDATE acct SET bal = 50 WHERE id = 2")  # parks it
+    assert t.state.changeset is None and len(t.state.writes) == 2
+    assert t.run("SELECT v, t FROM r")[0].rows == seen
+    assert t.run("SELECT bal FROM acct ORDER BY id")[0].rows == [[99], [50], [100]]
+    other = Txn(node.sm, client_id="d")
+    assert other.run("SELECT count(*) FROM r")[0].rows == [[0]]  # parks it again
+    assert t.run("SELECT v, t FROM r")[0].rows == seen
+    assert commit(node, t).error is None
+    assert node.rows("SELECT v, t FROM r") == seen
+
+
+@pytest.mark.parametrize("why", ["writes", "time", "env"])
+def test_a_transaction_past_the_replay_bounds_parks_as_a_changeset(node, monkeypatch, why):
+    from raftsql.server import transactions
+
+    if why == "time":
+        monkeypatch.setattr(transactions, "REPLAY_MAX_SECONDS", 0.0)
+    t = Txn(node.sm)
+    n = transactions.REPLAY_MAX_WRITES if why == "writes" else 1
+    for i in range(n):
+        t.run("UPDATE acct SET bal = bal + 1 WHERE id = 1", env=None if why == "env" else (i, T0))
+    node.write("UPDATE acct SET bal = 50 WHERE id = 2")  # parks it
+    assert t.state.changeset  # resumes from the changeset, not by running the writes again
+    assert t.run("SELECT bal FROM acct ORDER BY id")[0].rows == [[100 + n], [50], [100]]
+
+
 def test_triggers_do_not_fire_again_when_a_transaction_resumes(node):
     node.write("CREATE TABLE log (v)",
                "CREATE TRIGGER tr AFTER UPDATE ON acct BEGIN INSERT INTO log VALUES (new.bal); END")
