@@ -115,6 +115,9 @@ class _Transaction:
     # Cursors whose lastrowid came from a statement of this transaction: (position in steps,
     # cursor); commit() gives them the rowid the committed entry assigned.
     rowid_cursors: list[tuple[int, Any]] = field(default_factory=list)
+    # Pipeline mode (Connection.pipeline): writes not sent yet. They follow every step, and the
+    # commit carries them unchecked (nobody saw their outcome); anything else sends them first.
+    pending: list[Statement] = field(default_factory=list)
 
     def record(self, statement: Statement, result: dict[str, Any]) -> _Step:
         """Add a statement's outcome to the steps (the result map as received)."""
@@ -191,6 +194,7 @@ class Connection:
         # OperationalError("Could not decode to UTF-8 column ...").
         self.text_factory: Any = str
         self._txn = _Transaction()
+        self._pipelines = 0  # open pipeline() blocks
 
     # ------------------------------------------------------------------ attributes
 
@@ -294,7 +298,7 @@ class Connection:
         has uncommitted writes, or (legacy transaction control) an INSERT/UPDATE/DELETE/REPLACE
         opened the implicit transaction."""
         txn = self._txn
-        return txn.explicit or txn.begun or bool(txn.writes)
+        return txn.explicit or txn.begun or bool(txn.writes) or bool(txn.pending)
 
     @property
     def last_index(self) -> int:
@@ -338,13 +342,16 @@ class Connection:
             if txn.doomed is not None:
                 self._txn = _Transaction()
                 raise _again(txn.doomed)
-            if not txn.writes and not (txn.explicit and txn.steps):
+            if not txn.writes and not txn.pending and not (txn.explicit and txn.steps):
                 self._txn = _Transaction()
                 return
-            check = {"last_ms": txn.last_ms or 0, "checks": [st.check() for st in txn.steps],
+            # A pipelined write has no check: the application never saw what it did.
+            check = {"last_ms": txn.last_ms or 0,
+                     "checks": [st.check() for st in txn.steps] + [None] * len(txn.pending),
                      "controls": list(txn.controls), "txn": txn.txn_id}
             try:
-                result = self._send([(st.sql, st.params) for st in txn.steps], commit=check)
+                result = self._send([(st.sql, st.params) for st in txn.steps] + txn.pending,
+                                    commit=check)
             except Unavailable:
                 raise
             except BaseException:
@@ -402,6 +409,49 @@ class Connection:
         return False
 
     # ------------------------------------------------------------------ raftsql extensions
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[Connection]:
+        """Pipeline mode (psycopg's name and idea), for transactions that write without looking
+        at what each write did. Inside the block, an INSERT, UPDATE, DELETE or REPLACE (without
+        RETURNING) that joins a transaction is not sent: execute() returns at once, with
+        rowcount -1 and no lastrowid, and the commit carries it, so a transfer of two reads and
+        three writes costs three requests instead of six. Any other statement of the
+        transaction (a read, DDL, a savepoint) first sends the queued writes, one by one, as
+        without the block; so does leaving the block while the transaction is still open.
+
+        What changes: a queued write's error is raised later (by the statement that sends it,
+        by commit(), or when the block ends) and fails the whole transaction: nothing of it is
+        applied (outside pipeline mode a failed statement leaves the transaction open, as in
+        SQLite). Outside a transaction (autocommit) nothing changes. Nested blocks are one."""
+        with self._lock:
+            self._check_open()
+            self._pipelines += 1
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            with self._lock:
+                self._pipelines -= 1
+                if ok and not self._pipelines and not self._closed:
+                    self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Run the open transaction's queued writes, in order, as previews (pipeline mode).
+        The first that fails fails the transaction: it is raised, and nothing is applied."""
+        txn = self._txn
+        while txn.pending and self._txn is txn:
+            stmt = txn.pending.pop(0)
+            result = self._preview(stmt)
+            err = result.get("error")
+            if err:
+                error = error_from_map(err)
+                error.args = (f"{error.args[0] if error.args else error} (a pipelined write: "
+                              f"{' '.join(stmt[0].split())[:80]}; the transaction fails)",)
+                if self._txn is txn:
+                    raise self._abort(error)
+                raise error
 
     def resend(self, error: OutcomeUnknown) -> Cursor:
         """Resend a write whose outcome is unknown, with its original serial: it is applied at
@@ -677,6 +727,8 @@ class Connection:
                     raise ProgrammingError(
                         "Incorrect number of bindings supplied. The current statement uses 0, "
                         f"and there are {len(params)} supplied.")
+                if control[0] not in ("BEGIN", "COMMIT", "ROLLBACK"):
+                    self._send_pending()  # savepoints count the writes before them
                 self._control(*control)
                 return _empty_result()
             txn = self._txn
@@ -704,6 +756,10 @@ class Connection:
                 return self._send([stmt], consistency=cursor.consistency,
                                   min_index=cursor.min_index, idempotent=reads_only, stream=True,
                                   durability=cursor.durability or self._durability)
+            if self._pipelines and _pipelinable(sql):
+                txn.pending.append(stmt)
+                return _empty_result()
+            self._send_pending()
             if (not txn.explicit and not txn.writes and reads_only
                     and not txncheck.may_be_nondeterministic(sql)):
                 # An implicit transaction's read before its first write: the normal read path
@@ -791,6 +847,10 @@ class Connection:
                     err["statement"] = err["set"]  # as for a batch: which parameter set failed
                 return result, _batch_rowcount(result)
             self._check_transaction_size(sql, params_list)
+            if self._pipelines and _pipelinable(sql):
+                txn.pending.append((sql, _client.ManyParams(params_list)))
+                return _empty_result(), -1
+            self._send_pending()
             # One statement of the transaction, one round trip: the leader runs every set.
             result = self._preview((sql, _client.ManyParams(params_list)))
             if result.get("error"):
@@ -807,6 +867,7 @@ class Connection:
         limit = getattr(conn, "max_request", None) or wire.DEFAULT_MAX_REQUEST_SIZE
         size = len(sql.encode()) + 8 + len(msgpack.packb(params_list))
         size += sum(len(st.sql.encode()) + 40 for st in self._txn.steps)
+        size += sum(len(sql.encode()) + 40 for sql, _ in self._txn.pending)
         if size > limit:
             raise DataError(
                 f"a transaction's writes are sent as one request, and these would take about "
@@ -824,6 +885,13 @@ class Connection:
                 return _empty_result(), None
             result = self._send([(s, []) for s in statements])
             return result, _batch_rowcount(result) if len(statements) > 1 else None
+
+
+def _pipelinable(sql: str) -> bool:
+    """A statement pipeline mode may queue: a plain write whose only outcome is a row count
+    (no RETURNING, one statement; conservative: the words anywhere in the text count)."""
+    return (_sql.is_dml(sql) and "RETURNING" not in sql.upper()
+            and ";" not in sql.rstrip().rstrip(";"))
 
 
 # Errors after which the open transaction cannot continue (nothing of it will be applied).

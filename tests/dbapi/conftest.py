@@ -3,8 +3,11 @@ every test that does not kill nodes; fault tests start their own (tests/dbapi/te
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
+import raftsql.driver as db
 from raftsql.testing.cluster import LocalCluster
 
 
@@ -33,3 +36,25 @@ def follower(cluster) -> str:
     """The id of a node of the shared cluster that is not the leader."""
     leader = cluster.wait_leader()
     return next(n for n in cluster.ids if n != leader)
+
+
+@pytest.fixture
+def table():
+    """A fresh table name (the cluster is shared by the session)."""
+    return "t_" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def connect(cluster):
+    """connect(**kw): a driver connection to the session's cluster, closed afterwards."""
+    opened = []
+
+    def _connect(**kw):
+        kw.setdefault("timeout", 20)
+        c = db.connect(cluster.dsn, **kw)
+        opened.append(c)
+        return c
+
+    yield _connect
+    for c in opened:
+        c.close()

@@ -8,32 +8,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import uuid
 
 import pytest
 
 import raftsql.driver as db
 from raftsql.driver import _connection
-
-
-@pytest.fixture
-def table():
-    return "t_" + uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-def connect(cluster):
-    opened = []
-
-    def _connect(**kw):
-        kw.setdefault("timeout", 20)
-        c = db.connect(cluster.dsn, **kw)
-        opened.append(c)
-        return c
-
-    yield _connect
-    for c in opened:
-        c.close()
 
 
 def _accounts(c, table, n=2, balance=100):
