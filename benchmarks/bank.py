@@ -8,6 +8,10 @@ committed transfers/s divided by autocommit single-row INSERTs/s with the same n
 threads. The two are measured in alternating slices (transfers, then writes, again and again),
 so a machine whose other load changes during the run slows both alike.
 
+Each transfer runs in two driver modes, alternating in the same slices: the default one (every
+statement is a request: six per transfer) and pipeline mode (`with conn.pipeline():`, the three
+writes travel with the COMMIT: three requests; a write's error would surface at commit).
+
 After the runs over all the accounts, the same transfers run over only --hot-accounts accounts
 (default 2): nearly every pair of concurrent transfers then conflicts for real. Conflicts must
 be caught there (counted) and the total kept.
@@ -18,6 +22,7 @@ be caught there (counted) and the total kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
@@ -40,10 +45,10 @@ from _common import (
 
 
 def _transfers(dsn: str, threads: int, seconds: float, accounts: int,
-               lats: list[float] | None = None, counts: dict | None = None) -> dict:
-    """Transfers for `seconds`; adds to lats and counts (when given) and returns them."""
-    import raftsql.driver as db
-
+               lats: list[float] | None = None, counts: dict | None = None,
+               pipeline: bool = False) -> dict:
+    """Transfers for `seconds`; adds to lats and counts (when given) and returns them.
+    pipeline: in the driver's pipeline mode (the writes are sent with the COMMIT)."""
     lats = [] if lats is None else lats
     if counts is None:
         counts = {"committed": 0, "conflicts": 0, "aborted": 0, "errors": 0, "seconds": 0.0}
@@ -58,31 +63,9 @@ def _transfers(dsn: str, threads: int, seconds: float, accounts: int,
         while time.monotonic() < start_at:
             time.sleep(0.001)
         end = start_at + seconds
-        while time.monotonic() < end:
-            src, dst = rng.sample(range(accounts), 2)
-            t0 = time.perf_counter()
-            while time.monotonic() < end:  # retry one transfer until it commits
-                try:
-                    conn.execute("BEGIN")
-                    a = conn.execute("SELECT bal FROM acct WHERE id = ?", (src,)).fetchone()[0]
-                    b = conn.execute("SELECT bal FROM acct WHERE id = ?", (dst,)).fetchone()[0]
-                    amount = min(a, rng.randint(1, 10))
-                    conn.execute("UPDATE acct SET bal = ? WHERE id = ?", (a - amount, src))
-                    conn.execute("UPDATE acct SET bal = ? WHERE id = ?", (b + amount, dst))
-                    conn.execute("INSERT INTO log (src, dst, amount) VALUES (?, ?, ?)", (src, dst, amount))
-                    conn.execute("COMMIT")
-                    local["committed"] += 1
-                    mine.append(time.perf_counter() - t0)
-                    break
-                except db.SerializationError:
-                    local["conflicts"] += 1
-                    conn.rollback()
-                except db.TransactionAborted:
-                    local["aborted"] += 1
-                    conn.rollback()
-                except db.Error:
-                    local["errors"] += 1
-                    conn.rollback()
+        mode = conn.pipeline() if pipeline else contextlib.nullcontext()
+        with mode:
+            _loop(conn, rng, end, accounts, mine, local)
         conn.close()
         with lock:
             lats.extend(mine)
@@ -96,6 +79,37 @@ def _transfers(dsn: str, threads: int, seconds: float, accounts: int,
         t.join()
     counts["seconds"] += seconds
     return {"lats": lats, "counts": counts}
+
+
+def _loop(conn, rng: random.Random, end: float, accounts: int, mine: list[float],
+          local: dict) -> None:
+    import raftsql.driver as db
+
+    while time.monotonic() < end:
+        src, dst = rng.sample(range(accounts), 2)
+        t0 = time.perf_counter()
+        while time.monotonic() < end:  # retry one transfer until it commits
+            try:
+                conn.execute("BEGIN")
+                a = conn.execute("SELECT bal FROM acct WHERE id = ?", (src,)).fetchone()[0]
+                b = conn.execute("SELECT bal FROM acct WHERE id = ?", (dst,)).fetchone()[0]
+                amount = min(a, rng.randint(1, 10))
+                conn.execute("UPDATE acct SET bal = ? WHERE id = ?", (a - amount, src))
+                conn.execute("UPDATE acct SET bal = ? WHERE id = ?", (b + amount, dst))
+                conn.execute("INSERT INTO log (src, dst, amount) VALUES (?, ?, ?)", (src, dst, amount))
+                conn.execute("COMMIT")
+                local["committed"] += 1
+                mine.append(time.perf_counter() - t0)
+                break
+            except db.SerializationError:
+                local["conflicts"] += 1
+                conn.rollback()
+            except db.TransactionAborted:
+                local["aborted"] += 1
+                conn.rollback()
+            except db.Error:
+                local["errors"] += 1
+                conn.rollback()
 
 
 def _summary_transfers(threads: int, lats: list[float], counts: dict) -> dict:
@@ -131,14 +145,19 @@ def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
     return nodes, me.ru_utime + me.ru_stime
 
 
+MODES = ("default", "pipeline")
+
+
 def _interleaved(dsn: str, threads: int, seconds: float, slices: int, accounts: int,
-                 pids: list[int]) -> tuple[dict, dict]:
-    """Transfers and autocommit writes in `slices` alternating slices, seconds/slices each."""
-    t_lats: list[float] = []
-    t_counts = {"committed": 0, "conflicts": 0, "aborted": 0, "errors": 0, "seconds": 0.0}
+                 pids: list[int], modes: tuple[str, ...] = MODES) -> tuple[dict, dict]:
+    """Transfers (in each driver mode) and autocommit writes in `slices` alternating slices,
+    seconds/slices each. Returns ({mode: transfers summary}, autocommit summary)."""
+    t_lats: dict[str, list[float]] = {m: [] for m in modes}
+    t_counts = {m: {"committed": 0, "conflicts": 0, "aborted": 0, "errors": 0, "seconds": 0.0}
+                for m in modes}
     w_lats: list[float] = []
     w_errors = [0]
-    cpu = {"bank": [0.0, 0.0], "plain": [0.0, 0.0]}  # [nodes, client] seconds
+    cpu = {k: [0.0, 0.0] for k in (*modes, "plain")}  # [nodes, client] seconds
 
     def timed(kind: str, fn, *args) -> None:
         n0, c0 = _cpu_seconds(pids)
@@ -149,18 +168,20 @@ def _interleaved(dsn: str, threads: int, seconds: float, slices: int, accounts: 
 
     part = seconds / slices
     for _ in range(slices):
-        timed("bank", _transfers, dsn, threads, part, accounts, t_lats, t_counts)
+        for m in modes:
+            timed(m, _transfers, dsn, threads, part, accounts, t_lats[m], t_counts[m],
+                  m == "pipeline")
         timed("plain", _autocommit_writes, dsn, threads, part, w_lats, w_errors)
-    bank = _summary_transfers(threads, t_lats, t_counts)
+    banks = {m: _summary_transfers(threads, t_lats[m], t_counts[m]) for m in modes}
     plain = {"threads": threads, "writes_per_s": round(len(w_lats) / seconds, 1), "errors": w_errors[0],
              "p50_ms": round(pct(w_lats, 50) * 1000, 2), "p99_ms": round(pct(w_lats, 99) * 1000, 2)}
-    # CPU per committed operation (the start delays included: a small overestimate for both).
-    ops = {"bank": bank["committed"], "plain": len(w_lats)}
-    for kind, out in (("bank", bank), ("plain", plain)):
-        n = max(ops[kind], 1)
+    # CPU per committed operation (the start delays included: a small overestimate for all).
+    for kind, out, n in [*((m, banks[m], banks[m]["committed"]) for m in modes),
+                         ("plain", plain, len(w_lats))]:
+        n = max(n, 1)
         out["node_cpu_ms_per_op"] = round(cpu[kind][0] / n * 1000, 3)
         out["client_cpu_ms_per_op"] = round(cpu[kind][1] / n * 1000, 3)
-    return bank, plain
+    return banks, plain
 
 
 @click.command()
@@ -197,23 +218,25 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
             plan.append((hot_threads, hot_accounts))
         for n, among in plan:
             pids = [p.pid for p in cluster.procs.values()]
-            bank, plain = _interleaved(cluster.dsn, n, seconds, slices, among, pids)
+            banks, plain = _interleaved(cluster.dsn, n, seconds, slices, among, pids)
             total = setup.execute("SELECT sum(bal) FROM acct").fetchone()[0]
-            ratio = bank["transfers_per_s"] / plain["writes_per_s"] if plain["writes_per_s"] else float("nan")
-            run = {"threads": n, "accounts": among, "bank": bank, "autocommit": plain,
-                   "ratio": round(ratio, 3), "total_ok": total == accounts * 1000}
-            runs.append(run)
-            attempts = bank["committed"] + bank["conflicts"]
-            rows_out.append([among, n, bank["transfers_per_s"], bank["p50_ms"], bank["p99_ms"], bank["conflicts"],
-                             f"{bank['conflicts'] / attempts:.0%}" if attempts else "-",
-                             bank["aborted"] + bank["errors"], plain["writes_per_s"], plain["p50_ms"],
-                             f"{ratio:.2f}", "yes" if run["total_ok"] else "NO"])
-            nb, nw = bank["node_cpu_ms_per_op"], plain["node_cpu_ms_per_op"]
-            cpu_rows.append([among, n, nb, nw, f"{nb / nw:.2f}" if nw else "-",
-                             bank["client_cpu_ms_per_op"], plain["client_cpu_ms_per_op"]])
-            print(f"{n} threads over {among} accounts: {bank['transfers_per_s']} transfers/s "
-                  f"({bank['conflicts']} conflicts) vs {plain['writes_per_s']} autocommit writes/s: "
-                  f"ratio {ratio:.2f}", file=sys.stderr)
+            for mode, bank in banks.items():
+                ratio = bank["transfers_per_s"] / plain["writes_per_s"] if plain["writes_per_s"] else float("nan")
+                run = {"threads": n, "accounts": among, "mode": mode, "bank": bank, "autocommit": plain,
+                       "ratio": round(ratio, 3), "total_ok": total == accounts * 1000}
+                runs.append(run)
+                attempts = bank["committed"] + bank["conflicts"]
+                rows_out.append([among, n, mode, bank["transfers_per_s"], bank["p50_ms"], bank["p99_ms"],
+                                 bank["conflicts"], f"{bank['conflicts'] / attempts:.0%}" if attempts else "-",
+                                 bank["aborted"] + bank["errors"], plain["writes_per_s"], plain["p50_ms"],
+                                 f"{ratio:.2f}", "yes" if run["total_ok"] else "NO"])
+                nb, nw = bank["node_cpu_ms_per_op"], plain["node_cpu_ms_per_op"]
+                cb, cw = bank["client_cpu_ms_per_op"], plain["client_cpu_ms_per_op"]
+                cpu_rows.append([among, n, mode, nb, nw, f"{nb / nw:.2f}" if nw else "-", cb, cw,
+                                 f"{(nb + cb) / (nw + cw):.2f}" if nw + cw else "-"])
+                print(f"{n} threads over {among} accounts, {mode}: {bank['transfers_per_s']} transfers/s "
+                      f"({bank['conflicts']} conflicts) vs {plain['writes_per_s']} autocommit writes/s: "
+                      f"ratio {ratio:.2f}", file=sys.stderr)
         setup.close()
     finally:
         cluster.close()
@@ -221,24 +244,25 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
     name = "bank-quick" if quick else "bank"
     doc = {"machine": info, "command": "python benchmarks/bank.py " + " ".join(sys.argv[1:]),
            "seconds": seconds, "slices": slices, "accounts": accounts, "runs": runs}
-    table = md_table(["accounts", "threads", "transfers/s", "p50 ms", "p99 ms", "conflicts (retried)",
+    table = md_table(["accounts", "threads", "driver mode", "transfers/s", "p50 ms", "p99 ms", "conflicts (retried)",
                       "conflicts / attempts", "other errors", "autocommit writes/s", "write p50 ms",
                       "ratio", "total kept"], rows_out)
-    note = (f"\n\nA transfer is 2 reads + 3 writes run on the leader + 1 log entry, retried on "
-            f"SerializationError until it commits (latency includes retries). Transfers and autocommit "
-            f"single-row INSERTs alternate in {slices} slices of {seconds / slices:.1f} s each. A "
+    note = (f"\n\nA transfer is 2 reads + 3 writes + 1 log entry, retried on SerializationError "
+            f"until it commits (latency includes retries): in the default driver mode six requests "
+            f"to the leader (each statement, then the commit), in pipeline mode three (the writes "
+            f"travel with the commit). Both modes and autocommit single-row INSERTs alternate in "
+            f"{slices} slices of {seconds / slices:.1f} s each (per mode). A "
             "transfer conflicts only when a balance it read changed before its commit (the commit "
             "replays its statements and compares what they return); the run over "
             f"{hot_accounts} accounts is the contended one, where nearly every overlap is a real "
             "conflict.")
-    cpu_table = md_table(["accounts", "threads", "node CPU ms per transfer", "node CPU ms per write",
-                          "transfer / write", "client CPU ms per transfer", "client CPU ms per write"],
-                         cpu_rows)
+    cpu_table = md_table(["accounts", "threads", "driver mode", "node CPU ms per transfer",
+                          "node CPU ms per write", "transfer / write", "client CPU ms per transfer",
+                          "client CPU ms per write", "all CPU: transfer / write"], cpu_rows)
     cpu_note = ("\n\nCPU time (user + system) of the three node processes, and of the benchmark's "
-                "client process, per committed operation in the same slices. A transfer is six "
-                "requests to the leader (five statements and the commit), an autocommit write one: "
-                "when the machine's cores are the limit, transfers/s over writes/s cannot exceed "
-                "the inverse of this CPU ratio.")
+                "client process, per committed operation in the same slices. An autocommit write "
+                "is one request: when the machine's cores are the limit, transfers/s over "
+                "writes/s cannot exceed the inverse of the last column.")
     write_report(name, doc, table + note + "\n\n" + cpu_table + cpu_note)
     click.echo(table)
 
