@@ -543,7 +543,9 @@ class AppendWorkload(Workload):
 
     A list is a TEXT of comma-separated values in `lists`; an append is an upsert that extends
     it, so it reads nothing the client sees (its rowcount is always 1). Keys rotate: `active`
-    are in use at once and each retires after max_appends appends, which keeps lists short."""
+    are in use at once and each retires after max_appends appends, which keeps lists short.
+    Half the transactions (drawn per transaction) run in the driver's pipeline mode: their
+    appends are sent unchecked with the COMMIT, or before the next read."""
 
     name = "append"
 
@@ -589,7 +591,7 @@ class AppendWorkload(Workload):
         conn = _connection.Connection(ctx.cluster.client(timeout=ctx.timeout_for(process)), autocommit=True)
         try:
             while not ctx.stop.is_set():
-                self.transaction(ctx, conn, process, self._ops(rng))
+                self.transaction(ctx, conn, process, self._ops(rng), pipeline=rng.random() < 0.5)
         finally:
             conn.close()
 
@@ -598,22 +600,26 @@ class AppendWorkload(Workload):
         row = conn.execute("SELECT v FROM lists WHERE k = ?", (k,)).fetchone()
         return [int(x) for x in row[0].split(",")] if row else []
 
-    def transaction(self, ctx: Ctx, conn, process: Any, ops: list[list[Any]]) -> dict[str, Any]:
+    def transaction(self, ctx: Ctx, conn, process: Any, ops: list[list[Any]],
+                    pipeline: bool = False) -> dict[str, Any]:
+        import contextlib
+
         import raftsql.driver as db
 
         h = ctx.history
         h.record(process=process, type="invoke", workload=self.name, f="txn", value=ops)
         done: list[list[Any]] = []
         try:
-            conn.execute("BEGIN")
-            for f, k, v in ops:
-                if f == "r":
-                    done.append(["r", k, self._read(conn, k)])
-                else:
-                    conn.execute("INSERT INTO lists (k, v) VALUES (?, ?) ON CONFLICT (k) "
-                                 "DO UPDATE SET v = v || ',' || excluded.v", (k, str(v)))
-                    done.append(["append", k, v])
-            conn.execute("COMMIT")
+            with conn.pipeline() if pipeline else contextlib.nullcontext():
+                conn.execute("BEGIN")
+                for f, k, v in ops:
+                    if f == "r":
+                        done.append(["r", k, self._read(conn, k)])
+                    else:
+                        conn.execute("INSERT INTO lists (k, v) VALUES (?, ?) ON CONFLICT (k) "
+                                     "DO UPDATE SET v = v || ',' || excluded.v", (k, str(v)))
+                        done.append(["append", k, v])
+                conn.execute("COMMIT")
         except db.OutcomeUnknown as e:
             return self._resend(ctx, conn, process, done, e)
         except Exception as e:  # noqa: BLE001
