@@ -147,3 +147,15 @@ def test_autocommit_and_returning_are_not_queued(connect, table):
         assert c.execute(f"DELETE FROM {table} WHERE id = 1").rowcount == -1  # queued
         c.commit()
     assert _rows(auto, table) == [(0, 8)]
+
+
+def test_a_queued_write_that_cannot_compile_fails_the_commit_with_its_error(connect, table):
+    auto = _setup(connect, table)
+    c = connect()
+    with c.pipeline():
+        c.execute(f"UPDATE {table} SET bal = 1 WHERE id = 0")
+        c.execute("UPDATE no_such_table SET x = 1")
+        with pytest.raises(db.OperationalError, match="no such table: no_such_table") as info:
+            c.commit()
+    assert info.value.statement == 1
+    assert _rows(auto, table) == [(0, 100), (1, 100)]
