@@ -58,7 +58,7 @@ MAX_OPEN_TRANSACTION_BYTES = 256 << 20
 # million rows before the step limit) froze the leader's other threads for 0.24 s, an election.
 # At 32 MiB the delete takes about 35 ms.
 MAX_LIVE_SESSION_BYTES = 32 << 20
-# A parked transaction whose writes are few and ran fast keeps no changeset: it resumes by
+# A parked transaction whose writes are few and took little CPU keeps no changeset: it resumes by
 # running them again as SQL (prepared statements from the cache). Taking a changeset at park and
 # applying it at resume prepares SQLite's own statements each time, every step of them through
 # the Python authorizer: about 150 µs per switch with 8 interleaved transactions, more than
@@ -190,7 +190,7 @@ class PreviewTxn:
     term: int
     writes: list[tuple[str, Any]] = field(default_factory=list)
     envs: list[tuple[int, int] | None] = field(default_factory=list)  # each write's (seed, now_ms)
-    costs: list[float] = field(default_factory=list)  # seconds each write's preview took
+    costs: list[float] = field(default_factory=list)  # CPU seconds each write's preview took (thread_time)
     changeset: bytes | None = None  # None with writes: rebuild them by replaying the SQL
     no_changeset: bool = False  # its changes cannot travel as a changeset (schema change, ...)
     last_rowid: int = 0  # last_insert_rowid() as the transaction left it
@@ -514,7 +514,7 @@ class TransactionPreviews:
             written: set[str] = set()
             self._guard.writes = written
             many = type(params) is Many
-            started = time.perf_counter()
+            started = time.thread_time()  # CPU, not waits for the GIL
             try:
                 result = self._run_many(sql, params) if many else self._run_statement(sql, params)
                 readonly = self._ctx.readonly and not many
@@ -532,13 +532,13 @@ class TransactionPreviews:
                     kept = Many(params.sets[:j])
                     txn.writes.append((sql, kept))
                     txn.envs.append(env)
-                    txn.costs.append(time.perf_counter() - started)
+                    txn.costs.append(time.thread_time() - started)
                     txn.writes_size += _statement_size(sql, kept)
             else:
                 if not readonly:
                     txn.writes.append(statement)
                     txn.envs.append(env)
-                    txn.costs.append(time.perf_counter() - started)
+                    txn.costs.append(time.thread_time() - started)
                     txn.writes_size += _statement_size(sql, params)
             finally:
                 self._guard.writes = None
