@@ -58,14 +58,16 @@ MAX_OPEN_TRANSACTION_BYTES = 256 << 20
 # million rows before the step limit) froze the leader's other threads for 0.24 s, an election.
 # At 32 MiB the delete takes about 35 ms.
 MAX_LIVE_SESSION_BYTES = 32 << 20
-# A parked transaction whose writes are few and took little CPU keeps no changeset: it resumes by
-# running them again as SQL (prepared statements from the cache). Taking a changeset at park and
-# applying it at resume prepares SQLite's own statements each time, every step of them through
-# the Python authorizer: about 150 µs per switch with 8 interleaved transactions, more than
-# replaying a few point writes. Past either bound (or with a write whose random() and 'now'
-# cannot be reproduced) the transaction parks as a changeset, as before.
-REPLAY_MAX_WRITES = 4
-REPLAY_MAX_SECONDS = 150e-6
+# A parked transaction whose writes are few and took little CPU keeps no changeset: it resumes
+# by running them again as SQL. Taking a changeset at park and applying it at resume prepares
+# SQLite's own statements each time, every step of them through the Python authorizer. Measured
+# in one process (8 interleaved transactions of W point UPDATEs, CPU per statement, changeset
+# against replay): W=3 139-156 against 98-99 µs, W=8 165 against 140, W=12 166 against 156,
+# W=16 170 against 193. On a loaded leader a point write's preview takes about 50 µs of CPU, so
+# a bank transfer's three writes sum to 110-160 µs. Past either bound (or with a write whose
+# random() and 'now' cannot be reproduced) the transaction parks as a changeset, as before.
+REPLAY_MAX_WRITES = 8
+REPLAY_MAX_SECONDS = 300e-6
 _SQL_TABLE_GET = "SELECT modified_index FROM sqlite_raftsql_tables WHERE name=?"
 _SQL_ANY_TRIGGER = "SELECT 1 FROM sqlite_schema WHERE type='trigger' LIMIT 1"
 _SAVEPOINT_SQL = {
