@@ -769,8 +769,14 @@ class Connection:
                 # can reproduce them.
                 result = self._send([stmt], consistency=cursor.consistency,
                                     min_index=cursor.min_index, idempotent=True, stream=True)
-                result["txn_step"] = txn.record(stmt, result)
-                return result
+                if not (result.get("volatile") and not result.get("error")):
+                    result["txn_step"] = txn.record(stmt, result)
+                    return result
+                # It called random() or the clock through a view (the node saw it at prepare):
+                # run it again on the leader, whose env the commit can reproduce.
+                stream = result.get("stream")
+                if stream is not None:
+                    stream.close()
             return self._preview(stmt)
 
     def _control(self, kind: str, arg: str | None) -> None:

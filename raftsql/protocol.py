@@ -92,6 +92,9 @@ class Result:
     # where it sits in the leader's log); 0 for every other result. Such a result carries no
     # rows, rowcount -1 and lastrowid None: the entry is not applied yet.
     early_term: int = 0
+    # Reads only: the statement called a function that may read randomness or the clock
+    # (txncheck.VOLATILE_FUNCTIONS, views included), which a commit check cannot reproduce.
+    volatile: bool = False
     # Reads only, on the node, never sent: what streams the rest of the rows (a ReadCursor).
     stream: Any = field(default=None, repr=False, compare=False)
 
@@ -111,6 +114,8 @@ class Result:
             out["bad_text"] = self.bad_text
         if self.early_term:
             out["early_term"] = self.early_term
+        if self.volatile:
+            out["volatile"] = True
         return out
 
     @classmethod
@@ -133,6 +138,7 @@ class Result:
                 results=None if results is None else [cls.from_wire(r) for r in results],
                 bad_text=m.get("bad_text"),
                 early_term=int(m.get("early_term", 0)),
+                volatile=bool(m.get("volatile", False)),
             )
         except (TypeError, KeyError) as e:
             raise ValueError(f"malformed Result map: {e}") from None

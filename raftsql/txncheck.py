@@ -108,12 +108,21 @@ _NONDETERMINISTIC = re.compile(
     r"|\b(?:date|time|datetime|julianday|unixepoch|strftime|timediff)\s*\(", re.IGNORECASE)
 
 
+# The SQL functions that may read randomness or the clock, as SQLite's authorizer names them
+# (SQLITE_FUNCTION) while it prepares a statement, views included: a reader connection notes
+# them, so a transaction's read that used one through a view is run again as a preview.
+VOLATILE_FUNCTIONS = frozenset({
+    "random", "randomblob", "date", "time", "datetime", "julianday", "unixepoch", "strftime",
+    "timediff", "current_date", "current_time", "current_timestamp",
+})
+
+
 def may_be_nondeterministic(sql: str) -> bool:
     """Whether a statement's text may use randomness or the clock. A transaction runs such a
     statement on the leader's apply connection, whose randomness and clock come back to the
     client and travel in the statement's check (env), so its commit reproduces them; a read
-    elsewhere could not be reproduced. A text test: a view or trigger that calls random() is
-    not seen (its transaction then fails at commit with a serialization error)."""
+    elsewhere could not be reproduced. A text test, so a view that calls random() is not seen
+    here: the reader notes it at prepare instead (Result.volatile, VOLATILE_FUNCTIONS)."""
     return _NONDETERMINISTIC.search(sql) is not None
 
 

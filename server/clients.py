@@ -16,6 +16,8 @@ The request and response types are in raftsql/protocol.py (shared with the drive
             "min_term": int,        (optional, with min_index: a read waits for min_index
                                      while that term lasts)
             "reads": true,          (optional: the result adds "reads", the tables read)
+                                    (a read's result has "volatile": true when it called a
+                                     function of random() or the clock, views included)
             "commit": {"last_ms": int, "checks": [check, ...], "controls": [[pos, op, depth]],
                        "txn": str | None}}
                                     (optional: the statements are every statement of a

@@ -772,9 +772,14 @@ class Node:
         gone = RequestError(ErrorKind.TXN_ABORTED, "this leader no longer holds the transaction's uncommitted writes (idle, dropped for room, or out of step); nothing was applied, retry it")
         sql, params = statement
         if txn.base == 0 and type(params) is not Many and may_read(sql):
-            # No writes yet: a read runs on a reader connection, concurrently with apply.
+            # No writes yet: a read runs on a reader connection, concurrently with apply. One
+            # that called random() or the clock (through a view: the text was checked) runs
+            # again as a preview, whose env the commit can reproduce.
             result = self._read(sql, params, None, None, chunk)
-            if (result.error or {}).get("name") != NOT_READONLY:
+            if result.volatile and result.error is None:
+                if result.stream is not None:
+                    result.stream.close()
+            elif (result.error or {}).get("name") != NOT_READONLY:
                 return result, True, current, now_ms, txn.id, False, None
         try:
             if txn.id is not None:

@@ -58,6 +58,10 @@ class Reader:
     statement: str = ""
 
 
+# Statements whose volatility Reads remembers (past it the memory starts afresh).
+_VOLATILE_MEMO = 4096
+
+
 class ReadCursor:
     """One read in progress on a reader connection: its rows, streamed in chunks from one
     SQLite read transaction (the snapshot at the Result's index), so neither the node nor the
@@ -101,6 +105,7 @@ class ReadCursor:
         finally:
             guard.internal = False
         guard.reads = read_set
+        guard.prepared = guard.volatile = False
         self._sql, self._params = sql, params if params is not None else ()
         try:
             # Collecting a read set needs the authorizer, which runs only at prepare.
@@ -117,6 +122,11 @@ class ReadCursor:
         finally:
             guard.reads = None
             reader.active = False
+        if guard.prepared:
+            reads.note_volatile(sql, guard.volatile)
+            volatile = guard.volatile
+        else:
+            volatile = reads.was_volatile(sql)
         desc = reader.description
         return Result(
             columns=[d[0] for d in desc],
@@ -124,6 +134,7 @@ class ReadCursor:
             rowcount=-1,
             lastrowid=None,
             index=self.index,
+            volatile=volatile,
         )
 
     def fetch(self, max_bytes: int) -> tuple[list[list[Any]] | None, bool]:
@@ -270,6 +281,19 @@ class Reads:
         self._validate_lock = threading.Lock()
         self._vreader: Reader | None = None
         self.closed = False
+        # SQL text -> whether its last prepare (on any reader) called a volatile function
+        # (txncheck.VOLATILE_FUNCTIONS): a statement from apsw's cache runs no authorizer.
+        self._volatile: dict[str, bool] = {}
+
+    def note_volatile(self, sql: str, volatile: bool) -> None:
+        if len(self._volatile) >= _VOLATILE_MEMO and sql not in self._volatile:
+            self._volatile.clear()
+        self._volatile[sql] = volatile
+
+    def was_volatile(self, sql: str) -> bool:
+        """For a statement that came from the cache: its last prepare's answer (True if none
+        is remembered: rerunning a read as a preview is only slower)."""
+        return self._volatile.get(sql, True)
 
     def validate(self, statements: Sequence[tuple[str, Any]],
                  returns_rows: list[bool] | None = None) -> list[bool]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import apsw
 
+from raftsql.txncheck import VOLATILE_FUNCTIONS
+
 # The progress handler runs every this many VM steps (the apply step budget and the read time
 # limit are counted in these units).
 PROGRESS_STEPS = 1000
@@ -171,7 +173,7 @@ class Guard:
 
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
-        "sequence_written",
+        "sequence_written", "prepared", "volatile",
     )
 
     def __init__(self, write: bool):
@@ -191,12 +193,19 @@ class Guard:
         # sequence reached the largest rowid, where the next AUTOINCREMENT insert would fail
         # with SQLITE_FULL, an error apply must take for this node's disk being full.
         self.sequence_written = False
+        # Reader connections: set by any user prepare (prepared) and by a call of a function
+        # that may read randomness or the clock (volatile), views included.
+        self.prepared = False
+        self.volatile = False
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
     ) -> int:
         if self.internal:
             return apsw.SQLITE_OK
+        self.prepared = True
+        if action == _A.SQLITE_FUNCTION and (arg4 or "").lower() in VOLATILE_FUNCTIONS:
+            self.volatile = True
         if self.reads is not None or self.writes is not None:
             self._track(action, arg3, arg4)
         if action in _SCHEMA_ACTIONS:

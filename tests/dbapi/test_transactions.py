@@ -487,3 +487,21 @@ def test_transactions_that_see_random_and_now_commit(connect, table):
     legacy.execute(f"INSERT INTO {table} (id, ts) VALUES (2, ?)", (ts,))
     legacy.commit()
     assert auto.execute(f"SELECT ts FROM {table} WHERE id = 2").fetchone() == (ts,)
+
+
+def test_a_view_that_calls_random_or_now_read_before_the_first_write_commits(connect, table):
+    """The statement's text names no random() or clock, its view does: the node notices at
+    prepare (Result.volatile) and the read runs again on the leader with an env the commit
+    reproduces. Before, such a transaction failed with SerializationError at every commit."""
+    auto = connect(autocommit=True)
+    auto.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, r INTEGER, ts TEXT)")
+    auto.execute(f"CREATE VIEW {table}_dice AS SELECT random() AS r, "
+                 "strftime('%Y-%m-%d %H:%M:%f', 'now') AS ts")
+    for explicit in (True, False):
+        c = connect()  # sqlite3's legacy mode: an implicit transaction's first read
+        if explicit:
+            c.execute("BEGIN")
+        r, ts = c.execute(f"SELECT r, ts FROM {table}_dice").fetchone()
+        c.execute(f"INSERT INTO {table} (r, ts) VALUES (?, ?)", (r, ts))
+        c.commit()  # no SerializationError: the read is reproduced at commit
+        assert auto.execute(f"SELECT r, ts FROM {table} ORDER BY id DESC LIMIT 1").fetchone() == (r, ts)

@@ -81,3 +81,20 @@ def test_query_without_streaming_is_bounded(sm):
     r = sm.query("SELECT pad FROM t", max_bytes=100_000)
     assert r.error["name"] == "RAFTSQL_RESULT_TOO_BIG" and "100000" in r.error["message"]
     assert len(sm.query("SELECT id FROM t").rows) == 3000
+
+
+def test_a_read_that_calls_random_or_the_clock_through_a_view_is_marked_volatile(sm):
+    """The authorizer names every function a statement calls, views included: a read marks
+    itself volatile, from apsw's statement cache too (the authorizer then does not run)."""
+    sm.apply(3, entry("CREATE VIEW dice AS SELECT random() AS r",
+                      "CREATE VIEW today AS SELECT date('now') AS d",
+                      "CREATE VIEW plain AS SELECT count(*) AS n FROM t"))
+    for _ in range(3):  # the second and third come from each reader's statement cache
+        assert sm.query("SELECT r FROM dice").volatile
+        assert sm.query("SELECT d FROM today").volatile
+        assert sm.query("SELECT abs(r) FROM dice").volatile
+        assert not sm.query("SELECT n FROM plain").volatile
+        assert not sm.query("SELECT x FROM t WHERE id = 1").volatile
+    assert sm.query("SELECT * FROM no_such").error is not None
+    sm.apply(4, entry("DROP VIEW plain", "CREATE VIEW plain AS SELECT randomblob(4) AS n"))
+    assert sm.query("SELECT n FROM plain").volatile  # re-prepared after the schema changed
