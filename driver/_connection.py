@@ -442,8 +442,9 @@ class Connection:
         The first that fails fails the transaction: it is raised, and nothing is applied."""
         txn = self._txn
         while txn.pending and self._txn is txn:
-            stmt = txn.pending.pop(0)
-            result = self._preview(stmt)
+            stmt = txn.pending[0]
+            result = self._preview(stmt)  # if it raises (Unavailable), the write stays queued
+            del txn.pending[0]
             err = result.get("error")
             if err:
                 error = error_from_map(err)

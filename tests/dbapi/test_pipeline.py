@@ -159,3 +159,30 @@ def test_a_queued_write_that_cannot_compile_fails_the_commit_with_its_error(conn
             c.commit()
     assert info.value.statement == 1
     assert _rows(auto, table) == [(0, 100), (1, 100)]
+
+
+def test_a_queued_write_stays_queued_when_sending_it_finds_no_leader(connect, table):
+    """Unavailable while the queued writes are sent (before a read): nothing was applied and
+    the transaction stays open, so the write must still be there for the retry and the commit."""
+    from raftsql.driver import _client
+
+    auto = _setup(connect, table)
+    c = connect()
+    inner = c._client.execute_in_transaction
+    calls = []
+
+    def flaky(*a, **kw):
+        calls.append(a[0][0])
+        if len(calls) == 1:
+            raise _client.Unavailable("no leader (test)")
+        return inner(*a, **kw)
+
+    c._client.execute_in_transaction = flaky
+    with c.pipeline():
+        c.execute(f"UPDATE {table} SET bal = 5 WHERE id = 0")
+        with pytest.raises(db.OperationalError, match="no leader"):
+            c.execute(f"SELECT bal FROM {table} WHERE id = 0")
+        assert c.in_transaction
+        assert c.execute(f"SELECT bal FROM {table} WHERE id = 0").fetchone() == (5,)
+        c.commit()
+    assert _rows(auto, table) == [(0, 5), (1, 100)]
