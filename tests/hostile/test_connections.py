@@ -171,9 +171,7 @@ def test_2000_idle_connections_to_the_leader(cluster, guard):
         first_write_s = time.monotonic() - t1
         fresh.close()
     assert writer.errors == [], writer.errors
-    # A node that stalled on the 2,000 closes would have failed the fresh client's requests
-    # (timeout 5 s each). How long the first write took is printed, not asserted: tests check
-    # behaviour, benchmarks check speed (a loaded CI machine made a 1 s bound flaky).
+    assert first_write_s < 1.0, f"a new client needed {first_write_s:.2f} s to write"
     # One warning per 10 s for the refusals, not one per connection.
     log = (cluster.data_dir(leader) / "node.log").read_text(errors="replace")
     assert 1 <= log.count("max_client_connections") <= 1 + int(opened_s / 10) + 1, log[-3000:]
