@@ -118,6 +118,10 @@ def refusal(
     if action == _A.SQLITE_READ or action == _A.SQLITE_SELECT or action == _A.SQLITE_RECURSIVE:
         if write and arg3 in _PHYSICAL_TABLES:
             return f"{arg3} describes this node's file layout, which is not replicated"
+        if write and arg3 == "pragma_data_version":
+            # The table-valued form: its PRAGMA is authorized only when it runs, nested, where
+            # FTS5's own data_version reads must pass; refused here, at prepare.
+            return "data_version counts per connection and is not replicated"
         return None
     if action in _ROW_WRITES:
         if is_internal(arg3):

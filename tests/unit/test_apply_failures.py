@@ -311,3 +311,22 @@ def test_autoincrement_tables_can_be_renamed_dropped_and_their_sequences_reset(p
     assert pair.apply("DROP TABLE b")["error"] is None
     assert pair.rows("SELECT count(*) FROM sqlite_sequence") == [[0]]
     pair.assert_same()
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO t SELECT data_version FROM pragma_data_version",
+    "INSERT INTO t SELECT x FROM dv",
+    "UPDATE t SET x = (SELECT data_version FROM pragma_data_version())",
+])
+def test_a_write_may_not_read_data_version_in_its_table_valued_form(pair, sql):
+    """PRAGMA data_version counts per connection. Its table-valued form is authorized as a
+    PRAGMA only while the statement runs (nested, where FTS5's own reads of it must pass), so
+    a write reading it is refused at prepare, directly or through a view."""
+    pair.apply("CREATE TABLE t(x)")
+    pair.apply("INSERT INTO t VALUES (0)")
+    pair.apply("CREATE VIEW dv AS SELECT data_version AS x FROM pragma_data_version")
+    result = pair.apply(sql)
+    assert result["error"] is not None
+    assert "data_version" in result["error"]["message"]
+    assert pair.rows("SELECT x FROM t") == [[0]]
+    pair.assert_same()
