@@ -177,7 +177,7 @@ class Guard:
 
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
-        "sequence_written", "prepared", "volatile",
+        "sequence_written", "prepared", "volatile", "schema_epoch", "record",
     )
 
     def __init__(self, write: bool):
@@ -201,12 +201,35 @@ class Guard:
         # that may read randomness or the clock (volatile), views included.
         self.prepared = False
         self.volatile = False
+        # Counts the schema changes user statements were prepared for (any phase): with the
+        # schema cookie, it names one schema state of this connection (StatementMemo).
+        self.schema_epoch = 0
+        # When a list: the authorizer calls of the user statement being prepared (before its
+        # exec trace) are appended, so a later run of the same text from apsw's statement
+        # cache can replay their effects (StatementMemo).
+        self.record: list[tuple[int, str | None, str | None]] | None = None
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
     ) -> int:
         if self.internal:
             return apsw.SQLITE_OK
+        if action in _SCHEMA_ACTIONS:
+            self.schema_epoch += 1
+        if self.record is not None and self.user_prepare:
+            self.record.append((action, arg3, arg4))
+        self.observe(action, arg3, arg4)
+        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
+        if reason is None:
+            return apsw.SQLITE_OK
+        if self.denied is None:
+            self.denied = reason
+        return apsw.SQLITE_DENY
+
+
+    def observe(self, action: int, arg3: str | None, arg4: str | None) -> None:
+        """What an authorizer call tells about the statement (read and write sets, flags);
+        also replayed for a statement run from apsw's cache (StatementMemo)."""
         self.prepared = True
         if action == _A.SQLITE_FUNCTION and (arg4 or "").lower() in VOLATILE_FUNCTIONS:
             self.volatile = True
@@ -216,13 +239,6 @@ class Guard:
             self.schema_change = True
         elif (action == _A.SQLITE_INSERT or action == _A.SQLITE_UPDATE) and arg3 == "sqlite_sequence":
             self.sequence_written = True
-        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
-        if reason is None:
-            return apsw.SQLITE_OK
-        if self.denied is None:
-            self.denied = reason
-        return apsw.SQLITE_DENY
-
 
     def _track(self, action: int, arg3: str | None, arg4: str | None) -> None:
         """Record what a statement reads and may write, statically (from its compiled program,
@@ -244,6 +260,88 @@ class Guard:
                 self.writes.add(SCHEMA)
         elif action in _SCHEMA_ACTIONS and self.writes is not None:
             self.writes.add(SCHEMA)
+
+
+class StatementMemo:
+    """Lets a connection's user statements run from apsw's statement cache although its Guard
+    learns what each statement reads and writes only while SQLite prepares it (the authorizer
+    is not called for a cached statement). Preparing a point statement again for every run
+    cost about 13 µs, with the authorizer's Python calls; a bank transfer's commit runs five
+    on every node (server/DESIGN.md, "Prepared statements").
+
+    The first run of a text under a schema state prepares it afresh (can_cache=False) and
+    records the authorizer calls made before its exec trace; later runs under the same schema
+    state replay those calls into the Guard (Guard.observe) and take the cached statement. What
+    the Guard learns is thus a function of the text and the schema alone, whatever the cache
+    holds, so every node decides alike.
+
+    A schema state is (schema cookie, Guard.schema_epoch). The cookie goes up with every schema
+    change and comes back down when a rollback undoes one; the epoch goes up whenever a user
+    statement is prepared with a schema action. Between two epoch steps the schema changes only
+    by rollbacks, each to an earlier state with a smaller cookie, so the pair never names two
+    different schemas. A cached statement that SQLite re-prepares (after a rollback expired it)
+    is re-authorized as a nested prepare (Guard.user_prepare is off by then), which loosens one
+    rule only (refusal, `nested`): harmless, since the same text under the same schema passed
+    the strict rules on its fresh run. Schema statements are never run from the cache.
+    (Guard.schema_change is therefore never among a cached statement's effects.)"""
+
+    MAX_SQL = 4096  # longer texts are always prepared afresh
+    MAX_ENTRIES = 512
+
+    __slots__ = ("_effects", "captured")
+
+    def __init__(self) -> None:
+        # key -> what replaying its authorizer calls does to a Guard: (reads, writes,
+        # volatile, sequence_written); schema statements are never kept.
+        self._effects: dict[tuple[str, int, int], tuple[frozenset, frozenset, bool, bool]] = {}
+        self.captured: list[tuple[int, str | None, str | None]] | None = None
+
+    def start(self, guard: Guard, sql: str, cookie: int) -> tuple[tuple[str, int, int] | None, bool]:
+        """Before running sql: (its key, or None if never cached; whether it may come from the
+        cache). A cached run has its recorded authorizer calls replayed into guard here; an
+        uncached one records them (guard.record) until its exec trace calls captured_now()."""
+        self.captured = None
+        if len(sql) > self.MAX_SQL:
+            return None, False
+        key = (sql, cookie, guard.schema_epoch)
+        effects = self._effects.get(key)
+        if effects is None:
+            guard.record = []
+            return key, False
+        # Guard.observe for each recorded call, folded (Guard.observe says what they do).
+        reads, writes, volatile, sequence_written = effects
+        guard.prepared = True
+        if reads and guard.reads is not None:
+            guard.reads |= reads
+        if writes and guard.writes is not None:
+            guard.writes |= writes
+        if volatile:
+            guard.volatile = True
+        if sequence_written:
+            guard.sequence_written = True
+        return key, True
+
+    def capture(self, guard: Guard) -> None:
+        """From the exec trace: the statement is prepared; keep what the authorizer said."""
+        if guard.record is not None:
+            self.captured, guard.record = guard.record, None
+
+    def finish(self, guard: Guard, key: tuple[str, int, int] | None) -> None:
+        """After the run (whatever its outcome): remember a successful fresh prepare's calls."""
+        guard.record = None
+        captured, self.captured = self.captured, None
+        if key is None or captured is None:
+            return
+        if any(action in _SCHEMA_ACTIONS for action, _, _ in captured):
+            return
+        scratch = Guard(guard.write)
+        scratch.reads, scratch.writes = set(), set()
+        for action, arg3, arg4 in captured:
+            scratch.observe(action, arg3, arg4)
+        if len(self._effects) >= self.MAX_ENTRIES:
+            self._effects.clear()
+        self._effects[key] = (frozenset(scratch.reads), frozenset(scratch.writes),
+                              scratch.volatile, scratch.sequence_written)
 
 
 def tracked(name: str) -> str:

@@ -48,6 +48,7 @@ from raftsql.server.sandbox import (
     PROGRESS_STEPS,
     SCHEMA,
     Guard,
+    StatementMemo,
     configure,
 )
 from raftsql.server.sqlerrors import (
@@ -205,6 +206,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             "result=excluded.result, last_ms=excluded.last_ms"
         )
         self._sql_session_gc = "DELETE FROM sqlite_raftsql_sessions WHERE last_ms < ?"
+        self._sql_cookie = self._tag + "PRAGMA schema_version"
         self._sql_table_touch = (
             "INSERT INTO sqlite_raftsql_tables(name, modified_index) VALUES(?,?) "
             "ON CONFLICT(name) DO UPDATE SET modified_index=excluded.modified_index"
@@ -221,6 +223,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         vfs_name = f"raftsql-clock-{os.getpid()}-{next(_vfs_ids)}"
         self._vfs = EntryClock(vfs_name, 0)
         self._guard = Guard(write=True)
+        self._memo = StatementMemo()
         try:
             self._conn = apsw.Connection(
                 self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE, vfs=vfs_name
@@ -281,6 +284,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._many_cursor = conn.cursor()
         self._many_cursor.exec_trace = self._trace_many
         self._fast_cursor = conn.cursor()
+        self._cookie_cursor = conn.cursor()
 
     # -- public state ---------------------------------------------------------------------
 
@@ -461,6 +465,14 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             except apsw.Error as e:  # pragma: no cover - nothing more to do; the node stops
                 log.error("rollback failed: %s", e)
 
+    def _schema_cookie(self) -> int:
+        guard = self._guard
+        outer, guard.internal = guard.internal, True
+        try:
+            return self._cookie_cursor.execute(self._sql_cookie).fetchall()[0][0]
+        finally:
+            guard.internal = outer
+
     def _internal(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         guard = self._guard
         outer, guard.internal = guard.internal, True
@@ -580,10 +592,12 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._ctx.step_limit_hit = False
         self._ctx.max_rowid_table = None
         rows: list[list[Any]] = []
+        memo = self._memo
+        key, cached = memo.start(self._guard, sql, self._schema_cookie())
         try:
-            # Never from apsw's statement cache: the authorizer (which records read and write
-            # sets) runs only at prepare.
-            cursor = self._cursor.execute(sql, params, can_cache=False)
+            # From apsw's statement cache only when the memo has replayed what the authorizer
+            # said at prepare (read and write sets): sandbox.StatementMemo.
+            cursor = self._cursor.execute(sql, params, can_cache=cached)
             budget = self._ctx.result_budget
             stopped = False
             if sink is not None:
@@ -603,6 +617,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             raise StatementFailed(self._statement_error(e)) from None
         finally:
             self._ctx.budget_on = False
+            memo.finish(self._guard, key)
         if stopped:
             self._reset_apply_cursor()  # the sink has seen enough: abandon the rest
         elif budget < 0:
@@ -662,6 +677,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             return False
         self._ctx.dml = keyword in _DML_KEYWORDS
         self._ctx.readonly = cursor.is_readonly
+        self._memo.capture(self._guard)
         self._guard.user_prepare = False
         self._ctx.description = cursor.get_description()
         self._ctx.progress_calls = 0

@@ -1,0 +1,213 @@
+"""User statements run from apsw's statement cache (sandbox.StatementMemo): what the authorizer
+said at a statement's fresh prepare is replayed for its cached runs, and only under the same
+schema state. Each test applies the same entries to a state machine whose cache is warm and to
+one whose cache is cold (or differently warm), and requires identical results and content
+hashes: a cached run must decide exactly what a fresh prepare decides."""
+
+import pytest
+
+from raftsql.server import sandbox
+from raftsql.server.statemachine import StateMachine
+from tests.unit.test_apply_failures import T0, entry
+
+
+class Pair:
+    """machines[0] runs every entry; machines[1] only those given to both (so its statement
+    cache holds less)."""
+
+    def __init__(self, tmp_path):
+        self.machines = []
+        for name in ("warm", "cold"):
+            d = tmp_path / name
+            d.mkdir()
+            self.machines.append(StateMachine(str(d / "db.sqlite")))
+        self.index = 0
+
+    def apply(self, *statements):
+        self.index += 1
+        data = entry(*statements)
+        wires = [sm.apply(self.index, data).to_wire() for sm in self.machines]
+        assert wires[0] == wires[1]
+        return wires[0]
+
+    def warm_only(self, sql, times=3):
+        """Run sql on the warm machine alone, in previews that are rolled back (its cache and
+        memo fill; its database does not change)."""
+        sm = self.machines[0]
+        for _ in range(times):
+            txn = sm.txn_begin("warmer", 1)
+            sm.txn_preview(txn, (sql, ()), len(txn.writes), (1, T0))
+            sm.txn_end(txn.id)
+
+    def assert_same(self):
+        assert len({sm.content_hash() for sm in self.machines}) == 1
+
+    def close(self):
+        for sm in self.machines:
+            sm.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path)
+    yield p
+    p.close()
+
+
+class Counting:
+    """Counts calls of the apply connections' authorizers (user statements only)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = sandbox.Guard.__call__
+
+        def counted(guard, *args):
+            if not guard.internal:
+                self.calls += 1
+            return original(guard, *args)
+
+        monkeypatch.setattr(sandbox.Guard, "__call__", counted)
+
+
+def test_a_repeated_statement_runs_from_the_cache_without_the_authorizer(pair, monkeypatch):
+    pair.apply("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    pair.apply(("INSERT INTO t(v) VALUES (?)", (1,)))  # fresh prepare, recorded
+    pair.apply(("INSERT INTO t(v) VALUES (?)", (2,)))  # from apsw's cache (first cached run)
+    counting = Counting(monkeypatch)
+    for v in range(3, 6):
+        assert pair.apply(("INSERT INTO t(v) VALUES (?)", (v,)))["error"] is None
+    assert counting.calls == 0
+    pair.assert_same()
+
+
+def test_the_write_set_of_a_cached_statement_is_the_fresh_one(pair):
+    """sqlite_raftsql_tables (which entry last wrote each table) is replicated state: a cached
+    run must report the same tables written, triggers included."""
+    pair.apply("CREATE TABLE t(x)")
+    pair.apply("CREATE TABLE audit(x)")
+    pair.apply("CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO audit VALUES (new.x); END")
+    for x in range(4):
+        pair.warm_only("INSERT INTO t VALUES (99)")
+        assert pair.apply(("INSERT INTO t VALUES (?)", (x,)))["error"] is None
+    pair.assert_same()
+    for sm in pair.machines:
+        rows = dict(sm.query("SELECT name, modified_index FROM sqlite_raftsql_tables").rows)
+        assert rows["t"] == rows["audit"] == pair.index
+
+
+def test_a_view_redefined_is_authorized_again(pair):
+    """The same text means something else after its view changes: it is prepared afresh and
+    refused if the new meaning is (a cached run would not call the authorizer at all)."""
+    pair.apply("CREATE TABLE t(x)")
+    pair.apply("CREATE VIEW v AS SELECT 1 AS x")
+    for _ in range(3):
+        assert pair.apply("INSERT INTO t SELECT x FROM v")["error"] is None
+    pair.apply("DROP VIEW v")
+    pair.apply("CREATE VIEW v AS SELECT data_version AS x FROM pragma_data_version")
+    result = pair.apply("INSERT INTO t SELECT x FROM v")
+    assert result["error"] is not None
+    assert "data_version" in result["error"]["message"]
+    assert pair.machines[0].query("SELECT count(*) FROM t").rows == [[3]]
+    pair.assert_same()
+
+
+def test_a_schema_change_rolled_back_by_a_failed_entry_is_not_seen_by_the_cache(pair):
+    """DDL that an entry's failure rolls back moves the schema back to an earlier state: the
+    same text must then fail as it would on a machine that never saw that DDL."""
+    pair.apply("CREATE TABLE t(x UNIQUE)")
+    pair.apply("INSERT INTO t VALUES (1)")
+    for _ in range(3):
+        r = pair.apply("CREATE TABLE later(y)", "INSERT INTO later VALUES (5)", "INSERT INTO t VALUES (1)")
+        assert r["error"] is not None and "UNIQUE" in r["error"]["message"]
+        r = pair.apply("INSERT INTO later VALUES (5)")
+        assert r["error"] is not None and "no such table" in r["error"]["message"]
+    pair.apply("CREATE TABLE later(y, z DEFAULT 7)")
+    assert pair.apply("INSERT INTO later VALUES (5)")["error"] is not None  # 2 columns now
+    assert pair.apply("INSERT INTO later(y) VALUES (5)")["error"] is None
+    pair.assert_same()
+
+
+def test_a_preview_schema_change_parked_away_is_not_seen_by_the_cache(pair):
+    """A transaction preview creates a table and writes it (that statement is cached on the
+    leader); parking the preview rolls the table back, and an autocommit write of the same
+    text must fail on the leader as on a follower that never previewed anything."""
+    pair.apply("CREATE TABLE t(x)")
+    leader = pair.machines[0]
+    txn = leader.txn_begin("client", 1)
+    for i, sql in enumerate(["CREATE TABLE p(x)", "INSERT INTO p VALUES (1)", "INSERT INTO p VALUES (1)"]):
+        result, _, _ = leader.txn_preview(txn, (sql, ()), i, (1, T0))
+        assert result.error is None
+    r = pair.apply("INSERT INTO p VALUES (1)")  # the apply parks the preview first
+    assert r["error"] is not None and "no such table" in r["error"]["message"]
+    result, _, _ = leader.txn_preview(txn, ("INSERT INTO p VALUES (1)", ()), 3, (1, T0))
+    assert result.error is None  # resumed: its table is back for it
+    leader.txn_end(txn.id)
+    r = pair.apply("INSERT INTO p VALUES (1)")
+    assert r["error"] is not None and "no such table" in r["error"]["message"]
+    pair.assert_same()
+
+
+def test_long_statements_and_schema_statements_are_never_cached(pair):
+    pair.apply("CREATE TABLE t(x)")
+    long_sql = "INSERT INTO t VALUES (1) " + "-- pad\n" * 1000
+    for _ in range(3):
+        assert pair.apply(long_sql)["error"] is None
+        assert pair.apply("CREATE TABLE IF NOT EXISTS t(x)")["error"] is None
+    for sm in pair.machines:
+        keys = [k[0] for k in sm._memo._effects]
+        assert long_sql not in keys
+        assert "CREATE TABLE IF NOT EXISTS t(x)" not in keys
+    pair.assert_same()
+
+
+
+def touched(sm):
+    return dict(sm.query("SELECT name, modified_index FROM sqlite_raftsql_tables").rows)
+
+
+def test_a_trigger_rolled_back_with_its_entry_leaves_no_write_set_behind(pair):
+    """The same text writes another table while a trigger exists. An entry creates the trigger,
+    runs the text, then fails: everything rolls back. The text's next run must report only its
+    own table, on the machine that ran it under the trigger as on one that restarted since
+    (its memo empty), or sqlite_raftsql_tables would differ between them."""
+    pair.apply("CREATE TABLE t(x)")
+    pair.apply("CREATE TABLE audit(x)")
+    pair.apply("CREATE TABLE u(x UNIQUE)")
+    pair.apply("INSERT INTO u VALUES (1)")
+    r = pair.apply(
+        "CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO audit VALUES (new.x); END",
+        "INSERT INTO t VALUES (1)",
+        "INSERT INTO u VALUES (1)",
+    )
+    assert r["error"] is not None and "UNIQUE" in r["error"]["message"]
+    audit_before = touched(pair.machines[0]).get("audit")
+    pair.machines[1]._memo._effects.clear()  # as after a restart
+    assert pair.apply("INSERT INTO t VALUES (1)")["error"] is None
+    assert pair.machines[0].query("SELECT count(*) FROM audit").rows == [[0]]
+    for sm in pair.machines:
+        assert touched(sm).get("audit") == audit_before
+        assert touched(sm)["t"] == pair.index
+    pair.assert_same()
+
+
+def test_a_preview_schema_change_parked_away_leaves_no_write_set_behind(pair):
+    """A preview on the leader creates a trigger and runs a text under it; parking the
+    preview rolls the trigger back, and a committed entry then changes the schema (the cookie
+    is back where the preview had it). The text's write set must be the one without the
+    trigger, as on a follower that never previewed."""
+    pair.apply("CREATE TABLE t(x)")
+    pair.apply("CREATE TABLE audit(x)")
+    leader = pair.machines[0]
+    txn = leader.txn_begin("client", 1)
+    steps = ["CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO audit VALUES (new.x); END",
+             "INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (1)"]
+    for i, sql in enumerate(steps):
+        result, _, _ = leader.txn_preview(txn, (sql, ()), i, (1, T0))
+        assert result.error is None
+    pair.apply("CREATE TABLE other(x)")  # parks the preview: the trigger is rolled back
+    leader.txn_end(txn.id)
+    audit_before = touched(leader).get("audit")
+    assert pair.apply("INSERT INTO t VALUES (1)")["error"] is None
+    for sm in pair.machines:
+        assert touched(sm).get("audit") == audit_before
+    pair.assert_same()
