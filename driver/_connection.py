@@ -705,7 +705,9 @@ class Connection:
             return result
         step = txn.record(statement, result)
         result["txn_step"] = step
-        if not err and not result.get("readonly"):
+        if (not err and not result.get("readonly")) or (err and err.get("kept_changes")):
+            # A failed statement that kept some changes (INSERT OR FAIL) counts as a write:
+            # the node keeps it among the transaction's writes too.
             txn.writes.append(statement)
             if result.get("lastrowid"):
                 # The rowid a previewed INSERT reports is the one it got then; Cursor.lastrowid

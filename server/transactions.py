@@ -200,6 +200,9 @@ class PreviewTxn:
     writes_size: int = 0  # about the bytes of `writes`
     size: int = 0  # bytes of writes and changeset (for the node-wide bound)
     ending: bool = False  # its commit is being proposed: parking it keeps nothing
+    # writes[i] -> the error it failed with: a statement that failed yet kept some of its
+    # changes (INSERT OR FAIL, RAISE(FAIL) in a trigger). A replay expects that error again.
+    failures: dict[int, str] = field(default_factory=dict)
 
 
 class OpenTransactions:
@@ -448,17 +451,26 @@ class TransactionPreviews:
                 self._rand.rng = None
                 written: set[str] = set()
                 self._guard.writes = written
+                expected = txn.failures.get(i)
                 try:
                     if type(params) is Many:
                         self._run_many(sql, params)
                     else:
                         self._run_statement(sql, params)
                 except (StatementFailed, NodeProblem) as failed:
+                    if (expected is not None and isinstance(failed, StatementFailed)
+                            and failed.error.get("name") == expected
+                            and self._conn.in_transaction):
+                        continue  # fails as it did, keeping what it keeps
                     self._end_live(keep_changes=False)
                     return serialization_error(
-                        i, sql, f"no longer succeeds ({failed.error.get('message')})")
+                        i, sql, f"no longer succeeds ({failed.error.get('message')})"
+                        if expected is None else f"no longer fails with {expected}")
                 finally:
                     self._guard.writes = None
+                if expected is not None:
+                    self._end_live(keep_changes=False)
+                    return serialization_error(i, sql, f"no longer fails with {expected}")
                 if SCHEMA in written:
                     txn.no_changeset = True
         finally:
@@ -502,6 +514,8 @@ class TransactionPreviews:
                 del txn.writes[base:]
                 del txn.envs[base:]
                 del txn.costs[base:]
+                for i in [i for i in txn.failures if i >= base]:
+                    del txn.failures[i]
                 txn.changeset = None
                 self.open_txns.resize(txn, recount=True)
             failed = self._make_live(txn)
@@ -517,6 +531,7 @@ class TransactionPreviews:
             self._guard.writes = written
             many = type(params) is Many
             started = time.thread_time()  # CPU, not waits for the GIL
+            changes_before = self._conn.total_changes()
             try:
                 result = self._run_many(sql, params) if many else self._run_statement(sql, params)
                 readonly = self._ctx.readonly and not many
@@ -528,6 +543,18 @@ class TransactionPreviews:
                     self._drop_txn(txn)
                     result.index = self._applied_index
                     return result, False, True
+                if not many and self._conn.total_changes() != changes_before:
+                    # It failed but kept the changes it made before failing (OR FAIL): SQLite
+                    # counts a statement's changes unless it rolled them back. Its commit
+                    # keeps them too (_run_checked). One of the transaction's writes from now
+                    # on, on both sides: the client counts it too (its next statement's base),
+                    # its reads then see the preview, and a replay expects the same error.
+                    failed.error["kept_changes"] = True
+                    txn.failures[len(txn.writes)] = failed.error.get("name")
+                    txn.writes.append(statement)
+                    txn.envs.append(env)
+                    txn.costs.append(time.thread_time() - started)
+                    txn.writes_size += _statement_size(sql, params)
                 j = failed.error.get("set")
                 if many and isinstance(j, int) and j > 0:
                     # sqlite3's executemany keeps the parameter sets before the failing one.
@@ -648,11 +675,14 @@ class CheckedTransactions:
             except StatementFailed as failed:
                 if not self._conn.in_transaction:
                     return Result(), f"now fails with {failed.error.get('name')} and rolls back"
-                self._internal("ROLLBACK TO raftsql_check")
-                self._internal("RELEASE raftsql_check")
                 name = failed.error.get("name")
                 if name == check[1] or broken:
+                    # As in the preview (and in SQLite): whatever the failed statement kept
+                    # (OR FAIL keeps the rows changed before the failure) stays.
+                    self._internal("RELEASE raftsql_check")
                     return Result(rowcount=-1), None
+                self._internal("ROLLBACK TO raftsql_check")
+                self._internal("RELEASE raftsql_check")
                 return Result(), f"failed with {check[1]} and now fails with {name}"
             self._internal("RELEASE raftsql_check")
             if broken:

@@ -505,3 +505,40 @@ def test_a_view_that_calls_random_or_now_read_before_the_first_write_commits(con
         c.execute(f"INSERT INTO {table} (r, ts) VALUES (?, ?)", (r, ts))
         c.commit()  # no SerializationError: the read is reproduced at commit
         assert auto.execute(f"SELECT r, ts FROM {table} ORDER BY id DESC LIMIT 1").fetchone() == (r, ts)
+
+
+@pytest.mark.parametrize("park", ["none", "unrelated write", "write to the same table",
+                                  "write of the row it kept"])
+def test_what_a_failed_statement_keeps_is_what_commits_as_in_sqlite3(connect, table, tmp_path, park):
+    """INSERT OR FAIL stops at the conflicting row and keeps the rows it inserted before it,
+    inside the transaction and through commit(), as sqlite3 does; also when another client's
+    write parks the transaction on the leader in between (and its changeset, or its replay,
+    must bring the kept row back)."""
+
+    def run(c, other, park):
+        c.execute(f"CREATE TABLE {table} (x UNIQUE)")
+        c.execute(f"INSERT INTO {table} VALUES (5)")
+        c.commit()
+        with pytest.raises(Exception) as info:
+            c.execute(f"INSERT OR FAIL INTO {table} VALUES (1), (5), (7)")
+        assert type(info.value).__name__ == "IntegrityError"
+        seen = c.execute(f"SELECT x FROM {table} WHERE x < 100 ORDER BY x").fetchall()
+        if park == "unrelated write":
+            other.execute(f"CREATE TABLE {table}_o (y)")
+        elif park == "write to the same table":
+            other.execute(f"INSERT INTO {table} VALUES (100)")
+        elif park == "write of the row it kept":
+            other.execute(f"INSERT INTO {table} VALUES (1)")
+        again = c.execute(f"SELECT x FROM {table} WHERE x < 100 ORDER BY x").fetchall()
+        c.commit()
+        final = other.execute(f"SELECT x FROM {table} WHERE x < 100 ORDER BY x").fetchall()
+        return [tuple(r) for r in seen], [tuple(r) for r in again], [tuple(r) for r in final]
+
+    path = str(tmp_path / "ref.db")
+    # sqlite3 cannot write beside an open write transaction ("database is locked").
+    ref = run(sqlite3.connect(path), sqlite3.connect(path, isolation_level=None), "none")
+    assert ref == ([(1,), (5,)],) * 3
+    # Another client's row 100 (with the rowid the kept row had) makes the leader rebuild the
+    # transaction by replaying it; another client's row 1 makes the replayed INSERT OR FAIL
+    # fail at once, keeping nothing: the same rows, and as serializable as before.
+    assert run(connect(), connect(autocommit=True), park) == ref
