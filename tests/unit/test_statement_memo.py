@@ -7,44 +7,22 @@ hashes: a cached run must decide exactly what a fresh prepare decides."""
 import pytest
 
 from raftsql.server import sandbox
-from raftsql.server.statemachine import StateMachine
-from tests.unit.test_apply_failures import T0, entry
+from tests.unit.test_apply_failures import T0
+from tests.unit.test_apply_failures import Pair as _Pair
 
 
-class Pair:
-    """machines[0] runs every entry; machines[1] only those given to both (so its statement
-    cache holds less)."""
-
-    def __init__(self, tmp_path):
-        self.machines = []
-        for name in ("warm", "cold"):
-            d = tmp_path / name
-            d.mkdir()
-            self.machines.append(StateMachine(str(d / "db.sqlite")))
-        self.index = 0
-
-    def apply(self, *statements):
-        self.index += 1
-        data = entry(*statements)
-        wires = [sm.apply(self.index, data).to_wire() for sm in self.machines]
-        assert wires[0] == wires[1]
-        return wires[0]
+class Pair(_Pair):
+    """machines[0] also runs previews that machines[1] never sees (its statement cache and
+    memo hold more); every entry goes to both."""
 
     def warm_only(self, sql, times=3):
-        """Run sql on the warm machine alone, in previews that are rolled back (its cache and
-        memo fill; its database does not change)."""
+        """Run sql on machines[0] alone, in previews that are rolled back (its cache and memo
+        fill; its database does not change)."""
         sm = self.machines[0]
         for _ in range(times):
             txn = sm.txn_begin("warmer", 1)
             sm.txn_preview(txn, (sql, ()), len(txn.writes), (1, T0))
             sm.txn_end(txn.id)
-
-    def assert_same(self):
-        assert len({sm.content_hash() for sm in self.machines}) == 1
-
-    def close(self):
-        for sm in self.machines:
-            sm.close()
 
 
 @pytest.fixture
