@@ -297,6 +297,7 @@ class Connection:
         """True if an explicit transaction (BEGIN, SAVEPOINT) is open, the open transaction
         has uncommitted writes, or (legacy transaction control) an INSERT/UPDATE/DELETE/REPLACE
         opened the implicit transaction."""
+        self._check_open()
         txn = self._txn
         return txn.explicit or txn.begun or bool(txn.writes) or bool(txn.pending)
 
@@ -390,6 +391,7 @@ class Connection:
         return self.cursor().executescript(sql_script)
 
     def __enter__(self) -> Connection:
+        self._check_open()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -1055,7 +1057,9 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
             timeout: float | None = None, autocommit: bool | int | None = None,
             isolation_level: str | None = "", consistency: str | None = None,
             discover: bool = True, detect_types: int = 0,
-            factory: type[Connection] = Connection, durability: str | None = None) -> Connection:
+            factory: type[Connection] = Connection, durability: str | None = None,
+            check_same_thread: bool = True, cached_statements: int = 128,
+            uri: bool = False) -> Connection:
     """Open a connection to a raftsql cluster.
 
     dsn: ``raftsql://host1:port1,host2:port2,host3:port3/?certs=DIR&consistency=linearizable
@@ -1072,10 +1076,25 @@ def connect(dsn: str | None = None, *, hosts: Any = None, certs: str | None = No
     and try them once every configured host refused a connection (so the client survives the
     removal of every node in its DSN); False uses only the configured hosts (e.g. a proxy).
 
+    check_same_thread, cached_statements and uri are sqlite3's and are accepted for code
+    written for it (type-checked as sqlite3 does) but change nothing: a connection may be used
+    from any thread (threadsafety 2: its transaction is then shared, as sqlite3 with
+    check_same_thread=False), the nodes keep the prepared statements, and a DSN is a URI.
+
     No node is contacted yet: the first statement finds the leader. Bad arguments raise
     ProgrammingError (a bad isolation_level: sqlite3's TypeError or ValueError); unreadable or
     insecure certificate files raise OperationalError.
     """
+    if type(cached_statements) is not int:
+        raise TypeError(f"'{type(cached_statements).__name__}' object cannot be interpreted as "
+                        "an integer")
+    if cached_statements < 0:
+        raise ValueError("cached_statements must be non-negative")
+    for name, value in (("check_same_thread", check_same_thread), ("uri", uri)):
+        try:
+            bool(value)
+        except Exception as e:  # noqa: BLE001 - sqlite3 raises whatever __bool__ raises
+            raise TypeError(f"{name}: {e}") from e
     s = parse_settings(dsn, hosts=hosts, certs=certs, cafile=cafile, certfile=certfile,
                        keyfile=keyfile, timeout=timeout, autocommit=autocommit,
                        consistency=consistency, isolation_level=isolation_level,

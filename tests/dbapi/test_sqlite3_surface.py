@@ -319,3 +319,32 @@ def test_an_executemany_too_big_for_one_transaction_fails_at_once(cluster, table
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (30_000,)
     finally:
         conn.close()
+
+
+def test_sqlite3_connect_keywords_are_accepted_and_checked(cluster, tmp_path):
+    """check_same_thread=False (Flask, FastAPI), cached_statements and uri: accepted as in
+    sqlite3, type errors as in sqlite3, and they change nothing here."""
+    import sqlite3
+
+    for kw in ({"check_same_thread": False}, {"cached_statements": 10}, {"uri": True},
+               {"check_same_thread": True, "cached_statements": 0, "uri": False}):
+        sqlite3.connect(str(tmp_path / "ref.db"), **kw).close()
+        c = raftsql.connect(cluster.dsn, timeout=20, **kw)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        c.close()
+    for kw in ({"cached_statements": "10"}, {"cached_statements": 1.5}):
+        with pytest.raises(TypeError):
+            sqlite3.connect(str(tmp_path / "ref.db"), **kw)
+        with pytest.raises(TypeError):
+            raftsql.connect(cluster.dsn, **kw)
+
+
+def test_a_closed_connection_refuses_in_transaction_and_with(cluster, tmp_path):
+    for c, error in ((sqlite3.connect(str(tmp_path / "ref.db")), sqlite3.ProgrammingError),
+                     (raftsql.connect(cluster.dsn, timeout=20), raftsql.ProgrammingError)):
+        c.close()
+        with pytest.raises(error, match="Cannot operate on a closed database"):
+            c.in_transaction  # noqa: B018 - the property raises
+        with pytest.raises(error, match="Cannot operate on a closed database"):
+            with c:
+                pass
