@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apsw
+import msgpack
 
 from raftsql.command import INT64_MAX, Command, CommandError, Many
 from raftsql.protocol import (
@@ -128,6 +129,16 @@ class ApplyContext:
         self.result_budget = MAX_RESULT_BYTES  # what the entry's result may still hold
         self.many_set = 0  # executemany: the parameter set running
         self.many_total = 0  # executemany: changes so far
+
+
+def stored_rowid(stored: bytes) -> int:
+    """lastrowid of a session row's stored result (Result.encode; 0 if none, or an error's),
+    without building the Result."""
+    try:
+        value = msgpack.unpackb(stored, raw=False).get("lastrowid")
+    except (ValueError, TypeError, AttributeError):
+        return 0
+    return value if type(value) is int else 0
 
 
 class _TransactionLost(Exception):
@@ -465,6 +476,16 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             except apsw.Error as e:  # pragma: no cover - nothing more to do; the node stops
                 log.error("rollback failed: %s", e)
 
+    def client_last_rowid(self, client_id: str) -> int:
+        """The last_insert_rowid() a client's next write starts from: what its previous write
+        left (its session row), 0 without one. Call under the lock."""
+        if not client_id:
+            return 0
+        rows = self._internal(self._sql_session_get, (client_id,))
+        if not rows or rows[0][2] < self._session_ms - self.session_timeout_ms:
+            return 0
+        return stored_rowid(rows[0][1])
+
     def _schema_cookie(self) -> int:
         guard = self._guard
         outer, guard.internal = guard.internal, True
@@ -506,6 +527,9 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                             f"for client {cmd.client_id}",
                         ),
                     )
+                # last_insert_rowid() carries over from the client's previous write, as on one
+                # sqlite3 connection (a transaction's previews start from it too).
+                self._conn.set_last_insert_rowid(stored_rowid(stored))
         if forced is not None:
             result = forced
         else:

@@ -301,6 +301,9 @@ class TransactionPreviews:
             if old is not None:
                 self._drop_txn(old)
             txn = PreviewTxn(id=secrets.token_hex(16), client_id=client_id, term=term)
+            # As its commit entry will (StateMachine._apply_command): last_insert_rowid()
+            # starts from what the client's previous write left.
+            txn.last_rowid = self.client_last_rowid(client_id)
             self.open_txns.add(txn)
             self._sweep(txn)
             return txn

@@ -348,3 +348,26 @@ def test_a_closed_connection_refuses_in_transaction_and_with(cluster, tmp_path):
         with pytest.raises(error, match="Cannot operate on a closed database"):
             with c:
                 pass
+
+
+@pytest.mark.parametrize("kw", [{"isolation_level": None}, {}])
+def test_last_insert_rowid_carries_over_between_writes_as_on_one_connection(connect, table, kw):
+    """A parent row, then a child row pointing at it through last_insert_rowid(): each
+    autocommit write is its own log entry, and the function starts from what the client's
+    previous write left (its session), as on one sqlite3 connection; an UPDATE in between
+    keeps it, and cursor.lastrowid follows the connection's value."""
+    c = connect(**kw)
+    c.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, parent INTEGER, v TEXT)")
+    c.commit()
+    got = []
+    for v in ("a", "b"):
+        c.execute(f"INSERT INTO {table} (v) VALUES (?)", (v,))
+        c.commit()
+        cur = c.execute(f"UPDATE {table} SET v = v || '!' WHERE id = 1")
+        got.append(cur.lastrowid)
+        c.commit()
+        c.execute(f"INSERT INTO {table} (parent, v) VALUES (last_insert_rowid(), 'child')")
+        c.commit()
+    rows = c.execute(f"SELECT id, parent FROM {table} WHERE v = 'child' ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [(2, 1), (4, 3)]
+    assert got == [1, 3]
