@@ -31,6 +31,7 @@ USER_ERRORS = [
     "raftsql.server.logstore:LogCorruptError",
     "raftsql.server.logstore:LogLockedError",
     "raftsql.server.membership:JoinError",
+    "raftsql.server.membership:MembershipMismatch",
     "raftsql.server.reseed:ReseedError",
     "raftsql.server.statemachine:DatabaseDamagedError",
     "raftsql.driver._admin:AdminError",

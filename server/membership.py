@@ -85,6 +85,11 @@ def write_membership(data_dir: str, bootstrap_voters, addresses: dict[str, str])
     _write_json(os.path.join(data_dir, MEMBERSHIP_FILE), doc)
 
 
+class MembershipMismatch(Exception):
+    """The data directory's membership and the --peer list cannot both be right (see
+    Membership.open): the node refuses to start."""
+
+
 class Membership:
     """Bootstrap voters, the address book and the dial addresses of one node. Used by the
     node's Ready path (changes are applied in log order) and read by request threads."""
@@ -103,12 +108,26 @@ class Membership:
 
     @classmethod
     def open(cls, cfg: NodeConfig, replicated: dict[str, str], conf_changes: list[Entry],
-             applied: int) -> Membership:
+             applied: int, pristine: bool = False) -> Membership:
         """At start, before the core is built: the membership file (written at the first
         start), completed from the state machine's replicated book and the CONF_CHANGE entries
-        already applied (a crash may have come between applying and recording them)."""
+        already applied (a crash may have come between applying and recording them).
+
+        pristine: this node has no term, vote, entry or snapshot yet (a first start that
+        failed before the node ran, say on a port in use). Its membership file then promises
+        nothing to anyone and the --peer list, if it differs, replaces it. A data directory
+        that ran as a one-node cluster, started with --peer naming other nodes that are not
+        its members, is refused (MembershipMismatch): it would elect itself alone beside the
+        cluster the operator meant, and both would take writes."""
         doc = read_membership(cfg.data_dir)
         own = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
+        configured = tuple(sorted({cfg.id, *cfg.peers}))
+        if (doc is not None and pristine and cfg.peers
+                and tuple(sorted(doc["bootstrap_voters"])) != configured):
+            log.info("%s: %s was written by a start that never ran; bootstrapping from the "
+                     "--peer list %s instead of %s", cfg.id, MEMBERSHIP_FILE, list(configured),
+                     list(doc["bootstrap_voters"]))
+            doc = None
         if doc is None:
             voters = tuple(cfg.bootstrap_voters) or tuple(sorted({cfg.id, *cfg.peers}))
             book = {pid: f"{h}:{p}" for pid, (h, p) in cfg.peers.items()}
@@ -117,8 +136,20 @@ class Membership:
             m.save()
         else:
             m = cls(cfg, tuple(doc["bootstrap_voters"]), doc["addresses"])
-            configured = tuple(sorted({cfg.id, *cfg.peers}))
             if cfg.peers and configured != m.bootstrap_voters:
+                members = {*m.bootstrap_voters, *replicated}
+                for e in conf_changes:
+                    if e.type == EntryType.CONF_CHANGE:
+                        members.add(ConfChange.decode(e.data).node_id)
+                strangers = sorted(set(cfg.peers) - members)
+                if m.bootstrap_voters == (cfg.id,) and strangers:
+                    raise MembershipMismatch(
+                        f"{cfg.data_dir} holds a one-node cluster of {cfg.id}, but --peer names "
+                        f"{', '.join(strangers)}, which never joined it: started so, {cfg.id} "
+                        "would elect itself alone and take writes beside the cluster you mean. "
+                        f"To join that cluster, move {cfg.data_dir} away and start again (its data "
+                        f"stays in the move); to keep the one-node cluster, start {cfg.id} without "
+                        "--peer and grow it with `raftsql cluster add`")
                 log.info("%s: bootstrap voters %s come from %s (the --peer list names %s)", cfg.id,
                          list(m.bootstrap_voters), MEMBERSHIP_FILE, list(configured))
         cfg.bootstrap_voters = m.bootstrap_voters

@@ -106,8 +106,10 @@ class Node:
         # Restores db.sqlite from the snapshot file if it is behind the log.
         self.sm: StateMachine = self.snapshots.open_state_machine(snap.index, self._new_state_machine)
         # Bootstrap voters and the address book (server/membership.py).
+        pristine = (hs.term == 0 and hs.vote is None and snap.index == 0
+                    and stored.last_index == 0 and self.sm.applied_index == 0)
         self.membership = Membership.open(cfg, self.sm.members(), stored.conf_changes,
-                                          self.sm.applied_index)
+                                          self.sm.applied_index, pristine=pristine)
         rcfg = Config(
             id=cfg.id,
             voters=cfg.voters(),

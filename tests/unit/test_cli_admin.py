@@ -51,6 +51,30 @@ def test_first_start_records_the_bootstrap_voters_and_later_starts_keep_them(tmp
     assert cfg.voters() == ("n1", "n2", "n3")
 
 
+def test_a_first_start_that_never_ran_is_bootstrapped_again_from_the_peer_list(tmp_path):
+    """A first start without --peer that failed before the node ran (its port was taken) left
+    a one-node membership file; the corrected start with --peer uses the --peer list."""
+    membership.Membership.open(_cfg(tmp_path, peers={}), {}, [], 0)
+    cfg = _cfg(tmp_path)
+    membership.Membership.open(cfg, {}, [], 0, pristine=True)
+    assert cfg.voters() == ("n1", "n2", "n3")
+    assert membership.read_membership(str(tmp_path))["bootstrap_voters"] == ["n1", "n2", "n3"]
+
+
+def test_a_one_node_cluster_started_with_peers_it_never_had_is_refused(tmp_path):
+    """Once it ran, a one-node cluster started with --peer naming strangers would elect itself
+    alone beside the cluster the operator meant (split brain): refused, saying what to do."""
+    membership.Membership.open(_cfg(tmp_path, peers={}), {}, [], 0)
+    with pytest.raises(membership.MembershipMismatch, match="one-node cluster of n1.*n2, n3"):
+        membership.Membership.open(_cfg(tmp_path), {}, [], 5)
+    # Grown with `cluster add` (n2 and n3 are members now): the same --peer list is fine.
+    add2 = Entry(1, 2, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n2", b"h:2").encode())
+    add3 = Entry(1, 3, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n3", b"h:3").encode())
+    cfg = _cfg(tmp_path)
+    membership.Membership.open(cfg, {}, [Entry(1, 1), add2, add3], 3)
+    assert cfg.voters() == ("n1",)  # the base the log's changes apply to
+
+
 def test_applied_changes_missing_from_the_book_are_recovered_from_the_log(tmp_path):
     cfg = _cfg(tmp_path)
     add4 = Entry(1, 2, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n4", b"h:4").encode())
