@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import time
 from typing import Any
@@ -137,6 +138,26 @@ def revoke(dsn_text: str, name_or_serial: str, timeout: float = 30.0) -> dict[st
 # --------------------------------------------------------------------------- backup
 
 
+def _backup_target(out_path: str) -> str:
+    """Where a backup may be written: a new file or a regular one, replaced atomically
+    (through a symbolic link, its target). Never a device, FIFO, socket or directory (replacing
+    /dev/null or /dev/full with a file), nor a file in a node's data directory (the live
+    database of a running node)."""
+    path = os.path.realpath(os.path.abspath(out_path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise AdminError(f"{out_path} is {kind}: a backup is written to a new or regular file")
+    parent = os.path.dirname(path)
+    if os.path.exists(os.path.join(parent, "raft-log")) or os.path.exists(os.path.join(parent, "membership.json")):
+        raise AdminError(f"{parent} is a node's data directory: write the backup elsewhere "
+                         "(replacing a file there could replace a live node's database)")
+    return path
+
+
 def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable: bool = True) -> dict[str, Any]:
     """Copy the database of one node to out_path (atomically: a temp file, checked against the
     node's sha256, fsynced, renamed). linearizable=True: the copy holds every write acknowledged
@@ -144,10 +165,8 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
     import hashlib
 
     dsn, ctx = _parse(dsn_text)
-    out_path = os.path.abspath(out_path)
+    out_path = _backup_target(out_path)
     out_dir = os.path.dirname(out_path)
-    if os.path.isdir(out_path):
-        raise AdminError(f"{out_path} is a directory")
     deadline = time.monotonic() + timeout
     errors = []
     attempt = 0

@@ -152,3 +152,25 @@ def test_copy_database_drops_internal_tables_and_keeps_the_index(tmp_path):
     assert db.execute("SELECT x FROM t").fetchall() == [(7,)]
     assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     db.close()
+
+
+def test_a_backup_target_must_be_a_new_or_regular_file_outside_a_data_directory(tmp_path):
+    """`raftsql backup ADSN /dev/full` replaced /dev/full with a regular file, and a FIFO or a
+    live node's db.sqlite were replaced as well."""
+    import os
+
+    from raftsql.driver._admin import AdminError, _backup_target
+
+    assert _backup_target(str(tmp_path / "new.db")) == str(tmp_path / "new.db")
+    (tmp_path / "old.db").write_bytes(b"x")
+    assert _backup_target(str(tmp_path / "old.db")) == str(tmp_path / "old.db")
+    os.symlink(tmp_path / "old.db", tmp_path / "latest.db")  # written through to its target
+    assert _backup_target(str(tmp_path / "latest.db")) == str(tmp_path / "old.db")
+    os.mkfifo(tmp_path / "pipe")
+    for target in ("/dev/null", str(tmp_path / "pipe"), str(tmp_path)):
+        with pytest.raises(AdminError, match="not a regular file|is a directory"):
+            _backup_target(target)
+    node = tmp_path / "n1"
+    (node / "raft-log").mkdir(parents=True)
+    with pytest.raises(AdminError, match="node's data directory"):
+        _backup_target(str(node / "db.sqlite"))
