@@ -249,6 +249,28 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _check_rows_fit(src: Any, schema: list[tuple], limit: int | None) -> None:
+    """Before anything is written: AdminError if a row of a table to restore cannot travel in
+    one request (the nodes' max_request_size), rather than failing midway with part of the
+    data loaded and the cluster no longer empty."""
+    if not limit:
+        return
+    for kind, name, tbl_name, _ in schema:
+        if kind != "table" or name.startswith(_INTERNAL) or tbl_name.startswith(_INTERNAL):
+            continue
+        cols = [c[1] for c in src.execute(f"PRAGMA table_xinfo({_q(name)})") if c[6] == 0]
+        if not cols:
+            continue
+        size = " + ".join(f"coalesce(length(CAST({_q(c)} AS BLOB)), 8)" for c in cols)
+        biggest = src.execute(f"SELECT max({size}) FROM {_q(name)}").fetchone()[0] or 0
+        if biggest + 1024 > limit:
+            raise AdminError(
+                f"table {name!r} has a row of about {biggest} bytes, and a request to the nodes "
+                f"may hold {limit} bytes (their max_request_size): nothing was restored. Start "
+                "the new cluster's nodes with a larger max_request_size (at most half their "
+                "max_frame_size), or restore without that row")
+
+
 def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeout: float = 60.0,
             progress=None) -> dict[str, Any]:
     """Load the SQLite file in_path into an empty cluster, through the log: the schema, then
@@ -296,6 +318,7 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
         if existing["rows"]:
             raise AdminError("the cluster is not empty (it has " + ", ".join(r[0] for r in existing["rows"][:5])
                              + "): restore seeds a new, empty cluster")
+        _check_rows_fit(src, schema, client._conn.max_request if client._conn else None)
         # Admins only, and recorded in the audit trail (before any write; server/admin.py).
         client._call({"op": "restore_begin", "source": os.path.basename(in_path),
                       "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)

@@ -165,3 +165,22 @@ def test_restore_refuses_what_is_not_a_database(cluster, tmp_path):
     junk.write_bytes(b"not a database" * 100)
     p = _cli("restore", str(junk), cluster.admin_dsn, check=False)
     assert p.returncode == 1 and "not a readable SQLite database" in p.stderr, p.stderr
+
+
+def test_restore_refuses_a_row_over_the_request_limit_before_writing_anything(cluster, tmp_path):
+    """A 5 MB row (accepted by the cluster as one statement with randomblob) cannot travel in
+    one 4 MiB request: the restore says so before it writes, and the cluster stays empty, so
+    a restore with larger limits can follow."""
+    src = tmp_path / "big.db"
+    with sqlite3.connect(src) as db:
+        db.execute("CREATE TABLE small (x)")
+        db.execute("INSERT INTO small VALUES (1)")
+        db.execute("CREATE TABLE big (b BLOB)")
+        db.execute("INSERT INTO big VALUES (zeroblob(5000000))")
+    p = _cli("restore", str(src), cluster.admin_dsn, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "table 'big' has a row of about 5000000 bytes" in p.stderr and "nothing was restored" in p.stderr
+    c = cluster.client(timeout=20)
+    names = [r[0] for r in c.execute([("SELECT name FROM sqlite_schema", [])])["rows"]]
+    c.close()
+    assert [n for n in names if not n.startswith("sqlite_")] == []
