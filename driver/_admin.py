@@ -25,8 +25,7 @@ def context_for(dsn: DSN):
 
 
 def cluster_status(dsn_text: str, timeout: float = 3.0) -> list[dict[str, Any]]:
-    dsn = DSN.parse(dsn_text)
-    ctx = context_for(dsn)
+    dsn, ctx = _parse(dsn_text)
     rows = []
     for host, port in dsn.hosts:
         addr = f"{host}:{port}"

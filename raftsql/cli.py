@@ -27,6 +27,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 # sys.modules only: if the module was never imported, nothing can have raised its exceptions.
 USER_ERRORS = [
     "raftsql.server.tls:TLSConfigError",
+    "raftsql.server.certs:TLSConfigError",
+    "raftsql.driver._exceptions:ProgrammingError",
     "raftsql.server.config:ConfigError",
     "raftsql.server.logstore:LogCorruptError",
     "raftsql.server.logstore:LogLockedError",
@@ -310,7 +312,8 @@ def certs_show(cert_file: Path) -> None:
 @click.option("--reseed", is_flag=True,
               help="This node's database is damaged: move it (and the node's log and snapshots) "
                    "aside, then catch up from the leader (README, Recovery).")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
 @human_errors
 def node(node_id, data_dir, listen, advertise, peers, certs, config_file, tick_ms, heartbeat_ticks,
          election_ticks, snapshot_entries, snapshot_bytes, snapshot_trailing, max_client_connections,
@@ -573,7 +576,7 @@ def restore(in_file: Path, dsn: str, timeout: float) -> None:
 
     \b
     Start the new cluster first (e.g. `raftsql cluster up --data-dir new`), then:
-      raftsql restore backup.db 'raftsql://127.0.0.1:4001/?certs=new/certs/client'
+      raftsql restore backup.db 'raftsql://127.0.0.1:4001/?certs=new/certs/admin'
     The data goes through the log, so every node, and every node that joins later, gets the
     same database. Refused if the cluster already has tables.
     """
@@ -600,7 +603,19 @@ def status(dsn: str, as_json: bool) -> None:
     rows = cluster_status(dsn)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
-        return
+    else:
+        _print_status(rows)
+    # As `etcdctl endpoint health`: a cluster that cannot take writes is a failure (exit 1).
+    views = [r for r in rows if "error" not in r]
+    if not views:
+        raise click.ClickException("no node answered")
+    if not any(r.get("role") == "leader" or r.get("leader") for r in views):
+        raise click.ClickException(
+            f"none of the {len(views)} node(s) that answered knows a leader: the cluster takes "
+            "no writes")
+
+
+def _print_status(rows: list[dict]) -> None:
     click.echo(f"{'node':6} {'address':22} {'role':10} {'term':>5} {'leader':7} {'commit':>8} {'applied':>8}")
     for r in rows:
         if "error" in r:

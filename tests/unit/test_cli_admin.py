@@ -174,3 +174,32 @@ def test_a_backup_target_must_be_a_new_or_regular_file_outside_a_data_directory(
     (node / "raft-log").mkdir(parents=True)
     with pytest.raises(AdminError, match="node's data directory"):
         _backup_target(str(node / "db.sqlite"))
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["status", "garbage"], 1, "Error: DSN must start with raftsql://"),
+    (["status", "raftsql://127.0.0.1:9/"], 1, "Error: the DSN needs ?certs=DIR"),
+    (["shell", "raftsql://127.0.0.1:9/?certs=.&consistency=bogus"], 1, "Error: consistency must be one of"),
+    (["certs", "node", "{tmp}", "--name", "n9", "--host", ""], 1, "Error: invalid host ''"),
+    (["certs", "node", "{tmp}", "--name", "../evil", "--host", "127.0.0.1"], 1, "Error: invalid name '../evil'"),
+    (["node", "--id", "n1", "--data-dir", "{tmp}/d", "--listen", "127.0.0.1:9", "--certs", "{tmp}",
+      "--log-level", "bogus"], 2, "Invalid value for '--log-level'"),
+])
+def test_cli_mistakes_are_one_line_errors(tmp_path, args, code, message):
+    runner = CliRunner()
+    assert runner.invoke(main, ["certs", "init", str(tmp_path)]).exit_code == 0
+    r = runner.invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.exit_code == code, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_status_fails_when_no_node_answers(tmp_path):
+    import socket
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["certs", "init", str(tmp_path)]).exit_code == 0
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = runner.invoke(main, ["status", f"raftsql://127.0.0.1:{port}/?certs={tmp_path}/client"])
+    assert r.exit_code == 1 and "unreachable" in r.output and "Error: no node answered" in r.output
