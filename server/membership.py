@@ -79,9 +79,12 @@ def read_membership(data_dir: str) -> dict[str, Any] | None:
     return doc
 
 
-def write_membership(data_dir: str, bootstrap_voters, addresses: dict[str, str]) -> None:
+def write_membership(data_dir: str, bootstrap_voters, addresses: dict[str, str],
+                     node_id: str | None = None) -> None:
     os.makedirs(data_dir, exist_ok=True)
     doc = {"version": 1, "bootstrap_voters": sorted(bootstrap_voters), "addresses": dict(sorted(addresses.items()))}
+    if node_id is not None:
+        doc["node_id"] = node_id  # whose state this directory holds (checked at every start)
     _write_json(os.path.join(data_dir, MEMBERSHIP_FILE), doc)
 
 
@@ -120,6 +123,11 @@ class Membership:
         its members, is refused (MembershipMismatch): it would elect itself alone beside the
         cluster the operator meant, and both would take writes."""
         doc = read_membership(cfg.data_dir)
+        if doc is not None and doc.get("node_id") not in (None, cfg.id):
+            raise MembershipMismatch(
+                f"{cfg.data_dir} holds the state of node {doc['node_id']}, not of {cfg.id} (its "
+                f"term, vote and log): started as {cfg.id} it could vote twice in one term. "
+                f"Start it as --id {doc['node_id']}, or give {cfg.id} its own data directory")
         own = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
         configured = tuple(sorted({cfg.id, *cfg.peers}))
         if (doc is not None and pristine and cfg.peers
@@ -169,7 +177,7 @@ class Membership:
         return m
 
     def save(self) -> None:
-        write_membership(self._cfg.data_dir, self.bootstrap_voters, self.book)
+        write_membership(self._cfg.data_dir, self.bootstrap_voters, self.book, self._cfg.id)
 
     def address_of(self, nid: str | None) -> str | None:
         return self.addresses.get(nid) if nid else None
@@ -367,7 +375,7 @@ def join_cluster(cfg, dsn_text: str, timeout: float = 60.0) -> dict[str, Any]:
     for addr in members.values():
         parse_addr(addr)
     members[cfg.id] = address
-    write_membership(cfg.data_dir, voters, members)
+    write_membership(cfg.data_dir, voters, members, cfg.id)
     log.info("%s joined as a learner at index %s; bootstrap voters %s, members %s", cfg.id,
              result.get("index"), voters, sorted(members))
     return read_membership(cfg.data_dir)

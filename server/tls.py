@@ -18,6 +18,7 @@ import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from raftsql.server.certs import (
     CA_CERT,
@@ -105,10 +106,29 @@ def server_context(certs_dir: str | os.PathLike[str], node_name: str) -> ssl.SSL
     Raises TLSConfigError (missing/unloadable files) or InsecureKeyFileError.
     """
     ca, cert, key = _leaf_files(certs_dir, node_name)
+    _check_own_cert(ca, cert)
     ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     # Nobody resumes sessions (each connection is long-lived), so skip sending tickets.
     ctx.num_tickets = 0
     return _load(ctx, ca, cert, key)
+
+
+def _check_own_cert(ca: str, cert: str) -> None:
+    """A node's own certificate must be a node certificate issued by the CA beside it: every
+    peer would refuse anything else, and the node would run on, cut off, saying nothing."""
+    leaf = _read_cert(Path(cert), "certificate")
+    role = _cert_role(leaf)
+    if role != "node":
+        raise TLSConfigError(
+            f"{cert} is {'a ' + role if role else 'not a raftsql'} certificate, not a node "
+            "certificate: peers would refuse it (make one with `raftsql certs node`)")
+    authority = _read_cert(Path(ca), "CA certificate")
+    try:
+        leaf.verify_directly_issued_by(authority)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise TLSConfigError(
+            f"{cert} was not issued by the CA in {ca} ({e or type(e).__name__}): peers would "
+            "refuse it; use the certificates of one `raftsql certs init`") from None
 
 
 def node_client_context(certs_dir: str | os.PathLike[str], node_name: str) -> ssl.SSLContext:

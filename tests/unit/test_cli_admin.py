@@ -75,6 +75,13 @@ def test_a_one_node_cluster_started_with_peers_it_never_had_is_refused(tmp_path)
     assert cfg.voters() == ("n1",)  # the base the log's changes apply to
 
 
+def test_a_data_directory_started_under_another_node_id_is_refused(tmp_path):
+    membership.Membership.open(_cfg(tmp_path, nid="n2", peers={"n1": ("h", 1), "n3": ("h", 3)}), {}, [], 0)
+    assert membership.read_membership(str(tmp_path))["node_id"] == "n2"
+    with pytest.raises(membership.MembershipMismatch, match="holds the state of node n2, not of n1"):
+        membership.Membership.open(_cfg(tmp_path), {}, [], 4)
+
+
 def test_applied_changes_missing_from_the_book_are_recovered_from_the_log(tmp_path):
     cfg = _cfg(tmp_path)
     add4 = Entry(1, 2, EntryType.CONF_CHANGE, ConfChange(ConfChangeType.ADD_LEARNER, "n4", b"h:4").encode())

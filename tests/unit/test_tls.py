@@ -220,10 +220,24 @@ def test_hostname_mismatch_is_refused(certs):
 
 
 def test_client_certificate_cannot_act_as_a_server(certs):
-    # EKU clientAuth only: the verifier rejects it for serverAuth even with a matching chain.
-    r = handshake(tls.server_context(certs, "client"), tls.node_client_context(certs, "n1"))
+    # A node refuses to start with one (every peer would refuse it) ...
+    with pytest.raises(tls.TLSConfigError, match="a client certificate, not a node certificate"):
+        tls.server_context(certs, "client")
+    # ... and, built anyway, EKU clientAuth only: the verifier rejects it for serverAuth even
+    # with a matching chain.
+    ctx = tls._load(tls.harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)), *tls._leaf_files(certs, "client"))
+    r = handshake(ctx, tls.node_client_context(certs, "n1"))
     assert_refused(r)
     assert isinstance(r.get("client_error"), ssl.SSLCertVerificationError), r
+
+
+def test_a_node_certificate_from_another_ca_is_refused_at_start(certs, tmp_path):
+    other = tmp_path / "other"
+    pki.make_ca(other)
+    pki.make_node_cert(other, "n1", ["127.0.0.1"])
+    (other / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())  # beside the wrong CA
+    with pytest.raises(tls.TLSConfigError, match="was not issued by the CA"):
+        tls.server_context(other, "n1")
 
 
 def test_client_without_certificate_is_refused(certs):
