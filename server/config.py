@@ -3,6 +3,7 @@ precedence). Every bad value is reported as ConfigError naming the setting and i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -178,7 +179,7 @@ def load(flags: dict[str, Any], config_file: str | None = None, env: dict[str, s
                 data = tomllib.load(f)
         except OSError as e:
             raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from None
         for k, v in data.items():
             if k not in SETTINGS:
@@ -193,6 +194,11 @@ def load(flags: dict[str, Any], config_file: str | None = None, env: dict[str, s
     cfg = _build(merged)
     cfg.hooks = TestHooks.from_env(env)
     return cfg
+
+
+# Upper bounds past which a setting only breaks the node (a tick of 10^20 ms killed the ticker
+# thread with an OverflowError while the process kept listening and never elected).
+_INT_MAX = {"tick_ms": 60_000, "heartbeat_ticks": 1_000_000, "election_ticks": 1_000_000}
 
 
 def _typed(key: str, value: Any, source: str) -> Any:
@@ -211,11 +217,15 @@ def _typed(key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a table of ID = \"HOST:PORT\"")
         return value
     try:
-        if typ is int and isinstance(value, bool):
-            raise ValueError
+        if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError  # 1.5 is no tick length; int() would make it 1
         v = typ(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r}") from None
+    if typ is float and not math.isfinite(v):
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+    if typ is int and v > _INT_MAX.get(key, 1 << 62):
+        raise ConfigError(f"{source}: {key} must be at most {_INT_MAX.get(key, 1 << 62)}, got {value!r}")
     if typ in (int, float) and (v < 0 if key in ZERO_ALLOWED else v <= 0):
         if key in ZERO_ALLOWED:
             raise ConfigError(f"{source}: {key} must be 0 or more, got {value!r}")

@@ -210,3 +210,23 @@ def test_status_fails_when_no_node_answers(tmp_path):
         port = s.getsockname()[1]
     r = runner.invoke(main, ["status", f"raftsql://127.0.0.1:{port}/?certs={tmp_path}/client"])
     assert r.exit_code == 1 and "unreachable" in r.output and "Error: no node answered" in r.output
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tick_ms", 10**20, "at most 60000"),
+    ("tick_ms", 1.5, "must be int"),
+    ("frame_timeout_s", float("nan"), "finite"),
+    ("client_idle_timeout_s", "inf", "finite"),
+    ("request_timeout_s", "1e400", "finite"),
+])
+def test_settings_that_would_only_break_the_node_are_refused(key, value, message):
+    base = {"id": "n1", "data_dir": "/tmp/x", "listen": "127.0.0.1:1", "certs": "/"}
+    with pytest.raises(ConfigError, match=message):
+        load({**base, key: value}, env={})
+
+
+def test_a_binary_config_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "bin.toml"
+    bad.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load({}, config_file=str(bad), env={})
