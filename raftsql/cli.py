@@ -430,10 +430,13 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, ope
 
     from raftsql.server import launcher
 
+    fresh = not data_dir.exists()
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         plan = launcher.plan(data_dir, nodes, base_port, host)
     except ValueError as e:
+        if fresh:
+            data_dir.rmdir()  # made just now, still empty: leave nothing behind
         raise click.ClickException(str(e)) from None
     client_certs, node_certs, moved = launcher.make_certs(data_dir / "certs", plan)
     for line in moved:

@@ -37,15 +37,50 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+def _running_pids(doc: dict) -> list[int]:
+    """The pids cluster.json names that are still raftsql node processes."""
+    alive = []
+    for n in doc.get("nodes", []):
+        pid = n.get("pid") if isinstance(n, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"raftsql" in cmdline and b"node" in cmdline:
+            alive.append(pid)
+    return alive
+
+
 def plan(data_dir: Path, nodes: int, base_port: int | None, host: str = "127.0.0.1") -> list[dict]:
-    """The node list: reused from cluster.json when present, else fresh ids and ports."""
+    """The node list: reused from cluster.json when present, else fresh ids and ports.
+    ValueError (a one-line message) for a cluster.json that is damaged or whose nodes still
+    run, and for a --host that cannot be listened on."""
     cj = data_dir / "cluster.json"
     if cj.exists():
-        old = json.loads(cj.read_text())
-        prev = [{"id": n["id"], "address": n["address"], "data_dir": n["data_dir"]} for n in old["nodes"]]
+        try:
+            old = json.loads(cj.read_text())
+            prev = [{"id": str(n["id"]), "address": str(n["address"]), "data_dir": str(n["data_dir"])}
+                    for n in old["nodes"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cj} is damaged ({type(e).__name__}: {e}); move it away to start a "
+                             "new cluster in this --data-dir, or fix it") from None
+        running = _running_pids(old)
+        if running:
+            raise ValueError(f"the cluster in {data_dir} is running already (pids "
+                             f"{', '.join(map(str, running))}): stop it first")
         if len(prev) != nodes:
             raise ValueError(f"{cj} describes {len(prev)} nodes; start it with --nodes {len(prev)} or use another --data-dir")
         return prev
+    if not host or ":" in host:
+        raise ValueError(f"--host {host!r}: give one IPv4 address or host name, without a port")
+    with socket.socket() as s:
+        try:
+            s.bind((host, 0))
+        except (OSError, OverflowError) as e:
+            raise ValueError(f"cannot listen on --host {host}: {e}") from None
     port = base_port or 4001
     out = []
     for i in range(nodes):
@@ -53,6 +88,8 @@ def plan(data_dir: Path, nodes: int, base_port: int | None, host: str = "127.0.0
             if base_port is not None:
                 raise ValueError(f"port {port} on {host} is in use; choose another --base-port")
             port += 1
+            if port > 65535:
+                raise ValueError(f"no free port on {host} from {base_port or 4001} up")
         out.append({"id": f"n{i + 1}", "address": f"{host}:{port}", "data_dir": str(data_dir / f"n{i + 1}")})
         port += 1
     return out

@@ -100,6 +100,13 @@ def test_killed_node_is_reported_the_others_keep_serving_and_it_restarts(tmp_pat
     try:
         dsn = out.wait_for(lambda line: line.startswith("DSN: "))[len("DSN: "):]
         pids = {n["id"]: n["pid"] for n in json.loads((data / "cluster.json").read_text())["nodes"]}
+        # A second `cluster up` on the running data directory is refused before it touches
+        # anything (it used to rewrite cluster.json with the pids of nodes that died at once).
+        before = (data / "cluster.json").read_bytes()
+        again = subprocess.run([sys.executable, "-m", "raftsql.cli", "cluster", "up", "--data-dir", str(data)],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "running already" in again.stderr, again.stderr
+        assert (data / "cluster.json").read_bytes() == before
         certs = Path(dsn.partition("?certs=")[2])
         assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "client.crt", "client.key"]
         assert (data / "certs" / "ca" / "ca.key").exists()
@@ -204,3 +211,21 @@ def test_exit_report_names_the_node_and_its_restart_command(tmp_path):
     assert "--peer" in command and "n1=127.0.0.1:4001" in command
     alone = launcher.exit_report(nodes[1], proc, nodes, tmp_path / "certs" / "n2", others_running=False)
     assert "keep running" not in alone
+
+
+def test_cluster_up_mistakes_are_one_line_errors_that_leave_nothing(tmp_path):
+    """A --host that cannot be listened on (it hung, or ended in a traceback) and a damaged
+    cluster.json (a KeyError) are one-line errors; a data directory made for them is removed."""
+    def up(*args):
+        return subprocess.run([sys.executable, "-m", "raftsql.cli", "cluster", "up", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    for host, message in [("no.such.host.invalid", "cannot listen on --host"),
+                          ("127.0.0.1:5000", "without a port"), ("", "without a port")]:
+        r = up("--data-dir", str(tmp_path / "new"), "--host", host)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "cluster.json").write_text('{"nodes": 5}')
+    r = up("--data-dir", str(tmp_path / "old"))
+    assert r.returncode == 1 and "cluster.json is damaged" in r.stderr and "Traceback" not in r.stderr
