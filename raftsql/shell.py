@@ -118,6 +118,23 @@ class Shell:
             self.out.write(f"Run Time: {took * 1000:.2f} ms\n")
         self.out.flush()
 
+    def interrupted(self, sql: str) -> None:
+        """Ctrl-C while a statement ran: back to the prompt, as sqlite3's shell. Nothing can
+        call the request back, so a write's outcome is unknown; an interrupted COMMIT also
+        ends the transaction here (sending it again could apply it twice)."""
+        keyword = sql.lstrip().split(None, 1)[0].upper().rstrip(";") if sql.strip() else ""
+        if keyword in ("COMMIT", "END"):
+            try:
+                self.conn.rollback()
+            except Exception:  # noqa: BLE001 - the connection may be gone too: nothing to keep
+                pass
+            self.error("interrupted: the COMMIT may or may not have been applied; check "
+                       "before running the transaction again")
+        else:
+            self.error("interrupted: if the statement writes, it may or may not have been "
+                       "applied; an open transaction goes on")
+        self.out.flush()
+
     def _transaction_control(self, keyword: str, sql: str) -> bool:
         """BEGIN / COMMIT / ROLLBACK map to the driver's transactions. Returns False for
         forms it does not handle (ROLLBACK TO, BEGIN with odd words): the server refuses them."""
@@ -271,7 +288,11 @@ class Shell:
                 if complete_statement(text):
                     buf = []
                     for statement in split_script(text):
-                        self.run_sql(statement)
+                        try:
+                            self.run_sql(statement)
+                        except KeyboardInterrupt:
+                            self.interrupted(statement)
+                            break  # and the rest of the line
             if buf and "\n".join(buf).strip():
                 self.error(f"incomplete SQL: {' '.join(buf).strip()}")
         finally:

@@ -53,6 +53,27 @@ def _run(cluster, script: str):
                           input=script, capture_output=True, text=True, timeout=120)
 
 
+class _Terminal:
+    """What a shell writes to a pseudo-terminal's master side, matched token by token."""
+
+    def __init__(self, master: int):
+        self.master = master
+        self.seen = b""
+        self.pos = 0  # everything before pos has been matched already
+
+    def read_until(self, token: bytes, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while token not in self.seen[self.pos:] and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 4096)
+                except OSError:
+                    break
+        assert token in self.seen[self.pos:], self.seen[self.pos:].decode(errors="replace")
+        self.pos = self.seen.index(token, self.pos) + len(token)
+
+
 def test_piped_script(cluster):
     out = _run(cluster, SCRIPT)
     stdout, stderr = out.stdout, out.stderr
@@ -101,22 +122,8 @@ def test_interactive_session_keeps_history(cluster, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "raftsql.cli", "shell", cluster.dsn],
                             stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
-    seen = b""
-    pos = 0  # everything before pos has been matched already
-
-    def read_until(token: bytes, timeout: float = 30) -> None:
-        nonlocal seen, pos
-        deadline = time.monotonic() + timeout
-        while token not in seen[pos:] and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    break
-        assert token in seen[pos:], seen.decode(errors="replace")
-        pos = seen.index(token, pos) + len(token)
-
+    term = _Terminal(master)
+    read_until = term.read_until
     try:
         read_until(b"usage hints")
         read_until(b"raftsql> ")
@@ -132,6 +139,51 @@ def test_interactive_session_keeps_history(cluster, tmp_path):
             proc.kill()
             proc.wait()
         os.close(master)
-    assert "answer" in seen.decode(errors="replace")
+    assert "answer" in term.seen.decode(errors="replace")
     history = (tmp_path / ".raftsql_history").read_text()
     assert "SELECT 6 *" in history and "7 AS answer;" in history
+
+
+def test_ctrl_c_during_a_statement_returns_to_the_prompt_and_keeps_the_transaction(cluster, tmp_path):
+    """Ctrl-C while a statement runs (here a runaway recursive query inside a transaction)
+    interrupts it, as in sqlite3's shell: the shell stays, and so does the open transaction
+    (it used to print "Aborted!" and exit, losing it)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "HOME": str(tmp_path), "TERM": "dumb"}
+
+    def controlling_terminal() -> None:  # so that Ctrl-C on the terminal is a SIGINT
+        import fcntl
+        import termios
+
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "raftsql.cli", "shell", cluster.dsn],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+                            preexec_fn=controlling_terminal)
+    os.close(slave)
+    read_until = _Terminal(master).read_until
+    table = f"ctrlc_{os.getpid()}"
+    try:
+        read_until(b"raftsql> ")
+        for line in (f"CREATE TABLE {table} (x);", "BEGIN;", f"INSERT INTO {table} VALUES (1);"):
+            os.write(master, line.encode() + b"\n")
+            read_until(b"raftsql> ")
+        os.write(master, b"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                         b"SELECT count(*) FROM c;\n")
+        time.sleep(0.7)
+        os.write(master, b"\x03")  # Ctrl-C, delivered as SIGINT by the terminal
+        read_until(b"interrupted")
+        read_until(b"raftsql> ")
+        os.write(master, b"COMMIT;\n")
+        read_until(b"raftsql> ")
+        os.write(master, f"SELECT count(*) AS n FROM {table};\n".encode())
+        read_until(b"n\r\n")
+        read_until(b"1\r\n")
+        os.write(master, b".quit\n")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
