@@ -444,14 +444,28 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, ope
     dsn = launcher.dsn_for(plan, client_certs)
     admin = launcher.admin_dir(data_dir / "certs")
     admin_dsn = launcher.dsn_for(plan, admin) if admin is not None else None
-    procs = launcher.start(data_dir, plan, node_certs)
-    launcher.write_cluster_json(data_dir, plan, procs, dsn, admin_dsn)
+    # The handlers come before the first node starts: a SIGTERM while they start (it used to
+    # leave them running, with no cluster.json naming them) stops them all below.
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     if not open_shell:
         # With the shell, Ctrl-C cancels the line being typed (as in sqlite3); .quit or Ctrl-D
         # leaves the shell and stops the cluster.
         signal.signal(signal.SIGINT, lambda *_: done.set())
+    procs: list = []
+    try:
+        for n in plan:
+            if done.is_set():
+                break
+            procs.append(launcher.start_node(n, plan, node_certs[n["id"]]))
+    except BaseException:
+        launcher.stop(procs)
+        raise
+    if done.is_set():
+        launcher.stop(procs)
+        click.echo("stopped while starting; cluster stopped", err=True)
+        raise click.exceptions.Exit(1)
+    launcher.write_cluster_json(data_dir, plan, procs, dsn, admin_dsn)
     reported: set[str] = set()
 
     def report_exits() -> bool:
