@@ -166,7 +166,10 @@ def parse_peers(items: list[str] | str, what: str) -> dict[str, str]:
         pid, sep, addr = item.partition("=")
         if not sep:
             raise ConfigError(f"{what}: {item!r} must be ID=HOST:PORT")
-        out[pid.strip()] = addr.strip()
+        pid = pid.strip()
+        if pid in out and out[pid] != addr.strip():
+            raise ConfigError(f"{what}: peer {pid} is given twice ({out[pid]} and {addr.strip()})")
+        out[pid] = addr.strip()
     return out
 
 
@@ -216,6 +219,10 @@ def _typed(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of ID = \"HOST:PORT\"")
         return value
+    if typ is str:
+        if not isinstance(value, str):  # data_dir = 7 in a config file made ./7
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
     try:
         if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
             raise ValueError  # 1.5 is no tick length; int() would make it 1
@@ -257,6 +264,11 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
                                "max_client_connections", "frame_timeout_s", "client_idle_timeout_s",
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes",
                                "trace", "max_unreplicated_writes") if k in vals}
+    if "advertise" in vals:
+        host, port = parse_address(vals["advertise"], "advertise")
+        if host in ("0.0.0.0", "::", "") or port == 0:
+            raise ConfigError(f"advertise {vals['advertise']!r}: clients must be able to dial it "
+                              "(a real host and a port other than 0)")
     if "metrics_listen" in vals:
         kw["metrics_listen"] = parse_address(vals["metrics_listen"], "metrics_listen")
         if kw["metrics_listen"] == listen:

@@ -218,6 +218,9 @@ def test_status_fails_when_no_node_answers(tmp_path):
     ("frame_timeout_s", float("nan"), "finite"),
     ("client_idle_timeout_s", "inf", "finite"),
     ("request_timeout_s", "1e400", "finite"),
+    ("advertise", "garbage", "is not host:port"),
+    ("advertise", "0.0.0.0:4001", "clients must be able to dial it"),
+    ("data_dir", 7, "must be a string"),
 ])
 def test_settings_that_would_only_break_the_node_are_refused(key, value, message):
     base = {"id": "n1", "data_dir": "/tmp/x", "listen": "127.0.0.1:1", "certs": "/"}
@@ -230,3 +233,11 @@ def test_a_binary_config_file_is_a_config_error(tmp_path):
     bad.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="not valid TOML"):
         load({}, config_file=str(bad), env={})
+
+
+def test_a_peer_given_twice_with_two_addresses_is_refused():
+    from raftsql.server.config import parse_peers
+
+    assert parse_peers(["n2=h:1", "n2=h:1"], "--peer") == {"n2": "h:1"}
+    with pytest.raises(ConfigError, match="peer n2 is given twice"):
+        parse_peers(["n2=h:1", "n2=h:2"], "--peer")
