@@ -1041,8 +1041,10 @@ def parse_settings(dsn: str | None = None, *, hosts: Any = None, certs: str | No
             t = _check_timeout(float(raw))
         except ValueError:
             raise ProgrammingError(f"timeout must be a number, not {raw!r}") from None
-    ac = _parse_autocommit(autocommit if autocommit is not None
-                           else params.get("autocommit", LEGACY_TRANSACTION_CONTROL))
+    # A keyword argument is checked as sqlite3 checks it (True, False or the LEGACY constant:
+    # ValueError for 1, 0 or "yes"); the DSN's text is parsed.
+    ac = (_check_autocommit(autocommit) if autocommit is not None
+          else _parse_autocommit(params.get("autocommit", LEGACY_TRANSACTION_CONTROL)))
     consistency_level = consistency or params.get("consistency") or "linearizable"
     if consistency_level not in CONSISTENCY_LEVELS:
         raise ProgrammingError(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")

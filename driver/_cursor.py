@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 _CONSISTENCY = ("linearizable", "leader", "stale")
 
 
+_ARRAYSIZE: Any = object()  # fetchmany()'s default: the cursor's arraysize
+
+
 class Cursor:
     """A DB-API cursor. Extensions over sqlite3's:
 
@@ -40,7 +43,7 @@ class Cursor:
 
     def __init__(self, connection: Connection, /):
         self.connection = connection
-        self.arraysize = 1
+        self._arraysize = 1
         self.row_factory = connection.row_factory
         self.min_index: int | None = None
         self._consistency: str | None = None
@@ -276,8 +279,23 @@ class Cursor:
     def fetchone(self) -> Any:
         return self._next_row()
 
-    def fetchmany(self, size: int | None = None) -> list[Any]:
-        n = self.arraysize if size is None else size
+    @property
+    def arraysize(self) -> int:
+        return self._arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        if not isinstance(value, int):
+            raise TypeError(f"'{type(value).__name__}' object cannot be interpreted as an integer")
+        self._arraysize = value
+
+    def fetchmany(self, size: int = _ARRAYSIZE) -> list[Any]:
+        if size is _ARRAYSIZE:
+            n = self._arraysize
+        elif isinstance(size, int):
+            n = size
+        else:  # sqlite3's: fetchmany(None) is no "use arraysize"
+            raise TypeError(f"'{type(size).__name__}' object cannot be interpreted as an integer")
         out = []
         while n < 0 or len(out) < n:
             row = self._next_row()

@@ -371,3 +371,20 @@ def test_last_insert_rowid_carries_over_between_writes_as_on_one_connection(conn
     rows = c.execute(f"SELECT id, parent FROM {table} WHERE v = 'child' ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [(2, 1), (4, 3)]
     assert got == [1, 3]
+
+
+def test_argument_checks_as_in_sqlite3(connect):
+    c = connect()
+    cur = c.cursor()
+    with pytest.raises(TypeError):
+        cur.arraysize = "a"
+    cur.arraysize = 2
+    assert cur.arraysize == 2
+    cur.execute("SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3")
+    with pytest.raises(TypeError):
+        cur.fetchmany(None)
+    assert len(cur.fetchmany()) == 2
+    if connect.kind == "raftsql":  # Python 3.12's sqlite3 checks autocommit the same way
+        for bad in (1, 0, "yes", 2):
+            with pytest.raises(ValueError, match="autocommit must be True, False"):
+                connect(autocommit=bad)
