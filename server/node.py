@@ -611,10 +611,14 @@ class Node:
             raise self._not_leader()
         returns_rows: list[bool] = []
         try:
+            # Read before validating: if the client's own write (answered at durability
+            # "leader") was applied only while validate ran, validate may not have seen it, and
+            # checking applied_index afterwards would wrongly take its error as final.
+            applied_before = self.sm.applied_index
             try:
                 readonly = self.sm.validate(statements, returns_rows)
             except SQLError:
-                if not (min_term and min_index > self.sm.applied_index):
+                if not (min_term and min_index > applied_before):
                     raise
                 # It may need the client's own write answered at durability "leader" (a table
                 # it created): prepare again once that is applied, or its term is over.
