@@ -10,6 +10,7 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from raftsql.driver._conn import DSN, ConnectionLost, NodeConnection, NodeUnreachable
@@ -157,10 +158,13 @@ def _backup_target(out_path: str) -> str:
     return path
 
 
-def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable: bool = True) -> dict[str, Any]:
+def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable: bool = True,
+           waiting: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Copy the database of one node to out_path (atomically: a temp file, checked against the
     node's sha256, fsynced, renamed). linearizable=True: the copy holds every write acknowledged
-    before the call. Returns {"index", "size", "sha256", "node", "path"}."""
+    before the call. waiting(message): called once if no node served the first round of
+    attempts (the call goes on retrying until its timeout). Returns {"index", "size",
+    "sha256", "node", "path"}."""
     import hashlib
 
     dsn, ctx = _parse(dsn_text)
@@ -170,6 +174,9 @@ def backup(dsn_text: str, out_path: str, *, timeout: float = 120.0, linearizable
     errors = []
     attempt = 0
     while time.monotonic() < deadline:
+        if waiting is not None and attempt == len(dsn.hosts) and errors:
+            waiting(f"no node served the backup yet ({errors[-1]}); retrying for up to "
+                    f"{max(0.0, deadline - time.monotonic()):.0f} s more")
         host, port = dsn.hosts[attempt % len(dsn.hosts)]
         attempt += 1
         remaining = max(1.0, deadline - time.monotonic())

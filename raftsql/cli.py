@@ -579,7 +579,8 @@ def backup(dsn: str, out: Path, stale: bool, timeout: float) -> None:
     """
     from raftsql.driver._admin import backup as do_backup
 
-    r = do_backup(dsn, str(out), timeout=timeout, linearizable=not stale)
+    r = do_backup(dsn, str(out), timeout=timeout, linearizable=not stale,
+                  waiting=lambda message: click.echo(message, err=True))
     click.echo(f"backup of {r['node']} at index {r['index']}: {r['path']} ({r['size']} bytes, sha256 {r['sha256']})")
 
 

@@ -28,6 +28,7 @@ Every touch of the core happens under self._lock; the slow work (fsync, SQLite) 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -78,9 +79,15 @@ SLOW_DISK_S = 0.05
 
 def _explain(e: BaseException, db_path: str) -> BaseException:
     """A raw SQLite corruption error on this node's own database (read at start, or by any
-    internal statement) becomes DatabaseDamagedError, whose message says how to recover."""
+    internal statement) becomes DatabaseDamagedError, whose message says how to recover; a
+    full disk (say during a log write, which names no file) says where and what to do."""
     if isinstance(e, apsw.CorruptError | apsw.NotADBError):
         return damaged(db_path, f"reading it failed: {type(e).__name__}: {e}", str(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = e.filename or os.path.dirname(db_path)
+        return OSError(e.errno, f"{e.strerror} in {where}: free space on that file system and "
+                                "start the node again (its log and database are intact: an "
+                                "entry that was not fully written is dropped at start)")
     return e
 
 
@@ -159,6 +166,9 @@ class Node:
         self._broken_reads = cfg.hooks.broken_reads
         if self._broken_reads:
             log.warning("%s: test hook broken_reads: linearizable reads are NOT linearizable", cfg.id)
+        if cfg.hooks.corrupt_snapshot_transfers:
+            log.warning("%s: test hook corrupt_snapshot_transfers: the first %d snapshot "
+                        "transfers send a damaged chunk", cfg.id, cfg.hooks.corrupt_snapshot_transfers)
 
     def _new_state_machine(self, path: str) -> StateMachine:
         return StateMachine(path, session_timeout_ms=self.cfg.session_timeout_ms,

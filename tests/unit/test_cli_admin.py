@@ -241,3 +241,31 @@ def test_a_peer_given_twice_with_two_addresses_is_refused():
     assert parse_peers(["n2=h:1", "n2=h:1"], "--peer") == {"n2": "h:1"}
     with pytest.raises(ConfigError, match="peer n2 is given twice"):
         parse_peers(["n2=h:1", "n2=h:2"], "--peer")
+
+
+def test_a_full_disk_names_the_place_and_what_to_do():
+    """A full disk during a log write stopped the node with only "[Errno 28] No space left on
+    device"."""
+    import errno
+
+    from raftsql.server.node import _explain
+
+    e = _explain(OSError(errno.ENOSPC, "No space left on device"), "/var/lib/raftsql/db.sqlite")
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC
+    assert "in /var/lib/raftsql" in str(e) and "free space" in str(e)
+    e = _explain(OSError(errno.ENOSPC, "No space left on device", "/x/raft-log/seg-1"), "/x/db.sqlite")
+    assert "in /x/raft-log/seg-1" in str(e)
+
+
+def test_backup_against_no_reachable_node_says_it_is_retrying(tmp_path):
+    """It used to retry silently for its whole timeout (300 s by default)."""
+    import socket
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["certs", "init", str(tmp_path)]).exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = runner.invoke(main, ["backup", f"raftsql://127.0.0.1:{port}/?certs={tmp_path}/admin",
+                             str(tmp_path / "b.db"), "--timeout", "1.5"])
+    assert r.exit_code == 1 and "no node served the backup yet" in r.output, r.output
