@@ -661,7 +661,7 @@ class Node:
                         raise self._not_leader()
             if min_term and consistency != "stale" and min_index > self.sm.applied_index:
                 self._await_own_write(min_index, min_term, deadline)
-            return self._read(sql, params, reads, None, chunk)
+            return self._read(sql, params, reads, None, chunk, client_id)
         if not is_leader:
             raise self._not_leader()
         if refuse_write is not None:
@@ -686,13 +686,14 @@ class Node:
             if self.sm.wait_applied(index, min(left, 0.05 if term else left)):
                 return
 
-    def _read(self, sql, params, reads, start_index, chunk):
+    def _read(self, sql, params, reads, start_index, chunk, client_id=None):
         if chunk is None:
-            return self.sm.query(sql, params, reads=reads, start_index=start_index)
+            return self.sm.query(sql, params, reads=reads, start_index=start_index,
+                                 client_id=client_id)
         # A row must fit in one response frame, with room for the envelope.
         return self.sm.stream_query(
             sql, params, reads=reads, start_index=start_index, first_bytes=chunk,
-            max_row_bytes=self.cfg.max_frame_size - (64 << 10),
+            max_row_bytes=self.cfg.max_frame_size - (64 << 10), client_id=client_id,
         )
 
     def _await_leader(self, deadline: float) -> None:
@@ -791,7 +792,7 @@ class Node:
             # No writes yet: a read runs on a reader connection, concurrently with apply. One
             # that called random() or the clock (through a view: the text was checked) runs
             # again as a preview, whose env the commit can reproduce.
-            result = self._read(sql, params, None, None, chunk)
+            result = self._read(sql, params, None, None, chunk, txn.client_id)
             if result.volatile and result.error is None:
                 if result.stream is not None:
                     result.stream.close()

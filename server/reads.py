@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import apsw
+import msgpack
 
 from raftsql.command import Many
 from raftsql.protocol import (
@@ -62,6 +63,18 @@ class Reader:
 _VOLATILE_MEMO = 4096
 
 
+_SQL_SESSION_RESULT = "SELECT result FROM sqlite_raftsql_sessions WHERE client_id=?"
+
+
+def stored_rowid(stored: bytes) -> int:
+    """lastrowid of a session row's stored result (Result.encode; 0 if none, or an error's),
+    without building the Result."""
+    try:
+        value = msgpack.unpackb(stored, raw=False).get("lastrowid")
+    except (ValueError, TypeError, AttributeError):
+        return 0
+    return value if type(value) is int else 0
+
 class ReadCursor:
     """One read in progress on a reader connection: its rows, streamed in chunks from one
     SQLite read transaction (the snapshot at the Result's index), so neither the node nor the
@@ -87,7 +100,7 @@ class ReadCursor:
         self.last_used = time.monotonic()
 
     def start(self, sql: str, params: Any, read_set: set[str] | None,
-              start_index: int | None) -> Result:
+              start_index: int | None, client_id: str | None = None) -> Result:
         reader, reads = self._reader, self._reads
         conn, guard, tag = reader.conn, reader.guard, reads.tag
         reader.traced = 0
@@ -102,6 +115,13 @@ class ReadCursor:
             self.index = conn.execute(
                 tag + "SELECT applied_index FROM sqlite_raftsql_meta"
             ).fetchone()[0]
+            # last_insert_rowid() is the client's, as its next write would start from
+            # (StateMachine._apply_command), never another client's from an earlier read.
+            rowid = 0
+            if client_id and "last_insert_rowid" in sql.lower():
+                rows = conn.execute(tag + _SQL_SESSION_RESULT, (client_id,)).fetchall()
+                rowid = stored_rowid(rows[0][0]) if rows else 0
+            conn.set_last_insert_rowid(rowid)
         finally:
             guard.internal = False
         guard.reads = read_set
@@ -441,6 +461,7 @@ class Reads:
         reads: set[str] | None = None,
         start_index: int | None = None,
         max_bytes: int = MAX_RESULT_BYTES,
+        client_id: str | None = None,
     ) -> Result:
         """Run one read-only statement on a read connection (WAL: concurrent with apply) and
         return all of its rows, at most max_bytes of them (else the error RAFTSQL_RESULT_TOO_BIG:
@@ -453,7 +474,7 @@ class Reads:
         reads / start_index: as for preview() (a transaction's read served by a reader)."""
         result, cursor = self.open_query(
             sql, params, at_index=at_index, reads=reads, start_index=start_index,
-            first_bytes=max_bytes, max_row_bytes=max_bytes,
+            first_bytes=max_bytes, max_row_bytes=max_bytes, client_id=client_id,
         )
         if result.error is not None and result.error["name"] == RESULT_TOO_BIG:
             result.error = read_too_big_error(max_bytes)
@@ -471,11 +492,12 @@ class Reads:
         start_index: int | None = None,
         first_bytes: int = 1 << 20,
         max_row_bytes: int | None = None,
+        client_id: str | None = None,
     ) -> Result:
         """open_query() with the cursor, if any, in Result.stream."""
         result, cursor = self.open_query(
             sql, params, reads=reads, start_index=start_index, first_bytes=first_bytes,
-            max_row_bytes=max_row_bytes,
+            max_row_bytes=max_row_bytes, client_id=client_id,
         )
         result.stream = cursor
         return result
@@ -490,6 +512,7 @@ class Reads:
         start_index: int | None = None,
         first_bytes: int = 1 << 20,
         max_row_bytes: int | None = None,
+        client_id: str | None = None,
     ) -> tuple[Result, ReadCursor | None]:
         """Start a read and return its first rows (about first_bytes of them) and, if more
         remain, a ReadCursor that streams the rest from the same snapshot (one SQLite read
@@ -509,7 +532,7 @@ class Reads:
         reader = self.checkout()
         cursor = ReadCursor(self, reader, max_row_bytes)
         try:
-            result = cursor.start(sql, params, reads, start_index)
+            result = cursor.start(sql, params, reads, start_index, client_id)
             if result.error is None:
                 result.rows, done = cursor.fetch(first_bytes)
                 if result.rows is None:  # failed while fetching

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apsw
-import msgpack
 
 from raftsql.command import INT64_MAX, Command, CommandError, Many
 from raftsql.protocol import (
@@ -43,7 +42,7 @@ from raftsql.server.dbhash import content_hash
 from raftsql.server.determinism import EntryClock, EntryRandom, ensure_utc
 from raftsql.server.internal_tables import create_internal_tables
 from raftsql.server.many import ManyStatements
-from raftsql.server.reads import ReadCursor, Reads
+from raftsql.server.reads import ReadCursor, Reads, stored_rowid
 from raftsql.server.records import AuditEntry, MemberChange, Records
 from raftsql.server.sandbox import (
     PROGRESS_STEPS,
@@ -129,16 +128,6 @@ class ApplyContext:
         self.result_budget = MAX_RESULT_BYTES  # what the entry's result may still hold
         self.many_set = 0  # executemany: the parameter set running
         self.many_total = 0  # executemany: changes so far
-
-
-def stored_rowid(stored: bytes) -> int:
-    """lastrowid of a session row's stored result (Result.encode; 0 if none, or an error's),
-    without building the Result."""
-    try:
-        value = msgpack.unpackb(stored, raw=False).get("lastrowid")
-    except (ValueError, TypeError, AttributeError):
-        return 0
-    return value if type(value) is int else 0
 
 
 class _TransactionLost(Exception):

@@ -371,6 +371,10 @@ def test_last_insert_rowid_carries_over_between_writes_as_on_one_connection(conn
     rows = c.execute(f"SELECT id, parent FROM {table} WHERE v = 'child' ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [(2, 1), (4, 3)]
     assert got == [1, 3]
+    # As a read too (outside a transaction in autocommit mode): the connection's value, and
+    # another connection sees its own (0: it never inserted).
+    assert tuple(c.execute("SELECT last_insert_rowid()").fetchone()) == (4,)
+    assert tuple(connect(**kw).execute("SELECT last_insert_rowid()").fetchone()) == (0,)
 
 
 def test_argument_checks_as_in_sqlite3(connect):
