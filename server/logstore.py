@@ -18,6 +18,7 @@ segment was started), then records:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -128,8 +129,18 @@ class LogStore:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            try:
+                holder = os.pread(self._lock_fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                holder = ""
             os.close(self._lock_fd)
-            raise LogLockedError(f"{self._dir} is open in another LogStore") from None
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise LogLockedError(f"{self._dir} is open in another LogStore{who}: is a node already "
+                                 "running on this data directory? Stop it first") from None
+        # Who holds it, for the message above (the lock itself is the flock, not this text).
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
             self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._initial: tuple[HardState, SnapshotMeta, StoredLog] | None = self._recover()

@@ -390,7 +390,13 @@ def _ask_cluster(hosts: list[tuple[str, int]], ctx: Any, timeout: float,
     target: tuple[str, int] | None = None
     last = "no answer"
     turn = 0
+    told = False
     while time.monotonic() < deadline:
+        if turn >= len(hosts) and not told:
+            # A whole round failed: say so once, rather than nothing until the deadline.
+            told = True
+            log.warning("no node of the cluster has answered yet (%s); trying again for up to "
+                        "%.0f s", last, max(0.0, deadline - time.monotonic()))
         addr = target or hosts[turn % len(hosts)]
         target = None
         remaining = deadline - time.monotonic()

@@ -269,3 +269,17 @@ def test_backup_against_no_reachable_node_says_it_is_retrying(tmp_path):
     r = runner.invoke(main, ["backup", f"raftsql://127.0.0.1:{port}/?certs={tmp_path}/admin",
                              str(tmp_path / "b.db"), "--timeout", "1.5"])
     assert r.exit_code == 1 and "no node served the backup yet" in r.output, r.output
+
+
+def test_a_join_that_no_node_answers_says_so_before_its_deadline(caplog):
+    """`node --join` was silent for its whole 60 s before failing."""
+    import logging
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with caplog.at_level(logging.WARNING, logger="raftsql.membership"):
+        with pytest.raises(membership.JoinError, match="did not add this node"):
+            membership._ask_cluster([("127.0.0.1", port)], None, 1.0, {"op": "cluster_join"})
+    assert "no node of the cluster has answered yet" in caplog.text

@@ -83,7 +83,7 @@ def test_load_only_once(tmp_path):
 
 def test_directory_is_locked(tmp_path):
     s = LogStore(tmp_path)
-    with pytest.raises(LogLockedError):
+    with pytest.raises(LogLockedError, match=rf"\(pid {os.getpid()}\): is a node already running"):
         LogStore(tmp_path)
     s.close()
     LogStore(tmp_path).close()
