@@ -452,17 +452,8 @@ def cluster_up(nodes: int, data_dir: Path, base_port: int | None, host: str, ope
         # With the shell, Ctrl-C cancels the line being typed (as in sqlite3); .quit or Ctrl-D
         # leaves the shell and stops the cluster.
         signal.signal(signal.SIGINT, lambda *_: done.set())
-    procs: list = []
-    try:
-        for n in plan:
-            if done.is_set():
-                break
-            procs.append(launcher.start_node(n, plan, node_certs[n["id"]]))
-    except BaseException:
-        launcher.stop(procs)
-        raise
+    procs = launcher.start(data_dir, plan, node_certs, interrupted=done)
     if done.is_set():
-        launcher.stop(procs)
         click.echo("stopped while starting; cluster stopped", err=True)
         raise click.exceptions.Exit(1)
     launcher.write_cluster_json(data_dir, plan, procs, dsn, admin_dsn)

@@ -231,8 +231,8 @@ def _typed(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r}") from None
     if typ is float and not math.isfinite(v):
         raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
-    if typ is int and v > _INT_MAX.get(key, 1 << 62):
-        raise ConfigError(f"{source}: {key} must be at most {_INT_MAX.get(key, 1 << 62)}, got {value!r}")
+    if typ is int and v > (most := _INT_MAX.get(key, 1 << 62)):
+        raise ConfigError(f"{source}: {key} must be at most {most}, got {value!r}")
     if typ in (int, float) and (v < 0 if key in ZERO_ALLOWED else v <= 0):
         if key in ZERO_ALLOWED:
             raise ConfigError(f"{source}: {key} must be 0 or more, got {value!r}")
@@ -265,10 +265,10 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes",
                                "trace", "max_unreplicated_writes") if k in vals}
     if "advertise" in vals:
-        host, port = parse_address(vals["advertise"], "advertise")
-        if host in ("0.0.0.0", "::", "") or port == 0:
+        host, _ = parse_address(vals["advertise"], "advertise")  # refuses port 0 too
+        if host in ("0.0.0.0", "::"):
             raise ConfigError(f"advertise {vals['advertise']!r}: clients must be able to dial it "
-                              "(a real host and a port other than 0)")
+                              "(a real host, not a wildcard)")
     if "metrics_listen" in vals:
         kw["metrics_listen"] = parse_address(vals["metrics_listen"], "metrics_listen")
         if kw["metrics_listen"] == listen:

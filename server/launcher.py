@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from raftsql.server.fileperms import open_private_log, private_dir
 
@@ -145,8 +146,22 @@ def start_node(n: dict, nodes: list[dict], node_certs: Path, extra_args: list[st
 
 
 def start(data_dir: Path, nodes: list[dict], node_certs: dict[str, Path],
-          extra_args: list[str] | None = None) -> list[subprocess.Popen]:
-    return [start_node(n, nodes, node_certs[n["id"]], extra_args) for n in nodes]
+          extra_args: list[str] | None = None, interrupted: Any = None) -> list[subprocess.Popen]:
+    """Start every node, in order. interrupted (a threading.Event): once set, no further node
+    starts and those already started are stopped (a SIGTERM while they start), as they are if
+    starting one raises. Returns the processes started, all of them unless interrupted."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for n in nodes:
+            if interrupted is not None and interrupted.is_set():
+                break
+            procs.append(start_node(n, nodes, node_certs[n["id"]], extra_args))
+    except BaseException:
+        stop(procs)
+        raise
+    if interrupted is not None and interrupted.is_set():
+        stop(procs)
+    return procs
 
 
 def write_cluster_json(data_dir: Path, nodes: list[dict], procs: list[subprocess.Popen], dsn: str,

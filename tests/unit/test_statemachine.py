@@ -712,3 +712,16 @@ def test_closed_machine_refuses_work(make):
         sm.apply(1, entry("SELECT 1"))
     with pytest.raises(StateMachineError):
         sm.query("SELECT 1")
+
+
+def test_stored_rowid_reads_small_and_big_stored_results():
+    """Every write of a client reads the lastrowid its previous write stored; a big stored
+    result (RETURNING rows) is walked without building its rows."""
+    from raftsql.protocol import Result
+    from raftsql.server.reads import stored_rowid
+
+    assert stored_rowid(Result(rowcount=1, lastrowid=7).encode()) == 7
+    big = Result(columns=["a"], rows=[[i, "x" * 50] for i in range(5000)], lastrowid=9).encode()
+    assert len(big) > 4096 and stored_rowid(big) == 9
+    assert stored_rowid(Result(error={"name": "X"}).encode()) == 0
+    assert stored_rowid(b"\xc1 not msgpack") == 0
