@@ -639,6 +639,14 @@ def _print_status(rows: list[dict]) -> None:
     best = max(views, key=lambda r: (r["term"], r["role"] == "leader"))
     click.echo(f"voters: {', '.join(best['voters'])}   learners: {', '.join(best['learners']) or '-'}"
                f"   (as {best['id']} sees them)")
+    ids = {r["id"]: r.get("cluster_id") for r in views}
+    named = {v for v in ids.values() if v}
+    if len(named) > 1:
+        click.echo("cluster id: the nodes hold the data of different clusters: "
+                   + ", ".join(f"{n}={v or '-'}" for n, v in sorted(ids.items()))
+                   + " (they refuse each other; see the ERROR lines in their logs)")
+    else:
+        click.echo(f"cluster id: {next(iter(named), None) or '- (not named yet)'}")
     with_metrics = [r for r in views if isinstance(r.get("metrics"), dict)]
     if with_metrics:
         click.echo("")

@@ -429,13 +429,24 @@ class Hello:
     address: str | None = None
     # A node answering a client: the largest REQUEST frame it accepts (bytes). Optional.
     max_request: int | None = None
+    # Between nodes: the id of the cluster whose data this node holds (CLUSTER_ID_LEN hex
+    # digits), once it has applied the entry that named the cluster. Optional.
+    cluster: str | None = None
 
 
 MAX_ADDRESS_LEN = 300
+CLUSTER_ID_LEN = 32
+
+
+def valid_cluster_id(value: Any) -> bool:
+    """A cluster id: CLUSTER_ID_LEN lower-case hex digits (16 random bytes)."""
+    return (type(value) is str and len(value) == CLUSTER_ID_LEN
+            and all(c in "0123456789abcdef" for c in value))
 
 
 def make_hello(
-    node_id: str | None, role: str, address: str | None = None, max_request: int | None = None
+    node_id: str | None, role: str, address: str | None = None, max_request: int | None = None,
+    cluster: str | None = None,
 ) -> bytes:
     """A whole HELLO frame for this side of a connection."""
     if role not in _ROLES:
@@ -447,6 +458,10 @@ def make_hello(
         doc["address"] = address
     if max_request is not None:
         doc["max_request"] = max_request
+    if cluster is not None:
+        if not valid_cluster_id(cluster):
+            raise ValueError(f"cluster must be {CLUSTER_ID_LEN} lower-case hex digits, got {cluster!r}")
+        doc["cluster"] = cluster
     return encode_frame(FrameKind.HELLO, doc)
 
 
@@ -486,7 +501,11 @@ def parse_hello(payload: Any) -> Hello:
     max_request = payload.get("max_request")
     if max_request is not None and (type(max_request) is not int or max_request <= 0):
         raise DecodeError(f"hello: field 'max_request': expected a positive int, got {_describe(max_request)}")
-    return Hello(version, node_id, role, address, max_request)
+    cluster = payload.get("cluster")
+    if cluster is not None and not valid_cluster_id(cluster):
+        raise DecodeError(
+            f"hello: field 'cluster': expected {CLUSTER_ID_LEN} lower-case hex digits, got {_describe(cluster)}")
+    return Hello(version, node_id, role, address, max_request, cluster)
 
 
 def make_error(message: str, kind: str | None = None) -> bytes:

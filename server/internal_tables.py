@@ -1,7 +1,8 @@
 """raftsql's own tables in every node's database (server/DESIGN.md, "raftsql's own tables"):
 the applied index and entry clocks (sqlite_raftsql_meta), exactly-once sessions (_sessions), the
 last index that wrote each table (_tables, for transactions), the address book (_members), the
-audit trail (_audit) and the revoked certificates (_revoked) (server/records.py).
+audit trail (_audit), the revoked certificates (_revoked) and the cluster's id (_cluster)
+(server/records.py).
 They carry SQLite's reserved sqlite_ prefix, so no user can create, drop or alter them and
 listings skip them; creating them needs the writable schema, which the caller switches on."""
 
@@ -73,5 +74,12 @@ def create_internal_tables(internal: Callable[..., list[Any]]) -> None:
         "CREATE TABLE IF NOT EXISTS sqlite_raftsql_revoked("
         "target TEXT PRIMARY KEY, entry_index INTEGER NOT NULL, time_ms INTEGER NOT NULL, "
         "by_name TEXT, by_serial TEXT) WITHOUT ROWID"
+    )
+    # The cluster's id, named once by the first leader (server/records.py): peers holding
+    # another cluster's data are refused at the hello.
+    internal(
+        "CREATE TABLE IF NOT EXISTS sqlite_raftsql_cluster("
+        "id INTEGER PRIMARY KEY CHECK (id = 1), cluster_id TEXT NOT NULL, "
+        "entry_index INTEGER NOT NULL, time_ms INTEGER NOT NULL)"
     )
     internal("COMMIT")

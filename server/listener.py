@@ -18,6 +18,7 @@ from raftsql.server.connection import ClientConn
 from raftsql.server.sockets import (
     _EOF_ERRORS,
     FD_RESERVE,
+    FOREIGN_CLUSTER,
     PEER_HEADROOM,
     RECV_CHUNK,
     REFUSAL_LOG_INTERVAL,
@@ -284,6 +285,13 @@ class Listener:
                 )
             elif hello.node_id == self.node_id:
                 why = f"node id {self.node_id!r} is this node's own id"
+            else:
+                foreign = self.foreign_cluster(name, hello.cluster)
+                if foreign is not None:
+                    self._log_foreign(name, f"refusing the connection from {who}: {foreign}")
+                    self._conn_log(rec, "refusing the connection from %s: %s", who, foreign,
+                                   sock=sock, error=foreign, kind=FOREIGN_CLUSTER, quiet=True)
+                    return None
         if why is not None:
             self._refuse(rec, sock, who, why)
             return None
@@ -297,17 +305,18 @@ class Listener:
                 self._refuse_client(sock, who)
                 return None
         limit = self.max_request_size if hello.role == "client" else None
-        sock.sendall(wire.make_hello(self.node_id, "node", max_request=limit))
+        cluster = self.cluster_id() if hello.role == "node" else None
+        sock.sendall(wire.make_hello(self.node_id, "node", max_request=limit, cluster=cluster))
         return hello, who, identity
 
     def _conn_log(
         self, rec: _Inbound, fmt: str, *args: Any, sock: Any = None, error: Any = None,
-        kind: str | None = None,
+        kind: str | None = None, quiet: bool = False,
     ) -> None:
-        """One warning line per failed connection (debug when we closed it ourselves), then,
-        if `error` is given, an ERROR frame telling the peer why. Logged first: the peer may
-        see the connection end as soon as the frame is out."""
-        level = logging.DEBUG if rec.aborted or self._stopped else logging.WARNING
+        """One warning line per failed connection (debug when we closed it ourselves, or
+        `quiet`: logged already), then, if `error` is given, an ERROR frame telling the peer
+        why. Logged first: the peer may see the connection end as soon as the frame is out."""
+        level = logging.DEBUG if rec.aborted or self._stopped or quiet else logging.WARNING
         self.log.log(level, "%s: " + fmt, self.node_id, *args)
         if error is not None and sock is not None and not rec.aborted:
             try:  # best effort: the peer may well be gone

@@ -114,6 +114,9 @@ PROPOSALS = Counter("raftsql_proposals_total",
                     "records).")
 LEADER_CHANGES = Counter("raftsql_leader_changes_seen_total",
                          "Times this node saw a new leader (itself included).")
+FOREIGN_PEERS = Counter("raftsql_foreign_peer_refusals_total",
+                        "Connections between this node and a node that holds another cluster's "
+                        "data (another cluster id), refused at the hello, either side.")
 REFUSALS = LabeledCounter("raftsql_client_refusals_total",
                           "Client connections or requests refused: permission (the certificate's "
                           "role), revoked (a revoked certificate, at its hello or open "
@@ -125,7 +128,7 @@ SNAPSHOT_INSTALL = Histogram("raftsql_snapshot_install_seconds",
                              "Installing one snapshot received from the leader.", SNAPSHOT_BUCKETS)
 
 HISTOGRAMS = (WRITES, FSYNC, APPLY, SNAPSHOT_TAKE, SNAPSHOT_INSTALL)
-COUNTERS = (PROPOSALS, LEADER_CHANGES, APPLIED_ENTRIES)
+COUNTERS = (PROPOSALS, LEADER_CHANGES, APPLIED_ENTRIES, FOREIGN_PEERS)
 
 
 def leader_changed(old: str | None, new: str | None) -> None:

@@ -61,6 +61,7 @@ from raftsql.server.fileperms import secure_data_dir
 from raftsql.server.logstore import LogStore
 from raftsql.server.membership import Membership
 from raftsql.server.ready import EarlyAcks, ReadyDriver
+from raftsql.server.records import CLUSTER_OP
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
@@ -155,6 +156,7 @@ class Node:
         # Snapshot work is due (under _lock): taking one, or compacting the log to one. The
         # driver role holder does it (the log store has one writer at a time).
         self._snapshot_work = False
+        self._naming_next = 0.0  # when a leader may next propose the cluster's id
         self._rng = random.SystemRandom()
         self._threads: list[threading.Thread] = []
         self._fatal: BaseException | None = None
@@ -212,6 +214,7 @@ class Node:
             corrupt_snapshot_transfers=self.cfg.hooks.corrupt_snapshot_transfers,
             snapshot_chunk_delay=self.cfg.hooks.snapshot_chunk_delay_s,
             is_revoked=lambda name, serial: self.sm.records.is_revoked(name, serial),
+            cluster_id=lambda: self.sm.records.cluster_id,
         )
         self.transport.start()
         for name, target in (("ticker", self._ticker), ("ready", self._ready_loop), ("apply", self._apply_loop)):
@@ -336,7 +339,27 @@ class Node:
                 if self._stopping:
                     return
                 self.core.tick()
+                self._name_cluster()
             self._drive(responsive=True)
+
+    def _name_cluster(self) -> None:
+        """Called with the lock held, on every tick. A leader of a cluster that has no id yet
+        (a new one, or one made before ids existed) proposes one: an ADMIN record with 16
+        random bytes. The first applied wins on every node (server/records.py), so a second
+        proposal (a leader change before the first applied) changes nothing. No one waits for
+        it: if it is lost, the next try comes 2 s later."""
+        if (self.core.role != Role.LEADER or self.sm.records.cluster_id is not None
+                or time.monotonic() < self._naming_next):
+            return
+        self._naming_next = time.monotonic() + 2.0
+        cmd = Command(client_id="", serial=0, statements=(), kind=CommandKind.ADMIN,
+                      record={"op": CLUSTER_OP, "cluster_id": os.urandom(16).hex()},
+                      leader_time_ms=max(int(time.time() * 1000), self.sm.last_time_ms),
+                      seed=self._rng.getrandbits(63))
+        try:
+            self.core.propose(cmd.encode())
+        except (NotLeader, ProposalDropped):
+            pass
 
     # ---------------------------------------------------------------- driving the core
 
@@ -973,6 +996,7 @@ class Node:
             st = self.core.status()
         now = time.monotonic()
         st["applied_index"] = self.sm.applied_index
+        st["cluster_id"] = self.sm.records.cluster_id
         st["address"] = self.addresses[self.cfg.id]
         st["leader_address"] = self.addresses.get(st["leader"]) if st["leader"] else None
         st["members"] = {nid: self.addresses.get(nid) for nid in st["voters"] + st["learners"]}

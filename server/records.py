@@ -8,7 +8,10 @@ at the same index and snapshots carry them (server/DESIGN.md, "Who may do what")
   revocation, with the name and serial of the certificate that asked for it and the leader's
   time of the entry;
 - the revoked certificates (`sqlite_raftsql_revoked`), each by name ("name:CN") or by serial
-  ("serial:HEX").
+  ("serial:HEX");
+- the cluster's id (`sqlite_raftsql_cluster`): the first leader names the cluster with an
+  ADMIN record of op "cluster"; the first such record applied wins, later ones change nothing
+  (server/DESIGN.md, "The cluster's id").
 
 Every node logs each audit record it applies on the `raftsql.audit` logger, once the SQLite
 transaction holding it has committed (a restart does not re-apply it, so it is logged once per
@@ -24,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftsql.protocol import Result
+from raftsql.wire import valid_cluster_id
 
 log = logging.getLogger("raftsql.audit")
 
 REVOKE_OP = "revoke"
+CLUSTER_OP = "cluster"
 TARGET_PREFIXES = ("name:", "serial:")
 
 
@@ -91,6 +96,10 @@ class Records:
         "INSERT OR IGNORE INTO sqlite_raftsql_revoked(target, entry_index, time_ms, by_name, "
         "by_serial) VALUES(?,?,?,?,?)"
     )
+    _SQL_CLUSTER = (
+        "INSERT OR IGNORE INTO sqlite_raftsql_cluster(id, cluster_id, entry_index, time_ms) "
+        "VALUES(1,?,?,?)"
+    )
 
     def __init__(self, internal: Callable[..., list[tuple]]):
         # The state machine's write connection: only ever used from the thread that holds the
@@ -99,7 +108,14 @@ class Records:
         self.pending: list[AuditEntry] = []  # applied in the open transaction
         self.revoked: frozenset[str] = frozenset()
         self._revocations: tuple[dict[str, Any], ...] = ()
+        # The cluster's id once an entry named it (read by the transport's threads).
+        self.cluster_id: str | None = None
         self.reload()
+        self._reload_cluster()
+
+    def _reload_cluster(self) -> None:
+        rows = self._internal("SELECT cluster_id FROM sqlite_raftsql_cluster")
+        self.cluster_id = rows[0][0] if rows else None
 
     def reload(self) -> None:
         rows = self._internal(
@@ -142,6 +158,14 @@ class Records:
         if op == REVOKE_OP and valid_target(record.get("target")):
             self._internal(self._SQL_REVOKE, (record["target"], index, time_ms, by, by_serial))
             rowcount = int(self._internal("SELECT changes()")[0][0])
+        elif op == CLUSTER_OP:
+            # Only the first naming counts: a second leader may have proposed one before it
+            # applied the first. One that changed nothing leaves no audit record.
+            if valid_cluster_id(record.get("cluster_id")):
+                self._internal(self._SQL_CLUSTER, (record["cluster_id"], index, time_ms))
+                rowcount = int(self._internal("SELECT changes()")[0][0])
+            if not rowcount:
+                return Result(index=index, rowcount=0)
         self._audit(index, time_ms, op, by, by_serial, detail)
         return Result(index=index, rowcount=rowcount)
 
@@ -160,6 +184,8 @@ class Records:
             log.info("%s", e.line())
         if any(e.op == REVOKE_OP for e in done):
             self.reload()
+        if any(e.op == CLUSTER_OP for e in done):
+            self._reload_cluster()
         return done
 
 

@@ -25,6 +25,10 @@ BATCH_MAX_BYTES = 1 << 20
 DIRECT_MAX_BYTES = 64 << 10
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
+# A peer of another cluster is refused at every redial; its refusal is logged this often.
+FOREIGN_LOG_INTERVAL = 60.0
+# The kind of the ERROR frame that refuses a node of another cluster.
+FOREIGN_CLUSTER = "FOREIGN_CLUSTER"
 CONNECT_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0  # a peer that does not read for this long is treated as dead
 IDLE_CHECK = 1.0  # an idle sender checks this often whether its peer closed the connection
@@ -55,7 +59,12 @@ class _Closed(Exception):
 
 
 class _Refused(Exception):
-    """Raised internally when the listener refused our hello with an ERROR frame."""
+    """Raised internally when the listener refused our hello with an ERROR frame (or we
+    refused its answer). quiet: already logged (a peer of another cluster)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class _Stopped(Exception):

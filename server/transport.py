@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from raftsql import wire
 from raftsql.raft.types import Message
+from raftsql.server import metrics
 from raftsql.server.connection import ClientConn
 from raftsql.server.listener import Listener, _Inbound
 from raftsql.server.parker import _Parker
@@ -72,6 +73,8 @@ from raftsql.server.sockets import (
     BATCH_MAX_MESSAGES,
     CONNECT_TIMEOUT,
     DIRECT_MAX_BYTES,
+    FOREIGN_CLUSTER,
+    FOREIGN_LOG_INTERVAL,
     FRAME_TIMEOUT,
     HELLO_MAX_FRAME_SIZE,
     IDLE_CHECK,
@@ -214,8 +217,14 @@ class Transport(Listener):
         on_peer_hello: Callable[[str, str], None] | None = None,
         max_request_size: int = wire.DEFAULT_MAX_REQUEST_SIZE,
         is_revoked: Callable[[str | None, str | None], bool] | None = None,
+        cluster_id: Callable[[], str | None] | None = None,
     ):
         self.node_id = node_id
+        # cluster_id(): the id of the cluster whose data this node holds, None until an
+        # applied entry named it. Sent in every hello between nodes; a peer that names
+        # another one is refused, both ways (server/DESIGN.md, "The cluster's id").
+        self.cluster_id = cluster_id or (lambda: None)
+        self._foreign_logged: dict[str, float] = {}  # peer -> when its refusal was last logged
         # is_revoked(name, serial): a revoked certificate is refused at its hello.
         self.is_revoked = is_revoked
         # The largest REQUEST frame a client may send (told to it in our hello).
@@ -533,7 +542,10 @@ class Transport(Listener):
                 sock = self._dial(p)
             except Exception as e:  # noqa: BLE001 - any dial failure: log, back off, retry
                 sock = None
-                self._log_failure(p, f"cannot connect to {p.id} at {_fmt(p.address)}: {_why(e)}")
+                if isinstance(e, _Refused) and e.quiet:
+                    p.failures += 1
+                else:
+                    self._log_failure(p, f"cannot connect to {p.id} at {_fmt(p.address)}: {_why(e)}")
             if sock is None:
                 if p.stopped.is_set():
                     break
@@ -567,6 +579,28 @@ class Transport(Listener):
         job = p.take_snapshot_job()
         if job is not None:
             job.finish(False)
+
+    def foreign_cluster(self, peer: str | None, theirs: str | None) -> str | None:
+        """Why a peer whose hello names cluster `theirs` must be refused, or None. A side
+        that has not applied the naming entry yet (a new cluster, a node joining) names none
+        and is let in: it can only learn the id from the cluster it joins."""
+        ours = self.cluster_id()
+        if ours is None or theirs is None or ours == theirs:
+            return None
+        return (f"{peer} holds the data of cluster {theirs}, and {self.node_id} that of cluster "
+                f"{ours}: they are nodes of two different clusters (a data directory copied "
+                f"or mounted from another cluster, or a peer address that points into another "
+                f"cluster). Refused, so that neither can overwrite the other's log")
+
+    def _log_foreign(self, peer: str | None, line: str) -> None:
+        """A refusal between clusters, at ERROR level once a minute per peer (the peer
+        redials every second)."""
+        metrics.FOREIGN_PEERS.inc()
+        now = time.monotonic()
+        key = peer or "?"
+        if now - self._foreign_logged.get(key, float("-inf")) >= FOREIGN_LOG_INTERVAL:
+            self._foreign_logged[key] = now
+            self.log.error("%s: %s", self.node_id, line)
 
     def _log_failure(self, p: _Peer, line: str) -> None:
         # First failure at warning, repeats at debug: a down peer must not flood the log.
@@ -633,10 +667,15 @@ class Transport(Listener):
                 raise _Refused(
                     f"its certificate is {name!r} (role {peer_role(sock)}), expected node {p.id!r}"
                 )
-            sock.sendall(wire.make_hello(self.node_id, "node", self.advertise))
+            sock.sendall(wire.make_hello(self.node_id, "node", self.advertise,
+                                         cluster=self.cluster_id()))
             kind, payload = _recv_first_frame(sock, deadline)
             if kind is FrameKind.ERROR:
-                raise _Refused(f"refused our hello: {wire.parse_error(payload)}")
+                message = wire.parse_error(payload)
+                if wire.parse_error_kind(payload) == FOREIGN_CLUSTER:
+                    self._log_foreign(p.id, f"{p.id} at {_fmt(p.address)} refused us: {message}")
+                    raise _Refused(f"refused our hello: {message}", quiet=True)
+                raise _Refused(f"refused our hello: {message}")
             if kind is not FrameKind.HELLO:
                 raise wire.FrameError(f"expected HELLO, got {kind.name}")
             hello = wire.parse_hello(payload)
@@ -644,6 +683,10 @@ class Transport(Listener):
                 raise _Refused(
                     f"it says it is {hello.role} {hello.node_id!r}, expected node {p.id!r}"
                 )
+            foreign = self.foreign_cluster(p.id, hello.cluster)
+            if foreign is not None:
+                self._log_foreign(p.id, f"not connecting to {p.id} at {_fmt(p.address)}: {foreign}")
+                raise _Refused(foreign, quiet=True)
             sock.settimeout(0)  # non-blocking from here: see _Peer.write_lock
             return sock
         except BaseException:

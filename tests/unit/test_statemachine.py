@@ -504,7 +504,8 @@ def test_legacy_internal_tables_are_renamed_on_open(tmp_path):
     try:
         assert sm.applied_index == 1
         names = sorted(r[0] for r in sm.query("SELECT name FROM sqlite_schema").rows)
-        assert names == ["sqlite_raftsql_audit", "sqlite_raftsql_members", "sqlite_raftsql_meta",
+        assert names == ["sqlite_raftsql_audit", "sqlite_raftsql_cluster",
+                         "sqlite_raftsql_members", "sqlite_raftsql_meta",
                          "sqlite_raftsql_revoked", "sqlite_raftsql_sessions",
                          "sqlite_raftsql_tables", "t"]
     finally:
@@ -725,3 +726,35 @@ def test_stored_rowid_reads_small_and_big_stored_results():
     assert len(big) > 4096 and stored_rowid(big) == 9
     assert stored_rowid(Result(error={"name": "X"}).encode()) == 0
     assert stored_rowid(b"\xc1 not msgpack") == 0
+
+
+def admin_entry(record, t=T0):
+    from raftsql.command import CommandKind
+
+    return Command(client_id="", serial=0, statements=(), kind=CommandKind.ADMIN, record=record,
+                   leader_time_ms=t, seed=1).encode()
+
+
+def test_the_first_cluster_id_applied_wins_and_survives_reopen(make, tmp_path):
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    assert a.records.cluster_id is None
+    first, second = "ab" * 16, "cd" * 16
+    assert c.apply(admin_entry({"op": "cluster", "cluster_id": first})).rowcount == 1
+    assert c.apply(admin_entry({"op": "cluster", "cluster_id": second})).rowcount == 0
+    assert c.apply(admin_entry({"op": "cluster", "cluster_id": "not hex"})).rowcount == 0
+    assert a.records.cluster_id == b.records.cluster_id == first
+    audit = a.query("SELECT operation, detail FROM sqlite_raftsql_audit").rows
+    assert [row[0] for row in audit] == ["cluster"], audit  # the ignored ones leave no record
+    # Users cannot change it: the table is raftsql's.
+    for sql in ("UPDATE sqlite_raftsql_cluster SET cluster_id = 'x'",
+                "DELETE FROM sqlite_raftsql_cluster",
+                "INSERT OR REPLACE INTO sqlite_raftsql_cluster VALUES (1, 'x', 0, 0)"):
+        assert c.apply(entry(sql)).error is not None, sql
+    c.assert_same()
+    a.close()
+    again = StateMachine(str(tmp_path / "a" / "db.sqlite"))
+    try:
+        assert again.records.cluster_id == first
+    finally:
+        again.close()

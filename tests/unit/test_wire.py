@@ -344,6 +344,19 @@ def test_hello_round_trip():
             wire.parse_hello(payload)
 
 
+def test_hello_carries_the_cluster_id():
+    cid = "0123456789abcdef" * 2
+    hello = wire.parse_hello(hello_payload(wire.make_hello("n2", "node", cluster=cid)))
+    assert hello.cluster == cid
+    assert wire.parse_hello(hello_payload(wire.make_hello("n2", "node"))).cluster is None
+    for bad in (cid.upper(), cid[:-1], cid + "0", "g" * 32, 7, b"0" * 32, ["x"]):
+        with pytest.raises(wire.DecodeError, match="'cluster'"):
+            wire.parse_hello({"version": 1, "node_id": "n1", "role": "node", "cluster": bad})
+        if isinstance(bad, str):
+            with pytest.raises(ValueError, match="cluster"):
+                wire.make_hello("n1", "node", cluster=bad)
+
+
 def test_hello_version_mismatch_names_both_versions():
     payload = {"version": 2, "shape": "something new"}
     with pytest.raises(wire.FrameError, match=r"version 2.*version 1"):
