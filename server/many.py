@@ -80,7 +80,7 @@ class ManyStatements:
                 problem.error["set"] = self._ctx.many_set
                 raise
             error["set"] = self._ctx.many_set
-            raise StatementFailed(error) from None
+            raise StatementFailed(error, by_sqlite=self._by_sqlite(e)) from None
         finally:
             self._ctx.budget_on = False
         if self._ctx.max_rowid_table is not None:
@@ -127,7 +127,7 @@ class ManyStatements:
             if not conn.in_transaction:
                 # OR ROLLBACK, or the step limit (an interrupt): the entry's transaction is
                 # gone, so no redo; the batch is redone with this error (_TransactionLost).
-                raise StatementFailed(self._statement_error(e)) from None
+                raise StatementFailed(self._statement_error(e), by_sqlite=self._by_sqlite(e)) from None
             failed = True
         finally:
             self._ctx.budget_on = False

@@ -95,10 +95,14 @@ class NodeProblem(Exception):
 
 
 class StatementFailed(Exception):
-    """Raised inside apply when a user statement failed; carries its replicated error value."""
+    """Raised inside apply when a user statement failed; carries its replicated error value.
+    by_sqlite: SQLite itself failed the statement while running it, and left the changes it
+    keeps in that case (OR FAIL's rows before the failure, an executemany's earlier parameter
+    sets); False for raftsql's own checks after a statement ran, whose changes must go."""
 
-    def __init__(self, error: dict[str, Any]):
+    def __init__(self, error: dict[str, Any], by_sqlite: bool = False):
         self.error = error
+        self.by_sqlite = by_sqlite
 
 
 class SQLError(Exception):

@@ -28,7 +28,7 @@ from typing import Any
 
 import apsw
 
-from raftsql.command import INT64_MAX, Command, CommandError, Many
+from raftsql.command import INT64_MAX, Command, CommandError, CommandKind, Many
 from raftsql.protocol import (
     MAX_ROWID,
     MULTIPLE_STATEMENTS,
@@ -547,6 +547,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         per: list[Result] = []
         written: set[str] = set()
         self._guard.writes = written
+        changes_before = conn.total_changes()
         try:
             for i, (sql, params) in enumerate(statements):
                 self._rand.stmt_no = i
@@ -567,6 +568,18 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             result = Result(index=index, error=failed.error)
             if not conn.in_transaction:
                 raise _TransactionLost(index, result) from None
+            if (failed.by_sqlite and len(statements) == 1 and cmd.kind == CommandKind.WRITE
+                    and conn.total_changes() != changes_before):
+                # One autocommit statement that SQLite failed but whose changes it kept (the
+                # rows OR FAIL inserted before the conflict, the parameter sets of an
+                # executemany before the failing one): applied, as sqlite3 commits them in
+                # autocommit mode. The error is still the result. A batch (executescript)
+                # stays all or nothing.
+                self._internal("RELEASE raftsql_entry")
+                for name in sorted(written):
+                    self._internal(self._sql_table_touch, (name, index))
+                failed.error["kept_changes"] = True
+                return result
             self._internal("ROLLBACK TO raftsql_entry")
             self._internal("RELEASE raftsql_entry")
             return result
@@ -627,7 +640,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                 else:
                     budget -= sum(4 * len(d[0]) + 4 * len(d[1] or "") + 10 for d in self._ctx.description)
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
-            raise StatementFailed(self._statement_error(e)) from None
+            raise StatementFailed(self._statement_error(e), by_sqlite=self._by_sqlite(e)) from None
         finally:
             self._ctx.budget_on = False
             memo.finish(self._guard, key)
@@ -714,6 +727,14 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             self._ctx.step_limit_hit = True
             return True
         return False
+
+    def _by_sqlite(self, e: BaseException) -> bool:
+        """Did SQLite itself fail the statement (a constraint, a type or function error), so
+        that what it kept of the statement is SQLite's doing? Not for raftsql's aborts (a
+        second statement in the text, VACUUM, the step limit, a timeout), which stop a
+        statement that had nothing wrong with it so far."""
+        return (self._ctx.abort is None and not self._ctx.step_limit_hit
+                and not isinstance(e, (apsw.ExecTraceAbort, apsw.InterruptError)))
 
     def _statement_error(self, e: BaseException) -> dict[str, Any]:
         """The replicated error value for a failed user statement. Raises StateMachineError if

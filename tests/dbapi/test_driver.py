@@ -362,14 +362,14 @@ def test_row_factory_and_fetch_methods(auto, table):
 # --------------------------------------------------------------------------- batches, scripts
 
 
-def test_executemany_is_one_atomic_entry_in_autocommit_mode(auto, table):
+def test_executemany_in_autocommit_mode_keeps_the_sets_before_a_failure(auto, table):
     auto.execute(f"CREATE TABLE {table} (v INTEGER UNIQUE)")
     cur = auto.executemany(f"INSERT INTO {table} VALUES (?)", [(i,) for i in range(100)])
     assert cur.rowcount == 100 and _count(auto, table) == 100
     with pytest.raises(db.IntegrityError) as info:
-        auto.executemany(f"INSERT INTO {table} VALUES (?)", [(1000,), (1001,), (5,), (1002,)])
+        auto.executemany(f"INSERT INTO {table} VALUES (?)", [(2000,), (2001,), (5,), (2002,)])
     assert info.value.statement == 2
-    assert _count(auto, table) == 100  # nothing of the failed batch was applied
+    assert _count(auto, table) == 102  # the sets before the failing one, as sqlite3 keeps them
     cur = auto.executemany(f"UPDATE {table} SET v = v + 1000 WHERE v < :n", [{"n": 10}, {"n": 20}])
     assert cur.rowcount == 10 + 10
 

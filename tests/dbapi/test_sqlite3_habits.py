@@ -334,3 +334,25 @@ def test_raftsqls_own_tables_stay_out_of_listings_dumps_and_backups(connect, tab
         dump = list(sqlite3.connect(out).iterdump())
     assert not [line for line in dump if "raftsql" in line]
     assert any(table in line for line in dump)
+
+
+@pytest.mark.parametrize("isolation_level", [None, ""])
+def test_a_failed_write_keeps_what_sqlite_keeps(connect, table, isolation_level):
+    """In autocommit mode, sqlite3 commits the parameter sets of an executemany before the
+    failing one and the rows INSERT OR FAIL inserted before its conflict; an ABORT (the default)
+    keeps nothing of its statement. In the legacy mode the same rows wait in the transaction."""
+    conn = connect(isolation_level=isolation_level)
+    conn.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, v)")
+    db = connect.db
+    with pytest.raises(db.IntegrityError):
+        conn.executemany(f"INSERT INTO {table} VALUES (?, ?)", [(1, "a"), (2, "b"), (2, "dup"), (3, "c")])
+    with pytest.raises(db.IntegrityError):
+        conn.execute(f"INSERT OR FAIL INTO {table} VALUES (10, 'x'), (11, 'x'), (1, 'dup'), (12, 'x')")
+    with pytest.raises(db.IntegrityError):
+        conn.execute(f"INSERT INTO {table} VALUES (20, 'y'), (21, 'y'), (2, 'dup')")
+    with pytest.raises(db.IntegrityError):
+        conn.executemany(f"INSERT INTO {table} VALUES (?, ?)", [(1, "first set fails")])
+    if isolation_level == "":
+        conn.commit()
+    assert _rows(connect, f"SELECT id, v FROM {table} ORDER BY id") == [
+        (1, "a"), (2, "b"), (10, "x"), (11, "x")]

@@ -235,26 +235,39 @@ def test_validate_checks_every_parameter_shape(machines):
     )
 )
 def test_many_matches_separate_statements(tmp_path_factory, sets):
-    """The same parameter sets as one many statement or as a batch of separate statements: the
-    same database and the same error (a UNIQUE column makes some batches fail)."""
+    """The same parameter sets as one many statement, as a batch of separate statements, and as
+    one entry per set up to the first failure (sqlite3's executemany in autocommit mode): the
+    same error (a UNIQUE column makes some fail); the many statement keeps the sets before the
+    failing one, as the entries per set do, where the batch keeps nothing."""
     d = tmp_path_factory.mktemp("m")
-    a, b = StateMachine(str(d / "a")), StateMachine(str(d / "b"))
+    a, b, c = StateMachine(str(d / "a")), StateMachine(str(d / "b")), StateMachine(str(d / "c"))
     try:
         schema = many_entry(("CREATE TABLE t(k UNIQUE, v)", ()))
-        a.apply(1, schema)
-        b.apply(1, schema)
+        for sm in (a, b, c):
+            sm.apply(1, schema)
         sql = "INSERT INTO t VALUES(?, ?)"
         ra = a.apply(2, many_entry((sql, Many(tuple(sets)))))
         rb = b.apply(2, many_entry(*[(sql, s) for s in sets]))
+        failed_at = None
+        for j, s in enumerate(sets):
+            if c.apply(2 + j, many_entry((sql, s))).error is not None:
+                failed_at = j
+                break
         if rb.error is None:
-            assert ra.error is None and ra.rowcount == len(sets)
+            assert ra.error is None and ra.rowcount == len(sets) and failed_at is None
+            assert a.content_hash() == b.content_hash()
         else:
             assert ra.error["name"] == rb.error["name"]
             assert ra.error["set"] == rb.error["statement"] if len(sets) > 1 else True
-        assert a.content_hash() == b.content_hash()
+            assert ra.error["set"] == failed_at
+            assert bool(ra.error.get("kept_changes")) == (failed_at > 0)
+            assert b.query("SELECT count(*) FROM t").rows == [[0]]
+        kept = "SELECT k, v FROM t ORDER BY rowid"
+        assert a.query(kept).rows == c.query(kept).rows
     finally:
         a.close()
         b.close()
+        c.close()
 
 
 def test_or_rollback_in_a_later_set_fails_the_whole_entry(machines):

@@ -758,3 +758,25 @@ def test_the_first_cluster_id_applied_wins_and_survives_reopen(make, tmp_path):
         assert again.records.cluster_id == first
     finally:
         again.close()
+
+
+def test_one_failed_statement_keeps_what_sqlite_keeps_on_every_node(pair):
+    """An entry of one statement that SQLite failed after keeping changes (OR FAIL, an
+    executemany's earlier sets) applies them, with its error; raftsql's own checks after a
+    statement ran and batches of several statements still keep nothing."""
+    from raftsql.command import Many
+
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE t(id INTEGER PRIMARY KEY, v)"))
+    r = c.apply(entry(("INSERT INTO t VALUES(?, ?)", Many(((1, "a"), (2, "b"), (1, "dup"))))))
+    assert r.error["name"] == "SQLITE_CONSTRAINT_PRIMARYKEY" and r.error["kept_changes"], r.error
+    r = c.apply(entry("INSERT OR FAIL INTO t VALUES(3, 'c'), (1, 'dup'), (4, 'd')"))
+    assert r.error["kept_changes"]
+    r = c.apply(entry("INSERT INTO t VALUES(5, 'e'), (1, 'dup')"))  # ABORT: nothing kept
+    assert "kept_changes" not in r.error
+    r = c.apply(entry("INSERT OR FAIL INTO t VALUES(6, 'f'), (1, 'dup')", "SELECT 1"))
+    assert "kept_changes" not in r.error  # a batch: all or nothing
+    r = c.apply(entry("INSERT INTO t VALUES(7, 'g'), (9223372036854775807, 'max')"))
+    assert r.error["name"] == "RAFTSQL_MAX_ROWID" and "kept_changes" not in r.error
+    assert pair[0].query("SELECT id FROM t ORDER BY id").rows == [[1], [2], [3]]
+    c.assert_same()
