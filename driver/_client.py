@@ -18,10 +18,12 @@ TxnAborted instead of following the leader elsewhere.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 import time
 import uuid
+import weakref
 from typing import Any
 
 from raftsql.command import Many
@@ -93,6 +95,9 @@ class ResultStream:
             conn = self._conn
             if conn.closed:
                 self._finish()
+                if conn.forked:
+                    raise StreamLost("the rest of this result is held by the process that opened "
+                                     "it, before fork(); run the query again in this process")
                 raise StreamLost(
                     f"the connection to {conn.address[0]}:{conn.address[1]} that held the rest "
                     "of this result was closed; run the query again"
@@ -133,6 +138,19 @@ class ResultStream:
         if conn.streams <= 0 and conn.detached:
             conn.close()
             self._client._detached.discard(conn)
+
+
+# Every Client of this process: a child made by fork() gets its own identity for each (below).
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ManyParams(tuple):
@@ -178,6 +196,29 @@ class Client:
         # Connections given up for requests but kept for the streamed results still open on
         # them (closed when the last one finishes, or with the client).
         self._detached: set[NodeConnection] = set()
+        self.forks = 0  # times this client was inherited by a child process (fork)
+        _CLIENTS.add(self)
+
+    def _forked(self) -> None:
+        """In a child process made by fork(), which inherited this client: a new client id
+        and serials, and none of the parent's sockets. The parent goes on with its own id and
+        serial counter; had the child kept them, the nodes would take the child's write with
+        serial n for a resend of the parent's write n and answer it with the parent's stored
+        result, applying nothing. The parent's TLS sessions cannot be shared either: the
+        child only closes its copies of the descriptors (no shutdown, which would cut the
+        parent's connection too). Streamed results opened before the fork are lost to the
+        child (StreamLost)."""
+        self._lock = threading.RLock()  # another thread may have held it at the fork
+        self.client_id = uuid.uuid4().hex
+        self._serials = itertools.count(1)
+        for conn in [self._conn, *self._detached]:
+            if conn is not None:
+                conn.forked = True
+                conn.close()
+        self._conn = None
+        self._detached = set()
+        self.early_write = None
+        self.forks += 1
 
     @classmethod
     def from_dsn(cls, dsn: str, **kw) -> Client:

@@ -10,6 +10,7 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,19 @@ class _Step:
             return txncheck.failed_check(self.error)
         return txncheck.ok_check(self.rowcount, self.digest, self.complete,
                                  self.lastrowid if self.rowid_seen else None, self.env)
+
+
+# Every Connection of this process, for _forked() in a child made by fork().
+_CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _connections_after_fork() -> None:
+    for conn in list(_CONNECTIONS):
+        conn._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_connections_after_fork)
 
 
 @dataclass
@@ -195,6 +209,23 @@ class Connection:
         self.text_factory: Any = str
         self._txn = _Transaction()
         self._pipelines = 0  # open pipeline() blocks
+        _CONNECTIONS.add(self)
+
+    def _forked(self) -> None:
+        """In a child process that inherited this connection through fork() (its Client gets
+        a new identity: driver/_client.py). A transaction open at the fork belongs to the
+        parent, which may still commit it: in the child it is doomed (TransactionAborted at
+        every statement and at commit, until rollback()), so the child cannot commit a copy
+        of the parent's writes, nor commit later writes as if the earlier ones were there."""
+        self._lock = threading.RLock()
+        txn = self._txn
+        if txn.explicit or txn.begun or txn.writes or txn.pending:
+            self._txn = _Transaction(explicit=True, doomed=TransactionAborted(
+                f"this connection's transaction was opened in process {os.getppid()} before "
+                f"fork(); it stays with that process and nothing of it can be committed from "
+                f"this one (process {os.getpid()}). Call rollback() and run it again here"))
+        else:
+            self._txn = _Transaction()
 
     # ------------------------------------------------------------------ attributes
 

@@ -75,6 +75,7 @@ class NodeConnection:
         self.streams = 0
         self.detached = False
         self.closed = False
+        self.forked = False  # closed in a child process that inherited it (driver/_client.py)
         self._ids = itertools.count(1)
         self._decoder = wire.FrameDecoder()
         self._pending: list[tuple[wire.FrameKind, Any]] = []
