@@ -140,13 +140,21 @@ class ResultStream:
             self._client._detached.discard(conn)
 
 
-# Every Client of this process: a child made by fork() gets its own identity for each (below).
-_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+# Clients and Connections of this process: in a child made by fork(), each one's _forked()
+# runs (a Client gets its own identity; see Client._forked). Clients first: they were added
+# first, and a WeakSet keeps no order, so the two kinds are kept apart.
+_FORK_AWARE: tuple[weakref.WeakSet, weakref.WeakSet] = (weakref.WeakSet(), weakref.WeakSet())
+
+
+def after_fork(obj: Any, tier: int = 0) -> None:
+    """Call obj._forked() in a child process that inherits obj (tier 0 before tier 1)."""
+    _FORK_AWARE[tier].add(obj)
 
 
 def _after_fork_in_child() -> None:
-    for client in list(_CLIENTS):
-        client._forked()
+    for tier in _FORK_AWARE:
+        for obj in list(tier):
+            obj._forked()
 
 
 if hasattr(os, "register_at_fork"):
@@ -197,7 +205,7 @@ class Client:
         # them (closed when the last one finishes, or with the client).
         self._detached: set[NodeConnection] = set()
         self.forks = 0  # times this client was inherited by a child process (fork)
-        _CLIENTS.add(self)
+        after_fork(self)
 
     def _forked(self) -> None:
         """In a child process made by fork(), which inherited this client: a new client id

@@ -10,7 +10,6 @@ import ssl
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,19 +88,6 @@ class _Step:
             return txncheck.failed_check(self.error)
         return txncheck.ok_check(self.rowcount, self.digest, self.complete,
                                  self.lastrowid if self.rowid_seen else None, self.env)
-
-
-# Every Connection of this process, for _forked() in a child made by fork().
-_CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
-
-
-def _connections_after_fork() -> None:
-    for conn in list(_CONNECTIONS):
-        conn._forked()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_connections_after_fork)
 
 
 @dataclass
@@ -209,7 +195,7 @@ class Connection:
         self.text_factory: Any = str
         self._txn = _Transaction()
         self._pipelines = 0  # open pipeline() blocks
-        _CONNECTIONS.add(self)
+        _client.after_fork(self, tier=1)
 
     def _forked(self) -> None:
         """In a child process that inherited this connection through fork() (its Client gets
