@@ -63,6 +63,11 @@ class TxnAborted(ClientError):
     """Raised when a transaction's leader changed or became unreachable: nothing was applied."""
 
 
+class TooManyCursors(ClientError):
+    """This connection holds as many unfinished streamed results as a node allows; waiting
+    does not free one (only fetching them to the end or closing their cursors does)."""
+
+
 class StreamLost(ClientError):
     """Raised when the rest of a streamed result cannot be fetched (its connection was lost,
     or the node closed the cursor): the rows already read stay valid; run the query again."""
@@ -84,6 +89,7 @@ class ResultStream:
         self._id = cursor_id
         self.index = index
         self.done = False
+        self.interrupted: str | None = None  # what cut a fetch short (see fetch)
         conn.streams += 1
 
     def fetch(self) -> tuple[list[list[Any]], list[list[int]], dict[str, Any] | None]:
@@ -92,6 +98,13 @@ class ResultStream:
             return [], [], None
         client = self._client
         with client._lock:
+            if self.interrupted is not None:
+                # The node sent the chunk that fetch asked for; it arrived after the caller had
+                # gone (a KeyboardInterrupt, an exception from a signal handler) and was skipped
+                # as a stale response. Going on would silently leave those rows out.
+                self.close()
+                raise StreamLost(f"a fetch of this result was interrupted ({self.interrupted}), "
+                                 "so rows of it were lost; run the query again")
             conn = self._conn
             if conn.closed:
                 self._finish()
@@ -107,6 +120,9 @@ class ResultStream:
             except (ConnectionLost, NodeUnreachable) as e:
                 self._finish()
                 raise StreamLost(f"the rest of the result was lost: {e}; run the query again") from None
+            except BaseException as e:
+                self.interrupted = type(e).__name__
+                raise
             if not resp.get("ok"):
                 self._finish()
                 err = resp.get("error") or {}
@@ -115,6 +131,13 @@ class ResultStream:
             if not r.get("more"):
                 self._finish()
             return r.get("rows") or [], r.get("bad_text") or [], r.get("error")
+
+    def abandon(self) -> None:
+        """Its cursor was garbage-collected with rows left: the Client closes it on the node
+        before its next request (not from here: the collector may run in the middle of a
+        request on this very connection)."""
+        if not self.done:
+            self._client._abandoned.append(self)
 
     def close(self) -> None:
         """Give up the rest of the rows (the node closes its cursor)."""
@@ -204,6 +227,9 @@ class Client:
         # Connections given up for requests but kept for the streamed results still open on
         # them (closed when the last one finishes, or with the client).
         self._detached: set[NodeConnection] = set()
+        # Streamed results whose cursors were garbage-collected unfinished (ResultStream.abandon):
+        # closed on the node before the next request, so they do not count against its limit.
+        self._abandoned: list[ResultStream] = []
         self.forks = 0  # times this client was inherited by a child process (fork)
         after_fork(self)
 
@@ -225,6 +251,7 @@ class Client:
                 conn.close()
         self._conn = None
         self._detached = set()
+        self._abandoned = []
         self.early_write = None
         self.forks += 1
 
@@ -357,6 +384,7 @@ class Client:
         """Send req until a node serves it or `timeout` passes. serial: the write's serial, or
         None for a request that cannot apply anything (reads, previews, status)."""
         deadline = time.monotonic() + timeout
+        self._close_abandoned()
         # How long a node may wait on our behalf (commit, read index) before answering: half the
         # budget, so one leader that lost its quorum cannot use it all.
         attempt_wait = max(2.0, timeout / 2)
@@ -427,6 +455,10 @@ class Client:
                         last_error = f"{kind}: {msg}"
                         if kind == ErrorKind.BAD_REQUEST:
                             raise BadRequest(msg)
+                        if kind == ErrorKind.TOO_MANY_CURSORS and conn.streams > 0:
+                            # Ours: only this program can free them, so do not wait for it.
+                            raise TooManyCursors(f"{msg} (this connection has {conn.streams} "
+                                                 "unfinished results)")
                         if kind == ErrorKind.FORBIDDEN:
                             raise self._refused(msg, maybe_sent, serial)
                         if kind == ErrorKind.TXN_ABORTED or (kind == ErrorKind.NOT_LEADER and pinned):
@@ -508,6 +540,16 @@ class Client:
                     continue
                 if hp not in self.hosts and hp not in self._learned:
                     self._learned.append(hp)
+
+    def _close_abandoned(self) -> None:
+        """Close the streams whose cursors were collected (see ResultStream.abandon); under
+        the lock, between requests."""
+        while self._abandoned:
+            stream = self._abandoned.pop()
+            try:
+                stream.close()
+            except ClientError:
+                pass
 
     def _drop_conn(self) -> None:
         conn = self._conn

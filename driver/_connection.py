@@ -661,6 +661,8 @@ class Connection:
             raise PermissionDenied(str(e)) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
+        except _client.TooManyCursors as e:
+            raise OperationalError(str(e)) from None
         except wire.FrameError as e:
             raise DataError(str(e)) from None
 
@@ -692,6 +694,8 @@ class Connection:
             raise self._abort(PermissionDenied(str(e))) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
+        except _client.TooManyCursors as e:
+            raise OperationalError(str(e)) from None
         except wire.FrameError as e:
             raise DataError(str(e)) from None
         err = result.get("error")

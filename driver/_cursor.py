@@ -178,6 +178,10 @@ class Cursor:
                 self._converters = convs if any(c is not None for c in convs) else None
         self._set_chunk(result.get("rows") or [], result.get("bad_text"))
         self._stream = result.pop("stream", None)
+        if self._stream is not None:
+            # Dropped unfinished, as sqlite3 finalizes a collected cursor: its rows are closed
+            # on the node at the connection's next request.
+            weakref.finalize(self, self._stream.abandon)
         self._txn_step = result.pop("txn_step", None)
         self.rowcount = rowcount if rowcount is not None else int(result.get("rowcount", -1))
         if result.get("lastrowid"):

@@ -465,3 +465,60 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('apsw', 'cryptography
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_fetch_cut_short_by_an_exception_does_not_skip_rows(auto, table):
+    """KeyboardInterrupt (or an exception from a signal handler) while a chunk of a streamed
+    result is on its way: the chunk arrives later and is skipped as a stale response, so the
+    next fetch must fail instead of going on after a silent gap."""
+    auto.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, pad BLOB)")
+    auto.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 4000) "
+                 f"INSERT INTO {table} SELECT i, randomblob(1000) FROM n")
+    cur = auto.execute(f"SELECT id, pad FROM {table} ORDER BY id")
+    ids = [cur.fetchone()[0]]
+    conn = cur._stream._conn
+    real = conn._next_frame
+    calls = []
+
+    def interrupted():
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt  # the Fetch request has been sent, its answer not read
+        return real()
+
+    conn._next_frame = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            while True:
+                ids.append(cur.fetchone()[0])
+        with pytest.raises(db.OperationalError, match="interrupted.*run the query again"):
+            cur.fetchone()
+    finally:
+        conn._next_frame = real
+    assert ids == list(range(1, len(ids) + 1))  # no gap in what was handed out
+    assert auto.execute(f"SELECT count(*) FROM {table}").fetchone() == (4000,)  # still usable
+
+
+def test_dropped_cursors_free_their_results_on_the_node(auto, table):
+    """Cursors dropped with rows left (sqlite3 finalizes them when collected) are closed on the
+    node at the connection's next request: more than the node's 16 per connection is fine. Held
+    ones past the limit fail at once with a clear error instead of a 10 s retry."""
+    import gc
+
+    from raftsql.server.clients import MAX_CURSORS_PER_CONNECTION
+
+    auto.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, pad BLOB)")
+    auto.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500) "
+                 f"INSERT INTO {table} SELECT i, randomblob(1000) FROM n")
+    sql = f"SELECT id, pad FROM {table} WHERE id > ?"
+    for i in range(MAX_CURSORS_PER_CONNECTION * 2):
+        assert auto.execute(sql, (i,)).fetchone()[0] == i + 1  # the cursor is dropped
+        gc.collect()
+    held = [auto.execute(sql, (i,)) for i in range(MAX_CURSORS_PER_CONNECTION)]
+    # OperationalError from the first refusal (Unavailable would mean it was retried until the
+    # connection's timeout, as if waiting could free a cursor).
+    with pytest.raises(db.OperationalError, match="unfinished") as info:
+        auto.execute(sql, (0,))
+    assert not isinstance(info.value, db.Unavailable)
+    held.pop().close()
+    assert auto.execute(sql, (0,)).fetchone()[0] == 1
