@@ -141,6 +141,36 @@ class _Transaction:
         return step
 
 
+# The reads of an implicit transaction before its first write that its commit checks: the
+# latest ones only (driver/DESIGN.md, "Transactions"). sqlite3 runs such reads in no
+# transaction; keeping every one let a connection that reads for hours and never commits grow
+# without bound, and made its first write's commit too big to send.
+MAX_READS_BEFORE_WRITE = 256
+MAX_READS_BEFORE_WRITE_BYTES = 256 * 1024
+
+
+def _trim_reads_before_first_write(txn: _Transaction) -> None:
+    steps = txn.steps
+    if len(steps) <= 16:
+        return
+    size = 0
+    keep = 0
+    for step in reversed(steps):
+        size += len(step.sql) + _params_size(step.params)
+        if keep >= MAX_READS_BEFORE_WRITE or size > MAX_READS_BEFORE_WRITE_BYTES:
+            break
+        keep += 1
+    if keep < len(steps):
+        del steps[:len(steps) - keep]
+
+
+def _params_size(params: Any) -> int:
+    """About what params take in a request (msgpack): strings and blobs by length."""
+    values = params.values() if isinstance(params, dict) else params
+    return sum(len(v) + 5 if isinstance(v, (str, bytes, bytearray, memoryview)) else 9
+               for v in values or ())
+
+
 def _empty_result(rowcount: int = -1) -> dict[str, Any]:
     return {"columns": [], "decltypes": [], "rows": [], "rowcount": rowcount, "lastrowid": None,
             "index": 0, "error": None, "duplicate": False, "results": None}
@@ -797,6 +827,7 @@ class Connection:
                                     min_index=cursor.min_index, idempotent=True, stream=True)
                 if not (result.get("volatile") and not result.get("error")):
                     result["txn_step"] = txn.record(stmt, result)
+                    _trim_reads_before_first_write(txn)
                     return result
                 # It called random() or the clock through a view (the node saw it at prepare):
                 # run it again on the leader, whose env the commit can reproduce.

@@ -542,3 +542,30 @@ def test_what_a_failed_statement_keeps_is_what_commits_as_in_sqlite3(connect, ta
     # transaction by replaying it; another client's row 1 makes the replayed INSERT OR FAIL
     # fail at once, keeping nothing: the same rows, and as serializable as before.
     assert run(connect(), connect(autocommit=True), park) == ref
+
+
+def test_reads_before_the_first_write_are_bounded(connect, table):
+    """Legacy mode: the reads before an implicit transaction's first write are checked by its
+    commit, but only the latest ones: a connection that reads for hours without committing
+    keeps a bounded list, and its first write still commits (it used to fail: request too big)."""
+    from raftsql.driver._connection import MAX_READS_BEFORE_WRITE
+
+    c = connect()
+    c.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, n INTEGER, pad TEXT)")
+    c.execute(f"INSERT INTO {table} VALUES (1, 0, ?)", ("x" * 2000,))
+    c.commit()
+    sql = f"SELECT n, pad /* {'y' * 400} */ FROM {table} WHERE id = ?"
+    for _ in range(MAX_READS_BEFORE_WRITE * 3):
+        assert c.execute(sql, (1,)).fetchone()[0] == 0
+    assert not c.in_transaction
+    assert len(c._txn.steps) <= MAX_READS_BEFORE_WRITE
+    c.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1")
+    c.commit()
+    assert c.execute(f"SELECT n FROM {table}").fetchone()[0] == 1
+    # The latest reads are still checked: a change to what they read makes the commit fail.
+    assert c.execute(f"SELECT n FROM {table} WHERE id = 1").fetchone()[0] == 1
+    other = connect(isolation_level=None)
+    other.execute(f"UPDATE {table} SET n = 10 WHERE id = 1")
+    c.execute(f"UPDATE {table} SET pad = 'z' WHERE id = 1")
+    with pytest.raises(db.SerializationError):
+        c.commit()
