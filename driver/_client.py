@@ -68,6 +68,11 @@ class TooManyCursors(ClientError):
     does not free one (only fetching them to the end or closing their cursors does)."""
 
 
+class BadCertificate(ClientError):
+    """Every node's TLS certificate failed verification against the DSN (host name, CA):
+    retrying will not help."""
+
+
 class StreamLost(ClientError):
     """Raised when the rest of a streamed result cannot be fetched (its connection was lost,
     or the node closed the cursor): the rows already read stay valid; run the query again."""
@@ -393,6 +398,7 @@ class Client:
         redirects = 0
         last_error = "no attempt made"
         pinned = pinned_term is not None
+        bad_certificates: set[tuple[str, int]] = set()  # nodes whose certificate we refused
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -403,6 +409,13 @@ class Client:
                 if e.forbidden:
                     self._forget_node()
                     raise self._refused(str(e), maybe_sent, serial) from None
+                if e.bad_certificate:
+                    bad_certificates.add(self._target())
+                    if not maybe_sent and bad_certificates >= set(self.hosts):
+                        raise BadCertificate(
+                            f"{e}. Every node's certificate was refused: the DSN must name each "
+                            "node by a host name or address its certificate holds (`raftsql certs "
+                            "node --host`), with certs= pointing at the cluster's CA") from None
                 self._unreachable += 1
                 if pinned:
                     self._forget_node()
@@ -511,15 +524,18 @@ class Client:
             return int(result.get("index") or 0) < req.get("min_index", 0)
         return False
 
+    def _target(self) -> tuple[str, int]:
+        """The node _connection() dials next."""
+        if self._leader is not None:
+            return self._leader
+        if self._learned and self._unreachable >= len(self.hosts):
+            return self._learned[self._next_host % len(self._learned)]
+        return self.hosts[self._next_host % len(self.hosts)]
+
     def _connection(self, remaining: float) -> NodeConnection:
         if self._conn is not None:
             return self._conn
-        if self._leader is not None:
-            host, port = self._leader
-        elif self._learned and self._unreachable >= len(self.hosts):
-            host, port = self._learned[self._next_host % len(self._learned)]
-        else:
-            host, port = self.hosts[self._next_host % len(self.hosts)]
+        host, port = self._target()
         self._conn = NodeConnection(host, port, self.context, min(self.connect_timeout, remaining))
         return self._conn
 

@@ -691,7 +691,7 @@ class Connection:
             raise PermissionDenied(str(e)) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
-        except _client.TooManyCursors as e:
+        except (_client.TooManyCursors, _client.BadCertificate) as e:
             raise OperationalError(str(e)) from None
         except wire.FrameError as e:
             raise DataError(str(e)) from None
@@ -724,7 +724,7 @@ class Connection:
             raise self._abort(PermissionDenied(str(e))) from None
         except _client.BadRequest as e:
             raise InterfaceError(f"the server refused the request: {e}") from None
-        except _client.TooManyCursors as e:
+        except (_client.TooManyCursors, _client.BadCertificate) as e:
             raise OperationalError(str(e)) from None
         except wire.FrameError as e:
             raise DataError(str(e)) from None

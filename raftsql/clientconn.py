@@ -28,6 +28,9 @@ class NodeUnreachable(OSError):
     """Raised when a node cannot be connected to; no request was sent."""
 
     forbidden = False  # the node refused the certificate (revoked)
+    # We refused the node's certificate (another CA, a name the DSN's host is not in, expired):
+    # a setting to fix, not a node that is down.
+    bad_certificate = False
 
 
 class ConnectionLost(OSError):
@@ -89,7 +92,9 @@ class NodeConnection:
             self._sock.sendall(wire.make_hello(None, "client"))
         except (OSError, ssl.SSLError) as e:
             raw.close()
-            raise NodeUnreachable(f"TLS handshake with {host}:{port} failed: {e}") from None
+            failed = NodeUnreachable(f"TLS handshake with {host}:{port} failed: {e}")
+            failed.bad_certificate = isinstance(e, ssl.SSLCertVerificationError)
+            raise failed from None
         # The node's hello names the largest request it accepts: a bigger one is refused here,
         # with a clear error, instead of being sent and cut off.
         self.max_request = wire.DEFAULT_MAX_FRAME_SIZE

@@ -522,3 +522,23 @@ def test_dropped_cursors_free_their_results_on_the_node(auto, table):
     assert not isinstance(info.value, db.Unavailable)
     held.pop().close()
     assert auto.execute(sql, (0,)).fetchone()[0] == 1
+
+
+def test_a_certificate_that_never_verifies_fails_at_once(cluster, tmp_path):
+    """Certificates from another CA (or a host name the nodes' certificates do not hold): a
+    setting to fix, not a node that is down. OperationalError naming the cause after every node
+    was tried once, not Unavailable after retrying for the whole timeout."""
+    from raftsql.server import certs as pki
+
+    other = pki.CertsTree(tmp_path / "other")
+    _, client = other.init()
+    dsn = "raftsql://" + ",".join(cluster.address(n) for n in cluster.ids) + \
+        f"/?certs={client.cert_path.parent}"
+    conn = db.connect(dsn, timeout=60)
+    try:
+        with pytest.raises(db.OperationalError, match="certificate was refused") as info:
+            conn.execute("SELECT 1")
+        assert not isinstance(info.value, db.Unavailable)
+        assert "certificate verify failed" in str(info.value)
+    finally:
+        conn.close()
