@@ -62,6 +62,10 @@ _INTROSPECTION_PRAGMAS = frozenset(
 _READ_ONLY_SETTINGS = frozenset(
     {"foreign_keys", "recursive_triggers", "encoding", "schema_version", "auto_vacuum", "page_size"}
 )
+# Of those, the ones pinned OFF on every connection (configure() below), and how SQLite spells
+# OFF: setting them OFF is allowed (a no-op).
+_PINNED_OFF = frozenset({"foreign_keys", "recursive_triggers"})
+_OFF = frozenset({"0", "off", "false", "no"})
 # Settings stored in the database header: transactional, replicated like any row.
 _WRITABLE_SETTINGS = frozenset({"user_version", "application_id"})
 _VTAB_MODULES = frozenset(
@@ -144,7 +148,18 @@ def refusal(
         if name in _INTROSPECTION_PRAGMAS or name in _WRITABLE_SETTINGS:
             return None
         if name in _READ_ONLY_SETTINGS:
-            return None if arg4 is None else f"PRAGMA {name} cannot be changed"
+            # Setting one to the value it is pinned at changes nothing: allowed, so that
+            # connect-time recipes (PRAGMA foreign_keys=OFF around a migration) keep working.
+            if arg4 is None or (name in _PINNED_OFF and arg4.strip("'\"").lower() in _OFF):
+                return None
+            if name == "foreign_keys":
+                return ("PRAGMA foreign_keys cannot be changed: it stays OFF on every node (raftsql "
+                        "does not enforce foreign keys; see the README)")
+            return f"PRAGMA {name} cannot be changed"
+        if name == "journal_mode" and (arg4 is None or arg4.strip("'\"").lower() == "wal"):
+            # Every node's database is in WAL mode: reading it, or asking for WAL, is a no-op
+            # (SQLAlchemy's and Django's connect-time recipes ask for it).
+            return None
         if name == "data_version" and arg4 is None and (nested or not write):
             # FTS5 reads it internally; its value is per connection, so a user's write may not.
             return None

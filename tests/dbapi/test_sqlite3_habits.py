@@ -356,3 +356,19 @@ def test_a_failed_write_keeps_what_sqlite_keeps(connect, table, isolation_level)
         conn.commit()
     assert _rows(connect, f"SELECT id, v FROM {table} ORDER BY id") == [
         (1, "a"), (2, "b"), (10, "x"), (11, "x")]
+
+
+def test_connect_time_pragma_recipes_that_change_nothing(connect):
+    """SQLAlchemy's and Django's connect-time recipes: asking for WAL, or for what raftsql pins
+    (foreign keys OFF), works; anything else is refused loudly rather than ignored."""
+    conn = connect(isolation_level=None)
+    assert conn.execute("PRAGMA journal_mode=WAL").fetchall() == [("wal",)]
+    assert conn.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
+    assert conn.execute("PRAGMA foreign_keys=OFF").fetchall() == []
+    assert conn.execute("PRAGMA foreign_keys = 'false'").fetchall() == []
+    assert conn.execute("PRAGMA foreign_keys").fetchall() == [(0,)]
+    if connect.db is raftsql.driver:
+        with pytest.raises(raftsql.driver.DatabaseError, match="does not enforce foreign keys"):
+            conn.execute("PRAGMA foreign_keys=ON")
+        with pytest.raises(raftsql.driver.DatabaseError, match="journal_mode"):
+            conn.execute("PRAGMA journal_mode=DELETE")
