@@ -694,6 +694,11 @@ class Connection:
         except (_client.TooManyCursors, _client.BadCertificate) as e:
             raise OperationalError(str(e)) from None
         except wire.FrameError as e:
+            if commit is not None:
+                raise DataError(
+                    f"{e}. A transaction's {len(statements)} statements travel with its commit "
+                    "as one request: commit in smaller transactions (or load in autocommit "
+                    "mode)") from None
             raise DataError(str(e)) from None
 
     def _abort(self, error: Error) -> Error:

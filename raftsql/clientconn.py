@@ -125,7 +125,8 @@ class NodeConnection:
         if len(frame) - wire.HEADER_SIZE > self.max_request:
             raise wire.FrameError(
                 f"request of {len(frame) - wire.HEADER_SIZE} bytes exceeds the node's limit of {self.max_request} "
-                "bytes (its max_request_size); split it into smaller batches"
+                "bytes (its max_request_size): split a batch into smaller ones; a single value "
+                "this large needs nodes started with a larger max_request_size"
             )
         self._closed_while_idle()
         try:

@@ -569,3 +569,18 @@ def test_reads_before_the_first_write_are_bounded(connect, table):
     c.execute(f"UPDATE {table} SET pad = 'z' WHERE id = 1")
     with pytest.raises(db.SerializationError):
         c.commit()
+
+
+def test_a_commit_too_big_to_send_says_why(connect, table):
+    """Every statement of the transaction ran, but together they exceed the node's request
+    limit: the commit's error says that the transaction travels as one request."""
+    c = connect()
+    c.execute(f"CREATE TABLE {table} (v TEXT)")
+    c.commit()
+    value = "x" * 100_000
+    for _ in range(45):  # 4.5 MB: over the default 4 MiB max_request_size
+        c.execute(f"INSERT INTO {table} VALUES (?)", (value,))
+    with pytest.raises(db.DataError, match="travel with its commit as one request"):
+        c.commit()
+    assert not c.in_transaction
+    assert c.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
