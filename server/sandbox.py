@@ -37,6 +37,7 @@ INTERNAL_TABLES = ("meta", "sessions", "tables", "members")
 # Their names before they moved under SQLite's reserved prefix; still reserved for user objects.
 LEGACY_PREFIX = "_raftsql_"
 
+SESSIONS_TABLE = "sqlite_raftsql_sessions"
 # Introspection pragmas: they read the schema and change nothing; their argument (a table name)
 # arrives in the value slot, so any argument is fine.
 _INTROSPECTION_PRAGMAS = frozenset(
@@ -120,6 +121,10 @@ def refusal(
     the apply path (and validate), which also refuse what is fine to read but not replicated.
     `nested`: the statement is being prepared while another one runs (FTS5's own statements)."""
     if action == _A.SQLITE_READ or action == _A.SQLITE_SELECT or action == _A.SQLITE_RECURSIVE:
+        if action == _A.SQLITE_READ and (arg3 or "").lower() == SESSIONS_TABLE:
+            # Each client's last write result (its RETURNING rows, its rowid): not another
+            # client's business. raftsql reads it with the guard off.
+            return f"table {SESSIONS_TABLE} holds each client's last result and cannot be read"
         if write and arg3 in _PHYSICAL_TABLES:
             return f"{arg3} describes this node's file layout, which is not replicated"
         if write and arg3 == "pragma_data_version":

@@ -547,7 +547,7 @@ def test_internal_statement_texts_do_not_bypass_the_sandbox(pair):
         r = c.apply(entry(("INSERT INTO t VALUES(1)", ()), (sql, params)))
         assert r.error["name"] == "SQLITE_AUTH", (sql, r.error)
     assert pair[0].query("SELECT count(*) FROM t").rows == [[0]]
-    assert pair[0].query("SELECT count(*) FROM sqlite_raftsql_sessions").rows == [[1]]
+    assert pair[0]._internal("SELECT count(*) FROM sqlite_raftsql_sessions") == [(1,)]
     c.assert_same()
 
 
@@ -558,6 +558,12 @@ def test_allowed_pragmas_and_internal_reads(pair):
     assert c.apply(entry("CREATE TABLE t(x)", "PRAGMA table_info(t)")).error is None
     assert pair[0].query("PRAGMA foreign_keys").rows == [[0]]
     assert pair[0].query("SELECT applied_index FROM sqlite_raftsql_meta").rows == [[3]]
+    # Each client's stored result is its own: no statement reads the sessions table.
+    c.apply(entry("INSERT INTO t VALUES ('secret') RETURNING x", client_id="c1", serial=1))
+    for sql in ("SELECT * FROM sqlite_raftsql_sessions",
+                "SELECT count(*) FROM (SELECT result FROM SQLITE_RAFTSQL_SESSIONS)"):
+        assert "cannot be read" in c.apply(entry(sql)).error["message"]
+        assert "cannot be read" in pair[0].query(sql).error["message"]
     c.assert_same()
 
 
