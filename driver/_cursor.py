@@ -11,7 +11,7 @@ cursors).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from raftsql.driver import _sql
@@ -128,21 +128,28 @@ class Cursor:
         if not isinstance(sql, str):
             raise TypeError(f"execute() argument 1 must be str, not {type(sql).__name__}")
         self._reset()
-        params = adapt_params(parameters)
+        params = adapt_params(parameters, _names(sql, parameters))
         self._load(self.connection._run_one(self, sql, params))
         return self
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Cursor:
         """Run one DML statement once per parameter set. Outside a transaction (autocommit) all
-        of them are ONE atomic log entry (all applied or none); otherwise they join the
-        transaction. rowcount is the sum of the changes."""
+        of them are ONE log entry (on an error the sets before the failing one stay applied,
+        as in sqlite3); otherwise they join the transaction. rowcount is the sum of the
+        changes."""
         self._check()
         if not isinstance(sql, str):
             raise TypeError(f"executemany() argument 1 must be str, not {type(sql).__name__}")
         self._reset()
         if _sql.is_read_only(sql):
             raise ProgrammingError("executemany() can only execute DML statements.")
-        params = [adapt_params(p) for p in seq_of_parameters]
+        names: list[str] | None = None
+        looked = False  # names are found at the first mapping
+        params = []
+        for p in seq_of_parameters:
+            if not looked and isinstance(p, Mapping):
+                names, looked = _sql.named_parameters(sql), True
+            params.append(adapt_params(p, names))
         result, rowcount = self.connection._run_many(self, sql, params)
         self._load(result, rowcount)
         return self
@@ -335,3 +342,8 @@ class Cursor:
             self._stream = None
         self._closed = True
         self._rows = []
+
+
+def _names(sql: str, parameters: Any) -> list[str] | None:
+    """The statement's parameter names, when a mapping binds them (see adapt_params)."""
+    return _sql.named_parameters(sql) if isinstance(parameters, Mapping) else None

@@ -122,6 +122,25 @@ def _tokens(sql: str) -> list[str]:
     return out
 
 
+# What can hide a ':' or '@' that is not a parameter: strings, quoted names, comments.
+_PARAM_SCAN = re.compile(
+    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|\[[^\]]*\]|`(?:[^`]|``)*`|--[^\n]*|/\*.*?(?:\*/|$)"""
+    r"""|(?P<p>[:@$][A-Za-z0-9_\x80-\U0010ffff]+)""", re.S)
+
+
+def named_parameters(sql: str) -> list[str] | None:
+    """The names (without :, @ or $) of the named parameters in sql, in order, each once; None
+    if the text may hold names this scan does not understand (Tcl-style $a::b(c))."""
+    if "::" in sql or "$" in sql and "(" in sql:
+        return None
+    names: dict[str, None] = {}
+    for m in _PARAM_SCAN.finditer(sql):
+        name = m.group("p")
+        if name is not None:
+            names[name[1:]] = None
+    return list(names)
+
+
 def _ident(token: str) -> str:
     """A savepoint name, unquoted (compare them with savepoint_key)."""
     if token[0] in "\"`'":

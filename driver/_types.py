@@ -231,13 +231,24 @@ def _adapt(value: Any, where: str) -> Any:
 _PLAIN = frozenset({int, float, str, bytes, type(None)})
 
 
-def adapt_params(params: Any) -> list[Any] | dict[str, Any]:
+def adapt_params(params: Any, names: list[str] | None = None) -> list[Any] | dict[str, Any]:
     """sqlite3's parameter rules: a mapping binds named parameters (:name, @name, $name), any
-    other sequence binds positional ones (?, ?NNN). Returns what goes on the wire."""
+    other sequence binds positional ones (?, ?NNN). Returns what goes on the wire. names: the
+    statement's parameter names (driver/_sql.named_parameters), looked up as sqlite3 does, one
+    by one with params[name] (a mapping's __missing__ answers; keys no parameter names are
+    not sent, so their values need not be bindable); None: send every key."""
     if params is None:
         return []
     if isinstance(params, Mapping):
         out: dict[str, Any] = {}
+        if names is not None:
+            for k in names:
+                try:
+                    v = params[k]
+                except KeyError:
+                    continue  # the node says which one is missing, in sqlite3's words
+                out[k] = _adapt(v, f":{k}")
+            return out
         for k, v in params.items():
             if not isinstance(k, str):
                 raise ProgrammingError(f"parameter names must be str, not {type(k).__name__}")

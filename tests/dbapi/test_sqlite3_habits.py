@@ -372,3 +372,23 @@ def test_connect_time_pragma_recipes_that_change_nothing(connect):
             conn.execute("PRAGMA foreign_keys=ON")
         with pytest.raises(raftsql.driver.DatabaseError, match="journal_mode"):
             conn.execute("PRAGMA journal_mode=DELETE")
+
+
+def test_named_parameters_are_looked_up_one_by_one(connect, table):
+    """As sqlite3: each parameter the statement names is looked up with params[name], so a
+    mapping's __missing__ answers, and keys no parameter names are ignored whatever they hold."""
+
+    class Defaults(dict):
+        def __missing__(self, key):
+            return f"missing:{key}"
+
+    conn = connect(isolation_level=None)
+    assert conn.execute("SELECT :a, :b", Defaults(a=1)).fetchone() == (1, "missing:b")
+    assert conn.execute("SELECT :a, @a", {"a": 1, "unused": object()}).fetchone() == (1, 1)
+    conn.execute(f"CREATE TABLE {table} (a, b)")
+    conn.executemany(f"INSERT INTO {table} VALUES (:a, :b)",
+                     [Defaults(a=1), {"a": 2, "b": 3, "junk": object()}])
+    assert conn.execute(f"SELECT a, b FROM {table} ORDER BY a").fetchall() == [
+        (1, "missing:b"), (2, 3)]
+    with pytest.raises(connect.db.ProgrammingError, match="binding parameter :b"):
+        conn.execute("SELECT :a, :b", {"a": 1})
