@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 class Row:
     """A result row usable as a tuple and as a mapping, like sqlite3.Row.
 
@@ -27,12 +30,15 @@ class Row:
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
-            folded = key.casefold()
+            # As sqlite3: ASCII letters only fold ('É' does not find 'é').
+            folded = key.translate(_ASCII_LOWER)
             for i, d in enumerate(self._description):
-                if d[0].casefold() == folded:
+                if d[0].translate(_ASCII_LOWER) == folded:
                     return self._data[i]
             raise IndexError("No item with that key")
-        return self._data[key]
+        if isinstance(key, (int, slice)):
+            return self._data[key]
+        raise IndexError("Index must be int or string")
 
     def __len__(self) -> int:
         return len(self._data)

@@ -392,3 +392,13 @@ def test_argument_checks_as_in_sqlite3(connect):
         for bad in (1, 0, "yes", 2):
             with pytest.raises(ValueError, match="autocommit must be True, False"):
                 connect(autocommit=bad)
+
+
+def test_row_keys_fold_ascii_only_and_bad_indexes_raise_index_error(connect):
+    conn = connect()
+    conn.row_factory = connect.db.Row
+    row = conn.execute("SELECT 1 AS é, 2 AS B").fetchone()
+    assert row["é"] == 1 and row["b"] == 2 and row[0:1] == (1,) and row[-1] == 2
+    for key in ("É", 2.0, b"B", None):
+        with pytest.raises(IndexError):
+            row[key]
