@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
