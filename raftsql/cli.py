@@ -610,10 +610,15 @@ def status(dsn: str, as_json: bool) -> None:
     from raftsql.driver._admin import cluster_status
 
     rows = cluster_status(dsn)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
-    else:
-        _print_status(rows)
+    try:
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, default=str, allow_nan=False))
+        else:
+            _print_status(rows)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `raftsql status ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     # As `etcdctl endpoint health`: a cluster that cannot take writes is a failure (exit 1).
     views = [r for r in rows if "error" not in r]
     if not views:
@@ -667,6 +672,13 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f}"
 
 
+def _p99(h: dict) -> str:
+    """A histogram's p99 bound in ms, or ">TOP" when it is past the top bucket."""
+    if h.get("p99_le_s") is None and h.get("p99_above_s") is not None:
+        return f">{h['p99_above_s'] * 1000:.0f}"
+    return _ms(h.get("p99_le_s"))
+
+
 def _metrics_table(rows: list[dict]) -> str:
     """The core figures of each node (README, "Monitoring"): what /metrics serves, in a table."""
     lines = [
@@ -683,8 +695,8 @@ def _metrics_table(rows: list[dict]) -> str:
         lag = ", ".join(f"{k}={v}" for k, v in sorted((m.get("peer_lag_entries") or {}).items())) or "-"
         lines.append(
             f"{r['id']:10} {m['raftsql_leader_changes_seen_total']:>9} {m['raftsql_proposals_total']:>8} "
-            f"{w['count']:>8} {_ms(w['mean_s']):>5} {_ms(w['p99_le_s']):>6} "
-            f"{_ms(f['mean_s']):>5} {_ms(f['p99_le_s']):>6} {_ms(a['mean_s']):>5} {_ms(a['p99_le_s']):>6} "
+            f"{w['count']:>8} {_ms(w['mean_s']):>5} {_p99(w):>6} "
+            f"{_ms(f['mean_s']):>5} {_p99(f):>6} {_ms(a['mean_s']):>5} {_p99(a):>6} "
             f"{m['log_bytes'] / (1 << 20):>6.1f} {m['client_connections']:>7} "
             f"{ref.get('permission', 0)}/{ref.get('revoked', 0)}/{ref.get('connection_limit', 0):<5} "
             f"{snap.get('taken', 0):>5}/{snap.get('installed', 0):<5} {lag}"

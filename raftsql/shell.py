@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+from raftsql.sqltext import first_keyword
+
 HELP = """\
 .tables               list tables
 .schema [TABLE]       show CREATE statements
@@ -40,16 +42,34 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def print_table(columns: list[str], rows: list, out=sys.stdout) -> None:
+BATCH_ROWS = 1000  # rows fetched, sized and printed at a time
+
+
+def print_rows(cur, out=sys.stdout) -> None:
+    """A cursor's rows as print_table prints them, BATCH_ROWS at a time: the columns are as wide
+    as the header and the first batch need (a wider value later sticks out), so a result of any
+    size is printed as it arrives, in bounded memory."""
+    columns = [d[0] for d in cur.description]
+    rows = cur.fetchmany(BATCH_ROWS)
+    widths = print_table(columns, rows, out)
+    while rows:
+        rows = cur.fetchmany(BATCH_ROWS)
+        for r in rows:
+            cells = [_fmt(v) for v in r]
+            out.write("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip() + "\n")
+
+
+def print_table(columns: list[str], rows: list, out=sys.stdout) -> list[int]:
     """Columns padded to their widest value, under a header and a rule (sqlite3's .mode column)."""
     if not columns:
-        return
+        return []
     cells = [[_fmt(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
     out.write("  ".join("-" * w for w in widths) + "\n")
     for r in cells:
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return widths
 
 
 def _columns(names: list[str], width: int = 80) -> str:
@@ -69,7 +89,7 @@ def _columns(names: list[str], width: int = 80) -> str:
 # raftsql's own tables (sqlite_raftsql_*) stay out of listings, as SQLite's do.
 _TABLES_SQL = (
     "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') "
-    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
+    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' {where}ORDER BY name"
 )
 _SCHEMA_SQL = (
     "SELECT sql || ';' FROM sqlite_schema WHERE sql IS NOT NULL "
@@ -88,31 +108,33 @@ class Shell:
         self.conn = db.connect(dsn, autocommit=True)
         self.timer = False
         self.errors = 0
+        self.interactive = False  # set by loop()
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, line: int | None = None) -> None:
+        """An error on stderr; with piped input, near which input line (as sqlite3's shell)."""
         self.errors += 1
-        self.err.write(f"Error: {text}\n")
+        where = f"near line {line}: " if line is not None and not self.interactive else ""
+        self.err.write(f"Error: {where}{text}\n")
         self.err.flush()
 
     # ------------------------------------------------------------------ SQL
 
-    def run_sql(self, sql: str) -> None:
+    def run_sql(self, sql: str, line: int | None = None) -> None:
+        """Run one statement. Transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, with or
+        without comments) goes to the driver like any statement: its explicit transactions
+        are the shell's, so the two cannot get out of step."""
         db = self.db
-        keyword = sql.lstrip().split(None, 1)[0].upper().rstrip(";") if sql.strip() else ""
-        if keyword in ("BEGIN", "COMMIT", "END", "ROLLBACK") and self._transaction_control(keyword, sql):
-            return
         t0 = time.perf_counter()
         try:
             cur = self.conn.execute(sql)
-            rows = cur.fetchall() if cur.description else []
+            if cur.description:
+                print_rows(cur, self.out)
         except db.Error as e:
             name = getattr(e, "sqlite_errorname", None)
-            self.error(f"{e}" + (f" ({name})" if name else ""))
+            self.error(f"{e}" + (f" ({name})" if name else ""), line)
             return
         took = time.perf_counter() - t0
-        if cur.description:
-            print_table([d[0] for d in cur.description], rows, self.out)
-        elif cur.rowcount >= 0:
+        if not cur.description and cur.rowcount >= 0 and self.interactive:
             self.out.write(f"{cur.rowcount} row(s) changed\n")
         if self.timer:
             self.out.write(f"Run Time: {took * 1000:.2f} ms\n")
@@ -122,8 +144,7 @@ class Shell:
         """Ctrl-C while a statement ran: back to the prompt, as sqlite3's shell. Nothing can
         call the request back, so a write's outcome is unknown; an interrupted COMMIT also
         ends the transaction here (sending it again could apply it twice)."""
-        keyword = sql.lstrip().split(None, 1)[0].upper().rstrip(";") if sql.strip() else ""
-        if keyword in ("COMMIT", "END"):
+        if first_keyword(sql) in ("COMMIT", "END"):
             try:
                 self.conn.rollback()
             except Exception:  # noqa: BLE001 - the connection may be gone too: nothing to keep
@@ -134,39 +155,6 @@ class Shell:
             self.error("interrupted: if the statement writes, it may or may not have been "
                        "applied; an open transaction goes on")
         self.out.flush()
-
-    def _transaction_control(self, keyword: str, sql: str) -> bool:
-        """BEGIN / COMMIT / ROLLBACK map to the driver's transactions. Returns False for
-        forms it does not handle (ROLLBACK TO, BEGIN with odd words): the server refuses them."""
-        words = sql.upper().replace(";", " ").split()
-        plain = {"BEGIN", "DEFERRED", "IMMEDIATE", "EXCLUSIVE", "TRANSACTION", "COMMIT", "END", "ROLLBACK"}
-        if not set(words) <= plain:
-            return False
-        db = self.db
-        try:
-            if keyword == "BEGIN":
-                if not self.conn.autocommit:
-                    self.error("cannot start a transaction within a transaction")
-                    return True
-                self.conn.autocommit = False
-            elif keyword in ("COMMIT", "END"):
-                if self.conn.autocommit:
-                    self.error("cannot commit - no transaction is active")
-                    return True
-                try:
-                    self.conn.commit()
-                finally:
-                    self.conn.rollback()
-                    self.conn.autocommit = True
-            else:
-                if self.conn.autocommit:
-                    self.error("cannot rollback - no transaction is active")
-                    return True
-                self.conn.rollback()
-                self.conn.autocommit = True
-        except db.Error as e:
-            self.error(str(e))
-        return True
 
     # ------------------------------------------------------------------ dot commands
 
@@ -181,9 +169,12 @@ class Shell:
         if cmd == ".help":
             self.out.write(HELP + "\n")
         elif cmd == ".tables":
-            self._rows_plain(_TABLES_SQL, (), lambda rows: _columns([r[0] for r in rows]))
+            # As sqlite3: an optional LIKE pattern.
+            where, params = ("", ()) if not args else ("AND name LIKE ? ", (args[0],))
+            self._rows_plain(_TABLES_SQL.format(where=where), params,
+                             lambda rows: _columns([r[0] for r in rows]))
         elif cmd == ".schema":
-            where, params = ("", ()) if not args else ("AND tbl_name = ? COLLATE NOCASE ", (args[0],))
+            where, params = ("", ()) if not args else ("AND tbl_name LIKE ? ", (args[0],))
             self._rows_plain(_SCHEMA_SQL.format(where=where), params,
                              lambda rows: "\n".join(r[0] for r in rows))
         elif cmd in (".nodes", ".leader"):
@@ -255,14 +246,31 @@ class Shell:
     def loop(self, stop_event: threading.Event | None = None, stdin=None) -> int:
         """Read statements and dot commands until EOF or .quit; returns the number of errors."""
         from raftsql.driver import complete_statement
-        from raftsql.driver._sql import split_script
+        from raftsql.driver._sql import is_blank, split_script
 
         stdin = stdin or sys.stdin
-        interactive = stdin.isatty()
+        interactive = self.interactive = stdin.isatty()
         if interactive:
             self._setup_history()
             self.out.write(f"raftsql shell on {self.dsn}\nEnter \".help\" for usage hints.\n")
-        buf: list[str] = []
+        buf: list[str] = []  # the lines of the statement being read
+        lineno = start = 0  # input line numbers: now, and where the statement began
+        bad_line: int | None = None  # a line of the statement that is not valid UTF-8
+
+        def run(text: str) -> None:
+            nonlocal bad_line
+            if bad_line is not None:
+                self.error("the input is not valid UTF-8 text: the statement is skipped (TEXT "
+                           "is UTF-8; write other bytes as a blob literal, X'...')", bad_line)
+                bad_line = None
+                return
+            for statement in split_script(text):
+                try:
+                    self.run_sql(statement, start)
+                except KeyboardInterrupt:
+                    self.interrupted(statement)
+                    break  # and the rest of the line
+
         try:
             while stop_event is None or not stop_event.is_set():
                 prompt = ("   ...> " if buf else "raftsql> ") if interactive else ""
@@ -271,37 +279,54 @@ class Shell:
                 except EOFError:
                     break
                 except KeyboardInterrupt:
-                    buf = []
+                    buf, bad_line = [], None
                     self.out.write("\n")
                     continue
                 if not interactive and line == "":
                     break
+                lineno += 1
                 line = line.rstrip("\n")
-                if not buf and line.strip().startswith("."):
+                if line.strip().startswith(".") and (not buf or is_blank("\n".join(buf))):
+                    buf = []  # comments before a dot command are only comments
                     if not self.dot(line.strip()):
                         break
                     continue
                 if not buf and not line.strip():
                     continue
+                if not buf:
+                    start = lineno
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates
+                    bad_line = bad_line or lineno
+                    line = line.encode("utf-8", "replace").decode("utf-8")
                 buf.append(line)
-                text = "\n".join(buf)
-                if complete_statement(text):
+                # Only a ';' can end a statement: no need to look again at a long one before.
+                if ";" in line and complete_statement(text := "\n".join(buf)):
                     buf = []
-                    for statement in split_script(text):
-                        try:
-                            self.run_sql(statement)
-                        except KeyboardInterrupt:
-                            self.interrupted(statement)
-                            break  # and the rest of the line
-            if buf and "\n".join(buf).strip():
-                self.error(f"incomplete SQL: {' '.join(buf).strip()}")
+                    run(text)
+            text = "\n".join(buf)
+            if buf and not is_blank(text):
+                # End of input ends the last statement, as in sqlite3's shell.
+                if complete_statement(text + "\n;"):
+                    run(text + "\n;")
+                else:
+                    self.error(f"incomplete SQL: {' '.join(buf).strip()}", start)
         finally:
+            if self.conn.in_transaction:
+                self.err.write("note: the open transaction was rolled back (no COMMIT)\n")
             self.conn.close()
         return self.errors
 
 
 def run_shell(dsn: str, stop_event: threading.Event | None = None) -> None:
     shell = Shell(dsn)
-    errors = shell.loop(stop_event)
+    try:
+        errors = shell.loop(stop_event)
+    except BrokenPipeError:
+        # The reader went away (`raftsql shell ... | head`): stop quietly, as sqlite3 does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(0) from None
     if errors and stop_event is None and not sys.stdin.isatty():
         raise SystemExit(1)

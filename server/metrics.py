@@ -92,8 +92,15 @@ class Histogram:
                     return b
             return None
 
-        return {"count": count, "mean_s": total / count if count else None,
-                "p50_le_s": bound(0.5), "p99_le_s": bound(0.99)}
+        # Past the top bucket the bound is +Inf, which JSON cannot carry: None, and the top
+        # bucket's bound as "above" (`raftsql status` shows ">bound").
+        p50, p99 = bound(0.5), bound(0.99)
+        out = {"count": count, "mean_s": total / count if count else None,
+               "p50_le_s": None if p50 == float("inf") else p50,
+               "p99_le_s": None if p99 == float("inf") else p99}
+        if p99 == float("inf"):
+            out["p99_above_s"] = self.buckets[-1]
+        return out
 
 
 # What the node's parts observe.

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - the error says how to install it
 
 log = logging.getLogger("raftsql.metrics")
 
-MAX_SCRAPES = 4
+MAX_SCRAPES = 16
 HANDSHAKE_TIMEOUT = 5.0
 ROLES = ("leader", "follower", "candidate", "pre_candidate")
 
@@ -95,6 +95,8 @@ class NodeCollector:
         yield counter(metrics.PROPOSALS.name, metrics.PROPOSALS.doc, figs[metrics.PROPOSALS.name])
         yield counter(metrics.APPLIED_ENTRIES.name, metrics.APPLIED_ENTRIES.doc,
                       figs[metrics.APPLIED_ENTRIES.name])
+        yield counter(metrics.FOREIGN_PEERS.name, metrics.FOREIGN_PEERS.doc,
+                      figs[metrics.FOREIGN_PEERS.name])
         for h in metrics.HISTOGRAMS:
             cumulative, total, _ = h.snapshot()
             fam = HistogramMetricFamily(h.name, h.doc, labels=["node"])

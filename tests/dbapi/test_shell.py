@@ -10,6 +10,7 @@ import select
 import subprocess
 import sys
 import time
+import uuid
 
 SCRIPT = """\
 .help
@@ -84,7 +85,7 @@ def test_piped_script(cluster):
         assert cmd in stdout
     # multi-line statements and readable tables
     assert "id  name  kind\n--  ----  ----\n1   Rex   dog\n2   Tom   cat\n" in stdout
-    assert "2 row(s) changed" in stdout
+    assert "row(s) changed" not in stdout  # as sqlite3: piped writes print nothing
     # .tables / .schema
     tables = stdout[stdout.index("2   Tom   cat"):stdout.index("CREATE TABLE pets")]
     assert "pets" in tables.split()
@@ -94,7 +95,7 @@ def test_piped_script(cluster):
     assert "top\n---\n4\n" in stdout  # two statements on one line both ran
     assert "Ghost" not in stdout
     # errors go to stderr with SQLite's message and name
-    assert 'Error: near "SELEC": syntax error (SQLITE_ERROR)' in stderr
+    assert 'Error: near line 21: near "SELEC": syntax error (SQLITE_ERROR)' in stderr
     assert 'Error: unknown command or invalid arguments: "bogus"' in stderr
     # .consistency, stale read still sees our writes
     assert "consistency: stale\nname\n-----\nPolly\nconsistency: stale\n" in stdout
@@ -187,3 +188,40 @@ def test_ctrl_c_during_a_statement_returns_to_the_prompt_and_keeps_the_transacti
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_piped_scripts_lose_nothing_sqlite3_would_run(cluster):
+    """Transaction statements with comments, a last statement without ';', a comment before a
+    dot command, and a long multi-line statement: what sqlite3's shell runs, this one runs."""
+    t = "lose_" + uuid.uuid4().hex[:8]
+    rows = ",\n".join(f"({i})" for i in range(5000))
+    script = (
+        f"CREATE TABLE {t}(x);\n"
+        "/* load */ BEGIN;\n"
+        f"INSERT INTO {t} VALUES(1);\n"
+        "/* ok */ COMMIT;\n"
+        f"INSERT INTO {t} VALUES(2);\n"
+        f"BEGIN /* tx */;\nINSERT INTO {t} VALUES(3);\nCOMMIT -- done\n;\n"
+        "-- a comment before a dot command\n"
+        f".tables {t[:6]}%\n"
+        f"INSERT INTO {t} VALUES\n{rows};\n"
+        f"SELECT count(*) AS n, sum(x) AS s FROM {t}\n"  # no ';': end of input ends it
+    )
+    out = _run(cluster, script)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert out.stderr == ""
+    assert out.stdout.startswith(f"{t}\n")  # .tables ran, with its LIKE pattern
+    assert f"n     s\n----  --------\n5003  {6 + sum(range(5000))}\n" in out.stdout, out.stdout
+
+
+def test_piped_scripts_report_bad_input_without_a_traceback(cluster):
+    out = subprocess.run([sys.executable, "-m", "raftsql.cli", "shell", cluster.dsn],
+                         input=b"CREATE TABLE u(x);\nINSERT INTO u VALUES('caf\xe9');\n"
+                               b"INSERT INTO u VALUES('ok');\nSELECT x FROM u;\nBEGIN;\n"
+                               b"INSERT INTO u VALUES('lost');\n",
+                         capture_output=True, timeout=120)
+    stdout, stderr = out.stdout.decode(), out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "near line 2: the input is not valid UTF-8" in stderr
+    assert "x\n--\nok\n" in stdout
+    assert "the open transaction was rolled back (no COMMIT)" in stderr
