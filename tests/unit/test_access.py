@@ -5,6 +5,7 @@ real-cluster tests are tests/cluster/test_access.py, test_revocation.py and test
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -254,7 +255,9 @@ def test_histogram_buckets_sum_and_summary():
     assert cumulative == [(0.001, 2), (0.01, 3), (0.1, 4), (float("inf"), 5)]
     assert count == 5 and total == pytest.approx(5.0535)
     s = h.summary()
-    assert s["p50_le_s"] == 0.01 and s["p99_le_s"] == float("inf")
+    # Past the top bucket: no +Inf (not JSON), the top bound as "above" instead.
+    assert s["p50_le_s"] == 0.01 and s["p99_le_s"] is None and s["p99_above_s"] == 0.1
+    json.dumps(s, allow_nan=False)
 
 
 def test_counters_and_leader_changes():
