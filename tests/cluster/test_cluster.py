@@ -267,7 +267,7 @@ def test_requests_over_the_nodes_limit_fail_clearly_and_change_nothing(tmp_path)
         conn = driver.connect(c.dsn, autocommit=True)
         cur = conn.cursor()
         cur.execute("CREATE TABLE t (v TEXT)")
-        with pytest.raises(driver.DataError, match="max_request_size.*split it"):
+        with pytest.raises(driver.DataError, match="max_request_size.*split a batch"):
             cur.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 1000)
         cur.executemany("INSERT INTO t VALUES (?)", [("x" * 100,)] * 100)  # ~10 KiB: fine
         assert cur.execute("SELECT count(*) FROM t").fetchall() == [(100,)]
