@@ -213,7 +213,7 @@ def test_refusals_are_one_line_in_the_cli_and_the_shell(clusters, tmp_path):
                        input="SELECT count(*) > 0 FROM t;\nINSERT INTO t (v) VALUES ('shell');\n",
                        capture_output=True, text=True, timeout=60)
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error")]
-    assert errors == ["Error: permission denied: client 'app-read' (role read) may not write: "
+    assert errors == ["Error: near line 2: permission denied: client 'app-read' (role read) may not write: "
                       "\"INSERT INTO t (v) VALUES ('shell');\" needs the write role; nothing was "
                       "applied"], p.stderr
     assert "1" in p.stdout
