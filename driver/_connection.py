@@ -513,7 +513,16 @@ class Connection:
         with self._lock:
             self._check_open()
             cur = self.cursor()
-            result = self._send(error.statements, serial=error.serial, commit=error.commit)
+            try:
+                result = self._send(error.statements, serial=error.serial, commit=error.commit)
+            except Unavailable as e:
+                # No node answered this time; the first attempt may still have been applied.
+                # Unavailable ("nothing was applied, retry") would have an application send the
+                # write afresh, under a new serial, and apply it twice.
+                raise OutcomeUnknown(
+                    f"the resend reached no node ({e}); the write's outcome is still unknown: "
+                    f"resend it again", serial=error.serial, statements=error.statements,
+                    client_id=error.client_id, commit=error.commit) from None
             cur._load(result, _batch_rowcount(result) if len(error.statements) > 1 else None)
             return cur
 

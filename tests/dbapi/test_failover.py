@@ -244,9 +244,14 @@ def test_outcome_unknown_then_resend_with_the_same_serial(fcluster, proxy):
         err = info.value
         assert err.serial > 0 and err.statements == [(f"INSERT INTO {table} VALUES (1)", [])]
         assert not isinstance(err, db.Unavailable)
+        # A resend that reaches no node leaves the outcome unknown: never Unavailable ("nothing
+        # was applied"), which would have the application insert the row a second time.
+        with pytest.raises(db.OutcomeUnknown) as again:
+            conn.resend(err)
+        assert not isinstance(again.value, db.Unavailable) and again.value.serial == err.serial
         proxy.blackhole = False
         conn.timeout = 30
-        cur = conn.resend(err)
+        cur = conn.resend(again.value)
         assert cur.rowcount == 1 and cur._result["duplicate"] is True  # it had been applied
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
         with pytest.raises(db.ProgrammingError):
