@@ -6,6 +6,7 @@ stdlib + msgpack only, as the rest of the driver."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
@@ -152,6 +153,9 @@ def _backup_target(out_path: str) -> str:
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise AdminError(f"{out_path} is {kind}: a backup is written to a new or regular file")
     parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise AdminError(f"{os.path.dirname(os.path.abspath(out_path))} is not a directory: "
+                         f"cannot write {out_path}")
     if os.path.exists(os.path.join(parent, "raft-log")) or os.path.exists(os.path.join(parent, "membership.json")):
         raise AdminError(f"{parent} is a node's data directory: write the backup elsewhere "
                          "(replacing a file there could replace a live node's database)")
@@ -277,6 +281,24 @@ def _check_rows_fit(src: Any, schema: list[tuple], limit: int | None) -> None:
                 "max_frame_size), or restore without that row")
 
 
+def _unfinished_restore(client) -> str:
+    """If the cluster's last restore began and never ended (interrupted), say so: its tables
+    hold only part of that backup."""
+    last = client.execute([(
+        "SELECT operation, entry_index, detail FROM sqlite_raftsql_audit WHERE operation IN "
+        "('restore_begin', 'restore_end') ORDER BY entry_index DESC LIMIT 1", [])])
+    rows = last.get("rows") or []
+    if last.get("error") or not rows or rows[0][0] != "restore_begin":
+        return ""
+    try:
+        source = json.loads(rows[0][2]).get("source") or "a backup"
+    except (TypeError, ValueError, AttributeError):
+        source = "a backup"
+    return (f". A restore of {source} began at log index {rows[0][1]} and never finished (it "
+            "was interrupted): the cluster holds only part of it. Start a new, empty cluster "
+            "(new data directories) and restore again")
+
+
 def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeout: float = 60.0,
             progress=None) -> dict[str, Any]:
     """Load the SQLite file in_path into an empty cluster, through the log: the schema, then
@@ -323,7 +345,7 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
             raise AdminError(f"cannot read the cluster's schema: {existing['error'].get('message')}")
         if existing["rows"]:
             raise AdminError("the cluster is not empty (it has " + ", ".join(r[0] for r in existing["rows"][:5])
-                             + "): restore seeds a new, empty cluster")
+                             + "): restore seeds a new, empty cluster" + _unfinished_restore(client))
         _check_rows_fit(src, schema, client._conn.max_request if client._conn else None)
         # Admins only, and recorded in the audit trail (before any write; server/admin.py).
         client._call({"op": "restore_begin", "source": os.path.basename(in_path),

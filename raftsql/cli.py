@@ -565,7 +565,7 @@ def backup(dsn: str, out: Path, stale: bool, timeout: float) -> None:
     """Copy the live database to OUT, a plain SQLite file (open it with sqlite3).
 
     The copy is consistent, holds every write acknowledged before the command started, and
-    is taken at one log index, which is printed (and kept in its _raftsql_meta table).
+    is taken at one log index, which is printed (and kept in its sqlite_raftsql_meta table).
     OUT is replaced atomically.
     """
     from raftsql.driver._admin import backup as do_backup

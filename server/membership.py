@@ -201,9 +201,7 @@ class Membership:
             self.save()
         nid = cc.node_id
         if nid == self._cfg.id:
-            if cc.type == ConfChangeType.REMOVE:
-                log.warning("%s: this node was removed from the cluster; stop its process", nid)
-            return None
+            return None  # Node._apply_conf_change says so if this node is no longer a member
         if cc.type in (ConfChangeType.ADD_LEARNER, ConfChangeType.PROMOTE):
             if nid in self._cfg.peers:
                 host, port = self._cfg.peers[nid]

@@ -44,6 +44,7 @@ from raftsql.protocol import NOT_READONLY, ErrorKind, RequestError
 from raftsql.raft.core import Config, Raft
 from raftsql.raft.types import (
     ConfChange,
+    ConfChangeType,
     EntryType,
     Message,
     MsgType,
@@ -223,6 +224,12 @@ class Node:
             self._threads.append(t)
         self._kick()  # a restarted node may have committed entries to apply
         log.info("%s listening on %s:%s (peers: %s)", self.cfg.id, *self.cfg.listen, self.addresses)
+        known = self.membership.book.get(self.cfg.id)
+        if known is not None and known != self.addresses[self.cfg.id]:
+            log.warning("%s: the cluster knows this node at %s, and it now listens at %s: each peer "
+                        "switches once this node has dialed it, but clients and peers that start "
+                        "later try %s first. Start it with --listen (or --advertise) %s to keep "
+                        "its address", self.cfg.id, known, self.addresses[self.cfg.id], known, known)
 
     def stop(self, graceful: bool = True, timeout: float = 3.0) -> None:
         """Stop the node. A graceful stop of a leader first hands leadership to the most
@@ -543,6 +550,14 @@ class Node:
         change = self.membership.apply(cc)  # the address book, fsynced
         if change is not None:
             self._update_transport([change])
+        if cc.node_id == self.cfg.id and cc.type == ConfChangeType.REMOVE:
+            # The core's configuration holds every change in its log: a removal replayed by a
+            # node that was added again later (its re-add is in the log too) is history.
+            with self._lock:
+                member = self.cfg.id in self.core.voters or self.cfg.id in self.core.learners
+            if not member:
+                log.warning("%s: this node was removed from the cluster; stop its process",
+                            self.cfg.id)
 
     def _update_transport(self, changes: list[tuple[str, str, Any]]) -> None:
         if self.transport is None:

@@ -298,7 +298,7 @@ class Snapshots:
             _unlink(tmp)
             with self._lock:
                 self.stats["take_failures"] += 1
-            log.error("%s: taking a snapshot failed: %s", self.node_id, e)
+            log.error("%s: taking a snapshot failed: %s: %s", self.node_id, type(e).__name__, e)
         finally:
             with self._lock:
                 self._taking = None

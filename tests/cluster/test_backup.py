@@ -152,7 +152,14 @@ def test_restore_round_trip(cluster, tmp_path):
         nc.close()
         # A second restore into a cluster with tables is refused.
         p = _cli("restore", str(backup), new.admin_dsn, check=False)
-        assert p.returncode == 1 and "not empty" in p.stderr
+        assert p.returncode == 1 and "not empty" in p.stderr and "never finished" not in p.stderr
+        # One that began and never ended (interrupted) is named as the reason.
+        admin = new.client(certs=new.admin_certs, timeout=20)
+        admin._call({"op": "restore_begin", "source": "other.db", "timeout_ms": 5000}, 10, None)
+        admin.close()
+        p = _cli("restore", str(backup), new.admin_dsn, check=False)
+        assert p.returncode == 1 and "A restore of other.db began at log index" in p.stderr, p.stderr
+        assert "never finished" in p.stderr
         # Every node, and a node that joins later, holds the same database.
         new.add_node("n4")
         new.start("n4")

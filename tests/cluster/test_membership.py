@@ -235,3 +235,22 @@ def test_cli_commands(cluster):
     assert p.returncode == 0 and "removed n4" in p.stdout, p.stdout + p.stderr
     p = cli("cluster", "remove", cluster.admin_dsn, "n4")
     assert p.returncode == 1 and "Error: n4 is not a member" in p.stderr, p.stdout + p.stderr
+
+
+def test_a_node_restarted_on_another_address_says_so(tmp_path):
+    """Its peers keep dialing the address the cluster recorded: the node's log must say why it
+    may then never catch up, and what to do."""
+    from raftsql.testing.cluster import free_port
+
+    with running(tmp_path / "c") as c:
+        old = c.address("n3")
+        c.kill("n3", signal.SIGTERM)
+        c.ports["n3"] = free_port(c.host, set(c.ports.values()))
+        c.start("n3")
+        deadline = time.monotonic() + 15
+        text = ""
+        while time.monotonic() < deadline and "the cluster knows this node at" not in text:
+            time.sleep(0.2)
+            text = (c.data_dir("n3") / "node.log").read_text()
+        assert f"the cluster knows this node at {old}" in text, text[-2000:]
+        assert f"--listen (or --advertise) {old}" in text

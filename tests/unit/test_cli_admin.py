@@ -181,6 +181,8 @@ def test_a_backup_target_must_be_a_new_or_regular_file_outside_a_data_directory(
     (node / "raft-log").mkdir(parents=True)
     with pytest.raises(AdminError, match="node's data directory"):
         _backup_target(str(node / "db.sqlite"))
+    with pytest.raises(AdminError, match=f"{tmp_path / 'none'} is not a directory"):
+        _backup_target(str(tmp_path / "none" / "x.db"))  # not a temp file's name
 
 
 @pytest.mark.parametrize("args, code, message", [
