@@ -37,6 +37,9 @@ class TestHooks:
     # must then find anomalies: tests/faults, benchmarks/faults.py --broken-txn-validation).
     # Every node of a cluster must have it, or their databases diverge.
     broken_txn_validation: bool = False
+    # RAFTSQL_TEST_LEADERLESS_HINT_S: how long without a leader before the node's log says what
+    # usually causes it (Node._leaderless_hint; 30 s otherwise).
+    leaderless_hint_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> TestHooks:
@@ -46,6 +49,7 @@ class TestHooks:
                 corrupt_snapshot_transfers=int(env.get("RAFTSQL_TEST_CORRUPT_SNAPSHOTS", "0")),
                 snapshot_chunk_delay_s=float(env.get("RAFTSQL_TEST_SNAPSHOT_CHUNK_DELAY_MS", "0")) / 1000,
                 broken_txn_validation=env.get("RAFTSQL_TEST_BROKEN_TXN_VALIDATION") == "1",
+                leaderless_hint_s=float(env.get("RAFTSQL_TEST_LEADERLESS_HINT_S", "30")),
             )
         except ValueError as e:
             raise ConfigError(f"a RAFTSQL_TEST_* variable is not a number: {e}") from None

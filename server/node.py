@@ -158,6 +158,8 @@ class Node:
         # driver role holder does it (the log store has one writer at a time).
         self._snapshot_work = False
         self._naming_next = 0.0  # when a leader may next propose the cluster's id
+        self._leaderless_since: float | None = None  # since when no leader is known
+        self._leaderless_hinted = 0.0  # when _leaderless_hint may speak again
         self._rng = random.SystemRandom()
         self._threads: list[threading.Thread] = []
         self._fatal: BaseException | None = None
@@ -347,7 +349,34 @@ class Node:
                     return
                 self.core.tick()
                 self._name_cluster()
+                leader = self.core.leader
             self._drive(responsive=True)
+            self._leaderless_hint(leader)
+
+    def _leaderless_hint(self, leader: str | None) -> None:
+        """No leader for 30 s (cfg.hooks.leaderless_hint_s) while peers are connected: say
+        what usually causes it (at most every 5 minutes). A new node started with --peer instead of --join, or
+        one whose id its peers never added, pre-votes forever and hears nothing back."""
+        now = time.monotonic()
+        if leader is not None:
+            self._leaderless_since = None
+            return
+        if self._leaderless_since is None:
+            self._leaderless_since = now
+            return
+        if now - self._leaderless_since < self.cfg.hooks.leaderless_hint_s or now < self._leaderless_hinted:
+            return
+        peers = self.transport.peer_status() if self.transport is not None else {}
+        connected = sorted(p for p, st in peers.items() if st["connected"])
+        if not connected:
+            return
+        self._leaderless_hinted = now + 300
+        log.warning("%s: no leader for %.0f s although %s %s connected. If this node is new to a "
+                    "running cluster, it must be added first: start it with --join DSN (a new "
+                    "id cannot start with --peer), or add it with `raftsql cluster add`; if it "
+                    "is a member, check that a majority of the voters is up",
+                    self.cfg.id, now - self._leaderless_since, ", ".join(connected),
+                    "is" if len(connected) == 1 else "are")
 
     def _name_cluster(self) -> None:
         """Called with the lock held, on every tick. A leader of a cluster that has no id yet

@@ -254,3 +254,20 @@ def test_a_node_restarted_on_another_address_says_so(tmp_path):
             text = (c.data_dir("n3") / "node.log").read_text()
         assert f"the cluster knows this node at {old}" in text, text[-2000:]
         assert f"--listen (or --advertise) {old}" in text
+
+
+def test_a_new_node_started_with_peer_instead_of_join_says_what_to_do(tmp_path):
+    """A new id started with --peer was never added: it pre-votes forever and hears nothing
+    back. Its log must say so (after 30 s; 2 s here) instead of only pre-candidate lines."""
+    with running(tmp_path / "c") as c:
+        c.add_node("n4")
+        c.joining.discard("n4")  # the mistake: --peer n1 --peer n2 --peer n3, not --join
+        c.env["RAFTSQL_TEST_LEADERLESS_HINT_S"] = "2"
+        c.start("n4")
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline and "must be added first" not in text:
+            time.sleep(0.3)
+            text = (c.data_dir("n4") / "node.log").read_text()
+        assert "start it with --join DSN (a new id cannot start with --peer)" in text, text[-2000:]
+        assert c.status("n1")["voters"] == ["n1", "n2", "n3"]
