@@ -237,6 +237,16 @@ def test_cli_commands(cluster):
     assert p.returncode == 1 and "Error: n4 is not a member" in p.stderr, p.stdout + p.stderr
 
 
+def _log_once_it_says(c: LocalCluster, nid: str, words: str, timeout: float = 30) -> str:
+    """nid's node.log, once it holds `words` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline and words not in text:
+        time.sleep(0.2)
+        text = (c.data_dir(nid) / "node.log").read_text()
+    return text
+
+
 def test_a_node_restarted_on_another_address_says_so(tmp_path):
     """Its peers keep dialing the address the cluster recorded: the node's log must say why it
     may then never catch up, and what to do."""
@@ -247,11 +257,7 @@ def test_a_node_restarted_on_another_address_says_so(tmp_path):
         c.kill("n3", signal.SIGTERM)
         c.ports["n3"] = free_port(c.host, set(c.ports.values()))
         c.start("n3")
-        deadline = time.monotonic() + 15
-        text = ""
-        while time.monotonic() < deadline and "the cluster knows this node at" not in text:
-            time.sleep(0.2)
-            text = (c.data_dir("n3") / "node.log").read_text()
+        text = _log_once_it_says(c, "n3", "the cluster knows this node at")
         assert f"the cluster knows this node at {old}" in text, text[-2000:]
         assert f"--listen (or --advertise) {old}" in text
 
@@ -264,10 +270,6 @@ def test_a_new_node_started_with_peer_instead_of_join_says_what_to_do(tmp_path):
         c.joining.discard("n4")  # the mistake: --peer n1 --peer n2 --peer n3, not --join
         c.env["RAFTSQL_TEST_LEADERLESS_HINT_S"] = "2"
         c.start("n4")
-        deadline = time.monotonic() + 30
-        text = ""
-        while time.monotonic() < deadline and "must be added first" not in text:
-            time.sleep(0.3)
-            text = (c.data_dir("n4") / "node.log").read_text()
+        text = _log_once_it_says(c, "n4", "must be added first")
         assert "start it with --join DSN (a new id cannot start with --peer)" in text, text[-2000:]
         assert c.status("n1")["voters"] == ["n1", "n2", "n3"]
