@@ -59,6 +59,7 @@ def test_a_node_on_another_clusters_data_is_refused_both_ways(tmp_path: Path):
         assert len(set(ids_b.values())) == 1
         id_a, id_b = ids_a["n1"], ids_b["n1"]
         assert id_a != id_b
+        b.hashes()  # every node of b has applied its CREATE TABLE (n3's copy must hold it)
         b.close()
 
         # An operator swaps n3's data directory for the one of the other cluster's n3.
