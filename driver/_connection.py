@@ -118,6 +118,9 @@ class _Transaction:
     # Pipeline mode (Connection.pipeline): writes not sent yet. They follow every step, and the
     # commit carries them unchecked (nobody saw their outcome); anything else sends them first.
     pending: list[Statement] = field(default_factory=list)
+    # Statements and parameters of the reads before the first write, in bytes (about what they
+    # take in the commit request): see _trim_reads_before_first_write.
+    reads_size: int = 0
 
     def record(self, statement: Statement, result: dict[str, Any]) -> _Step:
         """Add a statement's outcome to the steps (the result map as received)."""
@@ -150,18 +153,17 @@ MAX_READS_BEFORE_WRITE_BYTES = 256 * 1024
 
 
 def _trim_reads_before_first_write(txn: _Transaction) -> None:
+    """The read just recorded counts; the oldest go while over either bound (the newest
+    always stays). O(1) per read: the size of what is kept is carried along."""
     steps = txn.steps
-    if len(steps) <= 16:
-        return
-    size = 0
-    keep = 0
-    for step in reversed(steps):
-        size += len(step.sql) + _params_size(step.params)
-        if keep >= MAX_READS_BEFORE_WRITE or size > MAX_READS_BEFORE_WRITE_BYTES:
-            break
-        keep += 1
-    if keep < len(steps):
-        del steps[:len(steps) - keep]
+    txn.reads_size += _step_size(steps[-1])
+    while len(steps) > MAX_READS_BEFORE_WRITE or (
+            txn.reads_size > MAX_READS_BEFORE_WRITE_BYTES and len(steps) > 1):
+        txn.reads_size -= _step_size(steps.pop(0))
+
+
+def _step_size(step: _Step) -> int:
+    return len(step.sql) + _params_size(step.params)
 
 
 def _params_size(params: Any) -> int:

@@ -143,7 +143,7 @@ class Cursor:
         self._reset()
         if _sql.is_read_only(sql):
             raise ProgrammingError("executemany() can only execute DML statements.")
-        names: list[str] | None = None
+        names: tuple[str, ...] | None = None
         looked = False  # names are found at the first mapping
         params = []
         for p in seq_of_parameters:
@@ -344,6 +344,6 @@ class Cursor:
         self._rows = []
 
 
-def _names(sql: str, parameters: Any) -> list[str] | None:
+def _names(sql: str, parameters: Any) -> tuple[str, ...] | None:
     """The statement's parameter names, when a mapping binds them (see adapt_params)."""
     return _sql.named_parameters(sql) if isinstance(parameters, Mapping) else None

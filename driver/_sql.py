@@ -3,6 +3,7 @@ statements."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 from raftsql.sqltext import first_keyword, skip_blank  # noqa: F401 - re-exported
@@ -128,9 +129,11 @@ _PARAM_SCAN = re.compile(
     r"""|(?P<p>[:@$][A-Za-z0-9_\x80-\U0010ffff]+)""", re.S)
 
 
-def named_parameters(sql: str) -> list[str] | None:
+@functools.lru_cache(maxsize=256)
+def named_parameters(sql: str) -> tuple[str, ...] | None:
     """The names (without :, @ or $) of the named parameters in sql, in order, each once; None
-    if the text may hold names this scan does not understand (Tcl-style $a::b(c))."""
+    if the text may hold names this scan does not understand (Tcl-style $a::b(c)). Cached by
+    text: a statement run again with a mapping is not scanned again."""
     if "::" in sql or "$" in sql and "(" in sql:
         return None
     names: dict[str, None] = {}
@@ -138,7 +141,7 @@ def named_parameters(sql: str) -> list[str] | None:
         name = m.group("p")
         if name is not None:
             names[name[1:]] = None
-    return list(names)
+    return tuple(names)
 
 
 def _ident(token: str) -> str:

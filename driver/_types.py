@@ -231,7 +231,7 @@ def _adapt(value: Any, where: str) -> Any:
 _PLAIN = frozenset({int, float, str, bytes, type(None)})
 
 
-def adapt_params(params: Any, names: list[str] | None = None) -> list[Any] | dict[str, Any]:
+def adapt_params(params: Any, names: tuple[str, ...] | None = None) -> list[Any] | dict[str, Any]:
     """sqlite3's parameter rules: a mapping binds named parameters (:name, @name, $name), any
     other sequence binds positional ones (?, ?NNN). Returns what goes on the wire. names: the
     statement's parameter names (driver/_sql.named_parameters), looked up as sqlite3 does, one

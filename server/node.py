@@ -388,10 +388,8 @@ class Node:
                 or time.monotonic() < self._naming_next):
             return
         self._naming_next = time.monotonic() + 2.0
-        cmd = Command(client_id="", serial=0, statements=(), kind=CommandKind.ADMIN,
-                      record={"op": CLUSTER_OP, "cluster_id": os.urandom(16).hex()},
-                      leader_time_ms=max(int(time.time() * 1000), self.sm.last_time_ms),
-                      seed=self._rng.getrandbits(63))
+        cmd = self._stamped((), "", 0, kind=CommandKind.ADMIN,
+                            record={"op": CLUSTER_OP, "cluster_id": os.urandom(16).hex()})
         try:
             self.core.propose(cmd.encode())
         except (NotLeader, ProposalDropped):
@@ -905,6 +903,13 @@ class Node:
         finally:
             self.sm.txn_end(commit.txn)
 
+    def _stamped(self, statements, client_id: str, serial: int, **fields: Any) -> Command:
+        """A command as this leader proposes it: stamped with its time (never before the last
+        applied entry's) and a fresh seed (server/DESIGN.md, "Determinism of SQL")."""
+        return Command(client_id=client_id, serial=serial, statements=tuple(statements),
+                       leader_time_ms=max(int(time.time() * 1000), self.sm.last_time_ms),
+                       seed=self._rng.getrandbits(63), **fields)
+
     def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None,
                record: dict[str, Any] | None = None, early: bool = False):
         started = time.monotonic()
@@ -916,14 +921,7 @@ class Node:
         elif record is not None:
             txn = {"kind": CommandKind.ADMIN, "record": record}
         try:
-            cmd = Command(
-                client_id=client_id,
-                serial=serial,
-                statements=tuple(statements),
-                leader_time_ms=max(int(time.time() * 1000), self.sm.last_time_ms),
-                seed=self._rng.getrandbits(63),
-                **txn,
-            )
+            cmd = self._stamped(statements, client_id, serial, **txn)
             data = cmd.encode()
         except CommandError as e:
             raise RequestError(ErrorKind.BAD_REQUEST, str(e)) from None
