@@ -19,6 +19,8 @@ from typing import Any
 
 import msgpack
 
+from raftsql import txncheck, wire
+from raftsql.command import MANY_FLAG, Many
 from raftsql.wire import gc_paused
 
 
@@ -193,8 +195,7 @@ _MAX_INDEX = 1 << 63
 
 
 def _check(payload: Any, required: dict, optional: dict | None = None) -> dict[str, Any]:
-    from raftsql import wire  # the codec's validator (same rules as every frame)
-
+    # The codec's validator (same rules as every frame).
     try:
         return wire.check_map(payload, required, optional)
     except wire.FrameError as e:
@@ -229,8 +230,6 @@ def encode_params(p: Any) -> Any:
 
 def encode_statements(statements: list[Statement]) -> list[list]:
     """The wire form; a params value that is a Many (raftsql.command) is an executemany."""
-    from raftsql.command import MANY_FLAG, Many
-
     out = []
     for sql, p in statements:
         if type(p) is Many:
@@ -245,8 +244,6 @@ _SETS_CHUNK = 20_000  # executemany parameter sets converted per slice (decode_s
 
 def decode_statements(items: Any, *, many: bool = False) -> list[Statement]:
     """[sql, params] items; with many=True also [sql, [params, ...], MANY_FLAG]."""
-    from raftsql.command import MANY_FLAG, Many
-
     if type(items) is not list:
         raise bad_request("statements must be a list")
     statements: list[Statement] = []
@@ -335,8 +332,6 @@ class Commit:
 
     @classmethod
     def from_wire(cls, m: Any) -> Commit:
-        from raftsql import txncheck
-
         if isinstance(m, dict) and "checks" in m:
             c = _check(m, {"last_ms": int, "checks": list, "controls": list},
                        {"txn": (str, type(None))})
@@ -350,6 +345,18 @@ class Commit:
         c = _check(m, {"read_index": int, "reads": list, "last_ms": int})
         return cls(_index(max(0, c["read_index"]), "commit.read_index"),
                    tuple(sorted(_tables(c["reads"]))), max(0, c["last_ms"]))
+
+
+_NIL = type(None)
+_TXN_FIELDS = {"term": (int, _NIL), "id": (str, _NIL), "base": int, "client_id": str,
+               "last_ms": (int, _NIL), "writes": list}
+_TXN_STATEMENT = {"statements": list, "txn": dict}
+_CHUNK_FIELD = {"chunk": int}
+_STATEMENTS = {"statements": list}
+_EXECUTE_FIELDS = {"client_id": str, "serial": int, "consistency": str, "min_index": int,
+                   "min_term": int, "durability": str, "timeout_ms": int, "reads": bool,
+                   "commit": dict, "chunk": int}
+_REQUEST = {"id": int, "op": str}
 
 
 @dataclass
@@ -375,8 +382,7 @@ class TxnState:
 
     @classmethod
     def from_wire(cls, m: Any) -> TxnState:
-        t = _check(m, {}, {"term": (int, type(None)), "id": (str, type(None)), "base": int,
-                           "client_id": str, "last_ms": (int, type(None)), "writes": list})
+        t = _check(m, {}, _TXN_FIELDS)
         if t.get("writes"):
             raise bad_request("this driver sends a transaction's earlier writes with every "
                               "statement, which this node no longer reads: use the driver of "
@@ -437,16 +443,13 @@ class Execute:
     @classmethod
     def from_wire(cls, m: dict[str, Any]) -> Execute:
         if "txn" in m:
-            body = _check(m, {"statements": list, "txn": dict}, {"chunk": int})
+            body = _check(m, _TXN_STATEMENT, _CHUNK_FIELD)
             statements = decode_statements(body["statements"], many=True)
             if len(statements) != 1:
                 raise bad_request("a transaction statement is sent one at a time")
             return cls(statements, timeout_ms=_timeout_ms(m), chunk=_chunk(body),
                        txn=TxnState.from_wire(body["txn"]))
-        body = _check(m, {"statements": list}, {
-            "client_id": str, "serial": int, "consistency": str, "min_index": int,
-            "min_term": int, "durability": str,
-            "timeout_ms": int, "reads": bool, "commit": dict, "chunk": int})
+        body = _check(m, _STATEMENTS, _EXECUTE_FIELDS)
         commit = Commit.from_wire(body["commit"]) if "commit" in body else None
         return cls(
             statements=decode_statements(
@@ -528,7 +531,7 @@ def parse_request(payload: Any) -> tuple[int | None, Any]:
     """(the request id, the request) from a REQUEST frame's payload; raises RequestError
     (BAD_REQUEST). Admin requests come back as their checked map (server/admin.py)."""
     req_id = payload.get("id") if isinstance(payload, dict) else None
-    req = _check(payload, {"id": int, "op": str})
+    req = _check(payload, _REQUEST)
     op = req["op"]
     if op == Execute.OP:
         return req_id, Execute.from_wire(req)

@@ -34,6 +34,7 @@ NEEDS: dict[str, str] = {
 }
 # What a node certificate may ask on the client protocol.
 NODE_OPS = frozenset({"status", "ping", "cluster_join", "audit"})
+_NODE_ONLY_OPS = NODE_OPS - NEEDS.keys()  # only a node's own certificate may send these
 
 # How an operation is named in a refusal.
 _NAMES = {
@@ -84,7 +85,7 @@ class Principal:
                 raise forbidden(f"{self.who} may not run {_NAMES.get(op, op)}: node "
                                 "certificates are for Raft traffic; use an admin client certificate")
             return
-        if op in NODE_OPS - NEEDS.keys():
+        if op in _NODE_ONLY_OPS:
             raise forbidden(f"{self.who} may not run {_NAMES.get(op, op)}: only a node's own "
                             "certificate may")
         # The parser has refused unknown ops already; a known op missing from NEEDS is one

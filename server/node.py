@@ -35,6 +35,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import apsw
@@ -851,7 +852,6 @@ class Node:
         idle = self.sm.txn_idle_timeout_ms
         if txn.last_ms is not None and now_ms - txn.last_ms > idle:
             raise RequestError(ErrorKind.TXN_ABORTED, f"the transaction was idle for more than {idle} ms; nothing was applied, retry it")
-        gone = RequestError(ErrorKind.TXN_ABORTED, "this leader no longer holds the transaction's uncommitted writes (idle, dropped for room, or out of step); nothing was applied, retry it")
         sql, params = statement
         if txn.base == 0 and type(params) is not Many and may_read(sql):
             # No writes yet: a read runs on a reader connection, concurrently with apply. One
@@ -867,13 +867,13 @@ class Node:
             if txn.id is not None:
                 state = self.sm.txn_get(txn.id, current)
             elif txn.base:
-                raise gone
+                raise TxnGone(None)
             else:
                 state = self.sm.txn_begin(txn.client_id, current)
             env = new_env(now_ms)
             result, readonly, lost = self.sm.txn_preview(state, statement, txn.base, env)
         except TxnGone:
-            raise gone from None
+            raise RequestError(ErrorKind.TXN_ABORTED, "this leader no longer holds the transaction's uncommitted writes (idle, dropped for room, or out of step); nothing was applied, retry it") from None
         if refuse_write is not None and not readonly:
             self.sm.txn_end(state.id)
             raise refuse_write
@@ -899,7 +899,10 @@ class Node:
                   "controls": commit.controls}
         self.sm.txn_ending(commit.txn)
         try:
-            return self._write(statements, client_id, serial, deadline, fields)
+            # Its preview state is dropped (its live SQLite transaction rolled back) while the
+            # entry is written and replicated, not by apply once it is committed.
+            return self._write(statements, client_id, serial, deadline, fields,
+                               proposed=lambda: self.sm.txn_end(commit.txn))
         finally:
             self.sm.txn_end(commit.txn)
 
@@ -911,7 +914,8 @@ class Node:
                        seed=self._rng.getrandbits(63), **fields)
 
     def _write(self, statements, client_id: str, serial: int, deadline: float, commit=None,
-               record: dict[str, Any] | None = None, early: bool = False):
+               record: dict[str, Any] | None = None, early: bool = False,
+               proposed: Callable[[], None] | None = None):
         started = time.monotonic()
         txn: dict[str, Any] = {}
         if isinstance(commit, dict):
@@ -950,6 +954,8 @@ class Node:
                 self.early.expect(index, w.term, w)
         if self.trace is not None:
             self.trace.proposed(index)
+        if proposed is not None:
+            proposed()
         result = self._await_proposal(index, w, deadline, f"no result for log index {index} within the deadline")
         metrics.WRITES.observe(time.monotonic() - started)
         return result

@@ -20,6 +20,8 @@ Two halves, both mixins of StateMachine (they run on its apply connection, under
 from __future__ import annotations
 
 import collections
+import os
+import random
 import secrets
 import time
 from collections.abc import Iterable
@@ -88,10 +90,32 @@ def may_read(sql: str) -> bool:
     return first_keyword(sql) in _READ_KEYWORDS and not txncheck.may_be_nondeterministic(sql)
 
 
+# A preview's seed needs no secrecy (the client gets it back, and could choose its own: the
+# commit check carries it), so a seeded generator serves it without a getrandom() call.
+_seeds = random.Random(secrets.randbits(128))
+
+
 def new_env(now_ms: int) -> tuple[int, int]:
     """A preview's randomness and clock: (seed, now_ms). The client gets both back and its
     commit check carries them, so the commit runs the statement with the same ones."""
-    return secrets.randbits(63), now_ms
+    return _seeds.getrandbits(63), now_ms
+
+
+class _TxnIds:
+    """Unguessable transaction ids (the id alone lets a request reach a transaction's preview
+    state): 128 random bits each, read from the OS 4 KiB at a time rather than one system call
+    per transaction. Call under the state machine's lock."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def next(self) -> str:
+        if self._pos >= len(self._pool):
+            self._pool, self._pos = os.urandom(4096), 0
+        pos = self._pos
+        self._pos = pos + 16
+        return self._pool[pos:pos + 16].hex()
 
 
 class TxnGone(Exception):
@@ -288,6 +312,7 @@ class TransactionPreviews:
 
     def _init_previews(self) -> None:
         self.open_txns = OpenTransactions()
+        self._txn_ids = _TxnIds()
         self._live: PreviewTxn | None = None
         self._live_session: apsw.Session | None = None
 
@@ -300,7 +325,7 @@ class TransactionPreviews:
             old = self.open_txns.previous(client_id)
             if old is not None:
                 self._drop_txn(old)
-            txn = PreviewTxn(id=secrets.token_hex(16), client_id=client_id, term=term)
+            txn = PreviewTxn(id=self._txn_ids.next(), client_id=client_id, term=term)
             # As its commit entry will (StateMachine._apply_command): last_insert_rowid()
             # starts from what the client's previous write left.
             txn.last_rowid = self.client_last_rowid(client_id)
