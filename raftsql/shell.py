@@ -10,7 +10,10 @@ statement failed.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import sys
 import threading
@@ -25,6 +28,12 @@ HELP = """\
 .leader               the current leader
 .status               the status of the node this shell talks to (JSON)
 .consistency [LEVEL]  show or set read consistency: linearizable | leader | stale
+.mode MODE            how results print: column (the default), list, csv, tabs, json, line
+.headers on|off       column names above the rows in list, csv and tabs modes
+.nullvalue TEXT       how NULL prints (column and line modes: NULL; the others: empty)
+.separator SEP        the column separator of list mode (default |)
+.dump [TABLE]         the schema and rows as SQL (tables matching a LIKE pattern)
+.read FILE            run the statements and dot commands in FILE
 .timer on|off         print how long each statement took
 .help                 this text
 .quit                 leave (Ctrl-D works too)
@@ -43,6 +52,112 @@ def _fmt(v) -> str:
 
 
 BATCH_ROWS = 1000  # rows fetched, sized and printed at a time
+MODES = ("column", "list", "csv", "tabs", "json", "line")
+READ_DEPTH = 16  # .read inside .read, as deep as this
+
+
+def sql_literal(v) -> str:
+    """A value as an SQL literal that reads back as the same value and type (.dump)."""
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "1e999" if v > 0 else "-1e999"
+        text = repr(v)  # the shortest text that reads back as the same double
+        return text if any(c in text for c in ".eE") else text + ".0"
+    if isinstance(v, bytes):
+        return "X'" + v.hex().upper() + "'"
+    text = str(v)
+    if "\x00" in text:  # no SQL string literal holds a NUL: spell the UTF-8 bytes
+        return "CAST(X'" + text.encode("utf-8").hex().upper() + "' AS TEXT)"
+    return "'" + text.replace("'", "''") + "'"
+
+
+def quote_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Printer:
+    """A cursor's rows in one of the sqlite3 shell's output modes (.mode), batch by batch."""
+
+    def __init__(self, mode: str = "column", headers: bool = True, nullvalue: str | None = None,
+                 separator: str = "|"):
+        self.mode, self.headers, self.nullvalue, self.separator = mode, headers, nullvalue, separator
+
+    def _cell(self, v, null_default: str) -> str:
+        if v is None:
+            return null_default if self.nullvalue is None else self.nullvalue
+        if isinstance(v, bytes):
+            return "x'" + v.hex() + "'"
+        return str(v)
+
+    def print(self, cur, out) -> None:
+        mode = self.mode
+        if mode == "column" and self.nullvalue is None:
+            print_rows(cur, out)
+            return
+        columns = [d[0] for d in cur.description]
+        if mode == "column":
+            rows = [[self._cell(v, "NULL") for v in r] for r in cur.fetchmany(BATCH_ROWS)]
+            widths = print_table(columns, rows, out)
+            while rows := cur.fetchmany(BATCH_ROWS):
+                for r in rows:
+                    cells = [self._cell(v, "NULL") for v in r]
+                    out.write("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip() + "\n")
+            return
+        if mode == "json":
+            first = True
+            while rows := cur.fetchmany(BATCH_ROWS):
+                for r in rows:
+                    obj = {c: _json_value(v) for c, v in zip(columns, r, strict=True)}
+                    out.write(("[" if first else ",\n") + json.dumps(obj, ensure_ascii=False))
+                    first = False
+            if not first:
+                out.write("]\n")
+            return
+        if mode == "line":
+            width = max((len(c) for c in columns), default=0)
+            first = True
+            while rows := cur.fetchmany(BATCH_ROWS):
+                for r in rows:
+                    if not first:
+                        out.write("\n")
+                    first = False
+                    for c, v in zip(columns, r, strict=True):
+                        out.write(f"{c.rjust(width)} = {self._cell(v, 'NULL')}\n")
+            return
+        if mode == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\r\n")
+            if self.headers:
+                writer.writerow(columns)
+            while rows := cur.fetchmany(BATCH_ROWS):
+                writer.writerows([self._cell(v, "") for v in r] for r in rows)
+                out.write(buf.getvalue())
+                buf.seek(0)
+                buf.truncate()
+            out.write(buf.getvalue())
+            return
+        sep = "\t" if mode == "tabs" else self.separator
+        if self.headers:
+            out.write(sep.join(columns) + "\n")
+        while rows := cur.fetchmany(BATCH_ROWS):
+            for r in rows:
+                out.write(sep.join(self._cell(v, "") for v in r) + "\n")
+
+
+def _json_value(v):
+    """JSON has no blobs and no infinities: a blob is its hex text, +-Inf the text
+    "Infinity" / "-Infinity" (json.dumps would write a bare Infinity, which is not JSON)."""
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, float) and math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
 
 
 def print_rows(cur, out=sys.stdout) -> None:
@@ -97,6 +212,19 @@ _SCHEMA_SQL = (
 )
 
 
+# .dump: tables first (their rows after each), then indexes, triggers and views in the order
+# they were made; raftsql's own tables never.
+_DUMP_TABLES_SQL = (
+    "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND sql IS NOT NULL "
+    "AND name NOT LIKE 'sqlite\\_raftsql\\_%' ESCAPE '\\' "
+    "AND (name LIKE ?1 OR name = 'sqlite_sequence') ORDER BY rowid"
+)
+_DUMP_REST_SQL = (
+    "SELECT sql FROM sqlite_schema WHERE type IN ('index', 'trigger', 'view') AND sql IS NOT NULL "
+    "AND tbl_name NOT LIKE 'sqlite\\_raftsql\\_%' ESCAPE '\\' AND tbl_name LIKE ?1 ORDER BY rowid"
+)
+
+
 class Shell:
     def __init__(self, dsn: str, out=None, err=None):
         import raftsql.driver as db
@@ -109,6 +237,8 @@ class Shell:
         self.timer = False
         self.errors = 0
         self.interactive = False  # set by loop()
+        self.printer = Printer()
+        self._reading: list[str] = []  # the files .read is in, innermost last
 
     def error(self, text: str, line: int | None = None) -> None:
         """An error on stderr; with piped input, near which input line (as sqlite3's shell)."""
@@ -128,7 +258,7 @@ class Shell:
         try:
             cur = self.conn.execute(sql)
             if cur.description:
-                print_rows(cur, self.out)
+                self.printer.print(cur, self.out)
         except db.Error as e:
             name = getattr(e, "sqlite_errorname", None)
             self.error(f"{e}" + (f" ({name})" if name else ""), line)
@@ -200,6 +330,40 @@ class Shell:
                     self.error("consistency is linearizable, leader or stale")
                     return True
             self.out.write(f"consistency: {self.conn.consistency}\n")
+        elif cmd == ".mode":
+            if len(args) == 1 and args[0] in MODES:
+                self.printer.mode = args[0]
+                if args[0] == "column":
+                    self.printer.headers = True
+            elif not args:
+                self.out.write(f"current output mode: {self.printer.mode}\n")
+            else:
+                self.error(f"Usage: .mode {'|'.join(MODES)}")
+        elif cmd == ".headers":
+            if len(args) == 1 and args[0] in ("on", "off"):
+                self.printer.headers = args[0] == "on"
+            else:
+                self.error("Usage: .headers on|off")
+        elif cmd == ".nullvalue":
+            value = _dot_argument(line)
+            if value is None:
+                self.error("Usage: .nullvalue TEXT")
+            else:
+                self.printer.nullvalue = value
+        elif cmd == ".separator":
+            value = _dot_argument(line)
+            if not value:
+                self.error("Usage: .separator SEPARATOR")
+            else:
+                self.printer.separator = _unescape(value)
+        elif cmd == ".dump":
+            self.dump(args[0] if args else None)
+        elif cmd == ".read":
+            path = _dot_argument(line)
+            if not path:
+                self.error("Usage: .read FILE")
+            else:
+                return self.read(path)
         elif cmd == ".timer":
             if args and args[0] in ("on", "off"):
                 self.timer = args[0] == "on"
@@ -245,78 +409,212 @@ class Shell:
 
     def loop(self, stop_event: threading.Event | None = None, stdin=None) -> int:
         """Read statements and dot commands until EOF or .quit; returns the number of errors."""
-        from raftsql.driver import complete_statement
-        from raftsql.driver._sql import is_blank, split_script
-
         stdin = stdin or sys.stdin
         interactive = self.interactive = stdin.isatty()
         if interactive:
             self._setup_history()
             self.out.write(f"raftsql shell on {self.dsn}\nEnter \".help\" for usage hints.\n")
-        buf: list[str] = []  # the lines of the statement being read
-        lineno = start = 0  # input line numbers: now, and where the statement began
-        bad_line: int | None = None  # a line of the statement that is not valid UTF-8
-
-        def run(text: str) -> None:
-            nonlocal bad_line
-            if bad_line is not None:
-                self.error("the input is not valid UTF-8 text: the statement is skipped (TEXT "
-                           "is UTF-8; write other bytes as a blob literal, X'...')", bad_line)
-                bad_line = None
-                return
-            for statement in split_script(text):
-                try:
-                    self.run_sql(statement, start)
-                except KeyboardInterrupt:
-                    self.interrupted(statement)
-                    break  # and the rest of the line
-
+        reader = _Reader(self)
+        lineno = 0
         try:
             while stop_event is None or not stop_event.is_set():
-                prompt = ("   ...> " if buf else "raftsql> ") if interactive else ""
+                prompt = ("   ...> " if reader.buf else "raftsql> ") if interactive else ""
                 try:
                     line = input(prompt) if interactive else stdin.readline()
                 except EOFError:
                     break
                 except KeyboardInterrupt:
-                    buf, bad_line = [], None
+                    reader.reset()
                     self.out.write("\n")
                     continue
                 if not interactive and line == "":
                     break
                 lineno += 1
-                line = line.rstrip("\n")
-                if line.strip().startswith(".") and (not buf or is_blank("\n".join(buf))):
-                    buf = []  # comments before a dot command are only comments
-                    if not self.dot(line.strip()):
-                        break
-                    continue
-                if not buf and not line.strip():
-                    continue
-                if not buf:
-                    start = lineno
-                try:
-                    line.encode("utf-8")
-                except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates
-                    bad_line = bad_line or lineno
-                    line = line.encode("utf-8", "replace").decode("utf-8")
-                buf.append(line)
-                # Only a ';' can end a statement: no need to look again at a long one before.
-                if ";" in line and complete_statement(text := "\n".join(buf)):
-                    buf = []
-                    run(text)
-            text = "\n".join(buf)
-            if buf and not is_blank(text):
-                # End of input ends the last statement, as in sqlite3's shell.
-                if complete_statement(text + "\n;"):
-                    run(text + "\n;")
-                else:
-                    self.error(f"incomplete SQL: {' '.join(buf).strip()}", start)
+                if not reader.feed(line.rstrip("\n"), lineno):
+                    break
+            reader.finish()
         finally:
             if self.conn.in_transaction:
                 self.err.write("note: the open transaction was rolled back (no COMMIT)\n")
             self.conn.close()
         return self.errors
+
+    def read(self, path: str) -> bool:
+        """.read: run a file's statements and dot commands as if typed; False if one was .quit."""
+        path = os.path.expanduser(path)
+        if len(self._reading) >= READ_DEPTH:
+            self.error(f".read {path}: nested more than {READ_DEPTH} deep")
+            return True
+        try:
+            f = open(path, encoding="utf-8", errors="surrogateescape", newline=None)
+        except OSError as e:
+            self.error(f"cannot open \"{path}\": {e.strerror or e}")
+            return True
+        reader = _Reader(self)
+        self._reading.append(path)
+        try:
+            with f:
+                for lineno, line in enumerate(f, 1):
+                    if not reader.feed(line.rstrip("\n"), lineno):
+                        return False
+            reader.finish()
+        finally:
+            self._reading.pop()
+        return True
+
+    # ------------------------------------------------------------------ .dump
+
+    def dump(self, pattern: str | None) -> None:
+        """The schema and rows as SQL text that rebuilds them, in the sqlite3 shell's .dump
+        format (BEGIN TRANSACTION ... COMMIT). Not a snapshot: each table is read at its own
+        moment, as concurrent writes go on; `raftsql backup` makes a consistent copy."""
+        out = self.out
+        try:
+            tables = self.conn.execute(_DUMP_TABLES_SQL, (pattern or "%",)).fetchall()
+            kinds = {r[1]: r[2] for r in self.conn.execute("PRAGMA table_list").fetchall()
+                     if r[0] == "main"}
+        except self.db.Error as e:
+            self.error(f".dump: {e}")
+            return
+        out.write("PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\n")
+        sequences = False
+        for name, sql in tables:
+            kind = kinds.get(name, "table")
+            if kind == "shadow":
+                continue  # a virtual table's own storage: its CREATE VIRTUAL TABLE makes it
+            if name == "sqlite_sequence":
+                # AUTOINCREMENT counters: only in a whole dump (a partial one would reset
+                # the counters of tables it does not hold).
+                sequences = pattern is None
+                continue
+            out.write(sql + ";\n")
+            try:
+                self._dump_rows(name)
+            except self.db.Error as e:
+                self.error(f".dump {name}: {e}")
+        if sequences:
+            out.write("DELETE FROM sqlite_sequence;\n")
+            try:
+                self._dump_rows("sqlite_sequence")
+            except self.db.Error as e:
+                self.error(f".dump sqlite_sequence: {e}")
+        try:
+            rest = self.conn.execute(_DUMP_REST_SQL, (pattern or "%",)).fetchall()
+        except self.db.Error as e:
+            self.error(f".dump: {e}")
+            rest = []
+        for (sql,) in rest:
+            out.write(sql + ";\n")
+        out.write("COMMIT;\n")
+        out.flush()
+
+    def _dump_rows(self, table: str) -> None:
+        cols = self.conn.execute(f"PRAGMA table_xinfo({quote_name(table)})").fetchall()
+        # Generated and hidden columns cannot be inserted: name the others.
+        names = [c[1] for c in cols if c[6] == 0]
+        if not names:
+            return
+        listed = "" if len(names) == len(cols) else "(" + ",".join(quote_name(n) for n in names) + ")"
+        head = f"INSERT INTO {quote_name(table)}{listed} VALUES("
+        cur = self.conn.execute(f"SELECT {','.join(quote_name(n) for n in names)} FROM {quote_name(table)}")
+        out = self.out
+        while rows := cur.fetchmany(BATCH_ROWS):
+            out.write("".join(head + ",".join(map(sql_literal, r)) + ");\n" for r in rows))
+
+
+class _Reader:
+    """Lines in, statements and dot commands run (the shell's input, and each .read file's)."""
+
+    def __init__(self, shell: Shell):
+        self.shell = shell
+        self.buf: list[str] = []  # the lines of the statement being read
+        self.start = 0  # the input line where it began
+        self.bad_line: int | None = None  # a line of the statement that is not valid UTF-8
+
+    def reset(self) -> None:
+        self.buf, self.bad_line = [], None
+
+    def feed(self, line: str, lineno: int) -> bool:
+        """One input line (without its newline); False if it was .quit."""
+        from raftsql.driver import complete_statement
+        from raftsql.driver._sql import is_blank
+
+        buf = self.buf
+        if line.strip().startswith(".") and (not buf or is_blank("\n".join(buf))):
+            self.buf = []  # comments before a dot command are only comments
+            return self.shell.dot(line.strip())
+        if not buf and not line.strip():
+            return True
+        if not buf:
+            self.start = lineno
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates
+            self.bad_line = self.bad_line or lineno
+            line = line.encode("utf-8", "replace").decode("utf-8")
+        buf.append(line)
+        # Only a ';' can end a statement: no need to look again at a long one before.
+        if ";" in line and complete_statement(text := "\n".join(buf)):
+            self.buf = []
+            self._run(text)
+        return True
+
+    def finish(self) -> None:
+        """End of input ends the last statement, as in sqlite3's shell."""
+        from raftsql.driver import complete_statement
+        from raftsql.driver._sql import is_blank
+
+        text = "\n".join(self.buf)
+        if self.buf and not is_blank(text):
+            if complete_statement(text + "\n;"):
+                self._run(text + "\n;")
+            else:
+                self.shell.error(f"incomplete SQL: {' '.join(self.buf).strip()}", self.start)
+        self.buf = []
+
+    def _run(self, text: str) -> None:
+        from raftsql.driver._sql import split_script
+
+        shell = self.shell
+        if self.bad_line is not None:
+            shell.error("the input is not valid UTF-8 text: the statement is skipped (TEXT "
+                        "is UTF-8; write other bytes as a blob literal, X'...')", self.bad_line)
+            self.bad_line = None
+            return
+        for statement in split_script(text):
+            try:
+                shell.run_sql(statement, self.start)
+            except KeyboardInterrupt:
+                shell.interrupted(statement)
+                break  # and the rest of the line
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """\\t, \\n, \\r and \\\\ in a dot command's argument, as the sqlite3 shell reads them."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _dot_argument(line: str) -> str | None:
+    """The text after a dot command's name, unquoted if it is one quoted word."""
+    parts = line.split(None, 1)
+    if len(parts) < 2:
+        return None
+    rest = parts[1].strip()
+    if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "'\"":
+        return rest[1:-1]
+    return rest
 
 
 def run_shell(dsn: str, stop_event: threading.Event | None = None) -> None:

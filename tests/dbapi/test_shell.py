@@ -225,3 +225,110 @@ def test_piped_scripts_report_bad_input_without_a_traceback(cluster):
     assert "near line 2: the input is not valid UTF-8" in stderr
     assert "x\n--\nok\n" in stdout
     assert "the open transaction was rolled back (no COMMIT)" in stderr
+
+
+def test_output_modes(cluster):
+    """.mode list/csv/tabs/json/line, .headers, .nullvalue and .separator, as sqlite3's shell."""
+    t = "modes_" + uuid.uuid4().hex[:8]
+    script = (
+        f"CREATE TABLE {t}(a, b);\n"
+        f"INSERT INTO {t} VALUES (1, 'x,y'), (NULL, 'say \"hi\"'), (2.5, X'00ff');\n"
+        f"SELECT a, b FROM {t} ORDER BY rowid;\n"
+        ".mode csv\n"
+        f"SELECT a, b FROM {t} ORDER BY rowid;\n"
+        ".mode list\n.headers off\n.separator ;\n"
+        f"SELECT a, b FROM {t} ORDER BY rowid;\n"
+        ".mode tabs\n.nullvalue '(null)'\n"
+        f"SELECT a, b FROM {t} ORDER BY rowid;\n"
+        ".mode json\n"
+        f"SELECT a, b FROM {t} ORDER BY rowid;\n"
+        ".mode line\n"
+        f"SELECT a, b AS bee FROM {t} WHERE a = 1;\n"
+        ".mode\n.mode bogus\n"
+    )
+    out = _run(cluster, script)
+    assert out.returncode == 1, (out.stdout, out.stderr)  # .mode bogus
+    assert "Usage: .mode column|list|csv|tabs|json|line" in out.stderr
+    assert out.stdout.count("Usage") == 0
+    o = out.stdout
+    assert "a     b\n----  --------\n1     x,y\nNULL  say \"hi\"\n2.5   x'00ff'\n" in o, o
+    # (CSV lines end in CRLF, as sqlite3's; the text-mode pipe reads them as newlines)
+    assert 'a,b\n1,"x,y"\n,"say ""hi"""\n2.5,x\'00ff\'\n' in o, o
+    assert '1;x,y\n;say "hi"\n2.5;x\'00ff\'\n' in o, o
+    assert '1\tx,y\n(null)\tsay "hi"\n2.5\tx\'00ff\'\n' in o, o
+    rows = json.loads(o[o.index("[{"):o.index("}]") + 2])
+    assert rows == [{"a": 1, "b": "x,y"}, {"a": None, "b": 'say "hi"'}, {"a": 2.5, "b": "00ff"}]
+    assert "  a = 1\nbee = x,y\n" in o, o
+    assert "current output mode: line" in o
+
+
+def test_dump_rebuilds_the_database_in_sqlite3_and_in_raftsql(cluster, tmp_path):
+    """.dump writes SQL that rebuilds the tables, rows, indexes, triggers and views: plain sqlite3
+    reads it back to the same rows, and so does the cluster (after the tables are dropped)."""
+    import sqlite3
+
+    p = "dump" + uuid.uuid4().hex[:6]
+    script = (
+        f"CREATE TABLE {p}_a(id INTEGER PRIMARY KEY AUTOINCREMENT, v, g INT GENERATED ALWAYS AS (id * 2));\n"
+        f"CREATE TABLE \"{p}_b x\"(k TEXT PRIMARY KEY, n REAL, blob BLOB) WITHOUT ROWID;\n"
+        f"CREATE INDEX {p}_ai ON {p}_a(v);\n"
+        f"CREATE VIEW {p}_v AS SELECT v FROM {p}_a;\n"
+        f"CREATE TRIGGER {p}_t AFTER INSERT ON {p}_a BEGIN SELECT 1; END;\n"
+        f"INSERT INTO {p}_a(v) VALUES ('it''s'), (NULL), (3), (1.5e300), (X'0001'), ('multi\nline'), (9223372036854775807);\n"
+        f"DELETE FROM {p}_a WHERE v = 3;\n"
+        f"INSERT INTO \"{p}_b x\" VALUES ('k1', 0.1, X''), ('k2', -0.0, NULL), ('k\"3', 1e999, x'ff');\n"
+        f".dump {p}%\n"
+    )
+    out = _run(cluster, script)
+    assert out.returncode == 0 and out.stderr == "", (out.stdout, out.stderr)
+    dump = out.stdout
+    assert dump.startswith("PRAGMA foreign_keys=OFF;\nBEGIN TRANSACTION;\n") and dump.endswith("COMMIT;\n")
+    assert "sqlite_raftsql" not in dump
+    assert "sqlite_sequence" not in dump  # a partial dump leaves AUTOINCREMENT counters alone
+    assert f'INSERT INTO "{p}_a"("id","v") VALUES(' in dump  # the generated column is left out
+
+    def rows(conn, sql):
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+    queries = [f"SELECT id, v, typeof(v), g FROM {p}_a ORDER BY id",
+               f'SELECT k, n, typeof(n), blob, typeof(blob) FROM "{p}_b x" ORDER BY k',
+               f"SELECT * FROM {p}_v ORDER BY 1",
+               f"SELECT type, name FROM sqlite_schema WHERE name LIKE '{p}%' ORDER BY name"]
+    import raftsql.driver as db
+
+    conn = db.connect(cluster.dsn, autocommit=True)
+    try:
+        want = [rows(conn, q) for q in queries]
+        plain = sqlite3.connect(tmp_path / "copy.db")
+        plain.executescript(dump)
+        assert [rows(plain, q) for q in queries] == want
+        plain.close()
+        for stmt in (f"DROP VIEW {p}_v", f"DROP TABLE {p}_a", f'DROP TABLE "{p}_b x"'):
+            conn.execute(stmt)
+        again = _run(cluster, dump)
+        assert again.returncode == 0 and again.stderr == "", again.stderr
+        assert [rows(conn, q) for q in queries] == want
+    finally:
+        conn.close()
+
+
+def test_read_runs_a_file_and_reports_what_it_cannot(cluster, tmp_path):
+    t = "read_" + uuid.uuid4().hex[:8]
+    inner = tmp_path / "inner.sql"
+    inner.write_text(f"INSERT INTO {t} VALUES (2);\nSELECT sum(x) AS s FROM {t};\n")
+    outer = tmp_path / "outer.sql"
+    outer.write_text(f"CREATE TABLE {t}(x);\nINSERT INTO {t} VALUES (1);\n.read {inner}\n"
+                     f"INSERT INTO {t} VALUES (4)\n")  # the file's end ends the statement
+    loop = tmp_path / "loop.sql"
+    loop.write_text(f".read {loop}\n")
+    quits = tmp_path / "quits.sql"
+    quits.write_text(".quit\n")
+    script = (f".read {outer}\nSELECT sum(x) AS total FROM {t};\n.read {tmp_path / 'missing.sql'}\n"
+              f".read {loop}\n.read\n.read '{quits}'\nSELECT 'never runs';\n")
+    out = _run(cluster, script)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "s\n-\n3\n" in out.stdout and "total\n-----\n7\n" in out.stdout, out.stdout
+    assert "never runs" not in out.stdout
+    err = out.stderr
+    assert 'cannot open "' in err and "missing.sql" in err, err
+    assert "nested more than 16 deep" in err and "Usage: .read FILE" in err, err
