@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import apsw
@@ -57,6 +57,12 @@ class Reader:
     description: tuple = ()
     abort: dict[str, Any] | None = None
     statement: str = ""
+    # (text, schema cookie) -> the result columns of that text's fresh prepare under that
+    # schema. A statement from apsw's cache that the schema changed under is re-prepared by
+    # SQLite only when it steps, after the exec trace, where apsw would still name the old
+    # schema's columns (and keep naming them for that run): a cached run takes them from here.
+    descriptions: dict[tuple[str, int], tuple] = field(default_factory=dict)
+    known: tuple | None = None  # the description of the statement being started, if known
 
 
 # Statements whose volatility Reads remembers (past it the memory starts afresh).
@@ -64,6 +70,10 @@ _VOLATILE_MEMO = 4096
 
 
 _SQL_SESSION_RESULT = "SELECT result FROM sqlite_raftsql_sessions WHERE client_id=?"
+# Inside the read transaction: the index it reads at, and the schema it runs under.
+_SQL_READ_STATE = ("SELECT applied_index, (SELECT schema_version FROM pragma_schema_version) "
+                   "FROM sqlite_raftsql_meta")
+_MAX_DESCRIPTIONS = 512  # per reader connection; past it the memory starts afresh
 
 
 def stored_rowid(stored: bytes) -> int:
@@ -126,9 +136,7 @@ class ReadCursor:
         guard.internal = True
         try:
             conn.execute(tag + "BEGIN")
-            self.index = conn.execute(
-                tag + "SELECT applied_index FROM sqlite_raftsql_meta"
-            ).fetchone()[0]
+            self.index, cookie = conn.execute(tag + _SQL_READ_STATE).fetchone()
             # last_insert_rowid() is the client's, as its next write would start from
             # (StateMachine._apply_command), never another client's from an earlier read.
             rowid = 0
@@ -141,9 +149,18 @@ class ReadCursor:
         guard.reads = read_set
         guard.prepared = guard.volatile = False
         self._sql, self._params = sql, params if params is not None else ()
+        key = (sql, cookie)
+        reader.known = known = reader.descriptions.get(key)
         try:
-            # Collecting a read set needs the authorizer, which runs only at prepare.
-            self._rows = conn.cursor().execute(sql, self._params, can_cache=read_set is None)
+            # Collecting a read set needs the authorizer, which runs only at prepare; a text
+            # whose columns under this schema are not known yet is prepared afresh, which
+            # tells them.
+            self._rows = conn.cursor().execute(
+                sql, self._params, can_cache=read_set is None and known is not None)
+            if known is None and reader.traced:
+                if len(reader.descriptions) >= _MAX_DESCRIPTIONS:
+                    reader.descriptions.clear()
+                reader.descriptions[key] = reader.description
             if start_index is not None and read_set:
                 conflict = modified_after(conn, guard, tag, read_set, start_index)
                 if conflict is not None:
@@ -156,6 +173,7 @@ class ReadCursor:
         finally:
             guard.reads = None
             reader.active = False
+            reader.known = None
         if guard.prepared:
             reads.note_volatile(sql, guard.volatile)
             volatile = guard.volatile
@@ -594,7 +612,8 @@ class Reads:
                     "query() runs read-only statements; send writes through the log",
                 )
                 return False
-            reader.description = cursor.get_description()
+            known = reader.known
+            reader.description = known if known is not None else cursor.get_description()
             reader.statement = sql
             reader.active = True
             return True

@@ -303,24 +303,35 @@ class StatementMemo:
     is re-authorized as a nested prepare (Guard.user_prepare is off by then), which loosens one
     rule only (refusal, `nested`): harmless, since the same text under the same schema passed
     the strict rules on its fresh run. Schema statements are never run from the cache.
-    (Guard.schema_change is therefore never among a cached statement's effects.)"""
+    (Guard.schema_change is therefore never among a cached statement's effects.)
+
+    The fresh run's result columns (its description) are kept with its effects too: a cached
+    statement that the schema has changed under is re-prepared by SQLite only when it steps,
+    after the exec trace, so the description apsw gives there is the old schema's (a column
+    added to a table was missing from `SELECT *`'s names, and the commit check saw different
+    column names than the preview had). A cached run takes `description` instead."""
 
     MAX_SQL = 4096  # longer texts are always prepared afresh
     MAX_ENTRIES = 512
 
-    __slots__ = ("_effects", "captured")
+    __slots__ = ("_effects", "captured", "description")
 
     def __init__(self) -> None:
         # key -> what replaying its authorizer calls does to a Guard: (reads, writes,
-        # volatile, sequence_written); schema statements are never kept.
-        self._effects: dict[tuple[str, int, int], tuple[frozenset, frozenset, bool, bool]] = {}
+        # volatile, sequence_written), and the fresh run's description; schema statements are
+        # never kept.
+        self._effects: dict[tuple[str, int, int], tuple[frozenset, frozenset, bool, bool, tuple]] = {}
         self.captured: list[tuple[int, str | None, str | None]] | None = None
+        # The description of the statement being run, if it comes from the cache (else None:
+        # the exec trace asks the freshly prepared statement).
+        self.description: tuple | None = None
 
     def start(self, guard: Guard, sql: str, cookie: int) -> tuple[tuple[str, int, int] | None, bool]:
         """Before running sql: (its key, or None if never cached; whether it may come from the
         cache). A cached run has its recorded authorizer calls replayed into guard here; an
         uncached one records them (guard.record) until its exec trace calls captured_now()."""
         self.captured = None
+        self.description = None
         if len(sql) > self.MAX_SQL:
             return None, False
         key = (sql, cookie, guard.schema_epoch)
@@ -329,7 +340,7 @@ class StatementMemo:
             guard.record = []
             return key, False
         # Guard.observe for each recorded call, folded (Guard.observe says what they do).
-        reads, writes, volatile, sequence_written = effects
+        reads, writes, volatile, sequence_written, self.description = effects
         guard.prepared = True
         if reads and guard.reads is not None:
             guard.reads |= reads
@@ -346,9 +357,11 @@ class StatementMemo:
         if guard.record is not None:
             self.captured, guard.record = guard.record, None
 
-    def finish(self, guard: Guard, key: tuple[str, int, int] | None) -> None:
-        """After the run (whatever its outcome): remember a successful fresh prepare's calls."""
+    def finish(self, guard: Guard, key: tuple[str, int, int] | None, description: tuple) -> None:
+        """After the run (whatever its outcome): remember a successful fresh prepare's calls
+        and the description its exec trace read."""
         guard.record = None
+        self.description = None
         captured, self.captured = self.captured, None
         if key is None or captured is None:
             return
@@ -361,7 +374,7 @@ class StatementMemo:
         if len(self._effects) >= self.MAX_ENTRIES:
             self._effects.clear()
         self._effects[key] = (frozenset(scratch.reads), frozenset(scratch.writes),
-                              scratch.volatile, scratch.sequence_written)
+                              scratch.volatile, scratch.sequence_written, description)
 
 
 def tracked(name: str) -> str:

@@ -643,7 +643,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             raise StatementFailed(self._statement_error(e), by_sqlite=self._by_sqlite(e)) from None
         finally:
             self._ctx.budget_on = False
-            memo.finish(self._guard, key)
+            memo.finish(self._guard, key, self._ctx.description)
         if stopped:
             self._reset_apply_cursor()  # the sink has seen enough: abandon the rest
         elif budget < 0:
@@ -703,9 +703,12 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             return False
         self._ctx.dml = keyword in _DML_KEYWORDS
         self._ctx.readonly = cursor.is_readonly
-        self._memo.capture(self._guard)
+        memo = self._memo
+        memo.capture(self._guard)
         self._guard.user_prepare = False
-        self._ctx.description = cursor.get_description()
+        # Not from a cached statement: the schema may have changed under it (StatementMemo).
+        desc = memo.description
+        self._ctx.description = desc if desc is not None else cursor.get_description()
         self._ctx.progress_calls = 0
         self._ctx.budget_on = True
         return True

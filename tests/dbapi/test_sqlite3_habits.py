@@ -392,3 +392,29 @@ def test_named_parameters_are_looked_up_one_by_one(connect, table):
         (1, "missing:b"), (2, 3)]
     with pytest.raises(connect.db.ProgrammingError, match="binding parameter :b"):
         conn.execute("SELECT :a, :b", {"a": 1})
+
+
+def test_a_schema_change_shows_in_the_next_statements_columns(connect, table):
+    """After ALTER TABLE (or DROP and CREATE) the same SELECT * names the new columns at once,
+    and a transaction reading the changed table commits: a statement from the nodes' statement
+    caches used to name the old schema's columns (so sqlite3.Row lost a key) and make the
+    commit check fail without any other writer."""
+    c = connect()
+    c.row_factory = connect.db.Row
+    c.execute(f"CREATE TABLE {table}(a)")
+    for _ in range(3):
+        with c:
+            c.execute(f"INSERT INTO {table} VALUES (1)")
+            c.execute(f"SELECT * FROM {table}").fetchall()
+    c.execute(f"ALTER TABLE {table} ADD COLUMN b DEFAULT 'B'")
+    for _ in range(3):
+        assert [dict(r) for r in c.execute(f"SELECT * FROM {table} LIMIT 1")] == [{"a": 1, "b": "B"}]
+    with c:
+        c.execute(f"INSERT INTO {table} VALUES (2, 'two')")
+        assert len(c.execute(f"SELECT * FROM {table}").fetchall()) == 4
+    c.execute(f"DROP TABLE {table}")
+    c.execute(f"CREATE TABLE {table}(x, y)")
+    c.execute(f"INSERT INTO {table} VALUES ('X', 'Y')")
+    c.commit()
+    for _ in range(3):
+        assert [dict(r) for r in c.execute(f"SELECT * FROM {table}")] == [{"x": "X", "y": "Y"}]

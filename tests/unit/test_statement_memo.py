@@ -189,3 +189,38 @@ def test_a_preview_schema_change_parked_away_leaves_no_write_set_behind(pair):
     for sm in pair.machines:
         assert touched(sm).get("audit") == audit_before
     pair.assert_same()
+
+
+@pytest.mark.parametrize("change", [
+    ["ALTER TABLE t ADD COLUMN b DEFAULT 'B'"],
+    ["DROP TABLE t", "CREATE TABLE t(x, y)", "INSERT INTO t VALUES ('X', 'Y')"],
+])
+def test_a_cached_statement_names_the_columns_of_the_schema_it_runs_under(pair, change):
+    """A statement from apsw's cache that the schema changed under is re-prepared by SQLite only
+    when it steps; its columns must be the new schema's at once, in apply (RETURNING), in a
+    preview and on a reader, on a node whose cache held it and on one whose cache did not."""
+    pair.apply("CREATE TABLE t(a)")
+    pair.apply("INSERT INTO t VALUES (1)")
+    stmts = ["SELECT * FROM t", "INSERT INTO t DEFAULT VALUES RETURNING *"]
+    for sql in stmts * 3:  # fresh, then cached, on both machines
+        pair.apply(sql)
+    pair.warm_only(stmts[0])
+    for sm in pair.machines:
+        for _ in range(3):
+            sm.query(stmts[0])
+    for sql in change:
+        pair.apply(sql)
+    want = ["a", "b"] if len(change) == 1 else ["x", "y"]
+    for sql in stmts * 3:  # fresh under the new schema, then from the (stale) cache
+        result = pair.apply(sql)
+        assert result["columns"] == want, (sql, result)
+        assert all(len(r) == len(want) for r in result["rows"])
+    for sm in pair.machines:
+        for _ in range(3):
+            got = sm.query(stmts[0])
+            assert got.columns == want and all(len(r) == len(want) for r in got.rows), got
+            txn = sm.txn_begin("c", 1)
+            preview, _, _ = sm.txn_preview(txn, (stmts[0], ()), 0, (1, T0))
+            sm.txn_end(txn.id)
+            assert preview.columns == want, preview
+    pair.assert_same()
