@@ -955,9 +955,25 @@ class Connection:
                 "(autocommit=True or isolation_level=None; SQLAlchemy: AUTOCOMMIT), one entry "
                 "per call")
 
-    def _run_script(self, script: str) -> tuple[dict[str, Any], int | None]:
+    def _run_script(self, cursor: Cursor, script: str) -> tuple[dict[str, Any], int | None]:
+        """executescript. Legacy transaction control commits a pending transaction first, as
+        sqlite3 does; then the script is one log entry. With autocommit=False, or with
+        autocommit=True inside an explicit BEGIN, sqlite3 commits nothing first: the script's
+        statements join the open transaction one by one (their BEGIN, COMMIT and savepoints
+        included), as execute() would run them, and the first that fails stops the script."""
         with self._lock:
             self._check_open()
+            if self._autocommit is not LEGACY_TRANSACTION_CONTROL and (
+                    self._mode() == "pep249" or self.in_transaction):
+                result = _empty_result()
+                for statement in _sql.split_script(script):
+                    stream = result.pop("stream", None)
+                    if stream is not None:
+                        stream.close()  # an earlier statement's rows: only the last one's are kept
+                    result = self._run_one(cursor, statement, ())
+                    if result.get("error"):
+                        break  # the cursor raises it; the rest of the script does not run
+                return result, None
             self.commit()
             statements = [s for s in _sql.split_script(script) if not _sql.is_begin_or_commit(s)]
             if not statements:

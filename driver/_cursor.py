@@ -155,14 +155,16 @@ class Cursor:
         return self
 
     def executescript(self, sql_script: str, /) -> Cursor:
-        """Commit any pending transaction (as sqlite3), then run the script's statements as ONE
-        atomic log entry. BEGIN/COMMIT/END statements are dropped (the script is already one
-        transaction); other transaction control is refused by the server."""
+        """With legacy transaction control, commit any pending transaction (as sqlite3), then run
+        the script's statements as ONE atomic log entry: BEGIN/COMMIT/END statements are dropped
+        (the script is already one transaction); other transaction control is refused by the
+        server. With autocommit=False (or True inside an explicit BEGIN) the statements join the
+        open transaction instead, as in sqlite3 (Connection._run_script)."""
         self._check()
         if not isinstance(sql_script, str):
             raise TypeError("script argument must be unicode.")
         self._reset()
-        result, rowcount = self.connection._run_script(sql_script)
+        result, rowcount = self.connection._run_script(self, sql_script)
         self._load(result, rowcount)
         return self
 

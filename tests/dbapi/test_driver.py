@@ -57,6 +57,34 @@ def pep249(cluster):
         c.close()
 
 
+def test_executescript_joins_the_open_transaction_outside_legacy_control(pep249, auto, table):
+    """Python 3.12's sqlite3: executescript commits a pending transaction first only under
+    legacy transaction control. With autocommit=False the script joins the open transaction
+    (a later rollback() undoes it); with autocommit=True an explicit BEGIN stays open around
+    it; a COMMIT inside the script commits there."""
+    auto.execute(f"CREATE TABLE {table}(a)")
+    auto.execute(f"INSERT INTO {table} VALUES (1)")
+    pep249.execute(f"INSERT INTO {table} VALUES (2)")
+    pep249.executescript(f"INSERT INTO {table} VALUES (3); SELECT a FROM {table}; "
+                         f"INSERT INTO {table} VALUES (4);")
+    assert _count(pep249, table) == 4
+    pep249.rollback()
+    assert _count(auto, table) == 1
+    auto.execute("BEGIN")
+    auto.executescript(f"INSERT INTO {table} VALUES (5);")
+    assert auto.in_transaction
+    auto.rollback()
+    assert _count(auto, table) == 1
+    pep249.executescript(f"INSERT INTO {table} VALUES (6); COMMIT; INSERT INTO {table} VALUES (7);")
+    pep249.rollback()
+    assert sorted(r[0] for r in auto.execute(f"SELECT a FROM {table}")) == [1, 6]
+    with pytest.raises(db.OperationalError, match="no such table"):
+        pep249.executescript(f"INSERT INTO {table} VALUES (8); INSERT INTO {table}_none "
+                             f"VALUES (0); INSERT INTO {table} VALUES (9);")
+    pep249.commit()  # the statement before the failure stays in the transaction, as in SQLite
+    assert sorted(r[0] for r in auto.execute(f"SELECT a FROM {table}")) == [1, 6, 8]
+
+
 def test_transaction_reads_its_own_writes_and_is_invisible_to_others(cluster, pep249, auto, table):
     conn = pep249
     assert conn.autocommit is False
