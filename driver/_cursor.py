@@ -146,10 +146,19 @@ class Cursor:
         names: tuple[str, ...] | None = None
         looked = False  # names are found at the first mapping
         params = []
-        for p in seq_of_parameters:
-            if not looked and isinstance(p, Mapping):
-                names, looked = _sql.named_parameters(sql), True
-            params.append(adapt_params(p, names))
+        try:
+            for p in seq_of_parameters:
+                if not looked and isinstance(p, Mapping):
+                    names, looked = _sql.named_parameters(sql), True
+                params.append(adapt_params(p, names))
+        except Exception:
+            # A set that cannot be sent (a value with no adapter, a wrong parameter type, an
+            # iterator that raises): sqlite3 has run every set before it by then, so run those,
+            # then raise. (An error of theirs is raised instead, as sqlite3 would have first.)
+            if params:
+                result, rowcount = self.connection._run_many(self, sql, params)
+                self._load(result, rowcount)
+            raise
         result, rowcount = self.connection._run_many(self, sql, params)
         self._load(result, rowcount)
         return self

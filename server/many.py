@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 
 from raftsql.command import Many
-from raftsql.protocol import Result
+from raftsql.protocol import BINDINGS, Result
 from raftsql.server.sandbox import SCHEMA
 from raftsql.server.sqlerrors import NodeProblem, StatementFailed, max_rowid_error
 
@@ -79,7 +79,9 @@ class ManyStatements:
             except NodeProblem as problem:
                 problem.error["set"] = self._ctx.many_set
                 raise
-            error["set"] = self._ctx.many_set
+            # apsw binds a set before its exec trace runs: a set whose parameters do not bind
+            # fails untraced, so it is the one after the last traced.
+            error["set"] = self._ctx.many_set + (error.get("name") == BINDINGS)
             raise StatementFailed(error, by_sqlite=self._by_sqlite(e)) from None
         finally:
             self._ctx.budget_on = False

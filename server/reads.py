@@ -16,6 +16,7 @@ import msgpack
 
 from raftsql.command import Many
 from raftsql.protocol import (
+    BINDINGS,
     MULTIPLE_STATEMENTS,
     NOT_READONLY,
     RESULT_TOO_BIG,
@@ -386,7 +387,7 @@ class Reads:
                     group = list({len(one): one for one in params.sets}.values())
                 else:
                     group = params.sets
-                for one in group:
+                for k, one in enumerate(group):
                     if isinstance(one, dict):
                         shape: Any = tuple(sorted(one))
                     else:
@@ -396,6 +397,11 @@ class Reads:
                         try:
                             seen[key] = self._prepare_only(reader, sql, one)
                         except SQLError as e:
+                            if k > 0 and e.name == BINDINGS:
+                                # A later set of an executemany with the wrong parameters:
+                                # apply fails at that set and keeps the ones before it, as
+                                # sqlite3 does (refusing the request would keep none).
+                                continue
                             e.statement = i
                             raise
                     flag = flag and seen[key][0]

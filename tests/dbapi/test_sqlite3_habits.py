@@ -418,3 +418,29 @@ def test_a_schema_change_shows_in_the_next_statements_columns(connect, table):
     c.commit()
     for _ in range(3):
         assert [dict(r) for r in c.execute(f"SELECT * FROM {table}")] == [{"x": "X", "y": "Y"}]
+
+
+@pytest.mark.parametrize("bad", ["generator", "no adapter", "bindings"])
+@pytest.mark.parametrize("level", [None, ""])
+def test_executemany_keeps_the_sets_before_one_that_cannot_run(connect, table, bad, level):
+    """A set that fails before it reaches SQLite (an iterator that raises, a value without an
+    adapter, a wrong number of parameters): sqlite3 has run the sets before it, which stay (in
+    the implicit transaction, in the default mode)."""
+    c = connect(isolation_level=level)
+    c.execute(f"CREATE TABLE {table}(a)")
+
+    def sets():
+        yield (1,)
+        yield (2,)
+        if bad == "generator":
+            raise ValueError("the source failed")
+        yield (object(),) if bad == "no adapter" else (3, 4)
+        yield (5,)
+
+    errors = {"generator": ValueError, "no adapter": connect.db.ProgrammingError,
+              "bindings": connect.db.ProgrammingError}
+    with pytest.raises(errors[bad]):
+        c.executemany(f"INSERT INTO {table} VALUES (?)", sets())
+    assert c.in_transaction is (level is not None)
+    c.commit()
+    assert _rows(connect, f"SELECT a FROM {table} ORDER BY a") == [(1,), (2,)]

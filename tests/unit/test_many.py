@@ -214,15 +214,25 @@ def test_a_duplicate_serial_returns_the_stored_result(machines):
     assert p.rows("SELECT count(*) FROM t") == [[2]]
 
 
-def test_validate_checks_every_parameter_shape(machines):
+def test_validate_checks_the_first_set_and_apply_fails_at_a_later_bad_shape(machines):
+    """A wrong number of parameters in the first set refuses the request; in a later set the
+    request is proposed and fails at that set, keeping the sets before it (as sqlite3's
+    executemany): on every node alike, naming the set."""
+    p = Pair(machines)
     sm = machines[0]
-    sm.apply(1, many_entry(("CREATE TABLE t(a, b)", ())))
+    p.apply(many_entry(("CREATE TABLE t(a, b)", ())))
     assert sm.validate([("INSERT INTO t VALUES(?, ?)", Many(((1, 2), (3, 4))))]) == [False]
     from raftsql.server.statemachine import SQLError
 
     with pytest.raises(SQLError) as info:
-        sm.validate([("INSERT INTO t VALUES(?, ?)", Many(((1, 2), (3,))))])
-    assert info.value.statement == 0
+        sm.validate([("INSERT INTO t VALUES(?, ?)", Many(((3,), (1, 2))))])
+    assert info.value.statement == 0 and info.value.name == "RAFTSQL_BINDINGS"
+    bad = ("INSERT INTO t VALUES(?, ?)", Many(((1, 2), (5, 6), (3,), (7, 8))))
+    assert sm.validate([bad]) == [False]
+    r = p.apply(many_entry(bad))
+    assert r.error["name"] == "RAFTSQL_BINDINGS" and r.error["set"] == 2, r.error
+    assert p.rows("SELECT a, b FROM t ORDER BY a") == [[1, 2], [5, 6]]
+    assert p.same()
     assert sm.validate([("SELECT ?", Many(((1,),)))]) == [True]
 
 
