@@ -862,16 +862,16 @@ class Connection:
         outside = self._mode() != "pep249"
         if kind == "BEGIN":
             if active:
-                raise OperationalError("cannot start a transaction within a transaction")
+                raise _sqlite_error("cannot start a transaction within a transaction")
             # All three modes are optimistic: none takes a lock (see driver/DESIGN.md).
             self._txn = _Transaction(explicit=True)
         elif kind == "COMMIT":
             if not active and outside:
-                raise OperationalError("cannot commit - no transaction is active")
+                raise _sqlite_error("cannot commit - no transaction is active")
             self.commit()
         elif kind == "ROLLBACK":
             if not active and outside:
-                raise OperationalError("cannot rollback - no transaction is active")
+                raise _sqlite_error("cannot rollback - no transaction is active")
             self.rollback()
         elif kind == "SAVEPOINT":
             if not active:
@@ -885,7 +885,7 @@ class Connection:
             keys = [_sql.savepoint_key(name) for name, _ in txn.savepoints]
             key = _sql.savepoint_key(arg)
             if key not in keys:
-                raise OperationalError(f"no such savepoint: {arg}")
+                raise _sqlite_error(f"no such savepoint: {arg}")
             pos = len(keys) - 1 - keys[::-1].index(key)
             if kind == "RELEASE":
                 txn.controls.append((len(txn.steps), txncheck.RELEASE, pos))
@@ -1017,6 +1017,12 @@ def _check_isolation_level(value: Any) -> str | None:
         raise ValueError(
             "isolation_level string must be '', 'DEFERRED', 'IMMEDIATE', or 'EXCLUSIVE'")
     return level
+
+
+def _sqlite_error(message: str, code: int = 1, name: str = "SQLITE_ERROR") -> Error:
+    """An error the driver raises where SQLite would (transaction control), with SQLite's code
+    and name as sqlite3 gives them."""
+    return error_from_map({"code": code, "name": name, "message": message})
 
 
 def _again(error: Error) -> Error:

@@ -160,6 +160,7 @@ class Cursor:
                 self._load(result, rowcount)
             raise
         result, rowcount = self.connection._run_many(self, sql, params)
+        result.pop("lastrowid", None)  # sqlite3 leaves lastrowid as it was after executemany
         self._load(result, rowcount)
         return self
 
@@ -252,7 +253,7 @@ class Cursor:
             self._interrupts = self.connection._interrupts
             if self._pos < len(self._rows) or (self._stream is not None and not self._stream.done):
                 self._reset()
-                raise OperationalError("interrupted")
+                raise error_from_map({"code": 9, "name": "SQLITE_INTERRUPT", "message": "interrupted"})
         if self._pos >= len(self._rows) and not self._more():
             return None
         pos = self._pos

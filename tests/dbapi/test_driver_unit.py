@@ -657,7 +657,7 @@ def test_executemany_is_one_batch_in_autocommit_mode():
     [(sql, sets)] = client.sent[-1][1]
     assert sql == "INSERT INTO t VALUES (?)" and type(sets).__name__ == "ManyParams"
     assert list(sets) == [[i] for i in range(3)]
-    assert cur.rowcount == 3 and cur.lastrowid == 3
+    assert cur.rowcount == 3 and cur.lastrowid is None  # sqlite3: unchanged by executemany
     assert conn.executemany("INSERT INTO t VALUES (?)", []).rowcount == 0
     with pytest.raises(db.ProgrammingError, match="DML"):
         conn.executemany("SELECT ?", [(1,)])

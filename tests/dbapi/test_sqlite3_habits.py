@@ -444,3 +444,22 @@ def test_executemany_keeps_the_sets_before_one_that_cannot_run(connect, table, b
     assert c.in_transaction is (level is not None)
     c.commit()
     assert _rows(connect, f"SELECT a FROM {table} ORDER BY a") == [(1,), (2,)]
+
+
+def test_transaction_control_errors_carry_sqlites_code_and_executemany_keeps_lastrowid(connect, table):
+    c = connect(isolation_level=None)
+    c.execute(f"CREATE TABLE {table}(a)")
+    cur = c.cursor()
+    cur.execute(f"INSERT INTO {table} VALUES (1)")
+    before = cur.lastrowid
+    cur.executemany(f"INSERT INTO {table} VALUES (?)", [(2,), (3,)])
+    assert cur.lastrowid == before
+    for statement in ("COMMIT", "ROLLBACK", "RELEASE nowhere"):
+        with pytest.raises(connect.db.OperationalError) as info:
+            c.execute(statement)
+        assert (info.value.sqlite_errorcode, info.value.sqlite_errorname) == (1, "SQLITE_ERROR")
+    c.execute("BEGIN")
+    with pytest.raises(connect.db.OperationalError) as info:
+        c.execute("BEGIN")
+    assert (info.value.sqlite_errorcode, info.value.sqlite_errorname) == (1, "SQLITE_ERROR")
+    c.execute("ROLLBACK")
