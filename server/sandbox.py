@@ -114,6 +114,9 @@ def is_internal(name: str | None) -> bool:
     return low.startswith(INTERNAL_PREFIX) or low.startswith(LEGACY_PREFIX)
 
 
+_NO_TEMP = "TEMP objects are not allowed: they belong to one connection and are not replicated"
+
+
 def refusal(
     write: bool, action: int, arg3: str | None, arg4: str | None, nested: bool = False
 ) -> str | None:
@@ -180,7 +183,7 @@ def refusal(
             "raftsql: every write is already one atomic transaction"
         )
     if action in _TEMP_ACTIONS:
-        return "TEMP objects are not allowed: they belong to one connection and are not replicated"
+        return _NO_TEMP
     if action in _SCHEMA_ACTIONS:
         if is_internal(arg3) or is_internal(arg4):
             return f"names starting with {LEGACY_PREFIX} or {INTERNAL_PREFIX} are reserved for raftsql"
@@ -239,7 +242,14 @@ class Guard:
         if self.record is not None and self.user_prepare:
             self.record.append((action, arg3, arg4))
         self.observe(action, arg3, arg4)
-        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
+        # Anything in the temp schema, whatever the action: `CREATE TABLE temp.x` comes as
+        # SQLITE_CREATE_TABLE (not the TEMP code), and a temp trigger on a main table as
+        # SQLITE_CREATE_TRIGGER on "main"; each also writes sqlite_temp_master, in "temp". A
+        # temp object lives in one connection of one node: a temp table hid a main table of the
+        # same name from every later statement (acknowledged writes went to it and were lost),
+        # and a temp trigger fired on one node's writes and not on a restarted one's.
+        reason = _NO_TEMP if db == "temp" else refusal(
+            self.write, action, arg3, arg4, not self.user_prepare)
         if reason is None:
             return apsw.SQLITE_OK
         if self.denied is None:

@@ -453,6 +453,12 @@ REFUSED = [
     ("DELETE FROM sqlite_raftsql_sessions", "internal"),
     ("CREATE TABLE _raftsql_mine(x)", "reserved"),
     ("CREATE TEMP TABLE scratch(x)", "TEMP"),
+    # The same through a qualified name, which SQLite reports as a plain CREATE in "temp"
+    # (a temp table hid the main one of its name: acknowledged writes went to it).
+    ("CREATE TABLE temp.scratch(x)", "TEMP"),
+    ("CREATE VIEW temp.v AS SELECT 1", "TEMP"),
+    ("CREATE VIRTUAL TABLE temp.f USING fts5(b)", "TEMP"),
+    ("SELECT * FROM temp.sqlite_master", "TEMP"),
     ("BEGIN", "transaction control"),
     ("SAVEPOINT s", "transaction control"),
     ("SELECT total_changes()", "total_changes"),
@@ -523,6 +529,24 @@ def test_sandbox_refuses_in_apply_and_validate(pair, tmp_path, sql, fragment):
         pair[0].validate([(sql, ())])
     assert info.value.name == "SQLITE_AUTH" and fragment in info.value.message
     assert not (tmp_path / "copy.db").exists() and not (tmp_path / "other.db").exists()
+    c.assert_same()
+
+
+def test_no_temp_object_can_shadow_or_watch_a_main_table(pair):
+    """A temp table named like a main table took every later write meant for the main one (all
+    acknowledged, all lost); a temp trigger on a main table fired on one node and not on a
+    restarted one. Both are refused, as CREATE TEMP is, and the main table gets the writes."""
+    c = Cluster(*pair)
+    c.apply(entry("CREATE TABLE orders(id INTEGER PRIMARY KEY, item TEXT)"))
+    for sql in ("CREATE TABLE temp.orders(id INTEGER PRIMARY KEY, item TEXT)",
+                "CREATE TRIGGER temp.tr AFTER INSERT ON main.orders BEGIN "
+                "INSERT INTO orders(item) SELECT 'dup' WHERE new.item <> 'dup'; END",
+                "CREATE INDEX temp.i ON orders(item)"):
+        r = c.apply(entry(sql))
+        assert r.error is not None and "TEMP" in r.error["message"], (sql, r.error)
+    r = c.apply(entry("INSERT INTO orders(item) VALUES ('paid')"))
+    assert r.error is None and r.rowcount == 1
+    assert pair[0].query("SELECT item FROM orders").rows == [["paid"]]
     c.assert_same()
 
 
