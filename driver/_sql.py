@@ -129,11 +129,17 @@ _PARAM_SCAN = re.compile(
     r"""|(?P<p>[:@$][A-Za-z0-9_\x80-\U0010ffff]+)""", re.S)
 
 
-@functools.lru_cache(maxsize=256)
 def named_parameters(sql: str) -> tuple[str, ...] | None:
     """The names (without :, @ or $) of the named parameters in sql, in order, each once; None
     if the text may hold names this scan does not understand (Tcl-style $a::b(c)). Cached by
-    text: a statement run again with a mapping is not scanned again."""
+    text (short texts only, so the cache stays small): a statement run again with a mapping is
+    not scanned again."""
+    if len(sql) > 4096:
+        return _named_parameters(sql)
+    return _named_parameters_cached(sql)
+
+
+def _named_parameters(sql: str) -> tuple[str, ...] | None:
     if "::" in sql or "$" in sql and "(" in sql:
         return None
     names: dict[str, None] = {}
@@ -142,6 +148,9 @@ def named_parameters(sql: str) -> tuple[str, ...] | None:
         if name is not None:
             names[name[1:]] = None
     return tuple(names)
+
+
+_named_parameters_cached = functools.lru_cache(maxsize=256)(_named_parameters)
 
 
 def _ident(token: str) -> str:

@@ -27,12 +27,26 @@ def skip_blank(sql: str, i: int = 0) -> int:
     return i
 
 
-@functools.lru_cache(maxsize=4096)
+# Texts up to this long are remembered by the caches keyed by SQL text (first_keyword here, the
+# node's memories of statements): a cache of 4,096 texts of 4 MiB each held 16 GiB per node.
+MAX_CACHED_SQL = 4096
+
+
 def first_keyword(sql: str) -> str:
-    """The statement's first keyword, upper-cased (cached: batches repeat one statement)."""
+    """The statement's first keyword, upper-cased (cached for short texts: batches repeat one
+    statement)."""
+    if len(sql) > MAX_CACHED_SQL:
+        return _first_keyword(sql)
+    return _first_keyword_cached(sql)
+
+
+def _first_keyword(sql: str) -> str:
     i = skip_blank(sql)
     j = i
     n = len(sql)
     while j < n and (sql[j].isalnum() or sql[j] == "_"):
         j += 1
     return sql[i:j].upper()
+
+
+_first_keyword_cached = functools.lru_cache(maxsize=4096)(_first_keyword)

@@ -39,7 +39,7 @@ from raftsql.server.sqlerrors import (
     value_size,
 )
 from raftsql.server.transactions import modified_after
-from raftsql.sqltext import first_keyword, skip_blank
+from raftsql.sqltext import MAX_CACHED_SQL, first_keyword, skip_blank
 
 if TYPE_CHECKING:
     from raftsql.server.statemachine import StateMachine
@@ -151,14 +151,15 @@ class ReadCursor:
         guard.prepared = guard.volatile = False
         self._sql, self._params = sql, params if params is not None else ()
         key = (sql, cookie)
-        reader.known = known = reader.descriptions.get(key)
+        remember = len(sql) <= MAX_CACHED_SQL  # a longer text is always prepared afresh
+        reader.known = known = reader.descriptions.get(key) if remember else None
         try:
             # Collecting a read set needs the authorizer, which runs only at prepare; a text
             # whose columns under this schema are not known yet is prepared afresh, which
             # tells them.
             self._rows = conn.cursor().execute(
                 sql, self._params, can_cache=read_set is None and known is not None)
-            if known is None and reader.traced:
+            if known is None and reader.traced and remember:
                 if len(reader.descriptions) >= _MAX_DESCRIPTIONS:
                     reader.descriptions.clear()
                 reader.descriptions[key] = reader.description
@@ -339,6 +340,8 @@ class Reads:
         self._volatile: dict[str, bool] = {}
 
     def note_volatile(self, sql: str, volatile: bool) -> None:
+        if len(sql) > MAX_CACHED_SQL:
+            return  # not remembered (was_volatile: True), as memories keyed by text are bounded
         if len(self._volatile) >= _VOLATILE_MEMO and sql not in self._volatile:
             self._volatile.clear()
         self._volatile[sql] = volatile
