@@ -115,6 +115,9 @@ def is_internal(name: str | None) -> bool:
 
 
 _NO_TEMP = "TEMP objects are not allowed: they belong to one connection and are not replicated"
+_TEMP_SCHEMA_UPKEEP = frozenset({_A.SQLITE_READ, _A.SQLITE_UPDATE, _A.SQLITE_DELETE})
+_TEMP_SCHEMA_TABLES = frozenset({"sqlite_temp_master", "sqlite_temp_schema", "sqlite_master",
+                                 "sqlite_schema"})
 
 
 def refusal(
@@ -242,14 +245,18 @@ class Guard:
         if self.record is not None and self.user_prepare:
             self.record.append((action, arg3, arg4))
         self.observe(action, arg3, arg4)
-        # Anything in the temp schema, whatever the action: `CREATE TABLE temp.x` comes as
-        # SQLITE_CREATE_TABLE (not the TEMP code), and a temp trigger on a main table as
-        # SQLITE_CREATE_TRIGGER on "main"; each also writes sqlite_temp_master, in "temp". A
-        # temp object lives in one connection of one node: a temp table hid a main table of the
-        # same name from every later statement (acknowledged writes went to it and were lost),
-        # and a temp trigger fired on one node's writes and not on a restarted one's.
-        reason = _NO_TEMP if db == "temp" else refusal(
-            self.write, action, arg3, arg4, not self.user_prepare)
+        # Anything in the temp schema but SQLite's own upkeep of its (empty) schema table:
+        # `CREATE TABLE temp.x` comes as SQLITE_CREATE_TABLE (not the TEMP code) and a temp
+        # trigger on a main table as SQLITE_CREATE_TRIGGER on "main", but each inserts into the
+        # temp schema table, in "temp". A temp object lives in one connection of one node: a
+        # temp table hid a main table of the same name from every later statement (acknowledged
+        # writes went to it and were lost), and a temp trigger fired on one node's writes and not
+        # on a restarted one's. (ALTER TABLE ... RENAME reads and updates sqlite_temp_master to
+        # rename what temp triggers say: allowed, since there are none.)
+        if db == "temp" and not (action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
+            reason: str | None = _NO_TEMP
+        else:
+            reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
         if reason is None:
             return apsw.SQLITE_OK
         if self.denied is None:

@@ -458,7 +458,6 @@ REFUSED = [
     ("CREATE TABLE temp.scratch(x)", "TEMP"),
     ("CREATE VIEW temp.v AS SELECT 1", "TEMP"),
     ("CREATE VIRTUAL TABLE temp.f USING fts5(b)", "TEMP"),
-    ("SELECT * FROM temp.sqlite_master", "TEMP"),
     ("BEGIN", "transaction control"),
     ("SAVEPOINT s", "transaction control"),
     ("SELECT total_changes()", "total_changes"),
