@@ -69,6 +69,7 @@ from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
 from raftsql.server.transactions import TxnGone, may_read, new_env
 from raftsql.server.transport import Transport
+from raftsql.sqltext import first_keyword
 from raftsql.trace import Trace
 
 log = logging.getLogger("raftsql.node")
@@ -897,6 +898,19 @@ class Node:
                 raise self._not_leader()
         fields = {"kind": CommandKind.TXN, "last_ms": commit.last_ms, "checks": commit.checks,
                   "controls": commit.controls}
+        if all(first_keyword(sql) in ("SELECT", "VALUES") for sql, _ in statements):
+            # Only reads: checked here at a ReadIndex, never logged (server/DESIGN.md,
+            # "Read-only commits").
+            self.sm.txn_end(commit.txn)
+            self.wait_read_index(deadline)
+            with self._lock:
+                if self.core.role != Role.LEADER:
+                    raise self._not_leader()
+            try:
+                cmd = self._stamped(statements, client_id, serial, **fields)
+            except CommandError as e:
+                raise RequestError(ErrorKind.BAD_REQUEST, str(e)) from None
+            return self.sm.check_read_only(cmd, cmd.leader_time_ms)
         self.sm.txn_ending(commit.txn)
         try:
             # Its preview state is dropped (its live SQLite transaction rolled back) while the

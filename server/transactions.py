@@ -32,7 +32,7 @@ import apsw
 
 from raftsql import txncheck
 from raftsql.command import Command, CommandKind, Many
-from raftsql.protocol import SERIALIZATION, TXN_TIMEOUT, Result, sql_error
+from raftsql.protocol import SERIALIZATION, TXN_TIMEOUT, ErrorKind, RequestError, Result, sql_error
 from raftsql.server.sandbox import SCHEMA, Guard
 from raftsql.server.sqlerrors import (
     MAX_RESULT_BYTES,
@@ -690,6 +690,37 @@ class CheckedTransactions:
         last = per[-1] if per else Result()
         return Result(rowcount=last.rowcount, lastrowid=last.lastrowid, index=index,
                       results=per if len(per) != 1 else None)
+
+    def check_read_only(self, cmd: Command, now_ms: int) -> Result:
+        """A transaction that only ran SELECT and VALUES statements, checked at this node's
+        applied state (the caller has made it at least a ReadIndex) and never logged: the same
+        checks a commit entry makes, inside a SQLite transaction that is then rolled back. Its
+        place in the serial order is between the applied entry and the next (server/DESIGN.md,
+        "Read-only commits"). cmd: a TXN Command with the transaction's statements, checks and
+        controls, its last_ms and a seed; its leader_time_ms is not used (now_ms is)."""
+        with self._lock:
+            self._check_open()
+            index = self._applied_index
+            if cmd.last_ms and now_ms - cmd.last_ms > self.txn_idle_timeout_ms:
+                return Result(index=index, error=sql_error(
+                    SQLITE_ABORT, TXN_TIMEOUT,
+                    f"the transaction was idle for more than {self.txn_idle_timeout_ms} ms; "
+                    "nothing was applied: run it again"))
+            self._park()
+            self._conn.set_last_insert_rowid(0)
+            self._internal("BEGIN")
+            self._vfs.now_ms = now_ms
+            try:
+                result = self._execute_checked(index, cmd)
+            except StatementFailed as failed:  # rolled the SQLite transaction back
+                result = Result(index=index, error=failed.error)
+            except NodeProblem as problem:
+                raise RequestError(ErrorKind.UNAVAILABLE, "the transaction's reads could not be "
+                                   f"checked on this node: {problem.error.get('message')}") from None
+            finally:
+                self._abandon()  # rolls back; the clock goes back to the applied entry's
+            result.index = index
+            return result
 
     def _run_checked(self, sql: str, params: Any, check: tuple | None) -> tuple[Result, str | None]:
         """Run one statement of a checked commit. Returns (its Result without rows, None) if

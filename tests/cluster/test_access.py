@@ -178,20 +178,35 @@ def test_a_read_only_transaction_is_refused_at_its_first_write(clusters):
 
 
 def test_a_read_only_certificate_commits_reads_but_no_forged_write(clusters):
-    """An explicit transaction that only read commits (its reads are checked in the log); a
-    commit that carries a write it never previewed is refused before the log."""
+    """An explicit transaction that only read commits: its reads are checked on the leader at a
+    ReadIndex and nothing reaches the log (a read certificate once added log entries this way,
+    and made every node run its SELECTs in apply); a write between its read and its commit
+    still fails it. A commit that carries a write it never previewed is refused before the
+    log."""
     main, _ = clusters
     conn = db.connect(main.dsn_for(_certs(main, "read")), timeout=20, autocommit=True)
+    writer = db.connect(main.dsn, timeout=20, autocommit=True)
     try:
+        before = main.hashes()
         conn.execute("BEGIN")
         assert conn.execute("SELECT v FROM t WHERE id = 1").fetchone() == ("first",)
         conn.execute("COMMIT")
-        before = main.hashes()
+        result = conn._send([("SELECT 1", ())],
+                            commit={"last_ms": 0, "checks": [None], "controls": [], "txn": None})
+        assert result.get("error") is None
+        assert main.hashes() == before  # no log entry
         with pytest.raises(db.PermissionDenied, match="may not write"):
             conn._send([("DELETE FROM t", ())],
                        commit={"last_ms": 0, "checks": [None], "controls": [], "txn": None})
         assert main.hashes() == before
+        conn.execute("BEGIN")
+        assert conn.execute("SELECT v FROM t WHERE id = 1").fetchone() == ("first",)
+        writer.execute("UPDATE t SET v = 'changed' WHERE id = 1")
+        with pytest.raises(db.SerializationError, match="returns different rows now"):
+            conn.execute("COMMIT")
     finally:
+        writer.execute("UPDATE t SET v = 'first' WHERE id = 1")
+        writer.close()
         conn.close()
 
 
