@@ -338,7 +338,7 @@ class ClientService:
         refuse = who.refuse_write(req.statements)
         result, readonly, term, time_ms, txn_id, lost, seed = self.node.execute_in_transaction(
             req.statements[0], req.txn, timeout_s=self._timeout_s(req),
-            chunk=self._chunk(req, cursors), refuse_write=refuse)
+            chunk=self._chunk(req, cursors), refuse_write=refuse, owner=who.name or "")
         out = self._streamed(result, result.to_wire(), cursors)
         out["readonly"] = readonly
         out["term"] = term

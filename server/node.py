@@ -826,7 +826,7 @@ class Node:
 
     def execute_in_transaction(self, statement: tuple[str, Any], txn: Any, *,
                                timeout_s: float | None = None, chunk: int | None = None,
-                               refuse_write: RequestError | None = None):
+                               refuse_write: RequestError | None = None, owner: str = ""):
         """One statement of a driver transaction (txn: a protocol.TxnState), run on the leader
         against its applied state plus the transaction's own earlier writes, never applied
         (server/transactions.py). Returns (Result, readonly, term, time_ms, txn id, lost, seed):
@@ -842,7 +842,8 @@ class Node:
         transactions"). The term pins the transaction to one leader: if leadership changed
         since its first statement, or the leader no longer holds its preview state, it fails
         with TXN_ABORTED (nothing was applied; retry the whole transaction), as it does when
-        it was idle (last_ms, the leader time of its previous statement) too long."""
+        it was idle (last_ms, the leader time of its previous statement) too long. owner: the
+        client's certificate, whose transactions share a quarter of the leader's bounds."""
         with self._lock:
             if self.core.role != Role.LEADER:
                 raise self._not_leader()
@@ -870,7 +871,7 @@ class Node:
             elif txn.base:
                 raise TxnGone(None)
             else:
-                state = self.sm.txn_begin(txn.client_id, current)
+                state = self.sm.txn_begin(txn.client_id, current, owner)
             env = new_env(now_ms)
             result, readonly, lost = self.sm.txn_preview(state, statement, txn.base, env)
         except TxnGone:

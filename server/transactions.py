@@ -54,6 +54,7 @@ DEFAULT_TXN_IDLE_TIMEOUT_MS = 60_000
 # next statement fails with TXN_ABORTED: run it again).
 MAX_OPEN_TRANSACTIONS = 1024
 MAX_OPEN_TRANSACTION_BYTES = 256 << 20
+OWNER_SHARE = 4  # one certificate may hold 1/OWNER_SHARE of either bound
 # A live transaction's SQLite session stops recording past this much memory: the transaction
 # is then parked without a changeset and rebuilt by replaying its statements. apsw deletes a
 # session holding the GIL, about 50 ns per recorded row: a runaway preview's session (about 7
@@ -214,6 +215,7 @@ class PreviewTxn:
     id: str
     client_id: str
     term: int
+    owner: str = ""  # the certificate it came from ("" in-process): its share of the bounds
     writes: list[tuple[str, Any]] = field(default_factory=list)
     envs: list[tuple[int, int] | None] = field(default_factory=list)  # each write's (seed, now_ms)
     costs: list[float] = field(default_factory=list)  # CPU seconds each write's preview took (thread_time)
@@ -238,8 +240,14 @@ class OpenTransactions:
                  max_bytes: int = MAX_OPEN_TRANSACTION_BYTES):
         self.max_open = max_open
         self.max_bytes = max_bytes
+        # One certificate may hold a quarter of either bound: past its share, its own least
+        # recently used transactions make room, not other clients' (a write client opening
+        # 1,024 transactions used to push every other client's out).
+        self.max_open_per_owner = max(1, max_open // OWNER_SHARE)
+        self.max_bytes_per_owner = max(1, max_bytes // OWNER_SHARE)
         self._by_id: collections.OrderedDict[str, PreviewTxn] = collections.OrderedDict()
         self._by_client: dict[str, str] = {}
+        self._owned: dict[str, list[int]] = {}  # owner -> [transactions, bytes]
         self.bytes = 0
         self.dropped_for_room = 0
 
@@ -265,12 +273,20 @@ class OpenTransactions:
         self._by_id[txn.id] = txn
         if txn.client_id:
             self._by_client[txn.client_id] = txn.id
+        if txn.owner:
+            self._owned.setdefault(txn.owner, [0, 0])[0] += 1
 
     def remove(self, txn: PreviewTxn) -> None:
         if self._by_id.pop(txn.id, None) is not None:
             self.bytes -= txn.size
             if self._by_client.get(txn.client_id) == txn.id:
                 del self._by_client[txn.client_id]
+            owned = self._owned.get(txn.owner) if txn.owner else None
+            if owned is not None:
+                owned[0] -= 1
+                owned[1] -= txn.size
+                if owned[0] <= 0:
+                    del self._owned[txn.owner]
 
     def resize(self, txn: PreviewTxn, recount: bool = False) -> None:
         """Account for txn's writes and changeset; recount: its writes were cut short."""
@@ -278,6 +294,9 @@ class OpenTransactions:
             txn.writes_size = sum(_statement_size(s, p) for s, p in txn.writes)
         size = txn.writes_size + len(txn.changeset or b"")
         self.bytes += size - txn.size
+        owned = self._owned.get(txn.owner) if txn.owner and txn.id in self._by_id else None
+        if owned is not None:
+            owned[1] += size - txn.size
         txn.size = size
 
     def victims(self, keep: PreviewTxn | None, idle_s: float) -> list[PreviewTxn]:
@@ -285,9 +304,27 @@ class OpenTransactions:
         a bound (never `keep`)."""
         out = []
         now = time.monotonic()
-        over_n = len(self._by_id) - self.max_open
-        over_b = self.bytes - self.max_bytes
+        owned = self._owned.get(keep.owner) if keep is not None and keep.owner else None
+        if owned is not None and (owned[0] > self.max_open_per_owner
+                                  or owned[1] > self.max_bytes_per_owner):
+            # Over its certificate's share: that certificate's own make room first.
+            mine_n = owned[0] - self.max_open_per_owner
+            mine_b = owned[1] - self.max_bytes_per_owner
+            for txn in self._by_id.values():
+                if mine_n <= 0 and mine_b <= 0:
+                    break
+                if txn is keep or txn.owner != keep.owner:
+                    continue
+                out.append(txn)
+                self.dropped_for_room += 1
+                mine_n -= 1
+                mine_b -= txn.size
+        chosen = {id(t) for t in out}
+        over_n = len(self._by_id) - len(out) - self.max_open
+        over_b = self.bytes - sum(t.size for t in out) - self.max_bytes
         for txn in self._by_id.values():
+            if id(txn) in chosen:
+                continue
             if txn is keep:
                 continue
             if now - txn.last_used > idle_s:
@@ -318,14 +355,15 @@ class TransactionPreviews:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def txn_begin(self, client_id: str, term: int) -> PreviewTxn:
+    def txn_begin(self, client_id: str, term: int, owner: str = "") -> PreviewTxn:
         """New preview state for a client's transaction (replacing its previous one)."""
         with self._lock:
             self._check_open()
             old = self.open_txns.previous(client_id)
             if old is not None:
                 self._drop_txn(old)
-            txn = PreviewTxn(id=self._txn_ids.next(), client_id=client_id, term=term)
+            txn = PreviewTxn(id=self._txn_ids.next(), client_id=client_id, term=term,
+                             owner=owner)
             # As its commit entry will (StateMachine._apply_command): last_insert_rowid()
             # starts from what the client's previous write left.
             txn.last_rowid = self.client_last_rowid(client_id)

@@ -501,3 +501,38 @@ def test_a_check_without_env_is_accepted():
     assert txncheck.normalize_check(0, [*six, [5, 7]]) == (*six, (5, 7))
     with pytest.raises(ValueError, match="env"):
         txncheck.normalize_check(0, [*six, [-1, 7]])
+
+
+def test_one_certificate_past_its_share_makes_room_from_its_own_transactions(tmp_path):
+    """Open transactions are bounded per leader (count and bytes); one certificate may hold a
+    quarter of each. A certificate opening more drops its own least recently used ones, not
+    another client's (a write client opening 1,024 used to abort every other transaction)."""
+    from raftsql.server.transactions import OpenTransactions, PreviewTxn
+
+    box = OpenTransactions(max_open=16, max_bytes=1 << 20)
+    assert box.max_open_per_owner == 4
+    honest = PreviewTxn(id="h", client_id="h", term=1, owner="honest")
+    box.add(honest)
+    dropped = []
+    for k in range(40):
+        txn = PreviewTxn(id=f"e{k}", client_id=f"e{k}", term=1, owner="evil")
+        box.add(txn)
+        for victim in box.victims(txn, idle_s=60):
+            box.remove(victim)
+            dropped.append(victim.id)
+    assert box.get("h") is honest and "h" not in dropped
+    assert len(box) == 1 + 4 and dropped[:3] == ["e0", "e1", "e2"]
+    # Bytes too: a certificate's transactions past a quarter of the byte bound.
+    big = PreviewTxn(id="b", client_id="b", term=1, owner="evil")
+    box.add(big)
+    big.writes_size = 300_000
+    box.resize(big)
+    for victim in box.victims(big, idle_s=60):
+        box.remove(victim)
+    assert box.get("h") is honest and box.get("b") is big
+    assert [t.id for t in box if t.owner == "evil"] == ["b"]
+    # In-process callers (no certificate) share the global bounds only, as before.
+    anon = OpenTransactions(max_open=16, max_bytes=1 << 20)
+    for k in range(16):
+        anon.add(PreviewTxn(id=f"a{k}", client_id=f"a{k}", term=1))
+    assert anon.victims(None, idle_s=60) == []
