@@ -98,6 +98,9 @@ log = logging.getLogger("raftsql.clients")
 # Streamed reads (see the module docstring).
 MAX_CURSORS_PER_CONNECTION = 16
 MAX_CURSORS = 256  # per node: each holds a reader connection and a read transaction
+# One certificate may hold a quarter of them: one client with 16 connections of 16 unfinished
+# results each used to make every other client's larger reads fail.
+MAX_CURSORS_PER_CERTIFICATE = MAX_CURSORS // 4
 CURSOR_IDLE_S = 60.0
 MIN_CHUNK = 4 << 10
 
@@ -106,8 +109,9 @@ class _Cursors:
     """The open streamed reads of one client connection. Used only by that connection's
     thread; the node-wide count is shared."""
 
-    def __init__(self, service: ClientService):
+    def __init__(self, service: ClientService, owner: str = ""):
         self._service = service
+        self._owner = owner  # the connection's certificate
         self._open: dict[int, Any] = {}
         self._next_id = 1
 
@@ -124,6 +128,14 @@ class _Cursors:
                 f"{MAX_CURSORS_PER_CONNECTION}): fetch them to the end or close their cursors",
             )
         with svc._cursor_lock:
+            mine = svc._cursors_of.get(self._owner, 0)
+            if mine >= MAX_CURSORS_PER_CERTIFICATE:
+                cursor.close()
+                raise RequestError(
+                    ErrorKind.TOO_MANY_CURSORS,
+                    f"this certificate holds {mine} unfinished result sets on this node (at most "
+                    f"{MAX_CURSORS_PER_CERTIFICATE}): fetch them to the end or close their cursors",
+                )
             if svc._cursor_count >= MAX_CURSORS:
                 cursor.close()
                 raise RequestError(
@@ -132,6 +144,7 @@ class _Cursors:
                     "some, or read smaller results",
                 )
             svc._cursor_count += 1
+            svc._cursors_of[self._owner] = mine + 1
         cid = self._next_id
         self._next_id += 1
         self._open[cid] = cursor
@@ -150,8 +163,14 @@ class _Cursors:
         cursor = self._open.pop(cid, None)
         if cursor is not None:
             cursor.close()
-            with self._service._cursor_lock:
-                self._service._cursor_count -= 1
+            svc = self._service
+            with svc._cursor_lock:
+                svc._cursor_count -= 1
+                left = svc._cursors_of.get(self._owner, 1) - 1
+                if left > 0:
+                    svc._cursors_of[self._owner] = left
+                else:
+                    svc._cursors_of.pop(self._owner, None)
 
     def expire(self) -> None:
         limit = time.monotonic() - CURSOR_IDLE_S
@@ -170,6 +189,7 @@ class ClientService:
         self.admin = AdminService(node)  # membership changes and backups (server/admin.py)
         self._cursor_lock = threading.Lock()
         self._cursor_count = 0
+        self._cursors_of: dict[str, int] = {}  # certificate name -> its open cursors
 
     def on_admin(self, sm: Any, entries: list) -> None:
         """The state machine applied audit records (or opened with its deny list): close the
@@ -198,8 +218,8 @@ class ClientService:
     def serve(self, conn) -> None:
         """Run one client connection's request loop (in the transport's connection thread)."""
         first = True
-        cursors = _Cursors(self)
         who = Principal.of(conn)
+        cursors = _Cursors(self, who.name or "")
         try:
             while True:
                 try:

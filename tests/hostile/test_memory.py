@@ -148,3 +148,36 @@ def test_many_large_entries_keep_node_memory_bounded(cluster, conn, guard):
         time.sleep(0.5)
     after = {n: _rss_mb(p) for n, p in PeakRSS(cluster).pids.items()}
     assert max(after.values()) < 350, after
+
+
+def test_one_certificate_cannot_hold_every_cursor_of_a_node(cluster, conn, guard):
+    """Unfinished streamed results are bounded per node (256) and per certificate (a quarter):
+    one client holding 16 on each of many connections used to make every other client's
+    larger reads fail with TOO_MANY_CURSORS."""
+    q = ("SELECT x, zeroblob(100000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+         "SELECT x+1 FROM c WHERE x < 30) SELECT x FROM c)")
+    node = cluster.wait_leader()
+    hog_dsn = (f"raftsql://{cluster.address(node)}/?certs={cluster.client_certs('hog', 'read')}")
+    hogs, held = [], []
+    with guard():
+        try:
+            with pytest.raises(raftsql.OperationalError, match="this certificate holds 64"):
+                for _ in range(5):
+                    h = raftsql.connect(hog_dsn, autocommit=True, timeout=20)
+                    hogs.append(h)
+                    for _ in range(16):
+                        cur = h.execute(q)
+                        assert cur.fetchone()[0] == 1
+                        held.append(cur)
+            assert len(held) == 64
+            # Another certificate still streams a result of many chunks from that node.
+            other = raftsql.connect(f"raftsql://{cluster.address(node)}/?certs="
+                                    f"{cluster.client_certs('other', 'read')}",
+                                    autocommit=True, timeout=20)
+            try:
+                assert len(other.execute(q).fetchall()) == 30
+            finally:
+                other.close()
+        finally:
+            for h in hogs:
+                h.close()
