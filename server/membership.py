@@ -346,11 +346,38 @@ def _context_address(cc: ConfChange) -> str | None:
 # --------------------------------------------------------------------------- joining
 
 
+def _ran(data_dir: str) -> bool:
+    """Has the node of data_dir ever run (a term, a vote, an entry or a snapshot)?"""
+    from raftsql.server.logstore import LogStore
+
+    path = os.path.join(data_dir, "raft-log")
+    if not os.path.isdir(path):
+        return False
+    store = LogStore(path)
+    try:
+        hs, snap, stored = store.initial_state()
+    finally:
+        store.close()
+    return bool(hs.term or hs.vote is not None or snap.index or stored.last_index)
+
+
 def join_cluster(cfg, dsn_text: str, timeout: float = 60.0) -> dict[str, Any]:
     """`raftsql node --join DSN`: ask the cluster (with this node's own certificate) to add it
     as a learner, then record the cluster's bootstrap voters and members in the membership
     file. A data directory that already has the file has joined before: nothing is sent."""
     doc = read_membership(cfg.data_dir)
+    if doc is not None and list(doc.get("bootstrap_voters") or ()) == [cfg.id]:
+        # Written by a start without --join: a node that joined records the cluster's voters,
+        # never itself alone.
+        if _ran(cfg.data_dir):
+            raise JoinError(
+                f"{cfg.data_dir} holds a one-node cluster of {cfg.id} that has run: --join would "
+                f"be ignored and {cfg.id} would go on alone, taking writes beside the cluster you "
+                f"mean. To join, move {cfg.data_dir} away and start again (its data stays in the "
+                "move); to keep the one-node cluster, start it without --join")
+        log.info("%s: %s was written by a start that never ran; joining instead", cfg.id,
+                 MEMBERSHIP_FILE)
+        doc = None
     if doc is not None:
         log.info("%s: %s exists; already joined, not asking again", cfg.id, MEMBERSHIP_FILE)
         return doc

@@ -285,3 +285,35 @@ def test_a_join_that_no_node_answers_says_so_before_its_deadline(caplog):
         with pytest.raises(membership.JoinError, match="did not add this node"):
             membership._ask_cluster([("127.0.0.1", port)], None, 1.0, {"op": "cluster_join"})
     assert "no node of the cluster has answered yet" in caplog.text
+
+
+def test_join_after_a_first_start_that_never_ran_asks_to_join(tmp_path, monkeypatch):
+    """A first start without --join that failed before the node ran left a one-node membership
+    file; `--join` used to be ignored then ("already joined"), and the node started a cluster of
+    its own beside the one meant. Now it joins; and a one-node cluster that has run is refused."""
+    from raftsql.raft.types import HardState
+    from raftsql.server.logstore import LogStore
+
+    membership.Membership.open(_cfg(tmp_path, peers={}), {}, [], 0)
+    asked = []
+
+    def ask(hosts, context, timeout, req):
+        asked.append(req["op"])
+        return {"bootstrap_voters": ["a", "b", "c"], "members": {"a": "h:1", "b": "h:2", "c": "h:3"}}
+
+    monkeypatch.setattr(membership, "_ask_cluster", ask)
+    monkeypatch.setattr(membership, "node_client_context", lambda *a: None)
+    cfg = _cfg(tmp_path, peers={})
+    doc = membership.join_cluster(cfg, "raftsql://h:1/")
+    assert asked == ["cluster_join"] and doc["bootstrap_voters"] == ["a", "b", "c"]
+
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    membership.Membership.open(_cfg(ran, peers={}), {}, [], 0)
+    store = LogStore(str(ran / "raft-log"))
+    store.set_hard_state(HardState(term=1, vote="n1", commit=0))
+    store.sync()
+    store.close()
+    with pytest.raises(membership.JoinError, match="one-node cluster of n1 that has run"):
+        membership.join_cluster(_cfg(ran, peers={}), "raftsql://h:1/")
+    assert asked == ["cluster_join"]
