@@ -164,6 +164,12 @@ class AdminService:
             if known == addr:
                 return {"node_id": nid, "role": "learner", "index": None, "already": True, "members": self._members()}
             raise RequestError(ErrorKind.BAD_REQUEST, f"{nid} is already a learner at {known}; remove it first to change its address")
+        taken = sorted(other for other, known in self._members().items()
+                       if known and other != nid and _same_address(known, addr))
+        if taken:
+            # Its peers would dial the other member there (and refuse its certificate).
+            raise RequestError(ErrorKind.BAD_REQUEST, f"{addr} is the address of member "
+                               f"{taken[0]}: each member needs its own (host:port)")
         cc = ConfChange(ConfChangeType.ADD_LEARNER, nid, change_context(addr, audit))
         index = self.node.propose_conf_change(cc, deadline)
         return {"node_id": nid, "role": "learner", "index": index, "members": self._members()}
@@ -384,3 +390,12 @@ def copy_database(src_path: str, dst_path: str) -> int:
     finally:
         dst.close()
     return int(index)
+
+
+def _same_address(a: str, b: str) -> bool:
+    """host:port of two members name the same place (host names compare case-insensitively)."""
+    try:
+        (ha, pa), (hb, pb) = parse_addr(a), parse_addr(b)
+    except ValueError:
+        return False
+    return pa == pb and ha.lower().strip("[]") == hb.lower().strip("[]")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from typing import Any
@@ -29,7 +30,7 @@ from raftsql.protocol import ErrorKind
 from raftsql.raft.types import ConfChange, ConfChangeType, Entry, EntryType
 from raftsql.server.config import NodeConfig
 from raftsql.server.records import MemberChange
-from raftsql.server.tls import node_client_context
+from raftsql.server.tls import node_client_context, own_cert_covers
 
 log = logging.getLogger("raftsql.membership")
 
@@ -385,6 +386,19 @@ def join_cluster(cfg, dsn_text: str, timeout: float = 60.0) -> dict[str, Any]:
     host = parse_addr(address)[0]
     if host in ("0.0.0.0", "::", ""):
         raise JoinError(f"--join needs an address the cluster can dial: set --advertise (listen is {address})")
+    # What would leave a member behind that nobody can reach, checked before asking to join.
+    if not own_cert_covers(cfg.certs_dir, cfg.id, host):
+        raise JoinError(
+            f"this node's certificate does not hold {host}, the address its peers would dial "
+            f"({address}): they would refuse it. Make its certificate with `raftsql certs node "
+            f"{cfg.id} --host {host}`, or listen/advertise on a host it holds; nothing was asked")
+    try:
+        family = socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET
+        with socket.create_server((cfg.listen[0].strip("[]"), cfg.listen[1]), family=family):
+            pass
+    except OSError as e:
+        raise JoinError(f"cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {e.strerror or e}; "
+                        "nothing was asked") from None
     try:
         hosts = DSN.parse(dsn_text).hosts
     except ValueError as e:

@@ -131,6 +131,25 @@ def _check_own_cert(ca: str, cert: str) -> None:
             "refuse it; use the certificates of one `raftsql certs init`") from None
 
 
+def own_cert_covers(certs_dir: str | os.PathLike[str], node_name: str, host: str) -> bool:
+    """Does this node's certificate hold `host` (an IP address or a DNS name) among its subject
+    alternative names? Peers dial it by that host and check the name."""
+    import ipaddress
+
+    _, cert, _ = _leaf_files(certs_dir, node_name)
+    leaf = _read_cert(Path(cert), "certificate")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".") in {n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)}
+    return ip in san.get_values_for_type(x509.IPAddress)
+
+
 def node_client_context(certs_dir: str | os.PathLike[str], node_name: str) -> ssl.SSLContext:
     """Context for dialling a peer node: presents NAME.crt, trusts only the cluster CA and checks
     the hostname, so wrap with ``server_hostname=<the IP or name dialled>``.

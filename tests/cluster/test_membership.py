@@ -217,6 +217,14 @@ def test_a_voter_cannot_rejoin_with_join(cluster):
         client.close()
 
 
+def test_a_member_address_cannot_be_given_to_another_node(cluster):
+    """`cluster add` and `--join` with an address a member already has used to be accepted: the
+    new member's peers then dialed the old one there and refused its certificate."""
+    with pytest.raises(Exception, match="is the address of member n2"):
+        cluster.admin("cluster_add", "n9", cluster.address("n2"), timeout=10)
+    assert "n9" not in str(cluster.status(cluster.wait_leader()))
+
+
 def test_cli_commands(cluster):
     import subprocess
     import sys

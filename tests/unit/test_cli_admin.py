@@ -303,7 +303,14 @@ def test_join_after_a_first_start_that_never_ran_asks_to_join(tmp_path, monkeypa
 
     monkeypatch.setattr(membership, "_ask_cluster", ask)
     monkeypatch.setattr(membership, "node_client_context", lambda *a: None)
+    monkeypatch.setattr(membership, "own_cert_covers", lambda *a: True)
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
     cfg = _cfg(tmp_path, peers={})
+    cfg.listen = ("127.0.0.1", free)
     doc = membership.join_cluster(cfg, "raftsql://h:1/")
     assert asked == ["cluster_join"] and doc["bootstrap_voters"] == ["a", "b", "c"]
 
@@ -317,3 +324,30 @@ def test_join_after_a_first_start_that_never_ran_asks_to_join(tmp_path, monkeypa
     with pytest.raises(membership.JoinError, match="one-node cluster of n1 that has run"):
         membership.join_cluster(_cfg(ran, peers={}), "raftsql://h:1/")
     assert asked == ["cluster_join"]
+
+
+def test_join_checks_its_certificate_and_its_port_before_asking(tmp_path, monkeypatch):
+    """A node whose certificate does not hold its address, or that cannot listen, used to join
+    anyway and leave a member behind that no peer could reach; now nothing is asked."""
+    import socket
+
+    from raftsql.server.certs import CertsTree
+
+    tree = CertsTree(tmp_path / "certs")
+    tree.init()
+    tree.node("n5", ["127.0.0.15"])
+    asked = []
+    monkeypatch.setattr(membership, "_ask_cluster", lambda *a: asked.append(a) or {})
+    data = tmp_path / "d5"
+    data.mkdir()
+    cfg = NodeConfig(id="n5", data_dir=str(data), listen=("127.0.0.16", 24701), peers={},
+                     certs_dir=str(tree.own_dir("n5")))
+    with pytest.raises(membership.JoinError, match="does not hold 127.0.0.16"):
+        membership.join_cluster(cfg, "raftsql://127.0.0.1:1/")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.15", 0))
+        busy.listen()
+        cfg.listen = ("127.0.0.15", busy.getsockname()[1])
+        with pytest.raises(membership.JoinError, match="cannot listen on 127.0.0.15"):
+            membership.join_cluster(cfg, "raftsql://127.0.0.1:1/")
+    assert asked == []
