@@ -399,6 +399,7 @@ class Client:
         last_error = "no attempt made"
         pinned = pinned_term is not None
         bad_certificates: set[tuple[str, int]] = set()  # nodes whose certificate we refused
+        refused_ours: set[tuple[str, int]] = set()  # nodes that refused our certificate
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -416,6 +417,10 @@ class Client:
                             f"{e}. Every node's certificate was refused: the DSN must name each "
                             "node by a host name or address its certificate holds (`raftsql certs "
                             "node --host`), with certs= pointing at the cluster's CA") from None
+                if e.certificate_refused:
+                    refused_ours.add(self._target())
+                    if not maybe_sent and refused_ours >= set(self.hosts):
+                        raise BadCertificate(f"{e}. Every node refused it") from None
                 self._unreachable += 1
                 if pinned:
                     self._forget_node()

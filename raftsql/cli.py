@@ -28,7 +28,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 USER_ERRORS = [
     "raftsql.server.tls:TLSConfigError",
     "raftsql.server.certs:TLSConfigError",
-    "raftsql.driver._exceptions:ProgrammingError",
+    "raftsql.driver._exceptions:Error",  # every driver error (a shell's DSN, its certificates)
     "raftsql.server.config:ConfigError",
     "raftsql.server.logstore:LogCorruptError",
     "raftsql.server.logstore:LogLockedError",

@@ -31,6 +31,31 @@ class NodeUnreachable(OSError):
     # We refused the node's certificate (another CA, a name the DSN's host is not in, expired):
     # a setting to fix, not a node that is down.
     bad_certificate = False
+    # The node refused ours (a TLS alert: not from the cluster's CA, expired): a setting too.
+    certificate_refused = False
+
+
+# TLS alerts a node sends when it does not accept the client's certificate.
+_REFUSED_OURS = frozenset({"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                           "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+                           "TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_ACCESS_DENIED"})
+
+
+def _tls_failure(what: str, e: BaseException) -> NodeUnreachable:
+    """NodeUnreachable for a failed handshake or hello, saying whose certificate was refused."""
+    reason = getattr(e, "reason", None)
+    if isinstance(e, ssl.SSLError) and reason in _REFUSED_OURS:
+        failed = NodeUnreachable(f"{what}: the node refused this client certificate ({e}): it "
+                                 "must be issued by the cluster's CA (`raftsql certs client`)")
+        failed.certificate_refused = True
+        return failed
+    hint = ""
+    if isinstance(e, ssl.SSLEOFError) or "EOF occurred" in str(e):
+        hint = (" (the node closed the connection during the TLS handshake: it may have refused "
+                "this client certificate, for one not issued by the cluster's CA)")
+    failed = NodeUnreachable(f"{what}: {e}{hint}")
+    failed.bad_certificate = isinstance(e, ssl.SSLCertVerificationError)
+    return failed
 
 
 class ConnectionLost(OSError):
@@ -92,9 +117,7 @@ class NodeConnection:
             self._sock.sendall(wire.make_hello(None, "client"))
         except (OSError, ssl.SSLError) as e:
             raw.close()
-            failed = NodeUnreachable(f"TLS handshake with {host}:{port} failed: {e}")
-            failed.bad_certificate = isinstance(e, ssl.SSLCertVerificationError)
-            raise failed from None
+            raise _tls_failure(f"TLS handshake with {host}:{port} failed", e) from None
         # The node's hello names the largest request it accepts: a bigger one is refused here,
         # with a clear error, instead of being sent and cut off.
         self.max_request = wire.DEFAULT_MAX_FRAME_SIZE
@@ -113,7 +136,7 @@ class NodeConnection:
             raise
         except (OSError, ssl.SSLError, wire.FrameError, ConnectionLost) as e:
             self.close()
-            raise NodeUnreachable(f"no hello from {host}:{port}: {e}") from None
+            raise _tls_failure(f"no hello from {host}:{port}", e) from None
 
     def request(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request and wait for its response (raises ConnectionLost on any failure

@@ -570,3 +570,29 @@ def test_a_certificate_that_never_verifies_fails_at_once(cluster, tmp_path):
         assert "certificate verify failed" in str(info.value)
     finally:
         conn.close()
+
+
+def test_a_client_certificate_of_another_ca_fails_at_once(cluster, tmp_path):
+    """The cluster's CA beside a client certificate of another CA: every node refuses it. That
+    is OperationalError at once, saying so, not Unavailable after the whole timeout with a
+    TLS message that names no certificate (found by an outside-in operator run)."""
+    import shutil
+
+    from raftsql.server import certs as pki
+
+    other = pki.CertsTree(tmp_path / "other")
+    _, foreign = other.init()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(cluster.client_certs("mine") / "ca.crt", mixed / "ca.crt")
+    for name in ("client.crt", "client.key"):
+        shutil.copy(foreign.cert_path.parent / name, mixed / name)
+    (mixed / "client.key").chmod(0o600)
+    conn = db.connect(cluster.dsn_for(mixed), timeout=60)
+    try:
+        with pytest.raises(db.OperationalError, match="refused this client certificate") as info:
+            conn.execute("SELECT 1")
+        assert not isinstance(info.value, db.Unavailable)
+        assert "Every node refused it" in str(info.value)
+    finally:
+        conn.close()

@@ -332,3 +332,12 @@ def test_read_runs_a_file_and_reports_what_it_cannot(cluster, tmp_path):
     err = out.stderr
     assert 'cannot open "' in err and "missing.sql" in err, err
     assert "nested more than 16 deep" in err and "Usage: .read FILE" in err, err
+
+
+def test_a_dsn_with_missing_certificates_is_a_one_line_error(cluster, tmp_path):
+    dsn = cluster.dsn.split("?")[0] + f"?certs={tmp_path / 'nonexist'}"
+    out = subprocess.run([sys.executable, "-m", "raftsql.cli", "shell", dsn], input="SELECT 1;\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("Error: ") and "ca.crt" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
