@@ -308,7 +308,7 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
     Returns {"tables", "rows", "index"}."""
     import sqlite3
 
-    from raftsql.driver._client import OutcomeUnknown
+    from raftsql.driver._client import ClientError, OutcomeUnknown
 
     if not os.path.isfile(in_path):
         raise AdminError(f"{in_path}: no such file")
@@ -347,55 +347,75 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
             raise AdminError("the cluster is not empty (it has " + ", ".join(r[0] for r in existing["rows"][:5])
                              + "): restore seeds a new, empty cluster" + _unfinished_restore(client))
         _check_rows_fit(src, schema, client._conn.max_request if client._conn else None)
+        for r in _user_schema(schema):
+            if r[0] == "table" and r[3].lstrip().upper().startswith("CREATE VIRTUAL"):
+                raise AdminError(f"table {r[1]!r} is a virtual table: restore does not support virtual tables yet")
         # Admins only, and recorded in the audit trail (before any write; server/admin.py).
         client._call({"op": "restore_begin", "source": os.path.basename(in_path),
                       "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
-        user = [row for row in schema if not row[2].startswith(_INTERNAL) and not row[1].startswith(_INTERNAL)]
-        tables = [r for r in user if r[0] == "table"]
-        for r in tables:
-            if r[3].lstrip().upper().startswith("CREATE VIRTUAL"):
-                raise AdminError(f"table {r[1]!r} is a virtual table: restore does not support virtual tables yet")
-        if tables:
-            run([(r[3], []) for r in tables])
-        rows_total = 0
-        for _, name, _, _ in tables:
-            cols = [c[1] for c in src.execute(f"PRAGMA table_xinfo({_q(name)})") if c[6] == 0]
-            lower = {c.lower() for c in cols}
-            try:
-                src.execute(f"SELECT rowid FROM {_q(name)} LIMIT 0")
-                alias = next((a for a in ("rowid", "_rowid_", "oid") if a not in lower), None)
-            except sqlite3.OperationalError:
-                alias = None  # WITHOUT ROWID
-            select_cols = ([alias] if alias else []) + [_q(c) for c in cols]
-            insert = (f"INSERT INTO {_q(name)} ({', '.join(select_cols)}) "
-                      f"VALUES ({', '.join('?' * len(select_cols))})")
-            batch: list[tuple[str, Any]] = []
-            size = 0
-            for row in src.execute(f"SELECT {', '.join(select_cols)} FROM {_q(name)}"):
-                batch.append((insert, list(row)))
-                size += 16 + sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
-                if size >= batch_bytes:
-                    run(batch)
-                    rows_total += len(batch)
-                    batch, size = [], 0
-                    if progress:
-                        progress(name, rows_total)
-            if batch:
-                run(batch)
-                rows_total += len(batch)
-        rest = [(r[3], []) for r in user if r[0] in ("index", "view", "trigger")]
-        if rest:
-            run(rest)
-        pragmas = []
-        for p in ("user_version", "application_id"):
-            v = src.execute(f"PRAGMA {p}").fetchone()[0]
-            if v:
-                pragmas.append((f"PRAGMA {p} = {int(v)}", []))
-        if pragmas:
-            run(pragmas)
-        client._call({"op": "restore_end", "source": os.path.basename(in_path), "tables": len(tables),
-                      "rows": rows_total, "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
-        return {"tables": len(tables), "rows": rows_total, "index": last_index}
+        try:
+            return _restore_rows(client, src, schema, in_path, timeout, batch_bytes, progress,
+                                 run, lambda: last_index)
+        except (AdminError, ClientError) as e:
+            raise AdminError(
+                f"{e}. The restore stopped halfway: the cluster now holds part of {in_path} (and "
+                "whatever clients wrote to it meanwhile: a client's write can make a restored "
+                "row collide). Start a new, empty cluster and restore again, with no client "
+                "writing to it until the restore has ended") from None
     finally:
         client.close()
         src.close()
+
+
+def _user_schema(schema: list) -> list:
+    return [row for row in schema if not row[2].startswith(_INTERNAL) and not row[1].startswith(_INTERNAL)]
+
+
+def _restore_rows(client, src, schema, in_path, timeout, batch_bytes, progress, run,
+                  last_index) -> dict[str, Any]:
+    """restore's writes, after its start is recorded: the schema, the rows, the rest."""
+    import sqlite3
+
+    user = _user_schema(schema)
+    tables = [r for r in user if r[0] == "table"]
+    if tables:
+        run([(r[3], []) for r in tables])
+    rows_total = 0
+    for _, name, _, _ in tables:
+        cols = [c[1] for c in src.execute(f"PRAGMA table_xinfo({_q(name)})") if c[6] == 0]
+        lower = {c.lower() for c in cols}
+        try:
+            src.execute(f"SELECT rowid FROM {_q(name)} LIMIT 0")
+            alias = next((a for a in ("rowid", "_rowid_", "oid") if a not in lower), None)
+        except sqlite3.OperationalError:
+            alias = None  # WITHOUT ROWID
+        select_cols = ([alias] if alias else []) + [_q(c) for c in cols]
+        insert = (f"INSERT INTO {_q(name)} ({', '.join(select_cols)}) "
+                  f"VALUES ({', '.join('?' * len(select_cols))})")
+        batch: list[tuple[str, Any]] = []
+        size = 0
+        for row in src.execute(f"SELECT {', '.join(select_cols)} FROM {_q(name)}"):
+            batch.append((insert, list(row)))
+            size += 16 + sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
+            if size >= batch_bytes:
+                run(batch)
+                rows_total += len(batch)
+                batch, size = [], 0
+                if progress:
+                    progress(name, rows_total)
+        if batch:
+            run(batch)
+            rows_total += len(batch)
+    rest = [(r[3], []) for r in user if r[0] in ("index", "view", "trigger")]
+    if rest:
+        run(rest)
+    pragmas = []
+    for p in ("user_version", "application_id"):
+        v = src.execute(f"PRAGMA {p}").fetchone()[0]
+        if v:
+            pragmas.append((f"PRAGMA {p} = {int(v)}", []))
+    if pragmas:
+        run(pragmas)
+    client._call({"op": "restore_end", "source": os.path.basename(in_path), "tables": len(tables),
+                  "rows": rows_total, "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
+    return {"tables": len(tables), "rows": rows_total, "index": last_index()}

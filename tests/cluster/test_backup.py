@@ -191,3 +191,27 @@ def test_restore_refuses_a_row_over_the_request_limit_before_writing_anything(cl
     names = [r[0] for r in c.execute([("SELECT name FROM sqlite_schema", [])])["rows"]]
     c.close()
     assert [n for n in names if not n.startswith("sqlite_")] == []
+
+
+def test_a_restore_that_a_client_write_breaks_says_what_is_left(cluster, tmp_path):
+    """A client writing into the new cluster during a restore can make a restored row collide:
+    the restore stops, and its error says that part of the backup is in the cluster and what
+    to do (it used to name only the failed statement)."""
+    from raftsql.driver import _admin
+
+    src = tmp_path / "rows.db"
+    with sqlite3.connect(src) as db:
+        db.execute("CREATE TABLE w (id INTEGER PRIMARY KEY, body TEXT)")
+        db.executemany("INSERT INTO w VALUES (?, ?)", [(i, "x" * 100) for i in range(1, 301)])
+    intruder = cluster.client(timeout=20)
+
+    def progress(table, rows):
+        if rows < 200:  # after the first batches: a row the restore has not sent yet
+            intruder.execute([("INSERT INTO w VALUES (300, 'intruder')", [])])
+
+    try:
+        with pytest.raises(_admin.AdminError, match="UNIQUE") as info:
+            _admin.restore(cluster.admin_dsn, str(src), batch_bytes=4096, progress=progress)
+    finally:
+        intruder.close()
+    assert "stopped halfway" in str(info.value) and "Start a new, empty cluster" in str(info.value)
