@@ -132,8 +132,20 @@ def revoke(dsn_text: str, name_or_serial: str, timeout: float = 30.0) -> dict[st
     """Put a certificate on the cluster's deny list (replicated through the log): every node
     refuses it at its hello and closes the connections it has. Returns {"target", "index",
     "already"}."""
+    from raftsql.driver._client import Forbidden
+
     target = revocation_target(name_or_serial)
-    return _admin_call(dsn_text, {"op": "revoke", "target": target}, timeout)
+    try:
+        return _admin_call(dsn_text, {"op": "revoke", "target": target}, timeout)
+    except Forbidden as e:
+        # The certificate this DSN uses was the one revoked: the node applied it and closed
+        # our connection ("certificate 'NAME' (serial S) was revoked"). Done, not failed.
+        kind, _, value = target.partition(":")
+        said = str(e)
+        if "was revoked" in said and (f"certificate {value!r}" in said if kind == "name"
+                                      else f"serial {value})" in said):
+            return {"target": target, "index": None, "already": False, "own": True}
+        raise
 
 
 # --------------------------------------------------------------------------- backup

@@ -440,7 +440,10 @@ class Client:
                     last_error = str(e)
                 except ConnectionLost as e:
                     maybe_sent = True
-                    last_error = str(e)
+                    if time.monotonic() < deadline or last_error == "no attempt made":
+                        # (At the deadline, the read timed out on our side: the node's own
+                        # answer to the attempt before, say why a promote waits, says more.)
+                        last_error = str(e)
                     if e.forbidden:
                         self._forget_node()
                         raise self._refused(str(e), maybe_sent, serial) from None

@@ -260,6 +260,10 @@ def certs_revoke(dsn: str, name_or_serial: str, timeout: float) -> None:
     r = revoke(dsn, name_or_serial, timeout=timeout)
     if r.get("already"):
         click.echo(f"{r['target']} was already revoked; nothing changed")
+    elif r.get("own"):
+        click.echo(f"revoked {r['target']}: it is the certificate of the DSN you used, which no "
+                   "longer works; use another admin certificate (`raftsql certs client NAME "
+                   "--role admin`)")
     else:
         click.echo(f"revoked {r['target']} (log index {r['index']})")
 

@@ -174,3 +174,15 @@ def test_revoking_by_serial_shuts_out_that_certificate_only(cluster):
     assert "was already revoked" in _cli("certs", "revoke", cluster.admin_dsn, f"serial:{serial}").stdout
     p = _cli("certs", "revoke", cluster.admin_dsn, "n2")
     assert p.returncode == 1 and "n2 is a member of the cluster: remove it first" in p.stderr, p.stderr
+
+
+def test_revoking_the_certificate_you_use_succeeds_and_says_so(cluster):
+    """`certs revoke` run with the very certificate it revokes: the revocation applies and the
+    node closes the connection. That is success (exit 0) with a warning, not an error after a
+    revocation that happened (found by an outside-in operator run)."""
+    mine = cluster.client_certs("self-admin", "admin")
+    p = _cli("certs", "revoke", cluster.dsn_for(mine), "self-admin")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "revoked name:self-admin: it is the certificate of the DSN you used" in p.stdout
+    status = _cli("status", cluster.admin_dsn)
+    assert "name:self-admin" in status.stdout, status.stdout
