@@ -94,6 +94,18 @@ class MembershipMismatch(Exception):
     Membership.open): the node refuses to start."""
 
 
+def check_node_id(cfg: NodeConfig) -> dict[str, Any] | None:
+    """The data directory's membership file, after checking that it belongs to cfg.id; raises
+    MembershipMismatch otherwise (before the node touches anything in the directory)."""
+    doc = read_membership(cfg.data_dir)
+    if doc is not None and doc.get("node_id") not in (None, cfg.id):
+        raise MembershipMismatch(
+            f"{cfg.data_dir} holds the state of node {doc['node_id']}, not of {cfg.id} (its "
+            f"term, vote and log): started as {cfg.id} it could vote twice in one term. "
+            f"Start it as --id {doc['node_id']}, or give {cfg.id} its own data directory")
+    return doc
+
+
 class Membership:
     """Bootstrap voters, the address book and the dial addresses of one node. Used by the
     node's Ready path (changes are applied in log order) and read by request threads."""
@@ -123,12 +135,7 @@ class Membership:
         that ran as a one-node cluster, started with --peer naming other nodes that are not
         its members, is refused (MembershipMismatch): it would elect itself alone beside the
         cluster the operator meant, and both would take writes."""
-        doc = read_membership(cfg.data_dir)
-        if doc is not None and doc.get("node_id") not in (None, cfg.id):
-            raise MembershipMismatch(
-                f"{cfg.data_dir} holds the state of node {doc['node_id']}, not of {cfg.id} (its "
-                f"term, vote and log): started as {cfg.id} it could vote twice in one term. "
-                f"Start it as --id {doc['node_id']}, or give {cfg.id} its own data directory")
+        doc = check_node_id(cfg)
         own = cfg.advertise or f"{cfg.listen[0]}:{cfg.listen[1]}"
         configured = tuple(sorted({cfg.id, *cfg.peers}))
         if (doc is not None and pristine and cfg.peers

@@ -61,7 +61,7 @@ from raftsql.server.clients import ClientService
 from raftsql.server.config import NodeConfig
 from raftsql.server.fileperms import secure_data_dir
 from raftsql.server.logstore import LogStore
-from raftsql.server.membership import Membership
+from raftsql.server.membership import Membership, check_node_id
 from raftsql.server.ready import EarlyAcks, ReadyDriver
 from raftsql.server.records import CLUSTER_OP
 from raftsql.server.snapshot import Snapshots
@@ -107,6 +107,7 @@ class Node:
 
     def _init(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
+        check_node_id(cfg)  # another node's directory is refused before anything in it changes
         secure_data_dir(cfg.data_dir)  # dir 0700, files 0600, umask 077 (server/fileperms.py)
         self.store = LogStore(os.path.join(cfg.data_dir, "raft-log"))
         hs, snap, stored = self.store.initial_state()  # terms and conf changes, no entry data

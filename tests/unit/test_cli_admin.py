@@ -351,3 +351,18 @@ def test_join_checks_its_certificate_and_its_port_before_asking(tmp_path, monkey
         with pytest.raises(membership.JoinError, match="cannot listen on 127.0.0.15"):
             membership.join_cluster(cfg, "raftsql://127.0.0.1:1/")
     assert asked == []
+
+
+def test_a_node_started_on_another_nodes_directory_changes_nothing_in_it(tmp_path):
+    """The refusal comes before the node opens anything there (it used to remove a snapshot
+    file of the other node's, then refuse)."""
+    from raftsql.server.node import Node
+
+    data = tmp_path / "n2"
+    data.mkdir()
+    membership.Membership.open(_cfg(data, nid="n2"), {}, [], 0)
+    (data / "snap-stale.db").write_bytes(b"x")
+    before = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_mode) for p in data.iterdir())
+    with pytest.raises(membership.MembershipMismatch, match="holds the state of node n2"):
+        Node(_cfg(data, nid="n4"))
+    assert sorted((p.name, p.stat().st_mtime_ns, p.stat().st_mode) for p in data.iterdir()) == before
