@@ -252,8 +252,11 @@ class Guard:
         # temp table hid a main table of the same name from every later statement (acknowledged
         # writes went to it and were lost), and a temp trigger fired on one node's writes and not
         # on a restarted one's. (ALTER TABLE ... RENAME reads and updates sqlite_temp_master to
-        # rename what temp triggers say: allowed, since there are none.)
-        if db == "temp" and not (action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
+        # rename what temp triggers say: allowed, since there are none. So are the PRAGMAs the
+        # other rules allow, like `PRAGMA temp.table_info(t)`, which SQLAlchemy's reflection
+        # runs after the main one: they describe an empty schema.)
+        if db == "temp" and action != _A.SQLITE_PRAGMA and not (
+                action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
             reason: str | None = _NO_TEMP
         else:
             reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
