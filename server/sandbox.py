@@ -252,10 +252,12 @@ class Guard:
         # temp table hid a main table of the same name from every later statement (acknowledged
         # writes went to it and were lost), and a temp trigger fired on one node's writes and not
         # on a restarted one's. (ALTER TABLE ... RENAME reads and updates sqlite_temp_master to
-        # rename what temp triggers say: allowed, since there are none. So are the PRAGMAs the
-        # other rules allow, like `PRAGMA temp.table_info(t)`, which SQLAlchemy's reflection
-        # runs after the main one: they describe an empty schema.)
-        if db == "temp" and action != _A.SQLITE_PRAGMA and not (
+        # rename what temp triggers say: allowed, since there are none. So are PRAGMAs that
+        # only read, like `PRAGMA temp.table_info(t)`, which SQLAlchemy's reflection runs after
+        # the main one: they describe an empty schema. Setting one, say temp.user_version, would
+        # be one node's connection state.)
+        if db == "temp" and not (action == _A.SQLITE_PRAGMA and (
+                arg4 is None or (arg3 or "").lower() in _INTROSPECTION_PRAGMAS)) and not (
                 action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
             reason: str | None = _NO_TEMP
         else:

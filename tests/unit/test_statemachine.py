@@ -458,6 +458,7 @@ REFUSED = [
     ("CREATE TABLE temp.scratch(x)", "TEMP"),
     ("CREATE VIEW temp.v AS SELECT 1", "TEMP"),
     ("CREATE VIRTUAL TABLE temp.f USING fts5(b)", "TEMP"),
+    ("PRAGMA temp.user_version = 5", "TEMP"),
     ("BEGIN", "transaction control"),
     ("SAVEPOINT s", "transaction control"),
     ("SELECT total_changes()", "total_changes"),
