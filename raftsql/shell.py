@@ -430,8 +430,12 @@ class Shell:
                 if not interactive and line == "":
                     break
                 lineno += 1
-                if not reader.feed(line.rstrip("\n"), lineno):
-                    break
+                try:
+                    if not reader.feed(line.rstrip("\n"), lineno):
+                        break
+                except KeyboardInterrupt:  # between statements (a running one handles its own)
+                    reader.reset()
+                    self.out.write("\n")
             reader.finish()
         finally:
             if self.conn.in_transaction:
