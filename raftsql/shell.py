@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -412,6 +413,10 @@ class Shell:
         stdin = stdin or sys.stdin
         interactive = self.interactive = stdin.isatty()
         if interactive:
+            # Ctrl-C interrupts a statement (KeyboardInterrupt), even if this process was
+            # started with SIGINT ignored (a job started in the background by a script).
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             self._setup_history()
             self.out.write(f"raftsql shell on {self.dsn}\nEnter \".help\" for usage hints.\n")
         reader = _Reader(self)
