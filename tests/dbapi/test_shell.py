@@ -153,6 +153,8 @@ def test_ctrl_c_during_a_statement_returns_to_the_prompt_and_keeps_the_transacti
     env = {**os.environ, "HOME": str(tmp_path), "TERM": "dumb"}
 
     def controlling_terminal() -> None:  # so that Ctrl-C on the terminal is a SIGINT
+        # (The shell sets Ctrl-C to interrupt itself: this test started under a script that
+        # ignores SIGINT, as `nohup cmd &` does, failed before it did.)
         import fcntl
         import termios
 
@@ -171,8 +173,8 @@ def test_ctrl_c_during_a_statement_returns_to_the_prompt_and_keeps_the_transacti
             os.write(master, line.encode() + b"\n")
             read_until(b"raftsql> ")
         # About 3 s before the node's step limit stops it on a quiet machine (each row makes a
-        # 600-character string), so the Ctrl-C below surely lands while it runs: a plain count
-        # reached the limit in 0.9 s, and a loaded CI machine once answered before the Ctrl-C.
+        # 600-character string), so the Ctrl-C below lands while it runs (a plain count reached
+        # the limit in 0.9 s, close to the 0.7 s wait).
         os.write(master, b"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
                          b"SELECT count(*) FROM c WHERE length(hex(zeroblob(300 + x % 2))) > 0;\n")
         time.sleep(0.7)
