@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 
-from raftsql.sqltext import first_keyword, skip_blank  # noqa: F401 - re-exported
+from raftsql.sqltext import MAX_CACHED_SQL, first_keyword, skip_blank  # noqa: F401 - re-exported
 
 # The statements sqlite3's legacy transaction control opens a transaction before (CPython's
 # Modules/_sqlite/statement.c: the first word after blanks and comments, nothing else).
@@ -134,7 +134,7 @@ def named_parameters(sql: str) -> tuple[str, ...] | None:
     if the text may hold names this scan does not understand (Tcl-style $a::b(c)). Cached by
     text (short texts only, so the cache stays small): a statement run again with a mapping is
     not scanned again."""
-    if len(sql) > 4096:
+    if len(sql) > MAX_CACHED_SQL:
         return _named_parameters(sql)
     return _named_parameters_cached(sql)
 

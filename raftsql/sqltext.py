@@ -27,6 +27,11 @@ def skip_blank(sql: str, i: int = 0) -> int:
     return i
 
 
+# Statements by their first keyword: those that may be a read (a transaction's preview on a reader
+# connection, a streamed result), and those that cannot write at all.
+READ_KEYWORDS = frozenset({"SELECT", "VALUES", "WITH", "PRAGMA", "EXPLAIN"})
+CANNOT_WRITE_KEYWORDS = frozenset({"SELECT", "VALUES"})
+
 # Texts up to this long are remembered by the caches keyed by SQL text (first_keyword here, the
 # node's memories of statements): a cache of 4,096 texts of 4 MiB each held 16 GiB per node.
 MAX_CACHED_SQL = 4096

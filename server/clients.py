@@ -91,7 +91,7 @@ from raftsql.raft.types import Role
 from raftsql.server import metrics
 from raftsql.server.access import Principal
 from raftsql.server.admin import AdminService
-from raftsql.sqltext import first_keyword
+from raftsql.sqltext import CANNOT_WRITE_KEYWORDS, READ_KEYWORDS, first_keyword
 
 log = logging.getLogger("raftsql.clients")
 
@@ -107,7 +107,6 @@ MIN_CHUNK = 4 << 10
 # is granted what is left of it (at least MIN_CHUNK) and holds it until its response is sent:
 # 30 readers asking for 32 MiB chunks at once took a leader to 2.7 GB and cost an election.
 READ_BUDGET = 256 << 20
-_STREAMED = frozenset({"SELECT", "VALUES", "WITH", "PRAGMA", "EXPLAIN"})  # may be a streamed read
 
 
 class _Cursors:
@@ -329,16 +328,20 @@ class ClientService:
     def _chunk(self, req: Execute, cursors: _Cursors | None) -> int | None:
         if req.chunk is None or cursors is None:
             return None
-        if len(req.statements) != 1 or first_keyword(req.statements[0][0]) not in _STREAMED:
+        if len(req.statements) != 1 or first_keyword(req.statements[0][0]) not in READ_KEYWORDS:
             # A write: its rows (RETURNING) are bounded by apply's result budget, not streamed.
-            return max(MIN_CHUNK, min(req.chunk, self.node.cfg.max_frame_size // 2))
+            return self._chunk_size(req.chunk)
         return self._grant(req.chunk, cursors)
+
+    def _chunk_size(self, want: int) -> int:
+        """What a client asked for one chunk, within [MIN_CHUNK, half a frame]."""
+        return max(MIN_CHUNK, min(want, self.node.cfg.max_frame_size // 2))
 
     def _grant(self, want: int, cursors: _Cursors) -> int:
         """The size of one chunk of a streamed result: what the client asked (within the frame
         limit), as far as the node's READ_BUDGET has room, at least MIN_CHUNK; held by the
         connection until its response is sent (_release)."""
-        want = max(MIN_CHUNK, min(want, self.node.cfg.max_frame_size // 2))
+        want = self._chunk_size(want)
         with self._read_lock:
             grant = max(MIN_CHUNK, min(want, READ_BUDGET - self._read_inflight))
             self._read_inflight += grant
@@ -409,7 +412,7 @@ class ClientService:
                 raise bad_request(f"commit: {len(req.commit.checks)} checks for "
                                   f"{len(req.statements)} statements")
             refuse = who.refuse_write(req.statements)
-            if refuse is not None and not all(first_keyword(sql) in ("SELECT", "VALUES")
+            if refuse is not None and not all(first_keyword(sql) in CANNOT_WRITE_KEYWORDS
                                               for sql, _ in req.statements):
                 raise refuse  # a commit of anything but plain reads would write
             result = self.node.commit_transaction(

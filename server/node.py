@@ -69,7 +69,7 @@ from raftsql.server.sqlerrors import damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
 from raftsql.server.transactions import TxnGone, may_read, new_env
 from raftsql.server.transport import Transport
-from raftsql.sqltext import first_keyword
+from raftsql.sqltext import CANNOT_WRITE_KEYWORDS, first_keyword
 from raftsql.trace import Trace
 
 log = logging.getLogger("raftsql.node")
@@ -900,7 +900,7 @@ class Node:
                 raise self._not_leader()
         fields = {"kind": CommandKind.TXN, "last_ms": commit.last_ms, "checks": commit.checks,
                   "controls": commit.controls}
-        if all(first_keyword(sql) in ("SELECT", "VALUES") for sql, _ in statements):
+        if all(first_keyword(sql) in CANNOT_WRITE_KEYWORDS for sql, _ in statements):
             # Only reads: checked here at a ReadIndex, never logged (server/DESIGN.md,
             # "Read-only commits").
             self.sm.txn_end(commit.txn)
@@ -912,7 +912,7 @@ class Node:
                 cmd = self._stamped(statements, client_id, serial, **fields)
             except CommandError as e:
                 raise RequestError(ErrorKind.BAD_REQUEST, str(e)) from None
-            return self.sm.check_read_only(cmd, cmd.leader_time_ms)
+            return self.sm.check_read_only(cmd)
         self.sm.txn_ending(commit.txn)
         try:
             # Its preview state is dropped (its live SQLite transaction rolled back) while the

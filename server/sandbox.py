@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import apsw
 
+from raftsql.sqltext import MAX_CACHED_SQL
 from raftsql.txncheck import VOLATILE_FUNCTIONS
 
 # The progress handler runs every this many VM steps (the apply step budget and the read time
@@ -121,11 +122,28 @@ _TEMP_SCHEMA_TABLES = frozenset({"sqlite_temp_master", "sqlite_temp_schema", "sq
 
 
 def refusal(
-    write: bool, action: int, arg3: str | None, arg4: str | None, nested: bool = False
+    write: bool, action: int, arg3: str | None, arg4: str | None, nested: bool = False,
+    db: str | None = None,
 ) -> str | None:
     """Why a user statement may not do `action`, or None if it may. `write` selects the rules of
     the apply path (and validate), which also refuse what is fine to read but not replicated.
-    `nested`: the statement is being prepared while another one runs (FTS5's own statements)."""
+    `nested`: the statement is being prepared while another one runs (FTS5's own statements).
+    `db`: the schema the action is in ("main", "temp")."""
+    if db == "temp" and not (action == _A.SQLITE_PRAGMA and (
+            arg4 is None or (arg3 or "").lower() in _INTROSPECTION_PRAGMAS)) and not (
+            action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
+        # Anything in the temp schema but SQLite's own upkeep of its (empty) schema table:
+        # `CREATE TABLE temp.x` comes as SQLITE_CREATE_TABLE (not the TEMP code) and a temp
+        # trigger on a main table as SQLITE_CREATE_TRIGGER on "main", but each inserts into
+        # the temp schema table, in "temp". A temp object lives in one connection of one node:
+        # a temp table hid a main table of the same name from every later statement
+        # (acknowledged writes went to it and were lost), and a temp trigger fired on one
+        # node's writes and not on a restarted one's. (ALTER TABLE ... RENAME reads and updates
+        # sqlite_temp_master to rename what temp triggers say: allowed, since there are none.
+        # So are PRAGMAs that only read, like `PRAGMA temp.table_info(t)`, which SQLAlchemy's
+        # reflection runs after the main one: they describe an empty schema. Setting one, say
+        # temp.user_version, would be one node's connection state.)
+        return _NO_TEMP
     if action == _A.SQLITE_READ or action == _A.SQLITE_SELECT or action == _A.SQLITE_RECURSIVE:
         if action == _A.SQLITE_READ and (arg3 or "").lower() == SESSIONS_TABLE:
             # Each client's last write result (its RETURNING rows, its rowid): not another
@@ -245,23 +263,7 @@ class Guard:
         if self.record is not None and self.user_prepare:
             self.record.append((action, arg3, arg4))
         self.observe(action, arg3, arg4)
-        # Anything in the temp schema but SQLite's own upkeep of its (empty) schema table:
-        # `CREATE TABLE temp.x` comes as SQLITE_CREATE_TABLE (not the TEMP code) and a temp
-        # trigger on a main table as SQLITE_CREATE_TRIGGER on "main", but each inserts into the
-        # temp schema table, in "temp". A temp object lives in one connection of one node: a
-        # temp table hid a main table of the same name from every later statement (acknowledged
-        # writes went to it and were lost), and a temp trigger fired on one node's writes and not
-        # on a restarted one's. (ALTER TABLE ... RENAME reads and updates sqlite_temp_master to
-        # rename what temp triggers say: allowed, since there are none. So are PRAGMAs that
-        # only read, like `PRAGMA temp.table_info(t)`, which SQLAlchemy's reflection runs after
-        # the main one: they describe an empty schema. Setting one, say temp.user_version, would
-        # be one node's connection state.)
-        if db == "temp" and not (action == _A.SQLITE_PRAGMA and (
-                arg4 is None or (arg3 or "").lower() in _INTROSPECTION_PRAGMAS)) and not (
-                action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
-            reason: str | None = _NO_TEMP
-        else:
-            reason = refusal(self.write, action, arg3, arg4, not self.user_prepare)
+        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare, db)
         if reason is None:
             return apsw.SQLITE_OK
         if self.denied is None:
@@ -333,7 +335,6 @@ class StatementMemo:
     added to a table was missing from `SELECT *`'s names, and the commit check saw different
     column names than the preview had). A cached run takes `description` instead."""
 
-    MAX_SQL = 4096  # longer texts are always prepared afresh
     MAX_ENTRIES = 512
 
     __slots__ = ("_effects", "captured", "description")
@@ -354,7 +355,7 @@ class StatementMemo:
         uncached one records them (guard.record) until its exec trace calls captured_now()."""
         self.captured = None
         self.description = None
-        if len(sql) > self.MAX_SQL:
+        if len(sql) > MAX_CACHED_SQL:  # longer texts are always prepared afresh
             return None, False
         key = (sql, cookie, guard.schema_epoch)
         effects = self._effects.get(key)

@@ -41,7 +41,7 @@ from raftsql.server.sqlerrors import (
     NodeProblem,
     StatementFailed,
 )
-from raftsql.sqltext import first_keyword
+from raftsql.sqltext import READ_KEYWORDS, first_keyword
 
 if TYPE_CHECKING:
     from raftsql.server.statemachine import ApplyContext
@@ -80,7 +80,6 @@ _SAVEPOINT_SQL = {
 }
 
 
-_READ_KEYWORDS = frozenset({"SELECT", "VALUES", "WITH", "PRAGMA", "EXPLAIN"})
 
 
 def may_read(sql: str) -> bool:
@@ -88,7 +87,7 @@ def may_read(sql: str) -> bool:
     connection (a transaction without writes tries these there first; anything else goes
     straight to a preview). Not a statement that may use randomness or the clock: only a
     preview's can be reproduced by the commit (txncheck.may_be_nondeterministic)."""
-    return first_keyword(sql) in _READ_KEYWORDS and not txncheck.may_be_nondeterministic(sql)
+    return first_keyword(sql) in READ_KEYWORDS and not txncheck.may_be_nondeterministic(sql)
 
 
 # A preview's seed needs no secrecy (the client gets it back, and could choose its own: the
@@ -150,6 +149,12 @@ def modified_after(
     return None
 
 
+def idle_error(idle_timeout_ms: int) -> dict[str, Any]:
+    """A commit that came more than the idle timeout after its transaction's last statement."""
+    return sql_error(SQLITE_ABORT, TXN_TIMEOUT, f"the transaction was idle for more than "
+                     f"{idle_timeout_ms} ms; nothing was applied: run it again")
+
+
 def txn_refusal(
     conn: apsw.Connection, guard: Guard, tag: str, index: int, cmd: Command, time_ms: int,
     idle_timeout_ms: int,
@@ -160,15 +165,7 @@ def txn_refusal(
     if cmd.kind is not CommandKind.TXN:
         return None
     if cmd.last_ms and time_ms - cmd.last_ms > idle_timeout_ms:
-        return Result(
-            index=index,
-            error=sql_error(
-                SQLITE_ABORT,
-                TXN_TIMEOUT,
-                f"the transaction was idle for more than {idle_timeout_ms} ms; "
-                "nothing was applied: run it again",
-            ),
-        )
+        return Result(index=index, error=idle_error(idle_timeout_ms))
     conflict = modified_after(conn, guard, tag, cmd.read_set, cmd.read_index)
     return None if conflict is None else Result(index=index, error=conflict)
 
@@ -729,21 +726,19 @@ class CheckedTransactions:
         return Result(rowcount=last.rowcount, lastrowid=last.lastrowid, index=index,
                       results=per if len(per) != 1 else None)
 
-    def check_read_only(self, cmd: Command, now_ms: int) -> Result:
+    def check_read_only(self, cmd: Command) -> Result:
         """A transaction that only ran SELECT and VALUES statements, checked at this node's
         applied state (the caller has made it at least a ReadIndex) and never logged: the same
         checks a commit entry makes, inside a SQLite transaction that is then rolled back. Its
         place in the serial order is between the applied entry and the next (server/DESIGN.md,
         "Read-only commits"). cmd: a TXN Command with the transaction's statements, checks and
-        controls, its last_ms and a seed; its leader_time_ms is not used (now_ms is)."""
+        controls, its last_ms, and the leader's time and seed as a commit entry would carry."""
+        now_ms = cmd.leader_time_ms
         with self._lock:
             self._check_open()
             index = self._applied_index
             if cmd.last_ms and now_ms - cmd.last_ms > self.txn_idle_timeout_ms:
-                return Result(index=index, error=sql_error(
-                    SQLITE_ABORT, TXN_TIMEOUT,
-                    f"the transaction was idle for more than {self.txn_idle_timeout_ms} ms; "
-                    "nothing was applied: run it again"))
+                return Result(index=index, error=idle_error(self.txn_idle_timeout_ms))
             self._park()
             self._conn.set_last_insert_rowid(0)
             self._internal("BEGIN")
