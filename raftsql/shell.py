@@ -92,24 +92,14 @@ class Printer:
     def _cell(self, v, null_default: str) -> str:
         if v is None:
             return null_default if self.nullvalue is None else self.nullvalue
-        if isinstance(v, bytes):
-            return "x'" + v.hex() + "'"
-        return str(v)
+        return _fmt(v)
 
     def print(self, cur, out) -> None:
         mode = self.mode
-        if mode == "column" and self.nullvalue is None:
-            print_rows(cur, out)
+        if mode == "column":
+            print_rows(cur, out, _fmt if self.nullvalue is None else lambda v: self._cell(v, "NULL"))
             return
         columns = [d[0] for d in cur.description]
-        if mode == "column":
-            rows = [[self._cell(v, "NULL") for v in r] for r in cur.fetchmany(BATCH_ROWS)]
-            widths = print_table(columns, rows, out)
-            while rows := cur.fetchmany(BATCH_ROWS):
-                for r in rows:
-                    cells = [self._cell(v, "NULL") for v in r]
-                    out.write("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip() + "\n")
-            return
         if mode == "json":
             first = True
             while rows := cur.fetchmany(BATCH_ROWS):
@@ -161,25 +151,25 @@ def _json_value(v):
     return v
 
 
-def print_rows(cur, out=sys.stdout) -> None:
+def print_rows(cur, out=sys.stdout, fmt=_fmt) -> None:
     """A cursor's rows as print_table prints them, BATCH_ROWS at a time: the columns are as wide
     as the header and the first batch need (a wider value later sticks out), so a result of any
-    size is printed as it arrives, in bounded memory."""
+    size is printed as it arrives, in bounded memory. fmt: a value's text."""
     columns = [d[0] for d in cur.description]
     rows = cur.fetchmany(BATCH_ROWS)
-    widths = print_table(columns, rows, out)
+    widths = print_table(columns, rows, out, fmt)
     while rows:
         rows = cur.fetchmany(BATCH_ROWS)
         for r in rows:
-            cells = [_fmt(v) for v in r]
+            cells = [fmt(v) for v in r]
             out.write("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip() + "\n")
 
 
-def print_table(columns: list[str], rows: list, out=sys.stdout) -> list[int]:
+def print_table(columns: list[str], rows: list, out=sys.stdout, fmt=_fmt) -> list[int]:
     """Columns padded to their widest value, under a header and a rule (sqlite3's .mode column)."""
     if not columns:
         return []
-    cells = [[_fmt(v) for v in r] for r in rows]
+    cells = [[fmt(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
     out.write("  ".join("-" * w for w in widths) + "\n")
