@@ -366,14 +366,15 @@ def restore(dsn_text: str, in_path: str, *, batch_bytes: int = 256 * 1024, timeo
         client._call({"op": "restore_begin", "source": os.path.basename(in_path),
                       "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
         try:
-            return _restore_rows(client, src, schema, in_path, timeout, batch_bytes, progress,
-                                 run, lambda: last_index)
+            tables, rows = _restore_rows(client, src, schema, in_path, timeout, batch_bytes,
+                                         progress, run)
         except (AdminError, ClientError) as e:
             raise AdminError(
                 f"{e}. The restore stopped halfway: the cluster now holds part of {in_path} (and "
                 "whatever clients wrote to it meanwhile: a client's write can make a restored "
                 "row collide). Start a new, empty cluster and restore again, with no client "
                 "writing to it until the restore has ended") from None
+        return {"tables": tables, "rows": rows, "index": last_index}
     finally:
         client.close()
         src.close()
@@ -383,9 +384,10 @@ def _user_schema(schema: list) -> list:
     return [row for row in schema if not row[2].startswith(_INTERNAL) and not row[1].startswith(_INTERNAL)]
 
 
-def _restore_rows(client, src, schema, in_path, timeout, batch_bytes, progress, run,
-                  last_index) -> dict[str, Any]:
-    """restore's writes, after its start is recorded: the schema, the rows, the rest."""
+def _restore_rows(client, src, schema, in_path, timeout, batch_bytes, progress,
+                  run) -> tuple[int, int]:
+    """restore's writes, after its start is recorded: the schema, the rows, the rest.
+    Returns (tables, rows) restored."""
     import sqlite3
 
     user = _user_schema(schema)
@@ -430,4 +432,4 @@ def _restore_rows(client, src, schema, in_path, timeout, batch_bytes, progress, 
         run(pragmas)
     client._call({"op": "restore_end", "source": os.path.basename(in_path), "tables": len(tables),
                   "rows": rows_total, "timeout_ms": max(1000, int(timeout * 500))}, timeout, None)
-    return {"tables": len(tables), "rows": rows_total, "index": last_index()}
+    return len(tables), rows_total
