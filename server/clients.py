@@ -64,7 +64,7 @@ read transaction: the state at the result's "index". A cursor lives on its conne
 the connection closes it, at most MAX_CURSORS_PER_CONNECTION are open per connection and
 MAX_CURSORS per node, and one left without a fetch for CURSOR_IDLE_S is closed (it holds back
 the WAL checkpoint). Without "chunk" a read's whole result is sent at once, up to
-statemachine.MAX_RESULT_BYTES.
+MAX_RESULT_BYTES, and up to what is left of READ_BUDGET (which chunks share).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ from raftsql.raft.types import Role
 from raftsql.server import metrics
 from raftsql.server.access import Principal
 from raftsql.server.admin import AdminService
+from raftsql.server.sqlerrors import MAX_RESULT_BYTES
 from raftsql.sqltext import CANNOT_WRITE_KEYWORDS, READ_KEYWORDS, first_keyword
 
 log = logging.getLogger("raftsql.clients")
@@ -328,20 +329,34 @@ class ClientService:
     def _chunk(self, req: Execute, cursors: _Cursors | None) -> int | None:
         if req.chunk is None or cursors is None:
             return None
-        if len(req.statements) != 1 or first_keyword(req.statements[0][0]) not in READ_KEYWORDS:
+        if not self._is_read(req):
             # A write: its rows (RETURNING) are bounded by apply's result budget, not streamed.
             return self._chunk_size(req.chunk)
         return self._grant(req.chunk, cursors)
+
+    def _whole(self, req: Execute, cursors: _Cursors | None) -> int:
+        """The bytes of rows a read answered whole (no "chunk") may build: MAX_RESULT_BYTES as
+        far as READ_BUDGET has room, at least MIN_CHUNK; held like a chunk's grant, so that
+        reads answered whole cannot take the memory streamed chunks are kept from."""
+        if req.chunk is not None or cursors is None or not self._is_read(req):
+            return MAX_RESULT_BYTES
+        return self._grant(MAX_RESULT_BYTES, cursors, whole=True)
+
+    @staticmethod
+    def _is_read(req: Execute) -> bool:
+        return len(req.statements) == 1 and first_keyword(req.statements[0][0]) in READ_KEYWORDS
 
     def _chunk_size(self, want: int) -> int:
         """What a client asked for one chunk, within [MIN_CHUNK, half a frame]."""
         return max(MIN_CHUNK, min(want, self.node.cfg.max_frame_size // 2))
 
-    def _grant(self, want: int, cursors: _Cursors) -> int:
+    def _grant(self, want: int, cursors: _Cursors, whole: bool = False) -> int:
         """The size of one chunk of a streamed result: what the client asked (within the frame
         limit), as far as the node's READ_BUDGET has room, at least MIN_CHUNK; held by the
-        connection until its response is sent (_release)."""
-        want = self._chunk_size(want)
+        connection until its response is sent (_release). whole: `want` is a whole result's
+        limit, taken as it is."""
+        if not whole:
+            want = self._chunk_size(want)
         with self._read_lock:
             grant = max(MIN_CHUNK, min(want, READ_BUDGET - self._read_inflight))
             self._read_inflight += grant
@@ -393,7 +408,8 @@ class ClientService:
         refuse = who.refuse_write(req.statements)
         result, readonly, term, time_ms, txn_id, lost, seed = self.node.execute_in_transaction(
             req.statements[0], req.txn, timeout_s=self._timeout_s(req),
-            chunk=self._chunk(req, cursors), refuse_write=refuse, owner=who.name or "")
+            chunk=self._chunk(req, cursors), whole=self._whole(req, cursors),
+            refuse_write=refuse, owner=who.name or "")
         out = self._streamed(result, result.to_wire(), cursors)
         out["readonly"] = readonly
         out["term"] = term
@@ -433,6 +449,7 @@ class ClientService:
             reads=reads,
             commit=commit,
             chunk=self._chunk(req, cursors),
+            whole=self._whole(req, cursors),
             refuse_write=who.refuse_write(req.statements),
             durability=req.durability,
             min_term=req.min_term,

@@ -65,7 +65,7 @@ from raftsql.server.membership import Membership, check_node_id
 from raftsql.server.ready import EarlyAcks, ReadyDriver
 from raftsql.server.records import CLUSTER_OP
 from raftsql.server.snapshot import Snapshots
-from raftsql.server.sqlerrors import damaged
+from raftsql.server.sqlerrors import MAX_RESULT_BYTES, damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
 from raftsql.server.transactions import TxnGone, may_read, new_env
 from raftsql.server.transport import Transport
@@ -645,6 +645,7 @@ class Node:
         reads: set[str] | None = None,
         commit: tuple[int, tuple[str, ...], int] | None = None,
         chunk: int | None = None,
+        whole: int = MAX_RESULT_BYTES,
         refuse_write: RequestError | None = None,
         durability: str = "quorum",
         min_term: int = 0,
@@ -658,7 +659,7 @@ class Node:
         commit: (read_index, read_set, last_ms) makes the entry a transaction's commit (TXN),
         applied only if the check passes (see DESIGN.md, "Serializable transactions").
         chunk: a read returns about this many bytes of rows, and the rest in Result.stream
-        (the client fetches it); None: the whole result, up to statemachine.MAX_RESULT_BYTES.
+        (the client fetches it); None: the whole result, up to `whole` bytes of rows.
         refuse_write: raised instead of proposing a write (the certificate may only read).
         durability: "leader" answers a write (outside a transaction, returning no rows) once
         the leader's disk holds it, within max_unreplicated_writes (DESIGN.md, "Leader
@@ -729,7 +730,7 @@ class Node:
                         raise self._not_leader()
             if min_term and consistency != "stale" and min_index > self.sm.applied_index:
                 self._await_own_write(min_index, min_term, deadline)
-            return self._read(sql, params, reads, None, chunk, client_id)
+            return self._read(sql, params, reads, None, chunk, client_id, whole)
         if not is_leader:
             raise self._not_leader()
         if refuse_write is not None:
@@ -754,10 +755,10 @@ class Node:
             if self.sm.wait_applied(index, min(left, 0.05 if term else left)):
                 return
 
-    def _read(self, sql, params, reads, start_index, chunk, client_id=None):
+    def _read(self, sql, params, reads, start_index, chunk, client_id=None, whole=MAX_RESULT_BYTES):
         if chunk is None:
             return self.sm.query(sql, params, reads=reads, start_index=start_index,
-                                 client_id=client_id)
+                                 max_bytes=whole, client_id=client_id)
         # A row must fit in one response frame, with room for the envelope.
         return self.sm.stream_query(
             sql, params, reads=reads, start_index=start_index, first_bytes=chunk,
@@ -827,6 +828,7 @@ class Node:
 
     def execute_in_transaction(self, statement: tuple[str, Any], txn: Any, *,
                                timeout_s: float | None = None, chunk: int | None = None,
+                               whole: int = MAX_RESULT_BYTES,
                                refuse_write: RequestError | None = None, owner: str = ""):
         """One statement of a driver transaction (txn: a protocol.TxnState), run on the leader
         against its applied state plus the transaction's own earlier writes, never applied
@@ -836,6 +838,7 @@ class Node:
         and the seed of random() in a preview (None for a read on a reader connection): with
         time_ms, the env the client's check echoes so the commit reproduces them.
         refuse_write: raised if the statement writes (previewed, then dropped: nothing applied).
+        chunk, whole: as for execute() (a read before the transaction's first write).
 
         No ReadIndex: the statement reads the leader's applied state as it is. Whatever it saw
         is checked again by the commit entry at its place in the log, on every node, so a stale
@@ -860,7 +863,7 @@ class Node:
             # No writes yet: a read runs on a reader connection, concurrently with apply. One
             # that called random() or the clock (through a view: the text was checked) runs
             # again as a preview, whose env the commit can reproduce.
-            result = self._read(sql, params, None, None, chunk, txn.client_id)
+            result = self._read(sql, params, None, None, chunk, txn.client_id, whole)
             if result.volatile and result.error is None:
                 if result.stream is not None:
                     result.stream.close()

@@ -143,11 +143,15 @@ def damaged(path: str, what: str, damage: str) -> DatabaseDamagedError:
 
 
 def read_too_big_error(limit: int) -> dict[str, Any]:
+    busy = ""
+    if limit < MAX_RESULT_BYTES:
+        busy = (f" (the node's memory for results is taken by other reads now: a whole result "
+                f"may hold {MAX_RESULT_BYTES} bytes when it is free)")
     return sql_error(
         SQLITE_TOOBIG,
         RESULT_TOO_BIG,
         f"result too big: more than {limit} bytes of rows where the whole result must be "
-        "built at once; stream it instead (the driver streams the results of plain reads)",
+        f"built at once{busy}; stream it instead (the driver streams the results of plain reads)",
     )
 
 
