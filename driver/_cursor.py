@@ -320,7 +320,7 @@ class Cursor:
         else:  # sqlite3's: fetchmany(None) is no "use arraysize"
             raise TypeError(f"'{type(size).__name__}' object cannot be interpreted as an integer")
         out = []
-        while n < 0 or len(out) < n:
+        while n <= 0 or len(out) < n:  # sqlite3: a size of 0 (or less) fetches every row
             row = self._next_row()
             if row is None:
                 break

@@ -402,3 +402,19 @@ def test_row_keys_fold_ascii_only_and_bad_indexes_raise_index_error(connect):
     for key in ("É", 2.0, b"B", None):
         with pytest.raises(IndexError):
             row[key]
+
+
+def test_fetchmany_of_zero_or_less_fetches_every_row(connect, table):
+    """sqlite3 stops a fetchmany only when it has `size` rows, so a size of 0 (or less, or an
+    arraysize of 0) fetches the rest: code ported from sqlite3 must not get [] instead."""
+    conn = connect()
+    conn.execute(f"CREATE TABLE {table} (x)")
+    conn.executemany(f"INSERT INTO {table} VALUES (?)", [(i,) for i in range(5)])
+    conn.commit()
+    cur = conn.execute(f"SELECT x FROM {table} ORDER BY x")
+    assert cur.fetchmany(1) == [(0,)]
+    assert cur.fetchmany(0) == [(1,), (2,), (3,), (4,)]
+    cur = conn.execute(f"SELECT x FROM {table} ORDER BY x")
+    cur.arraysize = 0
+    assert cur.fetchmany() == [(i,) for i in range(5)]
+    assert conn.execute(f"SELECT x FROM {table} ORDER BY x").fetchmany(-3) == [(i,) for i in range(5)]
