@@ -193,7 +193,9 @@ class NodeConnection:
                                   f"while idle: {e}") from None
         if not data:
             self.close()
-            raise NodeUnreachable(f"{self.address[0]}:{self.address[1]} closed the idle connection")
+            # No reason given: the node stopped or restarted (its idle timeout sends one).
+            raise NodeUnreachable(f"{self.address[0]}:{self.address[1]} closed the connection "
+                                  "(the node stopped or restarted)")
         try:
             frames = list(self._decoder.feed(data))
         except wire.FrameError as e:
