@@ -121,6 +121,9 @@ class _Transaction:
     # Statements and parameters of the reads before the first write, in bytes (about what they
     # take in the commit request): see _trim_reads_before_first_write.
     reads_size: int = 0
+    # With autocommit=False: reads were dropped past the bounds, so this transaction can no
+    # longer write (its commit could not check them): the error its first write raises.
+    unchecked: str | None = None
 
     def record(self, statement: Statement, result: dict[str, Any]) -> _Step:
         """Add a statement's outcome to the steps (the result map as received)."""
@@ -144,21 +147,36 @@ class _Transaction:
         return step
 
 
-# The reads of an implicit transaction before its first write that its commit checks: the
-# latest ones only (driver/DESIGN.md, "Transactions"). sqlite3 runs such reads in no
-# transaction; keeping every one let a connection that reads for hours and never commits grow
-# without bound, and made its first write's commit too big to send.
+# The reads of an implicit transaction before its first write that its commit checks
+# (driver/DESIGN.md, "Transactions"). Legacy mode: the latest ones only. sqlite3 runs such
+# reads in no transaction; keeping every one let a connection that reads for hours and never
+# commits grow without bound, and made its first write's commit too big to send.
 MAX_READS_BEFORE_WRITE = 256
 MAX_READS_BEFORE_WRITE_BYTES = 256 * 1024
+# autocommit=False: sqlite3 runs every read inside the transaction, so none may go unchecked.
+# Up to these bounds every one is kept (the commit request carries them: 4 MiB by default);
+# past them the transaction refuses to write (_Transaction.unchecked).
+MAX_READS_BEFORE_WRITE_PEP249 = 4096
+MAX_READS_BEFORE_WRITE_BYTES_PEP249 = 2 << 20
 
 
-def _trim_reads_before_first_write(txn: _Transaction) -> None:
+def _trim_reads_before_first_write(txn: _Transaction, pep249: bool) -> None:
     """The read just recorded counts; the oldest go while over either bound (the newest
-    always stays). O(1) per read: the size of what is kept is carried along."""
+    always stays). O(1) per read: the size of what is kept is carried along. pep249: the
+    larger bounds, and a transaction that drops a read is marked unchecked."""
     steps = txn.steps
     txn.reads_size += _step_size(steps[-1])
-    while len(steps) > MAX_READS_BEFORE_WRITE or (
-            txn.reads_size > MAX_READS_BEFORE_WRITE_BYTES and len(steps) > 1):
+    most, most_bytes = ((MAX_READS_BEFORE_WRITE_PEP249, MAX_READS_BEFORE_WRITE_BYTES_PEP249)
+                        if pep249 else (MAX_READS_BEFORE_WRITE, MAX_READS_BEFORE_WRITE_BYTES))
+    if len(steps) <= most and txn.reads_size <= most_bytes:
+        return
+    if pep249 and txn.unchecked is None:
+        txn.unchecked = (
+            f"this transaction read more than {most} times or {most_bytes} bytes of statements "
+            "and parameters before its first write, more than its commit can check, so it "
+            "cannot write: nothing was sent. End the reads with commit() or rollback(), "
+            "then write")
+    while len(steps) > most or (txn.reads_size > most_bytes and len(steps) > 1):
         txn.reads_size -= _step_size(steps.pop(0))
 
 
@@ -828,6 +846,8 @@ class Connection:
                 return self._send([stmt], consistency=cursor.consistency,
                                   min_index=cursor.min_index, idempotent=reads_only, stream=True,
                                   durability=cursor.durability or self._durability)
+            if txn.unchecked is not None and not reads_only:
+                raise OperationalError(txn.unchecked)
             if self._pipelines and _pipelinable(sql):
                 txn.pending.append(stmt)
                 return _empty_result()
@@ -843,7 +863,7 @@ class Connection:
                                     min_index=cursor.min_index, idempotent=True, stream=True)
                 if not (result.get("volatile") and not result.get("error")):
                     result["txn_step"] = txn.record(stmt, result)
-                    _trim_reads_before_first_write(txn)
+                    _trim_reads_before_first_write(txn, mode == "pep249")
                     return result
                 # It called random() or the clock through a view (the node saw it at prepare):
                 # run it again on the leader, whose env the commit can reproduce.
@@ -925,6 +945,8 @@ class Connection:
                 if isinstance(err, dict) and isinstance(err.get("set"), int):
                     err["statement"] = err["set"]  # as for a batch: which parameter set failed
                 return result, _batch_rowcount(result)
+            if txn.unchecked is not None:
+                raise OperationalError(txn.unchecked)
             self._check_transaction_size(sql, params_list)
             if self._pipelines and _pipelinable(sql):
                 txn.pending.append((sql, _client.ManyParams(params_list)))

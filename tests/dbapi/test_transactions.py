@@ -571,6 +571,54 @@ def test_reads_before_the_first_write_are_bounded(connect, table):
         c.commit()
 
 
+
+@pytest.mark.parametrize("filler", ["many reads", "one large read"])
+def test_autocommit_false_checks_every_read_before_the_first_write(connect, table, filler):
+    """With autocommit=False sqlite3 runs every read inside the transaction, so the commit must
+    check them all: a balance read before 300 other reads (or before one read with a 270 KB
+    parameter) and changed meanwhile fails the commit. Legacy mode's bounds (256 reads, 256
+    KiB) used to drop it from the check, and the read-modify-write lost a deposit."""
+    c = connect(autocommit=False)
+    other = connect(autocommit=True)
+    other.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, bal INTEGER)")
+    other.execute(f"INSERT INTO {table} VALUES (1, 100)")
+    (bal,) = c.execute(f"SELECT bal FROM {table} WHERE id = 1").fetchone()
+    if filler == "many reads":
+        for k in range(300):
+            c.execute(f"SELECT bal FROM {table} WHERE id = ?", (k + 2,)).fetchall()
+    else:
+        c.execute(f"SELECT count(*) FROM {table} WHERE bal <> ?", ("q" * 270_000,)).fetchone()
+    other.execute(f"UPDATE {table} SET bal = bal + 50 WHERE id = 1")
+    c.execute(f"UPDATE {table} SET bal = ? WHERE id = 1", (bal - 10,))
+    with pytest.raises(db.SerializationError):
+        c.commit()
+    assert other.execute(f"SELECT bal FROM {table} WHERE id = 1").fetchone()[0] == 150
+
+
+def test_autocommit_false_refuses_to_write_past_what_its_commit_can_check(connect, table, monkeypatch):
+    """Past its bounds a transaction's reads before its first write are dropped to keep its
+    memory bounded, and it can then no longer write: the write is refused before anything is
+    sent, with what to do; the reads can still be committed, and the next transaction writes."""
+    from raftsql.driver import _connection
+
+    monkeypatch.setattr(_connection, "MAX_READS_BEFORE_WRITE_PEP249", 5)
+    c = connect(autocommit=False)
+    c.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, n INTEGER)")
+    c.execute(f"INSERT INTO {table} VALUES (1, 0)")
+    c.commit()
+    for _ in range(6):
+        c.execute(f"SELECT n FROM {table} WHERE id = 1").fetchone()
+    with pytest.raises(db.OperationalError, match="more than its commit can check"):
+        c.execute(f"UPDATE {table} SET n = 1 WHERE id = 1")
+    with pytest.raises(db.OperationalError, match="more than its commit can check"):
+        c.executemany(f"INSERT INTO {table} (n) VALUES (?)", [(5,)])
+    with pytest.raises(db.OperationalError, match="more than its commit can check"):
+        c.executescript(f"INSERT INTO {table} (n) VALUES (6);")
+    c.commit()
+    c.execute(f"UPDATE {table} SET n = 2 WHERE id = 1")
+    c.commit()
+    assert c.execute(f"SELECT id, n FROM {table}").fetchall() == [(1, 2)]
+
 def test_a_commit_too_big_to_send_says_why(connect, table):
     """Every statement of the transaction ran, but together they exceed the node's request
     limit: the commit's error says that the transaction travels as one request."""
