@@ -277,7 +277,11 @@ class Guard:
         self.prepared = True
         if action == _A.SQLITE_FUNCTION and (arg4 or "").lower() in VOLATILE_FUNCTIONS:
             self.volatile = True
-        if self.reads is not None or self.writes is not None:
+        if (self.reads is not None or self.writes is not None) and self.user_prepare:
+            # Not a nested prepare's: a virtual table (FTS5) prepares its own statements on
+            # its shadow tables once per connection and caches them, so a node that had
+            # written the table before saw none of them and a fresh one saw them all (its
+            # sqlite_raftsql_tables then differed). The table itself is the user's.
             self._track(action, arg3, arg4)
         if action in _SCHEMA_ACTIONS:
             self.schema_change = True

@@ -418,3 +418,20 @@ def test_fetchmany_of_zero_or_less_fetches_every_row(connect, table):
     cur.arraysize = 0
     assert cur.fetchmany() == [(i,) for i in range(5)]
     assert conn.execute(f"SELECT x FROM {table} ORDER BY x").fetchmany(-3) == [(i,) for i in range(5)]
+
+
+def test_executemany_into_an_fts5_table_counts_its_rows(connect, table):
+    """FTS5 writes shadow tables of its own: their changes are not the statement's rows. The
+    leader's preview counted 3 and the commit 7, a false SerializationError; later batches
+    counted 4 for 2 rows."""
+    conn = connect()
+    conn.execute(f"CREATE VIRTUAL TABLE {table} USING fts5(body)")
+    counts = []
+    for batch in ([("a",), ("b",), ("c",)], [("d",), ("e",)]):
+        counts.append(conn.executemany(f"INSERT INTO {table} VALUES (?)", batch).rowcount)
+        conn.commit()
+    conn.isolation_level = None
+    counts.append(conn.executemany(f"INSERT INTO {table} VALUES (?)", [("f",), ("g",)]).rowcount)
+    assert counts == [3, 2, 2]
+    assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 7
+    assert conn.execute(f"SELECT body FROM {table} WHERE {table} MATCH 'e'").fetchall() == [("e",)]

@@ -316,3 +316,23 @@ def test_plain_inserts_skip_the_per_set_tracer_and_triggers_use_it(machines):
     sm.apply(3, many_entry(("CREATE TRIGGER tr AFTER INSERT ON u BEGIN SELECT 1; END", ())))
     r = sm.apply(4, many_entry(("INSERT INTO u VALUES(?)", Many(((1,), (2,), (3,))))))
     assert r.rowcount == 3 and len(calls) == 2  # traced: sets 1 and 2
+
+
+def test_a_virtual_tables_rowcount_is_its_rows_on_a_warm_node_and_a_cold_one(machines):
+    """FTS5 writes its shadow tables through statements it prepares once per connection. The
+    fast path's total_changes() then counted them too, once they were cached: 3 rows gave
+    rowcount 7 on a node that had written the table before and 3 on one that had not, a
+    different stored result on each (and a false SerializationError for the preview's 3)."""
+    pair = Pair(machines)
+    pair.apply(many_entry(("CREATE VIRTUAL TABLE f USING fts5(body)", ())))
+    warm = machines[0]
+    # Only machines[0] has written the table: its FTS5 statements are prepared and cached.
+    txn = warm.txn_begin("warmer", 1)
+    warm.txn_preview(txn, ("INSERT INTO f VALUES ('w')", ()), 0, (1, T0))
+    warm.txn_end(txn.id)
+    for rows in (3, 2):
+        r = pair.apply(many_entry(("INSERT INTO f VALUES (?)", Many([(str(i),) for i in range(rows)])),
+                                  serial=6 - rows, seed=rows))
+        assert r.error is None and r.rowcount == rows
+    assert pair.rows("SELECT count(*) FROM f") == [[5]]
+    assert pair.same()
