@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 
 
-def skip_blank(sql: str, i: int = 0) -> int:
-    """Index of the first character at or after i that is not whitespace, ';' or a comment."""
+def skip_blank(sql: str, i: int = 0, semicolons: bool = True) -> int:
+    """Index of the first character at or after i that is not whitespace, ';' or a comment.
+    semicolons=False: a ';' is not blank (sqlite3's test for a second statement)."""
     n = len(sql)
     while i < n:
         c = sql[i]
-        if c.isspace() or c == ";":
+        if c.isspace() or (c == ";" and semicolons):
             i += 1
         elif c == "-" and sql.startswith("--", i):
             j = sql.find("\n", i)

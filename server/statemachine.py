@@ -82,7 +82,7 @@ from raftsql.server.transactions import (
     TxnGone,
     txn_refusal,
 )
-from raftsql.sqltext import first_keyword
+from raftsql.sqltext import first_keyword, skip_blank
 
 __all__ = [
     "MAX_RESULT_BYTES", "SCHEMA", "AuditEntry", "CorruptEntryError", "DatabaseDamagedError", "MemberChange",
@@ -111,7 +111,7 @@ class ApplyContext:
     __slots__ = (
         "budget_on", "progress_calls", "max_progress_calls", "step_limit_hit", "traced",
         "description", "dml", "readonly", "abort", "max_rowid_table", "result_budget",
-        "many_set", "many_total",
+        "many_set", "many_total", "sql", "sql_pos",
     )
 
     def __init__(self, max_progress_calls: int):
@@ -128,6 +128,8 @@ class ApplyContext:
         self.result_budget = MAX_RESULT_BYTES  # what the entry's result may still hold
         self.many_set = 0  # executemany: the parameter set running
         self.many_total = 0  # executemany: changes so far
+        self.sql = ""  # the text being executed
+        self.sql_pos = 0  # where in it the statement the exec tracer sees next starts
 
 
 class _TransactionLost(Exception):
@@ -612,6 +614,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._guard.sequence_written = False
         self._guard.user_prepare = True
         self._ctx.traced = 0
+        self._ctx.sql, self._ctx.sql_pos = sql, 0
         self._ctx.description = ()
         self._ctx.dml = False
         self._ctx.abort = None
@@ -687,11 +690,16 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
 
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         """Exec tracer of the apply cursor: runs once per statement, before it steps."""
+        ctx = self._ctx
+        ctx.sql_pos += len(sql)  # apsw hands over the text piece by piece, each up to the next
         if not cursor.has_vdbe:
             return True  # only comments or ';'
-        self._ctx.traced += 1
-        if self._ctx.traced > 1:
-            self._ctx.abort = sql_error(
+        ctx.traced += 1
+        if ctx.traced > 1 or skip_blank(ctx.sql, ctx.sql_pos, semicolons=False) < len(ctx.sql):
+            # Anything but blanks and comments follows (a stray ';' too): refused before this
+            # one steps, as sqlite3 does (this one used to run first, and a transaction's
+            # preview kept its changes).
+            ctx.abort = sql_error(
                 SQLITE_ERROR, MULTIPLE_STATEMENTS, "You can only execute one statement at a time."
             )
             return False

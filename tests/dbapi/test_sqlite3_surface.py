@@ -435,3 +435,25 @@ def test_executemany_into_an_fts5_table_counts_its_rows(connect, table):
     assert counts == [3, 2, 2]
     assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 7
     assert conn.execute(f"SELECT body FROM {table} WHERE {table} MATCH 'e'").fetchall() == [("e",)]
+
+
+def test_more_than_one_statement_runs_none_of_them(connect, table):
+    """sqlite3 refuses a second statement before running the first. The node used to run the
+    first, then refuse: in a transaction (legacy mode) the first one's row was committed by the
+    next commit() although execute() had raised."""
+    conn = connect()
+    conn.execute(f"CREATE TABLE {table} (v)")
+    conn.commit()
+    calls = [
+        lambda: conn.execute(f"INSERT INTO {table} VALUES (1); INSERT INTO {table} VALUES (2)"),
+        lambda: conn.execute(f"INSERT INTO {table} VALUES (3); garbage"),
+        lambda: conn.executemany(f"INSERT INTO {table} VALUES (?); INSERT INTO {table} VALUES (99)",
+                                 [(5,), (6,)]),
+        lambda: conn.execute(f"INSERT INTO {table} VALUES (4) ; -- a comment, then\n ;"),
+    ]
+    for call in calls:
+        with pytest.raises(connect.db.ProgrammingError, match="one statement at a time"):
+            call()
+    conn.execute(f"INSERT INTO {table} VALUES (7) ; -- a comment after it\n /* and */ ")
+    conn.commit()
+    assert conn.execute(f"SELECT v FROM {table}").fetchall() == [(7,)]
