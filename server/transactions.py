@@ -694,13 +694,19 @@ class CheckedTransactions:
                 try:
                     result, what = self._run_checked(sql, params, check)
                 except (StatementFailed, NodeProblem) as failed:
-                    # A statement that did not fail before fails now: the entry fails with
-                    # its error, as a WRITE entry does.
                     failed.error["statement"] = i
                     if isinstance(failed, NodeProblem):
                         failed.index = index
                         raise
-                    conflict = failed.error
+                    if check is None:
+                        # A write nobody saw the outcome of (pipeline mode): the entry fails
+                        # with its error, as a WRITE entry does.
+                        conflict = failed.error
+                    else:
+                        # The client saw it succeed (say an INSERT whose key another client
+                        # has taken since): that is a conflict like any other, to be retried.
+                        conflict = serialization_error(
+                            i, sql, f"succeeded and now fails ({failed.error.get('message')})")
                     break
                 if what is not None:
                     conflict = serialization_error(i, sql, what)
@@ -785,7 +791,7 @@ class CheckedTransactions:
             result.rows = []
             return result, None
         # A statement that succeeded and now fails raises StatementFailed: the commit fails
-        # with that error (say UNIQUE, another client inserted the key first), as a WRITE does.
+        # with a serialization error naming it (_execute_checked).
         if many:
             result = self._run_many(sql, params)
             result.rows = []

@@ -145,9 +145,10 @@ def test_commit_that_now_fails_applies_nothing(conn, auto, table):
     conn.execute(f"INSERT INTO {table} VALUES (1)")
     conn.execute(f"INSERT INTO {table} VALUES (2)")
     auto.execute(f"INSERT INTO {table} VALUES (2)")  # a concurrent writer wins
-    with pytest.raises(db.IntegrityError) as info:
+    # The application saw that INSERT succeed: a conflict to retry, naming the error.
+    with pytest.raises(db.SerializationError, match="now fails .UNIQUE constraint failed") as info:
         conn.commit()
-    assert info.value.statement == 1 and info.value.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+    assert info.value.statement == 1 and info.value.retryable
     assert not conn.in_transaction
     assert auto.execute(f"SELECT v FROM {table}").fetchall() == [(2,)]
 

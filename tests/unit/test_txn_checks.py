@@ -387,13 +387,16 @@ def test_a_failed_statement_fails_the_same_way_and_is_rolled_back(pair):
     assert pair.a.rows("SELECT v FROM u ORDER BY v") == [[1], [2], [4]]
 
 
-def test_a_write_that_now_fails_fails_the_commit_with_its_error(pair):
+def test_a_write_that_now_fails_fails_the_commit_as_a_conflict_naming_its_error(pair):
+    """The client saw the INSERT succeed; another client took the key since: a conflict to
+    retry (the retry sees the key), not the IntegrityError, which retry loops let through."""
     pair.write("CREATE TABLE u (v UNIQUE)")
     t = Txn(pair.a.sm)
     t.run("INSERT INTO u VALUES (1)")
     pair.write("INSERT INTO u VALUES (1)")
     r = pair.commit(t)
-    assert r.error["name"] == "SQLITE_CONSTRAINT_UNIQUE" and r.error["statement"] == 0
+    assert r.error["name"] == "RAFTSQL_SERIALIZATION" and r.error["statement"] == 0
+    assert "succeeded and now fails (UNIQUE constraint failed: u.v)" in r.error["message"]
 
 
 def test_blind_writes_rerun_on_the_newest_state(pair):
