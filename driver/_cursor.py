@@ -127,6 +127,8 @@ class Cursor:
         self._check()
         if not isinstance(sql, str):
             raise TypeError(f"execute() argument 1 must be str, not {type(sql).__name__}")
+        if "\x00" in sql:
+            raise ProgrammingError("the query contains a null character")
         self._reset()
         params = adapt_params(parameters, _names(sql, parameters))
         self._load(self.connection._run_one(self, sql, params))
@@ -140,6 +142,8 @@ class Cursor:
         self._check()
         if not isinstance(sql, str):
             raise TypeError(f"executemany() argument 1 must be str, not {type(sql).__name__}")
+        if "\x00" in sql:
+            raise ProgrammingError("the query contains a null character")
         self._reset()
         if _sql.is_read_only(sql):
             raise ProgrammingError("executemany() can only execute DML statements.")
@@ -173,6 +177,8 @@ class Cursor:
         self._check()
         if not isinstance(sql_script, str):
             raise TypeError("script argument must be unicode.")
+        if "\x00" in sql_script:
+            raise ValueError("embedded null character")
         self._reset()
         result, rowcount = self.connection._run_script(self, sql_script)
         self._load(result, rowcount)

@@ -457,3 +457,32 @@ def test_more_than_one_statement_runs_none_of_them(connect, table):
     conn.execute(f"INSERT INTO {table} VALUES (7) ; -- a comment after it\n /* and */ ")
     conn.commit()
     assert conn.execute(f"SELECT v FROM {table}").fetchall() == [(7,)]
+
+
+def test_connect_time_tuning_pragmas_are_answered_as_sqlite3_answers_them(connect):
+    """Recipes set synchronous, temp_store, cache_size, mmap_size and busy_timeout and run
+    PRAGMA optimize: the node refused them all (per connection, not replicated); the driver
+    answers them as sqlite3 does and sends nothing (they would tune one node's connection,
+    the apply connection's durability even)."""
+    conn = connect()
+    recipe = ["PRAGMA synchronous=NORMAL", "pragma main.synchronous = OFF;", "PRAGMA temp_store=MEMORY",
+              "PRAGMA cache_size=-64000", "PRAGMA mmap_size=268435456", "PRAGMA busy_timeout = 5000",
+              "PRAGMA optimize", "PRAGMA optimize(0x10002)"]
+    out = []
+    for sql in recipe:
+        cur = conn.execute(sql)
+        out.append((cur.fetchall(), [d[0] for d in cur.description or ()]))
+    assert out == [([], [])] * 4 + [([(268435456,)], ["mmap_size"]), ([(5000,)], ["timeout"]),
+                                     ([], ["optimize"]), ([], ["optimize"])]
+    conn.executescript("PRAGMA synchronous=NORMAL; PRAGMA temp_store=MEMORY;")
+
+
+def test_a_null_character_in_sql_is_refused_as_sqlite3_refuses_it(connect):
+    conn = connect()
+    with pytest.raises(connect.db.ProgrammingError, match="the query contains a null character"):
+        conn.execute("SELECT 'a\x00b'")
+    with pytest.raises(connect.db.ProgrammingError, match="the query contains a null character"):
+        conn.executemany("INSERT INTO nowhere VALUES (?)\x00", [(1,)])
+    with pytest.raises(ValueError, match="embedded null character"):
+        conn.executescript("SELECT 1;\x00")
+    assert conn.execute("SELECT ?", ("a\x00b",)).fetchone() == ("a\x00b",)  # in a value: fine
