@@ -196,6 +196,21 @@ def _empty_result(rowcount: int = -1) -> dict[str, Any]:
             "index": 0, "error": None, "duplicate": False, "results": None}
 
 
+def _tuning_result(name: str, value: str | None) -> dict[str, Any]:
+    """What sqlite3 answers to a tuning PRAGMA (_sql.tuning_pragma) on a file database:
+    nothing, but the new busy_timeout and mmap_size, and optimize's column."""
+    result = _empty_result()
+    if name in ("busy_timeout", "mmap_size"):
+        try:
+            rows = [[int(value or "", 0)]]
+        except ValueError:
+            return result
+        result["columns"], result["rows"] = ["timeout" if name == "busy_timeout" else name], rows
+    elif name == "optimize":
+        result["columns"] = ["optimize"]
+    return result
+
+
 def _batch_rowcount(result: dict[str, Any]) -> int:
     results = result.get("results")
     if not results:
@@ -806,6 +821,9 @@ class Connection:
     def _run_one(self, cursor: Cursor, sql: str, params: Any) -> dict[str, Any]:
         with self._lock:
             self._check_open()
+            tuning = _sql.tuning_pragma(sql)
+            if tuning is not None and not params:
+                return _tuning_result(*tuning)
             try:
                 control = _sql.transaction_control(sql)
             except _sql.MultipleStatements as e:
@@ -973,9 +991,8 @@ class Connection:
             raise DataError(
                 f"a transaction's writes are sent as one request, and these would take about "
                 f"{size} bytes, over the node's limit of {limit} (max_request_size): commit in "
-                "smaller transactions, or load with executemany in autocommit mode "
-                "(autocommit=True or isolation_level=None; SQLAlchemy: AUTOCOMMIT), one entry "
-                "per call")
+                "smaller transactions (an executemany of fewer rows each; in autocommit mode, "
+                "too, one call is one request under the same limit)")
 
     def _run_script(self, cursor: Cursor, script: str) -> tuple[dict[str, Any], int | None]:
         """executescript. Legacy transaction control commits a pending transaction first, as
@@ -997,7 +1014,8 @@ class Connection:
                         break  # the cursor raises it; the rest of the script does not run
                 return result, None
             self.commit()
-            statements = [s for s in _sql.split_script(script) if not _sql.is_begin_or_commit(s)]
+            statements = [s for s in _sql.split_script(script)
+                          if not _sql.is_begin_or_commit(s) and _sql.tuning_pragma(s) is None]
             if not statements:
                 return _empty_result(), None
             result = self._send([(s, []) for s in statements])

@@ -162,6 +162,26 @@ def _ident(token: str) -> str:
     return token
 
 
+# Per-connection tuning that connect-time recipes set (PRAGMA synchronous=NORMAL, ...): on a
+# node they would change one connection of one node (the apply connection's durability, even),
+# never the cluster, so the driver answers them itself, as sqlite3 would, and sends nothing.
+_TUNING_PRAGMA = re.compile(
+    r"\s*PRAGMA\s+(?:main\s*\.\s*)?(synchronous|temp_store|cache_size|mmap_size|busy_timeout|optimize)"
+    r"\s*(?:=\s*([^;()]*?)|\(\s*([^;()]*?)\s*\))?\s*;?\s*$", re.I | re.S)
+
+
+def tuning_pragma(sql: str) -> tuple[str, str | None] | None:
+    """(name, value) if sql sets one of the tuning PRAGMAs the driver answers itself (or is
+    PRAGMA optimize); None otherwise, reading one's value included (the node answers that)."""
+    m = _TUNING_PRAGMA.match(sql)
+    if m is None:
+        return None
+    name, value = m.group(1).lower(), m.group(2) or m.group(3)
+    if value is None and name != "optimize":
+        return None
+    return name, value
+
+
 def savepoint_key(name: str) -> bytes:
     """SQLite compares savepoint names ASCII case-insensitively (bytes.lower is ASCII only)."""
     return name.encode().lower()
