@@ -71,7 +71,7 @@ class ManyStatements:
         self._guard.user_prepare = True
         self._ctx.many_set = 0
         try:
-            for _ in self._many_cursor.executemany(sql, sets[1:]):
+            for _ in self._many_cursor.executemany(sql, sets[1:], can_cache=False):
                 pass
             if self._ctx.dml:
                 self._ctx.many_total += conn.changes()
@@ -127,7 +127,7 @@ class ManyStatements:
         self._ctx.budget_on = True
         failed = False
         try:
-            for _ in self._fast_cursor.executemany(sql, sets[1:]):
+            for _ in self._fast_cursor.executemany(sql, sets[1:], can_cache=False):
                 pass
         except Exception as e:  # noqa: BLE001 - any failure: redo traced, which maps the error
             if not conn.in_transaction:

@@ -311,7 +311,12 @@ class Guard:
 
 
 class StatementMemo:
-    """Lets a connection's user statements run from apsw's statement cache although its Guard
+    """(The apply connection no longer runs user statements from apsw's cache: a cached
+    statement's VM step counter carries over between runs, which made the step limit depend
+    on a node's history; server/DESIGN.md, "Step limit". It still asks the memo, which keeps
+    each text's result columns; what follows describes the cached runs it was built for.)
+
+    Lets a connection's user statements run from apsw's statement cache although its Guard
     learns what each statement reads and writes only while SQLite prepares it (the authorizer
     is not called for a cached statement). Preparing a point statement again for every run
     cost about 13 µs, with the authorizer's Python calls; a bank transfer's commit runs five

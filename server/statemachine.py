@@ -624,9 +624,13 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         memo = self._memo
         key, cached = memo.start(self._guard, sql, self._schema_cookie())
         try:
-            # From apsw's statement cache only when the memo has replayed what the authorizer
-            # said at prepare (read and write sets): sandbox.StatementMemo.
-            cursor = self._cursor.execute(sql, params, can_cache=cached)
+            # Never from apsw's statement cache: SQLite does not reset a statement's VM step
+            # counter between runs, and the progress handler's first call comes after what is
+            # left of the last run's 1000-step period, so a cached run's step budget depended on
+            # the node's history (a statement just under the step limit failed on the leader,
+            # whose preview had run it, and succeeded on the followers). A fresh prepare costs
+            # a few µs more (server/DESIGN.md, "Step limit").
+            cursor = self._cursor.execute(sql, params, can_cache=False)
             budget = self._ctx.result_budget
             stopped = False
             if sink is not None:

@@ -687,6 +687,29 @@ def test_step_limit_stops_runaway_statements_identically(make):
     c.assert_same()
 
 
+
+def test_the_step_limit_does_not_depend_on_what_a_node_ran_before(make):
+    """SQLite keeps a statement's VM step count across runs from apsw's cache, and the progress
+    handler's first call comes after what is left of the previous run's 1000-step period: a
+    statement just under the limit failed on a node that had run its text before (the leader,
+    in a transaction's preview) and passed on one that had not. Around the limit, the two
+    machines must agree on every size."""
+    a = make("a", apply_vm_step_limit=200_000)
+    b = make("b", apply_vm_step_limit=200_000)
+    c = Cluster(a, b)
+    sql = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM r LIMIT ?) INSERT INTO t SELECT x FROM r"
+    c.apply(entry("CREATE TABLE t(x)"))
+    c.apply(entry((sql, (1,))))
+    txn = a.txn_begin("warm", 1)  # only `a` runs it again (a preview, rolled back)
+    a.txn_preview(txn, (sql, (40,)), 0, (1, T0))
+    a.txn_end(txn.id)
+    outcomes = set()
+    for n in range(8800, 9300, 7):  # straddles the limit: about 22 steps per row
+        r = c.apply(entry((sql, (n,)), "DELETE FROM t"))
+        outcomes.add(r.error["name"] if r.error else None)
+    assert outcomes == {None, "RAFTSQL_STEP_LIMIT"}
+    c.assert_same()
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
