@@ -545,7 +545,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         statements = cmd.statements
         self._rand.seed = cmd.seed
         self._ctx.result_budget = MAX_RESULT_BYTES
-        self._internal("SAVEPOINT raftsql_entry")
+        self._savepoint_entry()
         per: list[Result] = []
         written: set[str] = set()
         self._guard.writes = written
@@ -604,6 +604,15 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             )
         result.index = index
         return result
+
+    def _savepoint_entry(self) -> None:
+        """SAVEPOINT raftsql_entry, keeping last_insert_rowid(): FTS3/4 write their pending
+        terms at a SAVEPOINT, and those inserts changed it, so the next entry of the same batch
+        started from another rowid (0 where it carries the client's last one) than on a node
+        that applied it in a batch of its own."""
+        rowid = self._conn.last_insert_rowid()
+        self._internal("SAVEPOINT raftsql_entry")
+        self._conn.set_last_insert_rowid(rowid)
 
     def _run_statement(self, sql: str, params: Any, sink: Any = None) -> Result:
         """Run one user statement on the apply connection with every check. Its rows go into

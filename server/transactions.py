@@ -670,7 +670,7 @@ class CheckedTransactions:
         # transaction can have been open: clamped, identically on every node.
         oldest_ms = entry_ms - self.txn_idle_timeout_ms * (len(statements) + 1)
         self._ctx.result_budget = MAX_RESULT_BYTES
-        self._internal("SAVEPOINT raftsql_entry")
+        self._savepoint_entry()
         per: list[Result] = []
         written: set[str] = set()
         self._guard.writes = written
