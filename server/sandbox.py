@@ -221,7 +221,7 @@ class Guard:
 
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
-        "sequence_written", "prepared", "volatile", "schema_epoch", "record",
+        "sequence_written", "prepared", "volatile", "schema_epoch", "record", "shadow",
     )
 
     def __init__(self, write: bool):
@@ -252,6 +252,11 @@ class Guard:
         # exec trace) are appended, so a later run of the same text from apsw's statement
         # cache can replay their effects (StatementMemo).
         self.record: list[tuple[int, str | None, str | None]] | None = None
+        # Shadow tables of the virtual tables (lower case), never counted as read or written:
+        # rtree prepares its statements on them when a connection first uses the table, inside
+        # the user's prepare, so a fresh node saw them and a warm one did not. Kept by the
+        # owner (StateMachine._shadow_tables); the virtual table itself is what counts.
+        self.shadow: frozenset[str] = frozenset()
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
@@ -293,10 +298,10 @@ class Guard:
         trigger bodies and views included): deterministic, and a superset of what one run
         touches. Table granularity; see DESIGN.md, "Serializable transactions"."""
         if action == _A.SQLITE_READ:
-            if self.reads is not None and arg3:
+            if self.reads is not None and arg3 and arg3.lower() not in self.shadow:
                 self.reads.add(tracked(arg3))
         elif action in _ROW_WRITES:
-            if self.writes is not None and arg3:
+            if self.writes is not None and arg3 and arg3.lower() not in self.shadow:
                 self.writes.add(tracked(arg3))
         elif action == _A.SQLITE_PRAGMA:
             # A pragma reads the schema or the header; setting user_version/application_id

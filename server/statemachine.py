@@ -287,6 +287,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._many_cursor.exec_trace = self._trace_many
         self._fast_cursor = conn.cursor()
         self._cookie_cursor = conn.cursor()
+        self._shadow_cookie: int | None = None  # the schema cookie Guard.shadow was listed at
 
     # -- public state ---------------------------------------------------------------------
 
@@ -481,7 +482,16 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         guard = self._guard
         outer, guard.internal = guard.internal, True
         try:
-            return self._cookie_cursor.execute(self._sql_cookie).fetchall()[0][0]
+            cookie = self._cookie_cursor.execute(self._sql_cookie).fetchall()[0][0]
+            if cookie != self._shadow_cookie:
+                # The schema changed (or the connection is new): which tables are shadow tables
+                # (Guard.shadow). Listing them also connects every virtual table, so no user
+                # prepare connects one afterwards.
+                guard.shadow = frozenset(name.lower() for (name,) in self._conn.execute(
+                    self._tag + "SELECT name FROM pragma_table_list WHERE schema='main' "
+                    "AND type='shadow'"))
+                self._shadow_cookie = cookie
+            return cookie
         finally:
             guard.internal = outer
 

@@ -727,6 +727,24 @@ def test_last_insert_rowid_carries_over_alike_in_a_batch_and_alone(make, module)
     assert alone == batched and alone[1]["rows"] == [[1]]
     assert a.content_hash() == b.content_hash()
 
+
+def test_a_restarted_node_records_the_same_tables_written_around_an_rtree(make):
+    """rtree prepares statements on its shadow tables when a connection first uses the table,
+    inside the user's prepare: a restarted node recorded rt_node, rt_parent and rt_rowid as
+    written by a statement that only read rt, and its sqlite_raftsql_tables differed."""
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry("CREATE VIRTUAL TABLE rt USING rtree(id, x0, x1)"))
+    c.apply(entry("INSERT INTO rt VALUES (1, 0, 5)", "CREATE TABLE lg(x)"))
+    b.close()
+    b = make("b")  # its connection has not used rt yet
+    c = Cluster(a, b)
+    c.apply(entry("INSERT INTO lg SELECT id FROM rt"))
+    c.apply(entry("INSERT INTO rt VALUES (2, 1, 3)"))
+    c.assert_same()
+    written = dict(b.query("SELECT name, modified_index FROM sqlite_raftsql_tables").rows)
+    assert "rt" in written and not any(name.startswith("rt_") for name in written)
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
