@@ -75,6 +75,11 @@ _VTAB_MODULES = frozenset(
 )
 # Virtual tables that expose the physical file (pages, offsets): not replicated state.
 _PHYSICAL_TABLES = frozenset({"dbstat", "sqlite_dbpage"})
+# The query planner's statistics: SQLite loads them at ANALYZE and when it reads the schema, so
+# an edit by hand reached the plans of a node that restarted and not of the others (an INSERT
+# ... SELECT ... LIMIT took another row on each). Apply reloads them after an entry that wrote
+# them (StateMachine._touch_tables).
+STAT_TABLES = frozenset({"sqlite_stat1", "sqlite_stat2", "sqlite_stat3", "sqlite_stat4"})
 
 _A = apsw
 _TEMP_ACTIONS = frozenset(
@@ -222,6 +227,7 @@ class Guard:
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
         "sequence_written", "prepared", "volatile", "schema_epoch", "record", "shadow",
+        "in_txn",
     )
 
     def __init__(self, write: bool):
@@ -257,6 +263,10 @@ class Guard:
         # the user's prepare, so a fresh node saw them and a warm one did not. Kept by the
         # owner (StateMachine._shadow_tables); the virtual table itself is what counts.
         self.shadow: frozenset[str] = frozenset()
+        # A transaction's statement (a preview on the leader, or its commit's check), where
+        # ANALYZE is refused: a preview's statistics would reach the leader's planner and stay
+        # there after the preview is rolled back.
+        self.in_txn = False
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
@@ -268,7 +278,12 @@ class Guard:
         if self.record is not None and self.user_prepare:
             self.record.append((action, arg3, arg4))
         self.observe(action, arg3, arg4)
-        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare, db)
+        if action == _A.SQLITE_ANALYZE and self.in_txn and self.write:
+            reason: str | None = (
+                "ANALYZE cannot run inside a transaction: the statistics it loads would reach "
+                "the leader's query planner alone; run it outside one")
+        else:
+            reason = refusal(self.write, action, arg3, arg4, not self.user_prepare, db)
         if reason is None:
             return apsw.SQLITE_OK
         if self.denied is None:

@@ -47,6 +47,7 @@ from raftsql.server.records import AuditEntry, MemberChange, Records
 from raftsql.server.sandbox import (
     PROGRESS_STEPS,
     SCHEMA,
+    STAT_TABLES,
     Guard,
     StatementMemo,
     configure,
@@ -544,6 +545,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         return result
 
     def _execute(self, index: int, cmd: Command) -> Result:
+        self._guard.in_txn = cmd.checks is not None
         if cmd.checks is not None:
             try:
                 return self._execute_checked(index, cmd)
@@ -588,8 +590,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                 # autocommit mode. The error is still the result. A batch (executescript)
                 # stays all or nothing.
                 self._internal("RELEASE raftsql_entry")
-                for name in sorted(written):
-                    self._internal(self._sql_table_touch, (name, index))
+                self._touch_tables(written, index)
                 failed.error["kept_changes"] = True
                 return result
             self._internal("ROLLBACK TO raftsql_entry")
@@ -598,8 +599,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         finally:
             self._guard.writes = None
         self._internal("RELEASE raftsql_entry")
-        for name in sorted(written):
-            self._internal(self._sql_table_touch, (name, index))
+        self._touch_tables(written, index)
         if len(per) == 1:
             result = per[0]
         else:
@@ -614,6 +614,16 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             )
         result.index = index
         return result
+
+    def _touch_tables(self, written: set[str], index: int) -> None:
+        """After an entry that kept its changes: the tables it wrote were last modified at
+        `index` (sqlite_raftsql_tables), and if it wrote the planner's statistics they are
+        loaded again, as a node that starts loads them (an edit by hand otherwise reached only
+        restarted nodes' plans)."""
+        for name in sorted(written):
+            self._internal(self._sql_table_touch, (name, index))
+        if not written.isdisjoint(STAT_TABLES):
+            self._internal("ANALYZE sqlite_schema")
 
     def _savepoint_entry(self) -> None:
         """SAVEPOINT raftsql_entry, keeping last_insert_rowid(): FTS3/4 write their pending

@@ -502,6 +502,7 @@ class TransactionPreviews:
             guard.internal = outer
 
     def _replay(self, txn: PreviewTxn) -> dict[str, Any] | None:
+        self._guard.in_txn = True
         self._conn.set_last_insert_rowid(0)
         self._begin_preview()
         try:
@@ -565,6 +566,7 @@ class TransactionPreviews:
         sql, params = statement
         with self._lock:
             self._check_open()
+            self._guard.in_txn = True
             if self.open_txns.get(txn.id) is not txn:
                 raise TxnGone(txn.id)
             if base > len(txn.writes):
@@ -664,6 +666,7 @@ class CheckedTransactions:
         if a statement rolled the whole SQLite transaction back."""
         statements, checks, controls = cmd.statements, cmd.checks, cmd.controls
         assert checks is not None
+        self._guard.in_txn = True
         self._rand.seed = cmd.seed
         entry_ms = self._vfs.now_ms
         # A statement's own clock (its check's env) may not lie outside the time the
@@ -726,8 +729,7 @@ class CheckedTransactions:
             self._internal("RELEASE raftsql_entry")
             return Result(index=index, error=conflict)
         self._internal("RELEASE raftsql_entry")
-        for name in sorted(written):
-            self._internal(self._sql_table_touch, (name, index))
+        self._touch_tables(written, index)
         last = per[-1] if per else Result()
         return Result(rowcount=last.rowcount, lastrowid=last.lastrowid, index=index,
                       results=per if len(per) != 1 else None)

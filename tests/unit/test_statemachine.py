@@ -745,6 +745,48 @@ def test_a_restarted_node_records_the_same_tables_written_around_an_rtree(make):
     written = dict(b.query("SELECT name, modified_index FROM sqlite_raftsql_tables").rows)
     assert "rt" in written and not any(name.startswith("rt_") for name in written)
 
+
+def test_planner_statistics_edited_by_hand_reach_every_node_alike(make):
+    """SQLite loads sqlite_stat1/4 at ANALYZE and at start: a hand edit (or a dump loaded
+    from sqlite3, which inserts them) reached the planner of a restarted node only, and an
+    INSERT ... SELECT ... LIMIT 1 without ORDER BY took another row there. Apply loads them
+    again after an entry that wrote them."""
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(a INT, b INT, x INT)", "CREATE INDEX ia ON t(a, x)",
+                  "CREATE INDEX ib ON t(b, x)", "CREATE TABLE out(v)",
+                  "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r LIMIT 1000) "
+                  "INSERT INTO t SELECT n % 2, n % 3, n FROM r"))
+    c.apply(entry("ANALYZE"))
+    c.apply(entry("DELETE FROM sqlite_stat4", "UPDATE sqlite_stat1 SET stat = '1000 1 1' WHERE idx = 'ia'",
+                  "UPDATE sqlite_stat1 SET stat = '1000 900 1' WHERE idx = 'ib'"))
+    plan = "EXPLAIN QUERY PLAN SELECT x FROM t WHERE a = 1 AND b = 1 LIMIT 1"
+    a._guard.internal = True
+    warm = [r[3] for r in a._conn.execute(plan)]
+    a._guard.internal = False
+    b.close()
+    b = make("b")  # loads the statistics from the file
+    b._guard.internal = True
+    assert [r[3] for r in b._conn.execute(plan)] == warm == ["SEARCH t USING INDEX ia (a=?)"]
+    b._guard.internal = False
+    c = Cluster(a, b)
+    c.apply(entry("INSERT INTO out SELECT x FROM t WHERE a = 1 AND b = 1 LIMIT 1"))
+    c.assert_same()
+
+
+def test_analyze_inside_a_transaction_is_refused_alike_in_preview_and_commit(make):
+    """A preview's ANALYZE would load its statistics into the leader's planner alone, and they
+    would stay there after the preview rolled back."""
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x)", "CREATE INDEX ix ON t(x)"))
+    txn = a.txn_begin("c1", 1)
+    r, _, _ = a.txn_preview(txn, ("ANALYZE", ()), 0, (1, T0))
+    assert r.error is not None and "cannot run inside a transaction" in r.error["message"]
+    a.txn_end(txn.id)
+    c.apply(entry("ANALYZE"))  # outside one: every node
+    c.assert_same()
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
