@@ -76,6 +76,10 @@ class ManyStatements:
             if self._ctx.dml:
                 self._ctx.many_total += conn.changes()
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
+            if not isinstance(e, apsw.Error):
+                self._many_cursor.close(force=True)  # still open (see _run_statement)
+                self._many_cursor = self._conn.cursor()
+                self._many_cursor.exec_trace = self._trace_many
             try:
                 error = self._statement_error(e)
             except NodeProblem as problem:
@@ -121,7 +125,9 @@ class ManyStatements:
         before = conn.total_changes()
         limit = self._ctx.max_progress_calls
         guard.denied = None
-        guard.user_prepare = False  # prepared already (cached): nothing here is nested
+        # The same text as the first set's, which passed the strict rules and gave the write
+        # set: this prepare (afresh, see _run_statement) is not tracked again.
+        guard.user_prepare = False
         self._ctx.max_progress_calls = limit * (len(sets) - 1)
         self._ctx.progress_calls = 0
         self._ctx.budget_on = True
@@ -130,6 +136,9 @@ class ManyStatements:
             for _ in self._fast_cursor.executemany(sql, sets[1:], can_cache=False):
                 pass
         except Exception as e:  # noqa: BLE001 - any failure: redo traced, which maps the error
+            if not isinstance(e, apsw.Error):
+                self._fast_cursor.close(force=True)  # still open (see _run_statement)
+                self._fast_cursor = conn.cursor()
             if not conn.in_transaction:
                 # OR ROLLBACK, or the step limit (an interrupt): the entry's transaction is
                 # gone, so no redo; the batch is redone with this error (_TransactionLost).

@@ -676,6 +676,11 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                 else:
                     budget -= sum(4 * len(d[0]) + 4 * len(d[1] or "") + 10 for d in self._ctx.description)
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
+            if not isinstance(e, apsw.Error):
+                # A row Python could not take (RETURNING text that is not UTF-8): the statement
+                # is still open, and releasing the entry's savepoint under it failed as the
+                # machine's fault on every node.
+                self._reset_apply_cursor()
             raise StatementFailed(self._statement_error(e), by_sqlite=self._by_sqlite(e)) from None
         finally:
             self._ctx.budget_on = False
@@ -777,7 +782,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         that what it kept of the statement is SQLite's doing? Not for raftsql's aborts (a
         second statement in the text, VACUUM, the step limit, a timeout), which stop a
         statement that had nothing wrong with it so far."""
-        return (self._ctx.abort is None and not self._ctx.step_limit_hit
+        return (self._ctx.abort is None and not self._ctx.step_limit_hit and isinstance(e, apsw.Error)
                 and not isinstance(e, (apsw.ExecTraceAbort, apsw.InterruptError)))
 
     def _statement_error(self, e: BaseException) -> dict[str, Any]:

@@ -787,6 +787,26 @@ def test_analyze_inside_a_transaction_is_refused_alike_in_preview_and_commit(mak
     c.apply(entry("ANALYZE"))  # outside one: every node
     c.assert_same()
 
+
+def test_returning_text_that_is_not_utf8_fails_the_write_and_stops_no_node(make):
+    """The row decode failed with the RETURNING statement still open; apply took the insert it
+    had already made for SQLite's doing (OR FAIL keeps such changes), released the entry's
+    savepoint under the open statement, and that failure stopped every node, again at each
+    restart. Now the write fails, nothing applied, as a non-SQLite error."""
+    from raftsql.command import Many
+
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x)"))
+    for st in (("INSERT INTO t VALUES (CAST(x'ff' AS TEXT)) RETURNING x", ()),
+               ("INSERT INTO t VALUES (CAST(? AS TEXT)) RETURNING x", Many([(b"a",), (b"\xff",), (b"c",)])),
+               ("INSERT INTO t VALUES (CAST(? AS TEXT)) RETURNING x", Many([(b"\xff",), (b"b",)]))):
+        r = c.apply(entry(st))
+        assert r.error is not None and "not valid UTF-8" in r.error["message"], r.error
+        assert a.query("SELECT count(*) FROM t").rows == [[0]]
+    assert c.apply(entry("INSERT INTO t VALUES (1) RETURNING x")).rows == [[1]]
+    c.assert_same()
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
