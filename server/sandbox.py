@@ -61,8 +61,11 @@ _INTROSPECTION_PRAGMAS = frozenset(
     }
 )
 # Settings that may be read but not changed (changing them is per connection, not replicated).
+# (Not schema_version: it is each file's own counter, and a snapshot copy renumbers it, so a
+# write or a transaction's check that read it stored 10 on one node and 1 on a node installed
+# from a snapshot. Refused like any other PRAGMA; user_version is replicated.)
 _READ_ONLY_SETTINGS = frozenset(
-    {"foreign_keys", "recursive_triggers", "encoding", "schema_version", "auto_vacuum", "page_size"}
+    {"foreign_keys", "recursive_triggers", "encoding", "auto_vacuum", "page_size"}
 )
 # Of those, the ones pinned OFF on every connection (configure() below), and how SQLite spells
 # OFF: setting them OFF is allowed (a no-op).
@@ -190,6 +193,9 @@ def refusal(
                 return ("PRAGMA foreign_keys cannot be changed: it stays OFF on every node (raftsql "
                         "does not enforce foreign keys; see the README)")
             return f"PRAGMA {name} cannot be changed"
+        if name == "schema_version":
+            return ("PRAGMA schema_version is each node's own file counter (a snapshot copy "
+                    "renumbers it), not replicated; PRAGMA user_version is")
         if name == "journal_mode" and (arg4 is None or arg4.strip("'\"").lower() == "wal"):
             # Every node's database is in WAL mode: reading it, or asking for WAL, is a no-op
             # (SQLAlchemy's and Django's connect-time recipes ask for it).

@@ -807,6 +807,19 @@ def test_returning_text_that_is_not_utf8_fails_the_write_and_stops_no_node(make)
     assert c.apply(entry("INSERT INTO t VALUES (1) RETURNING x")).rows == [[1]]
     c.assert_same()
 
+
+def test_schema_version_is_not_for_user_statements(make):
+    """Each file's own counter: SQLite's backup API (a snapshot) renumbers it, so a write that
+    stored it, or a transaction whose check read it, differed on a node installed from a
+    snapshot. user_version is replicated."""
+    a = make("a")
+    a.apply(1, entry("CREATE TABLE t(x)"))
+    for sql in ("INSERT INTO t SELECT schema_version FROM pragma_schema_version", "PRAGMA schema_version"):
+        r = a.apply(a.applied_index + 1, entry(sql))
+        assert r.error["name"] == "SQLITE_AUTH" and "user_version is" in r.error["message"]
+        assert a.query(sql.replace("INSERT INTO t ", "")).error["name"] == "SQLITE_AUTH"
+    assert a.query("PRAGMA user_version").rows == [[0]]
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
