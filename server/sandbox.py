@@ -334,6 +334,9 @@ class Guard:
                 self.writes.add(SCHEMA)
         elif action in _SCHEMA_ACTIONS and self.writes is not None:
             self.writes.add(SCHEMA)
+        elif action == _A.SQLITE_ANALYZE and self.writes is not None:
+            # ANALYZE writes the planner's statistics (only its DELETEs reach the authorizer).
+            self.writes.add("sqlite_stat1")
 
 
 class StatementMemo:

@@ -436,6 +436,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             self._internal("COMMIT")
         except (_TransactionLost, NodeProblem):
             self._abandon()
+            self._reload_statistics()
             raise
         except StateMachineError:
             self._abandon()
@@ -595,6 +596,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                 return result
             self._internal("ROLLBACK TO raftsql_entry")
             self._internal("RELEASE raftsql_entry")
+            self._reload_statistics(written)
             return result
         finally:
             self._guard.writes = None
@@ -622,7 +624,16 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         restarted nodes' plans)."""
         for name in sorted(written):
             self._internal(self._sql_table_touch, (name, index))
-        if not written.isdisjoint(STAT_TABLES):
+        self._reload_statistics(written)
+
+    def _reload_statistics(self, written: set[str] | None = None) -> None:
+        """Load the planner's statistics again if `written` (None: whatever was written) may
+        have changed them: after an entry that kept or rolled back such writes (an ANALYZE
+        loads what it computed at once, and a rollback that changes no schema leaves that in
+        the planner), and after a batch rolled back whole."""
+        if (written is None or not written.isdisjoint(STAT_TABLES)) and self._internal(
+                "SELECT 1 FROM sqlite_schema WHERE name = 'sqlite_stat1'"):
+            # (Only when there are statistics: without sqlite_stat1, this would create it.)
             self._internal("ANALYZE sqlite_schema")
 
     def _savepoint_entry(self) -> None:

@@ -727,6 +727,7 @@ class CheckedTransactions:
                 raise StatementFailed(conflict)
             self._internal("ROLLBACK TO raftsql_entry")
             self._internal("RELEASE raftsql_entry")
+            self._reload_statistics(written)
             return Result(index=index, error=conflict)
         self._internal("RELEASE raftsql_entry")
         self._touch_tables(written, index)

@@ -774,6 +774,28 @@ def test_planner_statistics_edited_by_hand_reach_every_node_alike(make):
     c.assert_same()
 
 
+def test_an_analyze_its_entry_rolled_back_leaves_no_statistics_in_the_planner(make):
+    """ANALYZE loads what it computed at once; the entry's later failure rolls its rows back,
+    and a rollback that changes no schema does not reload: live nodes planned with the
+    rolled-back statistics and a restarted one with the file's."""
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(a INT, b INT, x INT, y INT)", "CREATE INDEX ia ON t(a, x)",
+                  "CREATE INDEX ib ON t(b, y)", "CREATE TABLE out(v)", "CREATE TABLE uq(k PRIMARY KEY)",
+                  "INSERT INTO uq VALUES (1)",
+                  "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r LIMIT 1000) "
+                  "INSERT INTO t SELECT n % 2, n % 3, n, 1000 - n FROM r"))
+    c.apply(entry("ANALYZE"))
+    c.apply(entry("DELETE FROM sqlite_stat4", "UPDATE sqlite_stat1 SET stat = '1000 1 1' WHERE idx = 'ia'",
+                  "UPDATE sqlite_stat1 SET stat = '1000 900 1' WHERE idx = 'ib'"))
+    assert c.apply(entry("ANALYZE", "INSERT INTO uq VALUES (1)")).error is not None  # rolled back
+    b.close()
+    b = make("b")
+    c = Cluster(a, b)
+    c.apply(entry("INSERT INTO out SELECT x FROM t WHERE a = 1 AND b = 1 LIMIT 1"))
+    c.assert_same()
+
+
 def test_analyze_inside_a_transaction_is_refused_alike_in_preview_and_commit(make):
     """A preview's ANALYZE would load its statistics into the leader's planner alone, and they
     would stay there after the preview rolled back."""
