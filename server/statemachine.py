@@ -51,6 +51,7 @@ from raftsql.server.sandbox import (
     Guard,
     StatementMemo,
     configure,
+    quote_ident,
 )
 from raftsql.server.sqlerrors import (
     MAX_RESULT_BYTES,
@@ -289,6 +290,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._fast_cursor = conn.cursor()
         self._cookie_cursor = conn.cursor()
         self._shadow_cookie: int | None = None  # the schema cookie Guard.shadow was listed at
+        self._fts34: frozenset[str] = frozenset()  # FTS3/4 tables (lower case), at that cookie
 
     # -- public state ---------------------------------------------------------------------
 
@@ -492,6 +494,10 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                 guard.shadow = frozenset(name.lower() for (name,) in self._conn.execute(
                     self._tag + "SELECT name FROM pragma_table_list WHERE schema='main' "
                     "AND type='shadow'"))
+                self._fts34 = frozenset(name.lower() for (name,) in self._conn.execute(
+                    self._tag + "SELECT name FROM sqlite_schema WHERE type='table' AND "
+                    "sql LIKE 'CREATE VIRTUAL TABLE%' AND (sql LIKE '%USING fts3%' "
+                    "OR sql LIKE '%USING fts4%')"))
                 self._shadow_cookie = cookie
             return cookie
         finally:
@@ -706,6 +712,8 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             self._check_sequences()
         if self._ctx.max_rowid_table is not None:
             raise StatementFailed(max_rowid_error(self._ctx.max_rowid_table))
+        if self._fts34 and self._guard.writes and not self._fts34.isdisjoint(self._guard.writes):
+            self._refuse_fts_automerge()
         desc = self._ctx.description
         return Result(
             columns=[d[0] for d in desc],
@@ -714,6 +722,26 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             rowcount=conn.changes() if self._ctx.dml else -1,
             lastrowid=conn.last_insert_rowid(),
         )
+
+    def _refuse_fts_automerge(self) -> None:
+        """FTS3/4's 'automerge=N' merges segments at each SQLite COMMIT, by how much the
+        transaction wrote, and nodes group entries into commits differently (a follower catching
+        up commits many at once): their FTS indexes came out different (outside-in divergence
+        hunt, 2026-12-05). A statement that leaves it on fails; it is set back to 0 first, so
+        that what a transaction's preview keeps of it is what its commit keeps."""
+        for name in sorted(self._fts34 & self._guard.writes):
+            try:
+                rows = self._internal(f"SELECT value FROM {quote_ident(name + '_stat')} WHERE id = 2")
+            except apsw.SQLError:
+                continue  # no %_stat table: automerge was never set
+            if rows and rows[0][0]:
+                self._internal(f"INSERT INTO {quote_ident(name)}({quote_ident(name)}) "
+                               "VALUES ('automerge=0')")
+                raise StatementFailed(sql_error(
+                    SQLITE_ERROR, "SQLITE_ERROR",
+                    f"FTS automerge is not supported (table {name}): it merges at each SQLite "
+                    "commit, and nodes group entries into commits differently, so their indexes "
+                    "would differ; run 'merge=X,Y' commands instead"))
 
     def _check_sequences(self) -> None:
         rows = self._internal(
