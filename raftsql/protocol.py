@@ -61,8 +61,18 @@ RAFTSQL_ERROR_NAMES = frozenset(
 )
 
 
+# An error message is cut past this many characters. SQLite's RAISE() takes any expression (3.47+):
+# a trigger's 99,999,999-character message made the session row that stores the entry's result
+# longer than SQLite allows, and that failure of raftsql's own statement stopped every node, at
+# each restart again.
+MAX_ERROR_MESSAGE = 64 << 10
+
+
 def sql_error(code: int, name: str, message: str) -> dict[str, Any]:
-    """An SQL error value, as Result.error carries it."""
+    """An SQL error value, as Result.error carries it (the message cut at MAX_ERROR_MESSAGE)."""
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = (f"{message[:MAX_ERROR_MESSAGE]}... (the message is cut here: "
+                   f"{len(message)} characters)")
     return {"code": code, "name": name, "message": message}
 
 

@@ -871,6 +871,29 @@ def test_fts_automerge_is_refused_and_left_off(make, module):
     assert "automerge is not supported" in r.error["message"]
     a.txn_end(txn.id)
 
+
+def test_an_error_message_of_100_mb_is_cut_and_stops_no_node(make):
+    """RAISE() takes any expression: a 99,999,999-character message made the session row
+    storing the entry's result longer than SQLite allows, and that failure of raftsql's own
+    statement stopped every node, again at each restart."""
+    from raftsql.protocol import MAX_ERROR_MESSAGE
+
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry("CREATE TABLE t(x)",
+                  "CREATE TRIGGER tr BEFORE INSERT ON t BEGIN "
+                  "SELECT RAISE(ABORT, printf('%.*c', new.x, 'y')); END"))
+    r = c.apply(entry("INSERT INTO t VALUES (99999999)", client_id="c", serial=1))
+    assert r.error["name"] == "SQLITE_CONSTRAINT_TRIGGER"
+    assert MAX_ERROR_MESSAGE < len(r.error["message"]) < MAX_ERROR_MESSAGE + 100
+    assert r.error["message"].endswith("(the message is cut here: 99999999 characters)")
+    txn = a.txn_begin("c2", 1)  # a preview's error too (it goes back to the client)
+    p, _, _ = a.txn_preview(txn, ("INSERT INTO t VALUES (99999999)", ()), 0, (1, T0))
+    assert len(p.error["message"]) < MAX_ERROR_MESSAGE + 100
+    a.txn_end(txn.id)
+    assert c.apply(entry("INSERT INTO t VALUES (3)", client_id="c", serial=2)).error is not None  # 'yyy'
+    c.assert_same()
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
