@@ -219,6 +219,7 @@ class PreviewTxn:
     changeset: bytes | None = None  # None with writes: rebuild them by replaying the SQL
     no_changeset: bool = False  # its changes cannot travel as a changeset (schema change, ...)
     last_rowid: int = 0  # last_insert_rowid() as the transaction left it
+    start_rowid: int = 0  # and as it started (the client's last write's): a replay starts there
     last_used: float = 0.0
     writes_size: int = 0  # about the bytes of `writes`
     size: int = 0  # bytes of writes and changeset (for the node-wide bound)
@@ -363,7 +364,7 @@ class TransactionPreviews:
                              owner=owner)
             # As its commit entry will (StateMachine._apply_command): last_insert_rowid()
             # starts from what the client's previous write left.
-            txn.last_rowid = self.client_last_rowid(client_id)
+            txn.last_rowid = txn.start_rowid = self.client_last_rowid(client_id)
             self.open_txns.add(txn)
             self._sweep(txn)
             return txn
@@ -503,7 +504,7 @@ class TransactionPreviews:
 
     def _replay(self, txn: PreviewTxn) -> dict[str, Any] | None:
         self._guard.in_txn = True
-        self._conn.set_last_insert_rowid(0)
+        self._conn.set_last_insert_rowid(txn.start_rowid)
         self._begin_preview()
         try:
             for i, (sql, params) in enumerate(txn.writes):
@@ -749,7 +750,8 @@ class CheckedTransactions:
             if cmd.last_ms and now_ms - cmd.last_ms > self.txn_idle_timeout_ms:
                 return Result(index=index, error=idle_error(self.txn_idle_timeout_ms))
             self._park()
-            self._conn.set_last_insert_rowid(0)
+            # As a logged commit would, and as its reads saw: from the client's last write.
+            self._conn.set_last_insert_rowid(self.client_last_rowid(cmd.client_id))
             self._internal("BEGIN")
             self._vfs.now_ms = now_ms
             try:

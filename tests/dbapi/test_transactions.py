@@ -251,6 +251,19 @@ def test_read_only_explicit_transaction_is_checked_at_commit(connect, table):
     r.execute("COMMIT")
 
 
+def test_a_read_only_transaction_that_reads_last_insert_rowid_commits(connect, table):
+    """Its read got the client's last rowid (as a write would start from); the check at the
+    ReadIndex started from 0, so such a transaction failed at every try."""
+    c = connect(autocommit=True)
+    c.execute(f"CREATE TABLE {table} (x)")
+    c.execute(f"INSERT INTO {table} VALUES (1)")
+    c.execute(f"INSERT INTO {table} VALUES (2)")
+    c.execute("BEGIN")
+    assert c.execute("SELECT last_insert_rowid()").fetchall() == [(2,)]
+    c.execute("COMMIT")
+    assert not c.in_transaction
+
+
 def test_write_only_transactions_do_not_conflict(connect, table):
     auto = connect(autocommit=True)
     auto.execute(f"CREATE TABLE {table} (v INTEGER)")

@@ -894,6 +894,21 @@ def test_an_error_message_of_100_mb_is_cut_and_stops_no_node(make):
     assert c.apply(entry("INSERT INTO t VALUES (3)", client_id="c", serial=2)).error is not None  # 'yyy'
     c.assert_same()
 
+
+def test_a_parked_transaction_replays_from_the_clients_last_rowid(make):
+    """A transaction starts from the client's last write's rowid; rebuilt by replay after
+    another write parked it, it started from 0, so last_insert_rowid() gave another value."""
+    a = make("a")
+    a.apply(1, entry("CREATE TABLE t(x)", "CREATE TABLE u(x)"))
+    a.apply(2, entry("INSERT INTO t VALUES (10)", client_id="c1", serial=1))
+    txn = a.txn_begin("c1", 1)
+    r, _, _ = a.txn_preview(txn, ("INSERT INTO t VALUES (last_insert_rowid())", ()), 0, (1, T0))
+    assert r.error is None
+    a.apply(3, entry("INSERT INTO u VALUES (0)", client_id="c2", serial=1))  # parks it
+    r, _, _ = a.txn_preview(txn, ("SELECT x FROM t ORDER BY rowid", ()), 1, (1, T0))
+    assert r.rows == [[10], [1]]
+    a.txn_end(txn.id)
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
