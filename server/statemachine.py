@@ -498,6 +498,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                     self._tag + "SELECT name FROM sqlite_schema WHERE type='table' AND "
                     "sql LIKE 'CREATE VIRTUAL TABLE%' AND (sql LIKE '%USING fts3%' "
                     "OR sql LIKE '%USING fts4%')"))
+                self._load_fts5_configs()
                 self._shadow_cookie = cookie
             return cookie
         finally:
@@ -722,6 +723,23 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             rowcount=conn.changes() if self._ctx.dml else -1,
             lastrowid=conn.last_insert_rowid(),
         )
+
+    def _load_fts5_configs(self) -> None:
+        """Make each FTS5 table load its configuration on this connection now (a lookup of a
+        word reads its structure record). Its 'rebuild' and 'delete-all' write the config
+        cookie the connection holds: 0 on a connection that had not loaded it yet, so a
+        restarted or snapshot-installed node wrote other bytes than the others (outside-in
+        divergence hunt, 2026-12-05). Called with the guard off, when the schema cookie
+        changes."""
+        for (name,) in self._conn.execute(
+                self._tag + "SELECT name FROM sqlite_schema WHERE type='table' AND "
+                "sql LIKE 'CREATE VIRTUAL TABLE%' AND sql LIKE '%USING fts5%'").fetchall():
+            try:
+                q = quote_ident(name)
+                self._conn.execute(f"{self._tag}SELECT rowid FROM {q} WHERE {q} MATCH "
+                                   "'\"raftsqlwarm\"' LIMIT 1").fetchall()
+            except apsw.Error:
+                pass  # (an external content table without its table, say): nothing to load
 
     def _refuse_fts_automerge(self) -> None:
         """FTS3/4's 'automerge=N' merges segments at each SQLite COMMIT, by how much the

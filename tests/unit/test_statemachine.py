@@ -909,6 +909,22 @@ def test_a_parked_transaction_replays_from_the_clients_last_rowid(make):
     assert r.rows == [[10], [1]]
     a.txn_end(txn.id)
 
+
+@pytest.mark.parametrize("table,command", [("fts5(x)", "rebuild"), ("fts5(x, content='')", "delete-all")])
+def test_fts5_rebuild_writes_the_same_bytes_on_a_restarted_node(make, table, command):
+    """'rebuild' and 'delete-all' write the config cookie the connection holds: 0 on one that
+    had not loaded it yet (a restarted or snapshot-installed node), 1 after a 'pgsz'."""
+    a, b = make("a"), make("b")
+    c = Cluster(a, b)
+    c.apply(entry(f"CREATE VIRTUAL TABLE f USING {table}", "INSERT INTO f(rowid, x) VALUES (1, 'a b c')"))
+    c.apply(entry("INSERT INTO f(f, rank) VALUES ('pgsz', 64)"))
+    b.close()
+    b = make("b")
+    c = Cluster(a, b)
+    c.apply(entry(f"INSERT INTO f(f) VALUES ('{command}')",
+                  "CREATE TABLE keep(b)", "INSERT INTO keep SELECT block FROM f_data WHERE id = 10"))
+    c.assert_same()
+
 def test_read_timeout(make):
     sm = make(query_timeout_s=0.2)
     t = time.monotonic()
