@@ -288,6 +288,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._many_cursor = conn.cursor()
         self._many_cursor.exec_trace = self._trace_many
         self._fast_cursor = conn.cursor()
+        self._many_texts = 0  # ManyStatements._fresh_text
         self._cookie_cursor = conn.cursor()
         self._shadow_cookie: int | None = None  # the schema cookie Guard.shadow was listed at
         self._fts34: frozenset[str] = frozenset()  # FTS3/4 tables (lower case), at that cookie
