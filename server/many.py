@@ -76,10 +76,8 @@ class ManyStatements:
             if self._ctx.dml:
                 self._ctx.many_total += conn.changes()
         except Exception as e:  # noqa: BLE001 - mapped to a result or re-raised as fatal
-            if not isinstance(e, apsw.Error):
-                self._many_cursor.close(force=True)  # still open (see _run_statement)
-                self._many_cursor = self._conn.cursor()
-                self._many_cursor.exec_trace = self._trace_many
+            if not isinstance(e, apsw.Error):  # still open (see _run_statement)
+                self._many_cursor = self._fresh_cursor(self._many_cursor, self._trace_many)
             try:
                 error = self._statement_error(e)
             except NodeProblem as problem:
@@ -145,9 +143,8 @@ class ManyStatements:
             for _ in self._fast_cursor.executemany(self._fresh_text(sql), sets[1:]):
                 pass
         except Exception as e:  # noqa: BLE001 - any failure: redo traced, which maps the error
-            if not isinstance(e, apsw.Error):
-                self._fast_cursor.close(force=True)  # still open (see _run_statement)
-                self._fast_cursor = conn.cursor()
+            if not isinstance(e, apsw.Error):  # still open (see _run_statement)
+                self._fast_cursor = self._fresh_cursor(self._fast_cursor)
             if not conn.in_transaction:
                 # OR ROLLBACK, or the step limit (an interrupt): the entry's transaction is
                 # gone, so no redo; the batch is redone with this error (_TransactionLost).

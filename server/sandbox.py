@@ -131,12 +131,16 @@ _TEMP_SCHEMA_TABLES = frozenset({"sqlite_temp_master", "sqlite_temp_schema", "sq
 
 def refusal(
     write: bool, action: int, arg3: str | None, arg4: str | None, nested: bool = False,
-    db: str | None = None,
+    db: str | None = None, in_txn: bool = False,
 ) -> str | None:
     """Why a user statement may not do `action`, or None if it may. `write` selects the rules of
     the apply path (and validate), which also refuse what is fine to read but not replicated.
     `nested`: the statement is being prepared while another one runs (FTS5's own statements).
-    `db`: the schema the action is in ("main", "temp")."""
+    `db`: the schema the action is in ("main", "temp"). `in_txn`: a transaction's statement
+    (Guard.in_txn)."""
+    if action == _A.SQLITE_ANALYZE and in_txn and write:
+        return ("ANALYZE cannot run inside a transaction: the statistics it loads would reach "
+                "the leader's query planner alone; run it outside one")
     if db == "temp" and not (action == _A.SQLITE_PRAGMA and (
             arg4 is None or (arg3 or "").lower() in _INTROSPECTION_PRAGMAS)) and not (
             action in _TEMP_SCHEMA_UPKEEP and arg3 in _TEMP_SCHEMA_TABLES):
@@ -284,12 +288,7 @@ class Guard:
         if self.record is not None and self.user_prepare:
             self.record.append((action, arg3, arg4))
         self.observe(action, arg3, arg4)
-        if action == _A.SQLITE_ANALYZE and self.in_txn and self.write:
-            reason: str | None = (
-                "ANALYZE cannot run inside a transaction: the statistics it loads would reach "
-                "the leader's query planner alone; run it outside one")
-        else:
-            reason = refusal(self.write, action, arg3, arg4, not self.user_prepare, db)
+        reason = refusal(self.write, action, arg3, arg4, not self.user_prepare, db, self.in_txn)
         if reason is None:
             return apsw.SQLITE_OK
         if self.denied is None:

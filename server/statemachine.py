@@ -780,9 +780,15 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
     def _reset_apply_cursor(self) -> None:
         """Abandon the apply cursor's statement midway (a result over its limit): a fresh
         cursor, so the savepoint can be rolled back with nothing pending."""
-        self._cursor.close(force=True)
-        self._cursor = self._conn.cursor()
-        self._cursor.exec_trace = self._trace
+        self._cursor = self._fresh_cursor(self._cursor, self._trace)
+
+    def _fresh_cursor(self, cursor: apsw.Cursor, trace: Any = None) -> apsw.Cursor:
+        """A new cursor for one whose statement is still open (abandoned midway)."""
+        cursor.close(force=True)
+        fresh = self._conn.cursor()
+        if trace is not None:
+            fresh.exec_trace = trace
+        return fresh
 
     def _trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         """Exec tracer of the apply cursor: runs once per statement, before it steps."""
