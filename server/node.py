@@ -64,6 +64,7 @@ from raftsql.server.logstore import LogStore
 from raftsql.server.membership import Membership, check_node_id
 from raftsql.server.ready import EarlyAcks, ReadyDriver
 from raftsql.server.records import CLUSTER_OP
+from raftsql.server.sandbox import THREAD_STACK_BYTES
 from raftsql.server.snapshot import Snapshots
 from raftsql.server.sqlerrors import MAX_RESULT_BYTES, damaged
 from raftsql.server.statemachine import Result, SQLError, StateMachine
@@ -200,6 +201,10 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        # Every thread started from here on (apply, client service, transport) gets a stack
+        # large enough for the deepest statement SQLite can be given (sandbox.prepare_bounded);
+        # only the pages a thread touches are backed by memory.
+        threading.stack_size(THREAD_STACK_BYTES)
         with self._lock:
             members = set(self.core.voters) | set(self.core.learners)
         self.transport = Transport(

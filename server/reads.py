@@ -24,7 +24,7 @@ from raftsql.protocol import (
     Result,
     sql_error,
 )
-from raftsql.server.sandbox import PROGRESS_STEPS, Guard, configure
+from raftsql.server.sandbox import PROGRESS_STEPS, Guard, configure, prepare_bounded
 from raftsql.server.sqlerrors import (
     MAX_RESULT_BYTES,
     SQLITE_AUTH,
@@ -157,8 +157,8 @@ class ReadCursor:
             # Collecting a read set needs the authorizer, which runs only at prepare; a text
             # whose columns under this schema are not known yet is prepared afresh, which
             # tells them.
-            self._rows = conn.cursor().execute(
-                sql, self._params, can_cache=read_set is None and known is not None)
+            self._rows = prepare_bounded(conn, guard, lambda: conn.cursor().execute(
+                sql, self._params, can_cache=read_set is None and known is not None))
             if known is None and reader.traced and remember:
                 if len(reader.descriptions) >= _MAX_DESCRIPTIONS:
                     reader.descriptions.clear()
@@ -286,7 +286,8 @@ class ReadCursor:
         description = reader.description
         reader.traced = 0
         try:
-            rows = reader.conn.cursor().execute(wrapped, self._params, can_cache=False)
+            rows = prepare_bounded(reader.conn, reader.guard, lambda: reader.conn.cursor().execute(
+                wrapped, self._params, can_cache=False))
         except Exception:  # noqa: BLE001 - cannot wrap it: the plain decode error stands
             return False
         finally:
@@ -448,6 +449,7 @@ class Reads:
         def tracer(cursor: apsw.Cursor, first: str, bindings: Any) -> bool:
             if not cursor.has_vdbe:
                 return True
+            guard.selects_left = None
             seen["sql"] = first
             seen["readonly"] = cursor.is_readonly
             seen["rows"] = bool(cursor.description)
@@ -459,7 +461,8 @@ class Reads:
         cursor = reader.conn.cursor()
         cursor.exec_trace = tracer
         try:
-            cursor.execute(sql, params if params is not None else (), can_cache=False)
+            prepare_bounded(reader.conn, guard, lambda: cursor.execute(
+                sql, params if params is not None else (), can_cache=False))
         except apsw.ExecTraceAbort:
             pass
         except Exception as e:  # noqa: BLE001 - every failure becomes an SQLError or passes
@@ -606,6 +609,7 @@ class Reads:
         def tracer(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
             if reader.guard.internal or not cursor.has_vdbe:
                 return True
+            reader.guard.selects_left = None  # prepared: the flattening bound is done
             reader.traced += 1
             if reader.traced > 1:
                 reader.abort = sql_error(

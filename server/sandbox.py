@@ -9,16 +9,39 @@ read and write sets)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import apsw
 
 from raftsql.sqltext import MAX_CACHED_SQL
 from raftsql.txncheck import VOLATILE_FUNCTIONS
+
+T = TypeVar("T")
 
 # The progress handler runs every this many VM steps (the apply step budget and the read time
 # limit are counted in these units).
 PROGRESS_STEPS = 1000
 MAX_VALUE_BYTES = 100_000_000  # SQLITE_LIMIT_LENGTH on every connection
 BUSY_TIMEOUT_MS = 5000
+# SQLite flattens views, CTEs and FROM-clause subqueries into the query that reads them and stacks
+# their expressions without checking the depth limit again, so a chain of them overflowed the C
+# stack of the thread preparing it (a segmentation fault of the node; server/DESIGN.md,
+# "Flattening"). A user statement is first prepared under SQLite's own depth limit
+# (FULL_EXPR_DEPTH) with at most SELECT_CAP SELECTs authorized; one that needs more is prepared
+# again with every expression and nesting level held to SHALLOW_EXPR_DEPTH, and fails only if it
+# needs both. Either way the stacked depth stays near 16,000 levels (about 30 MB of stack at
+# the costliest level measured), and node threads get THREAD_STACK_BYTES of stack.
+FULL_EXPR_DEPTH = 1000
+SHALLOW_EXPR_DEPTH = 100
+SELECT_CAP = 16
+THREAD_STACK_BYTES = 256 * 1024 * 1024
+TOO_COMPLEX = (
+    f"the statement is too complex: more than {SELECT_CAP} SELECTs (views, CTEs, subqueries, "
+    f"compound terms and trigger bodies count) together with an expression or nesting deeper "
+    f"than {SHALLOW_EXPR_DEPTH}"
+)
+_DEPTH_ERRORS = ("Expression tree is too large", "nested too deep")
 # The name under which read and write sets record the schema (and the database header:
 # user_version, application_id). Every non-empty read set implicitly includes it.
 SCHEMA = "sqlite_schema"
@@ -237,7 +260,7 @@ class Guard:
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
         "sequence_written", "prepared", "volatile", "schema_epoch", "record", "shadow",
-        "in_txn",
+        "in_txn", "selects_left", "capped",
     )
 
     def __init__(self, write: bool):
@@ -277,12 +300,22 @@ class Guard:
         # ANALYZE is refused: a preview's statistics would reach the leader's planner and stay
         # there after the preview is rolled back.
         self.in_txn = False
+        # While a user statement is prepared by prepare_bounded (until its exec trace): how many
+        # more SELECTs may be authorized before SELECT_CAP is passed (None: no cap), and
+        # whether it was.
+        self.selects_left: int | None = None
+        self.capped = False
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
     ) -> int:
         if self.internal:
             return apsw.SQLITE_OK
+        if action == _A.SQLITE_SELECT and self.selects_left is not None:
+            self.selects_left -= 1
+            if self.selects_left < 0:
+                self.capped = True
+                return apsw.SQLITE_DENY
         if action in _SCHEMA_ACTIONS:
             self.schema_epoch += 1
         if self.record is not None and self.user_prepare:
@@ -442,6 +475,39 @@ def tracked(name: str) -> str:
     return SCHEMA if name in _SCHEMA_NAMES else name
 
 
+def prepare_bounded(conn: apsw.Connection, guard: Guard, execute: Callable[[], T]) -> T:
+    """Run execute(), which prepares one user statement on conn (and may step it), within the
+    flattening bounds (FULL_EXPR_DEPTH and SELECT_CAP, else SHALLOW_EXPR_DEPTH). The caller's
+    exec trace ends the count (Guard.selects_left = None) once the statement is prepared, so the
+    statements a virtual table prepares while it runs are not counted. What passes depends
+    only on the text and the schema (the apply connection has connected every virtual table
+    before a user statement is prepared), so every node decides alike."""
+    guard.capped = False
+    guard.selects_left = SELECT_CAP
+    try:
+        return execute()
+    except apsw.AuthError:
+        if not guard.capped:
+            raise
+    finally:
+        guard.selects_left = None
+    # More SELECTs than the cap: again, with no cap and every expression and nesting level
+    # held to SHALLOW_EXPR_DEPTH (what the first attempt recorded is dropped).
+    guard.denied = None
+    if guard.record is not None:
+        guard.record.clear()
+    conn.limit(apsw.SQLITE_LIMIT_EXPR_DEPTH, SHALLOW_EXPR_DEPTH)
+    try:
+        return execute()
+    except apsw.SQLError as e:
+        if not any(text in str(e) for text in _DEPTH_ERRORS):
+            raise
+        guard.denied = TOO_COMPLEX
+        raise apsw.AuthError(f"not authorized: {TOO_COMPLEX}") from None
+    finally:
+        conn.limit(apsw.SQLITE_LIMIT_EXPR_DEPTH, FULL_EXPR_DEPTH)
+
+
 def configure(conn: apsw.Connection, guard: Guard) -> None:
     """Settings every connection shares, pinned rather than left to build defaults so that
     every node's SQLite behaves alike."""
@@ -466,6 +532,7 @@ def configure(conn: apsw.Connection, guard: Guard) -> None:
     ):
         conn.config(op, value)
     conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+    conn.limit(apsw.SQLITE_LIMIT_EXPR_DEPTH, FULL_EXPR_DEPTH)
     conn.limit(apsw.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     conn.pragma("recursive_triggers", 0)
     conn.pragma("automatic_index", 1)

@@ -51,6 +51,7 @@ from raftsql.server.sandbox import (
     Guard,
     StatementMemo,
     configure,
+    prepare_bounded,
     quote_ident,
 )
 from raftsql.server.sqlerrors import (
@@ -678,7 +679,8 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             # the node's history (a statement just under the step limit failed on the leader,
             # whose preview had run it, and succeeded on the followers). A fresh prepare costs
             # a few µs more (server/DESIGN.md, "Step limit").
-            cursor = self._cursor.execute(sql, params, can_cache=False)
+            cursor = prepare_bounded(
+                self._conn, self._guard, lambda: self._cursor.execute(sql, params, can_cache=False))
             budget = self._ctx.result_budget
             stopped = False
             if sink is not None:
@@ -816,6 +818,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         memo = self._memo
         memo.capture(self._guard)
         self._guard.user_prepare = False
+        self._guard.selects_left = None  # prepared: the flattening bound is done
         # Not from a cached statement: the schema may have changed under it (StatementMemo).
         desc = memo.description
         self._ctx.description = desc if desc is not None else cursor.get_description()

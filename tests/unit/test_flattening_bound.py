@@ -1,0 +1,99 @@
+"""The bound on statements SQLite flattens into one deep expression (server/sandbox.py,
+prepare_bounded; server/DESIGN.md, "Flattening"), on the state machine's apply path: what passes
+is decided by the text and the schema alone, so a node whose connection is fresh decides like
+one that has used every table before.
+
+Each test runs in a thread with the node's stack size, as the apply thread does."""
+
+import threading
+
+from raftsql.command import Command
+from raftsql.server.sandbox import SELECT_CAP, THREAD_STACK_BYTES
+from raftsql.server.statemachine import StateMachine
+
+
+def in_node_thread(fn):
+    out = {}
+
+    def body():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = e
+
+    old = threading.stack_size(THREAD_STACK_BYTES)
+    try:
+        t = threading.Thread(target=body)
+        t.start()
+    finally:
+        threading.stack_size(old)
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def deep(term, depth):
+    return "(" * depth + term + "+1)" * depth
+
+
+def cte_chain(levels, depth, source="base"):
+    parts, prev = [], source
+    for i in range(levels):
+        parts.append(f"c{i} AS (SELECT {deep('x', depth)} AS x FROM {prev})")
+        prev = f"c{i}"
+    return "WITH " + ", ".join(parts) + f" SELECT x FROM {prev}"
+
+
+class Machines:
+    def __init__(self, tmp_path):
+        self.paths = [str(tmp_path / f"{n}.sqlite") for n in ("a", "b")]
+        self.machines = [StateMachine(p) for p in self.paths]
+        self.index = 0
+
+    def apply(self, *sqls):
+        self.index += 1
+        data = Command(client_id="c", serial=self.index, statements=[(s, ()) for s in sqls],
+                       leader_time_ms=1_700_000_000_000, seed=7).encode()
+        wires = [sm.apply(self.index, data).to_wire() for sm in self.machines]
+        assert all(w == wires[0] for w in wires), wires
+        return wires[0]
+
+    def restart(self, i):
+        self.machines[i].close()
+        self.machines[i] = StateMachine(self.paths[i])
+
+    def close(self):
+        for sm in self.machines:
+            sm.close()
+
+
+def error_of(wire):
+    return (wire.get("error") or {}).get("message", "") if isinstance(wire, dict) else str(wire)
+
+
+def test_the_bound_is_the_same_on_a_fresh_and_a_warm_connection(tmp_path):
+    def run():
+        m = Machines(tmp_path)
+        try:
+            m.apply("CREATE TABLE base(x)", "INSERT INTO base VALUES (0)",
+                    "CREATE VIRTUAL TABLE rt USING rtree(id, x0, x1)", "INSERT INTO rt VALUES (1, 0, 1)",
+                    "CREATE TABLE sink(x)")
+            m.apply("INSERT INTO sink SELECT count(*) FROM rt")  # both connections use rt
+            m.restart(1)  # b's connection has not used rt since it opened
+            # SELECT_CAP SELECTs in all (the chain, its outer query, the scalar subquery over
+            # rt), with expressions deeper than the shallow limit: passes only under the cap.
+            # A first use of rt inside the prepare adds the rtree module's own statements,
+            # which a node counting them would have refused.
+            chain = cte_chain(SELECT_CAP - 3, 150)
+            sql = f"INSERT INTO sink {chain} WHERE (SELECT count(*) FROM rt) = 1"
+            ok = m.apply(sql)
+            assert "too complex" not in error_of(ok), ok
+            refused = m.apply(f"INSERT INTO sink {cte_chain(SELECT_CAP + 4, 150)}")
+            assert "too complex" in str(refused), refused
+            assert len({sm.content_hash() for sm in m.machines}) == 1
+            return [r[0] for r in m.machines[0].query("SELECT x FROM sink").rows]
+        finally:
+            m.close()
+
+    assert in_node_thread(run) == [1, (SELECT_CAP - 3) * 150]
