@@ -88,6 +88,11 @@ class NodeConfig:
     snapshot_trailing: int = 5_000
     # Durable log entries the core keeps in memory; older ones are read back from the log store.
     log_cache_bytes: int = 32 << 20
+    # SQLite's hard heap limit for the node process (sqlite3_hard_heap_limit64): past it an
+    # allocation fails with SQLITE_NOMEM instead of growing the process until the kernel kills
+    # it. A read gets the error; a write's entry is applied again without the limit
+    # (server/DESIGN.md, "Heap limit"). 0: no limit.
+    sqlite_heap_limit: int = 1 << 30
     # Writes at durability "leader" answered before their quorum and not yet known committed,
     # at most (server/DESIGN.md, "Leader durability"): what a leader crash can lose. 0: every
     # write waits for its quorum.
@@ -136,6 +141,7 @@ SETTINGS: dict[str, tuple[type, str]] = {
     "snapshot_bytes": (int, "RAFTSQL_SNAPSHOT_BYTES"),
     "snapshot_trailing": (int, "RAFTSQL_SNAPSHOT_TRAILING"),
     "log_cache_bytes": (int, "RAFTSQL_LOG_CACHE_BYTES"),  # server/DESIGN.md, "Bounded log memory"
+    "sqlite_heap_limit": (int, "RAFTSQL_SQLITE_HEAP_LIMIT"),  # server/DESIGN.md, "Heap limit"
     # Early answers to durability="leader" writes (server/DESIGN.md, "Leader durability"); 0: off
     "max_unreplicated_writes": (int, "RAFTSQL_MAX_UNREPLICATED_WRITES"),
     # Per-stage timing of writes, fetched with the "trace" request (raftsql/trace.py)
@@ -148,7 +154,7 @@ SETTINGS: dict[str, tuple[type, str]] = {
 
 
 # Numeric settings for which 0 means "off" (the others must be positive).
-ZERO_ALLOWED = {"max_unreplicated_writes"}
+ZERO_ALLOWED = {"max_unreplicated_writes", "sqlite_heap_limit"}
 
 
 class ConfigError(ValueError):
@@ -267,7 +273,7 @@ def _build(merged: dict[str, tuple[Any, str]]) -> NodeConfig:
                                "session_timeout_ms", "query_timeout_s", "request_timeout_s", "advertise",
                                "max_client_connections", "frame_timeout_s", "client_idle_timeout_s",
                                "snapshot_entries", "snapshot_bytes", "snapshot_trailing", "log_cache_bytes",
-                               "trace", "max_unreplicated_writes") if k in vals}
+                               "trace", "max_unreplicated_writes", "sqlite_heap_limit") if k in vals}
     if "advertise" in vals:
         host, _ = parse_address(vals["advertise"], "advertise")  # refuses port 0 too
         if host in ("0.0.0.0", "::"):

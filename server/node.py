@@ -205,6 +205,9 @@ class Node:
         # large enough for the deepest statement SQLite can be given (sandbox.prepare_bounded);
         # only the pages a thread touches are backed by memory.
         threading.stack_size(THREAD_STACK_BYTES)
+        # Process-wide: a statement whose SQLite memory grows without bound fails with
+        # SQLITE_NOMEM rather than getting the node killed (server/DESIGN.md, "Heap limit").
+        apsw.hard_heap_limit(self.cfg.sqlite_heap_limit)
         with self._lock:
             members = set(self.core.voters) | set(self.core.learners)
         self.transport = Transport(

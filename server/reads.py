@@ -33,6 +33,7 @@ from raftsql.server.sqlerrors import (
     SQLITE_READONLY,
     SQLITE_TOOBIG,
     SQLError,
+    classify,
     code_name,
     common_error,
     read_too_big_error,
@@ -75,6 +76,15 @@ _SQL_SESSION_RESULT = "SELECT result FROM sqlite_raftsql_sessions WHERE client_i
 _SQL_READ_STATE = ("SELECT applied_index, (SELECT schema_version FROM pragma_schema_version) "
                    "FROM sqlite_raftsql_meta")
 _MAX_DESCRIPTIONS = 512  # per reader connection; past it the memory starts afresh
+
+
+def heap_limit_error(e: BaseException) -> dict[str, Any] | None:
+    """A read's out-of-memory error under the node's heap limit, saying so (None otherwise)."""
+    if classify(e) != "memory" or not (limit := apsw.hard_heap_limit(-1)):
+        return None
+    return sql_error(apsw.SQLITE_NOMEM, "SQLITE_NOMEM", (
+        f"out of memory: the statement needs more than the node's SQLite heap limit "
+        f"({limit} bytes, sqlite_heap_limit) allows, with what else the node holds"))
 
 
 def stored_rowid(stored: bytes) -> int:
@@ -466,7 +476,7 @@ class Reads:
         except apsw.ExecTraceAbort:
             pass
         except Exception as e:  # noqa: BLE001 - every failure becomes an SQLError or passes
-            err = common_error(e, guard) or sql_error(
+            err = common_error(e, guard) or heap_limit_error(e) or sql_error(
                 getattr(e, "extendedresult", None) or SQLITE_ERROR,
                 apsw.mapping_result_codes.get(getattr(e, "result", None), "SQLITE_ERROR"),
                 str(e.args[0]) if e.args else str(e),
@@ -655,7 +665,7 @@ class Reads:
             return sql_error(
                 SQLITE_INTERRUPT, TIMEOUT, f"query exceeded the {self.query_timeout_s} s time limit"
             )
-        err = common_error(e, reader.guard)
+        err = common_error(e, reader.guard) or heap_limit_error(e)
         if err is None:  # environment errors are not replicated on the read path: report them
             code = getattr(e, "extendedresult", None) or SQLITE_ERROR
             err = sql_error(code, code_name(code), f"{type(e).__name__}: {e}")

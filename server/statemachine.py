@@ -357,28 +357,38 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             started = time.monotonic()
             forced: dict[int, Result] = {}
             retried_memory: set[int] = set()
-            while True:
-                try:
-                    done = self._apply_batch(todo, forced)
-                    break
-                except _TransactionLost as lost:
-                    forced[lost.index] = lost.result
-                except NodeProblem as problem:
-                    # The batch was rolled back. Is it this node or the statement?
-                    if problem.memory and problem.index not in retried_memory:
-                        retried_memory.add(problem.index)
-                        free_memory(self._conn, problem)
-                        continue
-                    if not problem.memory:
-                        self._verify_database(problem)
-                    # A healthy node, and the statement fails again: its own doing, so its
-                    # error is the entry's result, as on every other node.
-                    log.warning(
-                        "entry %d: a statement failed with %s (%s); this node's database "
-                        "checks clean, so the error is the entry's result",
-                        problem.index, problem.error["name"], problem.error["message"],
-                    )
-                    forced[problem.index] = Result(index=problem.index, error=problem.error)
+            heap_limit: int | None = None
+            try:
+                while True:
+                    try:
+                        done = self._apply_batch(todo, forced)
+                        break
+                    except _TransactionLost as lost:
+                        forced[lost.index] = lost.result
+                    except NodeProblem as problem:
+                        # The batch was rolled back. Is it this node or the statement?
+                        if problem.memory and problem.index not in retried_memory:
+                            retried_memory.add(problem.index)
+                            free_memory(self._conn, problem)
+                            if heap_limit is None:
+                                # Again without the node's heap limit, which counts what every
+                                # connection holds (reads too): the outcome must not depend on
+                                # what else this node was doing (server/DESIGN.md, "Heap limit").
+                                heap_limit = apsw.hard_heap_limit(0)
+                            continue
+                        if not problem.memory:
+                            self._verify_database(problem)
+                        # A healthy node, and the statement fails again: its own doing, so its
+                        # error is the entry's result, as on every other node.
+                        log.warning(
+                            "entry %d: a statement failed with %s (%s); this node's database "
+                            "checks clean, so the error is the entry's result",
+                            problem.index, problem.error["name"], problem.error["message"],
+                        )
+                        forced[problem.index] = Result(index=problem.index, error=problem.error)
+            finally:
+                if heap_limit is not None:
+                    apsw.hard_heap_limit(heap_limit)
             for pos, result in done:
                 results[pos] = result
             audited = self.records.committed()

@@ -239,6 +239,27 @@ def test_a_passing_out_of_memory_is_retried_and_applies_normally(pair):
     pair.assert_same()
 
 
+def test_an_entry_over_the_heap_limit_is_applied_again_without_it(pair):
+    # The node's heap limit counts what every connection of the process holds, so an entry
+    # that met it on one node (whose reads held memory) must not fail there only: its second
+    # attempt runs with no limit, as on a node that never met it (server/DESIGN.md, "Heap
+    # limit"). `x BETWEEN 1 AND 2` nested 500 deep takes about 57 MB to prepare.
+    nested = "(" * 500 + "x" + " BETWEEN 1 AND 2)" * 500
+    pair.apply("CREATE TABLE t(x)", "INSERT INTO t VALUES (1)")
+    before = apsw.hard_heap_limit(32 << 20)
+    try:
+        r = pair.machines[0].apply(pair.index + 1, entry(f"SELECT {nested} FROM t", serial=99))
+        assert r.error is None, r.error
+        assert apsw.hard_heap_limit(-1) == 32 << 20  # put back once the entry is applied
+        apsw.hard_heap_limit(0)
+        r = pair.machines[1].apply(pair.index + 1, entry(f"SELECT {nested} FROM t", serial=99))
+        assert r.error is None, r.error
+        pair.index += 1
+        pair.assert_same()
+    finally:
+        apsw.hard_heap_limit(before)
+
+
 # -- a damaged file is the node's fault, a corruption report from a statement is not ----------
 
 
