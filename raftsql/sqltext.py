@@ -56,3 +56,60 @@ def _first_keyword(sql: str) -> str:
 
 
 _first_keyword_cached = functools.lru_cache(maxsize=4096)(_first_keyword)
+
+
+_QUOTES = {'"': '"', "`": "`", "[": "]"}
+
+
+def identifiers(sql: str) -> set[str]:
+    """Every name-like token of the text, lower-cased: bare words and quoted identifiers
+    ("x", `x`, [x]), with string literals, blob literals and comments skipped. Keywords are
+    included, so callers intersect it with the names they look for (an over-approximation:
+    a column named like a view counts as that view)."""
+    out: set[str] = set()
+    n = len(sql)
+    i = 0
+    while i < n:
+        c = sql[i]
+        if c == "'":
+            j = i + 1
+            while True:
+                j = sql.find("'", j)
+                if j < 0 or not sql.startswith("''", j):
+                    break
+                j += 2
+            i = n if j < 0 else j + 1
+        elif c in _QUOTES:
+            close = _QUOTES[c]
+            j, parts = i + 1, []
+            while True:
+                k = sql.find(close, j)
+                if k < 0:
+                    parts.append(sql[j:])
+                    j = n
+                    break
+                parts.append(sql[j:k])
+                if close != "]" and sql.startswith(close * 2, k):
+                    parts.append(close)
+                    j = k + 2
+                    continue
+                j = k + 1
+                break
+            out.add("".join(parts).lower())
+            i = j
+        elif c == "-" and sql.startswith("--", i) or c == "/" and sql.startswith("/*", i):
+            i = skip_blank(sql, i)
+        elif c.isalpha() or c == "_" or ord(c) > 127:
+            j = i + 1
+            while j < n and (sql[j].isalnum() or sql[j] in "_$" or ord(sql[j]) > 127):
+                j += 1
+            out.add(sql[i:j].lower())
+            i = j
+        elif c.isdigit():
+            j = i + 1
+            while j < n and (sql[j].isalnum() or sql[j] == "."):
+                j += 1
+            i = j
+        else:
+            i += 1
+    return out

@@ -42,6 +42,10 @@ TOO_COMPLEX = (
     f"than {SHALLOW_EXPR_DEPTH}"
 )
 _DEPTH_ERRORS = ("Expression tree is too large", "nested too deep")
+# Views reading views: SQLite works out each view's columns with the authorizer off, in time that
+# grows with the square of the chain (200 views of depth 900: 18 s for the first statement after a
+# schema change, 1.5 s for each later one). A view may not lie on a chain longer than this.
+MAX_VIEW_CHAIN = 32
 # The name under which read and write sets record the schema (and the database header:
 # user_version, application_id). Every non-empty read set implicitly includes it.
 SCHEMA = "sqlite_schema"
@@ -260,7 +264,7 @@ class Guard:
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
         "sequence_written", "prepared", "volatile", "schema_epoch", "record", "shadow",
-        "in_txn", "selects_left", "capped",
+        "in_txn", "selects_left", "capped", "created_views",
     )
 
     def __init__(self, write: bool):
@@ -305,6 +309,9 @@ class Guard:
         # whether it was.
         self.selects_left: int | None = None
         self.capped = False
+        # The views the user statement being run creates (lower case), or None (the owner
+        # resets it per statement and checks their chains, StateMachine._check_view_chains).
+        self.created_views: set[str] | None = None
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
@@ -343,6 +350,10 @@ class Guard:
             self._track(action, arg3, arg4)
         if action in _SCHEMA_ACTIONS:
             self.schema_change = True
+            if action == _A.SQLITE_CREATE_VIEW and arg3 and self.user_prepare:
+                if self.created_views is None:
+                    self.created_views = set()
+                self.created_views.add(arg3.lower())
         elif (action == _A.SQLITE_INSERT or action == _A.SQLITE_UPDATE) and arg3 == "sqlite_sequence":
             self.sequence_written = True
 

@@ -45,6 +45,7 @@ from raftsql.server.many import ManyStatements
 from raftsql.server.reads import ReadCursor, Reads, stored_rowid
 from raftsql.server.records import AuditEntry, MemberChange, Records
 from raftsql.server.sandbox import (
+    MAX_VIEW_CHAIN,
     PROGRESS_STEPS,
     SCHEMA,
     STAT_TABLES,
@@ -85,7 +86,7 @@ from raftsql.server.transactions import (
     TxnGone,
     txn_refusal,
 )
-from raftsql.sqltext import first_keyword, skip_blank
+from raftsql.sqltext import first_keyword, identifiers, skip_blank
 
 __all__ = [
     "MAX_RESULT_BYTES", "SCHEMA", "AuditEntry", "CorruptEntryError", "DatabaseDamagedError", "MemberChange",
@@ -671,6 +672,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         conn = self._conn
         self._guard.denied = None
         self._guard.sequence_written = False
+        self._guard.created_views = None
         self._guard.user_prepare = True
         self._ctx.traced = 0
         self._ctx.sql, self._ctx.sql_pos = sql, 0
@@ -724,6 +726,8 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._ctx.result_budget = budget
         if self._guard.sequence_written:
             self._check_sequences()
+        if self._guard.created_views:
+            self._check_view_chains(self._guard.created_views)
         if self._ctx.max_rowid_table is not None:
             raise StatementFailed(max_rowid_error(self._ctx.max_rowid_table))
         if self._fts34 and self._guard.writes and not self._fts34.isdisjoint(self._guard.writes):
@@ -773,6 +777,44 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                     f"FTS automerge is not supported (table {name}): it merges at each SQLite "
                     "commit, and nodes group entries into commits differently, so their indexes "
                     "would differ; run 'merge=X,Y' commands instead"))
+
+    def _check_view_chains(self, created: set[str]) -> None:
+        """Fail a statement that created a view lying on a chain of more than MAX_VIEW_CHAIN
+        views reading views (sandbox.py): past it, preparing any statement that reads the chain
+        costs every node seconds. Which view reads which is told from their text alone
+        (identifiers that name a view), the same on every node; a redefined view lengthens the
+        chains above it, so every chain through a created view is checked."""
+        views = {name.lower(): identifiers(sql or "") for name, sql in self._internal(
+            "SELECT name, sql FROM sqlite_schema WHERE type = 'view'")}
+        reads = {name: sorted(ids & views.keys() - {name}) for name, ids in views.items()}
+        depth: dict[str, int] = {}
+        through: dict[str, bool] = {}
+        for top in sorted(reads):
+            # Iterative depth-first walk (a chain may be longer than Python's recursion limit);
+            # a view on the current path counts as a leaf (SQLite refuses circular views).
+            stack, on_path = [(top, 0)], {top}
+            while stack:
+                name, k = stack[-1]
+                below = reads[name]
+                if k < len(below):
+                    stack[-1] = (name, k + 1)
+                    nxt = below[k]
+                    if nxt not in depth and nxt not in on_path:
+                        stack.append((nxt, 0))
+                        on_path.add(nxt)
+                    continue
+                stack.pop()
+                on_path.discard(name)
+                done = [v for v in below if v in depth]
+                depth[name] = 1 + max((depth[v] for v in done), default=0)
+                through[name] = name in created or any(through[v] for v in done)
+        for name in sorted(depth):
+            if depth[name] > MAX_VIEW_CHAIN and through[name]:
+                raise StatementFailed(sql_error(
+                    SQLITE_ERROR, "SQLITE_ERROR",
+                    f"views nested too deep: view {name} reads through a chain of "
+                    f"{depth[name]} views (at most {MAX_VIEW_CHAIN}), which costs seconds to "
+                    "prepare each statement that reads it"))
 
     def _check_sequences(self) -> None:
         rows = self._internal(

@@ -97,3 +97,46 @@ def test_the_bound_is_the_same_on_a_fresh_and_a_warm_connection(tmp_path):
             m.close()
 
     assert in_node_thread(run) == [1, (SELECT_CAP - 3) * 150]
+
+
+def test_a_view_may_not_lie_on_a_chain_of_more_than_the_limit(tmp_path):
+    from raftsql.server.sandbox import MAX_VIEW_CHAIN
+
+    def run():
+        m = Machines(tmp_path)
+        try:
+            m.apply("CREATE TABLE base(x)", "INSERT INTO base VALUES (1)")
+            prev = "base"
+            for i in range(MAX_VIEW_CHAIN):
+                r = m.apply(f'CREATE VIEW "v{i}" AS SELECT x + 1 AS x FROM {prev}')
+                assert r["error"] is None, r
+                prev = f'"v{i}"'
+            r = m.apply(f"CREATE VIEW over AS SELECT x FROM {prev}")
+            assert "views nested too deep" in r["error"]["message"], r
+            assert f"chain of {MAX_VIEW_CHAIN + 1} views" in r["error"]["message"]
+            # Redefining the bottom of the chain to read one more view lengthens every chain
+            # above it: refused too, and the old definition stays.
+            r = m.apply("CREATE VIEW extra AS SELECT x FROM base", "DROP VIEW v0",
+                        "CREATE VIEW v0 AS SELECT x + 1 AS x FROM extra")
+            assert "views nested too deep" in r["error"]["message"], r
+            # A view beside the chain, or one whose text only mentions the chain's names in
+            # strings and comments, is fine.
+            r = m.apply("CREATE VIEW beside AS SELECT 'v31' AS x /* v31 */ FROM v0")
+            assert r["error"] is None, r
+            top = m.machines[0].query(f"SELECT x FROM {prev}").rows
+            assert top == [[MAX_VIEW_CHAIN + 1]]
+            assert len({sm.content_hash() for sm in m.machines}) == 1
+        finally:
+            m.close()
+
+    in_node_thread(run)
+
+
+def test_identifiers_skip_strings_and_comments():
+    from raftsql.sqltext import identifiers
+
+    sql = """CREATE VIEW "v 1"(a) AS SELECT 'it''s v0', [v2], `v``3` /* v9 */ -- v8
+             FROM v0 JOIN "q""r" WHERE y = 1e5"""
+    ids = identifiers(sql)
+    assert {"v 1", "a", "v2", "v`3", "v0", 'q"r', "y"} <= ids
+    assert not ids & {"v9", "v8", "it", "s", "e5"}
