@@ -7,6 +7,7 @@ starts with). Whether a statement reads or writes is SQLite's decision, never ma
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 
 def skip_blank(sql: str, i: int = 0, semicolons: bool = True) -> int:
@@ -58,29 +59,23 @@ def _first_keyword(sql: str) -> str:
 _first_keyword_cached = functools.lru_cache(maxsize=4096)(_first_keyword)
 
 
+
 _QUOTES = {'"': '"', "`": "`", "[": "]"}
 
 
-def identifiers(sql: str) -> set[str]:
-    """Every name-like token of the text, lower-cased: bare words and quoted identifiers
-    ("x", `x`, [x]), with string literals, blob literals and comments skipped. Keywords are
-    included, so callers intersect it with the names they look for (an over-approximation:
-    a column named like a view counts as that view)."""
-    out: set[str] = set()
+def tokens(sql: str) -> Iterator[tuple[str, str]]:
+    """The text's tokens as (kind, text): kind "name" (a bare word or a quoted identifier, its
+    text unquoted and lower-cased), "string" (a string or blob literal), "number", or "punct"
+    (one character). Whitespace and comments are skipped. Enough to find names and
+    parentheses; not a parser."""
     n = len(sql)
     i = 0
     while i < n:
         c = sql[i]
-        if c == "'":
-            j = i + 1
-            while True:
-                j = sql.find("'", j)
-                if j < 0 or not sql.startswith("''", j):
-                    break
-                j += 2
-            i = n if j < 0 else j + 1
-        elif c in _QUOTES:
-            close = _QUOTES[c]
+        if c.isspace() or c == "-" and sql.startswith("--", i) or c == "/" and sql.startswith("/*", i):
+            i = max(skip_blank(sql, i, semicolons=False), i + 1)
+        elif c == "'" or c in _QUOTES:
+            close = "'" if c == "'" else _QUOTES[c]
             j, parts = i + 1, []
             while True:
                 k = sql.find(close, j)
@@ -95,21 +90,61 @@ def identifiers(sql: str) -> set[str]:
                     continue
                 j = k + 1
                 break
-            out.add("".join(parts).lower())
+            yield ("string" if c == "'" else "name"), "".join(parts).lower()
             i = j
-        elif c == "-" and sql.startswith("--", i) or c == "/" and sql.startswith("/*", i):
-            i = skip_blank(sql, i)
         elif c.isalpha() or c == "_" or ord(c) > 127:
             j = i + 1
             while j < n and (sql[j].isalnum() or sql[j] in "_$" or ord(sql[j]) > 127):
                 j += 1
-            out.add(sql[i:j].lower())
+            if j < n and sql[j] == "'" and sql[i:j] in ("x", "X"):
+                i = j  # X'..': a blob literal, read next as a string
+                continue
+            yield "name", sql[i:j].lower()
             i = j
-        elif c.isdigit():
+        elif c.isdigit() or c == "." and i + 1 < n and sql[i + 1].isdigit():
             j = i + 1
             while j < n and (sql[j].isalnum() or sql[j] == "."):
                 j += 1
+            yield "number", sql[i:j]
             i = j
         else:
+            yield "punct", c
             i += 1
+
+
+def identifiers(sql: str) -> set[str]:
+    """Every name-like token of the text, lower-cased (keywords too: callers intersect it with
+    the names they look for, an over-approximation: a column named like a view counts as
+    that view)."""
+    return {text for kind, text in tokens(sql) if kind == "name"}
+
+
+def generated_column_reads(create_table: str, generated: set[str]) -> dict[str, set[str]]:
+    """For a CREATE TABLE text (as sqlite_schema holds it) and the names of its generated
+    columns (lower case, from PRAGMA table_xinfo): which generated columns each one's
+    definition names. Text only, and an over-approximation (any name in the column's
+    definition that is a generated column counts)."""
+    out: dict[str, set[str]] = {}
+    depth = 0
+    column: list[str] = []
+    for kind, text in tokens(create_table):
+        if kind == "punct" and text == "(":
+            depth += 1
+            if depth == 1:
+                continue
+        elif kind == "punct" and text == ")":
+            depth -= 1
+        if depth == 1 and kind == "punct" and text == ",":
+            _generated_reads(column, generated, out)
+            column = []
+        elif depth >= 1 and kind == "name":
+            column.append(text)
+        if depth == 0 and column:
+            break
+    _generated_reads(column, generated, out)
     return out
+
+
+def _generated_reads(column: list[str], generated: set[str], out: dict[str, set[str]]) -> None:
+    if column and column[0] in generated:
+        out[column[0]] = set(column[1:]) & generated - {column[0]}

@@ -46,6 +46,40 @@ _DEPTH_ERRORS = ("Expression tree is too large", "nested too deep")
 # grows with the square of the chain (200 views of depth 900: 18 s for the first statement after a
 # schema change, 1.5 s for each later one). A view may not lie on a chain longer than this.
 MAX_VIEW_CHAIN = 32
+# Generated columns reading generated columns are coded inside one another, each up to the depth
+# limit, with no SELECT to count: a chain of 200 of depth 90 overflowed an 8 MB stack, and 300 of
+# depth 900 ran 205 s into SQLITE_NOMEM on 256 MiB. A generated column may not lie on a chain
+# longer than this (16 x 1,000 levels, as SELECT_CAP allows).
+MAX_GENERATED_CHAIN = 16
+
+
+def chain_depths(reads: dict[str, list[str]], marked: set[str]) -> tuple[dict[str, int], dict[str, bool]]:
+    """For a graph of what reads what (names to sorted names): the length of the longest
+    chain from each name, counting itself, and whether some chain from it passes a marked
+    name. A name already on the walk's path counts as a leaf (cycles end there)."""
+    depth: dict[str, int] = {}
+    through: dict[str, bool] = {}
+    for top in sorted(reads):
+        if top in depth:
+            continue
+        # Iterative depth-first walk: a chain may be longer than Python's recursion limit.
+        stack, on_path = [(top, 0)], {top}
+        while stack:
+            name, k = stack[-1]
+            below = reads.get(name, [])
+            if k < len(below):
+                stack[-1] = (name, k + 1)
+                nxt = below[k]
+                if nxt not in depth and nxt not in on_path:
+                    stack.append((nxt, 0))
+                    on_path.add(nxt)
+                continue
+            stack.pop()
+            on_path.discard(name)
+            done = [v for v in below if v in depth]
+            depth[name] = 1 + max((depth[v] for v in done), default=0)
+            through[name] = name in marked or any(through[v] for v in done)
+    return depth, through
 # The name under which read and write sets record the schema (and the database header:
 # user_version, application_id). Every non-empty read set implicitly includes it.
 SCHEMA = "sqlite_schema"
@@ -140,6 +174,8 @@ _SCHEMA_ACTIONS = frozenset(
         _A.SQLITE_DROP_VTABLE,
     }
 )
+# Schema actions whose object's chains are checked after the statement (Guard.defined).
+_DEFINES = {_A.SQLITE_CREATE_VIEW: "view", _A.SQLITE_CREATE_TABLE: "table", _A.SQLITE_ALTER_TABLE: "table"}
 _ROW_WRITES = frozenset({_A.SQLITE_INSERT, _A.SQLITE_UPDATE, _A.SQLITE_DELETE})
 
 
@@ -264,7 +300,7 @@ class Guard:
     __slots__ = (
         "write", "internal", "denied", "schema_change", "user_prepare", "reads", "writes",
         "sequence_written", "prepared", "volatile", "schema_epoch", "record", "shadow",
-        "in_txn", "selects_left", "capped", "created_views",
+        "in_txn", "selects_left", "capped", "defined",
     )
 
     def __init__(self, write: bool):
@@ -309,9 +345,10 @@ class Guard:
         # whether it was.
         self.selects_left: int | None = None
         self.capped = False
-        # The views the user statement being run creates (lower case), or None (the owner
-        # resets it per statement and checks their chains, StateMachine._check_view_chains).
-        self.created_views: set[str] | None = None
+        # The views the user statement being run creates and the tables it creates or alters,
+        # as ("view" or "table", lower-case name), or None; the owner resets it per statement
+        # and checks their chains (StateMachine._check_chains).
+        self.defined: set[tuple[str, str]] | None = None
 
     def __call__(
         self, action: int, arg3: str | None, arg4: str | None, db: str | None, trig: str | None
@@ -350,10 +387,12 @@ class Guard:
             self._track(action, arg3, arg4)
         if action in _SCHEMA_ACTIONS:
             self.schema_change = True
-            if action == _A.SQLITE_CREATE_VIEW and arg3 and self.user_prepare:
-                if self.created_views is None:
-                    self.created_views = set()
-                self.created_views.add(arg3.lower())
+            name = arg4 if action == _A.SQLITE_ALTER_TABLE else arg3
+            kind = _DEFINES.get(action)
+            if kind is not None and name and self.user_prepare:
+                if self.defined is None:
+                    self.defined = set()
+                self.defined.add((kind, name.lower()))
         elif (action == _A.SQLITE_INSERT or action == _A.SQLITE_UPDATE) and arg3 == "sqlite_sequence":
             self.sequence_written = True
 

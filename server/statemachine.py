@@ -45,12 +45,14 @@ from raftsql.server.many import ManyStatements
 from raftsql.server.reads import ReadCursor, Reads, stored_rowid
 from raftsql.server.records import AuditEntry, MemberChange, Records
 from raftsql.server.sandbox import (
+    MAX_GENERATED_CHAIN,
     MAX_VIEW_CHAIN,
     PROGRESS_STEPS,
     SCHEMA,
     STAT_TABLES,
     Guard,
     StatementMemo,
+    chain_depths,
     configure,
     prepare_bounded,
     quote_ident,
@@ -86,7 +88,7 @@ from raftsql.server.transactions import (
     TxnGone,
     txn_refusal,
 )
-from raftsql.sqltext import first_keyword, identifiers, skip_blank
+from raftsql.sqltext import first_keyword, generated_column_reads, identifiers, skip_blank
 
 __all__ = [
     "MAX_RESULT_BYTES", "SCHEMA", "AuditEntry", "CorruptEntryError", "DatabaseDamagedError", "MemberChange",
@@ -672,7 +674,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         conn = self._conn
         self._guard.denied = None
         self._guard.sequence_written = False
-        self._guard.created_views = None
+        self._guard.defined = None
         self._guard.user_prepare = True
         self._ctx.traced = 0
         self._ctx.sql, self._ctx.sql_pos = sql, 0
@@ -726,8 +728,8 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._ctx.result_budget = budget
         if self._guard.sequence_written:
             self._check_sequences()
-        if self._guard.created_views:
-            self._check_view_chains(self._guard.created_views)
+        if self._guard.defined:
+            self._check_chains(self._guard.defined)
         if self._ctx.max_rowid_table is not None:
             raise StatementFailed(max_rowid_error(self._ctx.max_rowid_table))
         if self._fts34 and self._guard.writes and not self._fts34.isdisjoint(self._guard.writes):
@@ -778,43 +780,46 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                     "commit, and nodes group entries into commits differently, so their indexes "
                     "would differ; run 'merge=X,Y' commands instead"))
 
-    def _check_view_chains(self, created: set[str]) -> None:
-        """Fail a statement that created a view lying on a chain of more than MAX_VIEW_CHAIN
-        views reading views (sandbox.py): past it, preparing any statement that reads the chain
-        costs every node seconds. Which view reads which is told from their text alone
-        (identifiers that name a view), the same on every node; a redefined view lengthens the
-        chains above it, so every chain through a created view is checked."""
-        views = {name.lower(): identifiers(sql or "") for name, sql in self._internal(
-            "SELECT name, sql FROM sqlite_schema WHERE type = 'view'")}
-        reads = {name: sorted(ids & views.keys() - {name}) for name, ids in views.items()}
-        depth: dict[str, int] = {}
-        through: dict[str, bool] = {}
-        for top in sorted(reads):
-            # Iterative depth-first walk (a chain may be longer than Python's recursion limit);
-            # a view on the current path counts as a leaf (SQLite refuses circular views).
-            stack, on_path = [(top, 0)], {top}
-            while stack:
-                name, k = stack[-1]
-                below = reads[name]
-                if k < len(below):
-                    stack[-1] = (name, k + 1)
-                    nxt = below[k]
-                    if nxt not in depth and nxt not in on_path:
-                        stack.append((nxt, 0))
-                        on_path.add(nxt)
-                    continue
-                stack.pop()
-                on_path.discard(name)
-                done = [v for v in below if v in depth]
-                depth[name] = 1 + max((depth[v] for v in done), default=0)
-                through[name] = name in created or any(through[v] for v in done)
-        for name in sorted(depth):
-            if depth[name] > MAX_VIEW_CHAIN and through[name]:
+    def _check_chains(self, defined: set[tuple[str, str]]) -> None:
+        """Fail a statement that made a chain SQLite cannot bound by itself too long: views
+        reading views (MAX_VIEW_CHAIN: past it, preparing any statement that reads the chain
+        costs every node seconds), or generated columns reading generated columns
+        (MAX_GENERATED_CHAIN: they are coded inside one another, past it the stack overflows).
+        Which reads which is told from the schema's text alone (sqltext), the same on every
+        node; a redefined view lengthens the chains above it, so every chain through a created
+        view is checked."""
+        views = {name for kind, name in defined if kind == "view"}
+        if views:
+            texts = {name.lower(): identifiers(sql or "") for name, sql in self._internal(
+                "SELECT name, sql FROM sqlite_schema WHERE type = 'view'")}
+            reads = {name: sorted(ids & texts.keys() - {name}) for name, ids in texts.items()}
+            depth, through = chain_depths(reads, views)
+            for name in sorted(depth):
+                if depth[name] > MAX_VIEW_CHAIN and through[name]:
+                    raise StatementFailed(sql_error(
+                        SQLITE_ERROR, "SQLITE_ERROR",
+                        f"views nested too deep: view {name} reads through a chain of "
+                        f"{depth[name]} views (at most {MAX_VIEW_CHAIN}), which costs seconds "
+                        "to prepare each statement that reads it"))
+        for kind, table in sorted(defined):
+            if kind != "table":
+                continue
+            generated = {name.lower() for (name,) in self._internal(
+                "SELECT name FROM pragma_table_xinfo(?) WHERE hidden IN (2, 3)", (table,))}
+            if len(generated) <= MAX_GENERATED_CHAIN:
+                continue
+            rows = self._internal(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND lower(name) = ?", (table,))
+            columns = generated_column_reads(rows[0][0] if rows else "", generated)
+            depth, _ = chain_depths({k: sorted(v) for k, v in columns.items()}, set())
+            deepest = max(depth.values(), default=0)
+            if deepest > MAX_GENERATED_CHAIN:
+                name = min(k for k, v in depth.items() if v == deepest)
                 raise StatementFailed(sql_error(
                     SQLITE_ERROR, "SQLITE_ERROR",
-                    f"views nested too deep: view {name} reads through a chain of "
-                    f"{depth[name]} views (at most {MAX_VIEW_CHAIN}), which costs seconds to "
-                    "prepare each statement that reads it"))
+                    f"generated columns nested too deep: column {name} of table {table} reads "
+                    f"through a chain of {deepest} generated columns (at most "
+                    f"{MAX_GENERATED_CHAIN}); SQLite codes them inside one another"))
 
     def _check_sequences(self) -> None:
         rows = self._internal(

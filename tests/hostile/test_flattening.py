@@ -83,3 +83,16 @@ def test_many_shallow_selects_and_one_deep_expression_still_work(cluster, conn, 
         with pytest.raises(raftsql.DatabaseError) as info:
             conn.execute(f"{union} UNION ALL SELECT {deep('1', 300)}").fetchall()
         assert too_complex(info)
+
+
+def test_a_chain_of_generated_columns_is_refused_and_no_node_falls(cluster, conn, guard):
+    # Generated columns reading each other are coded inside one another: 200 of depth 90
+    # overflowed an 8 MB stack, and 300 of depth 900 took 205 s to end out of memory even on
+    # the node's 256 MiB stack (server/DESIGN.md, "Flattening"). Refused when created.
+    cols = ", ".join(f"g{i} AS ({deep(f'g{i - 1}', 90)})" for i in range(1, 201))
+    with guard():
+        with pytest.raises(raftsql.DatabaseError) as info:
+            conn.execute(f"CREATE TABLE gen(g0, {cols})")
+        assert "generated columns nested too deep" in str(info.value)
+        with pytest.raises(raftsql.DatabaseError):
+            conn.execute("INSERT INTO gen(g0) VALUES (1)")  # no such table

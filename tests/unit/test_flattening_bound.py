@@ -140,3 +140,33 @@ def test_identifiers_skip_strings_and_comments():
     ids = identifiers(sql)
     assert {"v 1", "a", "v2", "v`3", "v0", 'q"r', "y"} <= ids
     assert not ids & {"v9", "v8", "it", "s", "e5"}
+
+
+def test_a_generated_column_may_not_lie_on_a_chain_of_more_than_the_limit(tmp_path):
+    from raftsql.server.sandbox import MAX_GENERATED_CHAIN
+
+    def chain(count, start=1):
+        return ", ".join(f"g{i} AS (g{i - 1} + 1)" for i in range(start, count + 1))
+
+    def run():
+        m = Machines(tmp_path)
+        try:
+            n = MAX_GENERATED_CHAIN - 1  # g0 is a plain column: g1..gn, n generated
+            assert m.apply(f"CREATE TABLE ok(g0, {chain(n + 1)})")["error"] is None
+            assert m.apply("INSERT INTO ok(g0) VALUES (0)")["error"] is None
+            r = m.apply(f"CREATE TABLE deep(g0, {chain(n + 2)})")
+            assert "generated columns nested too deep" in r["error"]["message"], r
+            assert f"chain of {MAX_GENERATED_CHAIN + 1} generated" in r["error"]["message"]
+            # Adding one more to the chain of `ok` is refused, and the table stays as it was.
+            r = m.apply(f"ALTER TABLE ok ADD COLUMN g{n + 2} AS (g{n + 1} * 2)")
+            assert "generated columns nested too deep" in r["error"]["message"], r
+            # Many generated columns that read only plain columns are fine ('gX' in a string
+            # and a comment are not reads).
+            wide = ", ".join(f"j{i} AS (json_extract(doc, '$.k{i}') /* g{i} */)" for i in range(40))
+            assert m.apply(f"CREATE TABLE wide(doc, {wide})")["error"] is None
+            assert m.machines[0].query(f"SELECT g{n + 1} FROM ok").rows == [[n + 1]]
+            assert len({sm.content_hash() for sm in m.machines}) == 1
+        finally:
+            m.close()
+
+    in_node_thread(run)
