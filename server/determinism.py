@@ -222,6 +222,9 @@ def as_int(value: Any) -> int:
 
 
 
+_BLOB_CHUNK = 1 << 20
+
+
 class EntryRandom:
     """random() and randomblob(N) of the entry being applied: a stream per statement, seeded by
     (entry seed, statement number), created only if the statement asks. random.Random(int) is
@@ -250,4 +253,12 @@ class EntryRandom:
         size = max(1, as_int(n))
         if size > MAX_VALUE_BYTES:
             raise apsw.TooBigError("string or blob too big")
-        return self._stream().randbytes(size)
+        stream = self._stream()
+        if size <= _BLOB_CHUNK:
+            return stream.randbytes(size)
+        # In pieces, so that other threads get the GIL in between: one randbytes(100 MB) held
+        # it for 0.34 s, and a loop of them starved the Raft threads into elections. Pieces of
+        # a multiple of 4 bytes give the same bytes as one call.
+        parts = [stream.randbytes(_BLOB_CHUNK) for _ in range(size // _BLOB_CHUNK)]
+        parts.append(stream.randbytes(size % _BLOB_CHUNK))
+        return b"".join(parts)

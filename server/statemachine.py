@@ -39,13 +39,14 @@ from raftsql.protocol import (
 )
 from raftsql.server import metrics
 from raftsql.server.dbhash import content_hash
-from raftsql.server.determinism import EntryClock, EntryRandom, ensure_utc
+from raftsql.server.determinism import EntryClock, EntryRandom, as_int, ensure_utc
 from raftsql.server.internal_tables import create_internal_tables
 from raftsql.server.many import ManyStatements
 from raftsql.server.reads import ReadCursor, Reads, stored_rowid
 from raftsql.server.records import AuditEntry, MemberChange, Records
 from raftsql.server.sandbox import (
     MAX_GENERATED_CHAIN,
+    MAX_VALUE_BYTES,
     MAX_VIEW_CHAIN,
     PROGRESS_STEPS,
     SCHEMA,
@@ -98,6 +99,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_SESSION_TIMEOUT_MS = 6 * 3600 * 1000
+# randomblob()'s bytes count against the step limit at this rate (StateMachine._randomblob).
+BLOB_BYTES_PER_STEP = 8
 DEFAULT_APPLY_VM_STEP_LIMIT = 100_000_000  # ~2 s of VM on a 2026 laptop core (~45M steps/s)
 DEFAULT_QUERY_TIMEOUT_S = 10.0
 SESSION_GC_INTERVAL_MS = 60_000
@@ -284,7 +287,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._applied_index, self._time_ms, self._gc_ms = row[0], row[1], row[2]
         self._vfs.now_ms = self._time_ms
         conn.create_scalar_function("random", self._rand.random, 0)
-        conn.create_scalar_function("randomblob", self._rand.randomblob, 1)
+        conn.create_scalar_function("randomblob", self._randomblob, 1)
         conn.set_progress_handler(self._progress, PROGRESS_STEPS)
         conn.set_update_hook(self._update_hook)
         self._cursor = conn.cursor()
@@ -888,6 +891,19 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         # which cannot be seeded per entry: the statement that stores it fails instead.
         if rowid == INT64_MAX and self._ctx.budget_on and op != apsw.SQLITE_DELETE:
             self._ctx.max_rowid_table = table
+
+    def _randomblob(self, n: Any) -> bytes:
+        """randomblob(N) of the entry, its bytes charged to the statement's step budget (one
+        step per BLOB_BYTES_PER_STEP bytes, about their share of CPU): a few VM steps could call
+        it for 100 MB each, and a loop of them held every node's apply for 42 s."""
+        ctx = self._ctx
+        size = as_int(n)
+        if ctx.budget_on and 0 < size <= MAX_VALUE_BYTES:  # (else: 1 byte, or too big)
+            ctx.progress_calls += size // (BLOB_BYTES_PER_STEP * PROGRESS_STEPS)
+            if ctx.progress_calls > ctx.max_progress_calls:
+                ctx.step_limit_hit = True
+                raise apsw.InterruptError("interrupted")
+        return self._rand.randomblob(n)
 
     def _progress(self) -> bool:
         if not self._ctx.budget_on:

@@ -351,3 +351,39 @@ def test_a_write_may_not_read_data_version_in_its_table_valued_form(pair, sql):
     assert "data_version" in result["error"]["message"]
     assert pair.rows("SELECT x FROM t") == [[0]]
     pair.assert_same()
+
+
+# -- randomblob ----------------------------------------------------------------------------------
+
+
+def test_randomblob_bytes_count_against_the_step_limit(tmp_path):
+    # A few VM steps could call randomblob() for 100 MB each: a loop of 120 held every node's
+    # apply for 42 s (outside-in hunt, 2026-12-05). Its bytes now count against the step limit,
+    # the same on every node, and its output is the same as before.
+    machines = [StateMachine(str(tmp_path / f"{n}.sqlite"), apply_vm_step_limit=10_000_000)
+                for n in ("a", "b")]
+    try:
+        loop = ("WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE i < 120) "
+                "SELECT sum(length(randomblob(20000000))) FROM r")
+        wires = [sm.apply(1, entry(loop, serial=1)).to_wire() for sm in machines]
+        assert wires[0] == wires[1]
+        assert wires[0]["error"]["name"] == "RAFTSQL_STEP_LIMIT", wires[0]
+        # Under the limit: one blob of 40 MB is 5M steps' worth of the 10M.
+        wires = [sm.apply(2, entry("SELECT hex(randomblob(16)), length(randomblob(40000000))",
+                                   serial=2)).to_wire() for sm in machines]
+        assert wires[0] == wires[1] and wires[0]["error"] is None, wires[0]
+        assert wires[0]["rows"][0][1] == 40000000
+    finally:
+        for sm in machines:
+            sm.close()
+
+
+def test_randomblob_in_pieces_gives_the_bytes_of_one_call():
+    import random
+
+    from raftsql.server.determinism import EntryRandom
+
+    rand = EntryRandom()
+    rand.seed, rand.stmt_no = 7, 3
+    big = rand.randomblob(5 * (1 << 20) + 13)
+    assert big == random.Random((7 << 32) | 3).randbytes(5 * (1 << 20) + 13)
