@@ -58,6 +58,20 @@ def survives(cluster: LocalCluster, *, election_allowed: bool = False) -> Iterat
     assert_converged(cluster)
 
 
+@pytest.fixture(scope="module")
+def base_conn(cluster):
+    """An autocommit connection to the module's cluster, with tables base (one row, x = 0)
+    and sink (empty, one column x) made."""
+    import raftsql.driver as raftsql
+
+    c = raftsql.connect(cluster.dsn, autocommit=True, timeout=60)
+    c.execute("CREATE TABLE base(x)")
+    c.execute("INSERT INTO base VALUES (0)")
+    c.execute("CREATE TABLE sink(x)")
+    yield c
+    c.close()
+
+
 @pytest.fixture
 def guard(cluster):
     """`with guard(): ...` (or `guard(election_allowed=True)`): see `survives`. Test modules

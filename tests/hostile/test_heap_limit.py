@@ -22,13 +22,8 @@ def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def conn(cluster):
-    c = raftsql.connect(cluster.dsn, autocommit=True, timeout=60)
-    c.execute("CREATE TABLE base(x)")
-    c.execute("INSERT INTO base VALUES (0)")
-    c.execute("CREATE TABLE sink(x)")
-    yield c
-    c.close()
+def conn(base_conn):
+    return base_conn
 
 
 def betweens(levels: int, depth: int) -> str:
