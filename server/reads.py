@@ -341,10 +341,11 @@ class Reads:
         self.path = sm.path
         self.tag = tag  # the state machine's secret tag for internal statements
         self.query_timeout_s = query_timeout_s
-        self._pool: list[Reader] = []
+        # Idle connections by rule set: reads' (False) and the write-path checks' (True). Each
+        # check takes its own, so one slow prepare (a statement that costs SQLite seconds to
+        # compile) holds up no other write.
+        self._pools: dict[bool, list[Reader]] = {False: [], True: []}
         self._pool_lock = threading.Lock()
-        self._validate_lock = threading.Lock()
-        self._vreader: Reader | None = None
         self.closed = False
         # SQL text -> whether its last prepare (on any reader) called a volatile function
         # (txncheck.VOLATILE_FUNCTIONS): a statement from apsw's cache runs no authorizer.
@@ -373,8 +374,8 @@ class Reads:
         left to apply), sandbox refusals, wrong bindings, several statements in one string."""
         self._sm._check_open()
         flags: list[bool] = []
-        with self._validate_lock:
-            reader = self._validation_reader()
+        reader = self.checkout(write_rules=True)
+        try:
             reader.guard.schema_change = False
             # Preparing never checks the schema cookie, so this connection could still hold the
             # schema from before a CREATE TRIGGER (and call "DROP TRIGGER IF EXISTS" a no-op,
@@ -423,29 +424,24 @@ class Reads:
                 flags.append(flag)
                 if returns_rows is not None:
                     returns_rows.append(rows)
+        finally:
+            self.checkin(reader)
         return flags
-
-    def _validation_reader(self) -> Reader:
-        """The connection validate() and stored_result() use (write-path sandbox, never
-        stepped for user SQL); called with _validate_lock held."""
-        if self._vreader is None:
-            self._vreader = self.open_reader(write_rules=True)
-        return self._vreader
 
     def stored_result(self, client_id: str, serial: int) -> Result | None:
         """The result stored for (client_id, serial) if this node has applied that write, else
         None. A resent write can fail to prepare only because its first attempt was applied
         (CREATE TABLE: "already exists"); the stored result is then its answer."""
         self._sm._check_open()
-        with self._validate_lock:
-            reader = self._validation_reader()
-            reader.guard.internal = True
-            try:
-                rows = reader.conn.execute(
-                    self.tag + "SELECT serial, result FROM sqlite_raftsql_sessions WHERE client_id=?",
-                    (client_id,)).fetchall()
-            finally:
-                reader.guard.internal = False
+        reader = self.checkout(write_rules=True)
+        reader.guard.internal = True
+        try:
+            rows = reader.conn.execute(
+                self.tag + "SELECT serial, result FROM sqlite_raftsql_sessions WHERE client_id=?",
+                (client_id,)).fetchall()
+        finally:
+            reader.guard.internal = False
+            self.checkin(reader)
         if not rows or rows[0][0] != serial:
             return None
         result = Result.decode(rows[0][1])
@@ -645,16 +641,19 @@ class Reads:
         conn.exec_trace = tracer
         return reader
 
-    def checkout(self) -> Reader:
+    def checkout(self, *, write_rules: bool = False) -> Reader:
+        """An idle connection of the pool (write_rules: the write-path sandbox, for checks that
+        prepare and never step user SQL), or a new one."""
         with self._pool_lock:
-            if self._pool:
-                return self._pool.pop()
-        return self.open_reader(write_rules=False)
+            pool = self._pools[write_rules]
+            if pool:
+                return pool.pop()
+        return self.open_reader(write_rules=write_rules)
 
     def checkin(self, reader: Reader) -> None:
         with self._pool_lock:
             if not self.closed:
-                self._pool.append(reader)
+                self._pools[reader.guard.write].append(reader)
                 return
         reader.conn.close()
 
@@ -674,10 +673,7 @@ class Reads:
     def close(self) -> None:
         with self._pool_lock:
             self.closed = True
-            pool, self._pool = self._pool, []
-        for reader in pool:
-            reader.conn.close()
-        with self._validate_lock:
-            if self._vreader is not None:
-                self._vreader.conn.close()
-                self._vreader = None
+            pools, self._pools = self._pools, {False: [], True: []}
+        for pool in pools.values():
+            for reader in pool:
+                reader.conn.close()

@@ -170,3 +170,42 @@ def test_a_generated_column_may_not_lie_on_a_chain_of_more_than_the_limit(tmp_pa
             m.close()
 
     in_node_thread(run)
+
+
+def test_a_slow_check_of_one_write_holds_up_no_other(tmp_path):
+    # A statement whose prepare takes SQLite seconds (each distinct window definition is
+    # rewritten into a subquery that copies the others, before any SELECT is counted) used to
+    # hold the one connection that checks every write on the leader.
+    import time
+
+    from raftsql.server.statemachine import SQLError
+
+    sm = StateMachine(str(tmp_path / "db.sqlite"))
+    slow = "WITH c(x) AS (SELECT 1) SELECT " + ",".join(
+        f"sum(x) OVER (ORDER BY coalesce({'x,' * 200}{i}))" for i in range(200)) + " FROM c"
+    state = {}
+
+    def check_slow():
+        state["started"] = time.monotonic()
+        try:
+            sm.reads.validate([(slow, ())])
+        except SQLError as e:
+            state["error"] = str(e)
+        state["ended"] = time.monotonic()
+
+    try:
+        old = threading.stack_size(THREAD_STACK_BYTES)
+        try:
+            t = threading.Thread(target=check_slow)
+            t.start()
+        finally:
+            threading.stack_size(old)
+        time.sleep(0.3)
+        assert sm.reads.validate([("CREATE TABLE t(x)", ())]) == [False]
+        quick_done = time.monotonic()
+        t.join()
+        assert "too complex" in state["error"]
+        # The quick check did not wait for the slow one (which takes about 2.5 s).
+        assert quick_done < state["ended"], (quick_done - state["started"], state)
+    finally:
+        sm.close()

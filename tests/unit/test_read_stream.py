@@ -45,7 +45,7 @@ def test_a_large_result_leaves_in_chunks_of_bounded_size(sm):
     rows, bad, sizes = drain(result, cursor, 100_000)
     assert [r[0] for r in rows] == list(range(1, 3001)) and bad == []
     assert max(sizes) <= 100_000 // 1000 and len(sizes) > 20
-    assert len(sm.reads._pool) == 1  # the reader went back to the pool
+    assert len(sm.reads._pools[False]) == 1  # the reader went back to the pool
 
 
 def test_every_chunk_comes_from_the_snapshot_of_the_first(sm):
