@@ -360,7 +360,8 @@ class Guard:
             if self.selects_left < 0:
                 self.capped = True
                 return apsw.SQLITE_DENY
-        if action in _SCHEMA_ACTIONS:
+        if action in _SCHEMA_ACTIONS or action == _A.SQLITE_ANALYZE:
+            # (ANALYZE may create sqlite_stat1: a schema change too.)
             self.schema_epoch += 1
         if self.record is not None and self.user_prepare:
             self.record.append((action, arg3, arg4))

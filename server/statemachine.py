@@ -290,6 +290,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         conn.create_scalar_function("randomblob", self._randomblob, 1)
         conn.set_progress_handler(self._progress, PROGRESS_STEPS)
         conn.set_update_hook(self._update_hook)
+        conn.set_rollback_hook(self._on_rollback)  # SQLite's own (ON CONFLICT ROLLBACK, ...)
         self._cursor = conn.cursor()
         self._cursor.exec_trace = self._trace
         self._many_cursor = conn.cursor()
@@ -298,6 +299,11 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._many_texts = 0  # ManyStatements._fresh_text
         self._cookie_cursor = conn.cursor()
         self._shadow_cookie: int | None = None  # the schema cookie Guard.shadow was listed at
+        # Guard.schema_epoch at the apply connection's last BEGIN, and whether SQLite has
+        # discarded its schema since the last _schema_cookie (a rollback in a transaction that
+        # changed the schema), which then reconnects the virtual tables.
+        self._epoch_at_begin = 0
+        self._schema_discarded = False
         self._fts34: frozenset[str] = frozenset()  # FTS3/4 tables (lower case), at that cookie
 
     # -- public state ---------------------------------------------------------------------
@@ -505,10 +511,17 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         outer, guard.internal = guard.internal, True
         try:
             cookie = self._cookie_cursor.execute(self._sql_cookie).fetchall()[0][0]
-            if cookie != self._shadow_cookie:
-                # The schema changed (or the connection is new): which tables are shadow tables
-                # (Guard.shadow). Listing them also connects every virtual table, so no user
-                # prepare connects one afterwards.
+            # A rollback (of a savepoint too) in a transaction that changed the schema makes
+            # SQLite discard its whole in-memory schema, virtual table connections and FTS5's
+            # loaded config included, while the cookie comes back to the value it had: a
+            # cookie alone missed that, and a later user prepare connected an rtree itself (its
+            # own SELECTs then counted against SELECT_CAP on this node only), and an FTS5
+            # 'rebuild' wrote another config cookie (outside-in divergence hunt, 2026-12-05).
+            reset, self._schema_discarded = self._schema_discarded, False
+            if cookie != self._shadow_cookie or reset:
+                # The schema changed (or the connection is new, or its schema was discarded):
+                # which tables are shadow tables (Guard.shadow). Listing them also connects
+                # every virtual table, so no user prepare connects one afterwards.
                 guard.shadow = frozenset(name.lower() for (name,) in self._conn.execute(
                     self._tag + "SELECT name FROM pragma_table_list WHERE schema='main' "
                     "AND type='shadow'"))
@@ -524,6 +537,11 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
 
     def _internal(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         guard = self._guard
+        first = sql[:1]
+        if first == "B" and sql.startswith("BEGIN"):
+            self._epoch_at_begin = guard.schema_epoch
+        elif first == "R" and sql.startswith("ROLLBACK"):
+            self._on_rollback()  # (a savepoint's too)
         outer, guard.internal = guard.internal, True
         try:
             return self._conn.execute(self._tag + sql, params).fetchall()
@@ -885,6 +903,12 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._ctx.progress_calls = 0
         self._ctx.budget_on = True
         return True
+
+    def _on_rollback(self) -> None:
+        """Anything rolled back on the apply connection: if its transaction changed the schema,
+        SQLite discarded its in-memory schema (see _schema_cookie)."""
+        if self._guard.schema_epoch != self._epoch_at_begin:
+            self._schema_discarded = True
 
     def _update_hook(self, op: int, db: str, table: str, rowid: int) -> None:
         # A table holding the largest rowid makes SQLite choose later rowids with its own PRNG,

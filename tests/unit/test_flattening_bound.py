@@ -209,3 +209,57 @@ def test_a_slow_check_of_one_write_holds_up_no_other(tmp_path):
         assert quick_done < state["ended"], (quick_done - state["started"], state)
     finally:
         sm.close()
+
+
+def test_a_rollback_that_discards_the_schema_reconnects_the_virtual_tables(tmp_path):
+    # SQLite discards its in-memory schema (virtual table connections, FTS5's loaded config)
+    # when a savepoint is rolled back in a transaction that changed the schema, and the cookie
+    # comes back to the value it had. A node that had not restarted then counted rtree's own
+    # SELECTs against the cap, and wrote another FTS5 config cookie at 'rebuild' (outside-in
+    # divergence hunt, 2026-12-05).
+    def run():
+        m = Machines(tmp_path)
+        try:
+            m.apply("CREATE VIRTUAL TABLE r USING rtree(id, x0, x1)", "CREATE TABLE t(a)",
+                    "CREATE TABLE d(a)", "INSERT INTO d VALUES (1), (1)",
+                    "CREATE VIRTUAL TABLE f USING fts5(x)", "INSERT INTO f VALUES ('hello world')",
+                    "INSERT INTO f(f, rank) VALUES ('pgsz', 100)")
+            # Fails after its own schema change: the entry's savepoint is rolled back.
+            r = m.apply("ALTER TABLE d ADD COLUMN b INT CHECK (b IS NOT NULL)")
+            assert "CHECK constraint failed" in r["error"]["message"], r
+            m.restart(1)
+            # SELECT_CAP SELECTs, one expression deeper than the shallow limit.
+            scalar = " + ".join(["(SELECT 1)"] * (SELECT_CAP - 3))
+            r = m.apply(f"INSERT INTO t SELECT {deep('1', 150)} + {scalar} + "
+                        "(SELECT count(*) FROM r)")
+            assert r["error"] is None, r
+            m.apply("INSERT INTO f(f) VALUES ('rebuild')")
+            assert len({sm.content_hash() for sm in m.machines}) == 1
+        finally:
+            m.close()
+
+    in_node_thread(run)
+
+
+def test_a_later_entry_of_a_batch_that_changed_the_schema_sees_connected_tables(tmp_path):
+    def run():
+        paths = [str(tmp_path / f"{n}.sqlite") for n in ("a", "b")]
+        a, b = (StateMachine(p) for p in paths)
+        try:
+            scalar = " + ".join(["(SELECT 1)"] * (SELECT_CAP - 3))
+            sqls = [["CREATE VIRTUAL TABLE r USING rtree(id, x0, x1)", "CREATE TABLE t(a)"],
+                    ["SELECT * FROM nosuch"],
+                    [f"INSERT INTO t SELECT {deep('1', 150)} + {scalar} + (SELECT count(*) FROM r)"]]
+            data = [Command(client_id="c", serial=i + 1, statements=[(s, ()) for s in one],
+                            leader_time_ms=1_700_000_000_000, seed=7).encode()
+                    for i, one in enumerate(sqls)]
+            batched = a.apply_many([(i + 1, d) for i, d in enumerate(data)])
+            single = [b.apply(i + 1, d) for i, d in enumerate(data)]
+            assert [r.to_wire() for r in batched] == [r.to_wire() for r in single]
+            assert single[2].error is None, single[2].error
+            assert a.content_hash() == b.content_hash()
+        finally:
+            a.close()
+            b.close()
+
+    in_node_thread(run)
