@@ -61,6 +61,7 @@ _first_keyword_cached = functools.lru_cache(maxsize=4096)(_first_keyword)
 
 
 _QUOTES = {'"': '"', "`": "`", "[": "]"}
+_SQL_SPACE = frozenset(" \t\n\f\r")
 
 
 def tokens(sql: str) -> Iterator[tuple[str, str]]:
@@ -72,7 +73,9 @@ def tokens(sql: str) -> Iterator[tuple[str, str]]:
     i = 0
     while i < n:
         c = sql[i]
-        if c.isspace() or c == "-" and sql.startswith("--", i) or c == "/" and sql.startswith("/*", i):
+        if c in _SQL_SPACE:  # SQLite's white space only: U+00A0 is part of a name there
+            i += 1
+        elif c == "-" and sql.startswith("--", i) or c == "/" and sql.startswith("/*", i):
             i = max(skip_blank(sql, i, semicolons=False), i + 1)
         elif c == "'" or c in _QUOTES:
             close = "'" if c == "'" else _QUOTES[c]
@@ -113,20 +116,21 @@ def tokens(sql: str) -> Iterator[tuple[str, str]]:
 
 
 def identifiers(sql: str) -> set[str]:
-    """Every name-like token of the text, lower-cased (keywords too: callers intersect it with
-    the names they look for, an over-approximation: a column named like a view counts as
-    that view)."""
-    return {text for kind, text in tokens(sql) if kind == "name"}
+    """Every name-like token of the text, lower-cased, string literals included (SQLite takes
+    `FROM 'v1'` as a name), and keywords too: callers intersect it with the names they look
+    for, an over-approximation (a column or a string equal to a view's name counts as it)."""
+    return {text for kind, text in tokens(sql) if kind in ("name", "string")}
 
 
-def generated_column_reads(create_table: str, generated: set[str]) -> dict[str, set[str]]:
-    """For a CREATE TABLE text (as sqlite_schema holds it) and the names of its generated
-    columns (lower case, from PRAGMA table_xinfo): which generated columns each one's
-    definition names. Text only, and an over-approximation (any name in the column's
-    definition that is a generated column counts)."""
-    out: dict[str, set[str]] = {}
+def generated_column_reads(create_table: str, generated: set[str] | None = None) -> dict[str, set[str]]:
+    """For a CREATE TABLE text: which generated columns each generated column's definition
+    names. `generated`: their names (lower case, from PRAGMA table_xinfo); None: told from the
+    text (a column whose definition has `AS (`), for a statement not yet run. Text only, and an
+    over-approximation (any name or string in the column's definition that is a generated
+    column counts)."""
+    columns: list[list[tuple[str, str]]] = []
     depth = 0
-    column: list[str] = []
+    column: list[tuple[str, str]] = []
     for kind, text in tokens(create_table):
         if kind == "punct" and text == "(":
             depth += 1
@@ -134,17 +138,20 @@ def generated_column_reads(create_table: str, generated: set[str]) -> dict[str, 
                 continue
         elif kind == "punct" and text == ")":
             depth -= 1
+            if depth == 0:
+                break
         if depth == 1 and kind == "punct" and text == ",":
-            _generated_reads(column, generated, out)
+            columns.append(column)
             column = []
-        elif depth >= 1 and kind == "name":
-            column.append(text)
-        if depth == 0 and column:
-            break
-    _generated_reads(column, generated, out)
+        elif depth >= 1:
+            column.append((kind, text))
+    columns.append(column)
+    if generated is None:
+        generated = {c[0][1] for c in columns if c and c[0][0] == "name" and any(
+            a == ("name", "as") and b == ("punct", "(") for a, b in zip(c, c[1:], strict=False))}
+    out: dict[str, set[str]] = {}
+    for c in columns:
+        if c and c[0][1] in generated:
+            names = {text for kind, text in c[1:] if kind in ("name", "string")}
+            out[c[0][1]] = names & generated - {c[0][1]}
     return out
-
-
-def _generated_reads(column: list[str], generated: set[str], out: dict[str, set[str]]) -> None:
-    if column and column[0] in generated:
-        out[column[0]] = set(column[1:]) & generated - {column[0]}

@@ -120,9 +120,11 @@ def test_a_view_may_not_lie_on_a_chain_of_more_than_the_limit(tmp_path):
                         "CREATE VIEW v0 AS SELECT x + 1 AS x FROM extra")
             assert "views nested too deep" in r["error"]["message"], r
             # A view beside the chain, or one whose text only mentions the chain's names in
-            # strings and comments, is fine.
-            r = m.apply("CREATE VIEW beside AS SELECT 'v31' AS x /* v31 */ FROM v0")
+            # comments, is fine. A string is taken as a name (SQLite reads FROM 'v31' as one).
+            r = m.apply("CREATE VIEW beside AS SELECT 1 AS x /* v31 */ FROM v0")
             assert r["error"] is None, r
+            r = m.apply(f"CREATE VIEW quoted AS SELECT x FROM 'v{MAX_VIEW_CHAIN - 1}'")
+            assert "views nested too deep" in r["error"]["message"], r
             top = m.machines[0].query(f"SELECT x FROM {prev}").rows
             assert top == [[MAX_VIEW_CHAIN + 1]]
             assert len({sm.content_hash() for sm in m.machines}) == 1
@@ -138,8 +140,10 @@ def test_identifiers_skip_strings_and_comments():
     sql = """CREATE VIEW "v 1"(a) AS SELECT 'it''s v0', [v2], `v``3` /* v9 */ -- v8
              FROM v0 JOIN "q""r" WHERE y = 1e5"""
     ids = identifiers(sql)
-    assert {"v 1", "a", "v2", "v`3", "v0", 'q"r', "y"} <= ids
+    assert {"v 1", "a", "v2", "v`3", "v0", 'q"r', "y", "it's v0"} <= ids
     assert not ids & {"v9", "v8", "it", "s", "e5"}
+    # SQLite's white space is ASCII only: a no-break space is part of a name.
+    assert "\xa0v1" in identifiers("SELECT * FROM \xa0v1")
 
 
 def test_a_generated_column_may_not_lie_on_a_chain_of_more_than_the_limit(tmp_path):
@@ -157,6 +161,10 @@ def test_a_generated_column_may_not_lie_on_a_chain_of_more_than_the_limit(tmp_pa
             r = m.apply(f"CREATE TABLE deep(g0, {chain(n + 2)})")
             assert "generated columns nested too deep" in r["error"]["message"], r
             assert f"chain of {MAX_GENERATED_CHAIN + 1} generated" in r["error"]["message"]
+            # Names that begin with a no-break space (a name character to SQLite).
+            nb = ", ".join(f"\xa0g{i} AS (\xa0g{i - 1} + 1)" for i in range(1, n + 3))
+            r = m.apply(f"CREATE TABLE nb(\xa0g0, {nb})")
+            assert "generated columns nested too deep" in r["error"]["message"], r
             # Adding one more to the chain of `ok` is refused, and the table stays as it was.
             r = m.apply(f"ALTER TABLE ok ADD COLUMN g{n + 2} AS (g{n + 1} * 2)")
             assert "generated columns nested too deep" in r["error"]["message"], r
