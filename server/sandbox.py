@@ -80,6 +80,8 @@ def chain_depths(reads: dict[str, list[str]], marked: set[str]) -> tuple[dict[st
             depth[name] = 1 + max((depth[v] for v in done), default=0)
             through[name] = name in marked or any(through[v] for v in done)
     return depth, through
+
+
 # The name under which read and write sets record the schema (and the database header:
 # user_version, application_id). Every non-empty read set implicitly includes it.
 SCHEMA = "sqlite_schema"
