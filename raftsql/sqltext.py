@@ -122,10 +122,10 @@ def identifiers(sql: str) -> set[str]:
     return {text for kind, text in tokens(sql) if kind in ("name", "string")}
 
 
-def generated_column_reads(create_table: str, generated: set[str] | None = None) -> dict[str, set[str]]:
-    """For a CREATE TABLE text: which generated columns each generated column's definition
-    names. `generated`: their names (lower case, from PRAGMA table_xinfo); None: told from the
-    text (a column whose definition has `AS (`), for a statement not yet run. Text only, and an
+def generated_column_reads(create_table: str) -> dict[str, set[str]]:
+    """For a CREATE TABLE text (a statement, or a table's text in sqlite_schema): which
+    generated columns each generated column's definition names. A generated column is one
+    whose definition has `AS (` (a CAST's AS is followed by a type name). Text only, and an
     over-approximation (any name or string in the column's definition that is a generated
     column counts)."""
     columns: list[list[tuple[str, str]]] = []
@@ -146,9 +146,8 @@ def generated_column_reads(create_table: str, generated: set[str] | None = None)
         elif depth >= 1:
             column.append((kind, text))
     columns.append(column)
-    if generated is None:
-        generated = {c[0][1] for c in columns if c and c[0][0] == "name" and any(
-            a == ("name", "as") and b == ("punct", "(") for a, b in zip(c, c[1:], strict=False))}
+    generated = {c[0][1] for c in columns if c and c[0][0] == "name" and any(
+        a == ("name", "as") and b == ("punct", "(") for a, b in zip(c, c[1:], strict=False))}
     out: dict[str, set[str]] = {}
     for c in columns:
         if c and c[0][1] in generated:

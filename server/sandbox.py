@@ -177,7 +177,7 @@ _SCHEMA_ACTIONS = frozenset(
     }
 )
 # Schema actions whose object's chains are checked after the statement (Guard.defined).
-_DEFINES = {_A.SQLITE_CREATE_VIEW: "view", _A.SQLITE_CREATE_TABLE: "table", _A.SQLITE_ALTER_TABLE: "table"}
+_DEFINES = {_A.SQLITE_CREATE_VIEW: "view", _A.SQLITE_ALTER_TABLE: "altered"}
 _ROW_WRITES = frozenset({_A.SQLITE_INSERT, _A.SQLITE_UPDATE, _A.SQLITE_DELETE})
 
 
@@ -347,9 +347,9 @@ class Guard:
         # whether it was.
         self.selects_left: int | None = None
         self.capped = False
-        # The views the user statement being run creates and the tables it creates or alters,
-        # as ("view" or "table", lower-case name), or None; the owner resets it per statement
-        # and checks their chains (StateMachine._check_chains).
+        # The views the user statement being run creates and the tables it alters, as ("view"
+        # or "altered", lower-case name), or None; the owner resets it per statement and
+        # checks their chains (StateMachine._check_chains).
         self.defined: set[tuple[str, str]] | None = None
 
     def __call__(

@@ -12,6 +12,17 @@ from raftsql.server.sandbox import SELECT_CAP, THREAD_STACK_BYTES
 from raftsql.server.statemachine import StateMachine
 
 
+def start_node_thread(target):
+    """A started thread with the stack size node threads get."""
+    old = threading.stack_size(THREAD_STACK_BYTES)
+    try:
+        t = threading.Thread(target=target)
+        t.start()
+    finally:
+        threading.stack_size(old)
+    return t
+
+
 def in_node_thread(fn):
     out = {}
 
@@ -21,13 +32,7 @@ def in_node_thread(fn):
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             out["error"] = e
 
-    old = threading.stack_size(THREAD_STACK_BYTES)
-    try:
-        t = threading.Thread(target=body)
-        t.start()
-    finally:
-        threading.stack_size(old)
-    t.join()
+    start_node_thread(body).join()
     if "error" in out:
         raise out["error"]
     return out["value"]
@@ -202,12 +207,7 @@ def test_a_slow_check_of_one_write_holds_up_no_other(tmp_path):
         state["ended"] = time.monotonic()
 
     try:
-        old = threading.stack_size(THREAD_STACK_BYTES)
-        try:
-            t = threading.Thread(target=check_slow)
-            t.start()
-        finally:
-            threading.stack_size(old)
+        t = start_node_thread(check_slow)
         time.sleep(0.3)
         assert sm.reads.validate([("CREATE TABLE t(x)", ())]) == [False]
         quick_done = time.monotonic()
