@@ -18,6 +18,11 @@ be caught there (counted) and the total kept.
 
     python benchmarks/bank.py --quick          # < 2 min, writes results/bank-quick.{json,md}
     python benchmarks/bank.py                  # writes results/bank.{json,md}
+    python benchmarks/bank.py --zero-amount    # writes results/bank-zero.{json,md}
+
+--zero-amount makes every transfer move 0: each writes back the balances it read, so no
+transfer changes what another one read and none conflicts. It shows what transfers cost with
+no conflict at all, next to autocommit writes in the same run: the ceiling of the ratio.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ def _transfers(dsn: str, threads: int, seconds: float, accounts: int,
     return {"lats": lats, "counts": counts}
 
 
+MAX_AMOUNT = 10  # 0 with --zero-amount: no transfer changes a balance, so none conflicts
+
+
 def _loop(conn, rng: random.Random, end: float, accounts: int, mine: list[float],
           local: dict) -> None:
     import raftsql.driver as db
@@ -93,7 +101,7 @@ def _loop(conn, rng: random.Random, end: float, accounts: int, mine: list[float]
                 conn.execute("BEGIN")
                 a = conn.execute("SELECT bal FROM acct WHERE id = ?", (src,)).fetchone()[0]
                 b = conn.execute("SELECT bal FROM acct WHERE id = ?", (dst,)).fetchone()[0]
-                amount = min(a, rng.randint(1, 10))
+                amount = min(a, rng.randint(1, MAX_AMOUNT)) if MAX_AMOUNT else 0
                 conn.execute("UPDATE acct SET bal = ? WHERE id = ?", (a - amount, src))
                 conn.execute("UPDATE acct SET bal = ? WHERE id = ?", (b + amount, dst))
                 conn.execute("INSERT INTO log (src, dst, amount) VALUES (?, ?, ?)", (src, dst, amount))
@@ -195,9 +203,14 @@ def _interleaved(dsn: str, threads: int, seconds: float, slices: int, accounts: 
 @click.option("--hot-accounts", default=2, show_default=True,
               help="accounts of the contended run (0: skip it)")
 @click.option("--hot-threads", default=8, show_default=True, help="client threads of the contended run")
+@click.option("--zero-amount", is_flag=True,
+              help="transfers move 0, so none conflicts (the ratio's ceiling); no contended run")
 def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices: int,
-         hot_accounts: int, hot_threads: int) -> None:
+         hot_accounts: int, hot_threads: int, zero_amount: bool) -> None:
     """Transfers/s in serializable transactions vs autocommit single-row writes/s."""
+    global MAX_AMOUNT
+    if zero_amount:
+        MAX_AMOUNT, hot_accounts = 0, 0
     counts = [int(x) for x in thread_counts.split(",") if x.strip()]
     if quick:
         seconds, counts, slices = min(seconds, 8.0), [8], 2
@@ -241,7 +254,7 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
     finally:
         cluster.close()
         shutil.rmtree(base, ignore_errors=True)
-    name = "bank-quick" if quick else "bank"
+    name = "bank" + ("-zero" if zero_amount else "") + ("-quick" if quick else "")
     doc = {"machine": info, "command": "python benchmarks/bank.py " + " ".join(sys.argv[1:]),
            "seconds": seconds, "slices": slices, "accounts": accounts, "runs": runs}
     table = md_table(["accounts", "threads", "driver mode", "transfers/s", "p50 ms", "p99 ms", "conflicts (retried)",
@@ -253,9 +266,13 @@ def main(quick: bool, seconds: float, thread_counts: str, accounts: int, slices:
             f"travel with the commit). Both modes and autocommit single-row INSERTs alternate in "
             f"{slices} slices of {seconds / slices:.1f} s each (per mode). A "
             "transfer conflicts only when a balance it read changed before its commit (the commit "
-            "replays its statements and compares what they return); the run over "
-            f"{hot_accounts} accounts is the contended one, where nearly every overlap is a real "
-            "conflict.")
+            "replays its statements and compares what they return)" + (
+                f"; the run over {hot_accounts} accounts is the contended one, where nearly every "
+                "overlap is a real conflict." if hot_accounts else "."))
+    if zero_amount:
+        note += (" With --zero-amount every transfer moves 0 (it writes back the balances it "
+                 "read), so no transfer changes what another read and none conflicts: this run "
+                 "shows the ratio without the cost of conflicts.")
     cpu_table = md_table(["accounts", "threads", "driver mode", "node CPU ms per transfer",
                           "node CPU ms per write", "transfer / write", "client CPU ms per transfer",
                           "client CPU ms per write", "all CPU: transfer / write"], cpu_rows)
