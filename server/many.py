@@ -136,7 +136,7 @@ class ManyStatements:
         # set: this prepare (afresh, see _run_statement) is not tracked again.
         guard.user_prepare = False
         self._ctx.max_progress_calls = limit * (len(sets) - 1)
-        self._ctx.progress_calls = 0
+        self._ctx.new_budget()
         self._ctx.budget_on = True
         failed = False
         try:
@@ -173,6 +173,6 @@ class ManyStatements:
         if self._ctx.many_set > 1 and self._ctx.dml:
             self._ctx.many_total += self._conn.changes()  # of the previous set
         self._guard.user_prepare = False
-        self._ctx.progress_calls = 0
+        self._ctx.new_budget()
         self._ctx.budget_on = True
         return True

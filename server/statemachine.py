@@ -38,6 +38,7 @@ from raftsql.protocol import (
     sql_error,
 )
 from raftsql.server import metrics
+from raftsql.server.costed import CostedFunctions
 from raftsql.server.dbhash import content_hash
 from raftsql.server.determinism import EntryClock, EntryRandom, as_int, ensure_utc
 from raftsql.server.internal_tables import create_internal_tables
@@ -118,7 +119,7 @@ class ApplyContext:
     statement being applied. One per StateMachine, used under its lock."""
 
     __slots__ = (
-        "budget_on", "progress_calls", "max_progress_calls", "step_limit_hit", "traced",
+        "budget_on", "progress_calls", "extra_steps", "max_progress_calls", "step_limit_hit", "traced",
         "description", "dml", "readonly", "abort", "max_rowid_table", "result_budget",
         "many_set", "many_total", "sql", "sql_pos",
     )
@@ -126,6 +127,7 @@ class ApplyContext:
     def __init__(self, max_progress_calls: int):
         self.budget_on = False  # the step budget counts (a user statement is running)
         self.progress_calls = 0  # progress-handler calls of the running statement
+        self.extra_steps = 0  # steps charged by C calls (charge_steps), short of PROGRESS_STEPS
         self.max_progress_calls = max_progress_calls  # its budget, in PROGRESS_STEPS units
         self.step_limit_hit = False
         self.traced = 0  # statements the exec tracer saw in one execute (more than 1: refused)
@@ -139,6 +141,11 @@ class ApplyContext:
         self.many_total = 0  # executemany: changes so far
         self.sql = ""  # the text being executed
         self.sql_pos = 0  # where in it the statement the exec tracer sees next starts
+
+    def new_budget(self) -> None:
+        """A statement (or an executemany set) starts: its step budget is whole again."""
+        self.progress_calls = 0
+        self.extra_steps = 0
 
 
 class _TransactionLost(Exception):
@@ -211,6 +218,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         # What the apply callbacks read about the statement being applied, and its randomness.
         self._ctx = ApplyContext(-(-apply_vm_step_limit // PROGRESS_STEPS))
         self._rand = EntryRandom()
+        self._costed = CostedFunctions(self.charge_steps)
 
         self._lock = threading.RLock()  # the write connection and the mirrors below
         self._applied_cond = threading.Condition(threading.Lock())
@@ -304,6 +312,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         self._vfs.now_ms = self._time_ms
         conn.create_scalar_function("random", self._rand.random, 0)
         conn.create_scalar_function("randomblob", self._randomblob, 1)
+        self._costed.install(conn)  # LIKE, GLOB, instr(), replace(), trim() (server/costed.py)
         conn.set_progress_handler(self._progress, PROGRESS_STEPS)
         conn.set_update_hook(self._update_hook)
         conn.set_rollback_hook(self._on_rollback)  # SQLite's own (ON CONFLICT ROLLBACK, ...)
@@ -910,7 +919,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         # Not from a cached statement: the schema may have changed under it (StatementMemo).
         desc = memo.description
         self._ctx.description = desc if desc is not None else cursor.get_description()
-        self._ctx.progress_calls = 0
+        self._ctx.new_budget()
         self._ctx.budget_on = True
         return True
 
@@ -930,14 +939,25 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
         """randomblob(N) of the entry, its bytes charged to the statement's step budget (one
         step per BLOB_BYTES_PER_STEP bytes, about their share of CPU): a few VM steps could call
         it for 100 MB each, and a loop of them held every node's apply for 42 s."""
-        ctx = self._ctx
         size = as_int(n)
-        if ctx.budget_on and 0 < size <= MAX_VALUE_BYTES:  # (else: 1 byte, or too big)
-            ctx.progress_calls += size // (BLOB_BYTES_PER_STEP * PROGRESS_STEPS)
-            if ctx.progress_calls > ctx.max_progress_calls:
-                ctx.step_limit_hit = True
-                raise apsw.InterruptError("interrupted")
+        if 0 < size <= MAX_VALUE_BYTES:  # (else: 1 byte, or too big)
+            self.charge_steps(size // BLOB_BYTES_PER_STEP)
         return self._rand.randomblob(n)
+
+    def charge_steps(self, steps: int) -> None:
+        """Count `steps` VM steps against the running user statement's step budget, for work a
+        C call does between two VM steps, where the progress handler cannot see it
+        (randomblob, server/costed.py). Nothing outside user statements. Raises the step
+        limit's interrupt once the budget is spent, the same on every node."""
+        ctx = self._ctx
+        if not ctx.budget_on:
+            return
+        extra = ctx.extra_steps + steps
+        ctx.progress_calls += extra // PROGRESS_STEPS
+        ctx.extra_steps = extra % PROGRESS_STEPS
+        if ctx.progress_calls > ctx.max_progress_calls:
+            ctx.step_limit_hit = True
+            raise apsw.InterruptError("interrupted")
 
     def _progress(self) -> bool:
         if not self._ctx.budget_on:
@@ -1043,6 +1063,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
                 self._drop_txn(txn)
             self.reads.close()
             self._conn.close()  # the last connection: checkpoints and removes the WAL
+            self._costed.close()
             self._vfs.unregister()
 
     def __enter__(self) -> StateMachine:

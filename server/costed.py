@@ -1,0 +1,171 @@
+"""SQL functions whose C code SQLite cannot stop, with their work counted against the step limit.
+
+SQLite checks its interrupt flag and calls the progress handler only between VM steps. One call
+of LIKE, GLOB, instr(), replace() or the two-argument trim() runs to its end however long it
+takes, and its work grows with the product of its operands' lengths: `x LIKE '%aaa…ab'` with a
+100 MB value of 'a's and a 50,000-character pattern compares characters for about an hour, in
+a handful of VM steps. In a write, every node's apply thread is held that long.
+
+On the apply connection (writes, a transaction's previews and its commit check) these functions
+are replaced by wrappers that first charge a bound of that work to the statement's step budget
+(StateMachine.charge_steps: COMPARES_PER_STEP comparisons count as one VM step), so a call that
+cannot finish within the budget fails with the step-limit error before it starts, on every node
+alike. Then they compute the result:
+- instr() and replace() of two (three) strings, or of two blobs for instr(), in Python, whose
+  str.find/str.replace are linear (two-way search), so they are charged for the operands'
+  lengths only;
+- everything else with SQLite's own function, run on a private in-memory connection (the same
+  library, so the same result, errors included), charged for the worst case of SQLite's
+  algorithm: the value's length times the longest run of pattern characters between two
+  wildcards, plus one (LIKE, GLOB), or the product of the lengths (instr, replace of other
+  types, the trim set).
+
+Reads on the reader connections keep SQLite's functions: a long call there holds one core of
+one node until the read's own limits stop it (server/DESIGN.md, "Long C calls").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import apsw
+
+from raftsql.server.sandbox import MAX_VALUE_BYTES
+
+# Character comparisons charged as one VM step. SQLite's LIKE compares about 1.2 billion
+# characters a second where its VM runs about 45 million steps (2026 laptop core, and the
+# 2-core CI machine alike): 27 per step. Its worst cases compare a little slower (case
+# folding, GLOB sets: up to 1.2x the bound at 16), so 12 charges a little more than they cost.
+COMPARES_PER_STEP = 12
+
+# What a value that is neither text nor blob (a number) counts as: its text is at most this long.
+_NUMBER_LENGTH = 32
+
+
+def _length(value: Any) -> int:
+    """What a value counts as: a number's text is short, NULL is nothing."""
+    t = type(value)
+    if t is str or t is bytes:
+        return len(value)
+    return _NUMBER_LENGTH
+
+
+def _match_work(value: Any, pattern: Any, wildcard: str, any_one: str, marks: str,
+                nocase: bool) -> int:
+    """A bound of the characters SQLite's LIKE (nocase) or GLOB compares: its matcher takes the
+    pattern's first stretch (up to the first `wildcard`) at the start of the value, then, for
+    each stretch after a wildcard, tries every place of the rest of the value that holds the
+    stretch's first character, comparing at most the stretch's length there, and never goes
+    back to an earlier stretch (a later stretch that cannot be found ends the whole match). So
+    the work is at most the value's length plus, per stretch, (places holding its first
+    character + 1) x its length. A pattern with a character that makes a wildcard literal
+    (`marks`: LIKE's escape, GLOB's '['), more than four stretches, a stretch starting with
+    `any_one` (which every place holds), or operands of other types, are charged as if every
+    place held every stretch: the value's length times the pattern's."""
+    n, m = _length(value), _length(pattern)
+    worst = n * (m + 1) + m
+    kind = type(value)
+    if kind is not type(pattern) or kind not in (str, bytes):
+        return worst
+    literal: list[Any] = list(marks)
+    if kind is bytes:
+        wildcard, any_one = wildcard.encode(), any_one.encode()  # type: ignore[assignment]
+        literal = [mark.encode() for mark in marks]
+    if any(mark in pattern for mark in literal):
+        return worst
+    stretches = [s for s in pattern.split(wildcard)[1:] if s]
+    if len(stretches) > 4:
+        return worst
+    work = n + m
+    for stretch in stretches:
+        first = stretch[:1]
+        if first == any_one:
+            return worst
+        places = value.count(first)
+        if nocase and first.isascii() and first.isalpha():
+            places += value.count(first.swapcase())
+        work += (places + 1) * len(stretch)
+    return work
+
+
+class CostedFunctions:
+    """The wrappers of one apply connection. charge(steps) raises apsw.InterruptError (the
+    step limit) when the statement's budget is spent; it does nothing outside user statements."""
+
+    def __init__(self, charge: Callable[[int], None]):
+        self._charge = charge
+        self._aux = apsw.Connection(":memory:")
+        self._aux.limit(apsw.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)  # as the apply connection
+        self._cursor = self._aux.cursor()
+
+    def install(self, conn: apsw.Connection) -> None:
+        for name, fn, nargs in (
+            ("like", self._like, 2), ("like", self._like_escape, 3), ("glob", self._glob, 2),
+            ("instr", self._instr, 2), ("replace", self._replace, 3),
+            ("trim", self._trim, 2), ("ltrim", self._ltrim, 2), ("rtrim", self._rtrim, 2),
+        ):
+            conn.create_scalar_function(name, fn, nargs, deterministic=True)
+
+    def close(self) -> None:
+        self._aux.close()
+
+    def _sqlite(self, sql: str, *args: Any) -> Any:
+        """SQLite's own function on the private connection: the same code, the same answer."""
+        for row in self._cursor.execute(sql, args):
+            return row[0]
+        return None  # unreachable: a SELECT of one expression gives one row
+
+    def _spend(self, work: int) -> None:
+        steps = work // COMPARES_PER_STEP
+        if steps:
+            self._charge(steps)
+
+    def _like(self, pattern: Any, value: Any) -> Any:
+        self._spend(_match_work(value, pattern, "%", "_", "", True))
+        return self._sqlite("SELECT like(?, ?)", pattern, value)
+
+    def _like_escape(self, pattern: Any, value: Any, escape: Any) -> Any:
+        marks = escape[:1] if type(escape) is str and escape else "%"  # else: charged the worst
+        self._spend(_match_work(value, pattern, "%", "_", marks, True))
+        return self._sqlite("SELECT like(?, ?, ?)", pattern, value, escape)
+
+    def _glob(self, pattern: Any, value: Any) -> Any:
+        self._spend(_match_work(value, pattern, "*", "?", "[", False))
+        return self._sqlite("SELECT glob(?, ?)", pattern, value)
+
+    def _instr(self, haystack: Any, needle: Any) -> Any:
+        th, tn = type(haystack), type(needle)
+        if (th is str and tn is str) or (th is bytes and tn is bytes):
+            # Characters of text, bytes of blobs, counted from 1 (0: not found), as SQLite's.
+            self._spend(len(haystack) + len(needle))
+            return haystack.find(needle) + 1
+        self._spend(_length(haystack) * _length(needle))
+        return self._sqlite("SELECT instr(?, ?)", haystack, needle)
+
+    def _replace(self, text: Any, old: Any, new: Any) -> Any:
+        if type(text) is str and type(old) is str and type(new) is str:
+            self._spend(len(text) + len(old))
+            if not old or old[0] == "\0":
+                return text  # SQLite's: an empty pattern (its first byte is NUL) changes nothing
+            out = text.replace(old, new)
+            if len(out) > MAX_VALUE_BYTES or (
+                    not out.isascii() and len(out.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES):
+                raise apsw.TooBigError("string or blob too big")
+            return out
+        self._spend(_length(text) * _length(old))
+        return self._sqlite("SELECT replace(?, ?, ?)", text, old, new)
+
+    def _trim(self, text: Any, chars: Any) -> Any:
+        return self._trimmed("SELECT trim(?, ?)", text, chars)
+
+    def _ltrim(self, text: Any, chars: Any) -> Any:
+        return self._trimmed("SELECT ltrim(?, ?)", text, chars)
+
+    def _rtrim(self, text: Any, chars: Any) -> Any:
+        return self._trimmed("SELECT rtrim(?, ?)", text, chars)
+
+    def _trimmed(self, sql: str, text: Any, chars: Any) -> Any:
+        # Each character taken off an end is compared with every character of the set.
+        self._spend(_length(text) * _length(chars))
+        return self._sqlite(sql, text, chars)
