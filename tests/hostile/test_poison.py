@@ -92,3 +92,26 @@ def test_each_class_of_apply_failure(cluster, conn, guard, setup, attack, error)
         with pytest.raises(raftsql.DatabaseError) as info:
             conn.execute(attack)
         assert info.value.sqlite_errorname == error, info.value
+
+
+def test_repro_a_like_that_would_hold_every_apply_for_an_hour(cluster, conn, guard):
+    # One LIKE of a 99 MB value against a 50,000-character pattern compares about 5e12
+    # characters inside one C call, which SQLite's interrupt and progress handler cannot stop:
+    # about an hour in every node's apply thread, from one small request. Its work is now
+    # counted against the step limit before the call starts (server/costed.py).
+    with guard():
+        conn.execute("CREATE TABLE flags(x)")
+        with pytest.raises(raftsql.OperationalError) as info:
+            conn.execute("INSERT INTO flags SELECT 1 WHERE printf('%.*c', 99000000, 'a') LIKE ?",
+                         ("%" + "a" * 49998 + "b",))
+        assert info.value.sqlite_errorname == "RAFTSQL_STEP_LIMIT"
+        with pytest.raises(raftsql.OperationalError) as info:
+            conn.execute("INSERT INTO flags SELECT trim(printf('%.*c', 50000000, 'a'), ?)",
+                         ("".join(map(chr, range(0x100, 0x5000))) + "a",))
+        assert info.value.sqlite_errorname == "RAFTSQL_STEP_LIMIT"
+        # instr() of two strings runs in linear time: a 50 MB needle is fine (SQLite's own
+        # compares 50 MB at each of 49 million places).
+        conn.execute("INSERT INTO flags SELECT instr(printf('%.*c', 99000000, 'a'), "
+                     "printf('%.*c', 50000000, 'a') || 'b')")
+        conn.execute("INSERT INTO flags SELECT 'x' LIKE '%x%'")
+    assert conn.execute("SELECT x FROM flags").fetchall() == [(0,), (1,)]
