@@ -35,6 +35,10 @@ HELP = """\
 .separator SEP        the column separator of list mode (default |)
 .dump [TABLE]         the schema and rows as SQL (tables matching a LIKE pattern)
 .read FILE            run the statements and dot commands in FILE
+.import [--csv] [--skip N] FILE TABLE
+                      add FILE's rows to TABLE (made from FILE's first row if missing)
+.output [FILE]        write results to FILE (truncated), or to the screen again
+.once FILE            write the next statement's results to FILE
 .timer on|off         print how long each statement took
 .help                 this text
 .quit                 leave (Ctrl-D works too)
@@ -55,6 +59,8 @@ def _fmt(v) -> str:
 BATCH_ROWS = 1000  # rows fetched, sized and printed at a time
 MODES = ("column", "list", "csv", "tabs", "json", "line")
 READ_DEPTH = 16  # .read inside .read, as deep as this
+IMPORT_BATCH_ROWS = 1000  # .import: rows per write (executemany), at most
+IMPORT_BATCH_BYTES = 1 << 20  # ... and about this much text, well under a request's limit
 
 
 def sql_literal(v) -> str:
@@ -230,6 +236,8 @@ class Shell:
         self.interactive = False  # set by loop()
         self.printer = Printer()
         self._reading: list[str] = []  # the files .read is in, innermost last
+        self._screen = self.out  # where results go without .output
+        self._once = False  # .once: back to the screen after the next statement
 
     def error(self, text: str, line: int | None = None) -> None:
         """An error on stderr; with piped input, near which input line (as sqlite3's shell)."""
@@ -254,6 +262,9 @@ class Shell:
             name = getattr(e, "sqlite_errorname", None)
             self.error(f"{e}" + (f" ({name})" if name else ""), line)
             return
+        finally:
+            if self._once:
+                self._redirect(None)
         took = time.perf_counter() - t0
         if not cur.description and cur.rowcount >= 0 and self.interactive:
             self.out.write(f"{cur.rowcount} row(s) changed\n")
@@ -355,6 +366,17 @@ class Shell:
                 self.error("Usage: .read FILE")
             else:
                 return self.read(path)
+        elif cmd in (".output", ".once"):
+            target = _dot_argument(line)
+            if cmd == ".once" and not target:
+                self.error("Usage: .once FILE")
+            elif target and target.startswith("|"):
+                self.error(f"{cmd}: pipes to commands are not supported; write to a file")
+            else:
+                self._redirect(None if target in (None, "stdout") else target, once=cmd == ".once")
+            return True
+        elif cmd == ".import":
+            self.import_file(args)
         elif cmd == ".timer":
             if args and args[0] in ("on", "off"):
                 self.timer = args[0] == "on"
@@ -363,6 +385,116 @@ class Shell:
         else:
             self.error(f'unknown command or invalid arguments: "{cmd[1:]}". Enter ".help" for help')
         self.out.flush()
+        return True
+
+    def _redirect(self, path: str | None, once: bool = False) -> None:
+        """Results to the file at `path` (None: to the screen again)."""
+        if self.out is not self._screen:
+            self.out.close()
+        self.out, self._once = self._screen, False
+        if path is None:
+            return
+        try:
+            # newline="": the csv mode's CRLF stays as it is, as sqlite3 writes it.
+            self.out = open(os.path.expanduser(path), "w", encoding="utf-8", newline="")
+        except OSError as e:
+            self.error(f"cannot open \"{path}\": {e.strerror or e}")
+            return
+        self._once = once
+
+    # ------------------------------------------------------------------ .import
+
+    def import_file(self, args: list[str]) -> None:
+        """.import [--csv] [--skip N] FILE TABLE, as sqlite3's shell: CSV (with --csv or in
+        .mode csv) or lines split at the separator (tabs in .mode tabs, else .separator). A
+        missing TABLE is made with TEXT columns named by the first row. Each batch of rows is
+        one write, so an import stopped by an error keeps the batches before it."""
+        usage = "Usage: .import [--csv] [--skip N] FILE TABLE"
+        csv_mode, skip, rest = self.printer.mode == "csv", 0, []
+        it = iter(args)
+        for a in it:
+            if a == "--csv":
+                csv_mode = True
+            elif a == "--skip":
+                try:
+                    skip = int(next(it))
+                except (StopIteration, ValueError):
+                    self.error(usage)
+                    return
+            elif a.startswith("--"):
+                self.error(f'.import: unknown option "{a}". {usage}')
+                return
+            else:
+                rest.append(a.strip("'\""))
+        if len(rest) != 2 or skip < 0:
+            self.error(usage)
+            return
+        path, table = os.path.expanduser(rest[0]), rest[1]
+        try:
+            f = open(path, encoding="utf-8", newline="")
+        except OSError as e:
+            self.error(f"cannot open \"{rest[0]}\": {e.strerror or e}")
+            return
+        sep = "\t" if self.printer.mode == "tabs" else self.printer.separator
+        with f:
+            if csv_mode:
+                rows = csv.reader(f)
+            else:
+                rows = (line.rstrip("\r\n").split(sep) for line in f)
+            try:
+                self._import_rows(rows, rest[0], table, skip)
+            except UnicodeDecodeError:
+                self.error(f".import {rest[0]}: the file is not UTF-8 text")
+            except csv.Error as e:
+                self.error(f".import {rest[0]}: {e}")
+
+    def _import_rows(self, rows, name: str, table: str, skip: int) -> None:
+        db = self.db
+        try:
+            found = self.conn.execute(
+                "SELECT 1 FROM sqlite_schema WHERE type IN ('table', 'view') AND name = ? "
+                "COLLATE NOCASE", (table,)).fetchone()
+            for _ in range(skip):
+                next(rows, None)
+            if found is None:
+                header = next(rows, None)
+                if not header:
+                    self.error(f".import {name}: empty file, so no columns for {table}")
+                    return
+                cols = ", ".join(f"{quote_name(c or f'c{i + 1}')} TEXT" for i, c in enumerate(header))
+                self.conn.execute(f"CREATE TABLE {quote_name(table)}({cols})")
+            width = len(self.conn.execute(f"SELECT * FROM {quote_name(table)} LIMIT 0").description)
+        except db.Error as e:
+            self.error(f".import {name}: {e}")
+            return
+        sql = f"INSERT INTO {quote_name(table)} VALUES ({', '.join('?' * width)})"
+        batch: list[list[str]] = []
+        size = 0
+        line = skip + (found is None)
+        for row in rows:
+            line += 1
+            if not row or row == [""]:
+                continue  # an empty line (the last one of many files)
+            if len(row) != width:
+                what = "filling the rest with NULL" if len(row) < width else "extras ignored"
+                self.err.write(f"{name}:{line}: expected {width} columns but found {len(row)} - {what}\n")
+                row = (row + [None] * width)[:width]
+            batch.append(row)
+            size += sum(len(v) for v in row if v)
+            if len(batch) >= IMPORT_BATCH_ROWS or size >= IMPORT_BATCH_BYTES:
+                if not self._import_batch(sql, batch, name, line):
+                    return
+                batch, size = [], 0
+        if batch:
+            self._import_batch(sql, batch, name, line)
+
+    def _import_batch(self, sql: str, batch: list, name: str, line: int) -> bool:
+        try:
+            self.conn.executemany(sql, batch)
+        except self.db.Error as e:
+            self.error(f".import {name}: stopped in the rows before line {line + 1}: {e} "
+                       "(the rows before the failing one were added)")
+            return False
         return True
 
     def _rows_plain(self, sql: str, params, render) -> None:
@@ -436,6 +568,7 @@ class Shell:
             if self.conn.in_transaction:
                 self.err.write("note: the open transaction was rolled back (no COMMIT)\n")
             self.conn.close()
+            self._redirect(None)  # closes an .output file
         return self.errors
 
     def read(self, path: str) -> bool:

@@ -346,3 +346,55 @@ def test_a_dsn_with_missing_certificates_is_a_one_line_error(cluster, tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith("Error: ") and "ca.crt" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
+    t = "imp_" + uuid.uuid4().hex[:8]
+    data = tmp_path / "pets.csv"
+    rows = [("Rex", "dog", "3"), ("Tom, the cat", "cat", ""), ('Say "hi"', "parrot", "12")]
+    rows += [(f"pet{i}", "fish", str(i)) for i in range(2500)]  # three writes of 1,000 rows
+    with open(data, "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerow(["name", "kind", "age"])
+        w.writerows(rows)
+    ragged = tmp_path / "ragged.txt"
+    ragged.write_text("Nemo|fish\nPolly|parrot|1|extra\n\n")
+    out_file, once_file = tmp_path / "out.csv", tmp_path / "once.txt"
+    script = (
+        f".import --csv {data} {t}\n"
+        f".import {ragged} {t}\n"  # list mode: split at '|'
+        ".mode csv\n"
+        f".import --skip 1 {data} {t}\n"  # the table exists: every row is data, but the skipped
+        f".output {out_file}\n"
+        f"SELECT name, kind, age FROM {t} WHERE rowid <= 3 ORDER BY rowid;\n"
+        ".tables\n"
+        ".output\n"
+        ".mode list\n"
+        "SELECT 'on the screen';\n"
+        f".once {once_file}\n"
+        "SELECT 'in the file';\n"
+        "SELECT 'on the screen again';\n"
+        f"SELECT count(*), count(DISTINCT name), sum(age IS NULL) FROM {t};\n"
+        f".import {tmp_path / 'missing.csv'} {t}\n"
+        f".import --bogus {data} {t}\n"
+        ".import onlyfile\n"
+        ".output |cat\n"
+        ".once\n"
+    )
+    out = _run(cluster, script)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    o, err = out.stdout, out.stderr
+    assert out_file.read_bytes().decode() == (
+        'name,kind,age\r\nRex,dog,3\r\n"Tom, the cat",cat,\r\n"Say ""hi""",parrot,12\r\n' + t + "\n")
+    assert once_file.read_text() == "'in the file'\nin the file\n"
+    assert "on the screen\n" in o and "on the screen again\n" in o and "in the file" not in o, o
+    # 2,503 rows twice, and the two ragged ones; NULL only where a field was missing (an empty
+    # CSV field is an empty string, as in sqlite3).
+    assert f"{2 * 2503 + 2}|2505|1\n" in o, o
+    assert "ragged.txt:1: expected 3 columns but found 2 - filling the rest with NULL" in err, err
+    assert "ragged.txt:2: expected 3 columns but found 4 - extras ignored" in err, err
+    assert 'cannot open "' in err and "missing.csv" in err, err
+    assert 'unknown option "--bogus"' in err and err.count("Usage: .import") == 2, err
+    assert "pipes to commands are not supported" in err and "Usage: .once FILE" in err, err
