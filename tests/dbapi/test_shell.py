@@ -369,7 +369,7 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
         f".import --skip 1 {data} {t}\n"  # the table exists: every row is data, but the skipped
         f".output {out_file}\n"
         f"SELECT name, kind, age FROM {t} WHERE rowid <= 3 ORDER BY rowid;\n"
-        ".tables\n"
+        f".tables {t}\n"
         ".output\n"
         ".mode list\n"
         "SELECT 'on the screen';\n"
