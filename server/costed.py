@@ -39,8 +39,17 @@ from raftsql.server.sandbox import MAX_VALUE_BYTES
 # folding, GLOB sets: up to 1.2x the bound at 16), so 12 charges a little more than they cost.
 COMPARES_PER_STEP = 12
 
+# Python's str.find, str.count and str.replace, which instr() and replace() of strings use,
+# take up to about 4 times as long per character as SQLite's comparisons in their worst cases
+# (6 ns a character for a 50 MB text): each character they pass counts this many comparisons.
+SCAN_WEIGHT = 4
+
 # What a value that is neither text nor blob (a number) counts as: its text is at most this long.
 _NUMBER_LENGTH = 32
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _length(value: Any) -> int:
@@ -138,21 +147,23 @@ class CostedFunctions:
         th, tn = type(haystack), type(needle)
         if (th is str and tn is str) or (th is bytes and tn is bytes):
             # Characters of text, bytes of blobs, counted from 1 (0: not found), as SQLite's.
-            self._spend(len(haystack) + len(needle))
+            self._spend(SCAN_WEIGHT * (len(haystack) + len(needle)))
             return haystack.find(needle) + 1
         self._spend(_length(haystack) * _length(needle))
         return self._sqlite("SELECT instr(?, ?)", haystack, needle)
 
     def _replace(self, text: Any, old: Any, new: Any) -> Any:
         if type(text) is str and type(old) is str and type(new) is str:
-            self._spend(len(text) + len(old))
+            self._spend(SCAN_WEIGHT * (len(text) + len(old)))
             if not old or old[0] == "\0":
                 return text  # SQLite's: an empty pattern (its first byte is NUL) changes nothing
-            out = text.replace(old, new)
-            if len(out) > MAX_VALUE_BYTES or (
-                    not out.isascii() and len(out.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES):
+            # The result's UTF-8 size before it is made, as SQLite refuses it past the limit
+            # as it grows: a 99 MB text of one character times 100 would be 10 GB.
+            size = _utf8_size(text) + text.count(old) * (_utf8_size(new) - _utf8_size(old))
+            if size > MAX_VALUE_BYTES:
                 raise apsw.TooBigError("string or blob too big")
-            return out
+            self._spend(SCAN_WEIGHT * size)
+            return text.replace(old, new)
         self._spend(_length(text) * _length(old))
         return self._sqlite("SELECT replace(?, ?, ?)", text, old, new)
 

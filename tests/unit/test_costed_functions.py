@@ -138,3 +138,28 @@ def test_the_work_bound_is_the_value_times_the_pattern_for_a_repeating_stretch()
     assert _match_work("a" * 100, "a\\%a", "%", "_", "\\", True) == 100 * 5 + 4
     assert _match_work("a" * 100, "[*]a", "*", "?", "[", False) == 100 * 5 + 4
     assert COMPARES_PER_STEP > 1
+
+
+def test_a_replace_past_the_value_limit_fails_before_it_is_made(tmp_path):
+    # SQLite's replace() stops as its result passes the limit; Python's would first make the
+    # whole string (a 60 MB text, doubled: 120 MB more, on every node).
+    import tracemalloc
+
+    machines = _two(tmp_path, limit=100_000_000)
+    try:
+        wires = []
+        for sm in machines:
+            tracemalloc.start()
+            try:
+                wires.append(sm.apply(1, entry(
+                    "SELECT length(replace(printf('%.*c', 60000000, 'a'), 'a', 'bb'))",
+                    serial=1)).to_wire())
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 100_000_000, peak
+        assert wires[0] == wires[1]
+        assert wires[0]["error"]["name"] == "SQLITE_TOOBIG", wires[0]
+    finally:
+        for sm in machines:
+            sm.close()
