@@ -212,6 +212,8 @@ def _adapt(value: Any, where: str) -> Any:
     if t is bool:
         return int(value)
     if isinstance(value, bytearray | memoryview):
+        if type(value) is memoryview and not value.c_contiguous:
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")  # as sqlite3
         return bytes(value)
     if isinstance(value, datetime.datetime):
         return value.isoformat(" ")

@@ -318,6 +318,11 @@ def test_parameters_are_adapted_like_sqlite3():
     assert adapt_params(None) == [] and adapt_params(()) == []
     with pytest.raises(OverflowError):
         adapt_params((2**63,))
+    # A memoryview: its bytes if contiguous (a 2-D one too), else sqlite3's BufferError.
+    assert adapt_params((memoryview(b"abcdef")[1:3], memoryview(b"abcdef").cast("B", (2, 3)))) == [
+        b"bc", b"abcdef"]
+    with pytest.raises(BufferError, match="not C-contiguous"):
+        adapt_params((memoryview(b"abcdef")[::2],))
     assert adapt_params((-(2**63),)) == [-(2**63)]
     with pytest.raises(db.ProgrammingError, match="Error binding parameter 1: type 'object'"):
         adapt_params((object(),))
