@@ -431,7 +431,7 @@ class Shell:
             return
         path, table = os.path.expanduser(rest[0]), rest[1]
         try:
-            f = open(path, encoding="utf-8", newline="")
+            f = open(path, encoding="utf-8-sig", newline="")  # (a BOM is not data)
         except OSError as e:
             self.error(f"cannot open \"{rest[0]}\": {e.strerror or e}")
             return
@@ -472,7 +472,7 @@ class Shell:
         size = 0
         line = skip + (found is None)
         for row in rows:
-            line += 1
+            line = getattr(rows, "line_num", line + 1)  # a CSV field may hold line breaks
             if not row or row == [""]:
                 continue  # an empty line (the last one of many files)
             if len(row) != width:

@@ -361,6 +361,8 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
         w.writerows(rows)
     ragged = tmp_path / "ragged.txt"
     ragged.write_text("Nemo|fish\nPolly|parrot|1|extra\n\n")
+    bom = tmp_path / "bom.csv"  # as spreadsheets save it: a BOM, CRLF, a field with a line break
+    bom.write_bytes("\ufeffa,b\r\n\"x\ny\",1\r\n2\r\n".encode())
     out_file, once_file = tmp_path / "out.csv", tmp_path / "once.txt"
     script = (
         f".import --csv {data} {t}\n"
@@ -377,6 +379,8 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
         "SELECT 'in the file';\n"
         "SELECT 'on the screen again';\n"
         f"SELECT count(*), count(DISTINCT name), sum(age IS NULL) FROM {t};\n"
+        f".import --csv {bom} {t}_bom\n"
+        f"SELECT a, b FROM {t}_bom ORDER BY rowid;\n"
         f".import {tmp_path / 'missing.csv'} {t}\n"
         f".import --bogus {data} {t}\n"
         ".import onlyfile\n"
@@ -395,6 +399,8 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
     assert f"{2 * 2503 + 2}|2505|1\n" in o, o
     assert "ragged.txt:1: expected 3 columns but found 2 - filling the rest with NULL" in err, err
     assert "ragged.txt:2: expected 3 columns but found 4 - extras ignored" in err, err
+    assert "x\ny|1\n2|\n" in o, o  # the header named a and b (no BOM), b NULL in the short row
+    assert "bom.csv:4: expected 2 columns but found 1" in err, err
     assert 'cannot open "' in err and "missing.csv" in err, err
     assert 'unknown option "--bogus"' in err and err.count("Usage: .import") == 2, err
     assert "pipes to commands are not supported" in err and "Usage: .once FILE" in err, err
