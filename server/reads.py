@@ -167,7 +167,7 @@ class ReadCursor:
             # Collecting a read set needs the authorizer, which runs only at prepare; a text
             # whose columns under this schema are not known yet is prepared afresh, which
             # tells them.
-            self._rows = prepare_bounded(conn, guard, lambda: conn.cursor().execute(
+            self._rows = prepare_bounded(conn, guard, sql, lambda: conn.cursor().execute(
                 sql, self._params, can_cache=read_set is None and known is not None))
             if known is None and reader.traced and remember:
                 if len(reader.descriptions) >= _MAX_DESCRIPTIONS:
@@ -296,7 +296,7 @@ class ReadCursor:
         description = reader.description
         reader.traced = 0
         try:
-            rows = prepare_bounded(reader.conn, reader.guard, lambda: reader.conn.cursor().execute(
+            rows = prepare_bounded(reader.conn, reader.guard, wrapped, lambda: reader.conn.cursor().execute(
                 wrapped, self._params, can_cache=False))
         except Exception:  # noqa: BLE001 - cannot wrap it: the plain decode error stands
             return False
@@ -467,7 +467,7 @@ class Reads:
         cursor = reader.conn.cursor()
         cursor.exec_trace = tracer
         try:
-            prepare_bounded(reader.conn, guard, lambda: cursor.execute(
+            prepare_bounded(reader.conn, guard, sql, lambda: cursor.execute(
                 sql, params if params is not None else (), can_cache=False))
         except apsw.ExecTraceAbort:
             pass

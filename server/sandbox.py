@@ -9,12 +9,13 @@ read and write sets)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
 import apsw
 
-from raftsql.sqltext import MAX_CACHED_SQL
+from raftsql.sqltext import MAX_CACHED_SQL, tokens
 from raftsql.txncheck import VOLATILE_FUNCTIONS
 
 T = TypeVar("T")
@@ -42,6 +43,14 @@ TOO_COMPLEX = (
     f"than {SHALLOW_EXPR_DEPTH}"
 )
 _DEPTH_ERRORS = ("Expression tree is too large", "nested too deep")
+# Window functions (OVER) in one statement's text: SQLite's time to prepare a SELECT grows with
+# about the cube of its window functions (400: 0.2-0.4 s, 1,000 distinct ones: over 58 s), in
+# one C call no limit stops; as a write, on every node's apply thread.
+MAX_WINDOWS = 200
+TOO_MANY_WINDOWS = (
+    f"the statement is too complex: more than {MAX_WINDOWS} window functions (OVER) in its text"
+)
+_OVER = re.compile(r"(?i)\bover\b")  # (a word: "overdue" costs no tokenizing)
 # Views reading views: SQLite works out each view's columns with the authorizer off, in time that
 # grows with the square of the chain (200 views of depth 900: 18 s for the first statement after a
 # schema change, 1.5 s for each later one). A view may not lie on a chain longer than this.
@@ -528,13 +537,26 @@ def tracked(name: str) -> str:
     return SCHEMA if name in _SCHEMA_NAMES else name
 
 
-def prepare_bounded(conn: apsw.Connection, guard: Guard, execute: Callable[[], T]) -> T:
-    """Run execute(), which prepares one user statement on conn (and may step it), within the
-    flattening bounds (FULL_EXPR_DEPTH and SELECT_CAP, else SHALLOW_EXPR_DEPTH). The caller's
-    exec trace ends the count (Guard.selects_left = None) once the statement is prepared, so the
-    statements a virtual table prepares while it runs are not counted. What passes depends
-    only on the text and the schema (the apply connection has connected every virtual table
-    before a user statement is prepared), so every node decides alike."""
+def window_count(sql: str) -> int:
+    """OVER keywords in the text (a quoted name "over" followed by a name counts too: harmless)."""
+    if _OVER.search(sql) is None:
+        return 0
+    toks = list(tokens(sql))
+    return sum(1 for (kind, text), nxt in zip(toks, toks[1:], strict=False)
+               if kind == "name" and text == "over" and (nxt == ("punct", "(") or nxt[0] == "name"))
+
+
+def prepare_bounded(conn: apsw.Connection, guard: Guard, sql: str, execute: Callable[[], T]) -> T:
+    """Run execute(), which prepares one user statement (its text: sql) on conn (and may step
+    it), within the flattening bounds (FULL_EXPR_DEPTH and SELECT_CAP, else SHALLOW_EXPR_DEPTH)
+    and MAX_WINDOWS. The caller's exec trace ends the count (Guard.selects_left = None) once the
+    statement is prepared, so the statements a virtual table prepares while it runs are not
+    counted. What passes depends only on the text and the schema (the apply connection has
+    connected every virtual table before a user statement is prepared), so every node decides
+    alike."""
+    if window_count(sql) > MAX_WINDOWS:
+        guard.denied = TOO_MANY_WINDOWS
+        raise apsw.AuthError(f"not authorized: {TOO_MANY_WINDOWS}")
     guard.capped = False
     guard.selects_left = SELECT_CAP
     try:

@@ -747,7 +747,7 @@ class StateMachine(ManyStatements, TransactionPreviews, CheckedTransactions):
             # whose preview had run it, and succeeded on the followers). A fresh prepare costs
             # a few µs more (server/DESIGN.md, "Step limit").
             cursor = prepare_bounded(
-                self._conn, self._guard, lambda: self._cursor.execute(sql, params, can_cache=False))
+                self._conn, self._guard, sql, lambda: self._cursor.execute(sql, params, can_cache=False))
             budget = self._ctx.result_budget
             stopped = False
             if sink is not None:

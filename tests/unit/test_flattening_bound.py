@@ -271,3 +271,39 @@ def test_a_later_entry_of_a_batch_that_changed_the_schema_sees_connected_tables(
             b.close()
 
     in_node_thread(run)
+
+
+def test_a_statement_with_more_than_the_window_limit_is_refused_before_it_is_prepared(tmp_path):
+    # SQLite's time to prepare grows with about the cube of the window functions of a SELECT
+    # (1,000 distinct ones took over 58 s, in one C call): the text is refused first, in apply,
+    # in the leader's check and in reads alike.
+    from raftsql.server.sandbox import MAX_WINDOWS
+
+    def windows(n):
+        # One window, n functions (n distinct windows past about 50 already meet the flattening
+        # bound: SQLite makes a subquery of each).
+        return ", ".join("sum(x) OVER (ORDER BY x)" for _ in range(n))
+
+    def run():
+        m = Machines(tmp_path)
+        try:
+            m.apply("CREATE TABLE base(x)", "INSERT INTO base VALUES (1)", "CREATE TABLE sink(x)")
+            ok = m.apply(f"INSERT INTO sink SELECT count(*) FROM (SELECT {windows(MAX_WINDOWS)} FROM base)",
+                         "CREATE TABLE overdue(over)", "INSERT INTO overdue SELECT over FROM overdue")
+            assert ok["error"] is None, ok
+            refused = m.apply(f"INSERT INTO sink SELECT count(*) FROM (SELECT {windows(MAX_WINDOWS + 1)} FROM base)")
+            assert "window functions" in error_of(refused) and refused["error"]["name"] == "SQLITE_AUTH"
+            sm = m.machines[0]
+            read = sm.query(f"SELECT {windows(MAX_WINDOWS + 1)} FROM base")
+            assert "window functions" in error_of(read.to_wire()), read
+            assert len(sm.query(f"SELECT {windows(MAX_WINDOWS)} FROM base").rows[0]) == MAX_WINDOWS
+            try:
+                sm.reads.validate([(f"INSERT INTO sink SELECT {windows(MAX_WINDOWS + 1)} FROM base", ())])
+            except Exception as e:  # noqa: BLE001 - the check's refusal
+                assert "window functions" in str(e), e
+            else:
+                raise AssertionError("the leader's check let it through")
+        finally:
+            m.close()
+
+    in_node_thread(run)
