@@ -538,12 +538,17 @@ def tracked(name: str) -> str:
 
 
 def window_count(sql: str) -> int:
-    """OVER keywords in the text (a quoted name "over" followed by a name counts too: harmless)."""
+    """Window functions in the text: OVER followed by '(' or by a name the text defines with
+    `name AS (` (a WINDOW clause's; a CTE's too, which can only count more). A column named
+    over followed by AS, FROM or another name is not one."""
     if _OVER.search(sql) is None:
         return 0
     toks = list(tokens(sql))
+    defined = {a[1] for a, b, c in zip(toks, toks[1:], toks[2:], strict=False)
+               if a[0] == "name" and b == ("name", "as") and c == ("punct", "(")}
     return sum(1 for (kind, text), nxt in zip(toks, toks[1:], strict=False)
-               if kind == "name" and text == "over" and (nxt == ("punct", "(") or nxt[0] == "name"))
+               if kind == "name" and text == "over"
+               and (nxt == ("punct", "(") or (nxt[0] == "name" and nxt[1] in defined)))
 
 
 def prepare_bounded(conn: apsw.Connection, guard: Guard, sql: str, execute: Callable[[], T]) -> T:

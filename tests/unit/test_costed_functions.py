@@ -163,3 +163,25 @@ def test_a_replace_past_the_value_limit_fails_before_it_is_made(tmp_path):
     finally:
         for sm in machines:
             sm.close()
+
+
+def test_small_calls_and_wide_characters_are_charged_too(tmp_path):
+    # An outside-in run: a loop of 50 tiny LIKEs a row ran 13.7 s to the 100M-step limit (each
+    # call costs a Python call and a statement, which the work bound alone did not count), and a
+    # LIKE over 4-byte characters cost 2.7x what its character count stood for (5.75 s).
+    machines = _two(tmp_path)
+    loop = ("WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) "
+            "SELECT count(*) FROM c WHERE like('a', i)")
+    try:
+        wires = [[sm.apply(k + 1, entry(sql, serial=k + 1)).to_wire() for k, sql in enumerate([
+            (loop.format(n=20000), ()),
+            (loop.format(n=300000), ()),  # 300,000 calls: 14M steps of calls alone
+            ("SELECT printf('%.*c', 50000, '😀') LIKE ?", ("%" + "😀" * 2000 + "b",)),
+            ("SELECT printf('%.*c', 50000, 'a') LIKE ?", ("%" + "a" * 2000 + "b",)),
+        ])] for sm in machines]
+        assert wires[0] == wires[1]
+        names = [(w["error"] or {}).get("name") for w in wires[0]]
+        assert names == [None, "RAFTSQL_STEP_LIMIT", "RAFTSQL_STEP_LIMIT", None], wires[0]
+    finally:
+        for sm in machines:
+            sm.close()

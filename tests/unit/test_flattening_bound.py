@@ -289,7 +289,11 @@ def test_a_statement_with_more_than_the_window_limit_is_refused_before_it_is_pre
         try:
             m.apply("CREATE TABLE base(x)", "INSERT INTO base VALUES (1)", "CREATE TABLE sink(x)")
             ok = m.apply(f"INSERT INTO sink SELECT count(*) FROM (SELECT {windows(MAX_WINDOWS)} FROM base)",
-                         "CREATE TABLE overdue(over)", "INSERT INTO overdue SELECT over FROM overdue")
+                         "CREATE TABLE overdue(over)", "INSERT INTO overdue SELECT over FROM overdue",
+                         # A column named over is no window, whatever follows it.
+                         "INSERT INTO overdue SELECT count(*) FROM (SELECT "
+                         + ", ".join(["over AS x"] * (MAX_WINDOWS + 1)) + " FROM overdue "
+                         "WHERE over IS NOT NULL ORDER BY over DESC)")
             assert ok["error"] is None, ok
             refused = m.apply(f"INSERT INTO sink SELECT count(*) FROM (SELECT {windows(MAX_WINDOWS + 1)} FROM base)")
             assert "window functions" in error_of(refused) and refused["error"]["name"] == "SQLITE_AUTH"
