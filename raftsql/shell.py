@@ -15,10 +15,12 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from raftsql.sqltext import first_keyword
 
@@ -61,6 +63,7 @@ MODES = ("column", "list", "csv", "tabs", "json", "line")
 READ_DEPTH = 16  # .read inside .read, as deep as this
 IMPORT_BATCH_ROWS = 1000  # .import: rows per write (executemany), at most
 IMPORT_BATCH_BYTES = 1 << 20  # ... and about this much text, well under a request's limit
+IMPORT_FIELD_LIMIT = (1 << 31) - 1  # csv's default, 128 KiB, refused fields sqlite3 takes
 
 
 def sql_literal(v) -> str:
@@ -262,9 +265,6 @@ class Shell:
             name = getattr(e, "sqlite_errorname", None)
             self.error(f"{e}" + (f" ({name})" if name else ""), line)
             return
-        finally:
-            if self._once:
-                self._redirect(None)
         took = time.perf_counter() - t0
         if not cur.description and cur.rowcount >= 0 and self.interactive:
             self.out.write(f"{cur.rowcount} row(s) changed\n")
@@ -291,7 +291,16 @@ class Shell:
     # ------------------------------------------------------------------ dot commands
 
     def dot(self, line: str) -> bool:
-        """Run a dot command; returns False to quit."""
+        """Run a dot command; returns False to quit. After .once, the next command (this one,
+        unless it is .once or .output) writes to its file, then the screen again."""
+        once = self._once and line.split()[0] not in (".once", ".output")
+        try:
+            return self._dot(line)
+        finally:
+            if once and self._once:
+                self._redirect(None)
+
+    def _dot(self, line: str) -> bool:
         from raftsql.driver._admin import cluster_status
 
         parts = line.split()
@@ -376,7 +385,10 @@ class Shell:
                 self._redirect(None if target in (None, "stdout") else target, once=cmd == ".once")
             return True
         elif cmd == ".import":
-            self.import_file(args)
+            try:
+                self.import_file(shlex.split(line)[1:])  # "my table": one argument
+            except ValueError as e:
+                self.error(f".import: {e}")
         elif cmd == ".timer":
             if args and args[0] in ("on", "off"):
                 self.timer = args[0] == "on"
@@ -425,7 +437,7 @@ class Shell:
                 self.error(f'.import: unknown option "{a}". {usage}')
                 return
             else:
-                rest.append(a.strip("'\""))
+                rest.append(a)
         if len(rest) != 2 or skip < 0:
             self.error(usage)
             return
@@ -435,10 +447,11 @@ class Shell:
         except OSError as e:
             self.error(f"cannot open \"{rest[0]}\": {e.strerror or e}")
             return
-        sep = "\t" if self.printer.mode == "tabs" else self.printer.separator
+        sep = "," if csv_mode else "\t" if self.printer.mode == "tabs" else self.printer.separator
+        csv.field_size_limit(IMPORT_FIELD_LIMIT)
         with f:
-            if csv_mode:
-                rows = csv.reader(f)
+            if len(sep) == 1:  # CSV rules (quotes, line breaks in quotes) at that separator
+                rows: Any = csv.reader(f, delimiter=sep)
             else:
                 rows = (line.rstrip("\r\n").split(sep) for line in f)
             try:
@@ -461,7 +474,7 @@ class Shell:
                 if not header:
                     self.error(f".import {name}: empty file, so no columns for {table}")
                     return
-                cols = ", ".join(f"{quote_name(c or f'c{i + 1}')} TEXT" for i, c in enumerate(header))
+                cols = ", ".join(f"{quote_name(c)} TEXT" for c in _column_names(header))
                 self.conn.execute(f"CREATE TABLE {quote_name(table)}({cols})")
             width = len(self.conn.execute(f"SELECT * FROM {quote_name(table)} LIMIT 0").description)
         except db.Error as e:
@@ -470,11 +483,11 @@ class Shell:
         sql = f"INSERT INTO {quote_name(table)} VALUES ({', '.join('?' * width)})"
         batch: list[list[str]] = []
         size = 0
+        self._imported = 0
         line = skip + (found is None)
         for row in rows:
             line = getattr(rows, "line_num", line + 1)  # a CSV field may hold line breaks
-            if not row or row == [""]:
-                continue  # an empty line (the last one of many files)
+            row = row or [""]  # an empty line is one empty field, as sqlite3 reads it
             if len(row) != width:
                 what = "filling the rest with NULL" if len(row) < width else "extras ignored"
                 self.err.write(f"{name}:{line}: expected {width} columns but found {len(row)} - {what}\n")
@@ -492,9 +505,12 @@ class Shell:
         try:
             self.conn.executemany(sql, batch)
         except self.db.Error as e:
-            self.error(f".import {name}: stopped in the rows before line {line + 1}: {e} "
-                       "(the rows before the failing one were added)")
+            self.error(f".import {name}: stopped at a row up to line {line}: {e}. "
+                       + (f"{self._imported} rows were added before it, and the rows of its own "
+                          "batch before the failing one" if self._imported else
+                          "The rows of the file before the failing one were added"))
             return False
+        self._imported += len(batch)
         return True
 
     def _rows_plain(self, sql: str, params, render) -> None:
@@ -713,12 +729,33 @@ class _Reader:
                         "is UTF-8; write other bytes as a blob literal, X'...')", self.bad_line)
             self.bad_line = None
             return
-        for statement in split_script(text):
-            try:
-                shell.run_sql(statement, self.start)
-            except KeyboardInterrupt:
-                shell.interrupted(statement)
-                break  # and the rest of the line
+        try:
+            for statement in split_script(text):
+                try:
+                    shell.run_sql(statement, self.start)
+                except KeyboardInterrupt:
+                    shell.interrupted(statement)
+                    break  # and the rest of the line
+        finally:
+            if shell._once:  # .once: this input's statements were the next command
+                shell._redirect(None)
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """A new table's column names from a file's first row, as sqlite3's .import makes them: an
+    empty name is '?', and every name that occurs more than once (in any case) gets _1, _2..."""
+    names = [h or "?" for h in header]
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n.lower()] = seen.get(n.lower(), 0) + 1
+    counts: dict[str, int] = {}
+    out = []
+    for n in names:
+        if seen[n.lower()] > 1:
+            counts[n.lower()] = counts.get(n.lower(), 0) + 1
+            n = f"{n}_{counts[n.lower()]}"
+        out.append(n)
+    return out
 
 
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}

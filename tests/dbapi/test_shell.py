@@ -360,7 +360,13 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
         w.writerow(["name", "kind", "age"])
         w.writerows(rows)
     ragged = tmp_path / "ragged.txt"
-    ragged.write_text("Nemo|fish\nPolly|parrot|1|extra\n\n")
+    ragged.write_text("Nemo|fish\nPolly|parrot|1|extra\n")
+    quoted = tmp_path / "quoted.txt"  # list mode honours quotes too, as sqlite3's shell does
+    quoted.write_text('a|b\n"1|2"|3\n\n""\n')
+    dup = tmp_path / "dup.csv"
+    dup.write_text("a,a,\n1,2,3\n")
+    huge = tmp_path / "huge.csv"
+    huge.write_text("a,b\n1," + "x" * 200000 + "\n")
     bom = tmp_path / "bom.csv"  # as spreadsheets save it: a BOM, CRLF, a field with a line break
     bom.write_bytes("\ufeffa,b\r\n\"x\ny\",1\r\n2\r\n".encode())
     out_file, once_file = tmp_path / "out.csv", tmp_path / "once.txt"
@@ -381,6 +387,17 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
         f"SELECT count(*), count(DISTINCT name), sum(age IS NULL) FROM {t};\n"
         f".import --csv {bom} {t}_bom\n"
         f"SELECT a, b FROM {t}_bom ORDER BY rowid;\n"
+        f".import {quoted} '{t} q'\n"
+        f"SELECT quote(a), quote(b) FROM \"{t} q\" ORDER BY rowid;\n"
+        f".import --csv {dup} {t}_dup\n"
+        f"SELECT a_1, a_2, \"?\" FROM {t}_dup;\n"
+        f".import --csv {huge} {t}_huge\n"
+        f"SELECT length(b) FROM {t}_huge;\n"
+        f".once {tmp_path / 'o2.txt'}\n"
+        f".tables {t}_dup\n"
+        "SELECT 'after the dot command';\n"
+        f".once {tmp_path / 'o3.txt'}\n"
+        "SELECT 'one' AS x; SELECT 'two' AS y;\n"
         f".import {tmp_path / 'missing.csv'} {t}\n"
         f".import --bogus {data} {t}\n"
         ".import onlyfile\n"
@@ -401,6 +418,14 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
     assert "ragged.txt:2: expected 3 columns but found 4 - extras ignored" in err, err
     assert "x\ny|1\n2|\n" in o, o  # the header named a and b (no BOM), b NULL in the short row
     assert "bom.csv:4: expected 2 columns but found 1" in err, err
+    # A quoted field holds the separator; an empty line and "" are each one empty value.
+    assert "quote(a)|quote(b)\n'1|2'|'3'\n''|NULL\n''|NULL\n" in o, o
+    assert "quoted.txt:3: expected 2 columns but found 1" in err, err
+    assert "a_1|a_2|?\n1|2|3\n" in o, o  # duplicate and empty header names, as sqlite3 names them
+    assert "length(b)\n200000\n" in o, o  # past csv's default 128 KiB field limit
+    assert (tmp_path / "o2.txt").read_text() == f"{t}_dup\n"
+    assert "after the dot command" in o, o
+    assert (tmp_path / "o3.txt").read_text() == "x\none\ny\ntwo\n"
     assert 'cannot open "' in err and "missing.csv" in err, err
     assert 'unknown option "--bogus"' in err and err.count("Usage: .import") == 2, err
     assert "pipes to commands are not supported" in err and "Usage: .once FILE" in err, err
