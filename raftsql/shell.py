@@ -420,7 +420,8 @@ class Shell:
         """.import [--csv] [--skip N] FILE TABLE, as sqlite3's shell: CSV (with --csv or in
         .mode csv) or lines split at the separator (tabs in .mode tabs, else .separator). A
         missing TABLE is made with TEXT columns named by the first row. Each batch of rows is
-        one write, so an import stopped by an error keeps the batches before it."""
+        one write (sqlite3 makes the whole import one transaction); a row that fails is noted
+        and skipped, as sqlite3 does."""
         usage = "Usage: .import [--csv] [--skip N] FILE TABLE"
         csv_mode, skip, rest = self.printer.mode == "csv", 0, []
         it = iter(args)
@@ -482,6 +483,7 @@ class Shell:
             return
         sql = f"INSERT INTO {quote_name(table)} VALUES ({', '.join('?' * width)})"
         batch: list[list[str]] = []
+        lines: list[int] = []  # the file line of each row of the batch
         size = 0
         self._imported = 0
         line = skip + (found is None)
@@ -493,24 +495,33 @@ class Shell:
                 self.err.write(f"{name}:{line}: expected {width} columns but found {len(row)} - {what}\n")
                 row = (row + [None] * width)[:width]
             batch.append(row)
+            lines.append(line)
             size += sum(len(v) for v in row if v)
             if len(batch) >= IMPORT_BATCH_ROWS or size >= IMPORT_BATCH_BYTES:
-                if not self._import_batch(sql, batch, name, line):
+                if not self._import_batch(sql, batch, lines, name):
                     return
-                batch, size = [], 0
+                batch, lines, size = [], [], 0
         if batch:
-            self._import_batch(sql, batch, name, line)
+            self._import_batch(sql, batch, lines, name)
 
-    def _import_batch(self, sql: str, batch: list, name: str, line: int) -> bool:
-        try:
-            self.conn.executemany(sql, batch)
-        except self.db.Error as e:
-            self.error(f".import {name}: stopped at a row up to line {line}: {e}. "
-                       + (f"{self._imported} rows were added before it, and the rows of its own "
-                          "batch before the failing one" if self._imported else
-                          "The rows of the file before the failing one were added"))
-            return False
-        self._imported += len(batch)
+    def _import_batch(self, sql: str, batch: list, lines: list[int], name: str) -> bool:
+        """One write of rows; a row that fails is noted with its file line and skipped, and the
+        rest go on, as sqlite3's .import does ("FILE:LINE: INSERT failed: ...")."""
+        while batch:
+            try:
+                self.conn.executemany(sql, batch)
+            except self.db.Error as e:
+                j = getattr(e, "parameter_set", None)
+                if j is None or not 0 <= j < len(batch):
+                    self.error(f".import {name}: stopped near line {lines[0]}: {e} "
+                               f"({self._imported} rows added before it)")
+                    return False
+                self.err.write(f"{name}:{lines[j]}: INSERT failed: {e}\n")
+                self._imported += j  # the rows before it were added
+                batch, lines = batch[j + 1:], lines[j + 1:]
+                continue
+            self._imported += len(batch)
+            break
         return True
 
     def _rows_plain(self, sql: str, params, render) -> None:

@@ -365,6 +365,8 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
     quoted.write_text('a|b\n"1|2"|3\n\n""\n')
     dup = tmp_path / "dup.csv"
     dup.write_text("a,a,\n1,2,3\n")
+    clash = tmp_path / "clash.csv"  # a row that fails is noted and skipped, as sqlite3 does
+    clash.write_text("id,v\n1,a\n2,b\n1,c\n3,d\n")
     huge = tmp_path / "huge.csv"
     huge.write_text("a,b\n1," + "x" * 200000 + "\n")
     bom = tmp_path / "bom.csv"  # as spreadsheets save it: a BOM, CRLF, a field with a line break
@@ -391,6 +393,9 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
         f"SELECT quote(a), quote(b) FROM \"{t} q\" ORDER BY rowid;\n"
         f".import --csv {dup} {t}_dup\n"
         f"SELECT a_1, a_2, \"?\" FROM {t}_dup;\n"
+        f"CREATE TABLE {t}_clash(id INTEGER PRIMARY KEY, v);\n"
+        f".import --csv --skip 1 {clash} {t}_clash\n"
+        f"SELECT group_concat(v, '') AS clash_rows FROM {t}_clash;\n"
         f".import --csv {huge} {t}_huge\n"
         f"SELECT length(b) FROM {t}_huge;\n"
         f".once {tmp_path / 'o2.txt'}\n"
@@ -423,6 +428,8 @@ def test_import_output_and_once_as_in_sqlite3(cluster, tmp_path):
     assert "quoted.txt:3: expected 2 columns but found 1" in err, err
     assert "a_1|a_2|?\n1|2|3\n" in o, o  # duplicate and empty header names, as sqlite3 names them
     assert "length(b)\n200000\n" in o, o  # past csv's default 128 KiB field limit
+    assert "clash_rows\nabd\n" in o, o
+    assert "clash.csv:4: INSERT failed: UNIQUE constraint failed" in err, err
     assert (tmp_path / "o2.txt").read_text() == f"{t}_dup\n"
     assert "after the dot command" in o, o
     assert (tmp_path / "o3.txt").read_text() == "x\none\ny\ntwo\n"
