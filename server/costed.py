@@ -8,20 +8,20 @@ a handful of VM steps. In a write, every node's apply thread is held that long.
 
 On the apply connection (writes, a transaction's previews and its commit check) these functions
 are replaced by wrappers that first charge a bound of that work to the statement's step budget
-(StateMachine.charge_steps: COMPARES_PER_STEP comparisons count as one VM step), so a call that
-cannot finish within the budget fails with the step-limit error before it starts, on every node
-alike. Then they compute the result:
+(StateMachine.charge_steps: COMPARES_PER_STEP comparisons count as one VM step, every call
+CALL_STEPS more, text past ASCII WIDE_WEIGHT per character), so a call that cannot finish
+within the budget fails with the step-limit error before it starts, on every node alike. Then
+they compute the result:
 - instr() and replace() of two (three) strings, or of two blobs for instr(), in Python, whose
-  str.find/str.replace are linear (two-way search), so they are charged for the operands'
-  lengths only;
+  str.find/str.replace are linear (two-way search), charged for the characters they pass;
 - everything else with SQLite's own function, run on a private in-memory connection (the same
-  library, so the same result, errors included), charged for the worst case of SQLite's
-  algorithm: the value's length times the longest run of pattern characters between two
-  wildcards, plus one (LIKE, GLOB), or the product of the lengths (instr, replace of other
-  types, the trim set).
+  library, so the same result, errors included), charged for a bound of SQLite's algorithm:
+  for LIKE and GLOB, _match_work; for the other types and the trim set, the product of the
+  lengths.
 
 Reads on the reader connections keep SQLite's functions: a long call there holds one core of
-one node until the read's own limits stop it (server/DESIGN.md, "Long C calls").
+one node to its end, since the read time limit is checked between steps too (server/DESIGN.md,
+"Long C calls").
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ SCAN_WEIGHT = 4
 _NUMBER_LENGTH = 32
 
 # Every call, however small its operands, costs a Python call and, for most, a statement on the
-# private connection: 0.5-1.2 µs in a loop of them, 20-50 VM steps. Charged on top of the work, or a loop of
-# small calls ran 10-20 times as long as the step limit stands for (an outside-in run: 24 s).
+# private connection: 0.5-1.2 µs in a loop of them, 20-50 VM steps. Charged on top of the work,
+# or a loop of small calls ran 10-20 times as long as the step limit stands for (24 s).
 CALL_STEPS = 48
 
 # SQLite's matchers and trims read text a UTF-8 character at a time: past ASCII its scan costs
