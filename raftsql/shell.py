@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from raftsql.sqltext import first_keyword
@@ -40,7 +41,7 @@ HELP = """\
 .import [--csv] [--skip N] FILE TABLE
                       add FILE's rows to TABLE (made from FILE's first row if missing)
 .output [FILE]        write results to FILE (truncated), or to the screen again
-.once FILE            write the next statement's results to FILE
+.once FILE            write the next command's output (a dot command, or one input line) to FILE
 .timer on|off         print how long each statement took
 .help                 this text
 .quit                 leave (Ctrl-D works too)
@@ -756,9 +757,7 @@ def _column_names(header: list[str]) -> list[str]:
     """A new table's column names from a file's first row, as sqlite3's .import makes them: an
     empty name is '?', and every name that occurs more than once (in any case) gets _1, _2..."""
     names = [h or "?" for h in header]
-    seen: dict[str, int] = {}
-    for n in names:
-        seen[n.lower()] = seen.get(n.lower(), 0) + 1
+    seen = Counter(n.lower() for n in names)
     counts: dict[str, int] = {}
     out = []
     for n in names:
